@@ -1,0 +1,568 @@
+"""The feature store (``feats.h5``): per-clip VGG-19 pool5 and VGGish features, labels and provenance.
+
+Layout of the consolidated file (``FORMAT_VERSION``):
+
+- ``visual`` [N,10,7,7,512] and ``audio`` [N,10,128], float32 or float16, chunked one clip per chunk so a
+  clip is one contiguous read; ``clip_ids`` [N] and ``paths`` [N] (UTF-8), ``warnings`` [N] (JSON lists);
+- ``labels`` [N,10,29] float32, ``has_label`` [N] bool and ``split`` [N] ('train'/'val'/'test'/'') when
+  labels were set, plus the group ``label_table`` (``clip_ids``, ``labels``, ``split``) with every label
+  given, also those of clips not extracted yet;
+- the group ``failed`` (``clip_ids``, ``paths``, ``errors``): clips that could not be extracted;
+- root attributes ``provenance`` (JSON) and ``format_version``.
+
+Crash safety. HDF5 files are not safe to modify while a process may be killed, so the consolidated file
+is never modified: it is rewritten next to itself and swapped in with ``os.replace``. New clips go to a
+journal directory ``<out>.parts/``, one small file per clip, each written to ``*.tmp`` and renamed into
+place, so a part either exists whole or not at all. ``consolidate()`` merges file and parts into a new
+file, swaps it in, then deletes the parts; a kill at any point leaves either the old file plus the parts
+or the new file plus (redundant) parts. Parts are not fsynced (a SIGKILL cannot lose the page cache);
+the consolidated file is, so it also survives a power loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import quote, unquote
+
+import h5py
+import numpy as np
+
+from .ave import NUM_CLASSES, SEGMENTS, AnnotationRow, read_annotations, segment_labels
+from .errors import BmfnError
+
+try:  # advisory single-writer lock; released by the kernel when the process dies, even by SIGKILL
+    import fcntl
+except ImportError:  # Windows: no lock
+    fcntl = None
+
+FORMAT_VERSION = 1
+# features-reference.md 1.4: VGG-19 pool5 maps, averaged per one-second segment, channels-last.
+VISUAL_SHAPE = (SEGMENTS, 7, 7, 512)
+# features-reference.md 2.5: one 128-d post-ReLU VGGish embedding per segment.
+AUDIO_SHAPE = (SEGMENTS, 128)
+LABEL_SHAPE = (SEGMENTS, NUM_CLASSES)
+STORAGE_DTYPES = ("float32", "float16")
+# Provenance keys that describe the run rather than the features: they may differ between appends.
+RUN_KEYS = frozenset({"bmfn_version", "created", "device", "batch_size", "workers", "command"})
+# Clips copied per read/write while consolidating or exporting (about 64 MiB of float32 visual features).
+COPY_BLOCK = 64
+# HDF5 chunk cache per dataset, large enough to hold one float32 visual clip (1 MiB) several times over.
+CHUNK_CACHE_BYTES = 16 * 2**20
+# ``export_ave``'s key and file names (features-reference.md section 3).
+AVE_KEY = "avadataset"
+AVE_VISUAL_FILE = "visual_feature.h5"
+AVE_AUDIO_FILE = "audio_feature.h5"
+
+_STR = h5py.string_dtype("utf-8")
+_CLIP_PART, _FAIL_PART, _LABEL_PART = "clip", "fail", "labels.h5"
+_ID_CHARS = 80  # the readable part of a journal file name; the hash keeps names unique (also case-folded)
+
+
+class ClipLabels(NamedTuple):
+    """A clip's per-second one-hot labels [10,29] and its split ('train', 'val', 'test' or '')."""
+
+    segments: np.ndarray
+    split: str
+
+
+def labels_from_annotations(
+    rows: list[AnnotationRow], splits: Mapping[str, np.ndarray] | None = None
+) -> tuple[dict[str, ClipLabels], list[str]]:
+    """Labels per video id from annotation rows (and ``ave.load_splits`` indices).
+
+    A store holds one feature row per clip, so a video id annotated on several rows gets its first row;
+    those ids are returned second so the caller can report them (``export_ave`` keeps every row).
+    """
+    split_of = {int(i): name for name, indices in (splits or {}).items() for i in indices}
+    per_row = segment_labels(rows)
+    labels: dict[str, ClipLabels] = {}
+    repeated = []
+    for i, row in enumerate(rows):
+        if row.video_id in labels:
+            repeated.append(row.video_id)
+            continue
+        labels[row.video_id] = ClipLabels(per_row[i], split_of.get(i, ""))
+    return labels, sorted(set(repeated))
+
+
+def _defining(provenance: Mapping) -> dict:
+    normalised = json.loads(json.dumps(dict(provenance), sort_keys=True, default=str))
+    return {k: v for k, v in normalised.items() if k not in RUN_KEYS}
+
+
+def _differences(a, b, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON-like dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _differences(a.get(key), b.get(key), f"{prefix}{key}.") if key in a and key in b else [prefix + key]
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _storage_dtype(provenance: Mapping, where: Path) -> np.dtype:
+    name = str(provenance.get("dtype", "float32"))
+    if name not in STORAGE_DTYPES:
+        raise BmfnError(f"{where}: storage dtype {name!r} is not one of {', '.join(STORAGE_DTYPES)}")
+    return np.dtype(name)
+
+
+def _digest(clip_id: str) -> str:
+    return hashlib.sha1(clip_id.encode("utf-8")).hexdigest()[:16]
+
+
+def _part_name(clip_id: str, kind: str) -> str:
+    return f"{quote(clip_id, safe='')[:_ID_CHARS]}.{_digest(clip_id)}.{kind}.h5"
+
+
+def _fsync(path: Path) -> None:
+    with contextlib.suppress(OSError):  # directories cannot be opened for fsync on every platform
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _strings(values: Iterable) -> list[str]:
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+
+
+@dataclass
+class _Part:
+    """One journal file: a complete clip or a failure."""
+
+    path: Path
+    kind: str
+    mtime_ns: int
+
+
+class FeatureStore:
+    """A feature file plus its journal of parts. Open with ``FeatureStore.open``; one writer at a time."""
+
+    def __init__(self, path: Path, readonly: bool):
+        self.path = path
+        self.parts_dir = Path(f"{path}.parts")
+        self.readonly = readonly
+        self._lock_fd: int | None = None
+        self._main: h5py.File | None = None
+        self._main_index: dict[str, int] = {}
+        self._main_failures: dict[str, tuple[str, str]] = {}
+        self._parts: dict[str, _Part] = {}
+        self._failures: dict[str, _Part] = {}
+        self._labels: dict[str, ClipLabels] = {}
+        self._pending_labels = False
+        self.provenance: dict = {}
+        self.dtype = np.dtype("float32")
+
+    # -- opening -----------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        provenance: Mapping | None = None,
+        create: bool = True,
+        readonly: bool = False,
+    ) -> FeatureStore:
+        """Open (or create) a store; refuse when ``provenance`` differs from the file's on feature-defining keys.
+
+        Leftover parts of a killed run are picked up; their unfinished ``*.tmp`` files are removed.
+        ``readonly`` opens for reading while another process may be writing (no lock, no clean-up).
+        """
+        store = cls(Path(path), readonly)
+        try:
+            store._open(provenance, create)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def _open(self, provenance: Mapping | None, create: bool) -> None:
+        if not self.path.exists():
+            if not create or self.readonly:
+                raise BmfnError(f"{self.path}: no such feature store")
+            if provenance is None:
+                raise BmfnError(f"{self.path}: cannot create a feature store without provenance")
+        if not self.readonly:
+            self._take_lock()
+            for stale in [*self.parts_dir.glob("*.tmp"), *self.path.parent.glob(f"{glob.escape(self.path.name)}.tmp-*")]:
+                stale.unlink(missing_ok=True)
+        if not self.path.exists():
+            if any(self.parts_dir.glob("*.h5")):
+                raise BmfnError(f"{self.parts_dir}: journal of a feature store whose file is gone; "
+                                "delete it or restore the file")
+            self.provenance = json.loads(json.dumps(dict(provenance), default=str))
+            self.dtype = _storage_dtype(self.provenance, self.path)
+            self._write_main()  # an empty but valid store, so the provenance is fixed from the start
+        self._load_main()
+        if provenance is not None:
+            differ = _differences(_defining(self.provenance), _defining(provenance))
+            if differ:
+                raise BmfnError(f"{self.path}: features were made differently (provenance differs on "
+                                f"{', '.join(differ)}); use another output file")
+        self._scan_parts()
+
+    def _take_lock(self) -> None:
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            return
+        self._lock_fd = os.open(self.parts_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise BmfnError(f"{self.path}: another process is writing to this feature store") from None
+
+    def _load_main(self) -> None:
+        try:
+            self._main = h5py.File(self.path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
+            f = self._main
+            self.provenance = json.loads(f.attrs["provenance"])
+            version = int(f.attrs["format_version"])
+        except (OSError, KeyError, ValueError) as err:
+            raise BmfnError(f"{self.path}: not a bmfn feature store ({err})") from None
+        if version != FORMAT_VERSION:
+            raise BmfnError(f"{self.path}: feature store format {version}, this bmfn reads {FORMAT_VERSION}")
+        self.dtype = _storage_dtype(self.provenance, self.path)
+        self._main_index = {cid: i for i, cid in enumerate(_strings(f["clip_ids"][()]))}
+        failed = f["failed"]
+        self._main_failures = dict(zip(_strings(failed["clip_ids"][()]),
+                                       zip(_strings(failed["paths"][()]), _strings(failed["errors"][()]))))
+        table = f.get("label_table")
+        self._labels = {} if table is None else {
+            cid: ClipLabels(values, split)
+            for cid, values, split in zip(_strings(table["clip_ids"][()]), table["labels"][()],
+                                          _strings(table["split"][()]))
+        }
+
+    def _scan_parts(self) -> None:
+        self._parts, self._failures = {}, {}
+        entries = []
+        if self.parts_dir.is_dir():
+            with os.scandir(self.parts_dir) as it:
+                entries = [e for e in it if e.name.endswith(".h5")]
+        for entry in entries:
+            if entry.name == _LABEL_PART:
+                self._read_label_part(Path(entry.path))
+                continue
+            pieces = entry.name.rsplit(".", 3)
+            if len(pieces) != 4 or pieces[2] not in (_CLIP_PART, _FAIL_PART):
+                continue
+            part = _Part(Path(entry.path), pieces[2], entry.stat().st_mtime_ns)
+            clip_id = self._part_clip_id(part, pieces[0], pieces[1])
+            (self._parts if part.kind == _CLIP_PART else self._failures)[clip_id] = part
+        # Journal order = write order, as far as the file system's clock resolves it.
+        self._parts = dict(sorted(self._parts.items(), key=lambda item: (item[1].mtime_ns, item[0])))
+
+    @staticmethod
+    def _part_clip_id(part: _Part, quoted: str, digest: str) -> str:
+        clip_id = unquote(quoted)
+        if _digest(clip_id) == digest:
+            return clip_id
+        with h5py.File(part.path, "r") as f:  # the name was shortened: the id is inside
+            return str(f.attrs["clip_id"])
+
+    def _read_label_part(self, path: Path) -> None:
+        with h5py.File(path, "r") as f:
+            for cid, values, split in zip(_strings(f["clip_ids"][()]), f["labels"][()], _strings(f["split"][()])):
+                self._labels[cid] = ClipLabels(values, split)
+        self._pending_labels = True
+
+    # -- queries -----------------------------------------------------------------------------------
+
+    def clip_ids(self) -> list[str]:
+        """Complete clips: the consolidated ones in file order, then the journaled ones."""
+        return list(self._main_index) + [cid for cid in self._parts if cid not in self._main_index]
+
+    def __contains__(self, clip_id: object) -> bool:
+        return clip_id in self._main_index or clip_id in self._parts
+
+    def __len__(self) -> int:
+        return len(self._main_index) + sum(cid not in self._main_index for cid in self._parts)
+
+    def failures(self) -> dict[str, tuple[str, str]]:
+        """Clip id -> (path, error) for clips that failed and have not been extracted since."""
+        out = {cid: v for cid, v in self._main_failures.items() if cid not in self}
+        for cid, part in self._failures.items():
+            if cid not in self:
+                with h5py.File(part.path, "r") as f:
+                    out[cid] = (str(f.attrs["path"]), str(f.attrs["error"]))
+        return out
+
+    def labels(self) -> dict[str, ClipLabels]:
+        """Every label given, keyed by clip id (also for clips not extracted yet)."""
+        return dict(self._labels)
+
+    def unlabelled(self) -> list[str]:
+        """Complete clips without a label (no annotation row), to report."""
+        return [cid for cid in self.clip_ids() if cid not in self._labels]
+
+    def read(self, clip_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(visual [10,7,7,512], audio [10,128]) of one clip, in the storage dtype."""
+        if clip_id in self._parts:
+            with h5py.File(self._parts[clip_id].path, "r") as f:
+                return f["visual"][()], f["audio"][()]
+        if clip_id in self._main_index:
+            i = self._main_index[clip_id]
+            return self._main["visual"][i], self._main["audio"][i]
+        raise BmfnError(f"{self.path}: no clip {clip_id!r}")
+
+    def clip_info(self, clip_id: str) -> dict:
+        """The source path and decode warnings recorded with a clip."""
+        if clip_id in self._parts:
+            with h5py.File(self._parts[clip_id].path, "r") as f:
+                return {"path": str(f.attrs["path"]), "warnings": json.loads(f.attrs["warnings"])}
+        if clip_id in self._main_index:
+            i = self._main_index[clip_id]
+            return {"path": _strings([self._main["paths"][i]])[0],
+                    "warnings": json.loads(_strings([self._main["warnings"][i]])[0])}
+        raise BmfnError(f"{self.path}: no clip {clip_id!r}")
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise BmfnError(f"{self.path}: opened read-only")
+
+    def _write_part(self, clip_id: str, kind: str, fill) -> Path:
+        self._writable()
+        final = self.parts_dir / _part_name(clip_id, kind)
+        tmp = final.with_name(final.name + ".tmp")
+        with h5py.File(tmp, "w") as f:
+            f.attrs["clip_id"] = clip_id
+            fill(f)
+        os.replace(tmp, final)
+        return final
+
+    def add_clip(self, clip_id: str, visual: np.ndarray, audio: np.ndarray, *, path: str | Path,
+                 warnings: Iterable[str] = ()) -> None:
+        """Journal one complete clip (atomically); it replaces an earlier version or failure of the same id."""
+        visual, audio = np.asarray(visual), np.asarray(audio)
+        for name, array, shape in (("visual", visual, VISUAL_SHAPE), ("audio", audio, AUDIO_SHAPE)):
+            if array.shape != shape:
+                raise BmfnError(f"{path}: {name} features have shape {array.shape}, expected {shape}")
+            if not np.isfinite(array).all():
+                raise BmfnError(f"{path}: {name} features contain NaN or infinity")
+
+        def fill(f: h5py.File) -> None:
+            f["visual"] = visual.astype(self.dtype)
+            f["audio"] = audio.astype(self.dtype)
+            f.attrs["path"] = str(path)
+            f.attrs["warnings"] = json.dumps(list(warnings))
+
+        final = self._write_part(clip_id, _CLIP_PART, fill)
+        self._parts[clip_id] = _Part(final, _CLIP_PART, final.stat().st_mtime_ns)
+        failure = self._failures.pop(clip_id, None)
+        if failure is not None:
+            failure.path.unlink(missing_ok=True)
+
+    def add_failure(self, clip_id: str, path: str | Path, error: str) -> None:
+        """Journal that a clip could not be extracted, with the one-line reason."""
+
+        def fill(f: h5py.File) -> None:
+            f.attrs["path"] = str(path)
+            f.attrs["error"] = str(error)
+
+        final = self._write_part(clip_id, _FAIL_PART, fill)
+        self._failures[clip_id] = _Part(final, _FAIL_PART, final.stat().st_mtime_ns)
+
+    def set_labels(self, labels: Mapping[str, ClipLabels | tuple[np.ndarray, str]]) -> None:
+        """Store per-clip labels [10,29] and splits (see ``labels_from_annotations``); later calls add or replace."""
+        self._writable()
+        for cid, (values, split) in labels.items():
+            values = np.asarray(values, dtype=np.float32)
+            if values.shape != LABEL_SHAPE:
+                raise BmfnError(f"{self.path}: labels of {cid!r} have shape {values.shape}, expected {LABEL_SHAPE}")
+            self._labels[cid] = ClipLabels(values, split)
+        final = self.parts_dir / _LABEL_PART
+        tmp = final.with_name(final.name + ".tmp")
+        with h5py.File(tmp, "w") as f:
+            _write_label_table(f, self._labels)
+        os.replace(tmp, final)
+        self._pending_labels = True
+
+    def consolidate(self) -> None:
+        """Merge the journal into the main file (atomic replace), then delete the merged parts."""
+        self._writable()
+        if not (self._parts or self._failures or self._pending_labels):
+            return
+        merged = [p.path for p in (*self._parts.values(), *self._failures.values())]
+        if self._pending_labels:
+            merged.append(self.parts_dir / _LABEL_PART)
+        self._write_main()
+        for path in merged:
+            path.unlink(missing_ok=True)
+        self._load_main()
+        self._parts, self._failures, self._pending_labels = {}, {}, False
+
+    def _write_main(self) -> None:
+        """Write main file + parts to ``<out>.tmp-<pid>``, fsync, and swap it in."""
+        keep = [(cid, i) for cid, i in self._main_index.items() if cid not in self._parts]
+        new = list(self._parts.items())
+        ids = [cid for cid, _ in keep] + [cid for cid, _ in new]
+        n = len(ids)
+        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(tmp, "w") as out:
+            out.attrs["format_version"] = FORMAT_VERSION
+            out.attrs["provenance"] = json.dumps(self.provenance, sort_keys=True)
+            # maxshape: HDF5 refuses chunks larger than an empty store's shape unless the first axis may grow.
+            visual, audio = (out.create_dataset(name, (n, *shape), self.dtype, chunks=(1, *shape),
+                                                maxshape=(None, *shape))
+                             for name, shape in (("visual", VISUAL_SHAPE), ("audio", AUDIO_SHAPE)))
+            paths, notes = [], []
+            self._copy_main(keep, visual, audio, paths, notes)
+            for row, (cid, part) in enumerate(new, start=len(keep)):
+                try:
+                    with h5py.File(part.path, "r") as f:
+                        visual[row], audio[row] = f["visual"][()], f["audio"][()]
+                        paths.append(str(f.attrs["path"]))
+                        notes.append(str(f.attrs["warnings"]))
+                except (OSError, KeyError) as err:  # only a power loss can leave a renamed part incomplete
+                    raise BmfnError(f"{part.path}: unreadable journal part ({err}); delete it and rerun "
+                                    "to extract that clip again") from None
+            out.create_dataset("clip_ids", data=ids, dtype=_STR)
+            out.create_dataset("paths", data=paths, dtype=_STR)
+            out.create_dataset("warnings", data=notes, dtype=_STR)
+            if self._labels:
+                given = [self._labels.get(cid) for cid in ids]
+                out["labels"] = np.stack([g.segments if g else np.zeros(LABEL_SHAPE, np.float32) for g in given]
+                                         ) if n else np.zeros((0, *LABEL_SHAPE), np.float32)
+                out["has_label"] = np.array([g is not None for g in given], dtype=bool)
+                out.create_dataset("split", data=[g.split if g else "" for g in given], dtype=_STR)
+                _write_label_table(out.create_group("label_table"), self._labels)
+            failed = self.failures()
+            group = out.create_group("failed")
+            group.create_dataset("clip_ids", data=list(failed), dtype=_STR)
+            group.create_dataset("paths", data=[p for p, _ in failed.values()], dtype=_STR)
+            group.create_dataset("errors", data=[e for _, e in failed.values()], dtype=_STR)
+        _fsync(tmp)
+        if self._main is not None:
+            self._main.close()  # Windows cannot replace an open file
+            self._main = None
+        os.replace(tmp, self.path)
+        _fsync(self.path.parent)
+
+    def _copy_main(self, keep: list[tuple[str, int]], visual: h5py.Dataset, audio: h5py.Dataset,
+                   paths: list[str], notes: list[str]) -> None:
+        """Copy the kept clips of the old main file in runs of consecutive rows, ``COPY_BLOCK`` at a time."""
+        if not keep:
+            return
+        src = self._main
+        old = np.array([i for _, i in keep])
+        old_paths, old_notes = _strings(src["paths"][()]), _strings(src["warnings"][()])
+        paths += [old_paths[i] for i in old]
+        notes += [old_notes[i] for i in old]
+        start = 0
+        while start < len(old):
+            stop = start + 1
+            while stop < len(old) and stop - start < COPY_BLOCK and old[stop] == old[stop - 1] + 1:
+                stop += 1
+            lo, hi = int(old[start]), int(old[stop - 1]) + 1
+            visual[start:stop] = src["visual"][lo:hi]
+            audio[start:stop] = src["audio"][lo:hi]
+            start = stop
+
+    # -- closing -----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._main is not None:
+            self._main.close()
+            self._main = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _write_label_table(group: h5py.Group, labels: Mapping[str, ClipLabels]) -> None:
+    group.create_dataset("clip_ids", data=list(labels), dtype=_STR)
+    group["labels"] = (np.stack([v.segments for v in labels.values()]) if labels
+                       else np.zeros((0, *LABEL_SHAPE), np.float32))
+    group.create_dataset("split", data=[v.split for v in labels.values()], dtype=_STR)
+
+
+def load_arrays(path: str | Path, ids: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """All (or the given) clips as numpy arrays for training, pending parts included.
+
+    Returns ``clip_ids``, ``visual`` [n,10,7,7,512] and ``audio`` [n,10,128] in the storage dtype,
+    ``labels`` [n,10,29] float32 (zeros where ``has_label`` is False) and ``split`` (strings).
+    Memory: the 4143 AVE clips take 4.2 GB of visual features as float32, half that as float16.
+    """
+    with FeatureStore.open(path, create=False, readonly=True) as store:
+        ids = store.clip_ids() if ids is None else list(ids)
+        missing = [cid for cid in ids if cid not in store]
+        if missing:
+            raise BmfnError(f"{path}: {len(missing)} requested clips are not in the store, e.g. {missing[0]!r}")
+        n = len(ids)
+        visual = np.empty((n, *VISUAL_SHAPE), store.dtype)
+        audio = np.empty((n, *AUDIO_SHAPE), store.dtype)
+        in_main = [(store._main_index[cid], row) for row, cid in enumerate(ids) if cid not in store._parts]
+        if in_main:
+            # h5py reads increasing indices only; read sorted and scatter.
+            src, rows = map(np.array, zip(*sorted(in_main)))
+            for s in range(0, len(src), COPY_BLOCK):
+                block = slice(s, s + COPY_BLOCK)
+                wanted = src[block]
+                if wanted[-1] - wanted[0] == len(wanted) - 1:  # consecutive rows: one plain slice read
+                    wanted = slice(int(wanted[0]), int(wanted[-1]) + 1)
+                visual[rows[block]] = store._main["visual"][wanted]
+                audio[rows[block]] = store._main["audio"][wanted]
+        for row, cid in enumerate(ids):
+            if cid in store._parts:
+                visual[row], audio[row] = store.read(cid)
+        labels = store.labels()
+        return {
+            "clip_ids": np.array(ids, dtype=object),
+            "visual": visual,
+            "audio": audio,
+            "labels": np.stack([labels[c].segments if c in labels else np.zeros(LABEL_SHAPE, np.float32) for c in ids])
+            if n else np.zeros((0, *LABEL_SHAPE), np.float32),
+            "has_label": np.array([c in labels for c in ids], dtype=bool),
+            "split": np.array([labels[c].split if c in labels else "" for c in ids], dtype=object),
+        }
+
+
+def export_ave(store_path: str | Path, annotations_path: str | Path, out_dir: str | Path,
+               dtype: str = "float64") -> tuple[Path, Path]:
+    """Write ``visual_feature.h5`` and ``audio_feature.h5`` in the released AVE layout (row i = annotation line i).
+
+    Rows are written one at a time, so the 7.7 GiB float64 visual file never sits in memory.
+    """
+    rows = read_annotations(annotations_path)
+    out_dir = Path(out_dir)
+    with FeatureStore.open(store_path, create=False, readonly=True) as store:
+        missing = sorted({row.video_id for row in rows if row.video_id not in store})
+        if missing:
+            raise BmfnError(f"{store_path}: {len(missing)} clips of {annotations_path} are missing from the store, "
+                            f"first {missing[0]!r}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        targets = [(out_dir / AVE_VISUAL_FILE, VISUAL_SHAPE), (out_dir / AVE_AUDIO_FILE, AUDIO_SHAPE)]
+        tmps = [path.with_name(f"{path.name}.tmp-{os.getpid()}") for path, _ in targets]
+        try:
+            with h5py.File(tmps[0], "w") as fv, h5py.File(tmps[1], "w") as fa:
+                datasets = [f.create_dataset(AVE_KEY, (len(rows), *shape), dtype, chunks=(1, *shape))
+                            for f, (_, shape) in zip((fv, fa), targets)]
+                for i, row in enumerate(rows):
+                    for dataset, array in zip(datasets, store.read(row.video_id)):
+                        dataset[i] = array
+            for tmp, (path, _) in zip(tmps, targets):
+                os.replace(tmp, path)
+        finally:
+            for tmp in tmps:
+                tmp.unlink(missing_ok=True)
+    return targets[0][0], targets[1][0]
+

@@ -1,0 +1,304 @@
+"""The feature store: round trip, resume, provenance, failures, labels, SIGKILL safety and AVE export."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from bmfn_pipeline.ave import BACKGROUND, CATEGORIES, load_splits, read_annotations
+from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.store import (
+    AUDIO_SHAPE,
+    VISUAL_SHAPE,
+    FeatureStore,
+    export_ave,
+    labels_from_annotations,
+    load_arrays,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+PROVENANCE = {
+    "bmfn_version": "0.1.0",
+    "visual": {"name": "vgg19-keras", "checksum": "random:0"},
+    "audio": {"name": "vggish", "checksum": "random:0"},
+    "frames_per_second": 2,
+    "audio_alignment": "ave",
+    "dtype": "float32",
+}
+
+
+def clip(seed: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """A clip's features as the extractor gives them (float32), in the storage dtype."""
+    rng = np.random.default_rng(seed)
+    visual, audio = rng.standard_normal(VISUAL_SHAPE, np.float32), rng.random(AUDIO_SHAPE, np.float32)
+    return visual.astype(dtype), audio.astype(dtype)
+
+
+def assert_clip(store: FeatureStore, clip_id: str, seed: int) -> None:
+    visual, audio = store.read(clip_id)
+    want_v, want_a = clip(seed, store.dtype)
+    np.testing.assert_array_equal(visual, want_v)
+    np.testing.assert_array_equal(audio, want_a)
+
+
+def test_round_trip_before_and_after_consolidate(tmp_path):
+    out = tmp_path / "feats.h5"
+    ids = ["b", "a/with slash", "Ä ünïcode", "A"]  # "a"/"A" differ only in case
+    with FeatureStore.open(out, PROVENANCE) as store:
+        for seed, cid in enumerate(ids):
+            store.add_clip(cid, *clip(seed), path=f"videos/{cid}.mp4", warnings=[f"w{seed}"])
+        for seed, cid in enumerate(ids):
+            assert_clip(store, cid, seed)
+        store.consolidate()
+        assert not list(store.parts_dir.glob("*.h5"))
+        assert store.clip_ids() == ids
+        store.add_clip("late", *clip(9), path="late.mp4")
+        store.consolidate()
+    with FeatureStore.open(out, create=False) as store:
+        assert store.clip_ids() == ids + ["late"] and len(store) == 5
+        for seed, cid in enumerate(ids):
+            assert_clip(store, cid, seed)
+        assert store.clip_info(ids[2]) == {"path": f"videos/{ids[2]}.mp4", "warnings": ["w2"]}
+        assert store.provenance == PROVENANCE
+    with h5py.File(out, "r") as f:  # the documented layout
+        assert f["visual"].chunks == (1, *VISUAL_SHAPE) and f["audio"].chunks == (1, *AUDIO_SHAPE)
+        assert f["visual"].dtype == np.float32 and f.attrs["format_version"] == 1
+    arrays = load_arrays(out, ids=["late", ids[0]])
+    np.testing.assert_array_equal(arrays["visual"][0], clip(9)[0])
+    np.testing.assert_array_equal(arrays["audio"][1], clip(0)[1])
+    assert list(arrays["clip_ids"]) == ["late", ids[0]]
+
+
+def test_float16_storage_and_shape_checks(tmp_path):
+    with FeatureStore.open(tmp_path / "f.h5", {**PROVENANCE, "dtype": "float16"}) as store:
+        store.add_clip("x", *clip(1), path="x.mp4")
+        assert store.read("x")[0].dtype == np.float16
+        assert_clip(store, "x", 1)
+        with pytest.raises(BmfnError, match=r"bad\.mp4: visual features have shape \(10, 512\)"):
+            store.add_clip("bad", np.zeros((10, 512)), clip(1)[1], path="bad.mp4")
+        nan_audio = clip(1)[1].copy()
+        nan_audio[3, 3] = np.nan
+        with pytest.raises(BmfnError, match="NaN"):
+            store.add_clip("bad", clip(1)[0], nan_audio, path="bad.mp4")
+        assert "bad" not in store
+    with pytest.raises(BmfnError, match="storage dtype 'float64'"):
+        FeatureStore.open(tmp_path / "g.h5", {**PROVENANCE, "dtype": "float64"})
+
+
+def test_lookup_is_in_memory_after_open(tmp_path, monkeypatch):
+    out = tmp_path / "feats.h5"
+    with FeatureStore.open(out, PROVENANCE) as store:
+        for seed in range(3):
+            store.add_clip(f"c{seed}", *clip(seed), path="p")
+        store.consolidate()
+        store.add_clip("pending", *clip(7), path="p")
+    with FeatureStore.open(out, create=False, readonly=True) as store:
+        def no_reads(*args, **kwargs):
+            raise AssertionError("lookup read the file")
+
+        monkeypatch.setattr(h5py.Dataset, "__getitem__", no_reads)
+        assert all(f"c{i}" in store for i in range(3)) and "pending" in store and "c9" not in store
+        assert store.clip_ids() == ["c0", "c1", "c2", "pending"]
+
+
+def test_resume_sees_completed_clips_without_consolidate(tmp_path):
+    out = tmp_path / "feats.h5"
+    store = FeatureStore.open(out, PROVENANCE)
+    store.add_clip("done", *clip(1), path="done.mp4")
+    (store.parts_dir / "half.0123456789abcdef.clip.h5.tmp").write_bytes(b"\x89HDF partial")
+    store.close()  # as if killed: no consolidate
+    readers_view = load_arrays(out)
+    assert list(readers_view["clip_ids"]) == ["done"]
+    with FeatureStore.open(out, PROVENANCE) as store:
+        assert "done" in store and store.clip_ids() == ["done"]
+        assert_clip(store, "done", 1)
+        assert not list(store.parts_dir.glob("*.tmp"))  # the unfinished write is dropped
+
+
+def test_one_writer_at_a_time(tmp_path):
+    out = tmp_path / "feats.h5"
+    with FeatureStore.open(out, PROVENANCE):
+        with pytest.raises(BmfnError, match="another process is writing"):
+            FeatureStore.open(out, PROVENANCE)
+        with FeatureStore.open(out, readonly=True) as reader:
+            with pytest.raises(BmfnError, match="read-only"):
+                reader.add_clip("x", *clip(0), path="x")
+    FeatureStore.open(out, PROVENANCE).close()
+
+
+def test_provenance_mismatch_refused(tmp_path):
+    out = tmp_path / "feats.h5"
+    FeatureStore.open(out, PROVENANCE).close()
+    other = {**PROVENANCE, "visual": {"name": "vgg19-keras", "checksum": "sha256:abc"}, "frames_per_second": 16}
+    with pytest.raises(BmfnError) as err:
+        FeatureStore.open(out, other)
+    assert str(out) in str(err.value)
+    assert "frames_per_second" in str(err.value) and "visual.checksum" in str(err.value)
+    assert "audio" not in str(err.value)
+    # The bmfn version describes the run, not the features.
+    FeatureStore.open(out, {**PROVENANCE, "bmfn_version": "9.9"}).close()
+    with pytest.raises(BmfnError, match="no such feature store"):
+        FeatureStore.open(tmp_path / "absent.h5", create=False)
+    with pytest.raises(BmfnError, match="without provenance"):
+        FeatureStore.open(tmp_path / "absent.h5")
+
+
+def test_failures_recorded_and_cleared(tmp_path):
+    out = tmp_path / "feats.h5"
+    with FeatureStore.open(out, PROVENANCE) as store:
+        store.add_failure("bad", "v/bad.mp4", "no audio stream")
+        store.add_failure("worse", "v/worse.mp4", "truncated")
+    with FeatureStore.open(out, PROVENANCE) as store:
+        assert store.failures() == {"bad": ("v/bad.mp4", "no audio stream"), "worse": ("v/worse.mp4", "truncated")}
+        assert "bad" not in store
+        store.consolidate()
+    with h5py.File(out, "r") as f:
+        assert sorted(f["failed/clip_ids"].asstr()[()]) == ["bad", "worse"]
+    with FeatureStore.open(out, PROVENANCE) as store:
+        assert set(store.failures()) == {"bad", "worse"}
+        store.add_clip("bad", *clip(3), path="v/bad.mp4")  # fixed and rerun
+        assert set(store.failures()) == {"worse"}
+        store.consolidate()
+        assert set(store.failures()) == {"worse"}
+    with h5py.File(out, "r") as f:
+        assert list(f["failed/clip_ids"].asstr()[()]) == ["worse"]
+
+
+def test_labels_stored_per_clip(tmp_path):
+    ann = tmp_path / "Annotations.txt"
+    ann.write_text("Cat&x&good&2&5\nBark&x&good&0&10\nHorse&y&good&0&10\nBus&z&good&0&3\n")
+    rows = read_annotations(ann)
+    labels, repeated = labels_from_annotations(rows, {"train": np.array([0, 2]), "val": np.array([1]),
+                                                      "test": np.array([3])})
+    assert repeated == ["x"]
+    out = tmp_path / "feats.h5"
+    with FeatureStore.open(out, PROVENANCE) as store:
+        store.set_labels(labels)
+        for seed, cid in enumerate(["x", "y", "stray"]):
+            store.add_clip(cid, *clip(seed), path=f"{cid}.mp4")
+        assert store.unlabelled() == ["stray"]
+    arrays = load_arrays(out, ids=["x", "y", "stray"])  # pending parts, labels from the journal
+    assert list(arrays["split"]) == ["train", "train", ""]
+    with FeatureStore.open(out, PROVENANCE) as store:
+        store.consolidate()
+    arrays = load_arrays(out)
+    assert list(arrays["clip_ids"]) == ["x", "y", "stray"]
+    assert list(arrays["has_label"]) == [True, True, False]
+    assert list(arrays["split"]) == ["train", "train", ""]
+    cat = CATEGORIES.index("Cat")
+    np.testing.assert_array_equal(arrays["labels"][0].argmax(1), [BACKGROUND] * 2 + [cat] * 3 + [BACKGROUND] * 5)
+    # A clip extracted later still finds the label given before it existed.
+    with FeatureStore.open(out, PROVENANCE) as store:
+        store.add_clip("z", *clip(5), path="z.mp4")
+        store.consolidate()
+    assert load_arrays(out, ids=["z"])["split"][0] == "test"
+
+
+def test_export_ave_round_trip_and_missing_clip(tmp_path):
+    ann = tmp_path / "Annotations.txt"
+    # "x" is annotated twice: its features are duplicated, row i = line i.
+    ann.write_text("Cat&x&good&2&5\nHorse&y&good&0&10\nBark&x&good&0&10\n")
+    out = tmp_path / "feats.h5"
+    with FeatureStore.open(out, PROVENANCE) as store:
+        store.add_clip("y", *clip(2), path="y.mp4")
+        store.consolidate()
+        store.add_clip("x", *clip(1), path="x.mp4")  # still a pending part
+        store.add_clip("unused", *clip(8), path="u.mp4")
+    visual_path, audio_path = export_ave(out, ann, tmp_path / "ave")
+    with h5py.File(visual_path, "r") as fv, h5py.File(audio_path, "r") as fa:
+        visual, audio = fv["avadataset"], fa["avadataset"]
+        assert visual.shape == (3, *VISUAL_SHAPE) and audio.shape == (3, *AUDIO_SHAPE)
+        assert visual.dtype == np.float64 and audio.dtype == np.float64
+        for row, seed in enumerate([1, 2, 1]):
+            np.testing.assert_array_equal(visual[row], clip(seed)[0])
+            np.testing.assert_array_equal(audio[row], clip(seed)[1])
+    ann.write_text("Cat&x&good&2&5\nHorse&gone&good&0&10\nBark&lost&good&0&10\nBus&gone&good&1&2\n")
+    with pytest.raises(BmfnError, match=r"2 clips of .*Annotations\.txt are missing from the store, first 'gone'"):
+        export_ave(out, ann, tmp_path / "ave2")
+    assert not (tmp_path / "ave2" / "visual_feature.h5").exists()
+
+
+def test_labels_from_the_real_annotations(ave_dir):
+    rows = read_annotations(ave_dir / "Annotations.txt")
+    labels, repeated = labels_from_annotations(rows, load_splits(ave_dir, len(rows)))
+    assert len(labels) == 4097 and len(repeated) == 45
+    assert sum(v.split == "train" for v in labels.values()) <= 3339
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from bmfn_pipeline.store import AUDIO_SHAPE, VISUAL_SHAPE, FeatureStore
+
+    out, total, every, provenance = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), eval(sys.argv[4])
+    with FeatureStore.open(out, provenance) as store:
+        for seed in range(total):
+            if str(seed) in store:
+                continue
+            rng = np.random.default_rng(seed)
+            visual, audio = rng.standard_normal(VISUAL_SHAPE, np.float32), rng.random(AUDIO_SHAPE, np.float32)
+            store.add_clip(str(seed), visual, audio, path=f"{seed}.mp4")
+            print("added", seed, flush=True)
+            if (seed + 1) % every == 0:
+                print("consolidating", flush=True)
+                store.consolidate()
+        print("consolidating", flush=True)
+        store.consolidate()
+    print("finished", flush=True)
+    """
+)
+
+
+def test_sigkill_at_random_moments_keeps_every_complete_clip(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    out = tmp_path / "feats.h5"
+    total, every = 24, 5
+    provenance = {**PROVENANCE, "dtype": "float16"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    chance = random.Random(1234)
+    kills = []
+    for attempt in range(6):
+        proc = subprocess.Popen([sys.executable, str(script), str(out), str(total), str(every), repr(provenance)],
+                                stdout=subprocess.PIPE, text=True, env=env)
+        # Wait for a random event (a clip written, or the start of a consolidation), then a random delay.
+        wanted = "consolidating" if attempt % 2 else "added"
+        skip = chance.randint(0, 3)
+        for line in proc.stdout:
+            if line.startswith(wanted) or line.startswith("finished"):
+                if skip == 0 or line.startswith("finished"):
+                    break
+                skip -= 1
+        time.sleep(chance.uniform(0, 0.03))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills.append(wanted)
+        proc.stdout.close()
+        proc.wait()
+        with FeatureStore.open(out, create=False, readonly=True) as store:
+            done = store.clip_ids()
+            assert len(done) == len(set(done))
+            for cid in done:
+                assert_clip(store, cid, int(cid))
+        np.testing.assert_array_equal(load_arrays(out)["visual"].shape, (len(done), *VISUAL_SHAPE))
+    assert "consolidating" in kills and "added" in kills
+    # A last, uninterrupted run resumes and finishes everything.
+    subprocess.run([sys.executable, str(script), str(out), str(total), str(every), repr(provenance)],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+    with FeatureStore.open(out, create=False) as store:
+        assert sorted(store.clip_ids(), key=int) == [str(i) for i in range(total)]
+        for cid in store.clip_ids():
+            assert_clip(store, cid, int(cid))
+    assert not [p for p in (tmp_path / "feats.h5.parts").iterdir() if p.name != ".lock"]
+    assert not list(tmp_path.glob("feats.h5.tmp-*"))
