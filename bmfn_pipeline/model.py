@@ -1,0 +1,368 @@
+"""BMFN (Liu et al., ICASSP 2022): bi-directional modality fusion of VGG-19 pool5 maps and VGGish vectors.
+
+The data flow is the live path of the official code (bmfn-reference.md section 2), batch-first and float32.
+Two project decisions (reference section 13) differ from that code: the expansion self-attention (ESA) is a
+learned, registered module as in the paper's eq. (4), so eval mode is deterministic and batch independent; and
+no dead parameters are registered. Section numbers below (§) refer to bmfn-reference.md, eq. to bmfn-paper.txt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bmfn_pipeline.ave import BACKGROUND, SEGMENTS
+from bmfn_pipeline.errors import BmfnError
+
+# Architecture constants (§2, §7 last paragraph).
+D_MODEL = 256  # width of every temporal block (§2.3, eq. 4-5: d = 256)
+HEADS = 4  # heads of every attention (§2.3, §2.5, §2.6)
+FFN_DIM = 2048  # feed-forward width of the encoder and cross-modal layers (§2.3, §2.5)
+DROPOUT = 0.1  # attention-weight, residual, FFN, MFB and FBFM dropout (§2.2-2.6)
+VISUAL_DROPOUT = 0.2  # dropout after v_fc (§2 step 1)
+MFB_K = 5  # MFB sum-pooling window, the paper's p (§2.2, eq. 2)
+MFB_O = 512  # MFB output channels (§2.2)
+ESA_EXPANSION = 2  # heads are expanded 4 -> 8 -> 4, the paper's r (§2.4, eq. 4)
+ESA_ACTIVATION = "sigmoid"  # the paper's delta in eq. 4; the official code uses ReLU6 (§13 decision a)
+ESA_LAYERS = 2  # EncoderLayer1 (ESA) layers per temporal encoder (§2.3)
+NSA_LAYERS = 2  # EncoderLayer (NSA) layers after them (§2.3)
+VISUAL_DIM = 512  # VGG-19 pool5 channels (§2)
+AUDIO_DIM = 128  # VGGish embedding size (§2)
+CELLS = 49  # 7x7 pool5 grid cells (§2)
+HIDDEN = 256  # bottleneck width inside the visual and fusion attentions (§2.1, §2.2; eq. 1, 3: d = 256)
+
+Mode = Literal["fully", "weakly"]
+_ESA_ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu6": nn.ReLU6}
+
+
+@dataclass(frozen=True)
+class BMFNConfig:
+    """Hyper-parameters of one BMFN; the defaults are the paper's and the official code's (§2, §13)."""
+
+    mode: Mode = "fully"
+    d_model: int = D_MODEL
+    heads: int = HEADS
+    ffn_dim: int = FFN_DIM
+    dropout: float = DROPOUT
+    visual_dropout: float = VISUAL_DROPOUT
+    mfb_k: int = MFB_K
+    mfb_o: int = MFB_O
+    mfb_dim: int = MFB_K * MFB_O  # 2560, the paper's d_m (eq. 2)
+    esa_expansion: int = ESA_EXPANSION
+    esa_activation: str = ESA_ACTIVATION
+    esa_layers: int = ESA_LAYERS
+    nsa_layers: int = NSA_LAYERS
+    num_classes: int = BACKGROUND  # foreground classes; the weak head adds background (§2.7)
+    visual_dim: int = VISUAL_DIM
+    audio_dim: int = AUDIO_DIM
+    segments: int = SEGMENTS
+    cells: int = CELLS
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("fully", "weakly"):
+            raise BmfnError(f"BMFN config: mode must be 'fully' or 'weakly', got {self.mode!r}")
+        if self.esa_activation not in _ESA_ACTIVATIONS:
+            raise BmfnError(f"BMFN config: esa_activation must be one of {sorted(_ESA_ACTIVATIONS)}, "
+                            f"got {self.esa_activation!r}")
+        if self.mfb_dim != self.mfb_k * self.mfb_o:
+            raise BmfnError(f"BMFN config: mfb_dim {self.mfb_dim} must equal mfb_k * mfb_o = {self.mfb_k * self.mfb_o}")
+        if self.d_model % self.heads:
+            raise BmfnError(f"BMFN config: d_model {self.d_model} is not divisible by heads {self.heads}")
+
+
+class BMFNOutput(NamedTuple):
+    """event_logits [B,T] (the pre-sigmoid s of eq. 8); class_logits [B,28] fully or the raw 29-way r weakly;
+    event_scores [B,29], the weak head's softmax over the MIL-pooled joint scores, None when fully supervised."""
+
+    event_logits: Tensor
+    class_logits: Tensor
+    event_scores: Tensor | None
+
+
+class VisualAttention(nn.Module):
+    """Eq. (1): channel then spatial attention over the 7x7 cells, visual only (§2.1, the official live path)."""
+
+    def __init__(self, visual_dim: int = VISUAL_DIM, hidden: int = HIDDEN) -> None:
+        super().__init__()
+        self.phi_c = nn.Linear(visual_dim, visual_dim)  # Phi_v^c, with ReLU (official affine_video_1)
+        self.w1 = nn.Linear(visual_dim, hidden)  # W1 (affine_bottleneck)
+        self.w2 = nn.Linear(hidden, visual_dim)  # W2 (affine_v_c_att)
+        self.spatial_proj = nn.Linear(visual_dim, hidden)  # ReLU hidden layer before W3 (affine_video_2)
+        self.w3 = nn.Linear(hidden, 1)  # W3 (affine_v_s_att)
+
+    def forward(self, visual: Tensor) -> Tensor:
+        """visual [N,cells,512] -> [N,512]."""
+        squeezed = F.relu(self.w1(F.relu(self.phi_c(visual)).mean(dim=1)))
+        channel = visual * (1 + torch.sigmoid(self.w2(squeezed))).unsqueeze(1)
+        spatial = torch.softmax(torch.tanh(self.w3(F.relu(self.spatial_proj(channel)))).squeeze(-1), dim=-1)
+        return (spatial.unsqueeze(1) @ channel).squeeze(1)
+
+
+class AudioVisualFusionAttention(nn.Module):
+    """AVFA, eqs. (2)-(3): MFB fusion of every cell with the segment's audio, then channel and spatial
+    attention driven by the first fusion and applied to the second (§2.2)."""
+
+    def __init__(self, config: BMFNConfig) -> None:
+        super().__init__()
+        c = config
+        self.mfb_k, self.dropout = c.mfb_k, c.dropout
+        self.phi_v1 = nn.Linear(c.visual_dim, c.mfb_dim)  # Phi_V1 (official Linear_K)
+        self.phi_a1 = nn.Linear(c.audio_dim, c.mfb_dim)  # Phi_A1 (Linear_Q1)
+        self.phi_v2 = nn.Linear(c.visual_dim, c.mfb_dim)  # Phi_V2 (Linear_V)
+        self.phi_a2 = nn.Linear(c.audio_dim, c.mfb_dim)  # Phi_A2 (Linear_Q2)
+        self.w4 = nn.Linear(c.mfb_o, HIDDEN)  # W4 (affine_bottleneck)
+        self.w5 = nn.Linear(HIDDEN, c.mfb_o)  # W5 (affine_v_c_att)
+        self.w6 = nn.Linear(HIDDEN, 1)  # W6 (affine_v_s_att)
+
+    def mfb(self, visual: Tensor, audio: Tensor) -> Tensor:
+        """Multi-modal factorized bilinear pooling, eq. (2): dropout on the product (as the official code,
+        before the sum pooling), sum over k, signed square root, L2 normalisation over the output channels."""
+        z = F.dropout(visual * audio.unsqueeze(1), self.dropout, self.training)
+        z = z.unflatten(-1, (-1, self.mfb_k)).sum(dim=-1)  # element k*j + r goes to output j
+        z = torch.sqrt(F.relu(z)) - torch.sqrt(F.relu(-z))  # sign(z) sqrt|z| with a finite gradient at 0
+        return F.normalize(z, dim=-1)
+
+    def forward(self, visual: Tensor, audio: Tensor) -> Tensor:
+        """visual [N,cells,512], audio [N,128] -> [N,512]."""
+        av1 = self.mfb(self.phi_v1(visual), self.phi_a1(audio))
+        av2 = self.mfb(self.phi_v2(visual), self.phi_a2(audio))
+        w = F.relu(self.w4(av1))  # W_t, per cell (unlike eq. 1, the ReLU comes before the mean)
+        channel = av2 * (1 + torch.sigmoid(self.w5(w.mean(dim=1)))).unsqueeze(1)
+        spatial = torch.softmax(torch.tanh(self.w6(w)).squeeze(-1), dim=-1)
+        return (spatial.unsqueeze(1) @ channel).squeeze(1)
+
+
+class ExpansionSelfAttention(nn.Module):
+    """ESA attention, eq. (4): multi-head attention whose map Att [B,heads,T,S] is refined by a learned 1x1
+    expansion W7 (heads -> r*heads), BN, activation, 1x1 reduction W8 and BN; (Att + Att_hat) weights V.
+    Parameter names and shapes follow nn.MultiheadAttention (§2.3); the refinement costs 88 parameters (§2.4)."""
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float, expansion: int, activation: str) -> None:
+        super().__init__()
+        self.num_heads, self.dropout = num_heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)  # the nn.MultiheadAttention initialisation (§2.8)
+        nn.init.zeros_(self.out_proj.bias)
+        expanded = num_heads * expansion
+        self.w7 = nn.Conv2d(num_heads, expanded, kernel_size=1, bias=False)
+        self.bn7 = nn.BatchNorm2d(expanded)
+        self.activation = _ESA_ACTIVATIONS[activation]()
+        self.w8 = nn.Conv2d(expanded, num_heads, kernel_size=1, bias=False)
+        self.bn8 = nn.BatchNorm2d(num_heads)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, need_weights: bool = False) -> tuple[Tensor, None]:
+        """[B,T,d] x3 -> ([B,T,d], None), the nn.MultiheadAttention calling convention."""
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        q, k, v = (F.linear(x, w, b).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+                   for x, w, b in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)))
+        att = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
+        att = F.dropout(att, self.dropout, self.training)
+        att_hat = self.bn8(self.w8(self.activation(self.bn7(self.w7(att)))))  # heads are the conv channels
+        out = ((att + att_hat) @ v).transpose(1, 2).flatten(2)  # not renormalised (§2.4)
+        return self.out_proj(out), None
+
+
+class ResidualAttention(nn.Module):
+    """Post-LN attention sub-layer shared by every block: LN(query + Dropout(Attention(query, memory, memory)))."""
+
+    def __init__(self, attention: nn.Module, d_model: int, dropout: float) -> None:
+        super().__init__()
+        self.attn = attention
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, query: Tensor, memory: Tensor) -> Tensor:
+        return self.norm(query + self.dropout(self.attn(query, memory, memory, need_weights=False)[0]))
+
+
+class FeedForward(nn.Module):
+    """Post-LN feed-forward sub-layer: LN(x + Dropout(W2 Dropout(ReLU(W1 x))))."""
+
+    def __init__(self, d_model: int, ffn_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
+
+
+def _attention(config: BMFNConfig) -> nn.MultiheadAttention:
+    """Standard multi-head attention (the NSA / MHA of eqs. 5-7)."""
+    return nn.MultiheadAttention(config.d_model, config.heads, dropout=config.dropout, batch_first=True)
+
+
+class EncoderLayer(nn.Module):
+    """One transformer encoder layer: ESA (eq. 4) when expansion attention is given, else NSA (eq. 5)."""
+
+    def __init__(self, config: BMFNConfig, expansion: bool) -> None:
+        super().__init__()
+        c = config
+        attention = (ExpansionSelfAttention(c.d_model, c.heads, c.dropout, c.esa_expansion, c.esa_activation)
+                     if expansion else _attention(c))
+        self.self_attn = ResidualAttention(attention, c.d_model, c.dropout)
+        self.ffn = FeedForward(c.d_model, c.ffn_dim, c.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ffn(self.self_attn(x, x))
+
+
+class SelfAttentionBlock(nn.Module):
+    """The paper's self-attention block (official InternalTemporalRelationModule, §2.3): a linear map to d with
+    no activation, ESA layers, then NSA layers; no final norm."""
+
+    def __init__(self, in_dim: int, config: BMFNConfig) -> None:
+        super().__init__()
+        self.affine = nn.Linear(in_dim, config.d_model)
+        self.layers = nn.ModuleList([EncoderLayer(config, expansion=True) for _ in range(config.esa_layers)]
+                                    + [EncoderLayer(config, expansion=False) for _ in range(config.nsa_layers)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.affine(x)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class CrossModalAttention(nn.Module):
+    """A forward (FA) or backward (BA) attention block, eq. (6) (official CrossModalRelationAttModule, §2.5):
+    the query, mapped to d, attends to the concatenation in time of the memory and itself; then an FFN.
+    There is no self-attention."""
+
+    def __init__(self, in_dim: int, config: BMFNConfig) -> None:
+        super().__init__()
+        self.affine = nn.Linear(in_dim, config.d_model)
+        self.cross_attn = ResidualAttention(_attention(config), config.d_model, config.dropout)
+        self.ffn = FeedForward(config.d_model, config.ffn_dim, config.dropout)
+
+    def forward(self, query: Tensor, memory: Tensor) -> Tensor:
+        """query [B,T,in], memory [B,T,d] -> [B,T,d]."""
+        q = self.affine(query)
+        return self.ffn(self.cross_attn(q, torch.cat([memory, q], dim=1)))
+
+
+class ForwardBackwardFusion(nn.Module):
+    """FBFM, eq. (7) (§2.6): query fa * ba attends to cat_time(fa, ba); residual and LN, no FFN."""
+
+    def __init__(self, config: BMFNConfig) -> None:
+        super().__init__()
+        self.fusion_attn = ResidualAttention(_attention(config), config.d_model, config.dropout)
+
+    def forward(self, forward_feat: Tensor, backward_feat: Tensor) -> Tensor:
+        return self.fusion_attn(forward_feat * backward_feat, torch.cat([forward_feat, backward_feat], dim=1))
+
+
+class LocalizationHead(nn.Module):
+    """Eq. (8) (§2.7): event-relevance logits per segment and class logits from the max over time of F.
+    Weakly supervised, the class layer also has the background class and the joint scores are MIL-pooled."""
+
+    def __init__(self, config: BMFNConfig) -> None:
+        super().__init__()
+        self.weakly = config.mode == "weakly"
+        self.classifier = nn.Linear(config.d_model, 1)
+        classes = config.num_classes + 1 if self.weakly else config.num_classes
+        self.event_classifier = nn.Linear(config.d_model, classes)
+
+    def forward(self, fused: Tensor) -> BMFNOutput:
+        event_logits = self.classifier(fused).squeeze(-1)  # [B,T]; only the last axis, so B = 1 works
+        class_logits = self.event_classifier(fused.amax(dim=1))
+        if not self.weakly:
+            return BMFNOutput(event_logits, class_logits, None)
+        joint = torch.sigmoid(event_logits).unsqueeze(-1) * class_logits.unsqueeze(1)  # s_f [B,T,29]
+        return BMFNOutput(event_logits, class_logits, torch.softmax(joint.amax(dim=1), dim=-1))
+
+
+class BMFN(nn.Module):
+    """The whole network of the paper's Fig. 3, on pre-extracted features."""
+
+    def __init__(self, config: BMFNConfig | None = None) -> None:
+        super().__init__()
+        c = self.config = config or BMFNConfig()
+        self.v_fc = nn.Linear(c.visual_dim, c.visual_dim)  # per-cell input adapter, ReLU + dropout (§2 step 1)
+        self.visual_dropout = nn.Dropout(c.visual_dropout)
+        self.visual_attention = VisualAttention(c.visual_dim)  # -> v^E
+        self.fusion_attention = AudioVisualFusionAttention(c)  # -> av
+        # Self-attention blocks -> v_self, a_self, av_self (official video_encoder, audio_encoder, av_encoder).
+        self.visual_self_attention = SelfAttentionBlock(c.visual_dim, c)
+        self.audio_self_attention = SelfAttentionBlock(c.audio_dim, c)
+        self.av_self_attention = SelfAttentionBlock(c.mfb_o, c)
+        # Eq. (6); memory and official name in the comments.
+        self.fa1 = CrossModalAttention(c.visual_dim, c)  # query v^E, memory av_self (video_decoder)
+        self.fa2 = CrossModalAttention(c.audio_dim, c)  # query a, memory av_self (audio_decoder)
+        self.ba1 = CrossModalAttention(c.mfb_o, c)  # query av, memory v_self (av_video_decoder)
+        self.ba2 = CrossModalAttention(c.mfb_o, c)  # query av, memory a_self (av_audio_decoder)
+        self.fbfm1 = ForwardBackwardFusion(c)  # F1 from (fa1, ba1) (official FBFM2)
+        self.fbfm2 = ForwardBackwardFusion(c)  # F2 from (fa2, ba2) (official FBFM1)
+        self.head = LocalizationHead(c)
+
+    def forward(self, visual: Tensor, audio: Tensor) -> BMFNOutput:
+        """visual [B,T,7,7,512] pool5 maps (channels last), audio [B,T,128] VGGish vectors."""
+        c = self.config
+        if (visual.ndim != 5 or visual.shape[-1] != c.visual_dim or visual.shape[2] * visual.shape[3] != c.cells
+                or tuple(audio.shape) != (visual.shape[0], visual.shape[1], c.audio_dim)):
+            raise BmfnError(f"BMFN input: expected visual [B,T,7,7,{c.visual_dim}] and audio [B,T,{c.audio_dim}], "
+                            f"got {list(visual.shape)} and {list(audio.shape)}")
+        batch, segments = audio.shape[:2]
+        cells = self.visual_dropout(F.relu(self.v_fc(visual))).flatten(0, 1).flatten(1, 2)  # [B*T,49,512]
+        frames = audio.flatten(0, 1)  # [B*T,128]
+        v_e = self.visual_attention(cells).unflatten(0, (batch, segments))
+        av = self.fusion_attention(cells, frames).unflatten(0, (batch, segments))
+
+        av_self = self.av_self_attention(av)
+        fa1 = self.fa1(v_e, av_self)
+        fa2 = self.fa2(audio, av_self)
+        ba1 = self.ba1(av, self.visual_self_attention(v_e))
+        ba2 = self.ba2(av, self.audio_self_attention(audio))
+        fused = 0.5 * (self.fbfm1(fa1, ba1) + self.fbfm2(fa2, ba2))  # F, the mean of F1 and F2
+        return self.head(fused)
+
+
+def predict_segments(output: BMFNOutput) -> Tensor:
+    """Per-segment labels [B,T] in 0..28 (§6): the video's argmax class where sigmoid(event logit) > 0.5, else
+    background (28). Weakly, the argmax is over the 29-way raw r, so a positive segment may still be 28."""
+    positive = torch.sigmoid(output.event_logits) > 0.5
+    video_class = output.class_logits.argmax(dim=-1, keepdim=True)
+    return torch.where(positive, video_class, torch.full_like(video_class, BACKGROUND))
+
+
+def fully_supervised_loss(output: BMFNOutput, labels: Tensor) -> Tensor:
+    """§5: BCE-with-logits on the event flags (mean over B*T) + cross-entropy on the video class (mean over B).
+    labels [B,T,29] one-hot per segment. The video class is the max over time of each segment's argmax over the
+    28 foreground columns (background segments give 0), as the official code does."""
+    if output.event_scores is not None:
+        raise BmfnError("fully supervised loss: the model was built with mode 'weakly'; use weakly_supervised_loss")
+    foreground = labels[..., :BACKGROUND]
+    event_flags = foreground.amax(dim=-1).to(output.event_logits.dtype)
+    video_class = foreground.argmax(dim=-1).amax(dim=-1)
+    return (F.binary_cross_entropy_with_logits(output.event_logits, event_flags)
+            + F.cross_entropy(output.class_logits, video_class))
+
+
+def weakly_supervised_loss(
+    output: BMFNOutput, video_labels: Tensor, *, sigmoid_on_probabilities: bool = True
+) -> Tensor:
+    """§5: multi-label soft-margin loss of the video labels [B,29] against event_scores.
+
+    event_scores are softmax probabilities. The official code (from AVEL and CMRAN) passes them to
+    MultiLabelSoftMarginLoss, which applies a sigmoid again; that is the default here, so results are comparable.
+    sigmoid_on_probabilities=False uses the same binary cross-entropy on the probabilities themselves."""
+    if output.event_scores is None:
+        raise BmfnError("weakly supervised loss: the model was built with mode 'fully' and has no event_scores")
+    target = video_labels.to(output.event_scores.dtype)
+    if sigmoid_on_probabilities:
+        return F.multilabel_soft_margin_loss(output.event_scores, target)
+    return F.binary_cross_entropy(output.event_scores, target)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters; 26,769,199 fully and 26,769,456 weakly for the default BMFN (§4 plus 6 x 88 ESA)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

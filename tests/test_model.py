@@ -1,0 +1,269 @@
+"""BMFN model: parameter counts from bmfn-reference.md section 4, the inference rule of section 6, the losses of
+section 5, ESA as learned modules (section 13a), eval-mode determinism, batch independence and batch size 1."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bmfn_pipeline.ave import BACKGROUND, NUM_CLASSES, SEGMENTS
+from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.model import (
+    BMFN,
+    AudioVisualFusionAttention,
+    BMFNConfig,
+    BMFNOutput,
+    ExpansionSelfAttention,
+    count_parameters,
+    fully_supervised_loss,
+    predict_segments,
+    weakly_supervised_loss,
+)
+
+# bmfn-reference.md section 4: live counts 26,768,671 / 26,768,928 plus 6 ESA modules of 88 parameters each.
+EXPECTED_PARAMETERS = {"fully": 26_768_671 + 6 * 88, "weakly": 26_768_928 + 6 * 88}
+
+
+@pytest.fixture(scope="module", params=["fully", "weakly"])
+def model(request) -> BMFN:
+    torch.manual_seed(0)
+    return BMFN(BMFNConfig(mode=request.param))
+
+
+def _inputs(batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    visual = torch.rand(batch, SEGMENTS, 7, 7, 512, generator=generator)
+    audio = torch.rand(batch, SEGMENTS, 128, generator=generator)
+    return visual, audio
+
+
+def test_parameter_count_matches_reference(model: BMFN) -> None:
+    n = count_parameters(model)
+    expected = EXPECTED_PARAMETERS[model.config.mode]
+    assert n == expected, f"{model.config.mode}: {n:,} trainable parameters, expected {expected:,}"
+
+
+def test_output_shapes_and_weak_scores(model: BMFN) -> None:
+    model.eval()
+    memory_lengths = []
+    hooks = [block.register_forward_pre_hook(lambda _, args: memory_lengths.append(args[1].shape[1]))
+             for block in (model.fa1.cross_attn, model.fa2.cross_attn, model.ba1.cross_attn, model.ba2.cross_attn,
+                           model.fbfm1.fusion_attn, model.fbfm2.fusion_attn)]
+    with torch.no_grad():
+        out = model(*_inputs(2))
+    for hook in hooks:
+        hook.remove()
+    assert memory_lengths == [2 * SEGMENTS] * 6  # memory = concat in time of two 10-token sequences (§2.5, §2.6)
+    assert out.event_logits.shape == (2, SEGMENTS)
+    if model.config.mode == "fully":
+        assert out.class_logits.shape == (2, BACKGROUND)
+        assert out.event_scores is None
+    else:
+        assert out.class_logits.shape == (2, NUM_CLASSES)
+        # §2.7: softmax over classes of max over time of sigmoid(e) * r.
+        joint = torch.sigmoid(out.event_logits)[:, :, None] * out.class_logits[:, None, :]
+        torch.testing.assert_close(out.event_scores, torch.softmax(joint.max(dim=1).values, dim=-1))
+
+
+def test_eval_is_deterministic_batch_independent_and_accepts_batch_one(model: BMFN) -> None:
+    model.eval()
+    visual, audio = _inputs(4)
+    with torch.no_grad():
+        first = model(visual, audio)
+        second = model(visual, audio)
+        alone = model(visual[2:3], audio[2:3])
+    for a, b, single in zip(first, second, alone):
+        if a is None:
+            continue
+        assert torch.equal(a, b)
+        assert single.shape[0] == 1 and single.shape[1:] == a.shape[1:]
+        torch.testing.assert_close(single[0], a[2], atol=1e-5, rtol=1e-5)
+    assert predict_segments(alone).shape == (1, SEGMENTS)
+
+
+def test_gradients_reach_every_parameter(model: BMFN) -> None:
+    model.train()
+    model.zero_grad()
+    visual, audio = _inputs(2)
+    out = model(visual, audio)
+    if model.config.mode == "fully":
+        labels = torch.zeros(2, SEGMENTS, NUM_CLASSES)
+        labels[0, :, 3] = 1
+        labels[1, :5, 7] = 1
+        labels[1, 5:, BACKGROUND] = 1
+        loss = fully_supervised_loss(out, labels)
+    else:
+        labels = torch.zeros(2, NUM_CLASSES)
+        labels[0, 3] = 1
+        labels[1, BACKGROUND] = 1
+        loss = weakly_supervised_loss(out, labels)
+    loss.backward()
+    dead = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, f"parameters without gradient: {dead}"
+    model.zero_grad()
+
+
+def test_esa_is_registered_learned_and_uses_running_stats_in_eval(model: BMFN) -> None:
+    esa = [m for m in model.modules() if isinstance(m, ExpansionSelfAttention)]
+    assert len(esa) == 6  # 2 ESA layers in each of the 3 self-attention blocks
+    names = {name for name, _ in model.named_parameters()}
+    for prefix in ("visual_self_attention", "audio_self_attention", "av_self_attention"):
+        for layer in (0, 1):
+            assert f"{prefix}.layers.{layer}.self_attn.attn.w7.weight" in names
+    for module in esa:
+        parts = (module.w7, module.bn7, module.w8, module.bn8)
+        refinement = sum(p.numel() for part in parts for p in part.parameters())
+        assert refinement == 88  # §2.4
+        assert module.w7.weight.shape == (8, 4, 1, 1) and module.w8.weight.shape == (4, 8, 1, 1)
+        assert module.in_proj_weight.shape == (768, 256) and module.in_proj_bias.shape == (768,)
+    bn = esa[0].bn7
+    bn.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(*_inputs(2))
+    assert bn.num_batches_tracked.item() == 1 and bn.running_mean.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        model(*_inputs(2))
+    assert bn.num_batches_tracked.item() == 1  # eval does not update, it uses the running statistics
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "relu6"])
+def test_esa_attention_follows_equation_4(activation: str) -> None:
+    torch.manual_seed(0)
+    esa = ExpansionSelfAttention(16, 4, dropout=0.1, expansion=2, activation=activation)
+    for bn in (esa.bn7, esa.bn8):
+        torch.nn.init.normal_(bn.weight)
+        torch.nn.init.normal_(bn.bias)
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    esa.eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        out, _ = esa(x, x, x)
+
+        def heads(y: torch.Tensor) -> torch.Tensor:
+            return y.reshape(2, 5, 4, 4).transpose(1, 2)
+
+        w_q, w_k, w_v = esa.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = esa.in_proj_bias.chunk(3)
+        q, k, v = heads(x @ w_q.T + b_q), heads(x @ w_k.T + b_k), heads(x @ w_v.T + b_v)
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(4), dim=-1)
+
+        def batch_norm(y: torch.Tensor, bn: torch.nn.BatchNorm2d) -> torch.Tensor:
+            shape = (1, -1, 1, 1)
+            return ((y - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + bn.eps)
+                    * bn.weight.view(shape) + bn.bias.view(shape))
+
+        expanded = batch_norm(torch.einsum("oh,bhts->bots", esa.w7.weight[:, :, 0, 0], att), esa.bn7)
+        expanded = torch.sigmoid(expanded) if activation == "sigmoid" else expanded.clamp(0, 6)
+        att_hat = batch_norm(torch.einsum("ho,bots->bhts", esa.w8.weight[:, :, 0, 0], expanded), esa.bn8)
+        expected = esa.out_proj(((att + att_hat) @ v).transpose(1, 2).reshape(2, 5, 16))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_relu6_option_builds_a_different_model() -> None:
+    torch.manual_seed(0)
+    model = BMFN(BMFNConfig(esa_activation="relu6"))
+    activations = {type(m.activation) for m in model.modules() if isinstance(m, ExpansionSelfAttention)}
+    assert activations == {torch.nn.ReLU6}
+    assert count_parameters(model) == EXPECTED_PARAMETERS["fully"]
+    assert BMFNConfig().esa_activation == "sigmoid"  # the paper's default (§13a)
+
+
+def _output(event_logits: list[list[float]], class_logits: list[list[float]], weak: bool = False) -> BMFNOutput:
+    classes = torch.tensor(class_logits)
+    return BMFNOutput(torch.tensor(event_logits), classes, torch.softmax(classes, dim=-1) if weak else None)
+
+
+def test_predict_segments_thresholds_event_logits() -> None:
+    logits = [[3.0, -2.0, 0.0, 0.01, -0.01, 5.0, 5.0, -9.0, 1.0, 1.0],
+              [-1.0] * 10]
+    classes = torch.zeros(2, BACKGROUND)
+    classes[0, 5] = 2.0
+    classes[1, 11] = 1.0
+    pred = predict_segments(_output(logits, classes.tolist()))
+    assert pred.dtype == torch.long
+    # sigmoid(0) = 0.5 is not > 0.5, so a zero logit is background.
+    assert pred[0].tolist() == [5, 28, 28, 5, 28, 5, 5, 28, 5, 5]
+    assert pred[1].tolist() == [BACKGROUND] * 10
+
+
+def test_predict_segments_weak_uses_29_way_class() -> None:
+    classes = torch.zeros(2, NUM_CLASSES)
+    classes[0, BACKGROUND] = 4.0  # the raw r favours background: positive segments are still background
+    classes[1, 2] = 4.0
+    logits = [[2.0] * 5 + [-2.0] * 5, [2.0] * 5 + [-2.0] * 5]
+    pred = predict_segments(_output(logits, classes.tolist(), weak=True))
+    assert pred[0].tolist() == [BACKGROUND] * 10
+    assert pred[1].tolist() == [2] * 5 + [BACKGROUND] * 5
+
+
+def _bce(x: float, y: float) -> float:
+    p = 1 / (1 + math.exp(-x))
+    return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+
+def test_fully_supervised_loss_matches_manual_computation() -> None:
+    labels = torch.zeros(2, SEGMENTS, NUM_CLASSES)
+    labels[:, :, BACKGROUND] = 1
+    labels[0, 2:6, 3], labels[0, 2:6, BACKGROUND] = 1, 0  # class 3 in seconds 2-5
+    labels[1, 0:3, 2], labels[1, 0:3, BACKGROUND] = 1, 0  # two classes: the larger index (9) is the video class
+    labels[1, 7:9, 9], labels[1, 7:9, BACKGROUND] = 1, 0
+    generator = torch.Generator().manual_seed(3)
+    event_logits = torch.randn(2, SEGMENTS, generator=generator)
+    class_logits = torch.randn(2, BACKGROUND, generator=generator)
+    loss = fully_supervised_loss(BMFNOutput(event_logits, class_logits, None), labels)
+
+    flags = labels[..., :BACKGROUND].sum(-1)
+    bce = sum(_bce(event_logits[b, t].item(), flags[b, t].item()) for b in range(2) for t in range(SEGMENTS)) / 20
+    log_z = [math.log(sum(math.exp(c) for c in row)) for row in class_logits.tolist()]
+    ce = ((log_z[0] - class_logits[0, 3].item()) + (log_z[1] - class_logits[1, 9].item())) / 2
+    assert loss.item() == pytest.approx(bce + ce, rel=1e-5)
+
+
+def test_weakly_supervised_loss_matches_manual_computation() -> None:
+    scores = torch.softmax(torch.randn(2, NUM_CLASSES, generator=torch.Generator().manual_seed(4)), dim=-1)
+    labels = torch.zeros(2, NUM_CLASSES)
+    labels[0, 6] = 1
+    labels[1, BACKGROUND] = 1  # a background-only clip (labels_noisy.h5)
+    output = BMFNOutput(torch.zeros(2, SEGMENTS), torch.zeros(2, NUM_CLASSES), scores)
+    pairs = [(scores[b, c].item(), labels[b, c].item()) for b in range(2) for c in range(NUM_CLASSES)]
+    # Official: MultiLabelSoftMarginLoss applies a sigmoid to the softmax probabilities.
+    official = sum(_bce(p, y) for p, y in pairs) / len(pairs)
+    plain = -sum(y * math.log(p) + (1 - y) * math.log(1 - p) for p, y in pairs) / len(pairs)
+    assert weakly_supervised_loss(output, labels).item() == pytest.approx(official, rel=1e-5)
+    plain_loss = weakly_supervised_loss(output, labels, sigmoid_on_probabilities=False)
+    assert plain_loss.item() == pytest.approx(plain, rel=1e-5)
+
+
+def test_losses_refuse_the_other_mode() -> None:
+    labels = torch.zeros(1, SEGMENTS, NUM_CLASSES)
+    with pytest.raises(BmfnError, match="fully"):
+        weakly_supervised_loss(BMFNOutput(torch.zeros(1, SEGMENTS), torch.zeros(1, BACKGROUND), None), labels[:, 0])
+    weak = BMFNOutput(torch.zeros(1, SEGMENTS), torch.zeros(1, NUM_CLASSES), torch.full((1, NUM_CLASSES), 1 / 29))
+    with pytest.raises(BmfnError, match="weakly"):
+        fully_supervised_loss(weak, labels)
+
+
+def test_mfb_gradient_is_finite_at_zero() -> None:
+    fusion = AudioVisualFusionAttention(BMFNConfig()).eval()
+    visual = torch.zeros(3, 49, 2560, requires_grad=True)
+    audio = torch.randn(3, 2560)
+    out = fusion.mfb(visual, audio)  # the signed square root has an infinite slope at 0
+    assert torch.equal(out, torch.zeros(3, 49, 512))
+    out.sum().backward()
+    assert torch.isfinite(visual.grad).all()
+
+
+def test_bad_config_and_inputs_raise_bmfn_error(model: BMFN) -> None:
+    with pytest.raises(BmfnError, match="mode"):
+        BMFNConfig(mode="semi")
+    with pytest.raises(BmfnError, match="esa_activation"):
+        BMFNConfig(esa_activation="gelu")
+    visual, audio = _inputs(1)
+    with pytest.raises(BmfnError, match="audio"):
+        model(visual, audio[:, :, :64])
