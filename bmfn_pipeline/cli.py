@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -30,6 +31,228 @@ def main() -> None:
     Examples:
       bmfn probe clip.mp4
     """
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per file, one per line.")
+@click.option("--frames-per-second", default=16, show_default=True, type=click.IntRange(1, 64),
+              help="Frames sampled per one-second segment (the AVE features used 16).")
+def probe(files, as_json, frames_per_second) -> None:
+    """Show what bmfn will read from each video: container, streams, segments, frames of the first segment.
+
+    A file that cannot be read gives a one-line error; the others are still probed and the exit code is 1.
+
+    \b
+    Example:
+      bmfn probe clip.mp4 other.webm --json
+    """
+    from bmfn_pipeline.decode import probe as probe_clip, segment_frame_indices
+
+    failed = False
+    for file in files:
+        try:
+            info = probe_clip(file)
+        except BmfnError as exc:
+            click.echo(f"bmfn: error: {exc}", err=True)
+            failed = True
+            continue
+        first = segment_frame_indices(info, 0, frames_per_second=frames_per_second)
+        if as_json:
+            click.echo(json.dumps({**info.to_dict(), "first_segment_frames": first}))
+            continue
+        audio = ("none" if info.audio_index is None
+                 else f"#{info.audio_index} {info.audio_codec}, {info.sample_rate} Hz, {info.channels} ch")
+        click.echo(f"{info.path}\n"
+                   f"  container  {info.container}, {info.duration_s:.3f} s, "
+                   f"{info.video_streams} video / {info.audio_streams} audio streams\n"
+                   f"  video      #{info.video_index} {info.video_codec}, {info.width}x{info.height}, "
+                   f"{info.fps:.3f} fps{' (variable)' if info.variable_frame_rate else ''}, ~{info.n_frames} frames\n"
+                   f"  audio      {audio}\n"
+                   f"  segments   {info.segments} of {info.seconds} ({info.indexing} frame indices)\n"
+                   f"  segment 0  frames {' '.join(map(str, first))}")
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "-o", default="feats.h5", show_default=True, type=click.Path(dir_okay=False),
+              help="Feature store to create or extend (resumable).")
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False),
+              help="AVE-format Annotations.txt: store each clip's labels beside its features, matched by video id.")
+@click.option("--splits", type=click.Path(exists=True, file_okay=False),
+              help="Folder with *_order.h5 or trainSet.txt/valSet.txt/testSet.txt (with --annotations).")
+@click.option("--frames-per-second", default=16, show_default=True, type=click.IntRange(1, 64),
+              help="Frames sampled per one-second segment (the AVE features used 16).")
+@click.option("--visual", "visual_source", type=click.Choice(["ave", "torchvision"]), default="ave", show_default=True,
+              help="VGG-19 weights: 'ave' = Keras/Oxford weights with caffe input (the released AVE features); "
+                   "'torchvision' = IMAGENET1K_V1 (a different, incompatible feature space).")
+@click.option("--vgg19-weights", type=click.Path(exists=True, dir_okay=False), help="Local VGG-19 weight file.")
+@click.option("--vggish-weights", type=click.Path(exists=True, dir_okay=False), help="Local vggish-10086976.pth.")
+@click.option("--weights", "weights_kind", type=click.Choice(["pretrained", "random"]), default="pretrained",
+              show_default=True, help="'random': seeded random networks, for tests and demos only (recorded).")
+@click.option("--seed", default=0, show_default=True, help="Seed of --weights random.")
+@click.option("--alignment", type=click.Choice(["ave", "exact"]), default="ave", show_default=True,
+              help="VGGish framing: 'ave' = 0.96 s hops as released; 'exact' = one example per 1 s window.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="VGG-19 compute precision (auto: bfloat16 on CUDA, float32 on CPU).")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Frames per VGG-19 batch.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Storage dtype of the features.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(0),
+              help="Decoding processes running beside the networks (0: decode in the main process).")
+def extract(inputs, out, annotations, splits, frames_per_second, visual_source, vgg19_weights, vggish_weights,
+            weights_kind, seed, alignment, device, precision, batch_size, dtype, workers) -> None:
+    """Extract per-second VGG-19 pool5 maps and VGGish embeddings from videos into a feature store.
+
+    INPUTS are video files, folders (searched recursively) or .txt files listing paths.
+    Rerunning skips clips already extracted; a failed clip is recorded and the others go on.
+
+    \b
+    Example:
+      bmfn extract videos/ --out feats.h5 --annotations Annotations.txt --splits ave/
+    """
+    from bmfn_pipeline.extract import ExtractOptions, extract as run_extract
+
+    options = ExtractOptions(
+        frames_per_second=frames_per_second, visual_source=visual_source, vgg19_weights=vgg19_weights,
+        vggish_weights=vggish_weights, random_seed=seed if weights_kind == "random" else None,
+        alignment=alignment, dtype=dtype, device=device, precision=precision, batch_size=batch_size, workers=workers,
+    )
+    if options.random_seed is not None:
+        click.echo(f"bmfn: using RANDOM network weights (seed {seed}): features are for tests and demos only, "
+                   "and the store records it", err=True)
+    summary = run_extract(inputs, out, options, annotations=annotations, splits=splits)
+    click.echo(summary.line())
+    if summary.unlabelled:
+        click.echo(f"without an annotation row (kept, unlabelled): {', '.join(summary.unlabelled[:10])}"
+                   + (" ..." if len(summary.unlabelled) > 10 else ""))
+    if summary.failed:
+        raise BmfnError(f"{len(summary.failed)} of {len(summary.failed) + len(summary.done) + len(summary.skipped)} "
+                        f"clips failed; their errors are above and recorded in {out}")
+
+
+@main.command("export-ave")
+@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+@click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Annotations.txt whose row order the exported files follow.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for visual_feature.h5 and audio_feature.h5.")
+@click.option("--dtype", type=click.Choice(["float64", "float32", "float16"]), default="float64", show_default=True)
+def export_ave(store, annotations, out_dir, dtype) -> None:
+    """Write a feature store in the released AVE layout (key 'avadataset', row i = annotation line i).
+
+    \b
+    Example:
+      bmfn export-ave feats.h5 --annotations Annotations.txt --out ave_features/
+    """
+    from bmfn_pipeline.store import export_ave as run_export
+
+    for path in run_export(store, annotations, out_dir, dtype=dtype):
+        click.echo(f"wrote {path}")
+
+
+def _milestones(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(int(m) for m in value.split(",") if m.strip())
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of epochs, e.g. 10,20,30") from None
+
+
+@main.command()
+@click.option("--mode", type=click.Choice(["fully", "weakly"]), default="fully", show_default=True,
+              help="fully: segment labels; weakly: video labels only (the 178 noisy background clips join when present).")
+@click.option("--ave-dir", type=click.Path(exists=True, file_okay=False),
+              help="The AVE release: visual_feature.h5, audio_feature.h5, labels.h5 or Annotations.txt, *_order.h5.")
+@click.option("--features", type=click.Path(exists=True, dir_okay=False),
+              help="A bmfn feature store (bmfn extract). Default: feats.h5 in the current folder.")
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False), help="(Re)label clips from this Annotations.txt.")
+@click.option("--splits", type=click.Path(exists=True, file_okay=False),
+              help="Folder with *_order.h5 or *Set.txt. Without any split information: 80/10/10 by video id hash.")
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder. Default: runs/<mode>-<timestamp>.")
+@click.option("--epochs", type=click.IntRange(1), help="Default 200 (reference).")
+@click.option("--batch-size", type=click.IntRange(1), help="Training batch. Default 32 (reference).")
+@click.option("--eval-batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--lr", type=float, help="Adam learning rate. Default 5e-4 (reference).")
+@click.option("--milestones", callback=_milestones, help="MultiStepLR epochs. Default 10,20,30 fully; 5,20,40 weakly.")
+@click.option("--gamma", type=float, help="MultiStepLR factor. Default 0.5.")
+@click.option("--clip", type=float, help="Gradient-norm clip. Default 0.1 fully, 0.5 weakly.")
+@click.option("--seed", type=int, help="Default 890 fully, 550 weakly (reference).")
+@click.option("--seeds", default=1, show_default=True, type=click.IntRange(1),
+              help="Train N models (seed, seed+1, ...) and report mean and standard deviation.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="bfloat16: autocast (mixed precision), mainly for GPUs.")
+@click.option("--select-on-test", is_flag=True,
+              help="The official protocol: keep the epoch with the best TEST accuracy (optimistic). "
+                   "Default: select on val, report test for that epoch.")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False),
+              help="Continue an interrupted run from its last.pt (--epochs may extend it).")
+@click.option("--force", is_flag=True, help="Resume even if the features' provenance differs.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size, eval_batch_size, lr, milestones,
+          gamma, clip, seed, seeds, device, precision, select_on_test, resume, force, quiet) -> None:
+    """Train BMFN on pre-extracted features; writes best.pt, last.pt, metrics.jsonl, curves.png, command.txt.
+
+    Defaults reproduce the official hyper-parameters per mode (Adam 5e-4, MultiStepLR, 200 epochs, batch 32).
+
+    \b
+    Examples:
+      bmfn train                                 # feats.h5 in this folder
+      bmfn train --ave-dir AVE/ --mode weakly --seeds 3
+      bmfn train --resume runs/fully-20250101-120000 --epochs 300
+    """
+    import shlex
+
+    from bmfn_pipeline.train import TrainConfig, train as run_train
+
+    config = TrainConfig(mode=mode, ave_dir=ave_dir, features=features, annotations=annotations, splits=splits,
+                         out=out, epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size, lr=lr,
+                         milestones=milestones, gamma=gamma, clip=clip, seed=seed, seeds=seeds, device=device,
+                         precision=precision, select_on_test=select_on_test, force=force, resume=resume,
+                         progress=not quiet, command=shlex.join(["bmfn", *sys.argv[1:]]))
+    result = run_train(config, log=click.echo)
+    click.echo(result.summary())
+    click.echo(f"best checkpoint: {result.best_checkpoint}")
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
+              help="A best.pt or last.pt. Default: the newest run's best.pt under runs/.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--ave-dir", type=click.Path(exists=True, file_okay=False), help="Default: the data the run trained on.")
+@click.option("--features", type=click.Path(exists=True, dir_okay=False), help="Default: the data the run trained on.")
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False))
+@click.option("--splits", type=click.Path(exists=True, file_okay=False))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--force", is_flag=True, help="Evaluate on features whose provenance differs from the checkpoint's.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def evaluate(checkpoint, split, ave_dir, features, annotations, splits, batch_size, device, precision, force,
+             as_json) -> None:
+    """Segment accuracy (all segments, background included), per-class accuracy and a confusion-matrix PNG.
+
+    \b
+    Example:
+      bmfn evaluate --checkpoint runs/fully-20250101-120000/best.pt --split test
+    """
+    import json
+
+    from bmfn_pipeline.evaluate import evaluate as run_evaluate
+
+    if checkpoint is None:
+        from bmfn_pipeline.train import latest_checkpoint
+
+        checkpoint = latest_checkpoint()
+        click.echo(f"no checkpoint named: using the newest run's {checkpoint}", err=as_json)
+    result = run_evaluate(checkpoint, split=split, ave_dir=ave_dir, features=features, annotations=annotations,
+                          splits=splits, batch_size=batch_size, device=device, precision=precision, force=force)
+    click.echo(json.dumps(result.to_dict()) if as_json else result.summary())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,333 @@
+"""Decode stage: a video file -> sampled 224x224 RGB frames and a 16 kHz mono waveform, as the AVE features were made.
+
+Frame indices, resize and audio path follow features-reference.md sections 1.1, 1.2 and 2.1. Decoding streams
+through the file with PyAV: only the frames that are sampled are converted to RGB and kept.
+
+Two frame-index rules (documented choice):
+- AVE indexing, for a clip whose length is within half a second of `seconds` and decoded from its start (the case
+  the released features came from): n = round(container duration x nominal fps), fi = n // seconds, and sample i of
+  segment l is frame floor(l*fi + (i/frames_per_second)*fi). A "segment" is 1/seconds of the clip, as in AVE.
+- Wall-clock indexing, for any other clip or a window starting at `start_s` > 0: segment l covers
+  [start_s + l, start_s + l + 1) s and sample i is frame floor((start_s + l + i/frames_per_second) x fps). Stretching
+  a 30 s clip into ten 3 s "segments" would not give per-second labels, so longer clips are cut (decode later windows
+  with `start_s`) and shorter ones padded.
+For integer frame rates the two rules give the same indices on a clip of exactly `seconds` seconds.
+
+Segments that exist: a trailing part second counts as a segment when it is at least half a second long, so a 5.31 s
+clip has 5 segments, a 1 s clip 1, a 9.64 s clip 10 (never fewer than 1). Segments beyond the end repeat the last frame
+and have silent audio.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import resampy
+
+from .ave import SEGMENTS
+from .errors import BmfnError
+
+SAMPLE_RATE = 16000  # VGGish input rate (features-reference.md 2.2)
+FRAME_SIZE = 224  # VGG-19 input side; plain resize, no crop (features-reference.md 1.2)
+FRAMES_PER_SEGMENT = 16  # frames averaged per segment in the released AVE features (features-reference.md 1.1)
+INT16_SCALE = 32768.0  # wav int16 -> float, as vggish wavfile_to_examples (features-reference.md 2.1)
+RESAMPLE_FILTER = "kaiser_best"  # resampy's default filter, used for AVE (features-reference.md 2.1)
+AVE_TOLERANCE_S = 0.5  # clips this close to `seconds` use AVE indexing; also the part second that counts as a segment
+TRUNCATION_TOLERANCE_S = 0.5  # a stream ending this much earlier than its header says is truncated, not just rounding
+AUDIO_MARGIN_S = 1.0  # audio decoded either side of a window so the resampling filter sees real context at its edges
+VFR_TOLERANCE = 0.01  # relative gap between average and base frame rate above which the stream is variable-rate
+
+
+@dataclass
+class ClipInfo:
+    """What bmfn will read from a file: container, chosen streams and how it will be cut into segments."""
+
+    path: str
+    container: str
+    duration_s: float
+    video_index: int
+    video_codec: str
+    width: int
+    height: int
+    frame_rate: Fraction  # nominal (average) frame rate
+    n_frames: int  # round(duration_s * fps): the frame-count estimate of features-reference.md 1.1
+    variable_frame_rate: bool
+    audio_index: int | None
+    audio_codec: str | None
+    sample_rate: int | None
+    channels: int | None
+    video_streams: int
+    audio_streams: int
+    seconds: int  # segments per decoded window
+    start_s: float  # window start
+    indexing: str  # "ave" or "wall-clock" (module docstring)
+    segments: int  # segments of the window that hold real content (module docstring)
+
+    @property
+    def fps(self) -> float:
+        return float(self.frame_rate)
+
+    def to_dict(self) -> dict:
+        """JSON-ready facts: the exact frame rate as a string, plus `fps` as a float."""
+        facts = asdict(self)
+        facts["frame_rate"] = str(self.frame_rate)
+        facts["fps"] = self.fps
+        return facts
+
+
+@dataclass
+class DecodedClip:
+    """One window of a clip, ready for the visual and audio extractors."""
+
+    frames: np.ndarray  # uint8 [seconds, frames_per_second, 224, 224, 3] RGB
+    audio: np.ndarray  # float32 [seconds * 16000] mono
+    info: ClipInfo
+    warnings: list[str] = field(default_factory=list)
+
+
+def ave_frame_indices(n_frames: int, segment: int, *, seconds: int = SEGMENTS,
+                      frames_per_second: int = FRAMES_PER_SEGMENT) -> list[int]:
+    """features-reference.md 1.1: floor(l*fi + (i/F)*fi) with fi = n // seconds, in exact arithmetic."""
+    fi = n_frames // seconds
+    return [math.floor(segment * fi + Fraction(i, frames_per_second) * fi) for i in range(frames_per_second)]
+
+
+def wall_clock_frame_indices(frame_rate: Fraction, segment: int, *, start_s: float = 0.0,
+                             frames_per_second: int = FRAMES_PER_SEGMENT) -> list[int]:
+    """Frames sampled evenly over the second [start_s + segment, start_s + segment + 1) at the nominal frame rate."""
+    start = Fraction(start_s) + segment
+    return [math.floor((start + Fraction(i, frames_per_second)) * frame_rate) for i in range(frames_per_second)]
+
+
+def segment_frame_indices(info: ClipInfo, segment: int, *, frames_per_second: int = FRAMES_PER_SEGMENT) -> list[int]:
+    """Indices (in decode order from the start of the video stream) of the frames sampled for one segment."""
+    if info.indexing == "ave":
+        return ave_frame_indices(info.n_frames, segment, seconds=info.seconds, frames_per_second=frames_per_second)
+    return wall_clock_frame_indices(info.frame_rate, segment, start_s=info.start_s,
+                                    frames_per_second=frames_per_second)
+
+
+def probe(path: str | os.PathLike, *, seconds: int = SEGMENTS, start_s: float = 0.0) -> ClipInfo:
+    """Read the container header and choose streams, without decoding: the facts `bmfn probe` prints."""
+    with _open(path) as container:
+        return _clip_info(path, container, seconds, start_s)
+
+
+def decode_clip(path: str | os.PathLike, *, seconds: int = SEGMENTS, frames_per_second: int = FRAMES_PER_SEGMENT,
+                start_s: float = 0.0, allow_silent: bool = False) -> DecodedClip:
+    """Decode `seconds` one-second segments from `start_s`: sampled frames and the 16 kHz mono waveform.
+
+    Raises BmfnError for a file that cannot be used; with allow_silent=True a file without audio gives silence.
+    """
+    with _open(path) as container:
+        info = _clip_info(path, container, seconds, start_s)
+        if info.audio_index is None and not allow_silent:
+            raise BmfnError(f"{path}: no audio stream (pass allow_silent=True to use silence)")
+        warnings = _header_warnings(info)
+        frames = _decode_frames(path, container, info, frames_per_second, warnings)
+        if info.audio_index is None:
+            audio = np.zeros(seconds * SAMPLE_RATE, np.float32)
+            warnings.append(f"{path}: no audio stream, using silence")
+        else:
+            audio = _decode_audio(path, container, info)
+    return DecodedClip(frames=frames, audio=audio, info=info, warnings=warnings)
+
+
+def _open(path: str | os.PathLike) -> av.container.InputContainer:
+    file = Path(path)
+    if not file.is_file():
+        raise BmfnError(f"{path}: no such file")
+    if file.stat().st_size == 0:
+        raise BmfnError(f"{path}: empty file")
+    try:
+        return av.open(str(file))
+    except av.error.EOFError:
+        raise BmfnError(f"{path}: no media data (zero duration)") from None
+    except av.error.FFmpegError as exc:
+        raise BmfnError(f"{path}: not a media file, or truncated or corrupt ({_reason(exc)})") from None
+
+
+def _reason(exc: av.error.FFmpegError) -> str:
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+def _best_stream(streams, size) -> av.stream.Stream | None:
+    """ffmpeg's default choice: a default-disposition stream first, then the largest `size`; ties go to the first."""
+    best, best_key = None, None
+    for stream in streams:
+        key = (bool(stream.disposition & av.stream.Disposition.default), size(stream))
+        if best_key is None or key > best_key:
+            best, best_key = stream, key
+    return best
+
+
+def _clip_info(path, container, seconds: int, start_s: float) -> ClipInfo:
+    video = _best_stream(container.streams.video, lambda s: (s.codec_context.width * s.codec_context.height,
+                                                              s.codec_context.bit_rate or 0))
+    if video is None:
+        raise BmfnError(f"{path}: no video stream")
+    audio = _best_stream(container.streams.audio, lambda s: (s.codec_context.channels, s.codec_context.sample_rate,
+                                                              s.codec_context.bit_rate or 0))
+    duration_s = _duration_s(container, video)
+    if duration_s <= 0:
+        raise BmfnError(f"{path}: zero duration")
+    if not 0 <= start_s < duration_s:
+        raise BmfnError(f"{path}: window start {start_s} s is outside the clip (0 to {duration_s:.2f} s)")
+    frame_rate = video.average_rate or video.base_rate or video.guessed_rate
+    if not frame_rate:
+        raise BmfnError(f"{path}: video stream {video.index} has no frame rate")
+    base_rate = video.base_rate or frame_rate
+    ave = start_s == 0 and abs(duration_s - seconds) < AVE_TOLERANCE_S
+    remaining = duration_s - start_s
+    segments = seconds if ave else max(1, min(seconds, math.floor(remaining + AVE_TOLERANCE_S)))
+    return ClipInfo(
+        path=str(path), container=container.format.name, duration_s=duration_s,
+        video_index=video.index, video_codec=video.codec_context.name,
+        width=video.codec_context.width, height=video.codec_context.height,
+        frame_rate=Fraction(frame_rate), n_frames=round(duration_s * frame_rate),
+        variable_frame_rate=abs(frame_rate / base_rate - 1) > VFR_TOLERANCE,
+        audio_index=None if audio is None else audio.index,
+        audio_codec=None if audio is None else audio.codec_context.name,
+        sample_rate=None if audio is None else audio.codec_context.sample_rate,
+        channels=None if audio is None else audio.codec_context.channels,
+        video_streams=len(container.streams.video), audio_streams=len(container.streams.audio),
+        seconds=seconds, start_s=start_s, indexing="ave" if ave else "wall-clock", segments=segments,
+    )
+
+
+def _duration_s(container, video) -> float:
+    """The container duration (what imageio's frame-count estimate used), else the video stream's."""
+    if container.duration:
+        return container.duration / av.time_base
+    if video.duration and video.time_base:
+        return float(video.duration * video.time_base)
+    return 0.0
+
+
+def _header_warnings(info: ClipInfo) -> list[str]:
+    warnings = []
+    end_s = info.start_s + info.seconds
+    if info.segments < info.seconds:
+        warnings.append(f"{info.path}: {info.duration_s - info.start_s:.2f} s from {info.start_s:g} s is shorter "
+                        f"than {info.seconds} s: segments {info.segments}..{info.seconds - 1} repeat the last frame "
+                        f"and are silent")
+    elif info.indexing == "wall-clock" and info.duration_s > end_s:
+        warnings.append(f"{info.path}: {info.duration_s:.2f} s is longer than the window: only "
+                        f"{info.start_s:g}-{end_s:g} s is used (decode other windows with start_s)")
+    if info.variable_frame_rate:
+        warnings.append(f"{info.path}: variable frame rate: frames are picked by index at the average "
+                        f"{info.fps:.3f} fps, so their times are approximate")
+    if info.video_streams > 1 or info.audio_streams > 1:
+        audio = "none" if info.audio_index is None else f"#{info.audio_index} ({info.audio_codec} {info.sample_rate} Hz)"
+        warnings.append(f"{info.path}: {info.video_streams} video and {info.audio_streams} audio streams: using video "
+                        f"#{info.video_index} ({info.video_codec} {info.width}x{info.height}) and audio {audio}")
+    return warnings
+
+
+def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warnings: list[str]) -> np.ndarray:
+    """Stream the video once; convert and resize only the sampled frames. Indices past the end reuse the last frame."""
+    stream = next(s for s in container.streams.video if s.index == info.video_index)
+    stream.thread_type = "AUTO"
+    positions: dict[int, list[tuple[int, int]]] = {}
+    for segment in range(info.segments):
+        for sample, index in enumerate(segment_frame_indices(info, segment, frames_per_second=frames_per_second)):
+            positions.setdefault(index, []).append((segment, sample))
+    wanted_max = max(positions)
+    out = np.zeros((info.seconds, frames_per_second, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
+    index, previous = _seek_index(container, stream, info), None
+    try:
+        for frame in container.decode(stream):
+            index = index + 1 if index is not None else _frame_index(frame, stream, info)
+            previous = frame
+            spots = positions.pop(index, [])
+            if spots:
+                image = _resize(frame)
+                for segment, sample in spots:
+                    out[segment, sample] = image
+            if not positions:
+                break
+    except av.error.FFmpegError as exc:
+        raise BmfnError(f"{path}: corrupt or truncated video ({_reason(exc)})") from None
+    if previous is None:
+        raise BmfnError(f"{path}: no video frame could be decoded (corrupt or truncated)")
+    if positions:
+        decoded_s = float((index + 1) / info.frame_rate)
+        if decoded_s < min(info.duration_s, info.start_s + info.segments) - TRUNCATION_TOLERANCE_S:
+            raise BmfnError(f"{path}: truncated or corrupt: video stops at {decoded_s:.2f} s of {info.duration_s:.2f} s")
+        warnings.append(f"{path}: frame {wanted_max} wanted but only {index + 1} frames decode: the last is repeated")
+        last = _resize(previous)
+        for spots in positions.values():
+            for segment, sample in spots:
+                out[segment, sample] = last
+    out[info.segments:] = out[info.segments - 1, -1]
+    return out
+
+
+def _seek_index(container, stream, info: ClipInfo) -> int | None:
+    """-1 when decoding from the start (frames are then counted); None after seeking to a window (indices from pts)."""
+    if info.start_s == 0:
+        return -1
+    target = int((Fraction(info.start_s) + (stream.start_time or 0) * stream.time_base) / stream.time_base)
+    container.seek(target, stream=stream, backward=True, any_frame=False)
+    return None
+
+
+def _frame_index(frame: av.VideoFrame, stream, info: ClipInfo) -> int:
+    """Frame index at the nominal rate from the presentation time, for decoding that started at a seek point."""
+    return round((frame.pts - (stream.start_time or 0)) * stream.time_base * info.frame_rate)
+
+
+def _resize(frame: av.VideoFrame) -> np.ndarray:
+    """features-reference.md 1.2: the uint8 RGB frame, OpenCV INTER_LINEAR to 224x224, no crop."""
+    return cv2.resize(frame.to_ndarray(format="rgb24"), (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_LINEAR)
+
+
+def _decode_audio(path, container, info: ClipInfo) -> np.ndarray:
+    """features-reference.md 2.1: native rate and layout quantised to s16, / 32768, channel mean, resampy to 16 kHz.
+
+    The window plus a margin is decoded and resampled, then cut to [start_s, start_s + seconds): for a clip about
+    `seconds` long from its start this is the whole clip, as for the released features.
+    """
+    stream = next(s for s in container.streams.audio if s.index == info.audio_index)
+    rate = info.sample_rate
+    begin_s = max(0.0, info.start_s - AUDIO_MARGIN_S)
+    end_s = info.start_s + info.seconds + AUDIO_MARGIN_S
+    stream_start = (stream.start_time or 0) * stream.time_base
+    # the video pass has moved the demuxer on: go back to the window's audio
+    container.seek(int((Fraction(begin_s) + stream_start) / stream.time_base), stream=stream, backward=True)
+    chunks, first_s, resampler = [], None, None
+    try:
+        for frame in container.decode(stream):
+            if resampler is None:
+                # format conversion only: native rate and layout, as ffmpeg writing a 16-bit wav would
+                resampler = av.AudioResampler(format="s16p", layout=frame.layout.name, rate=frame.sample_rate)
+                first_s = float(frame.pts * stream.time_base - stream_start) if frame.pts is not None else 0.0
+            chunks.extend(f.to_ndarray() for f in resampler.resample(frame))
+            if first_s + sum(c.shape[1] for c in chunks) / rate >= end_s:
+                break
+        if resampler is not None:
+            chunks.extend(f.to_ndarray() for f in resampler.resample(None))
+    except av.error.FFmpegError as exc:
+        raise BmfnError(f"{path}: corrupt or truncated audio ({_reason(exc)})") from None
+    if not chunks:
+        raise BmfnError(f"{path}: no audio could be decoded (corrupt or truncated)")
+    samples = np.concatenate(chunks, axis=1)
+    decoded_end_s = first_s + samples.shape[1] / rate
+    declared_s = float(stream.duration * stream.time_base) if stream.duration else info.duration_s
+    if decoded_end_s < min(declared_s, end_s) - TRUNCATION_TOLERANCE_S:
+        raise BmfnError(f"{path}: truncated or corrupt: audio stops at {decoded_end_s:.2f} s of {declared_s:.2f} s")
+    mono = (samples / INT16_SCALE).mean(axis=0)
+    if rate != SAMPLE_RATE:
+        mono = resampy.resample(mono, rate, SAMPLE_RATE, filter=RESAMPLE_FILTER)
+    offset = round((info.start_s - first_s) * SAMPLE_RATE)
+    window = np.zeros(info.seconds * SAMPLE_RATE, np.float32)
+    piece = mono[max(offset, 0):max(offset, 0) + window.size - max(-offset, 0)]
+    window[max(-offset, 0):max(-offset, 0) + piece.size] = piece
+    return window

