@@ -1,0 +1,205 @@
+"""Result writers: every format parses back to the result, intervals merge, subtitles use valid timestamps."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+
+from bmfn_pipeline.ave import BACKGROUND, CATEGORIES, NUM_CLASSES
+from bmfn_pipeline.decode import SAMPLE_RATE
+from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.writers import (
+    CSV_FIELDS,
+    FORMATS,
+    LocalizationResult,
+    SecondLabel,
+    class_colour,
+    format_timestamp,
+    get_writer,
+    merge_seconds,
+    plot_timeline,
+)
+
+BARK = CATEGORIES.index("Bark")
+FLUTE = CATEGORIES.index("Flute")
+
+
+def make_result(labels: list[int], path: str = "videos/clip one.mp4", seed: int = 0) -> LocalizationResult:
+    rng = np.random.default_rng(seed)
+    seconds = [SecondLabel(float(t), float(t + 1), label, float(rng.uniform(0.5, 1) if label != BACKGROUND
+                                                                 else rng.uniform(0, 0.5)), float(rng.uniform()))
+               for t, label in enumerate(labels)]
+    return LocalizationResult(path, float(len(labels)), seconds, warnings=["audio shorter than video"],
+                              model={"checkpoint": "run/best.pt", "setting": "supervised"})
+
+
+# 3 background seconds, Bark 3-8, background, Flute 9-10.
+LABELS = [BACKGROUND] * 3 + [BARK] * 5 + [BACKGROUND] + [FLUTE]
+
+
+def test_merge_seconds_groups_runs_with_mean_probabilities():
+    result = make_result(LABELS)
+    intervals = merge_seconds(result.seconds)
+    assert [(i.label, i.start_s, i.end_s) for i in intervals] == [
+        (BACKGROUND, 0, 3), (BARK, 3, 8), (BACKGROUND, 8, 9), (FLUTE, 9, 10)]
+    bark = intervals[1]
+    assert bark.event_prob == pytest.approx(np.mean([s.event_prob for s in result.seconds[3:8]]))
+    assert bark.class_prob == pytest.approx(np.mean([s.class_prob for s in result.seconds[3:8]]))
+    assert result.summary() == "Bark: 3.0-8.0 s; Flute: 9.0-10.0 s"
+
+
+def test_merge_does_not_join_seconds_with_a_gap():
+    seconds = [SecondLabel(0, 1, BARK, 0.9, 0.9), SecondLabel(2, 3, BARK, 0.9, 0.9)]
+    assert [(i.start_s, i.end_s) for i in merge_seconds(seconds)] == [(0, 1), (2, 3)]
+
+
+def test_summary_of_background_only_and_label_names():
+    result = make_result([BACKGROUND] * 4)
+    assert result.summary() == "background only"
+    assert result.seconds[0].name == "background"
+    assert SecondLabel(0, 1, BARK, 0.9, 0.8).name == "Bark"
+    with pytest.raises(ValueError):
+        SecondLabel(0, 1, 29, 0.9, 0.8).name
+
+
+@pytest.mark.parametrize("seconds, srt, vtt", [
+    (3, "00:00:03,000", "00:00:03.000"),
+    (3723.4567, "01:02:03,457", "01:02:03.457"),
+    (59.9996, "00:01:00,000", "00:01:00.000"),
+])
+def test_format_timestamp(seconds, srt, vtt):
+    assert format_timestamp(seconds, ",") == srt
+    assert format_timestamp(seconds, ".") == vtt
+
+
+def test_json_parses_back_to_the_same_result(tmp_path):
+    result = make_result(LABELS)
+    path = get_writer("json", tmp_path)(result)
+    assert path == tmp_path / "clip one.json"
+    data = json.loads(path.read_text())
+    assert LocalizationResult.from_dict(data) == result
+    assert data["summary"] == result.summary()
+    assert [(e["name"], e["start_s"], e["end_s"]) for e in data["events"]] == [("Bark", 3, 8), ("Flute", 9, 10)]
+
+
+def test_csv_has_header_and_one_row_per_second(tmp_path):
+    result = make_result(LABELS)
+    path = get_writer("csv", tmp_path / "new" / "dir")(result)
+    assert path.name == "clip one.csv"
+    with path.open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert tuple(rows[0].keys()) == CSV_FIELDS
+    assert len(rows) == len(result.seconds)
+    for row, second in zip(rows, result.seconds):
+        assert float(row["start_s"]) == second.start_s and float(row["end_s"]) == second.end_s
+        assert int(row["label"]) == second.label and row["name"] == second.name
+        assert float(row["event_prob"]) == pytest.approx(second.event_prob, abs=1e-3)
+        assert float(row["class_prob"]) == pytest.approx(second.class_prob, abs=1e-3)
+
+
+SRT_CUE = re.compile(r"(\d+)\n(\d\d):(\d\d):(\d\d),(\d{3}) --> (\d\d):(\d\d):(\d\d),(\d{3})\n(.+)")
+VTT_CUE = re.compile(r"(\d\d):(\d\d):(\d\d)\.(\d{3}) --> (\d\d):(\d\d):(\d\d)\.(\d{3})\n(.+)")
+
+
+def _seconds(h: str, m: str, s: str, ms: str) -> float:
+    return int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000
+
+
+def parse_srt(text: str) -> list[tuple[int, float, float, str]]:
+    blocks = [b for b in text.strip().split("\n\n") if b]
+    cues = []
+    for block in blocks:
+        match = SRT_CUE.fullmatch(block)
+        assert match, f"not an SRT cue: {block!r}"
+        g = match.groups()
+        cues.append((int(g[0]), _seconds(*g[1:5]), _seconds(*g[5:9]), g[9]))
+    return cues
+
+
+def parse_vtt(text: str) -> list[tuple[float, float, str]]:
+    header, *blocks = text.strip().split("\n\n")
+    assert header == "WEBVTT"
+    cues = []
+    for block in blocks:
+        match = VTT_CUE.fullmatch(block)
+        assert match, f"not a WebVTT cue: {block!r}"
+        g = match.groups()
+        cues.append((_seconds(*g[0:4]), _seconds(*g[4:8]), g[8]))
+    return cues
+
+
+def test_srt_and_vtt_have_one_cue_per_event_interval(tmp_path):
+    # A long video: the events past the hour mark need the hours field.
+    labels = LABELS + [BACKGROUND] * 3600 + [BARK] * 2
+    result = make_result(labels)
+    expected = [(3, 8, "Bark"), (9, 10, "Flute"), (3610, 3612, "Bark")]
+    srt = parse_srt(get_writer("srt", tmp_path)(result).read_text())
+    vtt = parse_vtt(get_writer("vtt", tmp_path)(result).read_text())
+    assert [number for number, *_ in srt] == [1, 2, 3]
+    for cues in ([c[1:] for c in srt], vtt):
+        assert [(start, end, text.split(" (")[0]) for start, end, text in cues] == expected
+    bark = result.events()[0]
+    assert vtt[0][2] == f"Bark (event {bark.event_prob:.3f}, class {bark.class_prob:.3f})"
+
+
+def test_subtitles_of_background_only_video_are_empty_but_valid(tmp_path):
+    result = make_result([BACKGROUND] * 5)
+    assert parse_srt(get_writer("srt", tmp_path)(result).read_text()) == []
+    assert parse_vtt(get_writer("vtt", tmp_path)(result).read_text()) == []
+
+
+def test_table_has_a_row_per_second_and_the_summary(tmp_path, capsys):
+    result = make_result(LABELS)
+    assert get_writer("table", None)(result) is None
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if re.match(r"\s*\d+\.\d\s", line)]
+    assert [(float(r[0]), float(r[1]), r[2]) for r in rows] == [
+        (s.start_s, s.end_s, s.name) for s in result.seconds]
+    assert lines[-1] == "summary: Bark: 3.0-8.0 s; Flute: 9.0-10.0 s"
+    assert "# warning: audio shorter than video" in lines
+    assert get_writer("table", tmp_path)(result).read_text() == "\n".join(lines) + "\n"
+
+
+def test_every_format_has_its_own_extension(tmp_path):
+    result = make_result(LABELS)
+    paths = {get_writer(fmt, tmp_path)(result) for fmt in FORMATS}
+    assert {p.suffix for p in paths} == {".txt", ".json", ".csv", ".srt", ".vtt"}
+
+
+def test_unknown_format_and_unwritable_directory(tmp_path):
+    with pytest.raises(BmfnError, match="unknown output format 'xml'"):
+        get_writer("xml", tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(BmfnError, match="cannot write"):
+        get_writer("json", blocker)(make_result(LABELS))
+
+
+@pytest.mark.parametrize("with_frames, with_audio", [(True, True), (False, False)])
+def test_timeline_png(tmp_path, with_frames, with_audio):
+    import matplotlib.image
+
+    result = make_result(LABELS)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (10, 224, 224, 3), dtype=np.uint8) if with_frames else None
+    audio = rng.standard_normal(10 * SAMPLE_RATE).astype(np.float32) * 0.1 if with_audio else None
+    path = plot_timeline(result, frames, audio, tmp_path / "plots" / "clip.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(path)
+    height, width = image.shape[:2]
+    assert 300 <= width <= 5000 and 150 <= height <= 2000
+    assert image.std() > 0.05  # something was drawn
+    if with_frames:  # the extra panels make the figure taller
+        bare = matplotlib.image.imread(plot_timeline(result, None, None, tmp_path / "bare.png"))
+        assert height > bare.shape[0]
+
+
+def test_class_colours_are_distinct_and_none_is_grey():
+    colours = [class_colour(label)[:3] for label in range(NUM_CLASSES)]
+    assert len(set(colours)) == NUM_CLASSES
+    for rgb in colours[:BACKGROUND]:
+        assert max(rgb) - min(rgb) > 0.05, f"class colour {rgb} is a grey"
