@@ -1,0 +1,184 @@
+"""The pretrained weight files bmfn knows: where they come from, how to check them, where they are cached.
+
+No weights ship with bmfn (features-reference.md section 4: no PyPI package carries them), so every
+extractor resolves its file here: a local file given by option, else the cache, else a download that is
+checksummed before it becomes visible in the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bmfn_pipeline.errors import BmfnError
+
+# Read files in 1 MiB pieces when hashing and downloading.
+CHUNK_BYTES = 1 << 20
+# Seconds before a stalled connection counts as offline.
+DOWNLOAD_TIMEOUT_S = 30
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One published weight file.
+
+    checksum is 'md5:<hex>' or 'sha256:<hex or hex prefix>'; a prefix is what torch.hub file names carry
+    (name-<first hex digits of the SHA-256>.pth).
+    """
+
+    name: str
+    url: str
+    filename: str
+    checksum: str
+    preprocessing: str
+    description: str
+    option: str
+    """The CLI option that gives a local copy instead."""
+
+
+WEIGHTS: dict[str, WeightFile] = {
+    "vgg19-keras": WeightFile(
+        name="vgg19-keras",
+        url="https://github.com/fchollet/deep-learning-models/releases/download/v0.1/"
+        "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        filename="vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        # md5 that keras-applications checks for this file (keras_applications/vgg19.py, file_hash of
+        # WEIGHTS_PATH_NO_TOP); 80,134,624 bytes (features-reference.md 1.5).
+        checksum="md5:253f8cb515780f3b799900260a226db6",
+        preprocessing="caffe",
+        description="Keras ImageNet VGG-19 (Oxford weights), no top: the extractor of the released AVE features",
+        option="--vgg19-weights",
+    ),
+    "vgg19-torchvision": WeightFile(
+        name="vgg19-torchvision",
+        url="https://download.pytorch.org/models/vgg19-dcbb9e9d.pth",
+        filename="vgg19-dcbb9e9d.pth",
+        # torch.hub name convention: the SHA-256 prefix torchvision checks on download.
+        checksum="sha256:dcbb9e9d",
+        preprocessing="torchvision",
+        description="torchvision VGG19_Weights.IMAGENET1K_V1: a different feature space from AVE's",
+        option="--vgg19-weights",
+    ),
+    "vggish": WeightFile(
+        name="vggish",
+        url="https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish-10086976.pth",
+        filename="vggish-10086976.pth",
+        # torch.hub name convention: SHA-256 prefix (features-reference.md 2.7).
+        checksum="sha256:10086976",
+        preprocessing="vggish-log-mel",
+        description="torchvggish v0.1 port of the TF VGGish checkpoint (post-ReLU embedding)",
+        option="--vggish-weights",
+    ),
+    "vggish-pca": WeightFile(
+        name="vggish-pca",
+        url="https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish_pca_params-970ea276.pth",
+        filename="vggish_pca_params-970ea276.pth",
+        # torch.hub name convention: SHA-256 prefix (features-reference.md 2.7).
+        checksum="sha256:970ea276",
+        preprocessing="vggish-log-mel",
+        description="AudioSet PCA and whitening parameters for VGGish embeddings (not used for AVE)",
+        option="--vggish-weights",
+    ),
+}
+
+_CHECKSUM = re.compile(r"^(md5|sha256):([0-9a-f]+)$")
+
+
+def cache_dir() -> Path:
+    """$BMFN_CACHE, else $TORCH_HOME/bmfn, else ~/.cache/torch/bmfn (torch.hub's default TORCH_HOME)."""
+    if os.environ.get("BMFN_CACHE"):
+        return Path(os.environ["BMFN_CACHE"]).expanduser()
+    torch_home = os.environ.get("TORCH_HOME") or Path("~/.cache/torch")
+    return Path(torch_home).expanduser() / "bmfn"
+
+
+def file_checksum(path: str | os.PathLike, algo: str) -> str:
+    """The full hex digest of a file with hashlib's `algo` ('md5' or 'sha256')."""
+    digest = hashlib.new(algo)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verify(entry: WeightFile, path: Path, origin: str) -> None:
+    """Raise BmfnError unless `path` has the registered checksum; `origin` (a path or URL) leads the message."""
+    algo, expected = _CHECKSUM.match(entry.checksum).groups()
+    actual = file_checksum(path, algo)
+    if not actual.startswith(expected):
+        raise BmfnError(
+            f"{origin}: {algo} {actual} does not match {entry.checksum} of {entry.filename}; "
+            f"wrong or damaged {entry.name} weights file"
+        )
+
+
+def _download(entry: WeightFile, target: Path) -> None:
+    """Fetch entry.url into a temporary file beside `target`, verify it, then rename it into place atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(entry.url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=entry.filename) as bar:
+                while chunk := response.read(CHUNK_BYTES):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        _verify(entry, tmp, entry.url)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def weight_path(name: str, local_path: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """The verified file for weights `name`: `local_path` if given, else the cached copy, else a fresh download.
+
+    Every file is checksummed before use, a cached one too (it may have been put there by hand); a download
+    only reaches the cache once verified. Offline or failed downloads raise one BmfnError line naming the URL,
+    the cache path and the option.
+    """
+    if name not in WEIGHTS:
+        raise BmfnError(f"unknown weights {name!r}; known: {', '.join(WEIGHTS)}")
+    entry = WEIGHTS[name]
+    if local_path is not None:
+        path = Path(local_path).expanduser()
+        if not path.is_file():
+            raise BmfnError(f"{path}: no such {entry.name} weights file (given with {entry.option})")
+        _verify(entry, path, str(path))
+        return path
+    cached = cache_dir() / entry.filename
+    if cached.is_file():
+        _verify(entry, cached, str(cached))
+        return cached
+    remedy = f"download it to {cached} or give a local copy with {entry.option} PATH"
+    if not download:
+        raise BmfnError(f"{entry.name} weights not cached at {cached} and downloads are off; {remedy} ({entry.url})")
+    try:
+        _download(entry, cached)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise BmfnError(f"cannot download {entry.url} ({reason}); {remedy}") from exc
+    return cached
+
+
+def weights_provenance(name: str, path: str | os.PathLike) -> dict[str, str]:
+    """What to record about a verified weights file: registry name, file name and the checksum it matched."""
+    return {"weights": name, "file": Path(path).name, "checksum": WEIGHTS[name].checksum}
+
+
+def random_provenance(seed: int) -> str:
+    """The checksum stand-in recorded for seeded random weights (tests and demos only)."""
+    return f"random:{seed}"
+
+
+def random_weights_provenance(seed: int) -> dict[str, str]:
+    """weights_provenance's record for seeded random weights: no name, no file, 'random:<seed>'."""
+    return {"weights": "random", "file": "", "checksum": random_provenance(seed)}

@@ -1,0 +1,150 @@
+"""The weights registry: cache location, checksums, local files, downloads (file:// URLs) and offline errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from pathlib import Path
+
+import pytest
+
+from bmfn_pipeline.errors import BmfnError
+from extractors import weights
+from extractors.weights import (
+    WEIGHTS,
+    cache_dir,
+    file_checksum,
+    random_provenance,
+    random_weights_provenance,
+    weight_path,
+    weights_provenance,
+)
+
+CONTENT = b"not really weights, but bytes with a known digest\n" * 1000
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    directory = tmp_path / "cache"
+    monkeypatch.setenv("BMFN_CACHE", str(directory))
+    return directory
+
+
+def _fake_entry(monkeypatch: pytest.MonkeyPatch, name: str, url: str, checksum: str) -> weights.WeightFile:
+    """Point registry entry `name` at a test URL and checksum for the duration of one test."""
+    entry = dataclasses.replace(WEIGHTS[name], url=url, checksum=checksum)
+    monkeypatch.setitem(WEIGHTS, name, entry)
+    return entry
+
+
+def _served(tmp_path: Path, content: bytes = CONTENT) -> Path:
+    source = tmp_path / "server" / "file.bin"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_bytes(content)
+    return source
+
+
+def test_registry_names_and_checksums():
+    assert set(WEIGHTS) == {"vgg19-keras", "vgg19-torchvision", "vggish", "vggish-pca"}
+    for name, entry in WEIGHTS.items():
+        assert entry.name == name
+        assert entry.url.endswith("/" + entry.filename)
+        assert re.fullmatch(r"(md5:[0-9a-f]{32}|sha256:[0-9a-f]{8,64})", entry.checksum), entry.checksum
+        # torch.hub names carry a SHA-256 prefix after the last dash: the registry must check exactly that.
+        hub = re.search(r"-([0-9a-f]{8,})\.pth$", entry.filename)
+        if hub:
+            assert entry.checksum == f"sha256:{hub.group(1)}"
+    assert WEIGHTS["vgg19-keras"].filename == "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    assert WEIGHTS["vgg19-keras"].preprocessing == "caffe"
+    assert WEIGHTS["vgg19-torchvision"].preprocessing == "torchvision"
+    assert {WEIGHTS[n].option for n in ("vgg19-keras", "vgg19-torchvision")} == {"--vgg19-weights"}
+    assert {WEIGHTS[n].option for n in ("vggish", "vggish-pca")} == {"--vggish-weights"}
+
+
+def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("BMFN_CACHE", raising=False)
+    monkeypatch.delenv("TORCH_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "torch" / "bmfn"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert cache_dir() == tmp_path / "torch" / "bmfn"
+    monkeypatch.setenv("BMFN_CACHE", str(tmp_path / "bmfn"))
+    assert cache_dir() == tmp_path / "bmfn"
+
+
+def test_file_checksum_known_digests(tmp_path: Path):
+    path = tmp_path / "abc"
+    path.write_bytes(b"abc")
+    assert file_checksum(path, "md5") == "900150983cd24fb0d6963f7d28e17f72"
+    assert file_checksum(path, "sha256") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_local_file_is_verified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path):
+    local = _served(tmp_path)
+    _fake_entry(monkeypatch, "vggish", "file:///nowhere", "sha256:" + hashlib.sha256(CONTENT).hexdigest()[:8])
+    assert weight_path("vggish", local) == local
+    assert not cache.exists(), "a local file must be used in place, not copied or downloaded"
+
+    _fake_entry(monkeypatch, "vggish", "file:///nowhere", "md5:" + hashlib.md5(b"other").hexdigest())
+    with pytest.raises(BmfnError, match=re.escape(str(local))) as err:
+        weight_path("vggish", local)
+    assert "md5" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_local_file_names_it_and_the_option(tmp_path: Path):
+    missing = tmp_path / "vgg19.h5"
+    with pytest.raises(BmfnError, match=re.escape(str(missing))) as err:
+        weight_path("vgg19-keras", missing)
+    assert "--vgg19-weights" in str(err.value)
+
+
+def test_download_verifies_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path):
+    source = _served(tmp_path)
+    entry = _fake_entry(monkeypatch, "vggish-pca", source.as_uri(), "sha256:" + hashlib.sha256(CONTENT).hexdigest())
+    path = weight_path("vggish-pca")
+    assert path == cache / entry.filename
+    assert path.read_bytes() == CONTENT
+    assert sorted(p.name for p in cache.iterdir()) == [entry.filename], "no partial download may be left behind"
+
+    source.unlink()  # a second call must use the cache, not the network
+    assert weight_path("vggish-pca") == path
+
+    path.write_bytes(b"damaged")  # a cached file is checked too: it may have been put there by hand
+    with pytest.raises(BmfnError, match=re.escape(str(path))):
+        weight_path("vggish-pca")
+
+
+def test_download_with_wrong_checksum_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path):
+    source = _served(tmp_path)
+    _fake_entry(monkeypatch, "vgg19-torchvision", source.as_uri(), "sha256:00000000")
+    with pytest.raises(BmfnError, match=re.escape(source.as_uri())):
+        weight_path("vgg19-torchvision")
+    assert not any(cache.iterdir()), "a file that failed its checksum must not reach the cache"
+
+
+def test_offline_error_names_url_cache_and_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path):
+    url = (tmp_path / "unreachable.h5").as_uri()
+    entry = _fake_entry(monkeypatch, "vgg19-keras", url, WEIGHTS["vgg19-keras"].checksum)
+    for download in (True, False):
+        with pytest.raises(BmfnError) as err:
+            weight_path("vgg19-keras", download=download)
+        message = str(err.value)
+        assert url in message and str(cache / entry.filename) in message and "--vgg19-weights" in message
+        assert "\n" not in message
+
+
+def test_unknown_name():
+    with pytest.raises(BmfnError, match="vgg16"):
+        weight_path("vgg16")
+
+
+def test_provenance_records(tmp_path: Path):
+    record = weights_provenance("vgg19-keras", tmp_path / WEIGHTS["vgg19-keras"].filename)
+    assert record == {
+        "weights": "vgg19-keras",
+        "file": "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "checksum": WEIGHTS["vgg19-keras"].checksum,
+    }
+    assert random_provenance(7) == "random:7"
+    assert random_weights_provenance(7) == {"weights": "random", "file": "", "checksum": "random:7"}
