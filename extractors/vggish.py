@@ -19,7 +19,7 @@ from torch import nn
 
 from bmfn_pipeline.ave import SEGMENTS
 from bmfn_pipeline.errors import BmfnError
-from extractors.weights import random_provenance, weight_path, weights_provenance
+from extractors.weights import random_weights_provenance, weight_path, weights_provenance
 
 # --- front-end constants: vggish_params.py (features-reference.md §2.2) ---
 SAMPLE_RATE = 16000  # Hz, VGGish's input rate
@@ -350,7 +350,7 @@ def load_audio_extractor(
         raise BmfnError(f"{weights}: give VGGish weights or a random seed, not both")
     if random_seed is not None:
         model = random_vggish(random_seed)
-        provenance: dict = {"weights": "random", "file": "", "checksum": random_provenance(random_seed)}
+        provenance: dict = random_weights_provenance(random_seed)
     else:
         path = weight_path("vggish", weights)
         model = vggish_from_file(path)

@@ -1,0 +1,383 @@
+"""Training data: the AVE release or a bmfn feature store, as labelled clips with train/val/test splits.
+
+Memory: the released `visual_feature.h5` is 7.7 GiB of float64. It is converted once, in slices, to a
+float16 `.npy` cache (4143 x 10 x 7 x 7 x 512 x 2 B = 2.1 GB, plus 0.09 GB for the 178 noisy clips) that
+is memory-mapped, so a full AVE run needs about 2.1 GB of page cache, not 7.7 GiB of RAM; audio and
+labels are small (float32, 21 MB). A bmfn `feats.h5` store is read into memory in its stored dtype
+(float16: the same 2.1 GB for AVE-sized data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bmfn_pipeline import ave
+from bmfn_pipeline.ave import SPLITS
+from bmfn_pipeline.errors import BmfnError
+
+# File names and HDF5 key of the AVE release (bmfn-reference.md section 9).
+AVE_KEY = "avadataset"
+VISUAL_FILE = "visual_feature.h5"
+AUDIO_FILE = "audio_feature.h5"
+LABELS_FILE = "labels.h5"
+VIDEO_LABELS_FILE = "mil_labels.h5"
+ANNOTATIONS_FILE = "Annotations.txt"
+NOISY_VISUAL_FILE = "visual_feature_noisy.h5"
+NOISY_AUDIO_FILE = "audio_feature_noisy.h5"
+NOISY_LABELS_FILE = "labels_noisy.h5"
+SPLIT_FILES = ("train_order.h5", "trainSet.txt")  # either form makes ave.load_splits apply
+STORE_FILE = "feats.h5"  # what `bmfn extract --out feats.h5` writes and a plain `bmfn train` looks for
+
+# Split used when the data carries none: 80/10/10 by a hash of the video id (issue 4).
+HASH_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+# float16 holds pool5 maps (non-negative, far below 65504) to ~3 significant digits at a quarter of float64's size.
+CACHE_DTYPE = np.float16
+# 16 frames averaged per segment in the released features (features-reference.md 1.1; decode.FRAMES_PER_SEGMENT,
+# not imported so that training needs no video decoder installed).
+AVE_FRAMES_PER_SEGMENT = 16
+CONVERT_ROWS = 32  # rows per slice when converting the float64 visual file: 32 x 2 MB of float64 in memory at once
+
+
+
+@dataclass
+class ClipArrays:
+    """Per-clip arrays, row-aligned: visual [N,10,7,7,512], audio [N,10,128], labels [N,10,29], video labels [N,29]."""
+
+    visual: np.ndarray | torch.Tensor
+    audio: np.ndarray | torch.Tensor
+    labels: np.ndarray | torch.Tensor
+    video_labels: np.ndarray | torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.audio)
+
+    def to(self, device: torch.device) -> "ClipArrays":
+        """All arrays as tensors on `device` (visual stays in its compact dtype until a batch is taken)."""
+        return ClipArrays(*(torch.from_numpy(np.array(a)).to(device) if isinstance(a, np.ndarray) else a.to(device)
+                            for a in (self.visual, self.audio, self.labels, self.video_labels)))
+
+    def take(self, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        """The rows as float32 tensors on `device`; rows are read in sorted order (memory-mapped files read faster)."""
+        rows = np.sort(rows)
+        out = {}
+        for name in ("visual", "audio", "labels", "video_labels"):
+            array = getattr(self, name)
+            if isinstance(array, torch.Tensor):
+                part = array[torch.as_tensor(rows, device=array.device)]
+            else:
+                part = torch.from_numpy(np.ascontiguousarray(array[rows]))
+            out[name] = part.to(device=device, dtype=torch.float32, non_blocking=True)
+        return out
+
+
+@dataclass
+class FeatureData:
+    """Everything training and evaluation need from one data source."""
+
+    clips: ClipArrays
+    clip_ids: list[str]
+    splits: dict[str, np.ndarray]  # 'train', 'val', 'test' -> row indices into clips
+    split_rule: str  # where the splits came from, said in the output and recorded in the run
+    provenance: dict  # how the features were made (compared against a checkpoint's)
+    source: dict  # how to load the same data again: kind, path, annotations, splits (recorded in checkpoints)
+    noisy: ClipArrays | None = None  # the 178 background-only clips that join the weak training set
+    notes: list[str] = field(default_factory=list)  # things the user should hear about (skipped clips, ...)
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{name} {len(self.splits[name])}" for name in SPLITS)
+        noisy = f" + {len(self.noisy)} background clips for weak training" if self.noisy is not None else ""
+        return f"{self.source['kind']} {self.source['path']}: {len(self.clip_ids)} clips ({sizes}; {self.split_rule}){noisy}"
+
+    def to(self, device: torch.device) -> "FeatureData":
+        """A copy whose arrays live on `device` (used on GPUs, where AVE fits: 2.1 GB in float16)."""
+        noisy = self.noisy.to(device) if self.noisy is not None else None
+        return FeatureData(self.clips.to(device), self.clip_ids, self.splits, self.split_rule, self.provenance,
+                           self.source, noisy, self.notes)
+
+
+def load_data(*, ave_dir: str | Path | None = None, features: str | Path | None = None,
+              annotations: str | Path | None = None, splits: str | Path | None = None,
+              include_noisy: bool = True, cache_dir: str | Path | None = None) -> FeatureData:
+    """Load either the AVE release directory or a bmfn feature store (exactly one of `ave_dir`, `features`)."""
+    if (ave_dir is None) == (features is None):
+        raise BmfnError("give exactly one data source: --ave-dir DIR (the AVE release) or --features feats.h5")
+    if ave_dir is not None:
+        return load_ave_dir(ave_dir, annotations=annotations, splits=splits, include_noisy=include_noisy,
+                            cache_dir=cache_dir)
+    return load_store(features, annotations=annotations, splits=splits)
+
+
+def find_default_data(directory: str | Path = ".") -> dict[str, Path]:
+    """What a plain `bmfn train` uses: `feats.h5` in the folder, else the AVE release files in it."""
+    directory = Path(directory)
+    if (directory / STORE_FILE).is_file():
+        return {"features": directory / STORE_FILE}
+    if (directory / VISUAL_FILE).is_file() and (directory / AUDIO_FILE).is_file():
+        return {"ave_dir": directory}
+    raise BmfnError(f"{directory.resolve()}: no {STORE_FILE} and no {VISUAL_FILE}/{AUDIO_FILE} here; "
+                    "give --features feats.h5 or --ave-dir DIR")
+
+
+# ---------------------------------------------------------------------------------------------- AVE release
+
+
+def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None, splits: str | Path | None = None,
+                 include_noisy: bool = True, cache_dir: str | Path | None = None) -> FeatureData:
+    """The AVE release: features (float64 accepted), labels.h5 or Annotations.txt, order files, noisy clips."""
+    directory = Path(directory)
+    visual_path, audio_path = directory / VISUAL_FILE, directory / AUDIO_FILE
+    for path in (visual_path, audio_path):
+        if not path.is_file():
+            raise BmfnError(f"{path}: missing; an AVE directory holds {VISUAL_FILE} and {AUDIO_FILE}")
+    audio = _read_h5(audio_path, AVE_KEY).astype(np.float32)
+    n = len(audio)
+    visual = compact_visual(visual_path, cache_dir)
+    if len(visual) != n:
+        raise BmfnError(f"{visual_path}: {len(visual)} rows but {audio_path.name} has {n}")
+
+    annotations = Path(annotations) if annotations else directory / ANNOTATIONS_FILE
+    rows = ave.read_annotations(annotations) if annotations.is_file() else None
+    if rows is not None and len(rows) != n:
+        raise BmfnError(f"{annotations}: {len(rows)} rows but the features have {n}; row i must be line i")
+    if (directory / LABELS_FILE).is_file():
+        labels = _read_h5(directory / LABELS_FILE, AVE_KEY).astype(np.float32)
+    elif rows is not None:
+        labels = ave.segment_labels(rows)
+    else:
+        raise BmfnError(f"{directory}: neither {LABELS_FILE} nor {ANNOTATIONS_FILE}; one of them gives the labels")
+    if labels.shape != (n, ave.SEGMENTS, ave.NUM_CLASSES):
+        raise BmfnError(f"{directory / LABELS_FILE}: shape {labels.shape}, expected ({n}, {ave.SEGMENTS}, {ave.NUM_CLASSES})")
+    if (directory / VIDEO_LABELS_FILE).is_file():
+        video_labels = _read_h5(directory / VIDEO_LABELS_FILE, AVE_KEY).astype(np.float32)
+    elif rows is not None:
+        video_labels = ave.video_labels(rows)
+    else:
+        video_labels = video_labels_from_segments(labels)
+    clip_ids = [row.video_id for row in rows] if rows is not None else [f"row-{i}" for i in range(n)]
+
+    split_dir = Path(splits) if splits else directory
+    if any((split_dir / name).is_file() for name in SPLIT_FILES):
+        split_rows = ave.load_splits(split_dir, n_rows=n, annotations=rows)
+        split_rule = f"splits from {split_dir}"
+    else:
+        split_rows = hash_split(clip_ids)
+        split_rule = "no split files: deterministic 80/10/10 split by video id hash"
+
+    noisy = None
+    if include_noisy and (directory / NOISY_VISUAL_FILE).is_file() and (directory / NOISY_AUDIO_FILE).is_file():
+        noisy_audio = _read_h5(directory / NOISY_AUDIO_FILE, AVE_KEY).astype(np.float32)
+        noisy_video = np.zeros((len(noisy_audio), ave.NUM_CLASSES), np.float32)
+        noisy_video[:, ave.BACKGROUND] = 1  # labels_noisy.h5 is all background (bmfn-reference.md section 9)
+        noisy_labels = np.zeros((len(noisy_audio), ave.SEGMENTS, ave.NUM_CLASSES), np.float32)
+        noisy_labels[..., ave.BACKGROUND] = 1
+        noisy = ClipArrays(compact_visual(directory / NOISY_VISUAL_FILE, cache_dir), noisy_audio, noisy_labels,
+                           noisy_video)
+    source = {"kind": "ave-dir", "path": str(directory.resolve()),
+              "annotations": str(annotations.resolve()) if rows is not None else None,
+              "splits": str(split_dir.resolve()) if splits else None}
+    return FeatureData(ClipArrays(visual, audio, labels, video_labels), clip_ids,
+                       split_rows, split_rule, ave_release_provenance(), source, noisy)
+
+
+def ave_release_provenance() -> dict:
+    """What the released features were made with (features-reference.md section 0), in a store's provenance words."""
+    from extractors.weights import WEIGHTS
+
+    visual, audio = WEIGHTS["vgg19-keras"], WEIGHTS["vggish"]
+    return {"source": "ave-release",
+            "visual": {"source": "ave", "weights": visual.name, "checksum": visual.checksum,
+                       "preprocessing": visual.preprocessing},
+            "audio": {"weights": audio.name, "checksum": audio.checksum, "alignment": "ave", "pca": False},
+            "frames_per_second": AVE_FRAMES_PER_SEGMENT, "seconds": ave.SEGMENTS, "alignment": "ave"}
+
+
+def compact_visual(path: Path, cache_dir: str | Path | None = None) -> np.ndarray:
+    """A read-only float16 memory map of an `avadataset` visual file, converted once and reused.
+
+    float32/float16 files small enough are read directly; float64 files are streamed slice by slice into
+    `<name>.f16.npy` beside the file, or in the bmfn cache directory when that folder is read-only.
+    """
+    with h5py.File(path, "r") as f:
+        dataset = _dataset(f, path, AVE_KEY)
+        stamp = {"source": str(path.resolve()), "size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns,
+                 "shape": list(dataset.shape)}
+        cache = _cache_file(path, stamp, cache_dir)
+        meta = cache.with_suffix(".json")
+        if cache.is_file() and meta.is_file() and json.loads(meta.read_text()) == stamp:
+            return np.load(cache, mmap_mode="r")
+        tmp = cache.with_name(cache.name + ".tmp")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=CACHE_DTYPE, shape=dataset.shape)
+        for start in tqdm(range(0, dataset.shape[0], CONVERT_ROWS), desc=f"{path.name} -> float16 cache (once)",
+                          unit="slice", leave=False):
+            block = dataset[start:start + CONVERT_ROWS]
+            with np.errstate(over="ignore"):
+                converted = block.astype(CACHE_DTYPE)
+            if not np.isfinite(converted).all() and np.isfinite(block).all():
+                raise BmfnError(f"{path}: values beyond float16's range (max {np.abs(block).max():.4g}) in rows {start}+")
+            out[start:start + len(block)] = converted
+        out.flush()
+        del out
+    os.replace(tmp, cache)
+    meta.write_text(json.dumps(stamp))
+    return np.load(cache, mmap_mode="r")
+
+
+def _cache_file(path: Path, stamp: dict, cache_dir: str | Path | None) -> Path:
+    """Beside the source when its folder is writable, else under the bmfn cache directory (keyed by path and date)."""
+    if cache_dir is None and os.access(path.parent, os.W_OK):
+        return path.with_name(path.stem + ".f16.npy")
+    if cache_dir is None:
+        from extractors.weights import cache_dir as bmfn_cache_dir
+
+        cache_dir = bmfn_cache_dir() / "features"
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha1(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir / f"{path.stem}-{key}.f16.npy"
+
+
+# ---------------------------------------------------------------------------------------------- bmfn store
+
+
+def load_store(path: str | Path, *, annotations: str | Path | None = None,
+               splits: str | Path | None = None) -> FeatureData:
+    """A `bmfn extract` store; labels and splits stored in it, or (re)made from `annotations` and `splits`."""
+    from bmfn_pipeline import store
+
+    path = Path(path)
+    if not path.is_file():
+        raise BmfnError(f"{path}: no such feature store (make one with `bmfn extract VIDEOS --out {path.name}`)")
+    arrays = store.load_arrays(path)
+    provenance = read_provenance(path)
+    clip_ids = [_text(c) for c in arrays["clip_ids"]]
+    labels, stored_split = arrays["labels"], arrays["split"]
+    notes: list[str] = []
+
+    if annotations is not None:
+        labels, video_labels, known = _labels_by_id(clip_ids, ave.read_annotations(annotations))
+        if not known.all():
+            notes.append(f"{(~known).sum()} clips have no row in {annotations} and are left out")
+    elif not np.asarray(arrays["has_label"]).any():
+        raise BmfnError(f"{path}: no labels stored; give --annotations Annotations.txt "
+                        "(or extract with `bmfn extract ... --annotations`)")
+    else:
+        labels = np.asarray(labels, np.float32)
+        known = np.asarray(arrays["has_label"], bool)
+        video_labels = video_labels_from_segments(labels)
+        if not known.all():
+            notes.append(f"{(~known).sum()} clips have no labels in {path.name} and are left out")
+
+    if splits is not None:
+        if annotations is None:
+            raise BmfnError(f"{splits}: --splits needs --annotations (split files index annotation rows)")
+        rows = ave.read_annotations(annotations)
+        row_splits = ave.load_splits(splits, n_rows=len(rows), annotations=rows)
+        split_of = {rows[i].video_id: name for name in SPLITS for i in row_splits[name]}
+        names = np.array([split_of.get(c, "") for c in clip_ids])
+        split_rule = f"splits from {splits}"
+    elif any(_text(s) in SPLITS for s in stored_split):
+        names = np.array([_text(s) for s in stored_split])
+        split_rule = f"splits stored in {path.name}"
+    else:
+        names = np.full(len(clip_ids), "", dtype=object)
+        for name, idx in hash_split(clip_ids).items():
+            names[idx] = name
+        split_rule = "no split information: deterministic 80/10/10 split by video id hash"
+    split_rows = {name: np.flatnonzero((names == name) & known).astype(np.int64) for name in SPLITS}
+    source = {"kind": "features", "path": str(path.resolve()),
+              "annotations": str(Path(annotations).resolve()) if annotations else None,
+              "splits": str(Path(splits).resolve()) if splits else None}
+    clips = ClipArrays(np.asarray(arrays["visual"]), np.asarray(arrays["audio"], np.float32), labels, video_labels)
+    return FeatureData(clips, clip_ids, split_rows, split_rule, provenance, source, None, notes)
+
+
+def read_provenance(path: str | Path) -> dict:
+    """The store's provenance (root attribute `provenance`, JSON), {} when absent."""
+    with h5py.File(path, "r") as f:
+        raw = f.attrs.get("provenance")
+    return json.loads(_text(raw)) if raw is not None else {}
+
+
+def _labels_by_id(clip_ids: list[str], rows: list[ave.AnnotationRow]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Segment and video labels per clip id; an id on several rows gets the union of its events."""
+    segments, videos = ave.segment_labels(rows), ave.video_labels(rows)
+    index = ave.video_id_rows(rows)
+    labels = np.zeros((len(clip_ids), ave.SEGMENTS, ave.NUM_CLASSES), np.float32)
+    video_labels = np.zeros((len(clip_ids), ave.NUM_CLASSES), np.float32)
+    known = np.zeros(len(clip_ids), bool)
+    for i, clip in enumerate(clip_ids):
+        hits = index.get(clip)
+        if not hits:
+            continue
+        known[i] = True
+        foreground = segments[hits, :, :ave.BACKGROUND].max(axis=0)
+        labels[i, :, :ave.BACKGROUND] = foreground
+        labels[i, :, ave.BACKGROUND] = 1 - foreground.max(axis=1)
+        video_labels[i] = videos[hits].max(axis=0)
+    return labels, video_labels, known
+
+
+# ---------------------------------------------------------------------------------------------- shared helpers
+
+
+def video_labels_from_segments(labels: np.ndarray) -> np.ndarray:
+    """Video one-hot [N,29] from segment labels: the foreground classes present, background only if none."""
+    video = np.zeros((len(labels), ave.NUM_CLASSES), np.float32)
+    video[:, :ave.BACKGROUND] = labels[:, :, :ave.BACKGROUND].max(axis=1)
+    video[:, ave.BACKGROUND] = video[:, :ave.BACKGROUND].max(axis=1) == 0
+    return video
+
+
+def hash_split(clip_ids: list[str]) -> dict[str, np.ndarray]:
+    """Deterministic 80/10/10 split: unique ids ordered by SHA-1, cut at 80 % and 90 % (rows of one id stay together)."""
+    unique = sorted(set(clip_ids), key=lambda c: (hashlib.sha1(c.encode()).hexdigest(), c))
+    n = len(unique)
+    n_val = max(1, round(n * HASH_SPLIT_FRACTIONS[1])) if n >= 3 else 0
+    n_test = max(1, round(n * HASH_SPLIT_FRACTIONS[2])) if n >= 3 else 0
+    cut = {c: ("train" if i < n - n_val - n_test else "val" if i < n - n_test else "test")
+           for i, c in enumerate(unique)}
+    names = np.array([cut[c] for c in clip_ids])
+    return {name: np.flatnonzero(names == name).astype(np.int64) for name in SPLITS}
+
+
+def batches(parts: list[tuple[ClipArrays, np.ndarray]], batch_size: int, device: torch.device,
+            generator: torch.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches over the given rows of one or more clip sets; shuffled together when a generator is given."""
+    owner = np.concatenate([np.full(len(rows), k) for k, (_, rows) in enumerate(parts)])
+    row = np.concatenate([rows for _, rows in parts]).astype(np.int64)
+    order = torch.randperm(len(row), generator=generator).numpy() if generator is not None else np.arange(len(row))
+    for start in range(0, len(order), batch_size):
+        pick = order[start:start + batch_size]
+        pieces = [parts[k][0].take(row[pick][owner[pick] == k], device) for k in range(len(parts))
+                  if (owner[pick] == k).any()]
+        yield {name: torch.cat([p[name] for p in pieces]) if len(pieces) > 1 else pieces[0][name]
+               for name in pieces[0]}
+
+
+def num_batches(parts: list[tuple[ClipArrays, np.ndarray]], batch_size: int) -> int:
+    return -(-sum(len(rows) for _, rows in parts) // batch_size)
+
+
+def _read_h5(path: Path, key: str) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        return _dataset(f, path, key)[()]
+
+
+def _dataset(f: h5py.File, path: Path, key: str) -> h5py.Dataset:
+    if key not in f:
+        raise BmfnError(f"{path}: no dataset '{key}' (found: {', '.join(f.keys()) or 'nothing'})")
+    return f[key]
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

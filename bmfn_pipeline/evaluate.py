@@ -1,0 +1,160 @@
+"""Segment accuracy (bmfn-reference.md section 6), per-class accuracy, confusion matrix, and `bmfn evaluate`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bmfn_pipeline import ave
+from bmfn_pipeline.data import ClipArrays, FeatureData, batches, load_data
+from bmfn_pipeline.errors import BmfnError
+
+EVAL_BATCH_SIZE = 16  # the official test batch size (bmfn-reference.md section 7)
+CLASS_NAMES = (*ave.CATEGORIES, "background")
+
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def segment_accuracy(pred, target) -> float:
+    """Percentage of segments whose label (0..28, 28 = background) is right, pooled over all videos and segments."""
+    pred, target = _numpy(pred), _numpy(target)
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
+    if target.size == 0:
+        return float("nan")
+    return 100.0 * float((pred == target).sum()) / target.size
+
+
+def confusion_matrix(pred, target, num_classes: int = ave.NUM_CLASSES) -> np.ndarray:
+    """Counts [num_classes, num_classes] of segments: row = true class, column = predicted class."""
+    pred, target = _numpy(pred).ravel().astype(np.int64), _numpy(target).ravel().astype(np.int64)
+    return np.bincount(target * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(pred, target, num_classes: int = ave.NUM_CLASSES) -> np.ndarray:
+    """Percentage of each true class's segments predicted right (recall); NaN for classes with no segment."""
+    matrix = confusion_matrix(pred, target, num_classes)
+    totals = matrix.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, 100.0 * np.diag(matrix) / totals, np.nan)
+
+
+def plot_confusion(matrix: np.ndarray, path: str | Path, class_names=CLASS_NAMES, title: str = "") -> Path:
+    """A row-normalised confusion matrix as PNG (rows: true class, columns: predicted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = matrix.sum(axis=1, keepdims=True)
+    shares = np.divide(matrix, rows, out=np.zeros(matrix.shape), where=rows > 0)
+    fig, axis = plt.subplots(figsize=(11, 10))
+    image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    axis.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
+    axis.set_yticks(range(len(class_names)), class_names, fontsize=7)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title(title)
+    fig.colorbar(image, ax=axis, fraction=0.046, label="share of the true class's segments")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast when asked for (bmfn-reference.md 13(c)); a no-op context for float32."""
+    if precision not in ("float32", "bfloat16"):
+        raise BmfnError(f"precision {precision!r}: use float32 or bfloat16")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+
+
+@torch.no_grad()
+def predict_rows(model: torch.nn.Module, clips: ClipArrays, rows: np.ndarray, device: torch.device,
+                 batch_size: int = EVAL_BATCH_SIZE, precision: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """Predicted and true segment labels [len(rows),10] for the given rows, in sorted row order."""
+    from bmfn_pipeline.model import predict_segments
+
+    model.eval()
+    preds, targets = [], []
+    for batch in batches([(clips, np.sort(rows))], batch_size, device):
+        with autocast(device, precision):
+            output = model(batch["visual"], batch["audio"])
+        preds.append(predict_segments(output).cpu())
+        targets.append(batch["labels"].argmax(-1).cpu())
+    if not preds:
+        return np.zeros((0, ave.SEGMENTS), np.int64), np.zeros((0, ave.SEGMENTS), np.int64)
+    return torch.cat(preds).numpy(), torch.cat(targets).numpy()
+
+
+@dataclass
+class EvalResult:
+    """What `bmfn evaluate` reports; `to_dict()` is its --json output."""
+
+    checkpoint: str
+    split: str
+    data: str
+    clips: int
+    segments: int
+    accuracy: float  # percent, bmfn-reference.md section 6
+    per_class: dict[str, float]  # percent per true class (NaN: no segment of that class)
+    confusion: list[list[int]]  # [29,29], row = true, column = predicted
+    confusion_png: str | None
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["per_class"] = {k: (None if np.isnan(v) else v) for k, v in self.per_class.items()}
+        return out
+
+    def summary(self) -> str:
+        lines = [f"{self.split} segment accuracy: {self.accuracy:.2f} % ({self.clips} clips, {self.segments} segments)",
+                 f"checkpoint: {self.checkpoint}", f"data: {self.data}", "per class:"]
+        lines += [f"  {name:<32} {'-' if np.isnan(acc) else f'{acc:6.2f}'}" for name, acc in self.per_class.items()]
+        if self.confusion_png:
+            lines.append(f"confusion matrix: {self.confusion_png}")
+        return "\n".join(lines)
+
+
+def evaluate(checkpoint: str | Path | None = None, *, split: str = "test", ave_dir: str | Path | None = None,
+             features: str | Path | None = None, annotations: str | Path | None = None,
+             splits: str | Path | None = None, batch_size: int = EVAL_BATCH_SIZE, device: str = "auto",
+             precision: str = "float32", force: bool = False, plot: bool = True,
+             runs_dir: str | Path = "runs", data: FeatureData | None = None) -> EvalResult:
+    """Accuracy of a checkpoint (default: the newest run's best.pt) on a split of its training data or other data."""
+    from bmfn_pipeline.train import check_provenance, latest_checkpoint, load_checkpoint, resolve_device
+
+    if split not in ("train", "val", "test"):
+        raise BmfnError(f"split {split!r}: use train, val or test")
+    checkpoint = Path(checkpoint) if checkpoint is not None else latest_checkpoint(runs_dir)
+    torch_device = resolve_device(device)
+    model, meta = load_checkpoint(checkpoint, device=torch_device)
+    if data is None:
+        if ave_dir is None and features is None:
+            trained_on = meta["data"]
+            key = "ave_dir" if trained_on["kind"] == "ave-dir" else "features"
+            data = load_data(**{key: trained_on["path"]}, annotations=annotations or trained_on.get("annotations"),
+                             splits=splits or trained_on.get("splits"), include_noisy=False)
+        else:
+            data = load_data(ave_dir=ave_dir, features=features, annotations=annotations, splits=splits,
+                             include_noisy=False)
+    check_provenance(meta["provenance"], data.provenance, force=force, what=data.source["path"])
+    rows = data.splits[split]
+    if len(rows) == 0:
+        raise BmfnError(f"{data.source['path']}: the {split} split is empty ({data.split_rule})")
+    pred, target = predict_rows(model, data.clips, rows, torch_device, batch_size, precision)
+    matrix = confusion_matrix(pred, target)
+    png = None
+    if plot:
+        png = str(plot_confusion(matrix, checkpoint.parent / f"confusion-{checkpoint.stem}-{split}.png",
+                                 title=f"{checkpoint} on {split}"))
+    names = meta.get("class_names", CLASS_NAMES)
+    return EvalResult(str(checkpoint), split, data.describe(), len(rows), int(target.size),
+                      segment_accuracy(pred, target),
+                      {name: float(acc) for name, acc in zip(names, per_class_accuracy(pred, target))},
+                      matrix.tolist(), png)

@@ -1,0 +1,496 @@
+"""Training BMFN: the reference hyper-parameters per mode, selection on val, checkpoints, metrics, resume.
+
+A run directory holds `run.json` (the resolved configuration), `command.txt`, `metrics.jsonl` (one line per
+epoch), `curves.png`, `best.pt` (selected epoch) and `last.pt` (latest epoch plus optimiser, scheduler and RNG
+state, so `--resume` continues bit for bit on the same device). With several seeds each has its own
+`seed-<n>/` folder and `summary.json` gives mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import random
+import shlex
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bmfn_pipeline import __version__
+from bmfn_pipeline.data import FeatureData, batches, find_default_data, load_data, num_batches
+from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.evaluate import CLASS_NAMES, EVAL_BATCH_SIZE, autocast, predict_rows, segment_accuracy
+from bmfn_pipeline.model import BMFN, BMFNConfig, BMFNOutput, fully_supervised_loss, predict_segments, weakly_supervised_loss
+
+
+@dataclass(frozen=True)
+class Hyper:
+    lr: float
+    milestones: tuple[int, ...]
+    gamma: float
+    epochs: int
+    batch_size: int
+    clip: float
+    seed: int
+
+
+# The official training scripts' values (bmfn-reference.md section 7): Adam, MultiStepLR stepped once per epoch.
+REFERENCE = {
+    "fully": Hyper(lr=5e-4, milestones=(10, 20, 30), gamma=0.5, epochs=200, batch_size=32, clip=0.1, seed=890),
+    "weakly": Hyper(lr=5e-4, milestones=(5, 20, 40), gamma=0.5, epochs=200, batch_size=32, clip=0.5, seed=550),
+}
+CHECKPOINT_FORMAT = "bmfn-checkpoint-1"
+BEST, LAST, METRICS, CURVES, COMMAND, RUN_FILE, SUMMARY = (
+    "best.pt", "last.pt", "metrics.jsonl", "curves.png", "command.txt", "run.json", "summary.json")
+RUNS_DIR = "runs"
+# Provenance keys (a store's words, see bmfn_pipeline.extract.features_provenance) that change the feature space:
+# which network weights (random:<seed> included) and preprocessing, how frames and audio were framed.
+FEATURE_KEYS = ("visual.source", "visual.weights", "visual.checksum", "visual.preprocessing", "audio.weights",
+                "audio.checksum", "audio.pca", "audio.alignment", "frames_per_second", "seconds", "alignment")
+
+
+@dataclass
+class TrainConfig:
+    """One `bmfn train` invocation. Hyper-parameters left None take the reference value for the mode."""
+
+    mode: str = "fully"
+    ave_dir: str | None = None
+    features: str | None = None
+    annotations: str | None = None
+    splits: str | None = None
+    out: str | None = None  # run directory; default runs/<mode>-<timestamp>
+    runs_dir: str = RUNS_DIR
+    epochs: int | None = None
+    batch_size: int | None = None
+    eval_batch_size: int = EVAL_BATCH_SIZE
+    lr: float | None = None
+    milestones: tuple[int, ...] | None = None
+    gamma: float | None = None
+    clip: float | None = None
+    seed: int | None = None
+    seeds: int = 1  # run seed, seed+1, ... and report mean and std
+    device: str = "auto"
+    precision: str = "float32"
+    select_on_test: bool = False  # the official protocol: keep the epoch with the best TEST accuracy
+    include_noisy: bool = True  # weakly: the 178 background clips join the training set when present
+    force: bool = False  # resume on features whose provenance differs
+    model: dict = field(default_factory=dict)  # BMFNConfig overrides (e.g. a smaller model for experiments)
+    resume: str | None = None  # a run directory to continue from its last.pt
+    progress: bool = True
+    command: str | None = None  # what to record in command.txt (the CLI passes its argv)
+
+    def resolved(self) -> "TrainConfig":
+        if self.mode not in REFERENCE:
+            raise BmfnError(f"mode {self.mode!r}: use fully or weakly")
+        ref = REFERENCE[self.mode]
+        filled = {f.name: getattr(ref, f.name) if getattr(self, f.name) is None else getattr(self, f.name)
+                  for f in fields(Hyper)}
+        filled["milestones"] = tuple(int(m) for m in filled["milestones"])
+        return replace(self, **filled)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+@dataclass
+class RunResult:
+    """One seed's outcome; accuracies are percentages for the selected (best) epoch."""
+
+    run_dir: Path
+    seed: int
+    best_epoch: int
+    selected_on: str  # 'val' or 'test'
+    val_acc: float
+    test_acc: float
+    epochs: int
+    history: list[dict]
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.run_dir / BEST
+
+
+@dataclass
+class TrainResult:
+    """All seeds of one `train` call."""
+
+    run_dir: Path
+    runs: list[RunResult]
+    data: str
+
+    def _stat(self, name: str) -> tuple[float, float]:
+        values = np.array([getattr(r, name) for r in self.runs], float)
+        return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+    @property
+    def test_mean_std(self) -> tuple[float, float]:
+        return self._stat("test_acc")
+
+    @property
+    def val_mean_std(self) -> tuple[float, float]:
+        return self._stat("val_acc")
+
+    @property
+    def best_checkpoint(self) -> Path:
+        """The seed whose selected accuracy is highest (on the split used for selection)."""
+        key = "test_acc" if self.runs[0].selected_on == "test" else "val_acc"
+        return max(self.runs, key=lambda r: getattr(r, key)).best_checkpoint
+
+    def summary(self) -> str:
+        lines = []
+        for r in self.runs:
+            lines.append(f"seed {r.seed}: best epoch {r.best_epoch}/{r.epochs} (selected on {r.selected_on}): "
+                         f"val {r.val_acc:.2f} %, test {r.test_acc:.2f} %  [{r.best_checkpoint}]")
+        if self.runs[0].selected_on == "test":
+            lines.append("note: --select-on-test picked the epoch with the best TEST accuracy (the official "
+                         "protocol); the test figure is optimistic, not a held-out estimate")
+        if len(self.runs) > 1:
+            (vm, vs), (tm, ts) = self.val_mean_std, self.test_mean_std
+            lines.append(f"{len(self.runs)} seeds: val {vm:.2f} ± {vs:.2f} %, test {tm:.2f} ± {ts:.2f} % (mean ± std)")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        (vm, vs), (tm, ts) = self.val_mean_std, self.test_mean_std
+        return {"run_dir": str(self.run_dir), "data": self.data, "best_checkpoint": str(self.best_checkpoint),
+                "val_mean": vm, "val_std": vs, "test_mean": tm, "test_std": ts,
+                "runs": [{"seed": r.seed, "run_dir": str(r.run_dir), "best_epoch": r.best_epoch,
+                          "selected_on": r.selected_on, "val_acc": r.val_acc, "test_acc": r.test_acc,
+                          "epochs": r.epochs} for r in self.runs]}
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+
+def train(config: TrainConfig, data: FeatureData | None = None, log=print) -> TrainResult:
+    """Train one model per seed, selecting epochs on val (or test with select_on_test); see the module docstring."""
+    if config.resume:
+        config, run_dir = _resume_config(config)
+    else:
+        config = config.resolved()
+        run_dir = _new_run_dir(config)
+    device = resolve_device(config.device)
+    if data is None:
+        data = _load_config_data(config, log)
+    # Absolute paths of what was loaded, so --resume and `bmfn evaluate` find it from any folder.
+    config = replace(config, **{"ave_dir" if data.source["kind"] == "ave-dir" else "features": data.source["path"],
+                                "annotations": data.source["annotations"], "splits": data.source["splits"]})
+    log(f"data: {data.describe()}")
+    for note in data.notes:
+        log(f"note: {note}")
+    if len(data.splits["train"]) == 0:
+        raise BmfnError(f"{data.source['path']}: the train split is empty ({data.split_rule})")
+    selection = "test" if config.select_on_test else "val"
+    if len(data.splits[selection]) == 0:
+        raise BmfnError(f"{data.source['path']}: the {selection} split is empty ({data.split_rule}); "
+                        "model selection needs it")
+    if config.select_on_test:
+        log("--select-on-test: keeping the epoch with the best TEST accuracy (the official protocol); "
+            "the reported test accuracy is then optimistic")
+    if not config.resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_FILE).write_text(json.dumps({"config": config.to_dict(), "data": data.source,
+                                                    "split_rule": data.split_rule, "started": time.time()}, indent=2))
+    with open(run_dir / COMMAND, "a") as f:
+        f.write((config.command or _api_command(config)) + "\n")
+    log(f"run: {run_dir} ({config.mode}, device {device}, {config.precision})")
+    if device.type == "cuda":
+        data = data.to(device)  # AVE fits on any current GPU (2.1 GB as float16): no host reads per batch
+    seeds = [config.seed + i for i in range(config.seeds)]
+    runs = []
+    for seed in seeds:
+        seed_dir = run_dir if config.seeds == 1 else run_dir / f"seed-{seed}"
+        runs.append(_train_seed(config, seed, data, seed_dir, device, log))
+    result = TrainResult(run_dir, runs, data.describe())
+    if config.seeds > 1:
+        (run_dir / SUMMARY).write_text(json.dumps(result.to_dict(), indent=2))
+    return result
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' is CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise BmfnError(f"device {device!r}: use auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BmfnError("device cuda: no CUDA device is available (use --device cpu)")
+    return torch.device(device)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[BMFN, dict]:
+    """A checkpoint's model in eval mode and its metadata (config, classes, provenance, data, epoch, metrics)."""
+    state = _load_state(Path(path), device)
+    model = BMFN(BMFNConfig(**state["model_config"]))
+    model.load_state_dict(state["model_state"])
+    model.to(device).eval()
+    return model, {k: v for k, v in state.items() if k not in ("model_state", "optimizer", "scheduler", "rng")}
+
+
+def latest_checkpoint(runs_dir: str | Path = RUNS_DIR) -> Path:
+    """The best checkpoint of the newest run under `runs_dir` (by start time), for commands given none."""
+    runs_dir = Path(runs_dir)
+    runs = sorted((d for d in runs_dir.glob("*") if (d / RUN_FILE).is_file()),
+                  key=lambda d: json.loads((d / RUN_FILE).read_text()).get("started", 0), reverse=True)
+    for run in runs:
+        if (run / SUMMARY).is_file():
+            return Path(json.loads((run / SUMMARY).read_text())["best_checkpoint"])
+        found = sorted(run.glob(f"**/{BEST}"), key=lambda p: p.stat().st_mtime, reverse=True)
+        if found:
+            return found[0]
+    raise BmfnError(f"{runs_dir}: no training run with a {BEST} here; train one with `bmfn train` or name a checkpoint")
+
+
+def check_provenance(trained: dict, given: dict, *, force: bool = False, what: str = "features") -> list[str]:
+    """Refuse features made differently from the checkpoint's on FEATURE_KEYS (returns the differences when forced)."""
+    differ = []
+    for key in FEATURE_KEYS:
+        a, b = _dotted(trained, key), _dotted(given, key)
+        if a != b:
+            differ.append(f"{key} {a!r} (checkpoint) vs {b!r}")
+    if differ and not force:
+        raise BmfnError(f"{what}: features were made differently from the checkpoint's: {'; '.join(differ)} "
+                        "(--force to use them anyway)")
+    return differ
+
+
+# ---------------------------------------------------------------------------------------------- one seed
+
+
+def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path, device: torch.device,
+                log) -> RunResult:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _seed_everything(seed)
+    generator = torch.Generator().manual_seed(seed)  # the shuffling order, saved with the rest of the RNG state
+    model = BMFN(BMFNConfig(mode=config.mode, **config.model)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), config.gamma)
+    start, best = 0, {"epoch": 0, "selected": -math.inf, "val_acc": math.nan, "test_acc": math.nan}
+    if (run_dir / LAST).is_file():
+        state = _load_state(run_dir / LAST, "cpu")
+        check_provenance(state["provenance"], data.provenance, force=config.force, what=data.source["path"])
+        model.load_state_dict(state["model_state"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict({**state["scheduler"], "milestones": Counter(state["scheduler"]["milestones"])})
+        _set_rng_state(state["rng"], generator)
+        start, best = state["epoch"], state["best"]
+        log(f"seed {seed}: resuming after epoch {start} from {run_dir / LAST}")
+    history = _read_metrics(run_dir / METRICS, keep_through=start)
+
+    loss_fn = fully_supervised_loss if config.mode == "fully" else weakly_supervised_loss
+    target_key = "labels" if config.mode == "fully" else "video_labels"
+    parts = [(data.clips, data.splits["train"])]
+    if config.mode == "weakly" and config.include_noisy and data.noisy is not None:
+        parts.append((data.noisy, np.arange(len(data.noisy))))
+    selection = "test" if config.select_on_test else "val"
+    for epoch in range(start + 1, config.epochs + 1):
+        began = time.perf_counter()
+        model.train()
+        lr = optimizer.param_groups[0]["lr"]
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        clips = segments = 0
+        bar = tqdm(batches(parts, config.batch_size, device, generator), total=num_batches(parts, config.batch_size),
+                   desc=f"seed {seed} epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False,
+                   unit="batch")
+        for step, batch in enumerate(bar, 1):
+            with autocast(device, config.precision):
+                output = model(batch["visual"], batch["audio"])
+            output = BMFNOutput(*(None if t is None else t.float() for t in output))
+            loss = loss_fn(output, batch[target_key])
+            if not torch.isfinite(loss):
+                _plot_curves(history, run_dir / CURVES)
+                kept = f"{run_dir / LAST} (epoch {epoch - 1})" if epoch > 1 else "none (no epoch finished)"
+                raise BmfnError(f"{run_dir}: the loss became {loss.item()} at epoch {epoch}, batch {step}; training "
+                                f"stopped. Last good checkpoint: {kept}. Try a lower --lr or --clip, or float32")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+            optimizer.step()
+            n = len(batch["audio"])
+            loss_sum += loss.detach() * n
+            correct += (predict_segments(output) == batch["labels"].argmax(-1)).sum()
+            clips, segments = clips + n, segments + batch["labels"].shape[0] * batch["labels"].shape[1]
+            if config.progress:
+                bar.set_postfix(loss=f"{loss_sum.item() / clips:.4f}", acc=f"{100 * correct.item() / segments:.1f}")
+        accs = {split: segment_accuracy(*predict_rows(model, data.clips, data.splits[split], device,
+                                                      config.eval_batch_size, config.precision))
+                for split in ("val", "test")}
+        scheduler.step()
+        record = {"epoch": epoch, "loss": loss_sum.item() / clips, "train_acc": 100 * correct.item() / segments,
+                  "val_acc": accs["val"], "test_acc": accs["test"], "lr": lr,
+                  "time": time.perf_counter() - began}
+        improved = accs[selection] > best["selected"]
+        if improved:
+            best = {"epoch": epoch, "selected": accs[selection], "val_acc": accs["val"], "test_acc": accs["test"]}
+        record["best"] = improved
+        history.append(record)
+        state = _checkpoint(model, config, data, seed, epoch, record, best, selection)
+        if improved:
+            _save(state, run_dir / BEST)
+        # The metrics line first: a kill before last.pt is saved only leaves a line that resume drops.
+        with open(run_dir / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        _save({**state, "optimizer": optimizer.state_dict(), "scheduler": _scheduler_state(scheduler),
+               "rng": _rng_state(generator)}, run_dir / LAST)
+        log(f"seed {seed} epoch {epoch}/{config.epochs}: loss {record['loss']:.4f}, train {record['train_acc']:.2f} %, "
+            f"val {accs['val']:.2f} %, test {accs['test']:.2f} %, lr {lr:.3g}, {record['time']:.1f} s"
+            + ("  * best" if improved else ""))
+    _plot_curves(history, run_dir / CURVES)
+    return RunResult(run_dir, seed, best["epoch"], selection, best["val_acc"], best["test_acc"], config.epochs,
+                     history)
+
+
+def _checkpoint(model: BMFN, config: TrainConfig, data: FeatureData, seed: int, epoch: int, record: dict,
+                best: dict, selection: str) -> dict:
+    """Only tensors, dicts, lists, strings and numbers, so torch.load(weights_only=True) opens it."""
+    return {"format": CHECKPOINT_FORMAT, "bmfn_version": __version__, "epoch": epoch, "seed": seed,
+            "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "model_config": asdict(model.config), "class_names": list(CLASS_NAMES),
+            "provenance": json.loads(json.dumps(data.provenance)),
+            "data": {**data.source, "split_rule": data.split_rule}, "train_config": config.to_dict(),
+            "metrics": record, "best": best, "selected_on": selection}
+
+
+def _save(state: dict, path: Path) -> None:
+    """Written beside and renamed into place: a kill mid-save keeps the previous file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, device) -> dict:
+    if not path.is_file():
+        raise BmfnError(f"{path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise BmfnError(f"{path}: not a readable bmfn checkpoint ({str(exc).splitlines()[0]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise BmfnError(f"{path}: not a bmfn checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    return state
+
+
+def _scheduler_state(scheduler) -> dict:
+    state = scheduler.state_dict()
+    return {**state, "milestones": dict(state["milestones"])}  # a Counter is not weights_only-loadable
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(), "shuffle": generator.get_state(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+             "python": [version, list(internal), gauss_next]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["shuffle"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- run plumbing
+
+
+def _new_run_dir(config: TrainConfig) -> Path:
+    if config.out:
+        out = Path(config.out)
+        if (out / LAST).is_file() or (out / RUN_FILE).is_file():
+            raise BmfnError(f"{out}: already holds a run; continue it with --resume {out} or choose another --out")
+        return out
+    stem = Path(config.runs_dir) / f"{config.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = stem, 1
+    while out.exists():
+        n += 1
+        out = stem.with_name(f"{stem.name}-{n}")
+    return out
+
+
+def _resume_config(given: TrainConfig) -> tuple[TrainConfig, Path]:
+    """The interrupted run's own configuration; only epochs, device, precision and progress may change."""
+    run_dir = Path(given.resume)
+    if not (run_dir / RUN_FILE).is_file():
+        raise BmfnError(f"{run_dir}: no {RUN_FILE}; not a bmfn run directory")
+    saved = json.loads((run_dir / RUN_FILE).read_text())["config"]
+    saved["milestones"] = tuple(saved["milestones"])
+    config = TrainConfig(**{**saved, "resume": str(run_dir), "device": given.device, "precision": given.precision,
+                            "progress": given.progress, "force": given.force, "command": given.command,
+                            "epochs": given.epochs or saved["epochs"]})
+    return config, run_dir
+
+
+def _load_config_data(config: TrainConfig, log) -> FeatureData:
+    sources = {"ave_dir": config.ave_dir, "features": config.features}
+    if not any(sources.values()):
+        sources = find_default_data(".")
+        log(f"no data named: using {next(iter(sources.values()))} found in the current folder")
+    return load_data(**sources, annotations=config.annotations, splits=config.splits,
+                     include_noisy=config.include_noisy and config.mode == "weakly")
+
+
+def _api_command(config: TrainConfig) -> str:
+    return f"# python API ({shlex.join(sys.argv)}): train({config!r})"
+
+
+def _read_metrics(path: Path, keep_through: int) -> list[dict]:
+    """Metric lines of finished epochs; lines past `keep_through` (written before a kill) are dropped."""
+    if not path.is_file():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if line["epoch"] <= keep_through]
+    if len(kept) != len(lines):
+        path.write_text("".join(json.dumps(line) + "\n" for line in kept))
+    return kept
+
+
+def _plot_curves(history: list[dict], path: Path) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(epochs, [h["loss"] for h in history])
+    left.set_xlabel("epoch")
+    left.set_ylabel("training loss")
+    for key in ("train_acc", "val_acc", "test_acc"):
+        right.plot(epochs, [h[key] for h in history], label=key.replace("_acc", ""))
+    right.set_xlabel("epoch")
+    right.set_ylabel("segment accuracy (%)")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _dotted(mapping: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(mapping, dict) or part not in mapping:
+            return None
+        mapping = mapping[part]
+    return mapping

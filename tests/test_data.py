@@ -1,0 +1,207 @@
+"""Data loading: the AVE release layout (float64, labels from Annotations.txt, order files, noisy clips), the
+float16 cache, bmfn stores, the hash split. `make_ave_dir` is also the synthetic task of test_train.py."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from bmfn_pipeline import ave
+from bmfn_pipeline.data import (ClipArrays, batches, compact_visual, find_default_data, hash_split, load_ave_dir,
+                                load_store, video_labels_from_segments)
+from bmfn_pipeline.errors import BmfnError
+
+SMALL_VISUAL = (2, 2, 16)  # cells and channels of the tiny synthetic maps (the real ones are 7x7x512)
+SMALL_AUDIO = 8
+SMALL_MODEL = {"visual_dim": 16, "cells": 4, "audio_dim": 8, "d_model": 32, "ffn_dim": 64, "mfb_k": 2, "mfb_o": 32,
+               "mfb_dim": 64}
+TASK_CLASSES = (0, 5, 9)  # three AVE categories used by the synthetic task
+
+
+def make_ave_dir(directory, n_clips=60, classes=TASK_CLASSES, visual_shape=SMALL_VISUAL, audio_dim=SMALL_AUDIO,
+                 noisy=0, seed=0, order_files=True):
+    """An AVE-release-layout folder (float64 features, Annotations.txt, order files) of a learnable task:
+    event segments carry class-dependent visual channels and audio dimensions, background segments only noise."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    channels = visual_shape[-1]
+    lines, visual, audio = [], [], []
+    for i in range(n_clips):
+        k = i % len(classes)
+        start = int(rng.integers(0, 5))
+        end = int(rng.integers(start + 3, 11))
+        v = rng.random((ave.SEGMENTS, *visual_shape)) * 0.5
+        a = rng.random((ave.SEGMENTS, audio_dim)) * 0.5
+        band = slice(k * channels // len(classes), (k + 1) * channels // len(classes))
+        v[start:end, ..., band] += 2.0
+        a[start:end, k % audio_dim] += 2.0
+        visual.append(v)
+        audio.append(a)
+        lines.append(f"{ave.CATEGORIES[classes[k]]}&vid{i:04d}&good&{start}&{end}")
+    (directory / "Annotations.txt").write_text("\n".join(lines) + "\n")
+    for name, data in (("visual_feature.h5", visual), ("audio_feature.h5", audio)):
+        with h5py.File(directory / name, "w") as f:
+            f["avadataset"] = np.stack(data).astype(np.float64)
+    if order_files:
+        order = rng.permutation(n_clips)
+        n_val = n_test = max(1, n_clips // 6)
+        parts = {"train": order[: n_clips - n_val - n_test], "val": order[n_clips - n_val - n_test: n_clips - n_test],
+                 "test": order[n_clips - n_test:]}
+        for name, rows in parts.items():
+            with h5py.File(directory / f"{name}_order.h5", "w") as f:
+                f["order"] = rows.astype(np.int64)
+    if noisy:
+        with h5py.File(directory / "visual_feature_noisy.h5", "w") as f:
+            f["avadataset"] = rng.random((noisy, ave.SEGMENTS, *visual_shape)) * 0.5
+        with h5py.File(directory / "audio_feature_noisy.h5", "w") as f:
+            f["avadataset"] = rng.random((noisy, ave.SEGMENTS, audio_dim)) * 0.5
+    return directory
+
+
+def test_ave_dir_labels_splits_and_noisy(tmp_path):
+    directory = make_ave_dir(tmp_path / "ave", n_clips=12, noisy=3)
+    data = load_ave_dir(directory)
+    rows = ave.read_annotations(directory / "Annotations.txt")
+    assert np.array_equal(data.clips.labels, ave.segment_labels(rows))
+    assert np.array_equal(data.clips.video_labels, ave.video_labels(rows))
+    assert data.clips.audio.dtype == np.float32 and data.clips.visual.dtype == np.float16
+    with h5py.File(directory / "visual_feature.h5") as f:
+        np.testing.assert_allclose(data.clips.visual, f["avadataset"][()], rtol=1e-3)
+    assert sorted(np.concatenate(list(data.splits.values()))) == list(range(12))
+    assert "splits from" in data.split_rule
+    assert len(data.noisy) == 3 and (data.noisy.video_labels[:, ave.BACKGROUND] == 1).all()
+    assert (data.noisy.labels[..., ave.BACKGROUND] == 1).all()
+    assert data.clip_ids[3] == "vid0003"
+
+
+def test_visual_cache_is_reused_and_refreshed(tmp_path):
+    directory = make_ave_dir(tmp_path / "ave", n_clips=4)
+    first = compact_visual(directory / "visual_feature.h5")
+    cache = directory / "visual_feature.f16.npy"
+    assert cache.is_file()
+    stamp = cache.stat().st_mtime_ns
+    again = compact_visual(directory / "visual_feature.h5")
+    assert cache.stat().st_mtime_ns == stamp and np.array_equal(first, again)
+    with h5py.File(directory / "visual_feature.h5", "r+") as f:  # a changed source is converted again
+        f["avadataset"][0] = 7.0
+    assert (compact_visual(directory / "visual_feature.h5")[0] == 7.0).all()
+
+
+def test_visual_cache_in_other_folder_when_read_only(tmp_path):
+    directory = make_ave_dir(tmp_path / "ave", n_clips=3)
+    cache_dir = tmp_path / "cache"
+    compact_visual(directory / "visual_feature.h5", cache_dir)
+    assert len(list(cache_dir.glob("visual_feature-*.f16.npy"))) == 1
+
+
+def test_float16_overflow_is_refused(tmp_path):
+    path = tmp_path / "visual_feature.h5"
+    with h5py.File(path, "w") as f:
+        f["avadataset"] = np.full((2, 10, 2, 2, 4), 1e6)
+    with pytest.raises(BmfnError, match="float16"):
+        compact_visual(path)
+
+
+def test_hash_split_is_deterministic_and_keeps_ids_together():
+    ids = [f"clip{i}" for i in range(50)] + ["clip3", "clip7"]  # duplicated ids, as in AVE
+    split = hash_split(ids)
+    assert sum(len(v) for v in split.values()) == 52
+    assert all(np.array_equal(split[k], hash_split(ids)[k]) for k in split)
+    where = {i: k for k, rows in split.items() for i in rows}
+    assert where[3] == where[50] and where[7] == where[51]
+    unique = {ids[i] for i in split["val"]}
+    assert len(unique) == 5 and len({ids[i] for i in split["test"]}) == 5
+    tiny = hash_split(["a", "b", "c"])
+    assert all(len(tiny[k]) == 1 for k in tiny)
+
+
+def test_ave_dir_without_split_files_uses_hash_split(tmp_path):
+    directory = make_ave_dir(tmp_path / "ave", n_clips=10, order_files=False)
+    data = load_ave_dir(directory)
+    assert "hash" in data.split_rule
+    assert all(len(data.splits[k]) >= 1 for k in ("train", "val", "test"))
+
+
+def test_missing_labels_named(tmp_path):
+    directory = make_ave_dir(tmp_path / "ave", n_clips=3)
+    (directory / "Annotations.txt").unlink()
+    with pytest.raises(BmfnError, match="Annotations.txt"):
+        load_ave_dir(directory)
+
+
+def test_video_labels_from_segments_background_only():
+    labels = np.zeros((2, 10, 29), np.float32)
+    labels[0, :, 28] = 1
+    labels[1, :3, 4] = 1
+    labels[1, 3:, 28] = 1
+    video = video_labels_from_segments(labels)
+    assert video[0].tolist() == [0] * 28 + [1]
+    assert np.flatnonzero(video[1]).tolist() == [4]
+
+
+def test_batches_cover_parts_once_and_shuffle_deterministically():
+    import torch
+
+    def clips(n, offset):
+        audio = np.arange(n, dtype=np.float32)[:, None, None] + offset + np.zeros((n, 10, 2), np.float32)
+        return ClipArrays(np.zeros((n, 10, 1, 1, 2), np.float16), audio, np.zeros((n, 10, 29), np.float32),
+                          np.zeros((n, 29), np.float32))
+
+    parts = [(clips(7, 0), np.array([1, 3, 5])), (clips(4, 100), np.arange(4))]
+    seen = [b["audio"][:, 0, 0].tolist() for b in batches(parts, 3, torch.device("cpu"), torch.Generator().manual_seed(1))]
+    assert sorted(sum(seen, [])) == [1, 3, 5, 100, 101, 102, 103]
+    again = [b["audio"][:, 0, 0].tolist() for b in batches(parts, 3, torch.device("cpu"), torch.Generator().manual_seed(1))]
+    assert seen == again
+
+
+STORE_PROVENANCE = {"visual": {"source": "ave", "weights": "random", "checksum": "random:0"},
+                    "audio": {"weights": "random", "checksum": "random:0", "alignment": "ave", "pca": False},
+                    "frames_per_second": 2, "seconds": 10, "alignment": "ave", "dtype": "float16"}
+
+
+def make_store(path, n_clips=6, classes=TASK_CLASSES, labels=None, seed=0, provenance=STORE_PROVENANCE):
+    """A feature store of real-shaped random features; `labels` maps clip id -> (segment one-hot, split)."""
+    from bmfn_pipeline.store import FeatureStore
+
+    rng = np.random.default_rng(seed)
+    with FeatureStore.open(path, provenance) as store:
+        for i in range(n_clips):
+            k = i % len(classes)
+            visual = rng.random((10, 7, 7, 512)).astype(np.float32)
+            audio = rng.random((10, 128)).astype(np.float32)
+            visual[..., k * 100:(k + 1) * 100] += 1.0
+            audio[:, k] += 2.0
+            store.add_clip(f"vid{i:04d}", visual, audio, path=f"vid{i:04d}.mp4")
+        if labels:
+            store.set_labels(labels)
+    return path
+
+
+def test_store_with_annotations_and_hash_split(tmp_path):
+    make_store(tmp_path / "feats.h5")
+    annotations = tmp_path / "Annotations.txt"
+    annotations.write_text("Bark&vid0000&good&2&5\nCat&vid0001&good&0&10\nBark&vid0002&good&0&3\n"
+                           "Goat&vid0003&good&1&9\nBus&vid0004&good&0&10\nBus&vid0004&good&0&10\n")
+    data = load_store(tmp_path / "feats.h5", annotations=annotations)
+    assert data.provenance["frames_per_second"] == 2
+    assert any("1 clips have no row" in n for n in data.notes)
+    labelled = np.concatenate(list(data.splits.values()))
+    assert sorted(labelled) == [0, 1, 2, 3, 4]  # vid0005 has no annotation row and is left out
+    assert data.clips.labels[0, :, ave.CATEGORIES.index("Bark")].tolist() == [0, 0, 1, 1, 1, 0, 0, 0, 0, 0]
+    assert data.clips.labels[0, :, ave.BACKGROUND].tolist() == [1, 1, 0, 0, 0, 1, 1, 1, 1, 1]
+    assert "hash" in data.split_rule
+    assert find_default_data(tmp_path) == {"features": tmp_path / "feats.h5"}
+    with pytest.raises(BmfnError, match="no labels stored"):
+        load_store(tmp_path / "feats.h5")
+
+
+def test_store_with_stored_labels_and_splits(tmp_path):
+    one_hot = np.zeros((10, 29), np.float32)
+    one_hot[:, 2] = 1
+    make_store(tmp_path / "feats.h5", n_clips=4,
+               labels={"vid0000": (one_hot, "train"), "vid0001": (one_hot, "val"), "vid0002": (one_hot, "test")})
+    data = load_store(tmp_path / "feats.h5")
+    assert {k: v.tolist() for k, v in data.splits.items()} == {"train": [0], "val": [1], "test": [2]}
+    assert "stored" in data.split_rule
+    assert data.clips.video_labels[0].tolist() == [0, 0, 1] + [0] * 26

@@ -1,0 +1,55 @@
+"""Segment accuracy (bmfn-reference.md section 6), per-class accuracy and the confusion matrix, by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bmfn_pipeline.ave import BACKGROUND, NUM_CLASSES
+from bmfn_pipeline.evaluate import confusion_matrix, per_class_accuracy, plot_confusion, segment_accuracy
+
+
+def test_accuracy_pools_all_segments_background_included():
+    target = np.array([[3] * 10, [BACKGROUND] * 10])  # the second video is background only
+    pred = target.copy()
+    pred[0, :2] = BACKGROUND  # two event seconds missed
+    pred[1, 9] = 5  # one background second called an event
+    assert segment_accuracy(pred, target) == pytest.approx(100 * 17 / 20)
+
+
+def test_accuracy_reference_points():
+    """bmfn-reference.md section 6: always-background on the test split scores 715/4020 = 17.8 %."""
+    target = np.full((402, 10), 4)
+    target.flat[:715] = BACKGROUND
+    assert segment_accuracy(np.full((402, 10), BACKGROUND), target) == pytest.approx(100 * 715 / 4020)
+    assert segment_accuracy(torch.tensor(target), torch.tensor(target)) == 100.0
+
+
+def test_background_only_videos_all_wrong_when_an_event_is_predicted():
+    target = np.full((3, 10), BACKGROUND)
+    assert segment_accuracy(np.full((3, 10), 0), target) == 0.0
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError):
+        segment_accuracy(np.zeros((2, 10)), np.zeros((1, 10)))
+
+
+def test_confusion_and_per_class():
+    target = np.array([[0, 0, 0, 0, BACKGROUND, BACKGROUND, 1, 1, 1, 1]])
+    pred = np.array([[0, 0, 0, 1, BACKGROUND, 0, 1, 1, 1, 1]])
+    matrix = confusion_matrix(pred, target)
+    assert matrix.shape == (NUM_CLASSES, NUM_CLASSES) and matrix.sum() == 10
+    assert matrix[0, 0] == 3 and matrix[0, 1] == 1 and matrix[BACKGROUND, 0] == 1 and matrix[1, 1] == 4
+    per_class = per_class_accuracy(pred, target)
+    assert per_class[0] == 75.0 and per_class[1] == 100.0 and per_class[BACKGROUND] == 50.0
+    assert np.isnan(per_class[2])  # no segment of class 2
+    # the pooled accuracy is the trace over the total
+    assert segment_accuracy(pred, target) == pytest.approx(100 * np.trace(matrix) / matrix.sum())
+
+
+def test_confusion_png(tmp_path):
+    matrix = confusion_matrix(np.array([[0, BACKGROUND]]), np.array([[0, 0]]))
+    path = plot_confusion(matrix, tmp_path / "confusion.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

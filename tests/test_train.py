@@ -1,0 +1,189 @@
+"""Training: learning on a synthetic AVE-format task, resume, checkpoints, provenance, NaN stop, CLI chain."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from test_data import SMALL_MODEL, STORE_PROVENANCE, make_ave_dir, make_store
+
+from bmfn_pipeline import ave, train as train_module
+from bmfn_pipeline.cli import main
+from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.evaluate import evaluate
+from bmfn_pipeline.train import (REFERENCE, TrainConfig, check_provenance, latest_checkpoint, load_checkpoint,
+                                 train)
+
+FAST = {"batch_size": 8, "lr": 2e-3, "clip": 1.0, "milestones": (100,), "model": SMALL_MODEL, "progress": False}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def quiet(*_):
+    pass
+
+
+def test_reference_hyper_parameters():
+    """bmfn-reference.md section 7."""
+    fully, weakly = TrainConfig(mode="fully").resolved(), TrainConfig(mode="weakly").resolved()
+    assert (fully.lr, fully.milestones, fully.gamma, fully.epochs, fully.batch_size, fully.eval_batch_size,
+            fully.clip, fully.seed) == (5e-4, (10, 20, 30), 0.5, 200, 32, 16, 0.1, 890)
+    assert (weakly.milestones, weakly.clip, weakly.seed) == ((5, 20, 40), 0.5, 550)
+    assert TrainConfig(mode="fully", lr=1e-3).resolved().lr == 1e-3
+
+
+def test_fully_supervised_learns_and_writes_the_run(tmp_path):
+    directory = make_ave_dir(tmp_path / "ave", n_clips=60)
+    result = train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(tmp_path / "run"), epochs=4, **FAST),
+                   log=quiet)
+    run = result.runs[0]
+    assert run.test_acc >= 90 and run.val_acc >= 90
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 3, 4]
+    assert {"loss", "train_acc", "val_acc", "test_acc", "lr", "time"} <= set(lines[0])
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert run.best_epoch == max(lines, key=lambda line: line["val_acc"])["epoch"]  # first maximum wins
+    for name in ("best.pt", "last.pt", "curves.png", "command.txt", "run.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+
+    state = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert state["epoch"] == run.best_epoch and len(state["class_names"]) == ave.NUM_CLASSES
+    assert state["provenance"]["visual"]["weights"] == "vgg19-keras"
+    assert "optimizer" in torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    model, meta = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert not model.training and meta["bmfn_version"]
+    # the reloaded checkpoint reproduces the test accuracy recorded for the selected epoch
+    assert evaluate(tmp_path / "run" / "best.pt", plot=False).accuracy == pytest.approx(run.test_acc)
+
+
+def test_weakly_supervised_learns_from_video_labels(tmp_path):
+    directory = make_ave_dir(tmp_path / "ave", n_clips=60, noisy=20)
+    logged = []
+    result = train(TrainConfig(mode="weakly", ave_dir=str(directory), out=str(tmp_path / "run"), epochs=6,
+                               **{**FAST, "lr": 5e-3}), log=logged.append)
+    assert any("+ 20 background clips" in line for line in logged)
+    run = result.runs[0]
+    rows = ave.read_annotations(directory / "Annotations.txt")
+    labels = ave.segment_labels(rows)
+    test_rows = ave.load_splits(directory)["test"]
+    always_background = 100 * (labels[test_rows].argmax(-1) == ave.BACKGROUND).mean()
+    assert run.test_acc >= 50 and run.test_acc >= always_background + 15
+
+
+def test_resume_continues_where_the_run_stopped(tmp_path):
+    directory = make_ave_dir(tmp_path / "ave", n_clips=24)
+    config = dict(mode="fully", ave_dir=str(directory), **FAST)
+    train(TrainConfig(out=str(tmp_path / "straight"), epochs=4, **config), log=quiet)
+    train(TrainConfig(out=str(tmp_path / "resumed"), epochs=2, **config), log=quiet)
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # a line written just before a kill is dropped
+        f.write(json.dumps({"epoch": 3, "loss": 0.0}) + "\n")
+    result = train(TrainConfig(resume=str(tmp_path / "resumed"), epochs=4, progress=False), log=quiet)
+    assert result.runs[0].epochs == 4
+
+    def metrics(run):
+        lines = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in line.items() if k != "time"} for line in lines]
+
+    assert metrics("resumed") == metrics("straight")
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model_state"]
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["model_state"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    directory = make_ave_dir(tmp_path / "ave", n_clips=12)
+    calls = []
+
+    original = train_module.fully_supervised_loss
+
+    def failing(output, labels):
+        calls.append(1)
+        loss = original(output, labels)
+        return loss * float("nan") if len(calls) > 1 else loss  # 8 training clips: one batch per epoch
+
+    monkeypatch.setattr(train_module, "fully_supervised_loss", failing)
+    with pytest.raises(BmfnError, match=r"loss became nan at epoch 2, batch 1.*last\.pt \(epoch 1\)"):
+        train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(tmp_path / "run"), epochs=3, **FAST),
+              log=quiet)
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_provenance_difference_is_refused_unless_forced():
+    trained = dict(STORE_PROVENANCE)
+    other = {**trained, "visual": {**trained["visual"], "checksum": "random:1"}, "bmfn_version": "9", "dtype": "x"}
+    with pytest.raises(BmfnError, match=r"visual\.checksum 'random:0' \(checkpoint\) vs 'random:1'"):
+        check_provenance(trained, other)
+    assert check_provenance(trained, other, force=True) == ["visual.checksum 'random:0' (checkpoint) vs 'random:1'"]
+    assert check_provenance(trained, {**trained, "bmfn_version": "9", "dtype": "float32"}) == []
+
+
+def test_seeds_report_mean_and_std(tmp_path):
+    directory = make_ave_dir(tmp_path / "ave", n_clips=12)
+    result = train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(tmp_path / "run"), epochs=1, seeds=2,
+                               seed=3, **FAST), log=quiet)
+    assert [r.seed for r in result.runs] == [3, 4]
+    tests = [r.test_acc for r in result.runs]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["test_mean"] == pytest.approx(np.mean(tests))
+    assert summary["test_std"] == pytest.approx(np.std(tests, ddof=1))
+    assert (tmp_path / "run" / "seed-3" / "best.pt").is_file() and (tmp_path / "run" / "seed-4" / "last.pt").is_file()
+    assert latest_checkpoint(tmp_path) == result.best_checkpoint == Path(summary["best_checkpoint"])
+    with pytest.raises(BmfnError, match="no training run"):
+        latest_checkpoint(tmp_path / "run" / "seed-3")
+
+
+def test_cli_chain_train_then_evaluate_on_a_store(tmp_path, monkeypatch):
+    """The real BMFN configuration on a tiny store: `bmfn train` finds feats.h5, `bmfn evaluate` the newest run."""
+    one_hot = np.zeros((6, 10, 29), np.float32)
+    one_hot[..., ave.BACKGROUND] = 1
+    for i in range(6):
+        one_hot[i, 2:8, ave.BACKGROUND] = 0
+        one_hot[i, 2:8, i % 3] = 1
+    splits = ["train", "train", "train", "train", "val", "test"]
+    make_store(tmp_path / "feats.h5", n_clips=6, labels={f"vid{i:04d}": (one_hot[i], splits[i]) for i in range(6)})
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    argv = ["train", "--epochs", "1", "--batch-size", "4", "--quiet"]
+    monkeypatch.setattr("sys.argv", ["/somewhere/bin/bmfn", *argv])
+    result = runner.invoke(main, argv)
+    assert result.exit_code == 0, result.output
+    assert "feats.h5 found in the current folder" in result.output
+    assert "splits stored in feats.h5" in result.output
+    run_dirs = list((tmp_path / "runs").iterdir())
+    assert len(run_dirs) == 1 and run_dirs[0].name.startswith("fully-")
+    assert (run_dirs[0] / "command.txt").read_text() == "bmfn train --epochs 1 --batch-size 4 --quiet\n"
+
+    result = runner.invoke(main, ["evaluate", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.splitlines()[-1])
+    assert report["split"] == "test" and report["segments"] == 10 and report["clips"] == 1
+    assert Path(report["checkpoint"]).resolve() == (run_dirs[0] / "best.pt").resolve()
+    assert np.array(report["confusion"]).sum() == 10 and os.path.isfile(report["confusion_png"])
+
+    other = make_store(tmp_path / "other.h5", n_clips=6, labels={f"vid{i:04d}": (one_hot[i], splits[i]) for i in range(6)},
+                       provenance={**STORE_PROVENANCE, "visual": {**STORE_PROVENANCE["visual"], "checksum": "random:1"}})
+    result = runner.invoke(main, ["evaluate", "--features", str(other)])
+    assert result.exit_code == 1 and "made differently" in result.output and "visual.checksum" in result.output
+    result = runner.invoke(main, ["evaluate", "--features", str(other), "--force", "--split", "val"])
+    assert result.exit_code == 0 and "val segment accuracy" in result.output
+
+
+def test_select_on_test_is_said(tmp_path):
+    directory = make_ave_dir(tmp_path / "ave", n_clips=12)
+    logged = []
+    result = train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(tmp_path / "run"), epochs=1,
+                               select_on_test=True, **FAST), log=logged.append)
+    assert any("best TEST accuracy" in line for line in logged)
+    assert "optimistic" in result.summary() and result.runs[0].selected_on == "test"
