@@ -302,3 +302,15 @@ def test_sigkill_at_random_moments_keeps_every_complete_clip(tmp_path):
             assert_clip(store, cid, int(cid))
     assert not [p for p in (tmp_path / "feats.h5.parts").iterdir() if p.name != ".lock"]
     assert not list(tmp_path.glob("feats.h5.tmp-*"))
+
+
+def test_load_arrays_repeats_a_clip_asked_for_twice(tmp_path):
+    path = tmp_path / "feats.h5"
+    with FeatureStore.open(path, PROVENANCE) as store:
+        store.add_clip("a", *clip(0), path="a.mp4")
+        store.add_clip("b", *clip(1), path="b.mp4")
+    arrays = load_arrays(path, ["b", "a", "b"])
+    assert list(arrays["clip_ids"]) == ["b", "a", "b"]
+    np.testing.assert_array_equal(arrays["visual"][0], clip(1)[0])
+    np.testing.assert_array_equal(arrays["visual"][2], clip(1)[0])
+    np.testing.assert_array_equal(arrays["audio"][1], clip(0)[1])
