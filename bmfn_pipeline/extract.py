@@ -188,6 +188,8 @@ def extract(
     video id, so that `bmfn train` needs nothing else.
     """
     options = options or ExtractOptions()
+    if splits is not None and annotations is None:
+        raise BmfnError(f"split files in {splits} need the annotations they index (--annotations)")
     if options.dtype not in STORAGE_DTYPES:
         raise BmfnError(f"storage dtype {options.dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
     inputs = list(inputs)  # read twice: to find the videos and to name them in the error below
