@@ -1,0 +1,354 @@
+"""Localization: video files -> per-second audio-visual event labels from a trained BMFN checkpoint.
+
+Features are made exactly as the checkpoint's were (its stored provenance: visual source and weights, random
+seeds included, frames per second, VGGish alignment); other weights are refused unless forced.
+
+Videos of any length: BMFN sees 10 one-second segments at a time, so a longer video is cut into 10 s windows
+every `stride` seconds (the last one ending at the video's end) and each second's probabilities are the mean over
+the windows that contain it: the event probability sigmoid(event logit) is averaged, the class distribution
+softmax(class logits) is averaged and its argmax is the class. A second is an event when its mean event
+probability exceeds 0.5 (as model.predict_segments), labelled with that class; otherwise background (28). Its
+`class_prob` is always the mean probability of the top class, so a background second still says which event it
+most resembled and how strongly. A video of at most 10 seconds is one window, decoded and padded exactly as
+`bmfn extract` does, and gets labels only for the seconds it has (decode.py decides how many: 5 for 5.3 s).
+
+Speed: a long video is decoded once, in chunks; VGG-19 runs once per second of video (its per-second maps do not
+depend on the window); VGGish runs per window because the AVE framing (0.96 s hops) is relative to a window's
+start; BMFN runs on batches of windows shared by all the files of one call.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bmfn_pipeline.ave import BACKGROUND, SEGMENTS
+from bmfn_pipeline.decode import FRAME_SIZE, SAMPLE_RATE, DecodedClip, decode_clip, probe
+from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.evaluate import EVAL_BATCH_SIZE
+from bmfn_pipeline.extract import (FRAMES_PER_SECOND, ExtractOptions, features_provenance, load_extractors,
+                                   resolve_device)
+from bmfn_pipeline.model import BMFN
+from bmfn_pipeline.train import RUNS_DIR, check_provenance, latest_checkpoint, load_checkpoint
+from bmfn_pipeline.writers import STRIP_HEIGHT_PX, LocalizationResult, SecondLabel, plot_timeline
+
+WINDOW = SEGMENTS  # seconds BMFN sees at once: the 10 segments of an AVE clip (bmfn-reference.md)
+DEFAULT_STRIDE = 5  # seconds between window starts: each second of a long video is judged in two contexts
+EVENT_THRESHOLD = 0.5  # event probability above which a second is an event (model.predict_segments)
+CHUNK_SECONDS = 60  # seconds of a long video decoded at once: 60 x 16 frames x 150 kB bounds frames to ~150 MB
+KEYFRAME_STEP = max(1, FRAME_SIZE // STRIP_HEIGHT_PX)  # keyframes kept for the plot at its strip's resolution
+RANDOM_PREFIX = "random:"  # how a provenance records seeded random weights (extractors.weights.random_provenance)
+WEIGHT_CHOICES = ("checkpoint", "pretrained", "random")
+# decode.py notes on a window's geometry; a long video's chunk windows are internal here, so these say nothing.
+_CHUNK_NOTES = (" is shorter than ", " is longer than the window")
+
+
+def check_stride(stride: int) -> None:
+    if not 1 <= stride <= WINDOW:
+        raise BmfnError(f"stride {stride} s: expected 1 to {WINDOW} s (a longer one would leave seconds unlabelled)")
+
+
+def window_starts(seconds: int, stride: int = DEFAULT_STRIDE) -> list[int]:
+    """Start seconds of the windows covering `seconds` labelled seconds: every `stride` s, the last one ending
+    at the end (so every second is covered and every window is whole); one window when the video fits in one."""
+    check_stride(stride)
+    if seconds <= WINDOW:
+        return [0]
+    starts = list(range(0, seconds - WINDOW + 1, stride))
+    if starts[-1] != seconds - WINDOW:
+        starts.append(seconds - WINDOW)
+    return starts
+
+
+def merge_windows(seconds: int, starts: list[int], event_probs: np.ndarray,
+                  class_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-second event probabilities [seconds] and class distributions [seconds, C], each the mean over the
+    windows covering that second. event_probs [W, WINDOW] per window second; class_probs [W, C] per window."""
+    event = np.zeros(seconds)
+    classes = np.zeros((seconds, class_probs.shape[-1]))
+    count = np.zeros(seconds)
+    for start, window_event, window_classes in zip(starts, event_probs, class_probs):
+        span = slice(start, min(start + WINDOW, seconds))
+        event[span] += window_event[: span.stop - start]
+        classes[span] += window_classes
+        count[span] += 1
+    if not count.all():
+        raise ValueError(f"windows {starts} leave seconds of 0..{seconds - 1} uncovered")
+    return event / count, classes / count[:, None]
+
+
+def label_seconds(event: np.ndarray, classes: np.ndarray, duration_s: float) -> list[SecondLabel]:
+    """SecondLabels from merged probabilities (module docstring); the last second ends at the video's end."""
+    top = classes.argmax(axis=1)
+    labels = np.where(event > EVENT_THRESHOLD, top, BACKGROUND)
+    return [SecondLabel(float(t), float(min(t + 1, duration_s)), int(labels[t]), float(event[t]),
+                        float(classes[t, top[t]])) for t in range(len(event))]
+
+
+def timeline_path(plot_dir: str | os.PathLike, video: str | os.PathLike) -> Path:
+    """Where `--plot` writes a video's timeline PNG (named after the video, like the result files)."""
+    return Path(plot_dir) / f"{Path(video).stem}.png"
+
+
+@dataclass
+class _Video:
+    """One file between decoding and its last window's prediction."""
+
+    path: Path
+    duration_s: float
+    seconds: int  # labelled seconds
+    starts: list[int]
+    visual: np.ndarray  # [max(seconds, WINDOW), 7, 7, 512] per-second mean pool5 maps
+    audio: np.ndarray  # [windows, WINDOW, 128] VGGish embeddings per window
+    warnings: list[str]
+    keyframes: np.ndarray | None = None  # [seconds, h, w, 3] for the plot
+    waveform: np.ndarray | None = None
+    event: list[np.ndarray | None] = field(init=False)  # per window: [WINDOW] event probabilities
+    classes: list[np.ndarray | None] = field(init=False)  # per window: [C] class distribution
+
+    def __post_init__(self) -> None:
+        self.event, self.classes = [None] * len(self.starts), [None] * len(self.starts)
+
+    @property
+    def done(self) -> bool:
+        return all(e is not None for e in self.event)
+
+
+class Localizer:
+    """A loaded BMFN and the extractors matching its features; call `run` on any number of files."""
+
+    def __init__(self, model: BMFN, provenance: dict, *, checkpoint: str = "", epoch: int | None = None,
+                 stride: int = DEFAULT_STRIDE, device: str = "auto", batch_size: int = EVAL_BATCH_SIZE,
+                 frames_per_second: int | None = None, weights: str = "checkpoint",
+                 vgg19_weights: str | os.PathLike | None = None, vggish_weights: str | os.PathLike | None = None,
+                 seed: int | None = None, force: bool = False, log: Callable[[str], None] | None = None) -> None:
+        self.log = log or (lambda message: None)
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        check_stride(stride)
+        self.stride = stride
+        self.batch_size = batch_size
+        self.checkpoint = checkpoint or "(model given in Python)"
+        self.epoch = epoch
+        self.trained = provenance
+        self.options = self._options(frames_per_second, weights, vgg19_weights, vggish_weights, seed, force)
+        self.visual, self.audio = load_extractors(self.options, self.device)
+        self.provenance = features_provenance(self.options, self.visual, self.audio)
+        for difference in check_provenance(provenance, self.provenance, force=force,
+                                           what=f"localize with {self.checkpoint}"):
+            self.log(f"warning: --force: {difference}")
+        if self.options.random_seed is not None:
+            self.log(f"using RANDOM network weights (seed {self.options.random_seed}) as the checkpoint's features "
+                     "were made: labels are meaningful for tests and demos only")
+        self.timings = {"decode": 0.0, "visual": 0.0, "audio": 0.0, "model": 0.0}  # seconds, summed over calls
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | os.PathLike | None = None, *, runs_dir: str | os.PathLike = RUNS_DIR,
+                        device: str = "auto", **options) -> Localizer:
+        """Load `checkpoint` (default: the newest run's best.pt under `runs_dir`, said through `log`)."""
+        log = options.get("log") or (lambda message: None)
+        if checkpoint is None:
+            checkpoint = latest_checkpoint(runs_dir)
+            log(f"no checkpoint named: using the newest run's {checkpoint}")
+        model, meta = load_checkpoint(checkpoint, resolve_device(device))
+        return cls(model, meta.get("provenance") or {}, checkpoint=str(checkpoint), epoch=meta.get("epoch"),
+                   device=device, **options)
+
+    def _options(self, frames_per_second, weights, vgg19_weights, vggish_weights, seed, force) -> ExtractOptions:
+        """Extraction settings from the checkpoint's provenance; asking for other weights is refused here, before
+        any weights are loaded (or downloaded), unless forced."""
+        if weights not in WEIGHT_CHOICES:
+            raise BmfnError(f"weights {weights!r}: choose one of {', '.join(WEIGHT_CHOICES)}")
+        trained = self.trained
+        visual = trained.get("visual") or {}
+        checksum = str(visual.get("checksum") or "")
+        trained_seed = int(checksum[len(RANDOM_PREFIX):]) if checksum.startswith(RANDOM_PREFIX) else None
+        files = vgg19_weights is not None or vggish_weights is not None
+        if weights == "random":
+            random_seed = seed if seed is not None else (trained_seed if trained_seed is not None else 0)
+        elif weights == "pretrained" or files or trained_seed is None:
+            random_seed = None
+        else:
+            random_seed = trained_seed if seed is None else seed
+        if (random_seed is None) != (trained_seed is None) and not force:
+            made = f"random networks ({checksum})" if trained_seed is not None else "pretrained networks"
+            asked = f"random weights (seed {random_seed})" if random_seed is not None else "pretrained weights"
+            raise BmfnError(f"{self.checkpoint}: the checkpoint was trained on features of {made} but {asked} were "
+                            "asked for; its labels would be meaningless (--force to go on anyway)")
+        return ExtractOptions(
+            frames_per_second=frames_per_second or trained.get("frames_per_second") or FRAMES_PER_SECOND,
+            visual_source=visual.get("source") or ExtractOptions.visual_source,
+            vgg19_weights=vgg19_weights, vggish_weights=vggish_weights, random_seed=random_seed,
+            alignment=trained.get("alignment") or ExtractOptions.alignment,
+        )
+
+    def run(self, paths: Iterable[str | os.PathLike], *, plot_dir: str | os.PathLike | None = None
+            ) -> Iterator[tuple[Path, LocalizationResult | BmfnError]]:
+        """(path, result) per file in input order, or (path, BmfnError) for a file that failed; the others go on.
+
+        Files are decoded and featurised one at a time; their windows queue up and go through BMFN in batches of
+        `batch_size` windows, across files. With `plot_dir`, each file's timeline PNG is written there.
+        """
+        pending: deque[tuple[Path, _Video | BmfnError]] = deque()
+        queue: list[tuple[_Video, int]] = []
+        for path in map(Path, paths):
+            try:
+                video = self._prepare(path, keep_media=plot_dir is not None)
+            except BmfnError as exc:
+                pending.append((path, exc))
+            else:
+                pending.append((path, video))
+                queue += [(video, w) for w in range(len(video.starts))]
+            while len(queue) >= self.batch_size:
+                self._predict(queue[: self.batch_size])
+                del queue[: self.batch_size]
+            yield from self._finished(pending, plot_dir)
+        if queue:
+            self._predict(queue)
+        yield from self._finished(pending, plot_dir)
+
+    def _finished(self, pending: deque, plot_dir) -> Iterator[tuple[Path, LocalizationResult | BmfnError]]:
+        while pending and (isinstance(pending[0][1], BmfnError) or pending[0][1].done):
+            path, video = pending.popleft()
+            if isinstance(video, BmfnError):
+                yield path, video
+                continue
+            result = self._result(video)
+            if plot_dir is not None:
+                try:
+                    plot_timeline(result, video.keyframes, video.waveform, timeline_path(plot_dir, path))
+                except BmfnError as exc:
+                    yield path, exc
+                    continue
+            yield path, result
+
+    def _result(self, video: _Video) -> LocalizationResult:
+        event, classes = merge_windows(video.seconds, video.starts, np.stack(video.event), np.stack(video.classes))
+        model = {"checkpoint": self.checkpoint, "mode": self.model.config.mode, "epoch": self.epoch,
+                 "window_s": WINDOW, "stride_s": self.stride, "windows": len(video.starts),
+                 "device": str(self.device), "features": self.provenance}
+        return LocalizationResult(str(video.path), video.duration_s, label_seconds(event, classes, video.duration_s),
+                                  video.warnings, model)
+
+    # ------------------------------------------------------------------------------------------ one file
+
+    def _prepare(self, path: Path, keep_media: bool) -> _Video:
+        """Decode and featurise one file: per-second visual maps and per-window audio embeddings."""
+        began = time.perf_counter()
+        try:
+            info = probe(path)
+            seconds = info.segments
+            if seconds == WINDOW:  # as long as a window or longer: count every second (decode.py's rule)
+                seconds = probe(path, seconds=math.ceil(info.duration_s) + 1).segments
+        except BmfnError:
+            raise
+        except Exception as exc:  # a demuxer crash on one file must not end the run
+            raise BmfnError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
+        self.timings["decode"] += time.perf_counter() - began
+        starts = window_starts(seconds, self.stride)
+        if seconds <= WINDOW:
+            visual, waveform, keyframes, warnings = self._short_video(path, seconds, keep_media)
+        else:
+            visual, waveform, keyframes, warnings = self._long_video(path, seconds, keep_media)
+        began = time.perf_counter()
+        audio = self.audio.batch([waveform[s * SAMPLE_RATE:(s + WINDOW) * SAMPLE_RATE] for s in starts], WINDOW)
+        self.timings["audio"] += time.perf_counter() - began
+        media_end = min(len(waveform), math.ceil(info.duration_s * SAMPLE_RATE))
+        return _Video(path, info.duration_s, seconds, starts, visual, audio, warnings, keyframes,
+                      waveform[:media_end] if keep_media else None)
+
+    def _decode(self, path: Path, **window) -> DecodedClip:
+        began = time.perf_counter()
+        try:
+            # A video without sound is still labelled (as silence: no audio-visual event), with decode's warning.
+            return decode_clip(path, frames_per_second=self.options.frames_per_second, allow_silent=True, **window)
+        except BmfnError:
+            raise
+        except Exception as exc:  # a decoder crash on one file must not end the run
+            raise BmfnError(f"{path}: cannot decode ({type(exc).__name__}: {exc})") from None
+        finally:
+            self.timings["decode"] += time.perf_counter() - began
+
+    def _keyframes(self, frames: np.ndarray) -> np.ndarray:
+        """The middle sample of each second, at the plot strip's resolution."""
+        return frames[:, frames.shape[1] // 2, ::KEYFRAME_STEP, ::KEYFRAME_STEP].copy()
+
+    def _short_video(self, path: Path, seconds: int, keep_media: bool):
+        """One window decoded as `bmfn extract` decodes a clip (AVE frame indices, padding past the end)."""
+        clip = self._decode(path, seconds=WINDOW)
+        real = clip.info.segments
+        began = time.perf_counter()
+        maps = self.visual.segments(clip.frames[:real])
+        if real < WINDOW:
+            # Padding segments repeat one frame (decode.py), so their mean maps are that frame's map: one forward.
+            padding = self.visual.segments(clip.frames[real:real + 1, :1])
+            maps = np.concatenate([maps, np.repeat(padding, WINDOW - real, axis=0)])
+        self.timings["visual"] += time.perf_counter() - began
+        keyframes = self._keyframes(clip.frames[:seconds]) if keep_media else None
+        return maps, clip.audio, keyframes, clip.warnings
+
+    def _long_video(self, path: Path, seconds: int, keep_media: bool):
+        """Chunks of CHUNK_SECONDS decoded with wall-clock frame indices, so frame times never drift from the
+        audio. decode.py picks AVE indices (fixed frames per segment, drifting at non-integer rates) for a decode
+        from 0 s whose length is within 0.5 s of the clip's; the first chunk asks for a length that is not."""
+        maps, waves, keyframes, warnings = [], [], [], []
+        for start in range(0, seconds, CHUNK_SECONDS):
+            count = min(CHUNK_SECONDS, seconds - start)
+            length = (seconds + 1 if seconds <= CHUNK_SECONDS else CHUNK_SECONDS) if start == 0 else count
+            clip = self._decode(path, seconds=length, start_s=float(start))
+            began = time.perf_counter()
+            maps.append(self.visual.segments(clip.frames[:count]))
+            self.timings["visual"] += time.perf_counter() - began
+            waves.append(clip.audio[: count * SAMPLE_RATE])
+            if keep_media:
+                keyframes.append(self._keyframes(clip.frames[:count]))
+            warnings += [w for w in clip.warnings if not any(note in w for note in _CHUNK_NOTES)]
+        return (np.concatenate(maps), np.concatenate(waves), np.concatenate(keyframes) if keep_media else None,
+                list(dict.fromkeys(warnings)))
+
+    @torch.inference_mode()
+    def _predict(self, items: list[tuple[_Video, int]]) -> None:
+        """One BMFN forward over windows of possibly several files; stores each window's probabilities."""
+        began = time.perf_counter()
+        visual = np.stack([video.visual[video.starts[w]:video.starts[w] + WINDOW] for video, w in items])
+        audio = np.stack([video.audio[w] for video, w in items])
+        output = self.model(torch.from_numpy(visual).to(self.device), torch.from_numpy(audio).to(self.device))
+        event = torch.sigmoid(output.event_logits.float()).cpu().numpy()
+        classes = torch.softmax(output.class_logits.float(), dim=-1).cpu().numpy()
+        for (video, w), window_event, window_classes in zip(items, event, classes):
+            video.event[w], video.classes[w] = window_event, window_classes
+        self.timings["model"] += time.perf_counter() - began
+
+
+def localize(paths: str | os.PathLike | Iterable[str | os.PathLike], checkpoint: str | os.PathLike | None = None,
+             *, stride: int = DEFAULT_STRIDE, device: str = "auto", batch_size: int = EVAL_BATCH_SIZE,
+             frames_per_second: int | None = None, weights: str = "checkpoint",
+             vgg19_weights: str | os.PathLike | None = None, vggish_weights: str | os.PathLike | None = None,
+             seed: int | None = None, force: bool = False, plot_dir: str | os.PathLike | None = None,
+             runs_dir: str | os.PathLike = RUNS_DIR, log: Callable[[str], None] | None = None
+             ) -> LocalizationResult | list[LocalizationResult | BmfnError]:
+    """Per-second labels of one video (a LocalizationResult; a failure raises BmfnError) or of a list of videos
+    (a list in the same order, where a file that failed holds its BmfnError so the others' results are kept).
+
+    `checkpoint` defaults to the newest run's best.pt under `runs_dir`; `frames_per_second` and the weights
+    default to those the checkpoint's features were made with; see the module docstring for windows and labels.
+    """
+    single = isinstance(paths, (str, os.PathLike))
+    localizer = Localizer.from_checkpoint(
+        checkpoint, runs_dir=runs_dir, device=device, stride=stride, batch_size=batch_size,
+        frames_per_second=frames_per_second, weights=weights, vgg19_weights=vgg19_weights,
+        vggish_weights=vggish_weights, seed=seed, force=force, log=log)
+    outcomes = [outcome for _, outcome in localizer.run([paths] if single else paths, plot_dir=plot_dir)]
+    if single:
+        if isinstance(outcomes[0], BmfnError):
+            raise outcomes[0]
+        return outcomes[0]
+    return outcomes

