@@ -21,7 +21,10 @@ and have silent audio.
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -131,13 +134,60 @@ def decode_clip(path: str | os.PathLike, *, seconds: int = SEGMENTS, frames_per_
         if info.audio_index is None and not allow_silent:
             raise BmfnError(f"{path}: no audio stream (pass allow_silent=True to use silence)")
         warnings = _header_warnings(info)
-        frames = _decode_frames(path, container, info, frames_per_second, warnings)
         if info.audio_index is None:
+            frames = _decode_frames(path, container, info, frames_per_second, warnings)
             audio = np.zeros(seconds * SAMPLE_RATE, np.float32)
             warnings.append(f"{path}: no audio stream, using silence")
         else:
-            audio = _decode_audio(path, container, info)
+            # Audio (decode + resampy, which release the GIL) runs on its own demuxer beside the video pass.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                audio_future = pool.submit(_decode_audio_file, path, info)
+                frames = _decode_frames(path, container, info, frames_per_second, warnings)
+                audio = audio_future.result()
     return DecodedClip(frames=frames, audio=audio, info=info, warnings=warnings)
+
+
+def _decode_audio_file(path: str | os.PathLike, info: ClipInfo) -> np.ndarray:
+    with _open(path) as container:
+        return _decode_audio(path, container, info)
+
+
+def decode_or_error(path: Path, seconds: int, frames_per_second: int) -> DecodedClip | str:
+    """A decoded clip, or the one-line reason it could not be decoded (the entry point of decoding workers)."""
+    try:
+        return decode_clip(path, seconds=seconds, frames_per_second=frames_per_second)
+    except BmfnError as exc:
+        return str(exc)
+    except Exception as exc:  # a decoder crash on one file must not end the run
+        return f"{path}: cannot decode ({type(exc).__name__}: {exc})"
+
+
+def decode_many(
+    paths: list[Path], *, seconds: int = SEGMENTS, frames_per_second: int = FRAMES_PER_SEGMENT, workers: int = 1
+) -> Iterator[tuple[Path, DecodedClip | str]]:
+    """Decode in `workers` processes, in order, with at most 2 clips per worker in flight to bound memory.
+
+    Workers import this module only (PyAV, OpenCV, resampy), not torch, so they start fast.
+    """
+    if workers <= 0:
+        for path in paths:
+            yield path, decode_or_error(path, seconds, frames_per_second)
+        return
+    # spawn, not fork: the parent may hold CUDA state and threads that a fork would copy half-way.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        pending: list[tuple[Path, Future]] = []
+        todo = iter(paths)
+        for path in todo:
+            pending.append((path, pool.submit(decode_or_error, path, seconds, frames_per_second)))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            path, future = pending.pop(0)
+            next_path = next(todo, None)
+            if next_path is not None:
+                pending.append((next_path, pool.submit(decode_or_error, next_path, seconds, frames_per_second)))
+            yield path, future.result()
 
 
 def _open(path: str | os.PathLike) -> av.container.InputContainer:
@@ -300,7 +350,6 @@ def _decode_audio(path, container, info: ClipInfo) -> np.ndarray:
     begin_s = max(0.0, info.start_s - AUDIO_MARGIN_S)
     end_s = info.start_s + info.seconds + AUDIO_MARGIN_S
     stream_start = (stream.start_time or 0) * stream.time_base
-    # the video pass has moved the demuxer on: go back to the window's audio
     container.seek(int((Fraction(begin_s) + stream_start) / stream.time_base), stream=stream, backward=True)
     chunks, first_s, resampler = [], None, None
     try:
