@@ -97,23 +97,30 @@ def probe(files, as_json, frames_per_second) -> None:
               help="VGGish framing: 'ave' = 0.96 s hops as released; 'exact' = one example per 1 s window.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
-              help="VGG-19 compute precision (auto: bfloat16 on CUDA, float32 on CPU).")
+              help="VGG-19 compute precision (auto: bfloat16 on CUDA and on CPUs with native bf16, else float32).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Frames per VGG-19 batch.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage dtype of the features.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(0),
               help="Decoding processes running beside the networks (0: decode in the main process).")
+@click.option("--shard", metavar="I/N",
+              help="Extract only shard I of N (0-based, by a hash of the clip id) into OUT's shard file "
+                   "(feats.shard-0000I-of-0000N.h5); join the shards with `bmfn merge`. Under torchrun the ranks "
+                   "pick their shards themselves.")
 def extract(inputs, out, annotations, splits, frames_per_second, visual_source, vgg19_weights, vggish_weights,
-            weights_kind, seed, alignment, device, precision, batch_size, dtype, workers) -> None:
+            weights_kind, seed, alignment, device, precision, batch_size, dtype, workers, shard) -> None:
     """Extract per-second VGG-19 pool5 maps and VGGish embeddings from videos into a feature store.
 
     INPUTS are video files, folders (searched recursively) or .txt files listing paths.
     Rerunning skips clips already extracted; a failed clip is recorded and the others go on.
 
     \b
-    Example:
+    Examples:
       bmfn extract videos/ --out feats.h5 --annotations Annotations.txt --splits ave/
+      bmfn extract videos/ --out feats.h5 --shard 3/8        # one job of a scheduler's array
+      torchrun --nproc-per-node 8 -m bmfn_pipeline extract videos/ --out feats.h5
     """
+    from bmfn_pipeline.distributed import Shard
     from bmfn_pipeline.extract import ExtractOptions, extract as run_extract
 
     options = ExtractOptions(
@@ -124,14 +131,15 @@ def extract(inputs, out, annotations, splits, frames_per_second, visual_source, 
     if options.random_seed is not None:
         click.echo(f"bmfn: using RANDOM network weights (seed {seed}): features are for tests and demos only, "
                    "and the store records it", err=True)
-    summary = run_extract(inputs, out, options, annotations=annotations, splits=splits)
+    summary = run_extract(inputs, out, options, annotations=annotations, splits=splits,
+                          shard=Shard.parse(shard) if shard else None)
     click.echo(summary.line())
     if summary.unlabelled:
         click.echo(f"without an annotation row (kept, unlabelled): {', '.join(summary.unlabelled[:10])}"
                    + (" ..." if len(summary.unlabelled) > 10 else ""))
     if summary.failed:
         raise BmfnError(f"{len(summary.failed)} of {len(summary.failed) + len(summary.done) + len(summary.skipped)} "
-                        f"clips failed; their errors are above and recorded in {out}")
+                        f"clips failed; their errors are above and recorded in {summary.out}")
 
 
 @main.command("export-ave")
@@ -152,6 +160,26 @@ def export_ave(store, annotations, out_dir, dtype) -> None:
 
     for path in run_export(store, annotations, out_dir, dtype=dtype):
         click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("stores", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
+              help="The merged store; it may be one of STORES (to extend it), else it must not exist.")
+@click.option("--allow-missing", is_flag=True, help="Merge even when shard files named *.shard-I-of-N.* are missing.")
+def merge(stores, out, allow_missing) -> None:
+    """Join feature stores, e.g. the shards of `bmfn extract --shard` or of a torchrun extraction.
+
+    Their provenance must agree; a clip in two stores is kept once if its features are identical and refused
+    otherwise. Labels and failures are carried over. The merged file is written whole, then swapped in.
+
+    \b
+    Example:
+      bmfn merge feats.shard-*.h5 --out feats.h5
+    """
+    from bmfn_pipeline.distributed import merge_shards
+
+    click.echo(merge_shards(stores, out, allow_missing=allow_missing).line())
 
 
 def _milestones(ctx, param, value):
@@ -205,9 +233,11 @@ def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size,
       bmfn train                                 # feats.h5 in this folder
       bmfn train --ave-dir AVE/ --mode weakly --seeds 3
       bmfn train --resume runs/fully-20250101-120000 --epochs 300
+      torchrun --nproc-per-node 4 -m bmfn_pipeline train --features feats.h5   # DDP; --batch-size stays global
     """
     import shlex
 
+    from bmfn_pipeline.distributed import rank_env
     from bmfn_pipeline.train import TrainConfig, train as run_train
 
     config = TrainConfig(mode=mode, ave_dir=ave_dir, features=features, annotations=annotations, splits=splits,
@@ -216,8 +246,9 @@ def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size,
                          precision=precision, select_on_test=select_on_test, force=force, resume=resume,
                          progress=not quiet, command=shlex.join(["bmfn", *sys.argv[1:]]))
     result = run_train(config, log=click.echo)
-    click.echo(result.summary())
-    click.echo(f"best checkpoint: {result.best_checkpoint}")
+    if rank_env().is_main:  # under torchrun, rank 0 speaks for all
+        click.echo(result.summary())
+        click.echo(f"best checkpoint: {result.best_checkpoint}")
 
 
 @main.command()
@@ -253,6 +284,102 @@ def evaluate(checkpoint, split, ave_dir, features, annotations, splits, batch_si
     result = run_evaluate(checkpoint, split=split, ave_dir=ave_dir, features=features, annotations=annotations,
                           splits=splits, batch_size=batch_size, device=device, precision=precision, force=force)
     click.echo(json.dumps(result.to_dict()) if as_json else result.summary())
+
+
+def _output_format(ctx, param, value):
+    from bmfn_pipeline.writers import FORMATS
+
+    if value not in (*FORMATS, "all"):
+        raise click.BadParameter(f"{value!r}: choose from {', '.join(FORMATS)}, all")
+    return value
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
+              help="A best.pt or last.pt. Default: the newest run's best.pt under runs/.")
+@click.option("--format", "output_format", default="table", show_default=True, callback=_output_format,
+              help="table, json, csv, srt, vtt; or all (with --output-dir). Without --output-dir it goes to stdout.")
+@click.option("--output-dir", type=click.Path(file_okay=False),
+              help="Write <file stem>.<ext> per input per format here; the table is still printed.")
+@click.option("--plot", is_flag=True,
+              help="Write a timeline PNG per input (keyframes, waveform, label bars) to --output-dir, else here.")
+@click.option("--stride", default=5, show_default=True, type=click.IntRange(1, 10),
+              help="Seconds between the 10 s windows of a longer video; each second's probabilities are averaged.")
+@click.option("--frames-per-second", type=click.IntRange(1, 64),
+              help="Frames per second for VGG-19. Default: what the checkpoint's features used.")
+@click.option("--weights", "weights_kind", type=click.Choice(["checkpoint", "pretrained", "random"]),
+              default="checkpoint", show_default=True,
+              help="Extractor weights; 'checkpoint': the kind its features were made with (random ones rebuilt "
+                   "from their seed). Others are refused without --force.")
+@click.option("--seed", type=int, help="Seed of --weights random. Default: the checkpoint's.")
+@click.option("--vgg19-weights", type=click.Path(exists=True, dir_okay=False), help="Local VGG-19 weight file.")
+@click.option("--vggish-weights", type=click.Path(exists=True, dir_okay=False), help="Local vggish-10086976.pth.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1),
+              help="10 s windows per BMFN batch, shared by all files.")
+@click.option("--force", is_flag=True, help="Go on when the features would differ from the checkpoint's.")
+def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_per_second, weights_kind, seed,
+             vgg19_weights, vggish_weights, device, batch_size, force) -> None:
+    """Label every second of each video: start-end, label, event probability, class probability, then a summary.
+
+    Videos longer than 10 s are cut into 10 s windows every --stride seconds. A file that fails gives a one-line
+    error; the others are still labelled and the exit code is 1.
+
+    \b
+    Examples:
+      bmfn localize clip.mp4
+      bmfn localize a.mp4 b.webm --checkpoint runs/fully-20250101-120000/best.pt --format all --output-dir out --plot
+    """
+    from bmfn_pipeline.localize import Localizer, timeline_path
+    from bmfn_pipeline.writers import FORMATS, get_writer
+
+    if output_format == "all" and output_dir is None:
+        raise BmfnError("--format all writes one file per format: give --output-dir")
+    formats = FORMATS if output_format == "all" else (output_format,)
+    to_files = [get_writer(name, output_dir) for name in formats] if output_dir is not None else []
+    to_stdout = get_writer("table" if output_dir is not None else output_format, None)
+    localizer = Localizer.from_checkpoint(
+        checkpoint, device=device, stride=stride, batch_size=batch_size, frames_per_second=frames_per_second,
+        weights=weights_kind, vgg19_weights=vgg19_weights, vggish_weights=vggish_weights, seed=seed, force=force,
+        log=lambda message: click.echo(f"bmfn: {message}", err=True))
+    plot_dir = (output_dir if output_dir is not None else ".") if plot else None
+    failed = 0
+    for path, result in localizer.run(files, plot_dir=plot_dir):
+        if isinstance(result, BmfnError):
+            click.echo(f"bmfn: error: {result}", err=True)
+            failed += 1
+            continue
+        to_stdout(result)
+        for write in to_files:
+            click.echo(f"wrote {write(result)}", err=True)
+        if plot_dir is not None:
+            click.echo(f"wrote {timeline_path(plot_dir, path)}", err=True)
+    if failed:
+        raise BmfnError(f"{failed} of {len(files)} files failed; their errors are above")
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False),
+              help="A new or empty folder for everything the demo writes. Default: ./bmfn-demo (-2, -3, ... if taken).")
+@click.option("--quick", is_flag=True, help="A much smaller run (about a minute), as the tests use.")
+@click.option("--clips", type=click.IntRange(6), help="Synthetic clips to make (default 96; 12 with --quick).")
+@click.option("--epochs", type=click.IntRange(1), help="Training epochs (default 20; 8 with --quick).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the dataset, the random networks and training.")
+def demo(out, quick, clips, epochs, seed) -> None:
+    """Show the whole pipeline working with nothing downloaded: synthesise audio-visual event clips, extract
+    features with RANDOM networks, train BMFN, localize held-out clips and compare with the truth.
+
+    Takes under 10 minutes on 2 CPU cores; everything goes into one folder.
+
+    \b
+    Examples:
+      bmfn demo
+      bmfn demo --quick --out /tmp/demo
+    """
+    from bmfn_pipeline.demo import run_demo
+
+    run_demo(out, quick=quick, clips=clips, epochs=epochs, seed=seed, log=click.echo)
 
 
 if __name__ == "__main__":

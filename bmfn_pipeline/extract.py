@@ -7,11 +7,9 @@ recorded with its error while the others go on.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +19,8 @@ from tqdm import tqdm
 
 from bmfn_pipeline import __version__
 from bmfn_pipeline.ave import load_splits, read_annotations
-from bmfn_pipeline.decode import DecodedClip, decode_clip
+from bmfn_pipeline.decode import DecodedClip, decode_many
+from bmfn_pipeline.distributed import Shard, finish_together, rank_device, rank_env, resolve_shard
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.store import STORAGE_DTYPES, FeatureStore, labels_from_annotations
 from extractors.vgg19 import VisualExtractor, load_visual_extractor
@@ -49,7 +48,7 @@ class ExtractOptions:
     alignment: str = "ave"  # VGGish framing: 'ave' (0.96 s hops, as released) or 'exact' (1 s windows)
     dtype: str = "float32"  # storage dtype
     device: str = "auto"
-    precision: str = "auto"  # VGG-19 compute: float32, or bfloat16 (auto: bf16 on CUDA, float32 on CPU)
+    precision: str = "auto"  # VGG-19 compute: float32 or bfloat16 (auto: bf16 where it is fast, see fast_bfloat16)
     batch_size: int = 64  # frames per VGG-19 forward
     workers: int = 1  # decoding processes; 0 decodes in the main process
 
@@ -75,6 +74,17 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BmfnError(f"--device {device}: no CUDA device is available here")
     return torch.device(device)
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether bf16 VGG-19 is faster than float32 here: CUDA, or a CPU with native bf16 (AVX512-BF16, AMX).
+
+    bf16 pool5 maps stay within about 4e-5 cosine distance of float32 (benchmarks/extract.py reports it),
+    far inside the 1e-2 the features allow; elsewhere bf16 is emulated and slower, so float32 is kept.
+    """
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def find_videos(inputs: Iterable[str | os.PathLike]) -> list[Path]:
@@ -103,7 +113,7 @@ def load_extractors(options: ExtractOptions, device: torch.device) -> tuple[Visu
         raise BmfnError("random weights were asked for together with weight files: choose one")
     precision = options.precision
     if precision == "auto":
-        precision = "bfloat16" if device.type == "cuda" else "float32"
+        precision = "bfloat16" if fast_bfloat16(device) else "float32"
     visual = load_visual_extractor(
         options.visual_source,
         options.vgg19_weights,
@@ -120,50 +130,18 @@ def load_extractors(options: ExtractOptions, device: torch.device) -> tuple[Visu
 
 def features_provenance(options: ExtractOptions, visual: VisualExtractor, audio: AudioExtractor) -> dict:
     """What made the features: recorded in the store and in every checkpoint trained on it."""
+    visual_record = dict(visual.provenance)
     return {
         "bmfn_version": __version__,
-        "visual": visual.provenance,
+        # bf16 and float32 maps agree to ~4e-5 cosine distance: a run setting, not a different feature space
+        "precision": visual_record.pop("precision"),
+        "visual": visual_record,
         "audio": audio.provenance,
         "frames_per_second": options.frames_per_second,
         "seconds": options.seconds,
         "alignment": options.alignment,
         "dtype": options.dtype,
     }
-
-
-def _decode(path: Path, seconds: int, frames_per_second: int) -> DecodedClip | str:
-    """Worker entry point: a decoded clip, or the one-line reason it could not be decoded."""
-    try:
-        return decode_clip(path, seconds=seconds, frames_per_second=frames_per_second)
-    except BmfnError as exc:
-        return str(exc)
-    except Exception as exc:  # a decoder crash on one file must not end the run
-        return f"{path}: cannot decode ({type(exc).__name__}: {exc})"
-
-
-def decoded_clips(
-    paths: list[Path], seconds: int, frames_per_second: int, workers: int
-) -> Iterator[tuple[Path, DecodedClip | str]]:
-    """Decode in `workers` processes, in order, with at most 2 clips per worker in flight to bound memory."""
-    if workers <= 0:
-        for path in paths:
-            yield path, _decode(path, seconds, frames_per_second)
-        return
-    # spawn, not fork: the parent may hold CUDA state and threads that a fork would copy half-way.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        pending: list[tuple[Path, Future]] = []
-        todo = iter(paths)
-        for path in todo:
-            pending.append((path, pool.submit(_decode, path, seconds, frames_per_second)))
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            path, future = pending.pop(0)
-            next_path = next(todo, None)
-            if next_path is not None:
-                pending.append((next_path, pool.submit(_decode, next_path, seconds, frames_per_second)))
-            yield path, future.result()
 
 
 def clip_features(clip: DecodedClip, visual: VisualExtractor, audio: AudioExtractor) -> tuple[np.ndarray, np.ndarray]:
@@ -181,11 +159,13 @@ def extract(
     splits: str | os.PathLike | None = None,
     progress: bool = True,
     on_clip: Callable[[str], None] | None = None,
+    shard: Shard | None = None,
 ) -> ExtractSummary:
     """Extract every video under `inputs` into the store `out`, skipping clips it already holds.
 
     With `annotations` (and `splits`), each clip's labels and split are stored beside its features, matched by
-    video id, so that `bmfn train` needs nothing else.
+    video id, so that `bmfn train` needs nothing else. With `shard` (or RANK/WORLD_SIZE under torchrun) only the
+    clips of that shard are extracted, into the shard's own store beside `out` (`Shard.path`).
     """
     options = options or ExtractOptions()
     if splits is not None and annotations is None:
@@ -196,7 +176,11 @@ def extract(
     paths = find_videos(inputs)
     if not paths:
         raise BmfnError(f"no video files found in {', '.join(map(str, inputs))}")
-    device = resolve_device(options.device)
+    shard = resolve_shard(shard)
+    if shard is not None:  # an empty shard still gets its (empty) store, so `bmfn merge` sees every shard
+        paths, out = [path for path in paths if shard.holds(clip_id(path))], shard.path(out)
+        progress = progress and rank_env().local_rank == 0  # one bar per machine under torchrun
+    device = rank_device(resolve_device(options.device))
     visual, audio = load_extractors(options, device)
     provenance = features_provenance(options, visual, audio)
     summary = ExtractSummary(Path(out))
@@ -218,7 +202,7 @@ def extract(
                 todo.append(path)
         bar = tqdm(total=len(todo), unit="clip", disable=not progress, dynamic_ncols=True)
         try:
-            for path, clip in decoded_clips(todo, options.seconds, options.frames_per_second, options.workers):
+            for path, clip in decode_many(todo, seconds=options.seconds, frames_per_second=options.frames_per_second, workers=options.workers):
                 cid = clip_id(path)
                 if not isinstance(clip, str):
                     try:
@@ -241,6 +225,7 @@ def extract(
             store.consolidate()
         if annotations is not None:
             summary.unlabelled = label_store(store, annotations, splits)
+    finish_together()
     return summary
 
 

@@ -51,7 +51,7 @@ AUDIO_SHAPE = (SEGMENTS, 128)
 LABEL_SHAPE = (SEGMENTS, NUM_CLASSES)
 STORAGE_DTYPES = ("float32", "float16")
 # Provenance keys that describe the run rather than the features: they may differ between appends.
-RUN_KEYS = frozenset({"bmfn_version", "created", "device", "batch_size", "workers", "command"})
+RUN_KEYS = frozenset({"bmfn_version", "created", "device", "precision", "batch_size", "workers", "command"})
 # Clips copied per read/write while consolidating or exporting (about 64 MiB of float32 visual features).
 COPY_BLOCK = 64
 # HDF5 chunk cache per dataset, large enough to hold one float32 visual clip (1 MiB) several times over.
@@ -408,18 +408,9 @@ class FeatureStore:
         keep = [(cid, i) for cid, i in self._main_index.items() if cid not in self._parts]
         new = list(self._parts.items())
         ids = [cid for cid, _ in keep] + [cid for cid, _ in new]
-        n = len(ids)
-        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(tmp, "w") as out:
-            out.attrs["format_version"] = FORMAT_VERSION
-            out.attrs["provenance"] = json.dumps(self.provenance, sort_keys=True)
-            # maxshape: HDF5 refuses chunks larger than an empty store's shape unless the first axis may grow.
-            visual, audio = (out.create_dataset(name, (n, *shape), self.dtype, chunks=(1, *shape),
-                                                maxshape=(None, *shape))
-                             for name, shape in (("visual", VISUAL_SHAPE), ("audio", AUDIO_SHAPE)))
-            paths, notes = [], []
-            self._copy_main(keep, visual, audio, paths, notes)
+
+        def fill(visual: h5py.Dataset, audio: h5py.Dataset) -> tuple[list[str], list[str]]:
+            paths, notes = _copy_rows(self._main, [i for _, i in keep], visual, audio, 0) if keep else ([], [])
             for row, (cid, part) in enumerate(new, start=len(keep)):
                 try:
                     with h5py.File(part.path, "r") as f:
@@ -429,47 +420,14 @@ class FeatureStore:
                 except (OSError, KeyError) as err:  # only a power loss can leave a renamed part incomplete
                     raise BmfnError(f"{part.path}: unreadable journal part ({err}); delete it and rerun "
                                     "to extract that clip again") from None
-            out.create_dataset("clip_ids", data=ids, dtype=_STR)
-            out.create_dataset("paths", data=paths, dtype=_STR)
-            out.create_dataset("warnings", data=notes, dtype=_STR)
-            if self._labels:
-                given = [self._labels.get(cid) for cid in ids]
-                out["labels"] = np.stack([g.segments if g else np.zeros(LABEL_SHAPE, np.float32) for g in given]
-                                         ) if n else np.zeros((0, *LABEL_SHAPE), np.float32)
-                out["has_label"] = np.array([g is not None for g in given], dtype=bool)
-                out.create_dataset("split", data=[g.split if g else "" for g in given], dtype=_STR)
-                _write_label_table(out.create_group("label_table"), self._labels)
-            failed = self.failures()
-            group = out.create_group("failed")
-            group.create_dataset("clip_ids", data=list(failed), dtype=_STR)
-            group.create_dataset("paths", data=[p for p, _ in failed.values()], dtype=_STR)
-            group.create_dataset("errors", data=[e for _, e in failed.values()], dtype=_STR)
-        _fsync(tmp)
+            return paths, notes
+
+        tmp = _write_store(self.path, self.provenance, self.dtype, ids, fill, self._labels, self.failures())
         if self._main is not None:
             self._main.close()  # Windows cannot replace an open file
             self._main = None
         os.replace(tmp, self.path)
         _fsync(self.path.parent)
-
-    def _copy_main(self, keep: list[tuple[str, int]], visual: h5py.Dataset, audio: h5py.Dataset,
-                   paths: list[str], notes: list[str]) -> None:
-        """Copy the kept clips of the old main file in runs of consecutive rows, ``COPY_BLOCK`` at a time."""
-        if not keep:
-            return
-        src = self._main
-        old = np.array([i for _, i in keep])
-        old_paths, old_notes = _strings(src["paths"][()]), _strings(src["warnings"][()])
-        paths += [old_paths[i] for i in old]
-        notes += [old_notes[i] for i in old]
-        start = 0
-        while start < len(old):
-            stop = start + 1
-            while stop < len(old) and stop - start < COPY_BLOCK and old[stop] == old[stop - 1] + 1:
-                stop += 1
-            lo, hi = int(old[start]), int(old[stop - 1]) + 1
-            visual[start:stop] = src["visual"][lo:hi]
-            audio[start:stop] = src["audio"][lo:hi]
-            start = stop
 
     # -- closing -----------------------------------------------------------------------------------
 
@@ -486,6 +444,58 @@ class FeatureStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _write_store(path: Path, provenance: Mapping, dtype: np.dtype, ids: list[str], fill,
+                 labels: Mapping[str, ClipLabels], failed: Mapping[str, tuple[str, str]]) -> Path:
+    """Write the consolidated layout (module docstring) to ``<path>.tmp-<pid>`` and fsync it; the caller swaps it in.
+
+    ``fill(visual, audio)`` writes the feature rows of ``ids`` and returns their paths and warnings (JSON).
+    """
+    n = len(ids)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(tmp, "w") as out:
+        out.attrs["format_version"] = FORMAT_VERSION
+        out.attrs["provenance"] = json.dumps(provenance, sort_keys=True)
+        # maxshape: HDF5 refuses chunks larger than an empty store's shape unless the first axis may grow.
+        visual, audio = (out.create_dataset(name, (n, *shape), dtype, chunks=(1, *shape), maxshape=(None, *shape))
+                         for name, shape in (("visual", VISUAL_SHAPE), ("audio", AUDIO_SHAPE)))
+        paths, notes = fill(visual, audio)
+        out.create_dataset("clip_ids", data=ids, dtype=_STR)
+        out.create_dataset("paths", data=paths, dtype=_STR)
+        out.create_dataset("warnings", data=notes, dtype=_STR)
+        if labels:
+            given = [labels.get(cid) for cid in ids]
+            out["labels"] = np.stack([g.segments if g else np.zeros(LABEL_SHAPE, np.float32) for g in given]
+                                     ) if n else np.zeros((0, *LABEL_SHAPE), np.float32)
+            out["has_label"] = np.array([g is not None for g in given], dtype=bool)
+            out.create_dataset("split", data=[g.split if g else "" for g in given], dtype=_STR)
+            _write_label_table(out.create_group("label_table"), labels)
+        group = out.create_group("failed")
+        group.create_dataset("clip_ids", data=list(failed), dtype=_STR)
+        group.create_dataset("paths", data=[p for p, _ in failed.values()], dtype=_STR)
+        group.create_dataset("errors", data=[e for _, e in failed.values()], dtype=_STR)
+    _fsync(tmp)
+    return tmp
+
+
+def _copy_rows(src: h5py.File, rows: list[int], visual: h5py.Dataset, audio: h5py.Dataset,
+               at: int) -> tuple[list[str], list[str]]:
+    """Copy ``rows`` of a consolidated file to rows ``at``.. in runs of consecutive rows, ``COPY_BLOCK`` at a time;
+    return their paths and warnings."""
+    old = np.array(rows)
+    old_paths, old_notes = _strings(src["paths"][()]), _strings(src["warnings"][()])
+    start = 0
+    while start < len(old):
+        stop = start + 1
+        while stop < len(old) and stop - start < COPY_BLOCK and old[stop] == old[stop - 1] + 1:
+            stop += 1
+        lo, hi = int(old[start]), int(old[stop - 1]) + 1
+        visual[at + start:at + stop] = src["visual"][lo:hi]
+        audio[at + start:at + stop] = src["audio"][lo:hi]
+        start = stop
+    return [old_paths[i] for i in old], [old_notes[i] for i in old]
 
 
 def _write_label_table(group: h5py.Group, labels: Mapping[str, ClipLabels]) -> None:
@@ -542,6 +552,117 @@ def load_arrays(path: str | Path, ids: Iterable[str] | None = None) -> dict[str,
             "has_label": np.array([c in labels for c in ids], dtype=bool),
             "split": np.array([labels[c].split if c in labels else "" for c in ids], dtype=object),
         }
+
+
+@dataclass
+class MergeSummary:
+    """What ``merge_stores`` wrote: clips per input, ids found identical in two inputs (kept once), failures."""
+
+    out: Path
+    clips: int
+    per_input: dict[str, int]
+    identical: list[str]
+    failed: int
+
+    def line(self) -> str:
+        text = (f"{self.clips} clips from {len(self.per_input)} stores, {self.failed} failed clips recorded "
+                f"-> {self.out}")
+        return text + (f" ({len(self.identical)} clips found in two stores, identical, kept once)"
+                       if self.identical else "")
+
+
+def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
+    """Join feature stores (e.g. the shards of ``bmfn extract --shard``) into ``out``, written whole and swapped in.
+
+    Every input must have the first one's feature-defining provenance. A clip id in two inputs is kept once when
+    its features are identical and refused otherwise; so are labels given differently. Failures are kept for
+    clips that no input holds. ``out`` may be one of the inputs (to extend it); otherwise it must not exist.
+    Each input is locked while it is read, so a store still being written is refused.
+    """
+    inputs, out = [Path(p) for p in inputs], Path(out)
+    if not inputs:
+        raise BmfnError(f"{out}: no stores to merge")
+    seen_files: dict[Path, Path] = {}
+    for path in inputs:
+        if path.resolve() in seen_files:
+            raise BmfnError(f"{path}: named twice (also as {seen_files[path.resolve()]})")
+        seen_files[path.resolve()] = path
+    extending = out.resolve() in seen_files
+    if not extending and out.exists():
+        raise BmfnError(f"{out}: already exists; name it among the inputs to extend it, or choose another --out")
+    if not extending and any(Path(f"{out}.parts").glob("*.h5")):
+        raise BmfnError(f"{out}.parts: journal of an unfinished store; delete it or choose another --out")
+    with contextlib.ExitStack() as stack:
+        stores = []
+        for path in inputs:
+            if not path.is_file():
+                raise BmfnError(f"{path}: no such feature store")
+            stores.append(stack.enter_context(FeatureStore.open(path, create=False)))
+        first = stores[0]
+        for store in stores[1:]:
+            differ = _differences(_defining(first.provenance), _defining(store.provenance))
+            if differ:
+                raise BmfnError(f"{store.path}: features were made differently from {first.path}'s "
+                                f"(provenance differs on {', '.join(differ)}); they cannot be merged")
+        if extending:  # its journal goes into the merged file; consolidating first leaves no parts behind
+            stores[[s.path.resolve() for s in stores].index(out.resolve())].consolidate()
+
+        owner: dict[str, FeatureStore] = {}
+        taken: list[tuple[FeatureStore, list[str]]] = []
+        identical = []
+        for store in stores:
+            ids = []
+            for cid in store.clip_ids():
+                if cid not in owner:
+                    owner[cid] = store
+                    ids.append(cid)
+                    continue
+                if not all(np.array_equal(a, b) for a, b in zip(owner[cid].read(cid), store.read(cid))):
+                    raise BmfnError(f"{store.path}: clip {cid!r} is also in {owner[cid].path} with different "
+                                    "features; remove it from one of them")
+                identical.append(cid)
+            # consolidated clips first (copied in blocks), then journaled ones, which replace a consolidated copy
+            taken.append((store, [c for c in ids if c not in store._parts] + [c for c in ids if c in store._parts]))
+        labels: dict[str, ClipLabels] = {}
+        label_owner: dict[str, Path] = {}
+        for store in stores:
+            for cid, given in store.labels().items():
+                if cid in labels and (labels[cid].split != given.split
+                                      or not np.array_equal(labels[cid].segments, given.segments)):
+                    raise BmfnError(f"{store.path}: clip {cid!r} is labelled differently in {label_owner[cid]}")
+                labels.setdefault(cid, given)
+                label_owner.setdefault(cid, store.path)
+        failed: dict[str, tuple[str, str]] = {}
+        for store in stores:
+            for cid, failure in store.failures().items():
+                if cid not in owner:
+                    failed.setdefault(cid, failure)
+        ids = [cid for _, store_ids in taken for cid in store_ids]
+
+        def fill(visual: h5py.Dataset, audio: h5py.Dataset) -> tuple[list[str], list[str]]:
+            paths, notes = [], []
+            for store, store_ids in taken:
+                consolidated = [store._main_index[cid] for cid in store_ids if cid not in store._parts]
+                if consolidated:
+                    more_paths, more_notes = _copy_rows(store._main, consolidated, visual, audio, len(paths))
+                    paths += more_paths
+                    notes += more_notes
+                for cid in store_ids[len(consolidated):]:
+                    visual[len(paths)], audio[len(paths)] = store.read(cid)
+                    info = store.clip_info(cid)
+                    notes.append(json.dumps(info["warnings"]))
+                    paths.append(info["path"])
+            return paths, notes
+
+        tmp = _write_store(out, first.provenance, first.dtype, ids, fill, labels, failed)
+        for store in stores:  # Windows cannot replace an open file; the locks are held until the swap is done
+            if store._main is not None:
+                store._main.close()
+                store._main = None
+        os.replace(tmp, out)
+        _fsync(out.parent)
+    return MergeSummary(out, len(ids), {str(store.path): len(store_ids) for store, store_ids in taken}, identical,
+                        len(failed))
 
 
 def export_ave(store_path: str | Path, annotations_path: str | Path, out_dir: str | Path,

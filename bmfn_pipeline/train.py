@@ -26,6 +26,8 @@ from tqdm import tqdm
 
 from bmfn_pipeline import __version__
 from bmfn_pipeline.data import FeatureData, batches, find_default_data, load_data, num_batches
+from bmfn_pipeline.distributed import (all_sum, local_batch, process_group, rank_device, rank_env, seed_rank,
+                                       share_from_main, wrap)
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.evaluate import CLASS_NAMES, EVAL_BATCH_SIZE, autocast, predict_rows, segment_accuracy
 from bmfn_pipeline.model import BMFN, BMFNConfig, BMFNOutput, fully_supervised_loss, predict_segments, weakly_supervised_loss
@@ -170,13 +172,28 @@ class TrainResult:
 
 
 def train(config: TrainConfig, data: FeatureData | None = None, log=print) -> TrainResult:
-    """Train one model per seed, selecting epochs on val (or test with select_on_test); see the module docstring."""
+    """Train one model per seed, selecting epochs on val (or test with select_on_test); see the module docstring.
+
+    Under torchrun, every rank trains a DistributedDataParallel replica on its slice of each global batch
+    (bmfn_pipeline.distributed); rank 0 alone writes the run folder and logs.
+    """
+    with process_group(resolve_device(config.device)) as env:
+        if not env.is_main:
+            config, log = replace(config, progress=False), _silent
+        return _train(config, data, log)
+
+
+def _silent(*_) -> None:
+    pass
+
+
+def _train(config: TrainConfig, data: FeatureData | None, log) -> TrainResult:
     if config.resume:
         config, run_dir = _resume_config(config)
     else:
         config = config.resolved()
-        run_dir = _new_run_dir(config)
-    device = resolve_device(config.device)
+        run_dir = share_from_main(lambda: _new_run_dir(config))  # a timestamped name must be the same on all ranks
+    device = rank_device(resolve_device(config.device))
     if data is None:
         data = _load_config_data(config, log)
     # Absolute paths of what was loaded, so --resume and `bmfn evaluate` find it from any folder.
@@ -194,12 +211,13 @@ def train(config: TrainConfig, data: FeatureData | None = None, log=print) -> Tr
     if config.select_on_test:
         log("--select-on-test: keeping the epoch with the best TEST accuracy (the official protocol); "
             "the reported test accuracy is then optimistic")
-    if not config.resume:
+    if not config.resume and rank_env().is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RUN_FILE).write_text(json.dumps({"config": config.to_dict(), "data": data.source,
                                                     "split_rule": data.split_rule, "started": time.time()}, indent=2))
-    with open(run_dir / COMMAND, "a") as f:
-        f.write((config.command or _api_command(config)) + "\n")
+    if rank_env().is_main:
+        with open(run_dir / COMMAND, "a") as f:
+            f.write((config.command or _api_command(config)) + "\n")
     log(f"run: {run_dir} ({config.mode}, device {device}, {config.precision})")
     if device.type == "cuda":
         data = data.to(device)  # AVE fits on any current GPU (2.1 GB as float16): no host reads per batch
@@ -270,6 +288,8 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
     _seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)  # the shuffling order, saved with the rest of the RNG state
     model = BMFN(BMFNConfig(mode=config.mode, **config.model)).to(device)
+    replica = wrap(model, device)  # DDP under torchrun (model's BatchNorm synchronised in place), else model
+    main = rank_env().is_main
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), config.gamma)
     start, best = 0, {"epoch": 0, "selected": -math.inf, "val_acc": math.nan, "test_acc": math.nan}
@@ -282,7 +302,7 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
         _set_rng_state(state["rng"], generator)
         start, best = state["epoch"], state["best"]
         log(f"seed {seed}: resuming after epoch {start} from {run_dir / LAST}")
-    history = _read_metrics(run_dir / METRICS, keep_through=start)
+    history = _read_metrics(run_dir / METRICS, keep_through=start) if main else []
 
     loss_fn = fully_supervised_loss if config.mode == "fully" else weakly_supervised_loss
     target_key = "labels" if config.mode == "fully" else "video_labels"
@@ -292,7 +312,8 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
     selection = "test" if config.select_on_test else "val"
     for epoch in range(start + 1, config.epochs + 1):
         began = time.perf_counter()
-        model.train()
+        replica.train()
+        seed_rank(seed, epoch)
         lr = optimizer.param_groups[0]["lr"]
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -301,25 +322,28 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
                    desc=f"seed {seed} epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False,
                    unit="batch")
         for step, batch in enumerate(bar, 1):
+            batch, weight = local_batch(batch)  # the whole batch and 1.0 in a single process
             with autocast(device, config.precision):
-                output = model(batch["visual"], batch["audio"])
+                output = replica(batch["visual"], batch["audio"])
             output = BMFNOutput(*(None if t is None else t.float() for t in output))
             loss = loss_fn(output, batch[target_key])
             if not torch.isfinite(loss):
-                _plot_curves(history, run_dir / CURVES)
+                if main:
+                    _plot_curves(history, run_dir / CURVES)
                 kept = f"{run_dir / LAST} (epoch {epoch - 1})" if epoch > 1 else "none (no epoch finished)"
                 raise BmfnError(f"{run_dir}: the loss became {loss.item()} at epoch {epoch}, batch {step}; training "
                                 f"stopped. Last good checkpoint: {kept}. Try a lower --lr or --clip, or float32")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
             optimizer.step()
-            n = len(batch["audio"])
+            n = len(batch["audio"]) if weight else 0  # a zero-weight stand-in row (see local_batch) is not counted
             loss_sum += loss.detach() * n
-            correct += (predict_segments(output) == batch["labels"].argmax(-1)).sum()
-            clips, segments = clips + n, segments + batch["labels"].shape[0] * batch["labels"].shape[1]
+            correct += (predict_segments(output) == batch["labels"].argmax(-1))[:n].sum()
+            clips, segments = clips + n, segments + n * batch["labels"].shape[1]
             if config.progress:
                 bar.set_postfix(loss=f"{loss_sum.item() / clips:.4f}", acc=f"{100 * correct.item() / segments:.1f}")
+        loss_sum, correct, clips, segments = all_sum(loss_sum, correct, clips, segments)
         accs = {split: segment_accuracy(*predict_rows(model, data.clips, data.splits[split], device,
                                                       config.eval_batch_size, config.precision))
                 for split in ("val", "test")}
@@ -332,18 +356,20 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
             best = {"epoch": epoch, "selected": accs[selection], "val_acc": accs["val"], "test_acc": accs["test"]}
         record["best"] = improved
         history.append(record)
-        state = _checkpoint(model, config, data, seed, epoch, record, best, selection)
-        if improved:
-            _save(state, run_dir / BEST)
-        # The metrics line first: a kill before last.pt is saved only leaves a line that resume drops.
-        with open(run_dir / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        _save({**state, "optimizer": optimizer.state_dict(), "scheduler": _scheduler_state(scheduler),
-               "rng": _rng_state(generator)}, run_dir / LAST)
+        if main:
+            state = _checkpoint(model, config, data, seed, epoch, record, best, selection)
+            if improved:
+                _save(state, run_dir / BEST)
+            # The metrics line first: a kill before last.pt is saved only leaves a line that resume drops.
+            with open(run_dir / METRICS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            _save({**state, "optimizer": optimizer.state_dict(), "scheduler": _scheduler_state(scheduler),
+                   "rng": _rng_state(generator)}, run_dir / LAST)
         log(f"seed {seed} epoch {epoch}/{config.epochs}: loss {record['loss']:.4f}, train {record['train_acc']:.2f} %, "
             f"val {accs['val']:.2f} %, test {accs['test']:.2f} %, lr {lr:.3g}, {record['time']:.1f} s"
             + ("  * best" if improved else ""))
-    _plot_curves(history, run_dir / CURVES)
+    if main:
+        _plot_curves(history, run_dir / CURVES)
     return RunResult(run_dir, seed, best["epoch"], selection, best["val_acc"], best["test_acc"], config.epochs,
                      history)
 

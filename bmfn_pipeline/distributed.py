@@ -1,0 +1,291 @@
+"""Scaling out on PyTorch's own machinery: torchrun's environment, shards of the clip list, DDP training.
+
+Extraction needs no communication: each rank (or each `--shard I/N` job of a cluster scheduler) extracts the
+clips whose id hashes to its shard into its own store file, and `bmfn merge` joins the files. Training wraps
+the model in DistributedDataParallel; every rank takes a disjoint slice of each global batch, so the result
+matches single-process training with the same `--batch-size` (see `local_batch` and `SyncBatchNorm2d`).
+Multi-node runs use torchrun's usual rendezvous; nothing here depends on how the ranks were started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.store import MergeSummary, merge_stores
+
+# The environment variables torchrun sets in every worker (torch.distributed.run).
+RANK_VAR, WORLD_SIZE_VAR, LOCAL_RANK_VAR = "RANK", "WORLD_SIZE", "LOCAL_RANK"
+# Shard files: `feats.h5` -> `feats.shard-00001-of-00004.h5` (0-based index, like torchrun's RANK).
+SHARD_DIGITS = 5
+SHARD_NAME = re.compile(r"^(?P<stem>.+)\.shard-(?P<index>\d+)-of-(?P<count>\d+)(?P<suffix>(\.[^.]*)?)$")
+# How long ranks that finished extracting wait for the slowest one (torchrun stops every rank when one exits).
+FINISH_TIMEOUT = timedelta(hours=48)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RankEnv:
+    """This process's place in a torchrun launch; rank 0 of 1 when started otherwise."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes checkpoints, metrics and logs."""
+        return self.rank == 0
+
+
+def rank_env() -> RankEnv:
+    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them (also across nodes)."""
+    try:
+        env = RankEnv(int(os.environ.get(RANK_VAR, 0)), int(os.environ.get(WORLD_SIZE_VAR, 1)),
+                      int(os.environ.get(LOCAL_RANK_VAR, 0)))
+    except ValueError:
+        raise BmfnError(f"{RANK_VAR}/{WORLD_SIZE_VAR}/{LOCAL_RANK_VAR} must be integers, "
+                        "as torchrun sets them") from None
+    if not 0 <= env.rank < env.world_size:
+        raise BmfnError(f"{RANK_VAR}={env.rank} is outside {WORLD_SIZE_VAR}={env.world_size}")
+    return env
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """`cuda` becomes this rank's GPU, cuda:LOCAL_RANK, under torchrun; an explicit index is kept."""
+    if device.type == "cuda" and device.index is None and rank_env().world_size > 1:
+        return torch.device("cuda", rank_env().local_rank)
+    return device
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count` (0-based): the clips whose id hashes to `index`, whichever clips exist."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise BmfnError(f"shard {self.index}/{self.count}: the index must be 0..{self.count - 1}")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """'I/N', as `--shard` takes it."""
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if not match:
+            raise BmfnError(f"--shard {text!r}: write I/N, e.g. 0/4 for the first of four shards")
+        return cls(int(match[1]), int(match[2]))
+
+    def holds(self, clip_id: str) -> bool:
+        return shard_of(clip_id, self.count) == self.index
+
+    def path(self, out: str | os.PathLike) -> Path:
+        """This shard's store file beside `out`."""
+        out = Path(out)
+        return out.with_name(f"{out.stem}.shard-{self.index:0{SHARD_DIGITS}d}-of-{self.count:0{SHARD_DIGITS}d}"
+                             f"{out.suffix}")
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def shard_of(clip_id: str, count: int) -> int:
+    """A clip's shard by SHA-1 of its id: stable across reruns and machines, independent of the other clips."""
+    return int(hashlib.sha1(clip_id.encode("utf-8")).hexdigest()[:16], 16) % count
+
+
+def resolve_shard(shard: Shard | None) -> Shard | None:
+    """The shard to extract: `--shard`, else RANK/WORLD_SIZE under torchrun, else None (everything)."""
+    env = rank_env()
+    if env.world_size == 1:
+        return shard
+    if shard is not None:
+        raise BmfnError(f"--shard {shard} under torchrun ({WORLD_SIZE_VAR}={env.world_size}): "
+                        "the ranks already choose the shards; drop --shard or torchrun")
+    return Shard(env.rank, env.world_size)
+
+
+def missing_shards(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Shard files absent from `paths` among those their names announce (`*.shard-I-of-N.*`)."""
+    groups: dict[tuple[Path, str, int, str], set[int]] = {}
+    for path in map(Path, paths):
+        match = SHARD_NAME.match(path.name)
+        if match:
+            key = (path.parent, match["stem"], int(match["count"]), match["suffix"])
+            groups.setdefault(key, set()).add(int(match["index"]))
+    missing = []
+    for (parent, stem, count, suffix), present in groups.items():
+        missing += [Shard(i, count).path(parent / f"{stem}{suffix}") for i in range(count) if i not in present]
+    return missing
+
+
+def merge_shards(inputs: Iterable[str | os.PathLike], out: str | os.PathLike,
+                 allow_missing: bool = False) -> MergeSummary:
+    """`bmfn merge`: refuse a set of shard files with one missing (a lost shard would lose its clips), then merge."""
+    inputs = list(inputs)
+    missing = missing_shards(inputs)
+    if missing and not allow_missing:
+        raise BmfnError(f"{missing[0]}: shard file not given ({len(missing)} of the shards missing); "
+                        "extract it first, or --allow-missing")
+    return merge_stores(inputs, out)
+
+
+def finish_together() -> None:
+    """Under torchrun, wait until every rank has finished extracting, so that a rank ending with failed clips
+    (exit code 1) does not make torchrun stop the others half-way. A no-op otherwise."""
+    if rank_env().world_size == 1 or dist.is_initialized():
+        return
+    dist.init_process_group("gloo", timeout=FINISH_TIMEOUT)
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[RankEnv]:
+    """The default process group for a torchrun launch (NCCL on CUDA, gloo on CPU), torn down afterwards.
+
+    A no-op with one process, or when the caller has set a group up already.
+    """
+    env = rank_env()
+    if env.world_size == 1 or dist.is_initialized():
+        yield env
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(rank_device(device))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield env
+    finally:
+        dist.destroy_process_group()
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def share_from_main(make: Callable[[], T]) -> T:
+    """`make()` on rank 0, its result sent to every rank (e.g. a run folder named by the time); `make()` alone
+    with one process."""
+    if _world() == 1:
+        return make()
+    shared = [make() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """In a process group: `model` with synchronised BatchNorm, in DistributedDataParallel. Else `model` itself.
+
+    `model` is changed in place (its BatchNorm layers), so it stays the module to save and evaluate.
+    """
+    if _world() == 1:
+        return model
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                parent.add_module(name, SyncBatchNorm2d.from_batchnorm(child))
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def local_batch(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+    """This rank's contiguous slice of a global batch and the factor its (mean) loss is scaled by.
+
+    DDP averages gradients over ranks; scaling each rank's mean loss by n_rank * world / n_global makes that
+    average the gradient of the global batch's mean loss, also when the slices differ in size. A rank whose
+    slice is empty (a last batch smaller than the world) runs one stand-in row with weight 0, because every
+    rank must take part in each backward pass; that row then only enters the BatchNorm statistics.
+    """
+    world = _world()
+    if world == 1:
+        return batch, 1.0
+    rank = dist.get_rank()
+    n = len(next(iter(batch.values())))
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    weight = (hi - lo) * world / n
+    if hi == lo:
+        lo, hi = 0, 1
+    return {name: value[lo:hi] for name, value in batch.items()}, weight
+
+
+def all_sum(*values: torch.Tensor | int | float) -> tuple:
+    """Sums over ranks (epoch totals: loss, correct segments, clips); the values themselves with one process."""
+    if _world() == 1:
+        return values
+    device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    totals = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return tuple(torch.tensor(t.item()) if isinstance(v, torch.Tensor) else type(v)(t.item())
+                 for v, t in zip(values, totals))
+
+
+def seed_rank(seed: int, epoch: int) -> None:
+    """Distinct dropout masks per rank, reproducible per epoch (so a resumed run continues the same way)."""
+    env = rank_env()
+    if _world() > 1:
+        torch.manual_seed(int(hashlib.sha1(f"{seed}/{epoch}/{env.rank}".encode()).hexdigest()[:15], 16))
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch, on any backend.
+
+    nn.SyncBatchNorm only runs on GPUs; this one reduces sums with torch.distributed.nn's differentiable
+    all_reduce, so gradients are those of single-process BatchNorm over the global batch, on gloo (CPU) as
+    on NCCL. Its state_dict is BatchNorm2d's: checkpoints load into a plain BMFN.
+    """
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d) -> SyncBatchNorm2d:
+        sync = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                   device=bn.weight.device if bn.affine else None)
+        sync.load_state_dict(bn.state_dict())
+        return sync.train(bn.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or _world() == 1:
+            return super().forward(x)
+        # all_reduce with autograd (sum forward, sum of the gradients backward): what torch.distributed.nn's
+        # deprecated all_reduce points to.
+        from torch.distributed._functional_collectives import all_reduce
+
+        def total(t: torch.Tensor) -> torch.Tensor:
+            return all_reduce(t, "sum", dist.group.WORLD)
+
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics at least in float32, as BatchNorm
+        dims = (0, 2, 3)
+        count = total(torch.tensor(float(x.numel() // x.shape[1]), dtype=x.dtype, device=x.device))
+        mean = total(x.sum(dims)) / count
+        centred = x - mean[None, :, None, None]
+        var = total(centred.pow(2).sum(dims)) / count  # biased, as BatchNorm normalises with
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                factor = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
+                unbiased = var * count / (count - 1).clamp(min=1)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        out = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            out = out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return out

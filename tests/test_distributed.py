@@ -1,0 +1,282 @@
+"""Scaling out: shards, `bmfn merge`, and 2-process torchrun runs on CPU (gloo) of extraction and DDP training.
+
+The torchrun runs start `python -m torch.distributed.run --standalone --nproc-per-node 2` as a subprocess, as a
+user would. For training this file is also the worker script (`_worker`, at the bottom): it checks DDP gradients
+against one process in float64, then trains through the Python API with a small model and dropout off (dropout
+masks are drawn per rank and cannot match a single process).
+
+How close "matches" is: in float64 the DDP gradient of a global batch equals the single-process one to 1e-9
+(relative), so the arithmetic is the same. In float32 the summation order differs (gradients all-reduced,
+BatchNorm statistics summed over ranks); the ESA BatchNorm's backward cancels terms and Adam divides each
+gradient by its own size, so rounding grows into weight differences of up to a few learning-rate steps after a
+few steps, and loss differences of ~1e-4 relative. The float32 run is checked at that level.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from test_data import SMALL_AUDIO, SMALL_MODEL, SMALL_VISUAL, STORE_PROVENANCE, make_ave_dir, make_store
+
+from bmfn_pipeline.cli import main
+from bmfn_pipeline.distributed import Shard, local_batch, missing_shards, process_group, resolve_shard, shard_of, wrap
+from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.model import BMFN, BMFNConfig, fully_supervised_loss
+from bmfn_pipeline.store import FeatureStore, load_arrays, merge_stores
+from bmfn_pipeline.train import TrainConfig, load_checkpoint, train
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+# Three short clips; by the SHA-1 of their ids the first two fall in shard 0 of 2, the chaplin clip in shard 1.
+CLIPS = ("moviepy_big_buck_bunny_432_433.webm", "ave_0lFf-HP86Q0.mp4", "moviepy_chaplin.mp4")
+FAST = ("--weights", "random", "--seed", "0", "--frames-per-second", "1", "--device", "cpu", "--workers", "0")
+# Training compared with and without DDP: 15 clips leave 11 for training, so batches of 4, 4 and 3 clips (the
+# last one split 1 + 2 between the ranks checks the loss weighting); dropout off (see the module docstring).
+DDP_CONFIG = {"mode": "fully", "epochs": 2, "batch_size": 4, "lr": 2e-3, "clip": 1.0, "milestones": [100],
+              "model": {**SMALL_MODEL, "dropout": 0.0, "visual_dropout": 0.0}, "progress": False}
+# Float32 DDP vs one process (module docstring): losses per epoch, and weights within 5 Adam steps (5 x lr).
+LOSS_RTOL = 2e-3
+WEIGHT_ATOL = 5 * DDP_CONFIG["lr"]
+GRADIENT_RTOL = 1e-9  # float64: rounding only
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def torchrun(*args, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return subprocess.run([*TORCHRUN, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+
+def test_shard_parse_path_and_assignment():
+    assert Shard.parse("3/8") == Shard(3, 8) and str(Shard(3, 8)) == "3/8"
+    for bad in ("8/8", "-1/2", "1", "a/b", "1/0"):
+        with pytest.raises(BmfnError, match="shard"):
+            Shard.parse(bad)
+    assert Shard(1, 4).path(Path("out") / "feats.h5") == Path("out") / "feats.shard-00001-of-00004.h5"
+    ids = [f"clip{i}" for i in range(400)]
+    owners = [[s for s in range(3) if Shard(s, 3).holds(c)] for c in ids]
+    assert all(len(o) == 1 for o in owners)  # each clip in exactly one shard
+    sizes = np.bincount([o[0] for o in owners], minlength=3)
+    assert sizes.min() > 100  # a hash, not a range: no shard left empty by the ids' order
+    # by the id alone: the same with any other clips around, and the same on every run
+    assert [shard_of(c, 3) for c in ids[:50]] == [shard_of(c, 3) for c in reversed(ids[:50])][::-1]
+
+
+def test_torchrun_environment_picks_the_shard(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert resolve_shard(None) is None and resolve_shard(Shard(0, 2)) == Shard(0, 2)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert resolve_shard(None) == Shard(2, 3)
+    with pytest.raises(BmfnError, match="torchrun"):
+        resolve_shard(Shard(0, 2))
+
+
+def test_missing_shards():
+    given = [Path("d/feats.shard-00000-of-00003.h5"), Path("d/feats.shard-00002-of-00003.h5"), Path("other.h5")]
+    assert missing_shards(given) == [Path("d/feats.shard-00001-of-00003.h5")]
+    assert missing_shards(given[2:]) == []
+
+
+# ---------------------------------------------------------------------------------------------- merge
+
+
+def labels_for(ids, split="train"):
+    one_hot = np.zeros((10, 29), np.float32)
+    one_hot[:, 28] = 1
+    return {cid: (one_hot, split) for cid in ids}
+
+
+def test_merge_joins_clips_labels_and_failures(tmp_path):
+    a = make_store(tmp_path / "a.h5", n_clips=3, labels=labels_for(["vid0000", "never_extracted"]))
+    b = tmp_path / "b.h5"
+    with FeatureStore.open(b, STORE_PROVENANCE) as store:  # vid0002 again, identical; vid0100 new, journaled only
+        for cid, row in (("vid0002", 2), ("vid0100", 0)):
+            visual, audio = store_read(a, row)
+            store.add_clip(cid, visual + (cid == "vid0100"), audio, path=f"{cid}.mp4", warnings=["a warning"])
+        store.add_failure("broken", "broken.mp4", "broken.mp4: cannot decode")
+        store.add_failure("vid0001", "elsewhere/vid0001.mp4", "failed here, extracted in a.h5")
+        store.set_labels(labels_for(["vid0100"], "test"))
+    summary = merge_stores([a, b], tmp_path / "merged.h5")
+    assert summary.clips == 4 and summary.identical == ["vid0002"] and summary.failed == 1
+
+    merged, first = load_arrays(tmp_path / "merged.h5"), load_arrays(a)
+    assert list(merged["clip_ids"]) == ["vid0000", "vid0001", "vid0002", "vid0100"]  # each clip once
+    np.testing.assert_array_equal(merged["visual"][:3], first["visual"])
+    np.testing.assert_array_equal(merged["visual"][3], store_read(a, 0)[0].astype(np.float16) + 1)
+    assert merged["has_label"].tolist() == [True, False, False, True] and merged["split"][3] == "test"
+    with FeatureStore.open(tmp_path / "merged.h5", create=False, readonly=True) as store:
+        assert store.failures() == {"broken": ("broken.mp4", "broken.mp4: cannot decode")}
+        assert "never_extracted" in store.labels()
+        assert store.clip_info("vid0100") == {"path": "vid0100.mp4", "warnings": ["a warning"]}
+        assert store.provenance == json.loads(json.dumps(STORE_PROVENANCE))
+    assert not list(tmp_path.glob("merged.h5.tmp-*"))
+
+
+def store_read(path, row):
+    with FeatureStore.open(path, create=False, readonly=True) as store:
+        return store.read(store.clip_ids()[row])
+
+
+def test_merge_refusals(tmp_path):
+    a = make_store(tmp_path / "a.h5", n_clips=2)
+    other = {**STORE_PROVENANCE, "visual": {**STORE_PROVENANCE["visual"], "checksum": "random:1"}}
+    b = make_store(tmp_path / "b.h5", n_clips=2, provenance=other)
+    with pytest.raises(BmfnError, match=r"b\.h5: features were made differently.*visual\.checksum"):
+        merge_stores([a, b], tmp_path / "out.h5")
+    c = make_store(tmp_path / "c.h5", n_clips=2, seed=1)  # same ids, other features
+    with pytest.raises(BmfnError, match=r"c\.h5: clip 'vid0000' is also in .*a\.h5 with different features"):
+        merge_stores([a, c], tmp_path / "out.h5")
+    with pytest.raises(BmfnError, match="named twice"):
+        merge_stores([a, tmp_path / "." / "a.h5"], tmp_path / "out.h5")
+    with pytest.raises(BmfnError, match="already exists"):
+        merge_stores([a], c)
+    assert not (tmp_path / "out.h5").exists()
+    with FeatureStore.open(a, create=False):  # a writer holds it: refused, not half-read
+        with pytest.raises(BmfnError, match="another process is writing"):
+            merge_stores([a], tmp_path / "out.h5")
+
+
+def test_merge_into_one_of_its_inputs(tmp_path):
+    a = make_store(tmp_path / "a.h5", n_clips=2)
+    with FeatureStore.open(a, STORE_PROVENANCE) as store:  # a journaled clip left unconsolidated (a killed run)
+        store.add_clip("late", *store.read("vid0000"), path="late.mp4")
+    b = tmp_path / "b.h5"
+    with FeatureStore.open(b, STORE_PROVENANCE) as store:
+        store.add_clip("vid0100", *store_read(a, 1), path="x.mp4")
+    assert merge_stores([a, b], a).clips == 4
+    with FeatureStore.open(a, create=False, readonly=True) as store:
+        assert store.clip_ids() == ["vid0000", "vid0001", "late", "vid0100"]
+    assert not list(Path(f"{a}.parts").glob("*.h5"))
+
+
+# ---------------------------------------------------------------------------------------------- extraction
+
+
+def test_torchrun_extraction_then_merge_equals_one_process(tmp_path, video_dir):
+    clips = [video_dir / name for name in CLIPS]
+    reference = tmp_path / "single" / "feats.h5"
+    assert cli("extract", *clips, "--out", reference, *FAST).exit_code == 0
+
+    out = tmp_path / "ranks" / "feats.h5"
+    run = torchrun("-m", "bmfn_pipeline", "extract", *clips, "--out", out, *FAST, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    shards = [Shard(i, 2).path(out) for i in range(2)]
+    for shard in shards:
+        assert f"-> {shard}" in run.stdout
+    assert sorted(out.parent.glob("*.h5")) == shards
+    expected = {i: sorted(Path(c).stem for c in CLIPS if shard_of(Path(c).stem, 2) == i) for i in range(2)}
+    for i, shard in enumerate(shards):
+        with FeatureStore.open(shard, create=False, readonly=True) as store:
+            assert sorted(store.clip_ids()) == expected[i] != []
+
+    # --shard without torchrun makes the same shard file as rank 1
+    alone = tmp_path / "alone" / "feats.h5"
+    result = cli("extract", *clips, "--out", alone, *FAST, "--shard", "1/2")
+    assert result.exit_code == 0, result.output
+    assert f"1 extracted, 0 already done, 0 failed -> {Shard(1, 2).path(alone)}" in result.stdout
+    for key in ("clip_ids", "visual", "audio"):
+        np.testing.assert_array_equal(load_arrays(Shard(1, 2).path(alone))[key], load_arrays(shards[1])[key])
+
+    result = cli("merge", shards[0], "--out", out)
+    assert result.exit_code == 1 and f"{shards[1]}: shard file not given" in result.output
+    result = cli("merge", *shards, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert f"3 clips from 2 stores, 0 failed clips recorded -> {out}" in result.stdout
+
+    merged, single = load_arrays(out), load_arrays(reference)
+    assert sorted(merged["clip_ids"]) == sorted(single["clip_ids"]) == sorted(Path(c).stem for c in CLIPS)
+    order = [list(merged["clip_ids"]).index(cid) for cid in single["clip_ids"]]
+    np.testing.assert_array_equal(merged["visual"][order], single["visual"])
+    np.testing.assert_array_equal(merged["audio"][order], single["audio"])
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_ddp_training_matches_one_process(tmp_path):
+    data = make_ave_dir(tmp_path / "ave", n_clips=15)
+    single = train(TrainConfig(ave_dir=str(data), out=str(tmp_path / "single"), **DDP_CONFIG), log=lambda *_: None)
+    assert len(single.runs[0].history) == 2
+
+    runs = tmp_path / "runs"
+    config = {**DDP_CONFIG, "ave_dir": str(data), "runs_dir": str(runs)}  # no --out: a timestamped folder
+    report = tmp_path / "gradients.json"
+    run = torchrun(__file__, json.dumps(config), report, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for case, error in json.loads(report.read_text()).items():
+        assert error < GRADIENT_RTOL, case
+    (run_dir,) = runs.iterdir()  # one folder, named by rank 0 for both ranks
+    assert run.stdout.count("epoch 2/2") == 1  # rank 0 alone logs
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "command.txt", "curves.png", "last.pt",
+                                                         "metrics.jsonl", "run.json"]
+
+    def metrics(path):
+        return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+    for ddp, alone in zip(metrics(run_dir), metrics(tmp_path / "single"), strict=True):
+        assert ddp["loss"] == pytest.approx(alone["loss"], rel=LOSS_RTOL)
+    ddp_state = torch.load(run_dir / "last.pt", weights_only=True)
+    alone_state = torch.load(tmp_path / "single" / "last.pt", weights_only=True)
+    assert ddp_state["model_state"].keys() == alone_state["model_state"].keys()
+    for name, value in alone_state["model_state"].items():  # BatchNorm running statistics included
+        torch.testing.assert_close(ddp_state["model_state"][name], value, rtol=0, atol=WEIGHT_ATOL, msg=name)
+    load_checkpoint(run_dir / "best.pt")  # the synchronised BatchNorm saves a plain BMFN checkpoint
+
+
+def _worker(config: str, report: str) -> None:
+    """One rank of test_ddp_training_matches_one_process: the float64 gradient check, then the float32 run."""
+    model_config = BMFNConfig(mode="fully", **DDP_CONFIG["model"])
+    with process_group(torch.device("cpu")) as env:
+        torch.set_default_dtype(torch.float64)
+        errors = {}
+        for n in (7, 1):  # split 3 + 4 between the ranks; a batch smaller than the world (a zero-weight stand-in)
+            generator = torch.Generator().manual_seed(n)
+            batch = {"visual": torch.rand(n, 10, *SMALL_VISUAL, generator=generator),
+                     "audio": torch.rand(n, 10, SMALL_AUDIO, generator=generator),
+                     "labels": torch.eye(29)[torch.randint(0, 29, (n, 10), generator=generator)]}
+            torch.manual_seed(0)
+            reference = BMFN(model_config).train()
+            torch.manual_seed(0)
+            model = BMFN(model_config).train()
+            replica = wrap(model, torch.device("cpu"))
+            local, weight = local_batch(batch)
+            fully_supervised_loss(reference(batch["visual"], batch["audio"]), batch["labels"]).backward()
+            (fully_supervised_loss(replica(local["visual"], local["audio"]), local["labels"]) * weight).backward()
+            want, got = dict(reference.named_parameters()), dict(model.named_parameters())
+            errors[f"batch of {n}"] = max(float((got[k].grad - p.grad).abs().max() / p.grad.abs().max())
+                                          for k, p in want.items())
+        torch.set_default_dtype(torch.float32)
+        if env.is_main:
+            Path(report).write_text(json.dumps(errors))
+        train(TrainConfig(**json.loads(config)))  # in the same process group
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:])
