@@ -79,10 +79,11 @@ def visual_benchmark(frames: np.ndarray, device: torch.device, batch: int) -> No
               f" mean {float((1 - cos).mean()):.2e} max {float((1 - cos).max()):.2e}")
 
 
-def end_to_end(paths: list[Path], options: ExtractOptions, device: torch.device) -> None:
+def end_to_end(paths: list[Path], options: ExtractOptions, device: torch.device, serial_clips: int) -> None:
     visual, audio = load_extractors(options, device)
     decode_t = visual_t = audio_t = 0.0
-    for path in paths:
+    serial_paths = paths[:serial_clips]
+    for path in serial_paths:
         start = time.perf_counter()
         clip = decode_clip(path, frames_per_second=options.frames_per_second)
         decode_t += time.perf_counter() - start
@@ -96,8 +97,9 @@ def end_to_end(paths: list[Path], options: ExtractOptions, device: torch.device)
         audio_t += time.perf_counter() - start
     serial = decode_t + visual_t + audio_t
     print(f"end to end, {len(paths)} clips at {options.frames_per_second} frames/s, precision {options.precision}:")
-    print(f"  serial stages: decode {decode_t:.2f} s, VGG-19 {visual_t:.2f} s, VGGish {audio_t:.2f} s "
-          f"= {len(paths) / serial:.2f} clips/s")
+    print(f"  serial stages over {len(serial_paths)} clips: decode {decode_t:.2f} s, VGG-19 {visual_t:.2f} s, "
+          f"VGGish {audio_t:.2f} s = {len(serial_paths) / serial:.2f} clips/s")
+    serial *= len(paths) / len(serial_paths)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         summary = extract(paths, Path(tmp) / "feats.h5", options, progress=False)
@@ -128,7 +130,7 @@ def main() -> None:
         frames = clip.frames.reshape(-1, *clip.frames.shape[2:])[: args.frames]
         visual_benchmark(frames, device, args.batch)
     options = ExtractOptions(frames_per_second=args.frames_per_second, random_seed=0, device=str(device),
-                             precision=args.precision, workers=args.workers)
+                             precision=args.precision, workers=args.workers, batch_size=args.batch)
     with tempfile.TemporaryDirectory() as tmp:
         if args.repeat_clips > 1:  # distinct names, so each copy is a clip of its own in the store
             copies = []
@@ -138,7 +140,7 @@ def main() -> None:
                     link.symlink_to(path.resolve())
                     copies.append(link)
             paths = copies
-        end_to_end(paths, options, device)
+        end_to_end(paths, options, device, serial_clips=len(find_videos(args.videos)))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ TRAIN_FLOP_FACTOR = 3  # forward + backward (about twice the forward)
 # Dense bf16 tensor-core peaks (vendor data sheets, SXM parts); a CPU's is estimated per core below.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "T4": 65.0}
 CPU_PEAK_GFLOPS_PER_CORE = 70.0  # about 2 AVX2 FMA units x 8 float32 lanes x 2 FLOP x ~2.2 GHz
-VARIANTS = ("float64", "float32", "bf16-autocast", "compile")
+VARIANTS = ("float64", "float32", "bf16-autocast", "compile", "compile-bf16", "cudagraphs-bf16")
 
 
 def default_peak_tflops(device: torch.device) -> float:
@@ -60,9 +60,14 @@ def bench_variant(variant: str, batch: int, device: torch.device, iters: int, wa
     dtype = torch.float64 if variant == "float64" else torch.float32
     torch.manual_seed(0)
     model = BMFN(BMFNConfig()).to(device, dtype)
-    runner = torch.compile(model) if variant == "compile" else model
+    if variant.startswith("compile"):
+        runner = torch.compile(model)
+    elif variant.startswith("cudagraphs"):  # compiled and replayed as CUDA graphs: no per-kernel launch cost
+        runner = torch.compile(model, mode="reduce-overhead")
+    else:
+        runner = model
     visual, audio, labels = make_inputs(batch, device, dtype)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant == "bf16-autocast")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled="bf16" in variant)
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-4)
 
     def train_step():
@@ -81,8 +86,9 @@ def bench_variant(variant: str, batch: int, device: torch.device, iters: int, wa
         with autocast:
             runner(visual, audio)
 
+    warmup += 2 if runner is not model else 0  # compiling, and capturing graphs, happen in the first calls
     return {"train": batch / measure(train_step, iters, warmup, device),
-            "infer": batch / measure(infer_step, iters, warmup + (1 if variant == "compile" else 0), device)}
+            "infer": batch / measure(infer_step, iters, warmup, device)}
 
 
 def main() -> None:
