@@ -64,6 +64,21 @@ def rank_env() -> RankEnv:
     return env
 
 
+def resolve_device(device: str) -> torch.device:
+    """'auto' is CUDA when available, else CPU; 'cpu', 'cuda' and 'cuda:N' are checked against this machine."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise BmfnError(f"device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise BmfnError(f"device {device!r}: use auto, cpu, cuda or cuda:N")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise BmfnError(f"device {device}: no CUDA device is available here (use --device cpu)")
+    return resolved
+
+
 def rank_device(device: torch.device) -> torch.device:
     """`cuda` becomes this rank's GPU, cuda:LOCAL_RANK, under torchrun; an explicit index is kept."""
     if device.type == "cuda" and device.index is None and rank_env().world_size > 1:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from bmfn_pipeline import __version__
 from bmfn_pipeline.ave import load_splits, read_annotations
 from bmfn_pipeline.decode import DecodedClip, decode_many
-from bmfn_pipeline.distributed import Shard, finish_together, rank_device, rank_env, resolve_shard
+from bmfn_pipeline.distributed import Shard, finish_together, rank_device, rank_env, resolve_device, resolve_shard
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.store import STORAGE_DTYPES, FeatureStore, labels_from_annotations
 from extractors.vgg19 import VisualExtractor, load_visual_extractor
@@ -66,14 +66,6 @@ class ExtractSummary:
         if self.unlabelled:
             text += f" ({len(self.unlabelled)} without an annotation row)"
         return text
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BmfnError(f"--device {device}: no CUDA device is available here")
-    return torch.device(device)
 
 
 def fast_bfloat16(device: torch.device) -> bool:

@@ -36,13 +36,12 @@ from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.evaluate import EVAL_BATCH_SIZE
 from bmfn_pipeline.extract import (FRAMES_PER_SECOND, ExtractOptions, features_provenance, load_extractors,
                                    resolve_device)
-from bmfn_pipeline.model import BMFN
+from bmfn_pipeline.model import BMFN, EVENT_THRESHOLD
 from bmfn_pipeline.train import RUNS_DIR, check_provenance, latest_checkpoint, load_checkpoint
 from bmfn_pipeline.writers import STRIP_HEIGHT_PX, LocalizationResult, SecondLabel, plot_timeline
 
 WINDOW = SEGMENTS  # seconds BMFN sees at once: the 10 segments of an AVE clip (bmfn-reference.md)
 DEFAULT_STRIDE = 5  # seconds between window starts: each second of a long video is judged in two contexts
-EVENT_THRESHOLD = 0.5  # event probability above which a second is an event (model.predict_segments)
 CHUNK_SECONDS = 60  # seconds of a long video decoded at once: 60 x 16 frames x 150 kB bounds frames to ~150 MB
 KEYFRAME_STEP = max(1, FRAME_SIZE // STRIP_HEIGHT_PX)  # keyframes kept for the plot at its strip's resolution
 RANDOM_PREFIX = "random:"  # how a provenance records seeded random weights (extractors.weights.random_provenance)

@@ -34,6 +34,8 @@ VISUAL_DIM = 512  # VGG-19 pool5 channels (§2)
 AUDIO_DIM = 128  # VGGish embedding size (§2)
 CELLS = 49  # 7x7 pool5 grid cells (§2)
 HIDDEN = 256  # bottleneck width inside the visual and fusion attentions (§2.1, §2.2; eq. 1, 3: d = 256)
+# bmfn-reference.md 6: a segment is an event when sigmoid(event logit) exceeds this (the paper writes >=).
+EVENT_THRESHOLD = 0.5
 
 Mode = Literal["fully", "weakly"]
 _ESA_ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu6": nn.ReLU6}
@@ -329,7 +331,7 @@ class BMFN(nn.Module):
 def predict_segments(output: BMFNOutput) -> Tensor:
     """Per-segment labels [B,T] in 0..28 (§6): the video's argmax class where sigmoid(event logit) > 0.5, else
     background (28). Weakly, the argmax is over the 29-way raw r, so a positive segment may still be 28."""
-    positive = torch.sigmoid(output.event_logits) > 0.5
+    positive = torch.sigmoid(output.event_logits) > EVENT_THRESHOLD
     video_class = output.class_logits.argmax(dim=-1, keepdim=True)
     return torch.where(positive, video_class, torch.full_like(video_class, BACKGROUND))
 

@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from bmfn_pipeline import __version__
 from bmfn_pipeline.data import FeatureData, batches, find_default_data, load_data, num_batches
-from bmfn_pipeline.distributed import (all_sum, local_batch, process_group, rank_device, rank_env, seed_rank,
-                                       share_from_main, wrap)
+from bmfn_pipeline.distributed import (all_sum, local_batch, process_group, rank_device, rank_env, resolve_device,
+                                       seed_rank, share_from_main, wrap)
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.evaluate import CLASS_NAMES, EVAL_BATCH_SIZE, autocast, predict_rows, segment_accuracy
 from bmfn_pipeline.model import BMFN, BMFNConfig, BMFNOutput, fully_supervised_loss, predict_segments, weakly_supervised_loss
@@ -230,17 +230,6 @@ def _train(config: TrainConfig, data: FeatureData | None, log) -> TrainResult:
     if config.seeds > 1:
         (run_dir / SUMMARY).write_text(json.dumps(result.to_dict(), indent=2))
     return result
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' is CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise BmfnError(f"device {device!r}: use auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BmfnError("device cuda: no CUDA device is available (use --device cpu)")
-    return torch.device(device)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[BMFN, dict]:
