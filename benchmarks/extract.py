@@ -102,10 +102,16 @@ def end_to_end(paths: list[Path], options: ExtractOptions, device: torch.device,
     serial *= len(paths) / len(serial_paths)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        summary = extract(paths, Path(tmp) / "feats.h5", options, progress=False)
+        finished: list[float] = []
+        summary = extract(paths, Path(tmp) / "feats.h5", options, progress=False,
+                          on_clip=lambda _: finished.append(time.perf_counter()))
         total = time.perf_counter() - start
     print(f"  extract() with {options.workers} decode worker(s): {total:.2f} s = {len(summary.done) / total:.2f} clips/s"
           f" ({serial / total:.2f}x the serial stages; includes loading the networks and writing the store)")
+    if len(finished) > 2:  # after the networks are loaded and the workers have started
+        steady = (len(finished) - 1) / (finished[-1] - finished[0])
+        print(f"  steady state, first to last clip: {steady:.2f} clips/s; "
+              f"start-up until the first clip {finished[0] - start:.2f} s")
 
 
 def main() -> None:

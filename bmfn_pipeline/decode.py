@@ -23,10 +23,11 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
+from typing import Any
 from pathlib import Path
 
 import av
@@ -46,6 +47,8 @@ AVE_TOLERANCE_S = 0.5  # clips this close to `seconds` use AVE indexing; also th
 TRUNCATION_TOLERANCE_S = 0.5  # a stream ending this much earlier than its header says is truncated, not just rounding
 AUDIO_MARGIN_S = 1.0  # audio decoded either side of a window so the resampling filter sees real context at its edges
 VFR_TOLERANCE = 0.01  # relative gap between average and base frame rate above which the stream is variable-rate
+# FFmpeg decoder threads per stream; 0 lets FFmpeg choose (one per core). Decoding workers set their share.
+DECODER_THREADS = 0
 
 
 @dataclass
@@ -152,41 +155,56 @@ def _decode_audio_file(path: str | os.PathLike, info: ClipInfo) -> np.ndarray:
         return _decode_audio(path, container, info)
 
 
-def decode_or_error(path: Path, seconds: int, frames_per_second: int) -> DecodedClip | str:
-    """A decoded clip, or the one-line reason it could not be decoded (the entry point of decoding workers)."""
+def decode_or_error(path: Path, seconds: int, frames_per_second: int,
+                    prepare: Callable[[DecodedClip], Any] | None = None) -> Any:
+    """A decoded clip (passed through `prepare`, if given), or the one-line reason it could not be decoded.
+
+    This is the entry point of decoding workers; `prepare` lets a caller move CPU work on the clip into them.
+    """
     try:
-        return decode_clip(path, seconds=seconds, frames_per_second=frames_per_second)
+        clip = decode_clip(path, seconds=seconds, frames_per_second=frames_per_second)
+        return clip if prepare is None else prepare(clip)
     except BmfnError as exc:
         return str(exc)
     except Exception as exc:  # a decoder crash on one file must not end the run
         return f"{path}: cannot decode ({type(exc).__name__}: {exc})"
 
 
+def _share_cores(threads: int) -> None:
+    """Worker initialiser: FFmpeg and OpenCV would each start a thread per core in every worker."""
+    global DECODER_THREADS
+    DECODER_THREADS = threads
+    cv2.setNumThreads(1)
+
+
 def decode_many(
-    paths: list[Path], *, seconds: int = SEGMENTS, frames_per_second: int = FRAMES_PER_SEGMENT, workers: int = 1
-) -> Iterator[tuple[Path, DecodedClip | str]]:
+    paths: list[Path], *, seconds: int = SEGMENTS, frames_per_second: int = FRAMES_PER_SEGMENT, workers: int = 1,
+    prepare: Callable[[DecodedClip], Any] | None = None,
+) -> Iterator[tuple[Path, Any]]:
     """Decode in `workers` processes, in order, with at most 2 clips per worker in flight to bound memory.
 
-    Workers import this module only (PyAV, OpenCV, resampy), not torch, so they start fast.
+    Yields (path, clip or prepare(clip)) or (path, error line). The machine's cores are shared out between the
+    workers' decoder threads. `prepare` must be picklable (a module-level function or a partial of one).
     """
     if workers <= 0:
         for path in paths:
-            yield path, decode_or_error(path, seconds, frames_per_second)
+            yield path, decode_or_error(path, seconds, frames_per_second, prepare)
         return
     # spawn, not fork: the parent may hold CUDA state and threads that a fork would copy half-way.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, context, initializer=_share_cores, initargs=(threads,)) as pool:
         pending: list[tuple[Path, Future]] = []
         todo = iter(paths)
         for path in todo:
-            pending.append((path, pool.submit(decode_or_error, path, seconds, frames_per_second)))
+            pending.append((path, pool.submit(decode_or_error, path, seconds, frames_per_second, prepare)))
             if len(pending) >= 2 * workers:
                 break
         while pending:
             path, future = pending.pop(0)
             next_path = next(todo, None)
             if next_path is not None:
-                pending.append((next_path, pool.submit(decode_or_error, next_path, seconds, frames_per_second)))
+                pending.append((next_path, pool.submit(decode_or_error, next_path, seconds, frames_per_second, prepare)))
             yield path, future.result()
 
 
@@ -284,7 +302,8 @@ def _header_warnings(info: ClipInfo) -> list[str]:
 def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warnings: list[str]) -> np.ndarray:
     """Stream the video once; convert and resize only the sampled frames. Indices past the end reuse the last frame."""
     stream = next(s for s in container.streams.video if s.index == info.video_index)
-    stream.thread_type = "AUTO"
+    stream.codec_context.thread_type = "AUTO"
+    stream.codec_context.thread_count = DECODER_THREADS
     positions: dict[int, list[tuple[int, int]]] = {}
     for segment in range(info.segments):
         for sample, index in enumerate(segment_frame_indices(info, segment, frames_per_second=frames_per_second)):

@@ -7,6 +7,7 @@ recorded with its error while the others go on.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -24,7 +25,7 @@ from bmfn_pipeline.distributed import Shard, finish_together, rank_device, rank_
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.store import STORAGE_DTYPES, FeatureStore, labels_from_annotations
 from extractors.vgg19 import VisualExtractor, load_visual_extractor
-from extractors.vggish import AudioExtractor, load_audio_extractor
+from extractors.vggish import AudioExtractor, load_audio_extractor, segment_examples
 
 # Container extensions a folder is searched for; a file named explicitly is tried whatever its extension.
 VIDEO_EXTENSIONS = frozenset(
@@ -136,6 +137,11 @@ def features_provenance(options: ExtractOptions, visual: VisualExtractor, audio:
     }
 
 
+def prepare_clip(clip: DecodedClip, alignment: str) -> tuple[DecodedClip, np.ndarray]:
+    """Runs in the decoding workers: the clip and its VGGish log-mel examples, CPU work taken off the device loop."""
+    return clip, segment_examples(clip.audio, clip.frames.shape[0], alignment)
+
+
 def clip_features(clip: DecodedClip, visual: VisualExtractor, audio: AudioExtractor) -> tuple[np.ndarray, np.ndarray]:
     """[segments,7,7,512] mean pool5 maps and [segments,128] VGGish embeddings for one decoded clip."""
     segments = clip.frames.shape[0]
@@ -194,11 +200,16 @@ def extract(
                 todo.append(path)
         bar = tqdm(total=len(todo), unit="clip", disable=not progress, dynamic_ncols=True)
         try:
-            for path, clip in decode_many(todo, seconds=options.seconds, frames_per_second=options.frames_per_second, workers=options.workers):
+            prepare = functools.partial(prepare_clip, alignment=options.alignment)
+            decoded = decode_many(todo, seconds=options.seconds, frames_per_second=options.frames_per_second,
+                                  workers=options.workers, prepare=prepare)
+            for path, prepared in decoded:
                 cid = clip_id(path)
-                if not isinstance(clip, str):
+                clip = prepared
+                if not isinstance(prepared, str):
+                    clip, examples = prepared
                     try:
-                        visual_maps, embeddings = clip_features(clip, visual, audio)
+                        visual_maps, embeddings = visual.segments(clip.frames), audio.embed(examples)
                         store.add_clip(cid, visual_maps, embeddings, path=str(path), warnings=clip.warnings)
                     except BmfnError as exc:  # e.g. non-finite features: this clip fails, the others go on
                         clip = str(exc)
