@@ -29,7 +29,12 @@ def main() -> None:
 
     \b
     Examples:
+      bmfn demo                                   # the whole pipeline on synthetic clips, nothing downloaded
       bmfn probe clip.mp4
+      bmfn extract videos/ --out feats.h5 --annotations Annotations.txt
+      bmfn train
+      bmfn evaluate --json
+      bmfn localize clip.mp4 --format srt --output-dir subs/
     """
 
 
@@ -272,8 +277,6 @@ def evaluate(checkpoint, split, ave_dir, features, annotations, splits, batch_si
     Example:
       bmfn evaluate --checkpoint runs/fully-20250101-120000/best.pt --split test
     """
-    import json
-
     from bmfn_pipeline.evaluate import evaluate as run_evaluate
 
     if checkpoint is None:
@@ -362,7 +365,7 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False),
               help="A new or empty folder for everything the demo writes. Default: ./bmfn-demo (-2, -3, ... if taken).")
-@click.option("--quick", is_flag=True, help="A much smaller run (about a minute), as the tests use.")
+@click.option("--quick", is_flag=True, help="A much smaller run (about 1.5 minutes on 2 free cores), as the tests use.")
 @click.option("--clips", type=click.IntRange(6), help="Synthetic clips to make (default 96; 12 with --quick).")
 @click.option("--epochs", type=click.IntRange(1), help="Training epochs (default 20; 8 with --quick).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the dataset, the random networks and training.")
@@ -375,7 +378,7 @@ def demo(out, quick, clips, epochs, seed) -> None:
     \b
     Examples:
       bmfn demo
-      bmfn demo --quick --out /tmp/demo
+      bmfn demo --quick --out my-demo/
     """
     from bmfn_pipeline.demo import run_demo
 

@@ -340,7 +340,7 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
         record = {"epoch": epoch, "loss": loss_sum.item() / clips, "train_acc": 100 * correct.item() / segments,
                   "val_acc": accs["val"], "test_acc": accs["test"], "lr": lr,
                   "time": time.perf_counter() - began}
-        improved = accs[selection] > best["selected"]
+        improved = accs[selection] >= best["selected"]  # on a tie, the longer-trained checkpoint
         if improved:
             best = {"epoch": epoch, "selected": accs[selection], "val_acc": accs["val"], "test_acc": accs["test"]}
         record["best"] = improved
