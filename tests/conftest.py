@@ -32,3 +32,14 @@ def video_dir(media_dir: Path) -> Path:
 def ave_dir() -> Path:
     """../shared/ave: the AVE annotation, split and label files."""
     return _shared_dir("ave")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread: small models run no slower, and parallel test processes do not fight for the 2 cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -48,12 +48,7 @@ WEIGHT_ATOL = 5 * DDP_CONFIG["lr"]
 GRADIENT_RTOL = 1e-9  # float64: rounding only
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cli(*args):

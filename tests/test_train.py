@@ -22,12 +22,7 @@ from bmfn_pipeline.train import (REFERENCE, TrainConfig, check_provenance, lates
 FAST = {"batch_size": 8, "lr": 2e-3, "clip": 1.0, "milestones": (100,), "model": SMALL_MODEL, "progress": False}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def quiet(*_):

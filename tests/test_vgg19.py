@@ -42,12 +42,7 @@ BLOCK_WIDTHS = {1: (64, 2), 2: (128, 2), 3: (256, 4), 4: (512, 4), 5: (512, 4)}
 POOL5_PARAMETERS = 20_024_384
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _keras_layers() -> list[tuple[str, int, int]]:

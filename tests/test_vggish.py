@@ -52,12 +52,7 @@ PUBLISHED_SHAPES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _published_state(seed: int = 0) -> dict[str, torch.Tensor]:
