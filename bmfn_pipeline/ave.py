@@ -59,9 +59,9 @@ _CATEGORY_INDEX = {name: i for i, name in enumerate(CATEGORIES)}
 
 # Split names and the two file forms they come in (bmfn-reference.md section 9; the dataset zip).
 SPLITS = ("train", "val", "test")
-_ORDER_FILE = "{}_order.h5"
+ORDER_FILE = "{}_order.h5"
 _ORDER_KEY = "order"
-_LIST_FILE = "{}Set.txt"
+LIST_FILE = "{}Set.txt"
 ANNOTATIONS_FILE = "Annotations.txt"
 
 
@@ -193,8 +193,8 @@ def load_splits(
     ``directory``). Indices are checked to lie in ``range(n_rows)`` (when known) and not to overlap.
     """
     directory = Path(directory)
-    order_files = {name: directory / _ORDER_FILE.format(name) for name in SPLITS}
-    list_files = {name: directory / _LIST_FILE.format(name) for name in SPLITS}
+    order_files = {name: directory / ORDER_FILE.format(name) for name in SPLITS}
+    list_files = {name: directory / LIST_FILE.format(name) for name in SPLITS}
     if any(p.is_file() for p in order_files.values()):
         missing = [p.name for p in order_files.values() if not p.is_file()]
         if missing:

@@ -35,7 +35,7 @@ ANNOTATIONS_FILE = "Annotations.txt"
 NOISY_VISUAL_FILE = "visual_feature_noisy.h5"
 NOISY_AUDIO_FILE = "audio_feature_noisy.h5"
 NOISY_LABELS_FILE = "labels_noisy.h5"
-SPLIT_FILES = ("train_order.h5", "trainSet.txt")  # either form makes ave.load_splits apply
+SPLIT_FILES = (ave.ORDER_FILE.format("train"), ave.LIST_FILE.format("train"))  # either makes ave.load_splits apply
 STORE_FILE = "feats.h5"  # what `bmfn extract --out feats.h5` writes and a plain `bmfn train` looks for
 
 # Split used when the data carries none: 80/10/10 by a hash of the video id (issue 4).

@@ -21,12 +21,12 @@ import av
 import cv2
 import numpy as np
 
-from .ave import ANNOTATIONS_FILE, SEGMENTS, SPLITS, AnnotationRow
+from .ave import ANNOTATIONS_FILE, LIST_FILE, SEGMENTS, SPLITS, AnnotationRow
 from .decode import SAMPLE_RATE
 from .errors import BmfnError
 
 VIDEO_DIR = "videos"
-SPLIT_FILES = {name: f"{name}Set.txt" for name in SPLITS}  # the dataset zip's split lists (bmfn-reference.md 9)
+SPLIT_FILES = {name: LIST_FILE.format(name) for name in SPLITS}  # the dataset zip's split lists
 QUALITY = "good"  # AVE's Quality field
 VIDEO_CODEC = "libx264"
 VIDEO_OPTIONS = {"preset": "ultrafast", "crf": "18"}  # fast, and near-lossless so the colours survive

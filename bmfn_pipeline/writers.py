@@ -53,10 +53,6 @@ class SecondLabel:
     def name(self) -> str:
         return label_name(self.label)
 
-    @property
-    def is_event(self) -> bool:
-        return self.label != BACKGROUND
-
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "name": self.name}
 
