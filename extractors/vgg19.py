@@ -50,17 +50,24 @@ def _keras_layer_indices() -> dict[str, int]:
 KERAS_LAYER_INDEX = _keras_layer_indices()
 
 
-def vgg19_pool5() -> nn.Sequential:
-    """VGG-19 up to block5_pool, with torchvision `vgg19().features` indices 0..36: [n,3,224,224] -> [n,512,7,7]."""
+def vgg_layers(config: tuple[int | str, ...], in_channels: int) -> nn.Sequential:
+    """A VGG convolution stack (3x3 'same' convolutions with ReLU; "M" = 2x2 max-pool), torchvision's layout.
+
+    VGG-19 and VGGish both use it, so their state_dict indices match torchvision's and torchvggish's.
+    """
     layers: list[nn.Module] = []
-    in_channels = 3
-    for width in VGG19_CONFIG:
+    for width in config:
         if width == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
-            layers += [nn.Conv2d(in_channels, width, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
-            in_channels = width
+            layers += [nn.Conv2d(in_channels, int(width), kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            in_channels = int(width)
     return nn.Sequential(*layers)
+
+
+def vgg19_pool5() -> nn.Sequential:
+    """VGG-19 up to block5_pool, with torchvision `vgg19().features` indices 0..36: [n,3,224,224] -> [n,512,7,7]."""
+    return vgg_layers(VGG19_CONFIG, in_channels=3)
 
 
 def _convs(module: nn.Sequential) -> list[nn.Conv2d]:

@@ -19,6 +19,7 @@ from torch import nn
 
 from bmfn_pipeline.ave import SEGMENTS
 from bmfn_pipeline.errors import BmfnError
+from extractors.vgg19 import vgg_layers
 from extractors.weights import random_weights_provenance, weight_path, weights_provenance
 
 # --- front-end constants: vggish_params.py (features-reference.md §2.2) ---
@@ -163,17 +164,9 @@ class VGGish(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        in_channels = 1
-        for spec in CONV_CHANNELS:
-            if spec == "M":
-                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-            else:
-                layers += [nn.Conv2d(in_channels, int(spec), kernel_size=3, padding=1), nn.ReLU(inplace=True)]
-                in_channels = int(spec)
-        self.features = nn.Sequential(*layers)
+        self.features = vgg_layers(CONV_CHANNELS, in_channels=1)
         self.embeddings = nn.Sequential(
-            nn.Linear(in_channels * POOL4_SHAPE[0] * POOL4_SHAPE[1], FC_SIZE),
+            nn.Linear(CONV_CHANNELS[-2] * POOL4_SHAPE[0] * POOL4_SHAPE[1], FC_SIZE),
             nn.ReLU(inplace=True),
             nn.Linear(FC_SIZE, FC_SIZE),
             nn.ReLU(inplace=True),
