@@ -63,18 +63,8 @@ class SecondLabel:
 
 
 @dataclass(frozen=True)
-class Interval:
-    """Consecutive seconds with the same label, and their mean probabilities."""
-
-    start_s: float
-    end_s: float
-    label: int
-    event_prob: float
-    class_prob: float
-
-    @property
-    def name(self) -> str:
-        return label_name(self.label)
+class Interval(SecondLabel):
+    """Consecutive seconds with the same label: the same fields, spanning the run, with mean probabilities."""
 
     def text(self) -> str:
         """Cue text: the label and the interval's mean probabilities."""
@@ -130,7 +120,7 @@ class LocalizationResult:
             "duration_s": self.duration_s,
             "summary": self.summary(),
             "seconds": [second.to_dict() for second in self.seconds],
-            "events": [{**asdict(e), "name": e.name} for e in self.events()],
+            "events": [e.to_dict() for e in self.events()],
             "warnings": list(self.warnings),
             "model": self.model,
         }
