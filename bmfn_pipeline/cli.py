@@ -209,7 +209,8 @@ def _milestones(ctx, param, value):
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder. Default: runs/<mode>-<timestamp>.")
 @click.option("--epochs", type=click.IntRange(1), help="Default 200 (reference).")
 @click.option("--batch-size", type=click.IntRange(1), help="Training batch. Default 32 (reference).")
-@click.option("--eval-batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--eval-batch-size", type=click.IntRange(1),
+              help="Default 16 on CPU (the official test batch), 256 on GPU; results do not depend on it.")
 @click.option("--lr", type=float, help="Adam learning rate. Default 5e-4 (reference).")
 @click.option("--milestones", callback=_milestones, help="MultiStepLR epochs. Default 10,20,30 fully; 5,20,40 weakly.")
 @click.option("--gamma", type=float, help="MultiStepLR factor. Default 0.5.")
@@ -218,8 +219,12 @@ def _milestones(ctx, param, value):
 @click.option("--seeds", default=1, show_default=True, type=click.IntRange(1),
               help="Train N models (seed, seed+1, ...) and report mean and standard deviation.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="bfloat16: autocast (mixed precision), mainly for GPUs.")
+@click.option("--precision", type=click.Choice(["float32", "tf32", "bfloat16"]), default="float32", show_default=True,
+              help="tf32: float32 with TF32 tensor-core matmuls (CUDA); bfloat16: autocast (mixed precision).")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+              help="On one CUDA device, replay each training step as a CUDA graph (same arithmetic, no launch cost).")
+@click.option("--checkpoint-every", type=click.FloatRange(0),
+              help="Seconds between writes of last.pt and best.pt (also at the end). Default 60; 0: every epoch.")
 @click.option("--select-on-test", is_flag=True,
               help="The official protocol: keep the epoch with the best TEST accuracy (optimistic). "
                    "Default: select on val, report test for that epoch.")
@@ -228,7 +233,8 @@ def _milestones(ctx, param, value):
 @click.option("--force", is_flag=True, help="Resume even if the features' provenance differs.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size, eval_batch_size, lr, milestones,
-          gamma, clip, seed, seeds, device, precision, select_on_test, resume, force, quiet) -> None:
+          gamma, clip, seed, seeds, device, precision, cuda_graphs, checkpoint_every, select_on_test, resume, force,
+          quiet) -> None:
     """Train BMFN on pre-extracted features; writes best.pt, last.pt, metrics.jsonl, curves.png, command.txt.
 
     Defaults reproduce the official hyper-parameters per mode (Adam 5e-4, MultiStepLR, 200 epochs, batch 32).
@@ -248,7 +254,8 @@ def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size,
     config = TrainConfig(mode=mode, ave_dir=ave_dir, features=features, annotations=annotations, splits=splits,
                          out=out, epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size, lr=lr,
                          milestones=milestones, gamma=gamma, clip=clip, seed=seed, seeds=seeds, device=device,
-                         precision=precision, select_on_test=select_on_test, force=force, resume=resume,
+                         precision=precision, cuda_graphs=cuda_graphs, select_on_test=select_on_test, force=force,
+                         resume=resume, **({} if checkpoint_every is None else {"checkpoint_every": checkpoint_every}),
                          progress=not quiet, command=shlex.join(["bmfn", *sys.argv[1:]]))
     result = run_train(config, log=click.echo)
     if rank_env().is_main:  # under torchrun, rank 0 speaks for all
@@ -264,9 +271,9 @@ def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size,
 @click.option("--features", type=click.Path(exists=True, dir_okay=False), help="Default: the data the run trained on.")
 @click.option("--annotations", type=click.Path(exists=True, dir_okay=False))
 @click.option("--splits", type=click.Path(exists=True, file_okay=False))
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", type=click.IntRange(1), help="Default 16 on CPU, 256 on GPU; results do not depend on it.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--precision", type=click.Choice(["float32", "tf32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--force", is_flag=True, help="Evaluate on features whose provenance differs from the checkpoint's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def evaluate(checkpoint, split, ave_dir, features, annotations, splits, batch_size, device, precision, force,

@@ -244,15 +244,14 @@ def local_batch(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
     return {name: value[lo:hi] for name, value in batch.items()}, weight
 
 
-def all_sum(*values: torch.Tensor | int | float) -> tuple:
-    """Sums over ranks (epoch totals: loss, correct segments, clips); the values themselves with one process."""
+def all_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sums over ranks (epoch totals: loss, correct segments, clips), on the tensor's device (NCCL needs CUDA);
+    the tensor itself with one process."""
     if _world() == 1:
         return values
-    device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
-    totals = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    totals = values.clone()
     dist.all_reduce(totals)
-    return tuple(torch.tensor(t.item()) if isinstance(v, torch.Tensor) else type(v)(t.item())
-                 for v, t in zip(values, totals))
+    return totals
 
 
 def seed_rank(seed: int, epoch: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,8 +13,14 @@ from bmfn_pipeline import ave
 from bmfn_pipeline.data import ClipArrays, FeatureData, batches, load_data
 from bmfn_pipeline.errors import BmfnError
 
-EVAL_BATCH_SIZE = 16  # the official test batch size (bmfn-reference.md section 7)
+EVAL_BATCH_SIZE = 16  # the official test batch size (bmfn-reference.md section 7), used on CPUs
+# On GPUs: in eval mode every clip's output is independent of its batch (ESA's BatchNorm uses running statistics),
+# so a larger batch changes no result, only the number of launches; 256 clips need about 6 GB.
+GPU_EVAL_BATCH_SIZE = 256
 CLASS_NAMES = (*ave.CATEGORIES, "background")
+# float32: IEEE float32 throughout; tf32: float32 tensors, matmuls on TF32 tensor cores (CUDA; 10-bit mantissa
+# products, float32 sums); bfloat16: autocast (bmfn-reference.md 13(c)).
+PRECISIONS = ("float32", "tf32", "bfloat16")
 
 
 def _numpy(x) -> np.ndarray:
@@ -68,23 +75,39 @@ def plot_confusion(matrix: np.ndarray, path: str | Path, class_names=CLASS_NAMES
     return path
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast when asked for (bmfn-reference.md 13(c)); a no-op context for float32."""
-    if precision not in ("float32", "bfloat16"):
-        raise BmfnError(f"precision {precision!r}: use float32 or bfloat16")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+def eval_batch_size(device: torch.device, requested: int | None = None) -> int:
+    """The requested evaluation batch, else EVAL_BATCH_SIZE on CPUs and GPU_EVAL_BATCH_SIZE on GPUs."""
+    if requested is not None:
+        return requested
+    return EVAL_BATCH_SIZE if device.type == "cpu" else GPU_EVAL_BATCH_SIZE
+
+
+@contextmanager
+def compute_precision(device: torch.device, precision: str):
+    """Runs the body in one of PRECISIONS. The autocast cache is off: it may not outlive a CUDA-graph capture,
+    and BMFN uses each weight once per call."""
+    if precision not in PRECISIONS:
+        raise BmfnError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    matmul = torch.get_float32_matmul_precision()
+    if precision == "tf32":
+        torch.set_float32_matmul_precision("high")
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16", cache_enabled=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
 
 
 @torch.no_grad()
 def predict_rows(model: torch.nn.Module, clips: ClipArrays, rows: np.ndarray, device: torch.device,
-                 batch_size: int = EVAL_BATCH_SIZE, precision: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+                 batch_size: int | None = None, precision: str = "float32") -> tuple[np.ndarray, np.ndarray]:
     """Predicted and true segment labels [len(rows),10] for the given rows, in sorted row order."""
     from bmfn_pipeline.model import predict_segments
 
     model.eval()
     preds, targets = [], []
-    for batch in batches([(clips, np.sort(rows))], batch_size, device):
-        with autocast(device, precision):
+    for batch in batches([(clips, np.sort(rows))], eval_batch_size(device, batch_size), device):
+        with compute_precision(device, precision):
             output = model(batch["visual"], batch["audio"])
         preds.append(predict_segments(output).cpu())
         targets.append(batch["labels"].argmax(-1).cpu())
@@ -123,7 +146,7 @@ class EvalResult:
 
 def evaluate(checkpoint: str | Path | None = None, *, split: str = "test", ave_dir: str | Path | None = None,
              features: str | Path | None = None, annotations: str | Path | None = None,
-             splits: str | Path | None = None, batch_size: int = EVAL_BATCH_SIZE, device: str = "auto",
+             splits: str | Path | None = None, batch_size: int | None = None, device: str = "auto",
              precision: str = "float32", force: bool = False, plot: bool = True,
              runs_dir: str | Path = "runs", data: FeatureData | None = None) -> EvalResult:
     """Accuracy of a checkpoint (default: the newest run's best.pt) on a split of its training data or other data."""

@@ -1,9 +1,13 @@
 """Training BMFN: the reference hyper-parameters per mode, selection on val, checkpoints, metrics, resume.
 
 A run directory holds `run.json` (the resolved configuration), `command.txt`, `metrics.jsonl` (one line per
-epoch), `curves.png`, `best.pt` (selected epoch) and `last.pt` (latest epoch plus optimiser, scheduler and RNG
-state, so `--resume` continues bit for bit on the same device). With several seeds each has its own
-`seed-<n>/` folder and `summary.json` gives mean and standard deviation.
+epoch), `curves.png`, `best.pt` (selected epoch) and `last.pt` (latest saved epoch plus optimiser, scheduler and RNG
+state, so `--resume` continues bit for bit on the same device). Both are written at most every
+`checkpoint_every` seconds and at the end: on a GPU an AVE epoch takes well under a second and a 320 MB last.pt
+per epoch would cost more than the training; the selected epoch's weights wait in memory until then. With
+several seeds each has its own `seed-<n>/` folder and `summary.json` gives mean and standard deviation.
+
+On a single CUDA device each training step is replayed as a CUDA graph (bmfn_pipeline.graphs).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from bmfn_pipeline.data import FeatureData, batches, find_default_data, load_dat
 from bmfn_pipeline.distributed import (all_sum, local_batch, process_group, rank_device, rank_env, resolve_device,
                                        seed_rank, share_from_main, wrap)
 from bmfn_pipeline.errors import BmfnError
-from bmfn_pipeline.evaluate import CLASS_NAMES, EVAL_BATCH_SIZE, autocast, predict_rows, segment_accuracy
+from bmfn_pipeline.evaluate import CLASS_NAMES, compute_precision, predict_rows, segment_accuracy
+from bmfn_pipeline.graphs import GraphedStep
 from bmfn_pipeline.model import BMFN, BMFNConfig, BMFNOutput, fully_supervised_loss, predict_segments, weakly_supervised_loss
 
 
@@ -53,6 +58,8 @@ CHECKPOINT_FORMAT = "bmfn-checkpoint-1"
 BEST, LAST, METRICS, CURVES, COMMAND, RUN_FILE, SUMMARY = (
     "best.pt", "last.pt", "metrics.jsonl", "curves.png", "command.txt", "run.json", "summary.json")
 RUNS_DIR = "runs"
+CHECKPOINT_EVERY = 60.0  # seconds between writes of last.pt and best.pt (0: after every epoch)
+PROGRESS_EVERY = 10  # steps between progress-bar figures (reading them waits for the GPU)
 # Provenance keys (a store's words, see bmfn_pipeline.extract.features_provenance) that change the feature space:
 # which network weights (random:<seed> included) and preprocessing, how frames and audio were framed.
 FEATURE_KEYS = ("visual.source", "visual.weights", "visual.checksum", "visual.preprocessing", "audio.weights",
@@ -72,7 +79,7 @@ class TrainConfig:
     runs_dir: str = RUNS_DIR
     epochs: int | None = None
     batch_size: int | None = None
-    eval_batch_size: int = EVAL_BATCH_SIZE
+    eval_batch_size: int | None = None  # None: 16 (the official test batch) on CPUs, 256 on GPUs; no result changes
     lr: float | None = None
     milestones: tuple[int, ...] | None = None
     gamma: float | None = None
@@ -80,7 +87,9 @@ class TrainConfig:
     seed: int | None = None
     seeds: int = 1  # run seed, seed+1, ... and report mean and std
     device: str = "auto"
-    precision: str = "float32"
+    precision: str = "float32"  # or tf32 / bfloat16 (bmfn_pipeline.evaluate.PRECISIONS)
+    cuda_graphs: bool = True  # replay each step as a CUDA graph on a single CUDA device (ignored elsewhere)
+    checkpoint_every: float = CHECKPOINT_EVERY
     select_on_test: bool = False  # the official protocol: keep the epoch with the best TEST accuracy
     include_noisy: bool = True  # weakly: the 178 background clips join the training set when present
     force: bool = False  # resume on features whose provenance differs
@@ -279,7 +288,8 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
     model = BMFN(BMFNConfig(mode=config.mode, **config.model)).to(device)
     replica = wrap(model, device)  # DDP under torchrun (model's BatchNorm synchronised in place), else model
     main = rank_env().is_main
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    graphs = config.cuda_graphs and device.type == "cuda" and replica is model
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, capturable=graphs)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), config.gamma)
     start, best = 0, {"epoch": 0, "selected": -math.inf, "val_acc": math.nan, "test_acc": math.nan}
     if (run_dir / LAST).is_file():
@@ -291,6 +301,7 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
         _set_rng_state(state["rng"], generator)
         start, best = state["epoch"], state["best"]
         log(f"seed {seed}: resuming after epoch {start} from {run_dir / LAST}")
+    _prepare_optimizer(optimizer, graphs, device)
     history = _read_metrics(run_dir / METRICS, keep_through=start) if main else []
 
     loss_fn = fully_supervised_loss if config.mode == "fully" else weakly_supervised_loss
@@ -299,79 +310,168 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
     if config.mode == "weakly" and config.include_noisy and data.noisy is not None:
         parts.append((data.noisy, np.arange(len(data.noisy))))
     selection = "test" if config.select_on_test else "val"
-    for epoch in range(start + 1, config.epochs + 1):
-        began = time.perf_counter()
-        replica.train()
-        seed_rank(seed, epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        clips = segments = 0
-        bar = tqdm(batches(parts, config.batch_size, device, generator), total=num_batches(parts, config.batch_size),
-                   desc=f"seed {seed} epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False,
-                   unit="batch")
-        for step, batch in enumerate(bar, 1):
-            batch, weight = local_batch(batch)  # the whole batch and 1.0 in a single process
-            with autocast(device, config.precision):
-                output = replica(batch["visual"], batch["audio"])
-            output = BMFNOutput(*(None if t is None else t.float() for t in output))
-            loss = loss_fn(output, batch[target_key])
-            if not torch.isfinite(loss):
+    sums = EpochSums(device)
+    parameters = list(model.parameters())
+
+    def step(batch: dict[str, torch.Tensor]) -> None:
+        """One optimisation step, tensor work only (it may be captured as a CUDA graph)."""
+        batch, weight = local_batch(batch)  # the whole batch and 1.0 in a single process
+        with compute_precision(device, config.precision):
+            output = replica(batch["visual"], batch["audio"])
+        output = BMFNOutput(*(None if t is None else t.float() for t in output))
+        loss = loss_fn(output, batch[target_key])
+        optimizer.zero_grad(set_to_none=False)  # gradients keep their memory: a graph replay writes into it
+        (loss * weight).backward()
+        torch.nn.utils.clip_grad_norm_(parameters, config.clip)
+        optimizer.step()
+        n = len(batch["audio"]) if weight else 0  # a zero-weight stand-in row (see local_batch) is not counted
+        correct = (predict_segments(output) == batch["labels"].argmax(-1))[:n].sum()
+        sums.add(loss.detach(), correct, n, n * batch["labels"].shape[1])
+
+    run_step = GraphedStep(step, enabled=graphs)
+    saver = _Saver(run_dir, config.checkpoint_every, enabled=main)
+    try:
+        for epoch in range(start + 1, config.epochs + 1):
+            began = time.perf_counter()
+            replica.train()
+            seed_rank(seed, epoch)
+            lr = float(f"{float(optimizer.param_groups[0]['lr']):.7g}")  # float32 precision, as a graph holds it
+            sums.reset()
+            bar = tqdm(batches(parts, config.batch_size, device, generator),
+                       total=num_batches(parts, config.batch_size), desc=f"seed {seed} epoch {epoch}/{config.epochs}",
+                       disable=not config.progress, leave=False, unit="batch")
+            for number, batch in enumerate(bar, 1):
+                run_step(batch)
+                if config.progress and (number % PROGRESS_EVERY == 0 or number == bar.total):
+                    totals = sums.totals()
+                    bar.set_postfix(loss=f"{totals['loss'] / totals['clips']:.4f}",
+                                    acc=f"{100 * totals['correct'] / totals['segments']:.1f}")
+            totals = sums.totals()
+            if totals["bad_step"]:
                 if main:
                     _plot_curves(history, run_dir / CURVES)
-                kept = f"{run_dir / LAST} (epoch {epoch - 1})" if epoch > 1 else "none (no epoch finished)"
-                raise BmfnError(f"{run_dir}: the loss became {loss.item()} at epoch {epoch}, batch {step}; training "
-                                f"stopped. Last good checkpoint: {kept}. Try a lower --lr or --clip, or float32")
-            optimizer.zero_grad(set_to_none=True)
-            (loss * weight).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
-            optimizer.step()
-            n = len(batch["audio"]) if weight else 0  # a zero-weight stand-in row (see local_batch) is not counted
-            loss_sum += loss.detach() * n
-            correct += (predict_segments(output) == batch["labels"].argmax(-1))[:n].sum()
-            clips, segments = clips + n, segments + n * batch["labels"].shape[1]
-            if config.progress:
-                bar.set_postfix(loss=f"{loss_sum.item() / clips:.4f}", acc=f"{100 * correct.item() / segments:.1f}")
-        loss_sum, correct, clips, segments = all_sum(loss_sum, correct, clips, segments)
-        accs = {split: segment_accuracy(*predict_rows(model, data.clips, data.splits[split], device,
-                                                      config.eval_batch_size, config.precision))
-                for split in ("val", "test")}
-        scheduler.step()
-        record = {"epoch": epoch, "loss": loss_sum.item() / clips, "train_acc": 100 * correct.item() / segments,
-                  "val_acc": accs["val"], "test_acc": accs["test"], "lr": lr,
-                  "time": time.perf_counter() - began}
-        improved = accs[selection] >= best["selected"]  # on a tie, the longer-trained checkpoint
-        if improved:
-            best = {"epoch": epoch, "selected": accs[selection], "val_acc": accs["val"], "test_acc": accs["test"]}
-        record["best"] = improved
-        history.append(record)
-        if main:
-            state = _checkpoint(model, config, data, seed, epoch, record, best, selection)
+                kept = (f"{run_dir / LAST} (epoch {saver.saved_epoch})" if saver.saved_epoch
+                        else "none (no epoch saved)")
+                raise BmfnError(f"{run_dir}: the loss became {totals['bad_loss']} at epoch {epoch}, batch "
+                                f"{int(totals['bad_step'])}; training stopped. Last good checkpoint: {kept}. "
+                                "Try a lower --lr or --clip, or float32")
+            loss_sum, correct, clips, segments = all_sum(sums.values[:4]).tolist()
+            accs = {split: segment_accuracy(*predict_rows(model, data.clips, data.splits[split], device,
+                                                          config.eval_batch_size, config.precision))
+                    for split in ("val", "test")}
+            scheduler.step()
+            record = {"epoch": epoch, "loss": loss_sum / clips, "train_acc": 100 * correct / segments,
+                      "val_acc": accs["val"], "test_acc": accs["test"], "lr": lr,
+                      "time": time.perf_counter() - began}
+            improved = accs[selection] >= best["selected"]  # on a tie, the longer-trained checkpoint
             if improved:
-                _save(state, run_dir / BEST)
-            # The metrics line first: a kill before last.pt is saved only leaves a line that resume drops.
-            with open(run_dir / METRICS, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            _save({**state, "optimizer": optimizer.state_dict(), "scheduler": _scheduler_state(scheduler),
-                   "rng": _rng_state(generator)}, run_dir / LAST)
-        log(f"seed {seed} epoch {epoch}/{config.epochs}: loss {record['loss']:.4f}, train {record['train_acc']:.2f} %, "
-            f"val {accs['val']:.2f} %, test {accs['test']:.2f} %, lr {lr:.3g}, {record['time']:.1f} s"
-            + ("  * best" if improved else ""))
+                best = {"epoch": epoch, "selected": accs[selection], "val_acc": accs["val"],
+                        "test_acc": accs["test"]}
+            record["best"] = improved
+            history.append(record)
+            if main:
+                if improved:
+                    saver.keep_best(_checkpoint(model, config, data, seed, epoch, record, best, selection))
+                # The metrics line first: a kill before last.pt is saved only leaves lines that resume drops.
+                with open(run_dir / METRICS, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                saver.maybe_save(epoch, lambda: {
+                    **_checkpoint(model, config, data, seed, epoch, record, best, selection),
+                    "optimizer": optimizer.state_dict(), "scheduler": _scheduler_state(scheduler),
+                    "rng": _rng_state(generator)}, final=epoch == config.epochs)
+            log(f"seed {seed} epoch {epoch}/{config.epochs}: loss {record['loss']:.4f}, "
+                f"train {record['train_acc']:.2f} %, val {accs['val']:.2f} %, test {accs['test']:.2f} %, lr {lr:.3g}, "
+                f"{record['time']:.2f} s" + ("  * best" if improved else ""))
+    finally:
+        saver.flush_best()  # the selected weights are never lost, even when the run stops early
     if main:
         _plot_curves(history, run_dir / CURVES)
     return RunResult(run_dir, seed, best["epoch"], selection, best["val_acc"], best["test_acc"], config.epochs,
                      history)
 
 
+class EpochSums:
+    """An epoch's running totals, kept on the device and added to in place by every step, so that no step waits
+    for the GPU and a CUDA-graph replay updates them: the loss times clips, correct segments, clips, segments,
+    steps, and the first step whose loss was not finite, with that loss (training stops after the epoch)."""
+
+    NAMES = ("loss", "correct", "clips", "segments", "steps", "bad_step", "bad_loss")
+
+    def __init__(self, device: torch.device) -> None:
+        self.values = torch.zeros(len(self.NAMES), dtype=torch.float64, device=device)
+
+    def reset(self) -> None:
+        self.values.zero_()
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, clips: int, segments: int) -> None:
+        v, loss = self.values, loss.double()
+        step = v[4] + 1
+        first_bad = (v[5] == 0) & ~torch.isfinite(loss)
+        self.values.copy_(torch.stack([v[0] + loss * clips, v[1] + correct, v[2] + clips, v[3] + segments, step,
+                                       torch.where(first_bad, step, v[5]), torch.where(first_bad, loss, v[6])]))
+
+    def totals(self) -> dict[str, float]:
+        return dict(zip(self.NAMES, self.values.tolist()))
+
+
+class _Saver:
+    """Writes last.pt at most every `every` seconds (and at the end) and best.pt along with it; the newest
+    selected epoch's checkpoint waits in memory, its weights as a copy on the training device."""
+
+    def __init__(self, run_dir: Path, every: float, enabled: bool) -> None:
+        self.run_dir, self.every, self.enabled = run_dir, every, enabled
+        self.best: dict | None = None
+        self.saved_epoch = 0
+        self.last_time = time.monotonic()
+
+    def keep_best(self, state: dict) -> None:
+        self.best = state
+
+    def flush_best(self) -> None:
+        if self.enabled and self.best is not None:
+            _save(_on_cpu(self.best), self.run_dir / BEST)
+            self.best = None
+
+    def maybe_save(self, epoch: int, state, final: bool) -> None:
+        if not self.enabled or not (final or time.monotonic() - self.last_time >= self.every):
+            return
+        self.flush_best()  # before last.pt: a resumed run never names a best epoch that has no best.pt
+        _save(_on_cpu(state()), self.run_dir / LAST)
+        self.saved_epoch, self.last_time = epoch, time.monotonic()
+
+
 def _checkpoint(model: BMFN, config: TrainConfig, data: FeatureData, seed: int, epoch: int, record: dict,
                 best: dict, selection: str) -> dict:
-    """Only tensors, dicts, lists, strings and numbers, so torch.load(weights_only=True) opens it."""
+    """Only tensors, dicts, lists, strings and numbers, so torch.load(weights_only=True) opens it. The weights are
+    a copy on the model's device (cheap on a GPU); _on_cpu moves them when the checkpoint is written."""
     return {"format": CHECKPOINT_FORMAT, "bmfn_version": __version__, "epoch": epoch, "seed": seed,
-            "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "model_state": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "model_config": asdict(model.config), "class_names": list(CLASS_NAMES),
             "provenance": json.loads(json.dumps(data.provenance)),
             "data": {**data.source, "split_rule": data.split_rule}, "train_config": config.to_dict(),
             "metrics": record, "best": best, "selected_on": selection}
+
+
+def _on_cpu(state):
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: _on_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_on_cpu(v) for v in state)
+    return state
+
+
+def _prepare_optimizer(optimizer: torch.optim.Optimizer, graphs: bool, device: torch.device) -> None:
+    """A loaded state keeps the saving run's settings; make them this run's. A captured step reads the learning
+    rate from a device tensor (which MultiStepLR fills in place) and needs its step counts on the device."""
+    for group in optimizer.param_groups:
+        lr = float(group["lr"])
+        group["lr"] = torch.tensor(lr, device=device) if graphs else lr
+        group["capturable"] = graphs
+    for state in optimizer.state.values():
+        if "step" in state:
+            state["step"] = state["step"].to(device if graphs else "cpu", torch.float32)
 
 
 def _save(state: dict, path: Path) -> None:
@@ -444,7 +544,8 @@ def _new_run_dir(config: TrainConfig) -> Path:
 
 
 def _resume_config(given: TrainConfig) -> tuple[TrainConfig, Path]:
-    """The interrupted run's own configuration; only epochs, device, precision and progress may change."""
+    """The interrupted run's own configuration; only epochs and how it runs (device, precision, progress, CUDA
+    graphs, checkpoint interval) may change."""
     run_dir = Path(given.resume)
     if not (run_dir / RUN_FILE).is_file():
         raise BmfnError(f"{run_dir}: no {RUN_FILE}; not a bmfn run directory")
@@ -452,6 +553,7 @@ def _resume_config(given: TrainConfig) -> tuple[TrainConfig, Path]:
     saved["milestones"] = tuple(saved["milestones"])
     config = TrainConfig(**{**saved, "resume": str(run_dir), "device": given.device, "precision": given.precision,
                             "progress": given.progress, "force": given.force, "command": given.command,
+                            "cuda_graphs": given.cuda_graphs, "checkpoint_every": given.checkpoint_every,
                             "epochs": given.epochs or saved["epochs"]})
     return config, run_dir
 

@@ -15,7 +15,7 @@ from test_data import SMALL_MODEL, STORE_PROVENANCE, make_ave_dir, make_store
 from bmfn_pipeline import ave, train as train_module
 from bmfn_pipeline.cli import main
 from bmfn_pipeline.errors import BmfnError
-from bmfn_pipeline.evaluate import evaluate
+from bmfn_pipeline.evaluate import eval_batch_size, evaluate
 from bmfn_pipeline.train import (REFERENCE, TrainConfig, check_provenance, latest_checkpoint, load_checkpoint,
                                  train)
 
@@ -32,8 +32,9 @@ def quiet(*_):
 def test_reference_hyper_parameters():
     """bmfn-reference.md section 7."""
     fully, weakly = TrainConfig(mode="fully").resolved(), TrainConfig(mode="weakly").resolved()
-    assert (fully.lr, fully.milestones, fully.gamma, fully.epochs, fully.batch_size, fully.eval_batch_size,
-            fully.clip, fully.seed) == (5e-4, (10, 20, 30), 0.5, 200, 32, 16, 0.1, 890)
+    assert (fully.lr, fully.milestones, fully.gamma, fully.epochs, fully.batch_size, fully.clip,
+            fully.seed) == (5e-4, (10, 20, 30), 0.5, 200, 32, 0.1, 890)
+    assert eval_batch_size(torch.device("cpu")) == 16 and eval_batch_size(torch.device("cpu"), 4) == 4
     assert (weakly.milestones, weakly.clip, weakly.seed) == ((5, 20, 40), 0.5, 550)
     assert TrainConfig(mode="fully", lr=1e-3).resolved().lr == 1e-3
 
@@ -110,10 +111,30 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
     monkeypatch.setattr(train_module, "fully_supervised_loss", failing)
     with pytest.raises(BmfnError, match=r"loss became nan at epoch 2, batch 1.*last\.pt \(epoch 1\)"):
-        train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(tmp_path / "run"), epochs=3, **FAST),
-              log=quiet)
+        train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(tmp_path / "run"), epochs=3,
+                          checkpoint_every=0, **FAST), log=quiet)
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_checkpoints_are_written_at_intervals_and_best_is_the_selected_epoch(tmp_path, monkeypatch):
+    """With a long interval, last.pt is written only at the end, yet best.pt holds the selected epoch's weights."""
+    directory = make_ave_dir(tmp_path / "ave", n_clips=24)
+    saved = []
+    original = train_module._save
+    monkeypatch.setattr(train_module, "_save", lambda state, path: (saved.append((path.name, state["epoch"])),
+                                                                     original(state, path)))
+    # Selection on val is made to prefer epoch 2 of 4, so best.pt must not be the last epoch's weights.
+    monkeypatch.setattr(train_module, "segment_accuracy", lambda pred, target: 50.0 + (calls.pop(0) if calls else 0))
+    calls = [0, 0, 5, 5, 1, 1, 2, 2]  # (val, test) per epoch: epoch 2 is best on val
+    result = train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(tmp_path / "run"), epochs=4,
+                               checkpoint_every=3600, **FAST), log=quiet)
+    assert result.runs[0].best_epoch == 2
+    assert saved == [("best.pt", 2), ("last.pt", 4)]
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert best["epoch"] == 2 and best["metrics"]["val_acc"] == 55.0 and last["best"]["epoch"] == 2
+    assert not all(torch.equal(best["model_state"][k], last["model_state"][k]) for k in best["model_state"])
 
 
 def test_provenance_difference_is_refused_unless_forced():

@@ -1,0 +1,92 @@
+"""`bmfn train` speed on AVE-sized data resident on the device: seconds per epoch (training plus val and test
+evaluation, as `train` runs it) for the eager step against whole-step CUDA graphs, in float32, tf32 and bf16,
+measured in the same run; then, with --full, a complete 200-epoch run timed from the call to its return.
+
+    python benchmarks/train.py                    # CUDA: eager vs graphs, 4 epochs each
+    python benchmarks/train.py --full tf32        # ... and a full 200-epoch run in tf32
+    python benchmarks/train.py --device cpu --clips 64 --epochs 1
+
+The features are random (float16, like a bmfn store): speed does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from bmfn_pipeline import ave
+from bmfn_pipeline.data import ClipArrays, FeatureData
+from bmfn_pipeline.train import REFERENCE, TrainConfig, train
+
+AVE_SPLITS = {"train": 3339, "val": 402, "test": 402}  # bmfn-reference.md section 9
+
+
+def make_data(clips_per_split: dict[str, int], device: torch.device) -> FeatureData:
+    total = sum(clips_per_split.values())
+    generator = torch.Generator(device=device).manual_seed(0)
+    visual = torch.rand(total, ave.SEGMENTS, 7, 7, 512, device=device, generator=generator, dtype=torch.float16)
+    audio = torch.rand(total, ave.SEGMENTS, 128, device=device, generator=generator)
+    rng = np.random.default_rng(0)
+    labels = np.zeros((total, ave.SEGMENTS, ave.NUM_CLASSES), np.float32)
+    for i in range(total):
+        start, end = sorted(rng.choice(ave.SEGMENTS + 1, 2, replace=False))
+        labels[i, :, ave.BACKGROUND] = 1
+        labels[i, start:end, ave.BACKGROUND], labels[i, start:end, rng.integers(ave.BACKGROUND)] = 0, 1
+    video = labels.max(axis=1)
+    bounds = np.cumsum([0, *clips_per_split.values()])
+    splits = {name: np.arange(bounds[i], bounds[i + 1]) for i, name in enumerate(clips_per_split)}
+    clips = ClipArrays(visual, audio, torch.from_numpy(labels).to(device), torch.from_numpy(video).to(device))
+    return FeatureData(clips, [f"clip{i}" for i in range(total)], splits, "benchmark", {"benchmark": True},
+                       {"kind": "benchmark", "path": "random", "annotations": None, "splits": None})
+
+
+def run(data: FeatureData, device: torch.device, epochs: int, precision: str, graphs: bool,
+        checkpoint_every: float) -> tuple[list[float], float]:
+    """Per-epoch seconds as train() records them, and the call's wall time."""
+    with tempfile.TemporaryDirectory() as out:
+        config = TrainConfig(out=f"{out}/run", epochs=epochs, device=device.type, precision=precision,
+                             cuda_graphs=graphs, checkpoint_every=checkpoint_every, progress=False)
+        began = time.perf_counter()
+        result = train(config, data=data, log=lambda *_: None)
+        wall = time.perf_counter() - began
+    return [h["time"] for h in result.runs[0].history], wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per variant (the first includes capture)")
+    parser.add_argument("--clips", type=int, default=None, help="training clips (default: AVE's 3339)")
+    parser.add_argument("--full", choices=["float32", "tf32", "bfloat16"], default=None,
+                        help="then train the reference 200 epochs with CUDA graphs in this precision")
+    args = parser.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    sizes = dict(AVE_SPLITS, **({"train": args.clips} if args.clips else {}))
+    data = make_data(sizes, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; {sizes} clips, batch {REFERENCE['fully'].batch_size}, fully supervised")
+    variants = [("eager, last.pt every epoch (before)", "float32", False, 0.0),
+                ("eager", "float32", False, 60.0)]
+    if device.type == "cuda":
+        variants += [("cuda graphs", precision, True, 60.0) for precision in ("float32", "tf32", "bfloat16")]
+    base = None
+    for label, precision, graphs, every in variants:
+        times, wall = run(data, device, args.epochs, precision, graphs, every)
+        steady = statistics.median(times[1:]) if len(times) > 1 else times[0]
+        base = base or steady
+        print(f"{label:>36} {precision:>8}: first epoch {times[0]:6.2f} s, then {steady:6.3f} s/epoch "
+              f"({base / steady:5.1f}x), 200 epochs ~ {times[0] + 199 * steady:7.1f} s", flush=True)
+    if args.full:
+        times, wall = run(data, device, REFERENCE["fully"].epochs, args.full, True, 60.0)
+        print(f"full run, cuda graphs {args.full}: {len(times)} epochs in {wall:.1f} s from the call "
+              f"(median epoch {statistics.median(times):.3f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Whole-step CUDA graphs: a training step (forward, loss, backward, clipping, optimiser) recorded once per batch
+shape and then replayed with one launch.
+
+An eager BMFN step on a GPU is bound by Python and kernel-launch cost, not by the GPU: the network is some 1,500
+small kernels per step (bmfn-reference.md section 11 has its 122.5 GFLOP per 32 clips, which an H100 does in well
+under a millisecond). Replaying a captured graph removes that cost and keeps the arithmetic exactly the same.
+
+The step function must only do tensor work on the device: no `.item()`, no Python branches on tensor values,
+and every result must go into tensors that outlive the call (parameters, gradients, optimiser state, running
+sums updated in place), because a replay re-runs the recorded kernels on the same memory.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+# Eager calls per batch shape before it is captured: cuBLAS and autograd create their workspaces and the
+# optimiser its state in the first calls, and none of that may happen during a capture.
+WARMUP_CALLS = 3
+
+Step = Callable[[dict[str, Tensor]], None]
+
+
+class GraphedStep:
+    """Calls `step(inputs)`; with `enabled`, the first WARMUP_CALLS calls per input signature run eagerly (they
+    are real steps) and the next one is captured as a CUDA graph that every later call replays after copying
+    its inputs into the graph's own input tensors. Without `enabled` (CPU, torchrun), every call is eager."""
+
+    def __init__(self, step: Step, enabled: bool) -> None:
+        self.step, self.enabled = step, enabled
+        self._calls: Counter = Counter()
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, Tensor]]] = {}
+        self._stream = torch.cuda.Stream() if enabled else None
+
+    @property
+    def captured(self) -> int:
+        """How many batch shapes run as graphs."""
+        return len(self._graphs)
+
+    def __call__(self, inputs: dict[str, Tensor]) -> None:
+        if not self.enabled:
+            self.step(inputs)
+            return
+        key = tuple((name, tuple(t.shape), t.dtype) for name, t in inputs.items())
+        if key in self._graphs:
+            graph, static = self._graphs[key]
+            for name, tensor in inputs.items():
+                static[name].copy_(tensor, non_blocking=True)
+            graph.replay()
+            return
+        self._calls[key] += 1
+        # Warm-up and capture run on a side stream, as torch.cuda.graph asks, ordered after the inputs' producer.
+        self._stream.wait_stream(torch.cuda.current_stream())
+        if self._calls[key] <= WARMUP_CALLS:
+            with torch.cuda.stream(self._stream):
+                self.step(inputs)
+            torch.cuda.current_stream().wait_stream(self._stream)
+            return
+        static = {name: tensor.clone() for name, tensor in inputs.items()}
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self._stream):
+            self.step(static)
+        self._graphs[key] = (graph, static)
+        graph.replay()  # capturing records the step without running it
