@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     clips = sorted(p for p in args.video_dir.iterdir() if p.is_file())
-    decode_clip(clips[0], frames_per_second=2)  # warm up resampy's compiled kernel
+    decode_clip(clips[0], frames_per_second=2)  # warm up: the resampling filter bank, page cache
     fast = clips_per_second(decode_clip, clips, args.repeats)
     naive = clips_per_second(naive_decode, clips, args.repeats)
     print(f"{len(clips)} clips x {args.repeats}: decode_clip {fast:.2f} clips/s, naive {naive:.2f} clips/s, "

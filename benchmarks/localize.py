@@ -5,7 +5,7 @@
 Goals: under 10 s on 2 CPU cores at 16 frames/s; under 0.5 s on an H100. Reported per device:
 - startup: importing torch and bmfn (once per command, measured for this process);
 - setup: building BMFN (the full-size model) and the seeded random VGG-19 and VGGish, as a checkpoint load would;
-- first: the first clip through `Localizer.run` (pays one-off costs: resampy's JIT, cuDNN autotuning, allocation);
+- first: the first clip through `Localizer.run` (pays one-off costs: the resampling filter bank, cuDNN autotuning, allocation);
 - warm: the best of `--repeats` further runs, what each further file of a command costs.
 "command to labels" = startup + setup + first. Weights are seeded random ones: speed does not depend on their values.
 """

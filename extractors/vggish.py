@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import pickle
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +18,7 @@ from torch import nn
 
 from bmfn_pipeline.ave import SEGMENTS
 from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.resample import resample
 from extractors.vgg19 import vgg_layers
 from extractors.weights import random_weights_provenance, weight_path, weights_provenance
 
@@ -40,8 +40,6 @@ QUANTIZE_LEVELS = 255  # 8-bit codes, §2.6
 # HTK mel scale m(f) = 1127 ln(1 + f/700), mel_features.py (§2.2 step 4)
 MEL_BREAK_HZ = 700.0
 MEL_HIGH_Q = 1127.0
-# vggish_input.py resamples with resampy's default filter (§2.1 step 3)
-RESAMPLE_FILTER = "kaiser_best"
 FRAMES_PER_SECOND = SAMPLE_RATE // STFT_HOP_SAMPLES  # 100 frames per second: exact windows start every 100 frames
 
 # --- network (§2.4) ---
@@ -107,12 +105,7 @@ def _to_mono_16k(data: np.ndarray, sample_rate: int) -> np.ndarray:
     if data.ndim > 1:
         data = data.mean(axis=1)
     if sample_rate != SAMPLE_RATE:
-        # imported here because numba makes it slow; resampy 0.2.2 imports the deprecated pkg_resources
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
-            import resampy
-
-        data = resampy.resample(data, sample_rate, SAMPLE_RATE, filter=RESAMPLE_FILTER)
+        data = resample(data, sample_rate, SAMPLE_RATE)  # vggish_input.py's resampy kaiser_best
     return data
 
 
