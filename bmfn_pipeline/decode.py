@@ -119,29 +119,33 @@ def segment_frame_indices(info: ClipInfo, segment: int, *, frames_per_second: in
                                     frames_per_second=frames_per_second)
 
 
-def probe(path: str | os.PathLike, *, seconds: int = SEGMENTS, start_s: float = 0.0) -> ClipInfo:
+def probe(path: str | os.PathLike, *, seconds: int = SEGMENTS, start_s: float = 0.0,
+          wall_clock: bool = False) -> ClipInfo:
     """Read the container header and choose streams, without decoding: the facts `bmfn probe` prints."""
     with _open(path) as container:
-        return _clip_info(path, container, seconds, start_s)
+        return _clip_info(path, container, seconds, start_s, wall_clock)
 
 
 def decode_clip(path: str | os.PathLike, *, seconds: int = SEGMENTS, frames_per_second: int = FRAMES_PER_SEGMENT,
-                start_s: float = 0.0, allow_silent: bool = False) -> DecodedClip:
+                start_s: float = 0.0, allow_silent: bool = False, wall_clock: bool = False) -> DecodedClip:
     """Decode `seconds` one-second segments from `start_s`: sampled frames and the 16 kHz mono waveform.
 
+    Frames are picked at AVE's indices for a clip about `seconds` long decoded from 0 s, else by wall-clock time;
+    wall_clock=True always picks them by time and says nothing of the video going on past the window (for
+    windows of a longer video, whose frame times must not drift from the audio's).
     Raises BmfnError for a file that cannot be used; with allow_silent=True a file without audio gives silence.
     """
     with _open(path) as container:
-        info = _clip_info(path, container, seconds, start_s)
+        info = _clip_info(path, container, seconds, start_s, wall_clock)
         if info.audio_index is None and not allow_silent:
             raise BmfnError(f"{path}: no audio stream (pass allow_silent=True to use silence)")
-        warnings = _header_warnings(info)
+        warnings = _header_warnings(info, window_chosen=wall_clock)
         if info.audio_index is None:
             frames = _decode_frames(path, container, info, frames_per_second, warnings)
             audio = np.zeros(seconds * SAMPLE_RATE, np.float32)
             warnings.append(f"{path}: no audio stream, using silence")
         else:
-            # Audio (decoding and the resampling's matrix products release the GIL) runs on its own demuxer beside the video pass.
+            # Audio (its decoding and resampling products release the GIL) runs on its own demuxer beside the video.
             with ThreadPoolExecutor(max_workers=1) as pool:
                 audio_future = pool.submit(_decode_audio_file, path, info)
                 frames = _decode_frames(path, container, info, frames_per_second, warnings)
@@ -235,7 +239,7 @@ def _best_stream(streams, size) -> av.stream.Stream | None:
     return best
 
 
-def _clip_info(path, container, seconds: int, start_s: float) -> ClipInfo:
+def _clip_info(path, container, seconds: int, start_s: float, wall_clock: bool = False) -> ClipInfo:
     video = _best_stream(container.streams.video, lambda s: (s.codec_context.width * s.codec_context.height,
                                                               s.codec_context.bit_rate or 0))
     if video is None:
@@ -251,7 +255,7 @@ def _clip_info(path, container, seconds: int, start_s: float) -> ClipInfo:
     if not frame_rate:
         raise BmfnError(f"{path}: video stream {video.index} has no frame rate")
     base_rate = video.base_rate or frame_rate
-    ave = start_s == 0 and abs(duration_s - seconds) < AVE_TOLERANCE_S
+    ave = not wall_clock and start_s == 0 and abs(duration_s - seconds) < AVE_TOLERANCE_S
     remaining = duration_s - start_s
     segments = seconds if ave else max(1, min(seconds, math.floor(remaining + AVE_TOLERANCE_S)))
     return ClipInfo(
@@ -278,14 +282,14 @@ def _duration_s(container, video) -> float:
     return 0.0
 
 
-def _header_warnings(info: ClipInfo) -> list[str]:
+def _header_warnings(info: ClipInfo, window_chosen: bool = False) -> list[str]:
     warnings = []
     end_s = info.start_s + info.seconds
     if info.segments < info.seconds:
         warnings.append(f"{info.path}: {info.duration_s - info.start_s:.2f} s from {info.start_s:g} s is shorter "
                         f"than {info.seconds} s: segments {info.segments}..{info.seconds - 1} repeat the last frame "
                         f"and are silent")
-    elif info.indexing == "wall-clock" and info.duration_s > end_s:
+    elif info.indexing == "wall-clock" and not window_chosen and info.duration_s > end_s:
         warnings.append(f"{info.path}: {info.duration_s:.2f} s is longer than the window: only "
                         f"{info.start_s:g}-{end_s:g} s is used (decode other windows with start_s)")
     if info.variable_frame_rate:

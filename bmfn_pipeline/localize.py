@@ -47,9 +47,6 @@ KEYFRAME_STEP = max(1, FRAME_SIZE // STRIP_HEIGHT_PX)  # keyframes kept for the 
 RANDOM_PREFIX = "random:"  # how a provenance records seeded random weights (extractors.weights.random_provenance)
 WEIGHT_CHOICES = ("checkpoint", "pretrained", "random")
 # decode.py notes on a window's geometry; a long video's chunk windows are internal here, so these say nothing.
-_CHUNK_NOTES = (" is shorter than ", " is longer than the window")
-
-
 def check_stride(stride: int) -> None:
     if not 1 <= stride <= WINDOW:
         raise BmfnError(f"stride {stride} s: expected 1 to {WINDOW} s (a longer one would leave seconds unlabelled)")
@@ -246,7 +243,7 @@ class Localizer:
             info = probe(path)
             seconds = info.segments
             if seconds == WINDOW:  # as long as a window or longer: count every second (decode.py's rule)
-                seconds = probe(path, seconds=math.ceil(info.duration_s) + 1).segments
+                seconds = probe(path, seconds=math.ceil(info.duration_s), wall_clock=True).segments
         except BmfnError:
             raise
         except Exception as exc:  # a demuxer crash on one file must not end the run
@@ -296,20 +293,18 @@ class Localizer:
 
     def _long_video(self, path: Path, seconds: int, keep_media: bool):
         """Chunks of CHUNK_SECONDS decoded with wall-clock frame indices, so frame times never drift from the
-        audio. decode.py picks AVE indices (fixed frames per segment, drifting at non-integer rates) for a decode
-        from 0 s whose length is within 0.5 s of the clip's; the first chunk asks for a length that is not."""
+        audio (AVE's indices keep a fixed number of frames per segment, which drifts at non-integer rates)."""
         maps, waves, keyframes, warnings = [], [], [], []
         for start in range(0, seconds, CHUNK_SECONDS):
             count = min(CHUNK_SECONDS, seconds - start)
-            length = (seconds + 1 if seconds <= CHUNK_SECONDS else CHUNK_SECONDS) if start == 0 else count
-            clip = self._decode(path, seconds=length, start_s=float(start))
+            clip = self._decode(path, seconds=count, start_s=float(start), wall_clock=True)
             began = time.perf_counter()
             maps.append(self.visual.segments(clip.frames[:count]))
             self.timings["visual"] += time.perf_counter() - began
             waves.append(clip.audio[: count * SAMPLE_RATE])
             if keep_media:
                 keyframes.append(self._keyframes(clip.frames[:count]))
-            warnings += [w for w in clip.warnings if not any(note in w for note in _CHUNK_NOTES)]
+            warnings += clip.warnings
         return (np.concatenate(maps), np.concatenate(waves), np.concatenate(keyframes) if keep_media else None,
                 list(dict.fromkeys(warnings)))
 

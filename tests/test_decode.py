@@ -41,15 +41,18 @@ def test_every_clip_decodes_to_the_promised_shapes(video_dir):
         assert decoded.frames[0].std() > 1, clip.name  # a picture, not a blank
 
 
-def test_frames_equal_a_full_decode_at_the_computed_indices(video_dir):
+@pytest.mark.parametrize("wall_clock", [False, True])
+def test_frames_equal_a_full_decode_at_the_computed_indices(video_dir, wall_clock):
     clip = video_dir / "moviepy_chaplin.mp4"
-    decoded = decode_clip(clip, frames_per_second=4)
-    assert decoded.info.indexing == "ave"  # 9.64 s counts as an AVE-length clip
+    decoded = decode_clip(clip, frames_per_second=4, wall_clock=wall_clock)
+    # 9.64 s counts as an AVE-length clip unless wall-clock indices are asked for
+    assert decoded.info.indexing == ("wall-clock" if wall_clock else "ave")
     with av.open(str(clip)) as container:
         every = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     for segment in (0, 4, 9):
         for sample, index in enumerate(segment_frame_indices(decoded.info, segment, frames_per_second=4)):
-            expected = cv2.resize(every[index], (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_LINEAR)
+            expected = cv2.resize(every[min(index, len(every) - 1)], (FRAME_SIZE, FRAME_SIZE),
+                                  interpolation=cv2.INTER_LINEAR)
             np.testing.assert_array_equal(decoded.frames[segment, sample], expected)
 
 
@@ -83,6 +86,9 @@ def test_long_clip_is_cut_and_windows_follow_start(video_dir):
     assert first.info.indexing == "wall-clock" and any("longer" in w for w in first.warnings)
     window = decode_clip(clip, frames_per_second=2, start_s=5)
     np.testing.assert_array_equal(window.frames[:5], first.frames[5:])
+    chosen = decode_clip(clip, frames_per_second=2, start_s=5, wall_clock=True)  # a caller's window: no warning
+    assert not any("longer" in w for w in chosen.warnings)
+    np.testing.assert_array_equal(chosen.frames, window.frames)
     # same sound: WebM's millisecond timestamps may shift a seeked window by under a millisecond
     a, b = first.audio[6 * SAMPLE_RATE:8 * SAMPLE_RATE], window.audio[SAMPLE_RATE - 16:3 * SAMPLE_RATE + 16]
     assert max(np.corrcoef(a, b[lag:lag + a.size])[0, 1] for lag in range(33)) > 0.9
