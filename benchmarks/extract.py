@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bmfn_pipeline.decode import decode_clip  # noqa: E402
-from bmfn_pipeline.extract import ExtractOptions, extract, find_videos, load_extractors  # noqa: E402
+from bmfn_pipeline.extract import ExtractOptions, decode_workers, extract, find_videos, load_extractors  # noqa: E402
 from extractors.vgg19 import caffe_preprocess, vgg19_pool5_random  # noqa: E402
 
 SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "media" / "video"
@@ -106,7 +106,8 @@ def end_to_end(paths: list[Path], options: ExtractOptions, device: torch.device,
         summary = extract(paths, Path(tmp) / "feats.h5", options, progress=False,
                           on_clip=lambda _: finished.append(time.perf_counter()))
         total = time.perf_counter() - start
-    print(f"  extract() with {options.workers} decode worker(s): {total:.2f} s = {len(summary.done) / total:.2f} clips/s"
+    workers = decode_workers(options.workers, torch.device(options.device))
+    print(f"  extract() with {workers} decode worker(s): {total:.2f} s = {len(summary.done) / total:.2f} clips/s"
           f" ({serial / total:.2f}x the serial stages; includes loading the networks and writing the store)")
     if len(finished) > 2:  # after the networks are loaded and the workers have started
         steady = (len(finished) - 1) / (finished[-1] - finished[0])
@@ -121,7 +122,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=32, help="frames for the visual benchmark")
     parser.add_argument("--batch", type=int, default=16, help="frames per batch for the batched candidates")
     parser.add_argument("--frames-per-second", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=None, help="default: as `bmfn extract` chooses")
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--repeat-clips", type=int, default=1, help="process the clip list this many times")
     parser.add_argument("--skip-visual", action="store_true")

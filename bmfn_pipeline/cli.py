@@ -106,8 +106,9 @@ def probe(files, as_json, frames_per_second) -> None:
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Frames per VGG-19 batch.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage dtype of the features.")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(0),
-              help="Decoding processes running beside the networks (0: decode in the main process).")
+@click.option("--workers", type=click.IntRange(0),
+              help="Decoding processes running beside the networks (0: decode in the main process). Default: "
+                   "1 on CPU; on a GPU one per core but one (shared by torchrun's ranks on the machine).")
 @click.option("--shard", metavar="I/N",
               help="Extract only shard I of N (0-based, by a hash of the clip id) into OUT's shard file "
                    "(feats.shard-0000I-of-0000N.h5); join the shards with `bmfn merge`. Under torchrun the ranks "

@@ -51,7 +51,7 @@ class ExtractOptions:
     device: str = "auto"
     precision: str = "auto"  # VGG-19 compute: float32 or bfloat16 (auto: bf16 where it is fast, see fast_bfloat16)
     batch_size: int = 64  # frames per VGG-19 forward
-    workers: int = 1  # decoding processes; 0 decodes in the main process
+    workers: int | None = None  # decoding processes; 0 decodes in the main process; None: decode_workers decides
 
 
 @dataclass
@@ -99,6 +99,18 @@ def find_videos(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 def clip_id(path: Path) -> str:
     """A clip's id is its file name without extension: the AVE video id for AVE files."""
     return path.stem
+
+
+def decode_workers(requested: int | None, device: torch.device) -> int:
+    """The requested number of decoding processes, else: beside a GPU, one per CPU core but the main process's
+    (decoding every H.264 frame is what bounds GPU extraction), shared by the torchrun ranks of this machine;
+    on a CPU, 1 (the networks need the cores)."""
+    if requested is not None:
+        return requested
+    if device.type == "cpu":
+        return 1
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun
+    return max(1, (os.cpu_count() or 2) // ranks_here - 1)
 
 
 def load_extractors(options: ExtractOptions, device: torch.device) -> tuple[VisualExtractor, AudioExtractor]:
@@ -202,7 +214,7 @@ def extract(
         try:
             prepare = functools.partial(prepare_clip, alignment=options.alignment)
             decoded = decode_many(todo, seconds=options.seconds, frames_per_second=options.frames_per_second,
-                                  workers=options.workers, prepare=prepare)
+                                  workers=decode_workers(options.workers, device), prepare=prepare)
             for path, prepared in decoded:
                 cid = clip_id(path)
                 clip = prepared

@@ -36,11 +36,6 @@ class GraphedStep:
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, Tensor]]] = {}
         self._stream = torch.cuda.Stream() if enabled else None
 
-    @property
-    def captured(self) -> int:
-        """How many batch shapes run as graphs."""
-        return len(self._graphs)
-
     def __call__(self, inputs: dict[str, Tensor]) -> None:
         if not self.enabled:
             self.step(inputs)

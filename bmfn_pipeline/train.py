@@ -7,7 +7,9 @@ state, so `--resume` continues bit for bit on the same device). Both are written
 per epoch would cost more than the training; the selected epoch's weights wait in memory until then. With
 several seeds each has its own `seed-<n>/` folder and `summary.json` gives mean and standard deviation.
 
-On a single CUDA device each training step is replayed as a CUDA graph (bmfn_pipeline.graphs).
+On a single CUDA device each training step is replayed as a CUDA graph (bmfn_pipeline.graphs). A resumed run
+captures its graphs anew, and its first steps, run eagerly, draw other dropout masks than the replays they stand
+for: there, --resume continues the run faithfully but not bit for bit.
 """
 
 from __future__ import annotations

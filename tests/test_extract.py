@@ -19,6 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 import bmfn_pipeline.extract as extract_module
@@ -26,7 +27,7 @@ from bmfn_pipeline import __version__
 from bmfn_pipeline.ave import BACKGROUND, CATEGORIES, NUM_CLASSES
 from bmfn_pipeline.cli import main
 from bmfn_pipeline.errors import BmfnError
-from bmfn_pipeline.extract import find_videos
+from bmfn_pipeline.extract import decode_workers, find_videos
 from bmfn_pipeline.store import AVE_AUDIO_FILE, AVE_KEY, AVE_VISUAL_FILE, FeatureStore, load_arrays
 
 REPO = Path(__file__).resolve().parents[1]
@@ -324,3 +325,12 @@ def test_find_videos_folders_and_lists(tmp_path):
     listing.write_text("w.mkv\ngone.mp4\n")
     with pytest.raises(BmfnError, match="gone.mp4"):
         find_videos([listing])
+
+
+def test_decode_workers_default_to_the_spare_cores_beside_a_gpu(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert (decode_workers(None, cpu), decode_workers(None, gpu), decode_workers(3, gpu)) == (1, 15, 3)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four torchrun ranks share the machine's cores
+    assert decode_workers(None, gpu) == 3
