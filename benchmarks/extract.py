@@ -111,8 +111,11 @@ def end_to_end(paths: list[Path], options: ExtractOptions, device: torch.device,
           f" ({serial / total:.2f}x the serial stages; includes loading the networks and writing the store)")
     if len(finished) > 2:  # after the networks are loaded and the workers have started
         steady = (len(finished) - 1) / (finished[-1] - finished[0])
+        networks_per_clip = (visual_t + audio_t) / len(serial_paths)
         print(f"  steady state, first to last clip: {steady:.2f} clips/s; "
               f"start-up until the first clip {finished[0] - start:.2f} s")
+        print(f"  {device.type} busy with the networks {100 * min(1.0, networks_per_clip * steady):.0f} % of the "
+              f"steady state ({1000 * networks_per_clip:.0f} ms per clip); the rest it waits for decoded clips")
 
 
 def main() -> None:

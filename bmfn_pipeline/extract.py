@@ -25,7 +25,8 @@ from bmfn_pipeline.distributed import Shard, finish_together, rank_device, rank_
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.store import STORAGE_DTYPES, FeatureStore, labels_from_annotations
 from extractors.vgg19 import VisualExtractor, load_visual_extractor
-from extractors.vggish import AudioExtractor, load_audio_extractor, segment_examples
+from extractors.vggish import AudioExtractor, load_audio_extractor
+from extractors.vggish_input import with_examples
 
 # Container extensions a folder is searched for; a file named explicitly is tried whatever its extension.
 VIDEO_EXTENSIONS = frozenset(
@@ -149,11 +150,6 @@ def features_provenance(options: ExtractOptions, visual: VisualExtractor, audio:
     }
 
 
-def prepare_clip(clip: DecodedClip, alignment: str) -> tuple[DecodedClip, np.ndarray]:
-    """Runs in the decoding workers: the clip and its VGGish log-mel examples, CPU work taken off the device loop."""
-    return clip, segment_examples(clip.audio, clip.frames.shape[0], alignment)
-
-
 def clip_features(clip: DecodedClip, visual: VisualExtractor, audio: AudioExtractor) -> tuple[np.ndarray, np.ndarray]:
     """[segments,7,7,512] mean pool5 maps and [segments,128] VGGish embeddings for one decoded clip."""
     segments = clip.frames.shape[0]
@@ -212,7 +208,8 @@ def extract(
                 todo.append(path)
         bar = tqdm(total=len(todo), unit="clip", disable=not progress, dynamic_ncols=True)
         try:
-            prepare = functools.partial(prepare_clip, alignment=options.alignment)
+            # The log-mel examples are made in the decoding workers (CPU work off the device loop; no torch there).
+            prepare = functools.partial(with_examples, alignment=options.alignment)
             decoded = decode_many(todo, seconds=options.seconds, frames_per_second=options.frames_per_second,
                                   workers=decode_workers(options.workers, device), prepare=prepare)
             for path, prepared in decoded:

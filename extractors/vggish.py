@@ -1,13 +1,12 @@
-"""VGGish audio embeddings as used by the released AVE features: Google's log-mel front end and the post-ReLU network.
+"""VGGish audio embeddings as used by the released AVE features: the post-ReLU network on the log-mel examples of
+extractors/vggish_input.py (Google's front end, features-reference.md §2.1-2.3).
 
-The front end is a numpy float64 re-implementation of Google's `mel_features.py` / `vggish_input.py`
-(features-reference.md §2.1-2.3); the network matches the state_dict layout of torchvggish's `vggish-10086976.pth`
-(§2.4, §2.7) and keeps the final ReLU (§2.5). PCA and 8-bit quantisation (§2.6) are off unless asked for.
+The network matches the state_dict layout of torchvggish's `vggish-10086976.pth` (§2.4, §2.7) and keeps the final
+ReLU (§2.5). PCA and 8-bit quantisation (§2.6) are off unless asked for.
 """
 
 from __future__ import annotations
 
-import functools
 import pickle
 from pathlib import Path
 from typing import Sequence
@@ -18,35 +17,18 @@ from torch import nn
 
 from bmfn_pipeline.ave import SEGMENTS
 from bmfn_pipeline.errors import BmfnError
-from bmfn_pipeline.resample import resample
 from extractors.vgg19 import vgg_layers
+from extractors.vggish_input import ALIGNMENTS, segment_examples
 from extractors.weights import random_weights_provenance, weight_path, weights_provenance
 
-# --- front-end constants: vggish_params.py (features-reference.md §2.2) ---
-SAMPLE_RATE = 16000  # Hz, VGGish's input rate
-STFT_WINDOW_SAMPLES = 400  # 0.025 s at 16 kHz
-STFT_HOP_SAMPLES = 160  # 0.010 s at 16 kHz
-FFT_LENGTH = 512  # next power of two >= STFT_WINDOW_SAMPLES, giving 257 bins
-NUM_MEL_BANDS = 64  # NUM_MEL_BINS
-MEL_MIN_HZ = 125.0
-MEL_MAX_HZ = 7500.0
-LOG_OFFSET = 0.01  # added before the natural log
-EXAMPLE_FRAMES = 96  # NUM_FRAMES: 0.96 s of 10 ms frames
-EXAMPLE_HOP_FRAMES = 96  # EXAMPLE_HOP_SECONDS 0.96: non-overlapping examples
+# --- network (§2.4) ---
 EMBEDDING_SIZE = 128
 QUANTIZE_MIN = -2.0  # QUANTIZE_MIN_VAL, §2.6
 QUANTIZE_MAX = 2.0  # QUANTIZE_MAX_VAL, §2.6
 QUANTIZE_LEVELS = 255  # 8-bit codes, §2.6
-# HTK mel scale m(f) = 1127 ln(1 + f/700), mel_features.py (§2.2 step 4)
-MEL_BREAK_HZ = 700.0
-MEL_HIGH_Q = 1127.0
-FRAMES_PER_SECOND = SAMPLE_RATE // STFT_HOP_SAMPLES  # 100 frames per second: exact windows start every 100 frames
-
-# --- network (§2.4) ---
 CONV_CHANNELS = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M")  # torchvggish features.{0,3,6,8,11,13}
 POOL4_SHAPE = (6, 4)  # 96x64 halved four times
 FC_SIZE = 4096
-ALIGNMENTS = ("ave", "exact")
 
 # --- random weights (issue 3) ---
 # Kaiming-normal fan_in init keeps the activations' second moment at that of the log-mel input through every layer:
@@ -55,98 +37,6 @@ ALIGNMENTS = ("ave", "exact")
 # on random features needs the two modalities on one scale (issue 3), so fc2 is scaled to put the audio in that range.
 # Released weights need no gain: they give the released scale (mean 0.12, std 0.26, §2.5).
 RANDOM_EMBEDDING_GAIN = 2.5
-
-
-# ----------------------------------------------------------------------------------------------- front end
-
-
-def _frame(data: np.ndarray, window: int, hop: int) -> np.ndarray:
-    """Overlapping frames as a strided view: no padding, an incomplete tail is dropped (§2.2 step 1)."""
-    count = 0 if len(data) < window else 1 + (len(data) - window) // hop
-    shape = (count, window) + data.shape[1:]
-    strides = (data.strides[0] * hop,) + data.strides
-    return np.lib.stride_tricks.as_strided(data, shape=shape, strides=strides, writeable=False)
-
-
-def periodic_hann(length: int = STFT_WINDOW_SAMPLES) -> np.ndarray:
-    """Periodic Hann window, 0.5 - 0.5 cos(2 pi n / length), as in mel_features.py (not numpy's symmetric one)."""
-    return 0.5 - 0.5 * np.cos(2.0 * np.pi / length * np.arange(length))
-
-
-def hertz_to_mel(hertz: np.ndarray | float) -> np.ndarray:
-    """HTK mel scale."""
-    return MEL_HIGH_Q * np.log(1.0 + np.asarray(hertz, dtype=np.float64) / MEL_BREAK_HZ)
-
-
-@functools.lru_cache(maxsize=1)
-def mel_matrix() -> np.ndarray:
-    """[257, 64] triangular weights with slopes in the mel domain, peak 1, DC row zeroed (§2.2 step 4)."""
-    bins_mel = hertz_to_mel(np.linspace(0.0, SAMPLE_RATE / 2.0, FFT_LENGTH // 2 + 1))
-    edges = np.linspace(hertz_to_mel(MEL_MIN_HZ), hertz_to_mel(MEL_MAX_HZ), NUM_MEL_BANDS + 2)
-    lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]
-    rising = (bins_mel[:, None] - lower) / (centre - lower)
-    falling = (upper - bins_mel[:, None]) / (upper - centre)
-    weights = np.maximum(0.0, np.minimum(rising, falling))
-    weights[0, :] = 0.0
-    weights.flags.writeable = False
-    return weights
-
-
-def log_mel_spectrogram(waveform_16k: np.ndarray) -> np.ndarray:
-    """[frames, 64] float64 log(mel(|rfft(periodic-Hann frames, 512)|) + 0.01) of a mono 16 kHz waveform."""
-    frames = _frame(np.asarray(waveform_16k, dtype=np.float64), STFT_WINDOW_SAMPLES, STFT_HOP_SAMPLES)
-    magnitude = np.abs(np.fft.rfft(frames * periodic_hann(), FFT_LENGTH))
-    return np.log(magnitude @ mel_matrix() + LOG_OFFSET)
-
-
-def _to_mono_16k(data: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Mean over channels ([samples, channels], as vggish_input.py) and resampy kaiser_best to 16 kHz (§2.1)."""
-    data = np.asarray(data, dtype=np.float64)
-    if data.ndim > 1:
-        data = data.mean(axis=1)
-    if sample_rate != SAMPLE_RATE:
-        data = resample(data, sample_rate, SAMPLE_RATE)  # vggish_input.py's resampy kaiser_best
-    return data
-
-
-def waveform_to_examples(data: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Google's vggish_input.waveform_to_examples: samples ([N] or [N, channels]) at any rate -> [n, 96, 64] float32.
-
-    n = 1 + (frames - 96) // 96 non-overlapping examples (§2.3); a clip under 0.975 s gives none.
-    """
-    log_mel = log_mel_spectrogram(_to_mono_16k(data, sample_rate))
-    return _frame(log_mel, EXAMPLE_FRAMES, EXAMPLE_HOP_FRAMES).astype(np.float32)
-
-
-def _samples_for_frames(frames: int) -> int:
-    """The fewest samples that give `frames` STFT frames."""
-    return STFT_WINDOW_SAMPLES + STFT_HOP_SAMPLES * (frames - 1)
-
-
-def segment_examples(waveform_16k: np.ndarray, segments: int = SEGMENTS, alignment: str = "ave") -> np.ndarray:
-    """[segments, 96, 64] float32 examples of a mono 16 kHz waveform, one per segment.
-
-    'ave' reproduces the released features (§2.3): the clip is framed whole into non-overlapping 0.96 s examples,
-    example k covering [0.96k, 0.96k + 0.975) s. A clip long enough for more examples keeps the first `segments`
-    (so a 10.575 s clip gives the same 10 as its first 10 s); a shorter one is padded at the end with silence (zeros)
-    up to the 153,840 samples (9.615 s for 10 segments) that `segments` examples need.
-    'exact' gives example k = the 96 frames starting at k s, i.e. samples [16000k, 16000k + 15600), padded the same way.
-    """
-    if alignment not in ALIGNMENTS:
-        raise BmfnError(f"alignment {alignment!r}: expected one of {', '.join(ALIGNMENTS)}")
-    if segments < 1:
-        raise BmfnError(f"segments {segments}: expected at least 1")
-    waveform = np.asarray(waveform_16k, dtype=np.float64)
-    if waveform.ndim != 1:
-        raise BmfnError(f"waveform of shape {waveform.shape}: expected mono [samples] at {SAMPLE_RATE} Hz")
-    if alignment == "ave":
-        starts = np.arange(segments) * EXAMPLE_HOP_FRAMES
-    else:
-        starts = np.arange(segments) * FRAMES_PER_SECOND
-    needed = _samples_for_frames(int(starts[-1]) + EXAMPLE_FRAMES)
-    waveform = np.pad(waveform[:needed], (0, max(0, needed - len(waveform))))
-    log_mel = log_mel_spectrogram(waveform)
-    return np.stack([log_mel[s : s + EXAMPLE_FRAMES] for s in starts]).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------- network

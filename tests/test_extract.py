@@ -334,3 +334,13 @@ def test_decode_workers_default_to_the_spare_cores_beside_a_gpu(monkeypatch):
     assert (decode_workers(None, cpu), decode_workers(None, gpu), decode_workers(3, gpu)) == (1, 15, 3)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four torchrun ranks share the machine's cores
     assert decode_workers(None, gpu) == 3
+
+
+def test_decoding_workers_do_not_import_torch():
+    """What a spawned decoding worker imports to run its job (decode, then the log-mel examples) leaves torch out:
+    15 workers would otherwise each spend ~2 s and ~300 MB on it."""
+    code = ("import sys; import bmfn_pipeline.decode, extractors.vggish_input; "
+            "print(sorted(m for m in ('torch', 'numba', 'resampy') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.stdout.strip() == "[]"

@@ -13,18 +13,8 @@ import torch
 from bmfn_pipeline.errors import BmfnError
 from extractors import vggish
 from extractors.vgg19 import caffe_preprocess, vgg19_pool5_random
-from extractors.vggish import (
-    AudioExtractor,
-    VGGish,
-    load_audio_extractor,
-    log_mel_spectrogram,
-    mel_matrix,
-    periodic_hann,
-    postprocessor_from_file,
-    segment_examples,
-    vggish_from_file,
-    waveform_to_examples,
-)
+from extractors.vggish import AudioExtractor, VGGish, load_audio_extractor, postprocessor_from_file, vggish_from_file
+from extractors.vggish_input import log_mel_spectrogram, mel_matrix, periodic_hann, segment_examples, waveform_to_examples
 
 SR = 16000
 TOL = 1e-4  # issue 3: match the reference values to 1e-4
