@@ -28,10 +28,11 @@ Step = Callable[[dict[str, Tensor]], None]
 class GraphedStep:
     """Calls `step(inputs)`; with `enabled`, the first WARMUP_CALLS calls per input signature run eagerly (they
     are real steps) and the next one is captured as a CUDA graph that every later call replays after copying
-    its inputs into the graph's own input tensors. Without `enabled` (CPU, torchrun), every call is eager."""
+    its inputs into the graph's own input tensors. Without `enabled` (CPU, torchrun), every call is eager; so are
+    all calls after a capture that fails (an operation some driver or library cannot capture), said once in `log`."""
 
-    def __init__(self, step: Step, enabled: bool) -> None:
-        self.step, self.enabled = step, enabled
+    def __init__(self, step: Step, enabled: bool, log: Callable[[str], None] = print) -> None:
+        self.step, self.enabled, self.log = step, enabled, log
         self._calls: Counter = Counter()
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, Tensor]]] = {}
         self._stream = torch.cuda.Stream() if enabled else None
@@ -57,7 +58,14 @@ class GraphedStep:
             return
         static = {name: tensor.clone() for name, tensor in inputs.items()}
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self._stream):
-            self.step(static)
+        try:
+            with torch.cuda.graph(graph, stream=self._stream):
+                self.step(static)
+        except RuntimeError as exc:  # nothing ran: a capture only records, so the step can still run eagerly
+            self.enabled = False
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.log(f"warning: CUDA graph capture failed ({reason}); continuing without CUDA graphs")
+            self.step(inputs)
+            return
         self._graphs[key] = (graph, static)
         graph.replay()  # capturing records the step without running it

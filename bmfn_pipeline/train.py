@@ -330,7 +330,7 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
         correct = (predict_segments(output) == batch["labels"].argmax(-1))[:n].sum()
         sums.add(loss.detach(), correct, n, n * batch["labels"].shape[1])
 
-    run_step = GraphedStep(step, enabled=graphs)
+    run_step = GraphedStep(step, enabled=graphs, log=log)
     saver = _Saver(run_dir, config.checkpoint_every, enabled=main)
     try:
         for epoch in range(start + 1, config.epochs + 1):
