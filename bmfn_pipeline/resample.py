@@ -1,5 +1,5 @@
 """resampy's band-limited resampling (features-reference.md 2.1: resampy 0.2.2, kaiser_best), computed as matrix
-products: the same output to about 1e-15, 10-25x faster, and without importing numba in every decode worker.
+products: the same output to about 1e-15, 5-10x faster, and without importing numba in every decode worker.
 
 resampy walks the output samples one by one: output t reads the input around n = int(r_t), where the time register
 r_t adds 1/ratio per sample in float64, and weighs it with the filter table interpolated at frac(r_t). With the
@@ -58,8 +58,8 @@ def resample(x: np.ndarray, sr_orig: int, sr_new: int) -> np.ndarray:
     y = base + (left_eta - bank.left_eta[phase]) * left + (right_eta - bank.right_eta[phase]) * right
     moved = (n != exact_n) | (left_off != bank.left_off[phase]) | (right_off != bank.right_off[phase])
     moved = np.flatnonzero(moved)
-    for start in range(0, moved.shape[0], DIRECT_CHUNK):
-        chunk = moved[start:start + DIRECT_CHUNK]
+    for first in range(0, moved.shape[0], DIRECT_CHUNK):
+        chunk = moved[first:first + DIRECT_CHUNK]
         y[chunk] = bank.direct(x, n[chunk], left_off[chunk], left_eta[chunk], right_off[chunk], right_eta[chunk])
     return y
 
