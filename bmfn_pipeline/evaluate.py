@@ -18,8 +18,8 @@ EVAL_BATCH_SIZE = 16  # the official test batch size (bmfn-reference.md section 
 # so a larger batch changes no result, only the number of launches; 256 clips need about 6 GB.
 GPU_EVAL_BATCH_SIZE = 256
 CLASS_NAMES = (*ave.CATEGORIES, "background")
-# float32: IEEE float32 throughout; tf32: float32 tensors, matmuls on TF32 tensor cores (CUDA; 10-bit mantissa
-# products, float32 sums); bfloat16: autocast (bmfn-reference.md 13(c)).
+# float32: IEEE float32 throughout; tf32: float32 tensors, matmuls on TF32 tensor cores (10-bit mantissa products,
+# float32 sums; float32 on CPUs); bfloat16: autocast (bmfn-reference.md 13(c)).
 PRECISIONS = ("float32", "tf32", "bfloat16")
 
 
@@ -89,7 +89,7 @@ def compute_precision(device: torch.device, precision: str):
     if precision not in PRECISIONS:
         raise BmfnError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     matmul = torch.get_float32_matmul_precision()
-    if precision == "tf32":
+    if precision == "tf32" and device.type == "cuda":  # on CPUs "high" could mean bf16 products: stay float32
         torch.set_float32_matmul_precision("high")
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16", cache_enabled=False):

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from bmfn_pipeline.ave import BACKGROUND, NUM_CLASSES
-from bmfn_pipeline.evaluate import confusion_matrix, per_class_accuracy, plot_confusion, segment_accuracy
+from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.evaluate import (compute_precision, confusion_matrix, per_class_accuracy, plot_confusion,
+                                    segment_accuracy)
 
 
 def test_accuracy_pools_all_segments_background_included():
@@ -53,3 +55,17 @@ def test_confusion_png(tmp_path):
     matrix = confusion_matrix(np.array([[0, BACKGROUND]]), np.array([[0, 0]]))
     path = plot_confusion(matrix, tmp_path / "confusion.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compute_precision_sets_and_restores_the_matmul_mode():
+    before = torch.get_float32_matmul_precision()
+    with compute_precision(torch.device("cuda"), "tf32"):
+        assert torch.get_float32_matmul_precision() == "high"
+    with compute_precision(torch.device("cpu"), "tf32"):  # no reduced-precision products on CPUs
+        assert torch.get_float32_matmul_precision() == before
+    with compute_precision(torch.device("cpu"), "bfloat16"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    assert torch.get_float32_matmul_precision() == before and not torch.is_autocast_enabled("cpu")
+    with pytest.raises(BmfnError, match="precision 'fp8'"):
+        with compute_precision(torch.device("cpu"), "fp8"):
+            pass
