@@ -3,8 +3,8 @@
     python benchmarks/extract.py [VIDEO ...] [--device cpu|cuda] [--frames 48] [--frames-per-second 16]
 
 Baseline: one frame at a time, float32, default memory format (what a straightforward port does).
-Candidates: batched float32, batched channels_last, batched channels_last + bf16 autocast; for bf16 the cosine
-distance of its pool5 maps to float32's is reported (the features must stay within 1e-2).
+Candidates: batched float32, batched channels_last, batched channels_last + bf16 autocast (and torch.compile with
+--compile); their pool5 maps' cosine distance to float32's is reported (the features must stay within 1e-2).
 End to end: `extract()` over the clips (decode workers + networks + store), with where the time goes.
 Weights are seeded random ones: speed does not depend on their values.
 """
@@ -47,7 +47,7 @@ def _timed(fn, device: torch.device, repeats: int = 2) -> tuple[float, torch.Ten
     return best, out
 
 
-def visual_benchmark(frames: np.ndarray, device: torch.device, batch: int) -> None:
+def visual_benchmark(frames: np.ndarray, device: torch.device, batch: int, compile_network: bool = False) -> None:
     net = vgg19_pool5_random(0).to(device).eval()
     x = caffe_preprocess(frames).to(device)
     n = len(x)
@@ -72,6 +72,10 @@ def visual_benchmark(frames: np.ndarray, device: torch.device, batch: int) -> No
     x_cl = x.contiguous(memory_format=torch.channels_last)
     results["batched channels_last"] = lambda: batched(net_cl, x_cl)
     results["batched channels_last + bf16"] = lambda: batched(net_cl, x_cl, bf16=True)
+    if compile_network:
+        compiled = torch.compile(net_cl)
+        batched(compiled, x_cl, bf16=True)  # compiling is start-up, not speed
+        results["... + torch.compile"] = lambda: batched(compiled, x_cl, bf16=True)
     for name, fn in results.items():
         t, out = _timed(fn, device, repeats=1)
         cos = torch.nn.functional.cosine_similarity(out.flatten(1), base.flatten(1), dim=1)
@@ -83,6 +87,7 @@ def end_to_end(paths: list[Path], options: ExtractOptions, device: torch.device,
     visual, audio = load_extractors(options, device)
     decode_t = visual_t = audio_t = 0.0
     serial_paths = paths[:serial_clips]
+    visual.segments(decode_clip(paths[0], frames_per_second=options.frames_per_second).frames)  # compile, autotune
     for path in serial_paths:
         start = time.perf_counter()
         clip = decode_clip(path, frames_per_second=options.frames_per_second)
@@ -129,6 +134,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--repeat-clips", type=int, default=1, help="process the clip list this many times")
     parser.add_argument("--skip-visual", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd VGG-19 (bmfn extract --compile)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -138,9 +144,10 @@ def main() -> None:
     if not args.skip_visual:
         clip = decode_clip(paths[0], frames_per_second=16)
         frames = clip.frames.reshape(-1, *clip.frames.shape[2:])[: args.frames]
-        visual_benchmark(frames, device, args.batch)
+        visual_benchmark(frames, device, args.batch, args.compile)
     options = ExtractOptions(frames_per_second=args.frames_per_second, random_seed=0, device=str(device),
-                             precision=args.precision, workers=args.workers, batch_size=args.batch)
+                             precision=args.precision, workers=args.workers, batch_size=args.batch,
+                             compile=args.compile)
     with tempfile.TemporaryDirectory() as tmp:
         if args.repeat_clips > 1:  # distinct names, so each copy is a clip of its own in the store
             copies = []

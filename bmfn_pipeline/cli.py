@@ -104,6 +104,8 @@ def probe(files, as_json, frames_per_second) -> None:
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="VGG-19 compute precision (auto: bfloat16 on CUDA and on CPUs with native bf16, else float32).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Frames per VGG-19 batch.")
+@click.option("--compile", "compile_network", is_flag=True,
+              help="torch.compile VGG-19: the same features to float rounding, a little faster, ~15 s more start-up.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage dtype of the features.")
 @click.option("--workers", type=click.IntRange(0),
@@ -114,7 +116,8 @@ def probe(files, as_json, frames_per_second) -> None:
                    "(feats.shard-0000I-of-0000N.h5); join the shards with `bmfn merge`. Under torchrun the ranks "
                    "pick their shards themselves.")
 def extract(inputs, out, annotations, splits, frames_per_second, visual_source, vgg19_weights, vggish_weights,
-            weights_kind, seed, alignment, device, precision, batch_size, dtype, workers, shard) -> None:
+            weights_kind, seed, alignment, device, precision, batch_size, compile_network, dtype, workers,
+            shard) -> None:
     """Extract per-second VGG-19 pool5 maps and VGGish embeddings from videos into a feature store.
 
     INPUTS are video files, folders (searched recursively) or .txt files listing paths.
@@ -133,6 +136,7 @@ def extract(inputs, out, annotations, splits, frames_per_second, visual_source, 
         frames_per_second=frames_per_second, visual_source=visual_source, vgg19_weights=vgg19_weights,
         vggish_weights=vggish_weights, random_seed=seed if weights_kind == "random" else None,
         alignment=alignment, dtype=dtype, device=device, precision=precision, batch_size=batch_size, workers=workers,
+        compile=compile_network,
     )
     if options.random_seed is not None:
         click.echo(f"bmfn: using RANDOM network weights (seed {seed}): features are for tests and demos only, "

@@ -183,10 +183,13 @@ class VisualExtractor:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: str = "float32"
     batch_size: int = DEFAULT_BATCH_SIZE
+    compile: bool = False  # torch.compile the network (fuses bias and ReLU into the convolutions; ~7 % on CPU)
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
         self.module = self.module.to(self.device, memory_format=torch.channels_last).eval()
+        if self.compile:  # compiled at the first batch; a clip's shorter last batch compiles once more
+            self.module = torch.compile(self.module)
 
     @torch.inference_mode()
     def maps(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -222,6 +225,7 @@ def load_visual_extractor(
     device: str | torch.device = "cpu",
     precision: str = "float32",
     batch_size: int = DEFAULT_BATCH_SIZE,
+    compile: bool = False,
 ) -> VisualExtractor:
     """The visual extractor of `source` ('ave': Keras weights + caffe input; 'torchvision': its weights + its input).
 
@@ -244,4 +248,5 @@ def load_visual_extractor(
         record = weights_provenance(name, path)
     preprocessing = WEIGHTS[name].preprocessing
     provenance = {"source": source, **record, "preprocessing": preprocessing, "precision": precision}
-    return VisualExtractor(module, PREPROCESS[preprocessing], provenance, torch.device(device), precision, batch_size)
+    return VisualExtractor(module, PREPROCESS[preprocessing], provenance, torch.device(device), precision, batch_size,
+                           compile)

@@ -18,6 +18,7 @@ import torchvision
 from bmfn_pipeline.errors import BmfnError
 from extractors.vgg19 import (
     KERAS_LAYER_INDEX,
+    VisualExtractor,
     caffe_preprocess,
     load_visual_extractor,
     torchvision_preprocess,
@@ -270,3 +271,15 @@ def test_random_weights_follow_the_seed():
     # Kaiming-normal, fan_out, ReLU gain: std sqrt(2 / (out * 3 * 3)) (torchvision's VGG initialisation).
     for key, out in (("0.weight", 64), ("34.weight", 512)):
         assert first[key].std().item() == pytest.approx(np.sqrt(2 / (out * 9)), rel=0.05)
+
+
+def test_compiled_network_gives_the_same_maps():
+    """--compile: torch.compile'd (a small stand-in network keeps the compile short), same maps to float rounding,
+    also for a batch of another size (the shorter last batch of a clip)."""
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(32))
+    frames = np.random.default_rng(0).integers(0, 256, (5, 224, 224, 3), dtype=np.uint8)
+    plain = VisualExtractor(network, caffe_preprocess, {}, batch_size=3)
+    compiled = VisualExtractor(network, caffe_preprocess, {}, batch_size=3, compile=True)
+    assert isinstance(compiled.module, torch._dynamo.eval_frame.OptimizedModule)
+    np.testing.assert_allclose(compiled(frames), plain(frames), rtol=1e-4, atol=1e-4)
