@@ -195,6 +195,8 @@ class VisualExtractor:
     def maps(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 RGB [...,224,224,3] -> float32 [...,7,7,512] on the extractor's device."""
         frames = torch.as_tensor(frames)
+        if self.device.type == "cuda" and frames.device.type == "cpu":
+            frames = frames.pin_memory()  # page-locked: each batch's copy overlaps the previous batch's compute
         lead = frames.shape[:-3]
         flat = frames.reshape(-1, *frames.shape[-3:])
         autocast = PRECISIONS[self.precision]
