@@ -32,6 +32,8 @@ DIRECT_CHUNK = 4096  # outputs per vectorised batch of the one-by-one path
 def resample(x: np.ndarray, sr_orig: int, sr_new: int) -> np.ndarray:
     """1-D float64 signal from sr_orig to sr_new Hz: resampy.resample(x, sr_orig, sr_new, filter='kaiser_best')."""
     x = np.asarray(x, np.float64)
+    if sr_orig <= 0 or sr_new <= 0:
+        raise ValueError(f"invalid sample rates {sr_orig} -> {sr_new} Hz")
     if sr_new // gcd(sr_orig, sr_new) > MAX_PHASES:
         import resampy
 

@@ -35,6 +35,8 @@ def test_matches_resampy_on_real_audio_at_the_edges(video_dir):
         np.testing.assert_allclose(resample(x, rate, 16000), resampy.resample(x, rate, 16000), rtol=0, atol=1e-12)
 
 
-def test_too_short_input_is_refused_like_resampy():
+def test_bad_input_is_refused_like_resampy():
     with pytest.raises(ValueError, match="too short"):
         resample(np.zeros(2), 44100, 16000)
+    with pytest.raises(ValueError, match="invalid sample rates 0 -> 16000"):
+        resample(np.zeros(100), 0, 16000)
