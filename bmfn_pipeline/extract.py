@@ -111,7 +111,11 @@ def decode_workers(requested: int | None, device: torch.device) -> int:
         return requested
     if device.type == "cpu":
         return 1
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun
+    try:
+        ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # set by torchrun
+    except ValueError:
+        raise BmfnError(f"LOCAL_WORLD_SIZE={os.environ['LOCAL_WORLD_SIZE']!r} must be an integer, as torchrun "
+                        "sets it") from None
     return max(1, (os.cpu_count() or 2) // ranks_here - 1)
 
 

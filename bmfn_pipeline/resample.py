@@ -49,7 +49,8 @@ def resample(x: np.ndarray, sr_orig: int, sr_new: int) -> np.ndarray:
     start = -bank.first
     count = min(x.shape[0], padded.shape[0] - start)
     padded[start:start + count] = x[:count]
-    windows = np.lib.stride_tricks.as_strided(padded, (blocks, bank.width), (bank.hop * 8, 8), writeable=False)
+    windows = np.lib.stride_tricks.as_strided(padded, (blocks, bank.width),
+                                              (bank.hop * padded.itemsize, padded.itemsize), writeable=False)
     base, left, right = (np.asarray(windows @ w).reshape(-1)[:n_out] for w in (bank.base, bank.left, bank.right))
 
     register = np.zeros(n_out)

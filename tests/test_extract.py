@@ -334,6 +334,9 @@ def test_decode_workers_default_to_the_spare_cores_beside_a_gpu(monkeypatch):
     assert (decode_workers(None, cpu), decode_workers(None, gpu), decode_workers(3, gpu)) == (1, 15, 3)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four torchrun ranks share the machine's cores
     assert decode_workers(None, gpu) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "four")
+    with pytest.raises(BmfnError, match="LOCAL_WORLD_SIZE='four' must be an integer"):
+        decode_workers(None, gpu)
 
 
 def test_decoding_workers_do_not_import_torch():
