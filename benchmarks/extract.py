@@ -12,6 +12,7 @@ Weights are seeded random ones: speed does not depend on their values.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
@@ -22,9 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bmfn_pipeline.decode import decode_clip  # noqa: E402
+from bmfn_pipeline.decode import decode_clip, decode_many  # noqa: E402
 from bmfn_pipeline.extract import ExtractOptions, decode_workers, extract, find_videos, load_extractors  # noqa: E402
 from extractors.vgg19 import caffe_preprocess, vgg19_pool5_random  # noqa: E402
+from extractors.vggish_input import with_examples  # noqa: E402
 
 SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "media" / "video"
 
@@ -121,6 +123,13 @@ def end_to_end(paths: list[Path], options: ExtractOptions, device: torch.device,
               f"start-up until the first clip {finished[0] - start:.2f} s")
         print(f"  {device.type} busy with the networks {100 * min(1.0, networks_per_clip * steady):.0f} % of the "
               f"steady state ({1000 * networks_per_clip:.0f} ms per clip); the rest it waits for decoded clips")
+    # The ceiling the decode workers set: the same decoding and log-mel framing, with no networks.
+    prepare = functools.partial(with_examples, alignment=options.alignment)
+    start = time.perf_counter()
+    for _ in decode_many(paths, seconds=options.seconds, frames_per_second=options.frames_per_second, workers=workers,
+                         prepare=prepare):
+        pass
+    print(f"  decoding alone, {workers} worker(s): {len(paths) / (time.perf_counter() - start):.2f} clips/s")
 
 
 def main() -> None:
@@ -146,8 +155,7 @@ def main() -> None:
         frames = clip.frames.reshape(-1, *clip.frames.shape[2:])[: args.frames]
         visual_benchmark(frames, device, args.batch, args.compile)
     options = ExtractOptions(frames_per_second=args.frames_per_second, random_seed=0, device=str(device),
-                             precision=args.precision, workers=args.workers, batch_size=args.batch,
-                             compile=args.compile)
+                             precision=args.precision, workers=args.workers, compile=args.compile)
     with tempfile.TemporaryDirectory() as tmp:
         if args.repeat_clips > 1:  # distinct names, so each copy is a clip of its own in the store
             copies = []

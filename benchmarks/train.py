@@ -4,6 +4,7 @@ measured in the same run; then, with --full, a complete 200-epoch run timed from
 
     python benchmarks/train.py                    # CUDA: eager vs graphs, 4 epochs each
     python benchmarks/train.py --full tf32        # ... and a full 200-epoch run in tf32
+    python benchmarks/train.py --compile --full bfloat16 --full-compile   # with torch.compile variants
     python benchmarks/train.py --device cpu --clips 64 --epochs 1
 
 The features are random (float16, like a bmfn store): speed does not depend on their values.
@@ -45,15 +46,32 @@ def make_data(clips_per_split: dict[str, int], device: torch.device) -> FeatureD
                        {"kind": "benchmark", "path": "random", "annotations": None, "splits": None})
 
 
+def compile_whole_model(model):
+    """The experiment beside TrainConfig.compile: torch.compile the whole network instead of its cell attentions."""
+    model.compile()
+    return model
+
+
 def run(data: FeatureData, device: torch.device, epochs: int, precision: str, graphs: bool,
-        checkpoint_every: float) -> tuple[list[float], float]:
-    """Per-epoch seconds as train() records them, and the call's wall time."""
-    with tempfile.TemporaryDirectory() as out:
-        config = TrainConfig(out=f"{out}/run", epochs=epochs, device=device.type, precision=precision,
-                             cuda_graphs=graphs, checkpoint_every=checkpoint_every, progress=False)
-        began = time.perf_counter()
-        result = train(config, data=data, log=lambda *_: None)
-        wall = time.perf_counter() - began
+        checkpoint_every: float, compiled: str = "none") -> tuple[list[float], float]:
+    """Per-epoch seconds as train() records them, and the call's wall time. compiled: none, cells (TrainConfig's
+    --compile) or model (compile_whole_model)."""
+    import bmfn_pipeline.train as train_module
+
+    cells = train_module.compile_cell_attention
+    if compiled == "model":
+        train_module.compile_cell_attention = compile_whole_model
+    torch._dynamo.reset()
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            config = TrainConfig(out=f"{out}/run", epochs=epochs, device=device.type, precision=precision,
+                                 cuda_graphs=graphs, compile=compiled != "none", checkpoint_every=checkpoint_every,
+                                 progress=False)
+            began = time.perf_counter()
+            result = train(config, data=data, log=lambda line: line.startswith("warning") and print(line))
+            wall = time.perf_counter() - began
+    finally:
+        train_module.compile_cell_attention = cells
     return [h["time"] for h in result.runs[0].history], wall
 
 
@@ -62,8 +80,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--epochs", type=int, default=4, help="epochs per variant (the first includes capture)")
     parser.add_argument("--clips", type=int, default=None, help="training clips (default: AVE's 3339)")
+    parser.add_argument("--every-epoch", action="store_true",
+                        help="first the eager step writing last.pt after every epoch (before checkpoint intervals)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also the compiled variants: cell attentions in tf32 and bf16, the whole model in bf16")
     parser.add_argument("--full", choices=["float32", "tf32", "bfloat16"], default=None,
                         help="then train the reference 200 epochs with CUDA graphs in this precision")
+    parser.add_argument("--full-compile", action="store_true", help="... with --compile (the cell attentions)")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -71,21 +94,27 @@ def main() -> None:
     data = make_data(sizes, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; {sizes} clips, batch {REFERENCE['fully'].batch_size}, fully supervised")
-    variants = [("eager, last.pt every epoch (before)", "float32", False, 0.0),
-                ("eager", "float32", False, 60.0)]
+    # (label, precision, CUDA graphs, checkpoint interval, compiled)
+    variants = [("eager, last.pt every epoch", "float32", False, 0.0, "none")] if args.every_epoch else []
+    variants += [("eager", "float32", False, 60.0, "none")]
     if device.type == "cuda":
-        variants += [("cuda graphs", precision, True, 60.0) for precision in ("float32", "tf32", "bfloat16")]
+        variants += [("cuda graphs", precision, True, 60.0, "none") for precision in ("float32", "tf32", "bfloat16")]
+    if args.compile:
+        graphs = device.type == "cuda"
+        variants += [(f"{'cuda graphs + ' if graphs else ''}compiled {what}", precision, graphs, 60.0, what)
+                     for what, precision in (("cells", "tf32"), ("cells", "bfloat16"), ("model", "bfloat16"))]
     base = None
-    for label, precision, graphs, every in variants:
-        times, wall = run(data, device, args.epochs, precision, graphs, every)
+    for label, precision, graphs, every, compiled in variants:
+        times, wall = run(data, device, args.epochs, precision, graphs, every, compiled)
         steady = statistics.median(times[1:]) if len(times) > 1 else times[0]
         base = base or steady
         print(f"{label:>36} {precision:>8}: first epoch {times[0]:6.2f} s, then {steady:6.3f} s/epoch "
               f"({base / steady:5.1f}x), 200 epochs ~ {times[0] + 199 * steady:7.1f} s", flush=True)
     if args.full:
-        times, wall = run(data, device, REFERENCE["fully"].epochs, args.full, True, 60.0)
-        print(f"full run, cuda graphs {args.full}: {len(times)} epochs in {wall:.1f} s from the call "
-              f"(median epoch {statistics.median(times):.3f} s)")
+        compiled = "cells" if args.full_compile else "none"
+        times, wall = run(data, device, REFERENCE["fully"].epochs, args.full, True, 60.0, compiled)
+        print(f"full run, cuda graphs {args.full}{', compiled' if args.full_compile else ''}: {len(times)} epochs in "
+              f"{wall:.1f} s from the call (median epoch {statistics.median(times):.3f} s)")
 
 
 if __name__ == "__main__":

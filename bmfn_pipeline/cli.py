@@ -228,6 +228,8 @@ def _milestones(ctx, param, value):
               help="tf32: float32 with TF32 tensor-core matmuls (CUDA); bfloat16: autocast (mixed precision).")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="On one CUDA device, replay each training step as a CUDA graph (same arithmetic, no launch cost).")
+@click.option("--compile", "compile_network", is_flag=True,
+              help="torch.compile the per-cell attentions: fused kernels for their [B*T*49, 2560] tensors.")
 @click.option("--checkpoint-every", type=click.FloatRange(0),
               help="Seconds between writes of last.pt and best.pt (also at the end). Default 60; 0: every epoch.")
 @click.option("--select-on-test", is_flag=True,
@@ -238,8 +240,8 @@ def _milestones(ctx, param, value):
 @click.option("--force", is_flag=True, help="Resume even if the features' provenance differs.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size, eval_batch_size, lr, milestones,
-          gamma, clip, seed, seeds, device, precision, cuda_graphs, checkpoint_every, select_on_test, resume, force,
-          quiet) -> None:
+          gamma, clip, seed, seeds, device, precision, cuda_graphs, compile_network, checkpoint_every, select_on_test,
+          resume, force, quiet) -> None:
     """Train BMFN on pre-extracted features; writes best.pt, last.pt, metrics.jsonl, curves.png, command.txt.
 
     Defaults reproduce the official hyper-parameters per mode (Adam 5e-4, MultiStepLR, 200 epochs, batch 32).
@@ -259,7 +261,8 @@ def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size,
     config = TrainConfig(mode=mode, ave_dir=ave_dir, features=features, annotations=annotations, splits=splits,
                          out=out, epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size, lr=lr,
                          milestones=milestones, gamma=gamma, clip=clip, seed=seed, seeds=seeds, device=device,
-                         precision=precision, cuda_graphs=cuda_graphs, select_on_test=select_on_test, force=force,
+                         precision=precision, cuda_graphs=cuda_graphs, compile=compile_network,
+                         select_on_test=select_on_test, force=force,
                          resume=resume, **({} if checkpoint_every is None else {"checkpoint_every": checkpoint_every}),
                          progress=not quiet, command=shlex.join(["bmfn", *sys.argv[1:]]))
     result = run_train(config, log=click.echo)

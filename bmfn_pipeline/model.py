@@ -328,6 +328,18 @@ class BMFN(nn.Module):
         return self.head(fused)
 
 
+def compile_cell_attention(model: BMFN) -> BMFN:
+    """torch.compile the two attentions over the 7x7 cells, in place; returns the model.
+
+    They are where a training step spends its time beyond the matrix products: the MFB chain (product, dropout,
+    sum pooling, signed root, normalisation) and the attention weighting run over [B*T*49, 2560] tensors, which
+    eager PyTorch reads and writes once per operation, forward and backward. Compiled, each chain becomes a few fused
+    kernels. The parameters, their names and the state_dict are unchanged; dropout draws other random numbers."""
+    model.visual_attention.compile()
+    model.fusion_attention.compile()
+    return model
+
+
 def predict_segments(output: BMFNOutput) -> Tensor:
     """Per-segment labels [B,T] in 0..28 (§6): the video's argmax class where sigmoid(event logit) > 0.5, else
     background (28). Weakly, the argmax is over the 29-way raw r, so a positive segment may still be 28."""

@@ -37,7 +37,8 @@ from bmfn_pipeline.distributed import (all_sum, local_batch, process_group, rank
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.evaluate import CLASS_NAMES, compute_precision, predict_rows, segment_accuracy
 from bmfn_pipeline.graphs import GraphedStep
-from bmfn_pipeline.model import BMFN, BMFNConfig, BMFNOutput, fully_supervised_loss, predict_segments, weakly_supervised_loss
+from bmfn_pipeline.model import (BMFN, BMFNConfig, BMFNOutput, compile_cell_attention, fully_supervised_loss,
+                                 predict_segments, weakly_supervised_loss)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "float32"  # or tf32 / bfloat16 (bmfn_pipeline.evaluate.PRECISIONS)
     cuda_graphs: bool = True  # replay each step as a CUDA graph on a single CUDA device (ignored elsewhere)
+    compile: bool = False  # torch.compile the per-cell attentions (bmfn_pipeline.model.compile_cell_attention)
     checkpoint_every: float = CHECKPOINT_EVERY
     select_on_test: bool = False  # the official protocol: keep the epoch with the best TEST accuracy
     include_noisy: bool = True  # weakly: the 178 background clips join the training set when present
@@ -288,6 +290,8 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
     _seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)  # the shuffling order, saved with the rest of the RNG state
     model = BMFN(BMFNConfig(mode=config.mode, **config.model)).to(device)
+    if config.compile:
+        compile_cell_attention(model)
     replica = wrap(model, device)  # DDP under torchrun (model's BatchNorm synchronised in place), else model
     main = rank_env().is_main
     graphs = config.cuda_graphs and device.type == "cuda" and replica is model
