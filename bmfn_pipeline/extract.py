@@ -218,13 +218,12 @@ def extract(
             prepare = functools.partial(with_examples, alignment=options.alignment)
             decoded = decode_many(todo, seconds=options.seconds, frames_per_second=options.frames_per_second,
                                   workers=decode_workers(options.workers, device), prepare=prepare)
-            for path, prepared in decoded:
+
+            def finish(path: Path, clip: DecodedClip | str, results: _DeviceResults | None) -> None:
                 cid = clip_id(path)
-                clip = prepared
-                if not isinstance(prepared, str):
-                    clip, examples = prepared
+                if results is not None:
                     try:
-                        visual_maps, embeddings = visual.segments(clip.frames), audio.embed(examples)
+                        visual_maps, embeddings = results.get()
                         store.add_clip(cid, visual_maps, embeddings, path=str(path), warnings=clip.warnings)
                     except BmfnError as exc:  # e.g. non-finite features: this clip fails, the others go on
                         clip = str(exc)
@@ -238,6 +237,22 @@ def extract(
                     bar.write(f"bmfn: error: {clip}", file=sys.stderr)  # errors beside the bar, not in stdout
                 bar.set_postfix(failed=len(summary.failed), refresh=False)
                 bar.update()
+
+            # One clip in flight: the device computes clip k while this loop stores clip k-1 and takes clip k+1.
+            in_flight = None
+            for path, prepared in decoded:
+                clip, results = prepared, None
+                if not isinstance(prepared, str):
+                    clip, examples = prepared
+                    try:
+                        results = _DeviceResults(visual.segment_maps(clip.frames), audio.embeddings(examples))
+                    except BmfnError as exc:
+                        clip = str(exc)
+                if in_flight is not None:
+                    finish(*in_flight)
+                in_flight = (path, clip, results)
+            if in_flight is not None:
+                finish(*in_flight)
         finally:
             bar.close()
             store.consolidate()
@@ -245,6 +260,25 @@ def extract(
             summary.unlabelled = label_store(store, annotations, splits)
     finish_together()
     return summary
+
+
+class _DeviceResults:
+    """Features copied back to page-locked memory behind the work queued on the device, so that the caller can hand
+    the device its next clip before waiting for these; on a CPU they are ready at once."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        self.ready = None
+        if tensors[0].device.type == "cuda":
+            tensors = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                            for t in tensors)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        self.tensors = tensors
+
+    def get(self) -> list[np.ndarray]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return [t.numpy() for t in self.tensors]
 
 
 def label_store(store: FeatureStore, annotations: str | os.PathLike, splits: str | os.PathLike | None) -> list[str]:

@@ -213,10 +213,14 @@ class VisualExtractor:
         """uint8 RGB [...,224,224,3] -> float32 numpy [...,7,7,512]."""
         return self.maps(frames).cpu().numpy()
 
+    def segment_maps(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 RGB [segments,frames,224,224,3] -> per-segment mean maps [segments,7,7,512] on the device
+        (features-reference.md 1.4); on a GPU the work is queued, not waited for."""
+        return self.maps(frames).mean(1)
+
     def segments(self, frames: np.ndarray | torch.Tensor) -> np.ndarray:
-        """uint8 RGB [segments,frames,224,224,3] -> per-segment mean maps [segments,7,7,512]
-        (features-reference.md 1.4), averaged on the device before the copy back."""
-        return self.maps(frames).mean(1).cpu().numpy()
+        """segment_maps as float32 numpy, averaged on the device before the copy back."""
+        return self.segment_maps(frames).cpu().numpy()
 
 
 def load_visual_extractor(

@@ -192,13 +192,17 @@ class AudioExtractor:
         self.provenance = provenance
 
     @torch.inference_mode()
-    def embed(self, examples: np.ndarray) -> np.ndarray:
-        """[n, 96, 64] log-mel examples -> [n, 128] float32 embeddings (PCA codes when enabled)."""
+    def embeddings(self, examples: np.ndarray) -> torch.Tensor:
+        """[n, 96, 64] log-mel examples -> [n, 128] float32 embeddings (PCA codes when enabled) on the device."""
         x = torch.as_tensor(np.asarray(examples, dtype=np.float32), device=self.device)
         out = self.model(x)
         if self.postprocessor is not None:
             out = self.postprocessor(out)
-        return out.float().cpu().numpy()
+        return out.float()
+
+    def embed(self, examples: np.ndarray) -> np.ndarray:
+        """embeddings as numpy."""
+        return self.embeddings(examples).cpu().numpy()
 
     def __call__(self, waveform_16k: np.ndarray, segments: int = SEGMENTS) -> np.ndarray:
         return self.embed(segment_examples(waveform_16k, segments, self.alignment))

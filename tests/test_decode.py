@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+import os
 from pathlib import Path
 
 import av
@@ -10,7 +12,8 @@ import numpy as np
 import pytest
 import resampy
 
-from bmfn_pipeline.decode import (FRAME_SIZE, SAMPLE_RATE, ave_frame_indices, decode_clip, probe,
+from bmfn_pipeline import decode
+from bmfn_pipeline.decode import (FRAME_SIZE, SAMPLE_RATE, ave_frame_indices, decode_clip, decode_many, probe,
                                   segment_frame_indices)
 from bmfn_pipeline.errors import BmfnError
 
@@ -166,3 +169,33 @@ def test_zero_duration_fails(tmp_path):
     assert "zero duration" in _error(path)
     with pytest.raises(BmfnError, match="zero duration"):
         probe(path)
+
+
+def _root(array: np.ndarray):
+    while isinstance(array, np.ndarray) and array.base is not None:
+        array = array.base
+    return array.obj if isinstance(array, memoryview) else array
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-memory", "pipe"])
+def test_decoding_workers_hand_over_the_same_clips(video_dir, tmp_path, monkeypatch, shared):
+    """Frames come back from the workers in shared memory when there is room (and through the result pipe when
+    there is not), equal to decoding in-process, and no shared-memory block is left behind."""
+    if shared and decode._shared_memory_free() == 0:
+        pytest.skip(f"no shared-memory file system at {decode.SHARED_MEMORY_DIR}")
+    if not shared:
+        monkeypatch.setattr(decode, "SHARED_MEMORY_DIR", str(tmp_path / "absent"))
+    clips = [video_dir / "torchcodec_nasa_13013.mp4", video_dir / "moviepy_big_buck_bunny_432_433.webm"]
+    blocks = lambda: {n for n in os.listdir("/dev/shm") if n.startswith("psm_")} if os.path.isdir("/dev/shm") else set()
+    before = blocks()
+    handed = list(decode_many(clips, frames_per_second=2, workers=2))
+    assert [path for path, _ in handed] == clips
+    for path, clip in handed:
+        assert not isinstance(clip, str), clip
+        assert isinstance(_root(clip.frames), mmap.mmap) == shared
+        expected = decode_clip(path, frames_per_second=2)
+        np.testing.assert_array_equal(clip.frames, expected.frames)
+        np.testing.assert_array_equal(clip.audio, expected.audio)
+        assert clip.warnings == expected.warnings
+    del handed, clip
+    assert blocks() <= before
