@@ -85,6 +85,11 @@ def test_resume_continues_where_the_run_stopped(tmp_path):
     train(TrainConfig(out=str(tmp_path / "resumed"), epochs=2, **config), log=quiet)
     with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # a line written just before a kill is dropped
         f.write(json.dumps({"epoch": 3, "loss": 0.0}) + "\n")
+    # As a CUDA run saves it (fused, capturable Adam): resuming on the CPU must switch both off again.
+    last = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    for group in last["optimizer"]["param_groups"]:
+        group.update(fused=True, capturable=True)
+    torch.save(last, tmp_path / "resumed" / "last.pt")
     result = train(TrainConfig(resume=str(tmp_path / "resumed"), epochs=4, progress=False), log=quiet)
     assert result.runs[0].epochs == 4
 
