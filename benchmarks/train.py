@@ -46,32 +46,15 @@ def make_data(clips_per_split: dict[str, int], device: torch.device) -> FeatureD
                        {"kind": "benchmark", "path": "random", "annotations": None, "splits": None})
 
 
-def compile_whole_model(model):
-    """The experiment beside TrainConfig.compile: torch.compile the whole network instead of its cell attentions."""
-    model.compile()
-    return model
-
-
 def run(data: FeatureData, device: torch.device, epochs: int, precision: str, graphs: bool,
-        checkpoint_every: float, compiled: str = "none") -> tuple[list[float], float]:
-    """Per-epoch seconds as train() records them, and the call's wall time. compiled: none, cells (TrainConfig's
-    --compile) or model (compile_whole_model)."""
-    import bmfn_pipeline.train as train_module
-
-    cells = train_module.compile_cell_attention
-    if compiled == "model":
-        train_module.compile_cell_attention = compile_whole_model
-    torch._dynamo.reset()
-    try:
-        with tempfile.TemporaryDirectory() as out:
-            config = TrainConfig(out=f"{out}/run", epochs=epochs, device=device.type, precision=precision,
-                                 cuda_graphs=graphs, compile=compiled != "none", checkpoint_every=checkpoint_every,
-                                 progress=False)
-            began = time.perf_counter()
-            result = train(config, data=data, log=lambda line: line.startswith("warning") and print(line))
-            wall = time.perf_counter() - began
-    finally:
-        train_module.compile_cell_attention = cells
+        checkpoint_every: float, compiled: bool = False) -> tuple[list[float], float]:
+    """Per-epoch seconds as train() records them, and the call's wall time."""
+    with tempfile.TemporaryDirectory() as out:
+        config = TrainConfig(out=f"{out}/run", epochs=epochs, device=device.type, precision=precision,
+                             cuda_graphs=graphs, compile=compiled, checkpoint_every=checkpoint_every, progress=False)
+        began = time.perf_counter()
+        result = train(config, data=data, log=lambda line: line.startswith("warning") and print(line))
+        wall = time.perf_counter() - began
     return [h["time"] for h in result.runs[0].history], wall
 
 
@@ -83,7 +66,7 @@ def main() -> None:
     parser.add_argument("--every-epoch", action="store_true",
                         help="first the eager step writing last.pt after every epoch (before checkpoint intervals)")
     parser.add_argument("--compile", action="store_true",
-                        help="also the compiled variants: cell attentions in tf32 and bf16, the whole model in bf16")
+                        help="also with the cell attentions compiled (train --compile), in tf32 and bf16")
     parser.add_argument("--full", choices=["float32", "tf32", "bfloat16"], default=None,
                         help="then train the reference 200 epochs with CUDA graphs in this precision")
     parser.add_argument("--full-compile", action="store_true", help="... with --compile (the cell attentions)")
@@ -95,14 +78,14 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; {sizes} clips, batch {REFERENCE['fully'].batch_size}, fully supervised")
     # (label, precision, CUDA graphs, checkpoint interval, compiled)
-    variants = [("eager, last.pt every epoch", "float32", False, 0.0, "none")] if args.every_epoch else []
-    variants += [("eager", "float32", False, 60.0, "none")]
+    variants = [("eager, last.pt every epoch", "float32", False, 0.0, False)] if args.every_epoch else []
+    variants += [("eager", "float32", False, 60.0, False)]
     if device.type == "cuda":
-        variants += [("cuda graphs", precision, True, 60.0, "none") for precision in ("float32", "tf32", "bfloat16")]
+        variants += [("cuda graphs", precision, True, 60.0, False) for precision in ("float32", "tf32", "bfloat16")]
     if args.compile:
         graphs = device.type == "cuda"
-        variants += [(f"{'cuda graphs + ' if graphs else ''}compiled {what}", precision, graphs, 60.0, what)
-                     for what, precision in (("cells", "tf32"), ("cells", "bfloat16"), ("model", "bfloat16"))]
+        variants += [(f"{'cuda graphs + ' if graphs else ''}compiled cells", precision, graphs, 60.0, True)
+                     for precision in ("tf32", "bfloat16")]
     base = None
     for label, precision, graphs, every, compiled in variants:
         times, wall = run(data, device, args.epochs, precision, graphs, every, compiled)
@@ -111,8 +94,7 @@ def main() -> None:
         print(f"{label:>36} {precision:>8}: first epoch {times[0]:6.2f} s, then {steady:6.3f} s/epoch "
               f"({base / steady:5.1f}x), 200 epochs ~ {times[0] + 199 * steady:7.1f} s", flush=True)
     if args.full:
-        compiled = "cells" if args.full_compile else "none"
-        times, wall = run(data, device, REFERENCE["fully"].epochs, args.full, True, 60.0, compiled)
+        times, wall = run(data, device, REFERENCE["fully"].epochs, args.full, True, 60.0, args.full_compile)
         print(f"full run, cuda graphs {args.full}{', compiled' if args.full_compile else ''}: {len(times)} epochs in "
               f"{wall:.1f} s from the call (median epoch {statistics.median(times):.3f} s)")
 

@@ -24,11 +24,11 @@ import math
 import mmap
 import multiprocessing
 import os
-from multiprocessing import resource_tracker, shared_memory
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
+from multiprocessing import resource_tracker, shared_memory
 from typing import Any
 from pathlib import Path
 

@@ -272,7 +272,7 @@ class _DeviceResults:
             tensors = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
                             for t in tensors)
             self.ready = torch.cuda.Event()
-            self.ready.record()
+            self.ready.record(torch.cuda.current_stream(tensors[0].device))
         self.tensors = tensors
 
     def get(self) -> list[np.ndarray]:

@@ -331,10 +331,11 @@ class BMFN(nn.Module):
 def compile_cell_attention(model: BMFN) -> BMFN:
     """torch.compile the two attentions over the 7x7 cells, in place; returns the model.
 
-    They are where a training step spends its time beyond the matrix products: the MFB chain (product, dropout,
-    sum pooling, signed root, normalisation) and the attention weighting run over [B*T*49, 2560] tensors, which
-    eager PyTorch reads and writes once per operation, forward and backward. Compiled, each chain becomes a few fused
-    kernels. The parameters, their names and the state_dict are unchanged; dropout draws other random numbers."""
+    Their chains (the MFB product, dropout, sum pooling, signed root and normalisation, then the attention
+    weighting) run over [B*T*49, 2560] tensors, which eager PyTorch reads and writes once per operation, forward and
+    backward; compiled, each chain is a few fused kernels. A graphed bf16 step on an H200 went from 12.9 to 11.0 ms
+    for about 30 s of compilation (benchmarks/train_step.py). Parameters, their names and the state_dict are
+    unchanged; dropout draws other random numbers."""
     model.visual_attention.compile()
     model.fusion_attention.compile()
     return model
