@@ -239,6 +239,8 @@ def extract(
                 bar.update()
 
             # One clip in flight: the device computes clip k while this loop stores clip k-1 and takes clip k+1.
+            # Clips are not batched together: a clip's features must not depend on which clips shared its batch
+            # (float rounding does), so that reruns, shards and merges find identical features.
             in_flight = None
             for path, prepared in decoded:
                 clip, results = prepared, None
@@ -268,11 +270,12 @@ class _DeviceResults:
 
     def __init__(self, *tensors: torch.Tensor) -> None:
         self.ready = None
-        if tensors[0].device.type == "cuda":
+        device = tensors[0].device
+        if device.type == "cuda":
             tensors = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
                             for t in tensors)
             self.ready = torch.cuda.Event()
-            self.ready.record(torch.cuda.current_stream(tensors[0].device))
+            self.ready.record(torch.cuda.current_stream(device))
         self.tensors = tensors
 
     def get(self) -> list[np.ndarray]:
