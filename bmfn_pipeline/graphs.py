@@ -1,9 +1,10 @@
 """Whole-step CUDA graphs: a training step (forward, loss, backward, clipping, optimiser) recorded once per batch
 shape and then replayed with one launch.
 
-An eager BMFN step on a GPU is bound by Python and kernel-launch cost, not by the GPU: the network is some 1,500
-small kernels per step (bmfn-reference.md section 11 has its 122.5 GFLOP per 32 clips, which an H100 does in well
-under a millisecond). Replaying a captured graph removes that cost and keeps the arithmetic exactly the same.
+An eager BMFN step on a GPU is bound by Python and kernel-launch cost, not by the GPU: a step is over 3,000 small
+kernels (benchmarks/train_step.py profiles one; bmfn-reference.md section 11 has its 122.5 GFLOP per 32 clips,
+which an H100 does in well under a millisecond). Replaying a captured graph removes that cost and keeps the
+arithmetic exactly the same.
 
 The step function must only do tensor work on the device: no `.item()`, no Python branches on tensor values,
 and every result must go into tensors that outlive the call (parameters, gradients, optimiser state, running
