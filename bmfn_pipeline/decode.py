@@ -24,8 +24,10 @@ import math
 import mmap
 import multiprocessing
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from multiprocessing import resource_tracker, shared_memory
@@ -52,6 +54,7 @@ VFR_TOLERANCE = 0.01  # relative gap between average and base frame rate above w
 # FFmpeg decoder threads per stream; 0 lets FFmpeg choose (one per core). Decoding workers set their share.
 DECODER_THREADS = 0
 IN_FLIGHT_PER_WORKER = 2  # decoded clips queued per worker: bounds memory, keeps every worker busy
+MAX_WORKER_DEATHS = 3  # pools in a row whose worker died before any clip decoded: decoding itself is broken
 # Decoding workers hand frames over in shared memory when SHARED_MEMORY_DIR has this many times the room that the
 # clips in flight can take; else through the result pipe. Set in workers by _init_worker.
 SHARED_MEMORY_DIR = "/dev/shm"
@@ -233,29 +236,57 @@ def decode_many(
 
     Yields (path, clip or prepare(clip)) or (path, error line). The machine's cores are shared out between the
     workers' decoder threads. `prepare` must be picklable (a module-level function or a partial of one).
+    A worker that dies (killed, out of memory, a crash inside a decoder) fails the clip that killed it, found by
+    decoding the clips that were in flight one at a time; the others go on in fresh workers.
     """
     if workers <= 0:
         for path in paths:
             yield path, decode_or_error(path, seconds, frames_per_second, prepare)
         return
-    # spawn, not fork: the parent may hold CUDA state and threads that a fork would copy half-way.
-    context = multiprocessing.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // workers)
     clip_bytes = seconds * frames_per_second * FRAME_SIZE * FRAME_SIZE * 3
     share = _shared_memory_free() >= SHARED_MEMORY_MARGIN * IN_FLIGHT_PER_WORKER * workers * clip_bytes
-    with ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(threads, share)) as pool:
-        pending: list[tuple[Path, Future]] = []
-        todo = iter(paths)
-        for path in todo:
-            pending.append((path, pool.submit(decode_or_error, path, seconds, frames_per_second, prepare)))
-            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
-                break
-        while pending:
-            path, future = pending.pop(0)
-            next_path = next(todo, None)
-            if next_path is not None:
-                pending.append((next_path, pool.submit(decode_or_error, next_path, seconds, frames_per_second, prepare)))
-            yield path, future.result()
+    todo, suspects, deaths = deque(paths), 0, 0
+    while todo:
+        done, suspects = yield from _decode_in_pool(todo, suspects, seconds, frames_per_second, workers, prepare,
+                                                    (threads, share))
+        deaths = 0 if done else deaths + 1
+        if deaths >= MAX_WORKER_DEATHS and todo:
+            raise BmfnError(f"decoding workers died {deaths} times in a row without decoding a clip; "
+                            f"{len(todo)} clips not decoded, starting with {todo[0]}")
+
+
+def _decode_in_pool(todo: deque, suspects: int, seconds: int, frames_per_second: int, workers: int, prepare,
+                    initargs: tuple):
+    """decode_many's work in one pool, taking clips off `todo` until it is empty or a worker dies.
+
+    A dead worker breaks the whole pool and every clip in flight with it, without saying which one killed it: those
+    go back on `todo` as suspects, and the next pool decodes the first `suspects` clips one at a time, so that a clip
+    that kills its worker again is the one failed. Yields like decode_many; returns (clips done, suspects left)."""
+    # spawn, not fork: the parent may hold CUDA state and threads that a fork would copy half-way.
+    context = multiprocessing.get_context("spawn")
+    done = 0
+    with ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=initargs) as pool:
+        pending: deque[tuple[Path, Future]] = deque()
+        try:
+            while todo or pending:
+                while todo and len(pending) < (1 if suspects else IN_FLIGHT_PER_WORKER * workers):
+                    pending.append((todo[0], pool.submit(decode_or_error, todo[0], seconds, frames_per_second,
+                                                         prepare)))
+                    todo.popleft()
+                path, result = pending[0][0], pending[0][1].result()
+                pending.popleft()
+                done, suspects = done + 1, max(0, suspects - 1)
+                yield path, result
+        except BrokenProcessPool:
+            if suspects and pending:  # alone in flight: this clip killed its worker
+                path = pending.popleft()[0]
+                done, suspects = done + 1, suspects - 1
+                yield path, f"{path}: the decoding worker died (killed, out of memory, or a crash inside the decoder)"
+            elif not suspects:
+                suspects = len(pending)
+            todo.extendleft(reversed([waiting for waiting, _ in pending]))
+    return done, suspects
 
 
 def _shared_memory_free() -> int:

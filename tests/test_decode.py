@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
+import signal
 from pathlib import Path
 
 import av
@@ -199,3 +201,24 @@ def test_decoding_workers_hand_over_the_same_clips(video_dir, tmp_path, monkeypa
         assert clip.warnings == expected.warnings
     del handed, clip
     assert blocks() <= before
+
+
+def _kill_own_worker_on(name: str, clip):
+    """A `prepare` for decode_many that dies, as a decoder crash would, on the clip called `name`."""
+    if Path(clip.info.path).name == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return clip
+
+
+def test_a_clip_that_kills_its_worker_fails_alone(video_dir):
+    """The dead worker takes every clip in flight down with it; only the clip that kills it again, decoded alone,
+    is failed, and the others (before and after it) are decoded in fresh workers, in order."""
+    names = ["moviepy_big_buck_bunny_432_433.webm", "torchcodec_nasa_13013.mp4", "ave_0lFf-HP86Q0.mp4",
+             "moviepy_big_buck_bunny_432_433.webm"]
+    clips = [video_dir / name for name in names]
+    prepare = functools.partial(_kill_own_worker_on, "torchcodec_nasa_13013.mp4")
+    handed = list(decode_many(clips, frames_per_second=1, workers=2, prepare=prepare))
+    assert [path for path, _ in handed] == clips
+    outcomes = [result if isinstance(result, str) else "decoded" for _, result in handed]
+    assert outcomes[0] == outcomes[2] == outcomes[3] == "decoded"
+    assert outcomes[1] == f"{clips[1]}: the decoding worker died (killed, out of memory, or a crash inside the decoder)"
