@@ -4,7 +4,8 @@
 
 Baseline: one frame at a time, float32, default memory format (what a straightforward port does).
 Candidates: batched float32, batched channels_last, batched channels_last + bf16 autocast (and torch.compile with
---compile); their pool5 maps' cosine distance to float32's is reported (the features must stay within 1e-2).
+--compile), and on CPUs int8 (extractors/int8.py); their pool5 maps' cosine distance to float32's is reported
+(the features must stay within 1e-2).
 End to end: `extract()` over the clips (decode workers + networks + store), with where the time goes.
 Weights are seeded random ones: speed does not depend on their values.
 """
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bmfn_pipeline.decode import decode_clip, decode_many  # noqa: E402
 from bmfn_pipeline.extract import ExtractOptions, decode_workers, extract, find_videos, load_extractors  # noqa: E402
+from extractors.int8 import quantize_int8  # noqa: E402
 from extractors.vgg19 import caffe_preprocess, vgg19_pool5_random  # noqa: E402
 from extractors.vggish_input import with_examples  # noqa: E402
 
@@ -78,6 +80,9 @@ def visual_benchmark(frames: np.ndarray, device: torch.device, batch: int, compi
         compiled = torch.compile(net_cl)
         batched(compiled, x_cl, bf16=True)  # compiling is start-up, not speed
         results["... + torch.compile"] = lambda: batched(compiled, x_cl, bf16=True)
+    if device.type == "cpu":
+        quantized = quantize_int8(net, caffe_preprocess)  # calibration is start-up (and cached by the tool)
+        results["batched channels_last int8"] = lambda: batched(quantized, x_cl)
     for name, fn in results.items():
         t, out = _timed(fn, device, repeats=1)
         cos = torch.nn.functional.cosine_similarity(out.flatten(1), base.flatten(1), dim=1)

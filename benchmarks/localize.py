@@ -1,6 +1,7 @@
 """Localization speed: seconds from command to labels for one 10-second clip, split into decode, visual, audio, model.
 
     python benchmarks/localize.py [VIDEO] [--frames-per-second 16] [--device cpu cuda] [--threads 2] [--repeats 2]
+    python benchmarks/localize.py --device cpu --precision auto int8
 
 Goals: under 10 s on 2 CPU cores at 16 frames/s; under 0.5 s on an H100. Reported per device:
 - startup: importing torch and bmfn (once per command, measured for this process);
@@ -57,15 +58,15 @@ def _line(name: str, timings: dict[str, float]) -> str:
     return f"  {name:<6} {timings['total']:7.3f} s   ({parts})"
 
 
-def benchmark(clip: Path, device: str, frames_per_second: int, repeats: int) -> float:
-    """Print the breakdown for one device; return command-to-labels seconds."""
+def benchmark(clip: Path, device: str, frames_per_second: int, repeats: int, precision: str = "auto") -> float:
+    """Print the breakdown for one device and VGG-19 precision; return command-to-labels seconds."""
     torch_device = torch.device(device)
     began = time.perf_counter()
     options = ExtractOptions(frames_per_second=frames_per_second, random_seed=0)
     provenance = features_provenance(options, *load_extractors(options, torch.device("cpu")))
     provenance_s = time.perf_counter() - began  # not part of a real command: its checkpoint stores this
     began = time.perf_counter()
-    localizer = Localizer(BMFN(BMFNConfig()), provenance, device=device)
+    localizer = Localizer(BMFN(BMFNConfig()), provenance, device=device, precision=precision)
     _sync(torch_device)
     setup = time.perf_counter() - began
     first = _run(localizer, clip)
@@ -74,7 +75,7 @@ def benchmark(clip: Path, device: str, frames_per_second: int, repeats: int) -> 
     total = startup + setup + first["total"]
     name = torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
-    print(f"{device} ({name}), {frames_per_second} frames/s, {clip.name}")
+    print(f"{device} ({name}), VGG-19 {localizer.visual.precision}, {frames_per_second} frames/s, {clip.name}")
     print(f"  startup {startup:6.3f} s   setup {setup:6.3f} s   (untimed: {provenance_s:.1f} s making the provenance)")
     print(_line("first", first))
     if warm is not None:
@@ -95,11 +96,20 @@ def main() -> None:
     parser.add_argument("--device", nargs="+", default=["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     parser.add_argument("--threads", type=int, help="torch CPU threads (the CPU goal is for 2 cores)")
     parser.add_argument("--repeats", type=int, default=2, help="warm runs after the first (best is reported)")
+    parser.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "float32", "bfloat16", "int8"],
+                        help="VGG-19 precisions to compare (int8 on CPUs only; its first run calibrates, later runs "
+                             "load the cached model)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     for device in args.device:
-        benchmark(args.clip, device, args.frames_per_second, args.repeats)
+        base = None
+        for precision in args.precision:
+            if precision == "int8" and device != "cpu":
+                continue
+            total = benchmark(args.clip, device, args.frames_per_second, args.repeats, precision)
+            base = base or total
+            print(f"  {base / total:.2f}x the first precision's command to labels")
 
 
 if __name__ == "__main__":

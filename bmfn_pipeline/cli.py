@@ -101,8 +101,9 @@ def probe(files, as_json, frames_per_second) -> None:
 @click.option("--alignment", type=click.Choice(["ave", "exact"]), default="ave", show_default=True,
               help="VGGish framing: 'ave' = 0.96 s hops as released; 'exact' = one example per 1 s window.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
-              help="VGG-19 compute precision (auto: bfloat16 on CUDA and on CPUs with native bf16, else float32).")
+@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16", "int8"]), default="auto",
+              show_default=True, help="VGG-19 compute precision (auto: bfloat16 on CUDA and on CPUs with native "
+                                      "bf16, else float32; int8: CPU only, about twice bf16's speed).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Frames per VGG-19 batch.")
 @click.option("--compile", "compile_network", is_flag=True,
               help="torch.compile VGG-19: the same features to float rounding, a little faster, ~15 s more start-up.")
@@ -336,9 +337,11 @@ def _output_format(ctx, param, value):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1),
               help="10 s windows per BMFN batch, shared by all files.")
+@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16", "int8"]), default="auto",
+              show_default=True, help="VGG-19 compute precision, as for `bmfn extract` (int8: CPU only, fastest).")
 @click.option("--force", is_flag=True, help="Go on when the features would differ from the checkpoint's.")
 def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_per_second, weights_kind, seed,
-             vgg19_weights, vggish_weights, device, batch_size, force) -> None:
+             vgg19_weights, vggish_weights, device, batch_size, precision, force) -> None:
     """Label every second of each video: start-end, label, event probability, class probability, then a summary.
 
     Videos longer than 10 s are cut into 10 s windows every --stride seconds. A file that fails gives a one-line
@@ -359,8 +362,8 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
     to_stdout = get_writer("table" if output_dir is not None else output_format, None)
     localizer = Localizer.from_checkpoint(
         checkpoint, device=device, stride=stride, batch_size=batch_size, frames_per_second=frames_per_second,
-        weights=weights_kind, vgg19_weights=vgg19_weights, vggish_weights=vggish_weights, seed=seed, force=force,
-        log=lambda message: click.echo(f"bmfn: {message}", err=True))
+        weights=weights_kind, vgg19_weights=vgg19_weights, vggish_weights=vggish_weights, seed=seed,
+        precision=precision, force=force, log=lambda message: click.echo(f"bmfn: {message}", err=True))
     plot_dir = (output_dir if output_dir is not None else ".") if plot else None
     failed = 0
     for path, result in localizer.run(files, plot_dir=plot_dir):

@@ -24,7 +24,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +125,8 @@ class Localizer:
                  stride: int = DEFAULT_STRIDE, device: str = "auto", batch_size: int = EVAL_BATCH_SIZE,
                  frames_per_second: int | None = None, weights: str = "checkpoint",
                  vgg19_weights: str | os.PathLike | None = None, vggish_weights: str | os.PathLike | None = None,
-                 seed: int | None = None, force: bool = False, log: Callable[[str], None] | None = None) -> None:
+                 seed: int | None = None, precision: str = "auto", force: bool = False,
+                 log: Callable[[str], None] | None = None) -> None:
         self.log = log or (lambda message: None)
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
@@ -135,7 +136,8 @@ class Localizer:
         self.checkpoint = checkpoint or "(model given in Python)"
         self.epoch = epoch
         self.trained = provenance
-        self.options = self._options(frames_per_second, weights, vgg19_weights, vggish_weights, seed, force)
+        self.options = replace(self._options(frames_per_second, weights, vgg19_weights, vggish_weights, seed, force),
+                               precision=precision)
         self.visual, self.audio = load_extractors(self.options, self.device)
         self.provenance = features_provenance(self.options, self.visual, self.audio)
         for difference in check_provenance(provenance, self.provenance, force=force,
@@ -326,20 +328,21 @@ def localize(paths: str | os.PathLike | Iterable[str | os.PathLike], checkpoint:
              *, stride: int = DEFAULT_STRIDE, device: str = "auto", batch_size: int = EVAL_BATCH_SIZE,
              frames_per_second: int | None = None, weights: str = "checkpoint",
              vgg19_weights: str | os.PathLike | None = None, vggish_weights: str | os.PathLike | None = None,
-             seed: int | None = None, force: bool = False, plot_dir: str | os.PathLike | None = None,
-             runs_dir: str | os.PathLike = RUNS_DIR, log: Callable[[str], None] | None = None
-             ) -> LocalizationResult | list[LocalizationResult | BmfnError]:
+             seed: int | None = None, precision: str = "auto", force: bool = False,
+             plot_dir: str | os.PathLike | None = None, runs_dir: str | os.PathLike = RUNS_DIR,
+             log: Callable[[str], None] | None = None) -> LocalizationResult | list[LocalizationResult | BmfnError]:
     """Per-second labels of one video (a LocalizationResult; a failure raises BmfnError) or of a list of videos
     (a list in the same order, where a file that failed holds its BmfnError so the others' results are kept).
 
     `checkpoint` defaults to the newest run's best.pt under `runs_dir`; `frames_per_second` and the weights
-    default to those the checkpoint's features were made with; see the module docstring for windows and labels.
+    default to those the checkpoint's features were made with; `precision` is VGG-19's (auto, float32, bfloat16,
+    or int8 on CPUs); see the module docstring for windows and labels.
     """
     single = isinstance(paths, (str, os.PathLike))
     localizer = Localizer.from_checkpoint(
         checkpoint, runs_dir=runs_dir, device=device, stride=stride, batch_size=batch_size,
         frames_per_second=frames_per_second, weights=weights, vgg19_weights=vgg19_weights,
-        vggish_weights=vggish_weights, seed=seed, force=force, log=log)
+        vggish_weights=vggish_weights, seed=seed, precision=precision, force=force, log=log)
     outcomes = [outcome for _, outcome in localizer.run([paths] if single else paths, plot_dir=plot_dir)]
     if single:
         if isinstance(outcomes[0], BmfnError):

@@ -7,6 +7,7 @@ different feature space), or from seeded random weights for tests and demos.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from bmfn_pipeline.errors import BmfnError
+from extractors.int8 import calibration_record, quantize_int8
 from extractors.weights import WEIGHTS, random_weights_provenance, weight_path, weights_provenance
 
 # VGG-19 is configuration E of Simonyan & Zisserman 2015 (torchvision vgg.cfgs["E"]): conv widths, "M" a 2x2 max-pool.
@@ -29,8 +31,9 @@ TORCHVISION_RGB_MEAN = (0.485, 0.456, 0.406)
 TORCHVISION_RGB_STD = (0.229, 0.224, 0.225)
 # Frames per forward pass: one AVE segment's 16 frames on CPU; a GPU wants a few hundred.
 DEFAULT_BATCH_SIZE = 16
-# Compute precisions: autocast dtype (None = plain float32). bf16 stays within 1e-2 cosine distance of float32.
-PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
+# Compute precisions: autocast dtype (None = plain float32). bf16 stays within 1e-2 cosine distance of float32,
+# and so does int8 (extractors/int8.py: a quantised copy of the network, CPU only).
+PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16, "int8": None}
 
 
 def _keras_layer_indices() -> dict[str, int]:
@@ -187,7 +190,14 @@ class VisualExtractor:
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
+        if self.precision == "int8" and (self.device.type != "cpu" or self.compile):
+            raise BmfnError("--precision int8 runs on the CPU, without --compile; on a GPU use bfloat16")
         self.module = self.module.to(self.device, memory_format=torch.channels_last).eval()
+        if self.precision == "int8":
+            # Cached when the provenance names the weights (a verified checksum, or random:<seed>).
+            known = self.provenance.get("checksum")
+            self.module = quantize_int8(self.module, self.preprocess,
+                                        cache_key=json.dumps(self.provenance, sort_keys=True) if known else None)
         if self.compile:  # compiled at the first batch; a clip's shorter last batch compiles once more
             self.module = torch.compile(self.module)
 
@@ -254,5 +264,7 @@ def load_visual_extractor(
         record = weights_provenance(name, path)
     preprocessing = WEIGHTS[name].preprocessing
     provenance = {"source": source, **record, "preprocessing": preprocessing, "precision": precision}
+    if precision == "int8":
+        provenance["calibration"] = calibration_record()
     return VisualExtractor(module, PREPROCESS[preprocessing], provenance, torch.device(device), precision, batch_size,
                            compile)

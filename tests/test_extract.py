@@ -174,13 +174,19 @@ def test_rerun_skips_done_clips(extracted, clips, monkeypatch):
     assert load_arrays(out)["has_label"].sum() == 2  # labels survive a rerun without --annotations
 
 
-@pytest.mark.parametrize("changed", [("--frames-per-second", "2"), ("--seed", "1")], ids=["fps", "seed"])
-def test_append_with_other_settings_is_refused(extracted, clips, tmp_path, changed):
+@pytest.mark.parametrize("changed", [("--frames-per-second", "2"), ("--seed", "1"), ("--precision", "int8")],
+                         ids=["fps", "seed", "int8"])
+def test_append_with_other_settings_is_refused(extracted, clips, tmp_path, monkeypatch, changed):
+    """int8 maps are within the cosine budget but made by a calibrated copy of the network: not mixed with others."""
+    monkeypatch.setenv("BMFN_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "feats.h5"
     shutil.copyfile(extracted[0], out)
     before = file_digest(out)
     args = list(FAST)
-    args[args.index(changed[0]) + 1] = changed[1]
+    if changed[0] in args:
+        args[args.index(changed[0]) + 1] = changed[1]
+    else:
+        args += changed
     result = cli("extract", clips[0], "--out", out, *args, "--workers", "0")
     assert result.exit_code == 1
     (line,) = error_lines(result.stderr)

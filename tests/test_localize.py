@@ -22,6 +22,7 @@ from bmfn_pipeline.extract import ExtractOptions, clip_features, features_proven
 from bmfn_pipeline.localize import localize, merge_windows, window_starts
 from bmfn_pipeline.train import TrainConfig, load_checkpoint, train
 from bmfn_pipeline.writers import CSV_FIELDS, LocalizationResult
+from extractors import vgg19 as vgg19_module
 
 # A small BMFN on the real feature shapes (7x7x512 maps, 128-d audio), so the real extractors feed it.
 SMALL_MODEL = {"d_model": 32, "ffn_dim": 64, "mfb_k": 2, "mfb_o": 32, "mfb_dim": 64}
@@ -207,3 +208,23 @@ def test_other_extractor_weights_are_refused(workdir, video_dir):
                                   "--force", "--format", "json", "--device", "cpu"])
     assert forced.exit_code == 0, forced.output
     assert "warning: --force: frames_per_second" in forced.output
+
+
+def test_int8_localization_agrees_with_the_default(workdir, video_dir, tmp_path, monkeypatch):
+    """`bmfn localize --precision int8` runs VGG-19 quantised (the CPU speed path) and gives the default run's
+    probabilities to within what a 2e-3 cosine distance of the maps allows."""
+    monkeypatch.setenv("BMFN_CACHE", str(tmp_path))
+    checkpoint = next((workdir / "runs").glob("*/best.pt"))
+    reference = localize(video_dir / SHORT, checkpoint, device="cpu")
+    quantized = []
+    original = vgg19_module.quantize_int8
+    monkeypatch.setattr(vgg19_module, "quantize_int8", lambda *a, **k: quantized.append(1) or original(*a, **k))
+    result = CliRunner().invoke(main, ["localize", str(video_dir / SHORT), "--checkpoint", str(checkpoint),
+                                       "--precision", "int8", "--format", "json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert quantized == [1]
+    got = LocalizationResult.from_dict(json.loads(result.stdout))
+    assert len(got.seconds) == len(reference.seconds)
+    for mine, theirs in zip(got.seconds, reference.seconds):
+        assert mine.event_prob == pytest.approx(theirs.event_prob, abs=0.02)
+        assert mine.class_prob == pytest.approx(theirs.class_prob, abs=0.02)

