@@ -316,5 +316,11 @@ def test_int8_maps_stay_within_the_cosine_budget_of_float32(video_dir: Path, tmp
     monkeypatch.setattr(int8_module, "calibration_frames", no_calibration)
     again = load_visual_extractor("ave", random_seed=0, batch_size=3, precision="int8")
     np.testing.assert_array_equal(again(frames), maps)
+    monkeypatch.undo()
+    monkeypatch.setenv("BMFN_CACHE", str(tmp_path))
+    for cached in (tmp_path / "int8").glob("vgg19-*.pt"):
+        cached.write_bytes(b"not a state dict")  # a damaged cache is calibrated again, not an error
+    np.testing.assert_array_equal(load_visual_extractor("ave", random_seed=0, batch_size=3, precision="int8")(frames),
+                                  maps)
     with pytest.raises(BmfnError, match="int8 runs on the CPU"):
         VisualExtractor(vgg19_pool5(), caffe_preprocess, {}, device="cuda", precision="int8")
