@@ -24,7 +24,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -136,8 +136,8 @@ class Localizer:
         self.checkpoint = checkpoint or "(model given in Python)"
         self.epoch = epoch
         self.trained = provenance
-        self.options = replace(self._options(frames_per_second, weights, vgg19_weights, vggish_weights, seed, force),
-                               precision=precision)
+        self.options = self._options(frames_per_second, weights, vgg19_weights, vggish_weights, seed, precision,
+                                     force)
         self.visual, self.audio = load_extractors(self.options, self.device)
         self.provenance = features_provenance(self.options, self.visual, self.audio)
         for difference in check_provenance(provenance, self.provenance, force=force,
@@ -160,7 +160,8 @@ class Localizer:
         return cls(model, meta.get("provenance") or {}, checkpoint=str(checkpoint), epoch=meta.get("epoch"),
                    device=device, **options)
 
-    def _options(self, frames_per_second, weights, vgg19_weights, vggish_weights, seed, force) -> ExtractOptions:
+    def _options(self, frames_per_second, weights, vgg19_weights, vggish_weights, seed, precision,
+                 force) -> ExtractOptions:
         """Extraction settings from the checkpoint's provenance; asking for other weights is refused here, before
         any weights are loaded (or downloaded), unless forced."""
         if weights not in WEIGHT_CHOICES:
@@ -185,7 +186,7 @@ class Localizer:
             frames_per_second=frames_per_second or trained.get("frames_per_second") or FRAMES_PER_SECOND,
             visual_source=visual.get("source") or ExtractOptions.visual_source,
             vgg19_weights=vgg19_weights, vggish_weights=vggish_weights, random_seed=random_seed,
-            alignment=trained.get("alignment") or ExtractOptions.alignment,
+            alignment=trained.get("alignment") or ExtractOptions.alignment, precision=precision,
         )
 
     def run(self, paths: Iterable[str | os.PathLike], *, plot_dir: str | os.PathLike | None = None

@@ -178,7 +178,7 @@ SOURCES: dict[str, tuple[str, Callable[[Path], nn.Sequential]]] = {
 
 @dataclass
 class VisualExtractor:
-    """Frames -> channels-last pool5 maps, batched, channels_last memory format, optional bf16 autocast."""
+    """Frames -> channels-last pool5 maps, batched, channels_last memory format, optional bf16 autocast or int8."""
 
     module: nn.Sequential
     preprocess: Callable[[np.ndarray | torch.Tensor], torch.Tensor]
