@@ -50,7 +50,7 @@ class ExtractOptions:
     alignment: str = "ave"  # VGGish framing: 'ave' (0.96 s hops, as released) or 'exact' (1 s windows)
     dtype: str = "float32"  # storage dtype
     device: str = "auto"
-    precision: str = "auto"  # VGG-19 compute: float32 or bfloat16 (auto: bf16 where it is fast, see fast_bfloat16)
+    precision: str = "auto"  # VGG-19: float32, bfloat16 or int8 (CPUs); auto: bf16 where fast, see fast_bfloat16
     batch_size: int = 64  # frames per VGG-19 forward
     compile: bool = False  # torch.compile VGG-19: same features to float rounding, a little faster, slower start
     workers: int | None = None  # decoding processes; 0 decodes in the main process; None: decode_workers decides
@@ -146,6 +146,7 @@ def features_provenance(options: ExtractOptions, visual: VisualExtractor, audio:
     return {
         "bmfn_version": __version__,
         # bf16 and float32 maps agree to ~4e-5 cosine distance: a run setting, not a different feature space
+        # (int8 is further off: its calibration stays in the visual record, so int8 stores take only int8 clips)
         "precision": visual_record.pop("precision"),
         "visual": visual_record,
         "audio": audio.provenance,
