@@ -11,6 +11,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,19 +126,21 @@ def load_extractors(options: ExtractOptions, device: torch.device) -> tuple[Visu
     precision = options.precision
     if precision == "auto":
         precision = "bfloat16" if fast_bfloat16(device) else "float32"
-    visual = load_visual_extractor(
-        options.visual_source,
-        options.vgg19_weights,
-        options.random_seed,
-        device=device,
-        precision=precision,
-        batch_size=options.batch_size,
-        compile=options.compile,
-    )
-    audio = load_audio_extractor(
-        options.vggish_weights, options.random_seed, alignment=options.alignment, device=device
-    )
-    return visual, audio
+    # VGGish loads in a second thread: each loader spends most of its time in one core's work (checksums, reading,
+    # initialising tensors) that releases the GIL, so the two overlap on a machine's cores.
+    with ThreadPoolExecutor(1) as pool:
+        audio = pool.submit(load_audio_extractor, options.vggish_weights, options.random_seed,
+                            alignment=options.alignment, device=device)
+        visual = load_visual_extractor(
+            options.visual_source,
+            options.vgg19_weights,
+            options.random_seed,
+            device=device,
+            precision=precision,
+            batch_size=options.batch_size,
+            compile=options.compile,
+        )
+        return visual, audio.result()
 
 
 def features_provenance(options: ExtractOptions, visual: VisualExtractor, audio: AudioExtractor) -> dict:

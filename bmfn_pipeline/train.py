@@ -39,6 +39,7 @@ from bmfn_pipeline.evaluate import CLASS_NAMES, compute_precision, predict_rows,
 from bmfn_pipeline.graphs import GraphedStep
 from bmfn_pipeline.model import (BMFN, BMFNConfig, BMFNOutput, compile_cell_attention, fully_supervised_loss,
                                  predict_segments, weakly_supervised_loss)
+from extractors.weights import uninitialised
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,7 @@ def _train(config: TrainConfig, data: FeatureData | None, log) -> TrainResult:
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[BMFN, dict]:
     """A checkpoint's model in eval mode and its metadata (config, classes, provenance, data, epoch, metrics)."""
     state = _load_state(Path(path), device)
-    model = BMFN(BMFNConfig(**state["model_config"]))
+    model = uninitialised(lambda: BMFN(BMFNConfig(**state["model_config"])))
     model.load_state_dict(state["model_state"])
     model.to(device).eval()
     return model, {k: v for k, v in state.items() if k not in ("model_state", "optimizer", "scheduler", "rng")}

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from bmfn_pipeline.errors import BmfnError
-from extractors.int8 import calibration_record, quantize_int8
-from extractors.weights import WEIGHTS, random_weights_provenance, weight_path, weights_provenance
+from extractors.int8 import cached_int8, calibration_record, is_int8, quantize_int8
+from extractors.weights import WEIGHTS, random_weights_provenance, uninitialised, weight_path, weights_provenance
 
 # VGG-19 is configuration E of Simonyan & Zisserman 2015 (torchvision vgg.cfgs["E"]): conv widths, "M" a 2x2 max-pool.
 VGG19_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
@@ -73,14 +73,6 @@ def vgg19_pool5() -> nn.Sequential:
     return vgg_layers(VGG19_CONFIG, in_channels=3)
 
 
-def _vgg19_pool5_to_fill() -> nn.Sequential:
-    """vgg19_pool5 with its parameters allocated but not initialised, for the loaders below, which set every one:
-    PyTorch's default initialisation of its 20 M weights costs ~0.4 s of every command that loads VGG-19."""
-    with torch.device("meta"):
-        module = vgg19_pool5()
-    return module.to_empty(device="cpu")
-
-
 def _convs(module: nn.Sequential) -> list[nn.Conv2d]:
     return [layer for layer in module if isinstance(layer, nn.Conv2d)]
 
@@ -88,7 +80,7 @@ def _convs(module: nn.Sequential) -> list[nn.Conv2d]:
 def vgg19_pool5_random(seed: int) -> nn.Sequential:
     """Seeded random weights that keep activations alive through 16 convs: Kaiming-normal (fan_out, ReLU) and
     zero bias, as torchvision's VGG initialises; PyTorch's default init shrinks them until all inputs look alike."""
-    module = _vgg19_pool5_to_fill()
+    module = uninitialised(vgg19_pool5)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for conv in _convs(module):
@@ -126,7 +118,7 @@ def vgg19_pool5_from_keras(h5_path: str | os.PathLike) -> nn.Sequential:
         f = h5py.File(path, "r")
     except OSError as exc:
         raise BmfnError(f"{path}: cannot read as an HDF5 Keras weights file ({exc})") from exc
-    module = _vgg19_pool5_to_fill()
+    module = uninitialised(vgg19_pool5)
     with f, torch.no_grad():
         for layer, index in KERAS_LAYER_INDEX.items():
             conv = module[index]
@@ -146,7 +138,7 @@ def vgg19_pool5_from_torchvision(pth_path: str | os.PathLike) -> nn.Sequential:
         raise BmfnError(f"{path}: cannot load as a torch state dict ({type(exc).__name__}: {exc})") from exc
     if not isinstance(state, dict):
         raise BmfnError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    module = _vgg19_pool5_to_fill()
+    module = uninitialised(vgg19_pool5)
     features = {}
     for key, param in module.state_dict().items():
         tensor = state.get(f"features.{key}")
@@ -201,11 +193,8 @@ class VisualExtractor:
         if self.precision == "int8" and (self.device.type != "cpu" or self.compile):
             raise BmfnError("--precision int8 runs on the CPU, without --compile; on a GPU use bfloat16")
         self.module = self.module.to(self.device, memory_format=torch.channels_last).eval()
-        if self.precision == "int8":
-            # Cached when the provenance names the weights (a verified checksum, or random:<seed>).
-            known = self.provenance.get("checksum")
-            self.module = quantize_int8(self.module, self.preprocess,
-                                        cache_key=json.dumps(self.provenance, sort_keys=True) if known else None)
+        if self.precision == "int8" and not is_int8(self.module):
+            self.module = quantize_int8(self.module, self.preprocess, cache_key=_int8_cache_key(self.provenance))
         if self.compile:  # compiled at the first batch; a clip's shorter last batch compiles once more
             self.module = torch.compile(self.module)
 
@@ -264,15 +253,24 @@ def load_visual_extractor(
     if random_seed is not None:
         if weights is not None:
             raise BmfnError(f"give either a weights file ({weights}) or a random seed, not both")
-        module = vgg19_pool5_random(random_seed)
         record = random_weights_provenance(random_seed)
     else:
         path = weight_path(name, weights)
-        module = load(path)
         record = weights_provenance(name, path)
     preprocessing = WEIGHTS[name].preprocessing
     provenance = {"source": source, **record, "preprocessing": preprocessing, "precision": precision}
+    module = None
     if precision == "int8":
         provenance["calibration"] = calibration_record()
+        with torch.device("meta"):  # a calibrated copy cached earlier needs no float weights, only their layout
+            layout = vgg19_pool5()
+        module = cached_int8(layout, _int8_cache_key(provenance))
+    if module is None:
+        module = vgg19_pool5_random(random_seed) if random_seed is not None else load(path)
     return VisualExtractor(module, PREPROCESS[preprocessing], provenance, torch.device(device), precision, batch_size,
                            compile)
+
+
+def _int8_cache_key(provenance: dict[str, str]) -> str | None:
+    """int8 models are cached when the provenance names the weights (a verified checksum, or random:<seed>)."""
+    return json.dumps(provenance, sort_keys=True) if provenance.get("checksum") else None

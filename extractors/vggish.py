@@ -19,7 +19,7 @@ from bmfn_pipeline.ave import SEGMENTS
 from bmfn_pipeline.errors import BmfnError
 from extractors.vgg19 import vgg_layers
 from extractors.vggish_input import ALIGNMENTS, segment_examples
-from extractors.weights import random_weights_provenance, weight_path, weights_provenance
+from extractors.weights import random_weights_provenance, uninitialised, weight_path, weights_provenance
 
 # --- network (§2.4) ---
 EMBEDDING_SIZE = 128
@@ -95,7 +95,7 @@ def vggish_from_file(path: str | Path) -> VGGish:
     """VGGish with the weights of a torchvggish-layout file (`vggish-10086976.pth`); a wrong layout names the file."""
     path = Path(path)
     state = _load_state_dict(path)
-    model = VGGish()
+    model = uninitialised(VGGish)
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     found = {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
     if found != expected:
@@ -120,7 +120,7 @@ def random_vggish(seed: int) -> VGGish:
     the network is positively homogeneous, so this scales the embedding exactly).
     """
     generator = torch.Generator().manual_seed(seed)
-    model = VGGish()
+    model = uninitialised(VGGish)
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu", generator=generator)

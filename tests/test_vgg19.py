@@ -17,6 +17,7 @@ import torchvision
 
 from bmfn_pipeline.errors import BmfnError
 from extractors import int8 as int8_module
+from extractors import vgg19 as vgg19_module
 from extractors.vgg19 import (
     KERAS_LAYER_INDEX,
     VisualExtractor,
@@ -311,9 +312,10 @@ def test_int8_maps_stay_within_the_cosine_budget_of_float32(video_dir: Path, tmp
     assert list((tmp_path / "int8").glob("vgg19-*.pt"))
 
     def no_calibration(*_):
-        raise AssertionError("calibrated again instead of loading the cached model")
+        raise AssertionError("calibrated again (or made the float network) instead of loading the cached model")
 
     monkeypatch.setattr(int8_module, "calibration_frames", no_calibration)
+    monkeypatch.setattr(vgg19_module, "vgg19_pool5_random", no_calibration)  # nor are the float weights made
     again = load_visual_extractor("ave", random_seed=0, batch_size=3, precision="int8")
     np.testing.assert_array_equal(again(frames), maps)
     monkeypatch.undo()
