@@ -7,7 +7,8 @@ Goals: under 10 s on 2 CPU cores at 16 frames/s; under 0.5 s on an H100. Reporte
 - startup: importing torch and bmfn (once per command, measured for this process);
 - setup: building BMFN (the full-size model) and the seeded random VGG-19 and VGGish, as a checkpoint load would;
 - first: the first clip through `Localizer.run` (pays one-off costs: the resampling filter bank, cuDNN autotuning, allocation);
-- warm: the best of `--repeats` further runs, what each further file of a command costs.
+- warm: the best of `--repeats` further runs, what each further file of a command costs;
+- several files: one call on `--files` copies, per file, decoding files ahead in threads against one at a time.
 "command to labels" = startup + setup + first. Weights are seeded random ones: speed does not depend on their values.
 """
 
@@ -53,12 +54,25 @@ def _run(localizer: Localizer, clip: Path) -> dict[str, float]:
     return timings
 
 
+def _several(localizer: Localizer, clip: Path, files: int, ahead: int) -> float:
+    """Seconds per file of one `run` over `files` copies of the clip, decoding `ahead` files in advance."""
+    localizer.decode_ahead = ahead
+    _sync(localizer.device)
+    began = time.perf_counter()
+    outcomes = [result for _, result in localizer.run([clip] * files)]
+    _sync(localizer.device)
+    if any(isinstance(result, Exception) for result in outcomes):
+        raise SystemExit(f"benchmark clip failed: {outcomes}")
+    return (time.perf_counter() - began) / files
+
+
 def _line(name: str, timings: dict[str, float]) -> str:
     parts = "  ".join(f"{key} {value:6.3f}" for key, value in timings.items() if key != "total")
     return f"  {name:<6} {timings['total']:7.3f} s   ({parts})"
 
 
-def benchmark(clip: Path, device: str, frames_per_second: int, repeats: int, precision: str = "auto") -> float:
+def benchmark(clip: Path, device: str, frames_per_second: int, repeats: int, precision: str = "auto",
+              files: int = 0) -> float:
     """Print the breakdown for one device and VGG-19 precision; return command-to-labels seconds."""
     torch_device = torch.device(device)
     began = time.perf_counter()
@@ -86,6 +100,11 @@ def benchmark(clip: Path, device: str, frames_per_second: int, repeats: int, pre
     if warm is not None and goal is not None:
         print(f"  per further clip  {warm['total']:.3f} s   goal < {goal:g} s: "
               f"{'met' if warm['total'] < goal else 'NOT met'}")
+    if files > 1:
+        ahead = localizer.decode_ahead
+        serial, overlapped = _several(localizer, clip, files, 0), _several(localizer, clip, files, ahead)
+        print(f"  {files} files in one call: {overlapped:.3f} s per file decoding {ahead} ahead, {serial:.3f} s "
+              f"decoding each in its turn ({serial / overlapped:.2f}x)")
     return total
 
 
@@ -96,6 +115,8 @@ def main() -> None:
     parser.add_argument("--device", nargs="+", default=["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     parser.add_argument("--threads", type=int, help="torch CPU threads (the CPU goal is for 2 cores)")
     parser.add_argument("--repeats", type=int, default=2, help="warm runs after the first (best is reported)")
+    parser.add_argument("--files", type=int, default=4,
+                        help="also time one call on this many copies of the clip, decoding ahead or not (0: skip)")
     parser.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "float32", "bfloat16", "int8"],
                         help="VGG-19 precisions to compare (int8 on CPUs only; its first run calibrates, later runs "
                              "load the cached model)")
@@ -107,7 +128,7 @@ def main() -> None:
         for precision in args.precision:
             if precision == "int8" and device != "cpu":
                 continue
-            total = benchmark(args.clip, device, args.frames_per_second, args.repeats, precision)
+            total = benchmark(args.clip, device, args.frames_per_second, args.repeats, precision, args.files)
             base = base or total
             print(f"  {base / total:.2f}x the first precision's command to labels")
 

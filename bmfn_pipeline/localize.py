@@ -14,7 +14,7 @@ most resembled and how strongly. A video of at most 10 seconds is one window, de
 
 Speed: a long video is decoded once, in chunks; VGG-19 runs once per second of video (its per-second maps do not
 depend on the window); VGGish runs per window because the AVE framing (0.96 s hops) is relative to a window's
-start; BMFN runs on batches of windows shared by all the files of one call.
+start; BMFN runs on batches of windows shared by all the files of one call, while the next files are decoded.
 """
 
 from __future__ import annotations
@@ -24,14 +24,16 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from bmfn_pipeline.ave import BACKGROUND, SEGMENTS
-from bmfn_pipeline.decode import FRAME_SIZE, SAMPLE_RATE, DecodedClip, decode_clip, probe
+from bmfn_pipeline.decode import FRAME_SIZE, SAMPLE_RATE, ClipInfo, DecodedClip, decode_clip, probe
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.evaluate import EVAL_BATCH_SIZE
 from bmfn_pipeline.extract import (FRAMES_PER_SECOND, ExtractOptions, features_provenance, load_extractors,
@@ -42,6 +44,9 @@ from bmfn_pipeline.writers import STRIP_HEIGHT_PX, LocalizationResult, SecondLab
 
 WINDOW = SEGMENTS  # seconds BMFN sees at once: the 10 segments of an AVE clip (bmfn-reference.md)
 DEFAULT_STRIDE = 5  # seconds between window starts: each second of a long video is judged in two contexts
+# Files probed and (up to 10 s) decoded in threads ahead of the one being featurised: decoding overlaps VGG-19 on a
+# CPU and keeps a GPU fed; PyAV, OpenCV and FFmpeg's decoder threads do their work outside the GIL.
+DECODE_AHEAD = 2
 CHUNK_SECONDS = 60  # seconds of a long video decoded at once: 60 x 16 frames x 150 kB bounds frames to ~150 MB
 KEYFRAME_STEP = max(1, FRAME_SIZE // STRIP_HEIGHT_PX)  # keyframes kept for the plot at its strip's resolution
 RANDOM_PREFIX = "random:"  # how a provenance records seeded random weights (extractors.weights.random_provenance)
@@ -147,6 +152,7 @@ class Localizer:
             self.log(f"using RANDOM network weights (seed {self.options.random_seed}) as the checkpoint's features "
                      "were made: labels are meaningful for tests and demos only")
         self.timings = {"decode": 0.0, "visual": 0.0, "audio": 0.0, "model": 0.0}  # seconds, summed over calls
+        self.decode_ahead = DECODE_AHEAD
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike | None = None, *, runs_dir: str | os.PathLike = RUNS_DIR,
@@ -193,23 +199,28 @@ class Localizer:
             ) -> Iterator[tuple[Path, LocalizationResult | BmfnError]]:
         """(path, result) per file in input order, or (path, BmfnError) for a file that failed; the others go on.
 
-        Files are decoded and featurised one at a time; their windows queue up and go through BMFN in batches of
-        `batch_size` windows, across files. With `plot_dir`, each file's timeline PNG is written there.
+        Files are featurised one at a time while the next `decode_ahead` are probed and decoded in threads; their
+        windows queue up and go through BMFN in batches of `batch_size` windows, across files. With `plot_dir`,
+        each file's timeline PNG is written there.
         """
         pending: deque[tuple[Path, _Video | BmfnError]] = deque()
         queue: list[tuple[_Video, int]] = []
-        for path in map(Path, paths):
-            try:
-                video = self._prepare(path, keep_media=plot_dir is not None)
-            except BmfnError as exc:
-                pending.append((path, exc))
-            else:
-                pending.append((path, video))
-                queue += [(video, w) for w in range(len(video.starts))]
-            while len(queue) >= self.batch_size:
-                self._predict(queue[: self.batch_size])
-                del queue[: self.batch_size]
-            yield from self._finished(pending, plot_dir)
+        pool = ThreadPoolExecutor(max(1, self.decode_ahead))
+        try:
+            for path, media in _ahead(pool, self._media, map(Path, paths), self.decode_ahead):
+                try:
+                    video = self._prepare(path, *media.result(), keep_media=plot_dir is not None)
+                except BmfnError as exc:
+                    pending.append((path, exc))
+                else:
+                    pending.append((path, video))
+                    queue += [(video, w) for w in range(len(video.starts))]
+                while len(queue) >= self.batch_size:
+                    self._predict(queue[: self.batch_size])
+                    del queue[: self.batch_size]
+                yield from self._finished(pending, plot_dir)
+        finally:
+            pool.shutdown(cancel_futures=True)
         if queue:
             self._predict(queue)
         yield from self._finished(pending, plot_dir)
@@ -239,8 +250,10 @@ class Localizer:
 
     # ------------------------------------------------------------------------------------------ one file
 
-    def _prepare(self, path: Path, keep_media: bool) -> _Video:
-        """Decode and featurise one file: per-second visual maps and per-window audio embeddings."""
+    def _media(self, path: Path) -> tuple[ClipInfo, int, DecodedClip | None, float]:
+        """What can be read ahead of a file's turn, in a decoding thread: its header, the seconds to label, and the
+        decoded window of a video of at most 10 s (a longer one is decoded in chunks when its turn comes, to bound
+        memory); and the seconds it took."""
         began = time.perf_counter()
         try:
             info = probe(path)
@@ -251,10 +264,16 @@ class Localizer:
             raise
         except Exception as exc:  # a demuxer crash on one file must not end the run
             raise BmfnError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
-        self.timings["decode"] += time.perf_counter() - began
+        clip = self._decode(path, seconds=WINDOW) if seconds <= WINDOW else None
+        return info, seconds, clip, time.perf_counter() - began
+
+    def _prepare(self, path: Path, info: ClipInfo, seconds: int, clip: DecodedClip | None, decode_s: float, *,
+                 keep_media: bool) -> _Video:
+        """Featurise one file: per-second visual maps and per-window audio embeddings."""
+        self.timings["decode"] += decode_s
         starts = window_starts(seconds, self.stride)
-        if seconds <= WINDOW:
-            visual, waveform, keyframes, warnings = self._short_video(path, seconds, keep_media)
+        if clip is not None:
+            visual, waveform, keyframes, warnings = self._short_video(clip, seconds, keep_media)
         else:
             visual, waveform, keyframes, warnings = self._long_video(path, seconds, keep_media)
         began = time.perf_counter()
@@ -265,7 +284,6 @@ class Localizer:
                       waveform[:media_end] if keep_media else None)
 
     def _decode(self, path: Path, **window) -> DecodedClip:
-        began = time.perf_counter()
         try:
             # A video without sound is still labelled (as silence: no audio-visual event), with decode's warning.
             return decode_clip(path, frames_per_second=self.options.frames_per_second, allow_silent=True, **window)
@@ -273,16 +291,13 @@ class Localizer:
             raise
         except Exception as exc:  # a decoder crash on one file must not end the run
             raise BmfnError(f"{path}: cannot decode ({type(exc).__name__}: {exc})") from None
-        finally:
-            self.timings["decode"] += time.perf_counter() - began
 
     def _keyframes(self, frames: np.ndarray) -> np.ndarray:
         """The middle sample of each second, at the plot strip's resolution."""
         return frames[:, frames.shape[1] // 2, ::KEYFRAME_STEP, ::KEYFRAME_STEP].copy()
 
-    def _short_video(self, path: Path, seconds: int, keep_media: bool):
+    def _short_video(self, clip: DecodedClip, seconds: int, keep_media: bool):
         """One window decoded as `bmfn extract` decodes a clip (AVE frame indices, padding past the end)."""
-        clip = self._decode(path, seconds=WINDOW)
         real = clip.info.segments
         began = time.perf_counter()
         maps = self.visual.segments(clip.frames[:real])
@@ -300,7 +315,9 @@ class Localizer:
         maps, waves, keyframes, warnings = [], [], [], []
         for start in range(0, seconds, CHUNK_SECONDS):
             count = min(CHUNK_SECONDS, seconds - start)
+            began = time.perf_counter()
             clip = self._decode(path, seconds=count, start_s=float(start), wall_clock=True)
+            self.timings["decode"] += time.perf_counter() - began
             began = time.perf_counter()
             maps.append(self.visual.segments(clip.frames[:count]))
             self.timings["visual"] += time.perf_counter() - began
@@ -323,6 +340,16 @@ class Localizer:
         for (video, w), window_event, window_classes in zip(items, event, classes):
             video.event[w], video.classes[w] = window_event, window_classes
         self.timings["model"] += time.perf_counter() - began
+
+
+def _ahead(pool: ThreadPoolExecutor, work: Callable, items: Iterable, depth: int) -> Iterator[tuple[Any, Future]]:
+    """(item, future of work(item)) in order, with `depth` further items already submitted to `pool`."""
+    submitted: deque[tuple[Any, Future]] = deque()
+    for item in items:
+        submitted.append((item, pool.submit(work, item)))
+        if len(submitted) > depth:
+            yield submitted.popleft()
+    yield from submitted
 
 
 def localize(paths: str | os.PathLike | Iterable[str | os.PathLike], checkpoint: str | os.PathLike | None = None,

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from bmfn_pipeline.data import ClipArrays, FeatureData, video_labels_from_segmen
 from bmfn_pipeline.decode import decode_clip
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.extract import ExtractOptions, clip_features, features_provenance, load_extractors
-from bmfn_pipeline.localize import localize, merge_windows, window_starts
+from bmfn_pipeline.localize import Localizer, localize, merge_windows, window_starts
 from bmfn_pipeline.train import TrainConfig, load_checkpoint, train
 from bmfn_pipeline.writers import CSV_FIELDS, LocalizationResult
 from extractors import vgg19 as vgg19_module
@@ -228,3 +229,28 @@ def test_int8_localization_agrees_with_the_default(workdir, video_dir, tmp_path,
     for mine, theirs in zip(got.seconds, reference.seconds):
         assert mine.event_prob == pytest.approx(theirs.event_prob, abs=0.02)
         assert mine.class_prob == pytest.approx(theirs.class_prob, abs=0.02)
+
+
+def test_files_decoded_ahead_get_the_labels_of_files_decoded_in_turn(workdir, video_dir):
+    """`run` probes and decodes the next files in threads while it featurises one; results, errors and their order
+    are those of decoding each file in its turn."""
+    checkpoint = next((workdir / "runs").glob("*/best.pt"))
+    bad = workdir / "truncated.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    files = [video_dir / ONE_SECOND, bad, video_dir / SHORT, video_dir / LONG, video_dir / ONE_SECOND]
+    localizer = Localizer.from_checkpoint(checkpoint, device="cpu")
+    read_in = []
+    media = localizer._media
+    localizer._media = lambda path: read_in.append(threading.current_thread()) or media(path)
+
+    def outcomes(ahead: int) -> list:
+        localizer.decode_ahead = ahead
+        read_in.clear()
+        return [(path, result if isinstance(result, BmfnError) else result.to_dict())
+                for path, result in localizer.run(files)]
+
+    in_turn, ahead = outcomes(0), outcomes(2)
+    assert threading.main_thread() not in read_in and len(read_in) == len(files)
+    assert [path for path, _ in ahead] == files
+    assert isinstance(ahead[1][1], BmfnError) and str(ahead[1][1]) == str(in_turn[1][1])
+    assert [r for i, (_, r) in enumerate(ahead) if i != 1] == [r for i, (_, r) in enumerate(in_turn) if i != 1]
