@@ -126,8 +126,8 @@ def load_extractors(options: ExtractOptions, device: torch.device) -> tuple[Visu
     precision = options.precision
     if precision == "auto":
         precision = "bfloat16" if fast_bfloat16(device) else "float32"
-    # VGGish loads in a second thread: each loader spends most of its time in one core's work (checksums, reading,
-    # initialising tensors) that releases the GIL, so the two overlap on a machine's cores.
+    # VGGish loads in a second thread: most of each loader's time is single-threaded work outside the GIL (hashing
+    # the weight file, initialising or copying tensors), so the two overlap on two cores.
     with ThreadPoolExecutor(1) as pool:
         audio = pool.submit(load_audio_extractor, options.vggish_weights, options.random_seed,
                             alignment=options.alignment, device=device)
