@@ -25,9 +25,10 @@ from bmfn_pipeline.decode import DecodedClip, decode_many
 from bmfn_pipeline.distributed import Shard, finish_together, rank_device, rank_env, resolve_device, resolve_shard
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.store import STORAGE_DTYPES, FeatureStore, labels_from_annotations
-from extractors.vgg19 import VisualExtractor, load_visual_extractor
+from extractors.vgg19 import SOURCES, VisualExtractor, load_visual_extractor
 from extractors.vggish import AudioExtractor, load_audio_extractor
 from extractors.vggish_input import with_examples
+from extractors.weights import weight_available
 
 # Container extensions a folder is searched for; a file named explicitly is tried whatever its extension.
 VIDEO_EXTENSIONS = frozenset(
@@ -126,11 +127,13 @@ def load_extractors(options: ExtractOptions, device: torch.device) -> tuple[Visu
     precision = options.precision
     if precision == "auto":
         precision = "bfloat16" if fast_bfloat16(device) else "float32"
+    load_audio = functools.partial(load_audio_extractor, options.vggish_weights, options.random_seed,
+                                   alignment=options.alignment, device=device)
     # VGGish loads in a second thread: most of each loader's time is single-threaded work outside the GIL (hashing
-    # the weight file, initialising or copying tensors), so the two overlap on two cores.
+    # the weight file, initialising or copying tensors), so the two overlap on two cores. Not when a file must be
+    # downloaded: two progress bars would interleave, and a failing VGG-19 download would wait for VGGish's.
     with ThreadPoolExecutor(1) as pool:
-        audio = pool.submit(load_audio_extractor, options.vggish_weights, options.random_seed,
-                            alignment=options.alignment, device=device)
+        audio = None if _downloads(options) else pool.submit(load_audio)
         visual = load_visual_extractor(
             options.visual_source,
             options.vgg19_weights,
@@ -140,7 +143,15 @@ def load_extractors(options: ExtractOptions, device: torch.device) -> tuple[Visu
             batch_size=options.batch_size,
             compile=options.compile,
         )
-        return visual, audio.result()
+        return visual, audio.result() if audio is not None else load_audio()
+
+
+def _downloads(options: ExtractOptions) -> bool:
+    """Whether loading the extractors of `options` would download a weight file."""
+    if options.random_seed is not None:
+        return False
+    visual = SOURCES.get(options.visual_source, ("",))[0]
+    return not (weight_available(visual, options.vgg19_weights) and weight_available("vggish", options.vggish_weights))
 
 
 def features_provenance(options: ExtractOptions, visual: VisualExtractor, audio: AudioExtractor) -> dict:

@@ -172,6 +172,11 @@ def weight_path(name: str, local_path: str | os.PathLike | None = None, download
     return cached
 
 
+def weight_available(name: str, local_path: str | os.PathLike | None = None) -> bool:
+    """Whether weight_path(name, local_path) would use a file already here (given or cached) rather than download."""
+    return local_path is not None or (name in WEIGHTS and (cache_dir() / WEIGHTS[name].filename).is_file())
+
+
 def weights_provenance(name: str, path: str | os.PathLike) -> dict[str, str]:
     """What to record about a verified weights file: registry name, file name and the checksum it matched."""
     return {"weights": name, "file": Path(path).name, "checksum": WEIGHTS[name].checksum}

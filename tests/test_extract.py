@@ -367,3 +367,27 @@ def test_cuda_extraction_matches_cpu_extraction(extracted, clips, tmp_path):
     for key in ("visual", "audio"):
         scale = float(np.abs(cpu[key]).max())
         np.testing.assert_allclose(gpu[key], cpu[key], rtol=2e-2, atol=2e-2 * scale)
+
+
+def test_vggish_loads_beside_vgg19_unless_a_weight_file_must_be_downloaded(tmp_path, monkeypatch):
+    """Random or local weights: VGGish loads in a second thread. A download: one loader after the other, so a
+    failing VGG-19 download ends the command before VGGish's starts (and progress bars never interleave)."""
+    import threading
+
+    monkeypatch.setenv("BMFN_CACHE", str(tmp_path))  # nothing cached: real weights would be downloaded
+    loaded_in = []
+    monkeypatch.setattr(extract_module, "load_audio_extractor",
+                        lambda *a, **k: loaded_in.append(threading.current_thread()) or "audio")
+    monkeypatch.setattr(extract_module, "load_visual_extractor", lambda *a, **k: "visual")
+    cpu = torch.device("cpu")
+    assert extract_module.load_extractors(extract_module.ExtractOptions(random_seed=0), cpu) == ("visual", "audio")
+    assert loaded_in[-1] is not threading.main_thread()
+
+    def offline(*_, **__):
+        raise BmfnError("cannot download vgg19 weights")
+
+    monkeypatch.setattr(extract_module, "load_visual_extractor", offline)
+    loaded_in.clear()
+    with pytest.raises(BmfnError, match="cannot download"):
+        extract_module.load_extractors(extract_module.ExtractOptions(), cpu)
+    assert loaded_in == []
