@@ -4,10 +4,16 @@ The data flow is the live path of the official code (bmfn-reference.md section 2
 Two project decisions (reference section 13) differ from that code: the expansion self-attention (ESA) is a
 learned, registered module as in the paper's eq. (4), so eval mode is deterministic and batch independent; and
 no dead parameters are registered. Section numbers below (§) refer to bmfn-reference.md, eq. to bmfn-paper.txt.
+
+The parallel blocks of each stage (three temporal encoders, four cross-modal attentions, two fusions) are held as
+one module per stage whose weights have a leading group dim: it computes what separate modules compute, with about
+half the kernels per training step, whose number sets a step's time at AVE's sizes. `group_state_dict` reads the
+one-module-per-block checkpoints of earlier bmfn versions.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -138,129 +144,192 @@ class AudioVisualFusionAttention(nn.Module):
         return (spatial.unsqueeze(1) @ channel).squeeze(1)
 
 
-class ExpansionSelfAttention(nn.Module):
-    """ESA attention, eq. (4): multi-head attention whose map Att [B,heads,T,S] is refined by a learned 1x1
-    expansion W7 (heads -> r*heads), BN, activation, 1x1 reduction W8 and BN; (Att + Att_hat) weights V.
-    Parameter names and shapes follow nn.MultiheadAttention (§2.3); the refinement costs 88 parameters (§2.4)."""
+class GroupedLinear(nn.Module):
+    """`groups` independent linear maps applied as one batched product: x [G,...,in] -> [G,...,out].
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float, expansion: int, activation: str) -> None:
+    Each group is initialised as nn.Linear is (§2.8)."""
+
+    def __init__(self, groups: int, in_features: int, out_features: int) -> None:
         super().__init__()
-        self.num_heads, self.dropout = num_heads, dropout
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
-        nn.init.xavier_uniform_(self.in_proj_weight)  # the nn.MultiheadAttention initialisation (§2.8)
-        nn.init.zeros_(self.out_proj.bias)
-        expanded = num_heads * expansion
-        self.w7 = nn.Conv2d(num_heads, expanded, kernel_size=1, bias=False)
-        self.bn7 = nn.BatchNorm2d(expanded)
-        self.activation = _ESA_ACTIVATIONS[activation]()
-        self.w8 = nn.Conv2d(expanded, num_heads, kernel_size=1, bias=False)
-        self.bn8 = nn.BatchNorm2d(num_heads)
+        self.weight = nn.Parameter(torch.empty(groups, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(groups, out_features))
+        bound = in_features ** -0.5
+        for weight, bias in zip(self.weight.data, self.bias.data):
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+            nn.init.uniform_(bias, -bound, bound)
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, need_weights: bool = False) -> tuple[Tensor, None]:
-        """[B,T,d] x3 -> ([B,T,d], None), the nn.MultiheadAttention calling convention."""
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q, k, v = (F.linear(x, w, b).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-                   for x, w, b in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)))
-        att = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
-        att = F.dropout(att, self.dropout, self.training)
-        att_hat = self.bn8(self.w8(self.activation(self.bn7(self.w7(att)))))  # heads are the conv channels
-        out = ((att + att_hat) @ v).transpose(1, 2).flatten(2)  # not renormalised (§2.4)
-        return self.out_proj(out), None
+    def forward(self, x: Tensor) -> Tensor:
+        return _grouped_linear(x, self.weight, self.bias)
+
+
+def _grouped_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """x [G,...,in] @ weight[g].T + bias[g] per group g, as one batched matrix product."""
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])
+    return torch.baddbmm(bias.unsqueeze(1), flat, weight.transpose(1, 2)).view(*x.shape[:-1], weight.shape[1])
+
+
+class GroupedLayerNorm(nn.Module):
+    """`groups` independent LayerNorms over the last dim of x [G,...,d] (weight 1, bias 0, eps 1e-5: §2.8)."""
+
+    def __init__(self, groups: int, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(groups, dim))
+        self.bias = nn.Parameter(torch.zeros(groups, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)
+        return torch.addcmul(self.bias.view(shape), F.layer_norm(x, x.shape[-1:], eps=self.eps),
+                             self.weight.view(shape))
+
+
+class Attention(nn.Module):
+    """`groups` independent multi-head attentions with nn.MultiheadAttention's math, parameter names (per group,
+    behind a leading group dim) and initialisation (§2.3, §2.8): the NSA and MHA of eqs. (5)-(7).
+
+    With `expansion`, the ESA of eq. (4): the map Att [B,heads,T,S] is refined by a learned 1x1 expansion W7
+    (heads -> expansion*heads), BN, activation, 1x1 reduction W8 and BN, and (Att + Att_hat) weights V, not
+    renormalised (§2.4). The refinement holds the groups as channel groups of its convolutions and batch norms
+    (88 parameters per group), so each group's statistics are its own, as with separate modules."""
+
+    def __init__(self, groups: int, embed_dim: int, num_heads: int, dropout: float, expansion: int = 0,
+                 activation: str = ESA_ACTIVATION) -> None:
+        super().__init__()
+        self.groups, self.num_heads, self.dropout, self.expansion = groups, num_heads, dropout, expansion
+        self.in_proj_weight = nn.Parameter(torch.empty(groups, 3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(groups, 3 * embed_dim))
+        for weight in self.in_proj_weight.data:
+            nn.init.xavier_uniform_(weight)
+        self.out_proj = GroupedLinear(groups, embed_dim, embed_dim)
+        nn.init.zeros_(self.out_proj.bias)
+        if expansion:
+            channels, expanded = groups * num_heads, groups * num_heads * expansion
+            self.w7 = nn.Conv2d(channels, expanded, kernel_size=1, groups=groups, bias=False)
+            self.bn7 = nn.BatchNorm2d(expanded)
+            self.activation = _ESA_ACTIVATIONS[activation]()
+            self.w8 = nn.Conv2d(expanded, channels, kernel_size=1, groups=groups, bias=False)
+            self.bn8 = nn.BatchNorm2d(channels)
+
+    def forward(self, query: Tensor, memory: Tensor) -> Tensor:
+        """query [G,B,T,d] attends to memory [G,B,S,d] (the same tensor for self-attention) -> [G,B,T,d]."""
+        d = query.shape[-1]
+        if memory is query:
+            q, k, v = _grouped_linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        else:
+            q = _grouped_linear(query, self.in_proj_weight[:, :d], self.in_proj_bias[:, :d])
+            k, v = _grouped_linear(memory, self.in_proj_weight[:, d:], self.in_proj_bias[:, d:]).chunk(2, dim=-1)
+        q, k, v = (x.unflatten(-1, (self.num_heads, -1)).transpose(-3, -2).flatten(0, 1) for x in (q, k, v))
+        dropout = self.dropout if self.training else 0.0
+        if not self.expansion:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # as nn.MultiheadAttention runs it
+        else:
+            att = F.dropout(torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1), dropout,
+                            self.training)
+            out = (att + self._refinement(att)) @ v
+        return self.out_proj(out.transpose(1, 2).flatten(2).unflatten(0, (self.groups, -1)))
+
+    def _refinement(self, att: Tensor) -> Tensor:
+        """Att_hat of eq. (4), per group: att [G*B,heads,T,S], whose heads are the convolutions' channels."""
+        channels = att.unflatten(0, (self.groups, -1)).transpose(0, 1).flatten(1, 2)  # [B, G*heads, T, S]
+        refined = self.bn8(self.w8(self.activation(self.bn7(self.w7(channels)))))
+        return refined.unflatten(1, (self.groups, -1)).transpose(0, 1).flatten(0, 1)
 
 
 class ResidualAttention(nn.Module):
-    """Post-LN attention sub-layer shared by every block: LN(query + Dropout(Attention(query, memory, memory)))."""
+    """Post-LN attention sub-layer shared by every block: LN(query + Dropout(Attention(query, memory)))."""
 
-    def __init__(self, attention: nn.Module, d_model: int, dropout: float) -> None:
+    def __init__(self, attention: Attention, d_model: int, dropout: float) -> None:
         super().__init__()
         self.attn = attention
         self.dropout = nn.Dropout(dropout)
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = GroupedLayerNorm(attention.groups, d_model)
 
     def forward(self, query: Tensor, memory: Tensor) -> Tensor:
-        return self.norm(query + self.dropout(self.attn(query, memory, memory, need_weights=False)[0]))
+        return self.norm(query + self.dropout(self.attn(query, memory)))
 
 
 class FeedForward(nn.Module):
-    """Post-LN feed-forward sub-layer: LN(x + Dropout(W2 Dropout(ReLU(W1 x))))."""
+    """Post-LN feed-forward sub-layer: LN(x + Dropout(W2 Dropout(ReLU(W1 x)))), per group."""
 
-    def __init__(self, d_model: int, ffn_dim: int, dropout: float) -> None:
+    def __init__(self, groups: int, d_model: int, ffn_dim: int, dropout: float) -> None:
         super().__init__()
-        self.linear1 = nn.Linear(d_model, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, d_model)
+        self.linear1 = GroupedLinear(groups, d_model, ffn_dim)
+        self.linear2 = GroupedLinear(groups, ffn_dim, d_model)
         self.dropout = nn.Dropout(dropout)
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = GroupedLayerNorm(groups, d_model)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
 
 
-def _attention(config: BMFNConfig) -> nn.MultiheadAttention:
-    """Standard multi-head attention (the NSA / MHA of eqs. 5-7)."""
-    return nn.MultiheadAttention(config.d_model, config.heads, dropout=config.dropout, batch_first=True)
+def _attention(groups: int, config: BMFNConfig, expansion: bool = False) -> ResidualAttention:
+    """An attention sub-layer: ESA (eq. 4) when `expansion`, else standard multi-head attention (eqs. 5-7)."""
+    c = config
+    attention = Attention(groups, c.d_model, c.heads, c.dropout, c.esa_expansion if expansion else 0,
+                          c.esa_activation)
+    return ResidualAttention(attention, c.d_model, c.dropout)
 
 
 class EncoderLayer(nn.Module):
-    """One transformer encoder layer: ESA (eq. 4) when expansion attention is given, else NSA (eq. 5)."""
+    """One transformer encoder layer per group: ESA (eq. 4) when `expansion`, else NSA (eq. 5)."""
 
-    def __init__(self, config: BMFNConfig, expansion: bool) -> None:
+    def __init__(self, groups: int, config: BMFNConfig, expansion: bool) -> None:
         super().__init__()
-        c = config
-        attention = (ExpansionSelfAttention(c.d_model, c.heads, c.dropout, c.esa_expansion, c.esa_activation)
-                     if expansion else _attention(c))
-        self.self_attn = ResidualAttention(attention, c.d_model, c.dropout)
-        self.ffn = FeedForward(c.d_model, c.ffn_dim, c.dropout)
+        self.self_attn = _attention(groups, config, expansion)
+        self.ffn = FeedForward(groups, config.d_model, config.ffn_dim, config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.ffn(self.self_attn(x, x))
 
 
-class SelfAttentionBlock(nn.Module):
-    """The paper's self-attention block (official InternalTemporalRelationModule, §2.3): a linear map to d with
-    no activation, ESA layers, then NSA layers; no final norm."""
+class SelfAttentionBlocks(nn.Module):
+    """The paper's self-attention blocks, one per input (official InternalTemporalRelationModule, §2.3): a linear
+    map to d with no activation, ESA layers, then NSA layers; no final norm."""
 
-    def __init__(self, in_dim: int, config: BMFNConfig) -> None:
+    def __init__(self, in_dims: tuple[int, ...], config: BMFNConfig) -> None:
         super().__init__()
-        self.affine = nn.Linear(in_dim, config.d_model)
-        self.layers = nn.ModuleList([EncoderLayer(config, expansion=True) for _ in range(config.esa_layers)]
-                                    + [EncoderLayer(config, expansion=False) for _ in range(config.nsa_layers)])
+        groups = len(in_dims)
+        self.affines = nn.ModuleList([nn.Linear(in_dim, config.d_model) for in_dim in in_dims])
+        self.layers = nn.ModuleList([EncoderLayer(groups, config, expansion=True) for _ in range(config.esa_layers)]
+                                    + [EncoderLayer(groups, config, expansion=False)
+                                       for _ in range(config.nsa_layers)])
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.affine(x)
+    def forward(self, inputs: list[Tensor]) -> Tensor:
+        """inputs [B,T,in_g] per group -> [G,B,T,d]."""
+        x = torch.stack([affine(block_input) for affine, block_input in zip(self.affines, inputs)])
         for layer in self.layers:
             x = layer(x)
         return x
 
 
 class CrossModalAttention(nn.Module):
-    """A forward (FA) or backward (BA) attention block, eq. (6) (official CrossModalRelationAttModule, §2.5):
-    the query, mapped to d, attends to the concatenation in time of the memory and itself; then an FFN.
+    """Forward (FA) and backward (BA) attention blocks, eq. (6) (official CrossModalRelationAttModule, §2.5), one
+    per group: the query, mapped to d, attends to the concatenation in time of the memory and itself; then an FFN.
     There is no self-attention."""
 
-    def __init__(self, in_dim: int, config: BMFNConfig) -> None:
+    def __init__(self, in_dims: tuple[int, ...], config: BMFNConfig) -> None:
         super().__init__()
-        self.affine = nn.Linear(in_dim, config.d_model)
-        self.cross_attn = ResidualAttention(_attention(config), config.d_model, config.dropout)
-        self.ffn = FeedForward(config.d_model, config.ffn_dim, config.dropout)
+        groups = len(in_dims)
+        self.affines = nn.ModuleList([nn.Linear(in_dim, config.d_model) for in_dim in in_dims])
+        self.cross_attn = _attention(groups, config)
+        self.ffn = FeedForward(groups, config.d_model, config.ffn_dim, config.dropout)
 
-    def forward(self, query: Tensor, memory: Tensor) -> Tensor:
-        """query [B,T,in], memory [B,T,d] -> [B,T,d]."""
-        q = self.affine(query)
-        return self.ffn(self.cross_attn(q, torch.cat([memory, q], dim=1)))
+    def forward(self, queries: list[Tensor], memory: Tensor) -> Tensor:
+        """queries [B,T,in_g] per group, memory [G,B,T,d] -> [G,B,T,d]."""
+        q = torch.stack([affine(query) for affine, query in zip(self.affines, queries)])
+        return self.ffn(self.cross_attn(q, torch.cat([memory, q], dim=2)))
 
 
 class ForwardBackwardFusion(nn.Module):
-    """FBFM, eq. (7) (§2.6): query fa * ba attends to cat_time(fa, ba); residual and LN, no FFN."""
+    """FBFM, eq. (7) (§2.6), per group: query fa * ba attends to cat_time(fa, ba); residual and LN, no FFN."""
 
-    def __init__(self, config: BMFNConfig) -> None:
+    def __init__(self, groups: int, config: BMFNConfig) -> None:
         super().__init__()
-        self.fusion_attn = ResidualAttention(_attention(config), config.d_model, config.dropout)
+        self.fusion_attn = _attention(groups, config)
 
     def forward(self, forward_feat: Tensor, backward_feat: Tensor) -> Tensor:
-        return self.fusion_attn(forward_feat * backward_feat, torch.cat([forward_feat, backward_feat], dim=1))
+        """[G,B,T,d] x2 -> [G,B,T,d]."""
+        return self.fusion_attn(forward_feat * backward_feat, torch.cat([forward_feat, backward_feat], dim=2))
 
 
 class LocalizationHead(nn.Module):
@@ -293,17 +362,14 @@ class BMFN(nn.Module):
         self.visual_dropout = nn.Dropout(c.visual_dropout)
         self.visual_attention = VisualAttention(c.visual_dim)  # -> v^E
         self.fusion_attention = AudioVisualFusionAttention(c)  # -> av
-        # Self-attention blocks -> v_self, a_self, av_self (official video_encoder, audio_encoder, av_encoder).
-        self.visual_self_attention = SelfAttentionBlock(c.visual_dim, c)
-        self.audio_self_attention = SelfAttentionBlock(c.audio_dim, c)
-        self.av_self_attention = SelfAttentionBlock(c.mfb_o, c)
-        # Eq. (6); memory and official name in the comments.
-        self.fa1 = CrossModalAttention(c.visual_dim, c)  # query v^E, memory av_self (video_decoder)
-        self.fa2 = CrossModalAttention(c.audio_dim, c)  # query a, memory av_self (audio_decoder)
-        self.ba1 = CrossModalAttention(c.mfb_o, c)  # query av, memory v_self (av_video_decoder)
-        self.ba2 = CrossModalAttention(c.mfb_o, c)  # query av, memory a_self (av_audio_decoder)
-        self.fbfm1 = ForwardBackwardFusion(c)  # F1 from (fa1, ba1) (official FBFM2)
-        self.fbfm2 = ForwardBackwardFusion(c)  # F2 from (fa2, ba2) (official FBFM1)
+        # One module per stage of parallel blocks (module docstring); group order and official names below.
+        # Self-attention blocks -> av_self, v_self, a_self (official av_encoder, video_encoder, audio_encoder).
+        self.self_attention = SelfAttentionBlocks((c.mfb_o, c.visual_dim, c.audio_dim), c)
+        # Eq. (6), queries v^E, a, av, av with memories av_self, av_self, v_self, a_self: FA1, FA2, BA1, BA2
+        # (official video_decoder, audio_decoder, av_video_decoder, av_audio_decoder).
+        self.cross_modal = CrossModalAttention((c.visual_dim, c.audio_dim, c.mfb_o, c.mfb_o), c)
+        # Eq. (7): F1 from (FA1, BA1), F2 from (FA2, BA2) (official FBFM2, FBFM1).
+        self.fusion = ForwardBackwardFusion(2, c)
         self.head = LocalizationHead(c)
 
     def forward(self, visual: Tensor, audio: Tensor) -> BMFNOutput:
@@ -319,13 +385,47 @@ class BMFN(nn.Module):
         v_e = self.visual_attention(cells).unflatten(0, (batch, segments))
         av = self.fusion_attention(cells, frames).unflatten(0, (batch, segments))
 
-        av_self = self.av_self_attention(av)
-        fa1 = self.fa1(v_e, av_self)
-        fa2 = self.fa2(audio, av_self)
-        ba1 = self.ba1(av, self.visual_self_attention(v_e))
-        ba2 = self.ba2(av, self.audio_self_attention(audio))
-        fused = 0.5 * (self.fbfm1(fa1, ba1) + self.fbfm2(fa2, ba2))  # F, the mean of F1 and F2
+        selves = self.self_attention([av, v_e, audio])  # [3,B,T,d]: av_self, v_self, a_self
+        memories = torch.cat([selves[:1], selves])  # av_self, av_self, v_self, a_self
+        fa_ba = self.cross_modal([v_e, audio, av, av], memories)  # [4,B,T,d]: FA1, FA2, BA1, BA2
+        fused = self.fusion(fa_ba[:2], fa_ba[2:]).mean(dim=0)  # F, the mean of F1 and F2
         return self.head(fused)
+
+
+# Blocks that bmfn held as separate modules before grouping: old name -> (grouped module, group index).
+_PER_BRANCH_BLOCKS = {"av_self_attention": ("self_attention", 0), "visual_self_attention": ("self_attention", 1),
+                      "audio_self_attention": ("self_attention", 2), "fa1": ("cross_modal", 0),
+                      "fa2": ("cross_modal", 1), "ba1": ("cross_modal", 2), "ba2": ("cross_modal", 3),
+                      "fbfm1": ("fusion", 0), "fbfm2": ("fusion", 1)}
+
+
+def group_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A BMFN state_dict with one module per parallel block (bmfn before grouping) in the grouped layout; other
+    state_dicts are returned as they are. Per-group tensors are stacked; the ESA refinement's convolution and
+    batch-norm tensors, whose groups are channel groups, are concatenated."""
+    if not any(key.split(".", 1)[0] in _PER_BRANCH_BLOCKS for key in state):
+        return state
+    grouped: dict[str, Tensor] = {}
+    parts: dict[str, dict[int, Tensor]] = {}
+    for key, value in state.items():
+        block, _, rest = key.partition(".")
+        if block not in _PER_BRANCH_BLOCKS:
+            grouped[key] = value
+            continue
+        group, index = _PER_BRANCH_BLOCKS[block]
+        if rest.startswith("affine."):
+            grouped[f"{group}.affines.{index}.{rest.removeprefix('affine.')}"] = value
+        else:
+            parts.setdefault(f"{group}.{rest}", {})[index] = value
+    for key, by_index in parts.items():
+        tensors = [by_index[i] for i in sorted(by_index)]
+        if key.endswith("num_batches_tracked"):
+            grouped[key] = max(tensors)
+        elif any(f".{name}." in key for name in ("w7", "bn7", "w8", "bn8")):
+            grouped[key] = torch.cat(tensors)
+        else:
+            grouped[key] = torch.stack(tensors)
+    return grouped
 
 
 def compile_cell_attention(model: BMFN) -> BMFN:

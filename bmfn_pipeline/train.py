@@ -38,7 +38,7 @@ from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.evaluate import CLASS_NAMES, compute_precision, predict_rows, segment_accuracy
 from bmfn_pipeline.graphs import GraphedStep
 from bmfn_pipeline.model import (BMFN, BMFNConfig, BMFNOutput, compile_cell_attention, fully_supervised_loss,
-                                 predict_segments, weakly_supervised_loss)
+                                 group_state_dict, predict_segments, weakly_supervised_loss)
 from extractors.weights import uninitialised
 
 
@@ -250,7 +250,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     """A checkpoint's model in eval mode and its metadata (config, classes, provenance, data, epoch, metrics)."""
     state = _load_state(Path(path), device)
     model = uninitialised(lambda: BMFN(BMFNConfig(**state["model_config"])))
-    model.load_state_dict(state["model_state"])
+    model.load_state_dict(group_state_dict(state["model_state"]))  # also checkpoints of bmfn before grouping
     model.to(device).eval()
     return model, {k: v for k, v in state.items() if k not in ("model_state", "optimizer", "scheduler", "rng")}
 
@@ -302,6 +302,9 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
     if (run_dir / LAST).is_file():
         state = _load_state(run_dir / LAST, "cpu")
         check_provenance(state["provenance"], data.provenance, force=config.force, what=data.source["path"])
+        if group_state_dict(state["model_state"]) is not state["model_state"]:
+            raise BmfnError(f"{run_dir / LAST}: written by an earlier bmfn with one module per block; its optimizer "
+                            f"state cannot resume in this version: start a new run (its checkpoints still load)")
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict({**state["scheduler"], "milestones": Counter(state["scheduler"]["milestones"])})

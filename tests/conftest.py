@@ -1,4 +1,4 @@
-"""Shared fixtures: the real media and AVE files beside the repository in ../shared."""
+"""Shared fixtures (the real media and AVE files beside the repository in ../shared) and test helpers."""
 
 from __future__ import annotations
 
@@ -43,3 +43,28 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def per_branch_state_dict(state: dict) -> dict:
+    """A grouped BMFN state_dict in the layout of bmfn before grouping (one module per block), written here
+    independently of bmfn_pipeline.model.group_state_dict, whose inverse it is."""
+    blocks = {"self_attention": ("av_self_attention", "visual_self_attention", "audio_self_attention"),
+              "cross_modal": ("fa1", "fa2", "ba1", "ba2"), "fusion": ("fbfm1", "fbfm2")}
+    per_branch = {}
+    for key, value in state.items():
+        group, _, rest = key.partition(".")
+        if group not in blocks:
+            per_branch[key] = value
+        elif rest.startswith("affines."):
+            _, index, name = rest.split(".", 2)
+            per_branch[f"{blocks[group][int(index)]}.affine.{name}"] = value
+        else:
+            for index, block in enumerate(blocks[group]):
+                if rest.endswith("num_batches_tracked"):
+                    part = value
+                elif any(f".{name}." in rest for name in ("w7", "bn7", "w8", "bn8")):
+                    part = value.chunk(len(blocks[group]))[index]  # channel groups
+                else:
+                    part = value[index]
+                per_branch[f"{block}.{rest}"] = part
+    return per_branch

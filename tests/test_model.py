@@ -1,5 +1,6 @@
 """BMFN model: parameter counts from bmfn-reference.md section 4, the inference rule of section 6, the losses of
-section 5, ESA as learned modules (section 13a), eval-mode determinism, batch independence and batch size 1."""
+section 5, ESA as learned modules (section 13a), eval-mode determinism, batch independence and batch size 1, and
+grouped blocks that compute what separate modules (nn.MultiheadAttention, LayerNorm, BatchNorm2d) compute."""
 
 from __future__ import annotations
 
@@ -8,17 +9,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import per_branch_state_dict
 
 from bmfn_pipeline.ave import BACKGROUND, NUM_CLASSES, SEGMENTS
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.model import (
     BMFN,
+    Attention,
     AudioVisualFusionAttention,
     BMFNConfig,
     BMFNOutput,
-    ExpansionSelfAttention,
     count_parameters,
     fully_supervised_loss,
+    group_state_dict,
     predict_segments,
     weakly_supervised_loss,
 )
@@ -49,14 +52,15 @@ def test_parameter_count_matches_reference(model: BMFN) -> None:
 def test_output_shapes_and_weak_scores(model: BMFN) -> None:
     model.eval()
     memory_lengths = []
-    hooks = [block.register_forward_pre_hook(lambda _, args: memory_lengths.append(args[1].shape[1]))
-             for block in (model.fa1.cross_attn, model.fa2.cross_attn, model.ba1.cross_attn, model.ba2.cross_attn,
-                           model.fbfm1.fusion_attn, model.fbfm2.fusion_attn)]
+    memory_shapes = []
+    hooks = [block.register_forward_pre_hook(lambda _, args: memory_shapes.append(tuple(args[1].shape)))
+             for block in (model.cross_modal.cross_attn, model.fusion.fusion_attn)]
     with torch.no_grad():
         out = model(*_inputs(2))
     for hook in hooks:
         hook.remove()
-    assert memory_lengths == [2 * SEGMENTS] * 6  # memory = concat in time of two 10-token sequences (§2.5, §2.6)
+    # memory = concat in time of two 10-token sequences (§2.5, §2.6), for 4 cross-modal blocks and 2 fusions
+    assert memory_shapes == [(4, 2, 2 * SEGMENTS, 256), (2, 2, 2 * SEGMENTS, 256)]
     assert out.event_logits.shape == (2, SEGMENTS)
     if model.config.mode == "fully":
         assert out.class_logits.shape == (2, BACKGROUND)
@@ -107,18 +111,17 @@ def test_gradients_reach_every_parameter(model: BMFN) -> None:
 
 
 def test_esa_is_registered_learned_and_uses_running_stats_in_eval(model: BMFN) -> None:
-    esa = [m for m in model.modules() if isinstance(m, ExpansionSelfAttention)]
-    assert len(esa) == 6  # 2 ESA layers in each of the 3 self-attention blocks
+    esa = [m for m in model.modules() if isinstance(m, Attention) and m.expansion]
+    assert len(esa) == 2 and all(m.groups == 3 for m in esa)  # 2 ESA layers in each of the 3 self-attention blocks
     names = {name for name, _ in model.named_parameters()}
-    for prefix in ("visual_self_attention", "audio_self_attention", "av_self_attention"):
-        for layer in (0, 1):
-            assert f"{prefix}.layers.{layer}.self_attn.attn.w7.weight" in names
+    for layer in (0, 1):
+        assert f"self_attention.layers.{layer}.self_attn.attn.w7.weight" in names
     for module in esa:
         parts = (module.w7, module.bn7, module.w8, module.bn8)
         refinement = sum(p.numel() for part in parts for p in part.parameters())
-        assert refinement == 88  # §2.4
-        assert module.w7.weight.shape == (8, 4, 1, 1) and module.w8.weight.shape == (4, 8, 1, 1)
-        assert module.in_proj_weight.shape == (768, 256) and module.in_proj_bias.shape == (768,)
+        assert refinement == 3 * 88  # §2.4, per block
+        assert module.w7.weight.shape == (3 * 8, 4, 1, 1) and module.w8.weight.shape == (3 * 4, 8, 1, 1)
+        assert module.in_proj_weight.shape == (3, 768, 256) and module.in_proj_bias.shape == (3, 768)
     bn = esa[0].bn7
     bn.reset_running_stats()
     model.train()
@@ -132,43 +135,112 @@ def test_esa_is_registered_learned_and_uses_running_stats_in_eval(model: BMFN) -
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "relu6"])
-def test_esa_attention_follows_equation_4(activation: str) -> None:
+def test_esa_attention_follows_equation_4_in_each_group(activation: str) -> None:
     torch.manual_seed(0)
-    esa = ExpansionSelfAttention(16, 4, dropout=0.1, expansion=2, activation=activation)
+    esa = Attention(2, 16, 4, dropout=0.1, expansion=2, activation=activation)
     for bn in (esa.bn7, esa.bn8):
         torch.nn.init.normal_(bn.weight)
         torch.nn.init.normal_(bn.bias)
         bn.running_mean.normal_()
         bn.running_var.uniform_(0.5, 2.0)
     esa.eval()
-    x = torch.randn(2, 5, 16)
+    x = torch.randn(2, 2, 5, 16)
     with torch.no_grad():
-        out, _ = esa(x, x, x)
+        out = esa(x, x)
 
-        def heads(y: torch.Tensor) -> torch.Tensor:
-            return y.reshape(2, 5, 4, 4).transpose(1, 2)
+    def heads(y: torch.Tensor) -> torch.Tensor:
+        return y.reshape(2, 5, 4, 4).transpose(1, 2)
 
-        w_q, w_k, w_v = esa.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = esa.in_proj_bias.chunk(3)
-        q, k, v = heads(x @ w_q.T + b_q), heads(x @ w_k.T + b_k), heads(x @ w_v.T + b_v)
-        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(4), dim=-1)
+    def batch_norm(y: torch.Tensor, bn: torch.nn.BatchNorm2d, channels: slice) -> torch.Tensor:
+        shape = (1, -1, 1, 1)
+        return ((y - bn.running_mean[channels].view(shape)) / torch.sqrt(bn.running_var[channels].view(shape) + bn.eps)
+                * bn.weight[channels].view(shape) + bn.bias[channels].view(shape))
 
-        def batch_norm(y: torch.Tensor, bn: torch.nn.BatchNorm2d) -> torch.Tensor:
-            shape = (1, -1, 1, 1)
-            return ((y - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + bn.eps)
-                    * bn.weight.view(shape) + bn.bias.view(shape))
+    for g in range(2):
+        with torch.no_grad():
+            w_q, w_k, w_v = esa.in_proj_weight[g].chunk(3)
+            b_q, b_k, b_v = esa.in_proj_bias[g].chunk(3)
+            q, k, v = (heads(x[g] @ w.T + b) for w, b in ((w_q, b_q), (w_k, b_k), (w_v, b_v)))
+            att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(4), dim=-1)
+            expanded, reduced = slice(8 * g, 8 * g + 8), slice(4 * g, 4 * g + 4)
+            w7, w8 = esa.w7.weight[expanded, :, 0, 0], esa.w8.weight[reduced, :, 0, 0]
+            expanded_att = batch_norm(torch.einsum("oh,bhts->bots", w7, att), esa.bn7, expanded)
+            expanded_att = torch.sigmoid(expanded_att) if activation == "sigmoid" else expanded_att.clamp(0, 6)
+            att_hat = batch_norm(torch.einsum("ho,bots->bhts", w8, expanded_att), esa.bn8, reduced)
+            mixed = ((att + att_hat) @ v).transpose(1, 2).reshape(2, 5, 16)
+            expected = mixed @ esa.out_proj.weight[g].T + esa.out_proj.bias[g]
+        torch.testing.assert_close(out[g], expected, atol=1e-5, rtol=1e-5)
 
-        expanded = batch_norm(torch.einsum("oh,bhts->bots", esa.w7.weight[:, :, 0, 0], att), esa.bn7)
-        expanded = torch.sigmoid(expanded) if activation == "sigmoid" else expanded.clamp(0, 6)
-        att_hat = batch_norm(torch.einsum("ho,bots->bhts", esa.w8.weight[:, :, 0, 0], expanded), esa.bn8)
-        expected = esa.out_proj(((att + att_hat) @ v).transpose(1, 2).reshape(2, 5, 16))
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+def test_grouped_attention_is_nn_multihead_attention_per_group() -> None:
+    """NSA, FA/BA and FBFM attentions: each group computes what nn.MultiheadAttention (the official module) does
+    with that group's parameters, for self- and cross-attention, with its gradients."""
+    torch.manual_seed(0)
+    grouped = Attention(3, 16, 4, dropout=0.0).double()
+    query = torch.randn(3, 2, 5, 16, dtype=torch.float64, requires_grad=True)
+    memory = torch.randn(3, 2, 7, 16, dtype=torch.float64)
+    for keys in (query, memory):
+        out = grouped(query, keys)
+        out.square().sum().backward()
+        for g in range(3):
+            reference = torch.nn.MultiheadAttention(16, 4, batch_first=True).double()
+            with torch.no_grad():
+                reference.in_proj_weight.copy_(grouped.in_proj_weight[g])
+                reference.in_proj_bias.copy_(grouped.in_proj_bias[g])
+                reference.out_proj.weight.copy_(grouped.out_proj.weight[g])
+                reference.out_proj.bias.copy_(grouped.out_proj.bias[g])
+            expected = reference(query[g], keys[g], keys[g], need_weights=False)[0]
+            torch.testing.assert_close(out[g], expected)
+            expected.square().sum().backward()
+            torch.testing.assert_close(grouped.in_proj_weight.grad[g], reference.in_proj_weight.grad)
+            torch.testing.assert_close(grouped.out_proj.weight.grad[g], reference.out_proj.weight.grad)
+        grouped.zero_grad()
+
+
+def test_grouped_batch_norm_keeps_each_groups_training_statistics() -> None:
+    """Training mode: the ESA refinement of group g normalises with, and updates, the statistics of its own
+    channels only, as a separate BatchNorm2d per group would."""
+    torch.manual_seed(0)
+    grouped = Attention(2, 16, 4, dropout=0.0, expansion=2).train()
+    x = torch.randn(2, 3, 5, 16)
+    x[1] = 10 * x[1] + 4  # a second group on another scale
+    with torch.no_grad():
+        out = grouped(x, x)
+    for g in range(2):
+        single = Attention(1, 16, 4, dropout=0.0, expansion=2).train()
+        expanded, reduced = slice(8 * g, 8 * g + 8), slice(4 * g, 4 * g + 4)
+        with torch.no_grad():
+            single.in_proj_weight.copy_(grouped.in_proj_weight[g:g + 1])
+            single.in_proj_bias.copy_(grouped.in_proj_bias[g:g + 1])
+            single.out_proj.weight.copy_(grouped.out_proj.weight[g:g + 1])
+            single.out_proj.bias.copy_(grouped.out_proj.bias[g:g + 1])
+            single.w7.weight.copy_(grouped.w7.weight[expanded])
+            single.w8.weight.copy_(grouped.w8.weight[reduced])
+            expected = single(x[g:g + 1], x[g:g + 1])
+        torch.testing.assert_close(out[g], expected[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grouped.bn7.running_mean[expanded], single.bn7.running_mean)
+        torch.testing.assert_close(grouped.bn8.running_var[reduced], single.bn8.running_var)
+
+
+def test_per_branch_state_dict_of_earlier_versions_loads_grouped() -> None:
+    """A state_dict with one module per block (bmfn before grouping: av/visual/audio_self_attention, fa1..ba2,
+    fbfm1/2) loads into the grouped model, each block's tensors in its group."""
+    torch.manual_seed(0)
+    model = BMFN()
+    state = model.state_dict()
+    per_branch = per_branch_state_dict(state)
+    assert "fbfm2.fusion_attn.attn.in_proj_weight" in per_branch
+    assert per_branch["av_self_attention.layers.0.self_attn.attn.w7.weight"].shape == (8, 4, 1, 1)
+    regrouped = BMFN()
+    regrouped.load_state_dict(group_state_dict(per_branch))
+    assert all(torch.equal(value, regrouped.state_dict()[key]) for key, value in state.items())
+    assert group_state_dict(state) is state
 
 
 def test_relu6_option_builds_a_different_model() -> None:
     torch.manual_seed(0)
     model = BMFN(BMFNConfig(esa_activation="relu6"))
-    activations = {type(m.activation) for m in model.modules() if isinstance(m, ExpansionSelfAttention)}
+    activations = {type(m.activation) for m in model.modules() if isinstance(m, Attention) and m.expansion}
     assert activations == {torch.nn.ReLU6}
     assert count_parameters(model) == EXPECTED_PARAMETERS["fully"]
     assert BMFNConfig().esa_activation == "sigmoid"  # the paper's default (§13a)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import per_branch_state_dict
 from test_data import SMALL_MODEL, STORE_PROVENANCE, make_ave_dir, make_store
 
 from bmfn_pipeline import ave, train as train_module
@@ -101,6 +102,24 @@ def test_resume_continues_where_the_run_stopped(tmp_path):
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model_state"]
     b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["model_state"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_of_bmfn_before_grouping_load_and_refuse_to_resume(tmp_path):
+    directory = make_ave_dir(tmp_path / "ave", n_clips=24)
+    run = tmp_path / "run"
+    train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(run), epochs=1, **FAST), log=quiet)
+    model, _ = load_checkpoint(run / "best.pt")
+    for name in ("best.pt", "last.pt"):  # as the previous layout wrote them: one module per block
+        state = torch.load(run / name, weights_only=True)
+        state["model_state"] = per_branch_state_dict(state["model_state"])
+        torch.save(state, run / name)
+    old, _ = load_checkpoint(run / "best.pt")
+    c = model.config
+    visual, audio = torch.rand(2, 10, 2, 2, c.visual_dim), torch.rand(2, 10, c.audio_dim)  # SMALL_MODEL: 4 cells
+    with torch.no_grad():
+        assert torch.equal(model(visual, audio).event_logits, old(visual, audio).event_logits)
+    with pytest.raises(BmfnError, match="earlier bmfn with one module per block"):
+        train(TrainConfig(resume=str(run), epochs=2, progress=False), log=quiet)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
