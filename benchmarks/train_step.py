@@ -1,44 +1,61 @@
 """GPU time of one graphed BMFN training step (batch 32, bf16 autocast, as `bmfn train --precision bfloat16` runs
 it) for the kernel variants, against the step before fused Adam, measured in the same run; then a profile of the
-eager step by kernel kind.
+eager step by kernel kind; and, on any device, the operations one step dispatches.
 
     python benchmarks/train_step.py                      # all variants (whole-model compile takes ~1 min)
     python benchmarks/train_step.py foreach-adam fused-adam profile
+    git show f30bbab:bmfn_pipeline/model.py > /tmp/per_branch.py   # bmfn's model before grouping
+    python benchmarks/train_step.py fused-adam per-branch ops --per-branch-model /tmp/per_branch.py
+    python benchmarks/train_step.py ops --per-branch-model /tmp/per_branch.py    # on a CPU too
 
 Variants: foreach-adam (the baseline: capturable foreach Adam), fused-adam (the default on CUDA), cells
-(+ `--compile`: the per-cell attentions compiled), model (+ the whole network compiled). Inputs are random.
+(+ `--compile`: the per-cell attentions compiled), model (+ the whole network compiled), per-branch (fused Adam,
+with the model of `--per-branch-model`: one module per parallel block). `ops` counts the aten operations of one
+eager step (forward, loss, backward, clipping, Adam), each a kernel launch or more on a GPU, for the current model
+and the per-branch one. Inputs are random.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 import time
+from types import ModuleType
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bmfn_pipeline import model as grouped_model
 
 from bmfn_pipeline.graphs import GraphedStep
-from bmfn_pipeline.model import BMFN, BMFNConfig, BMFNOutput, compile_cell_attention, fully_supervised_loss
+from bmfn_pipeline.model import BMFNOutput, compile_cell_attention, fully_supervised_loss
 
-VARIANTS = ("foreach-adam", "fused-adam", "cells", "model", "profile")
+VARIANTS = ("foreach-adam", "fused-adam", "cells", "model", "per-branch", "profile", "ops")
+VIEWS = {"view", "_unsafe_view", "reshape", "_reshape_alias", "transpose", "t", "unsqueeze", "squeeze", "expand",
+         "permute", "select", "slice", "split", "split_with_sizes", "chunk", "unflatten", "flatten", "as_strided",
+         "detach", "alias", "unbind", "empty", "empty_like", "empty_strided"}  # no kernel: not counted
 KINDS = (("gemm", ("gemm", "cutlass", "sm90", "nvjet", "xmma")), ("reduce", ("reduce",)),
          ("element-wise", ("elementwise", "vectorized")), ("optimizer", ("foreach", "adam")))
 
 
-def make_step(variant: str, batch: dict[str, torch.Tensor]):
+def make_step(variant: str, device: str = "cuda", models: ModuleType = grouped_model):
+    """One training step's function for `variant`, with the BMFN of `models` (a model.py module)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = BMFN(BMFNConfig()).cuda()
+    model = models.BMFN(models.BMFNConfig()).to(device)
     if variant == "cells":
         compile_cell_attention(model)
     elif variant == "model":
         model.compile()
     parameters = list(model.parameters())
-    optimizer = torch.optim.Adam(parameters, lr=torch.tensor(5e-4, device="cuda"), capturable=True,
-                                 fused=variant != "foreach-adam")
+    capturable = device == "cuda"
+    optimizer = torch.optim.Adam(parameters, lr=torch.tensor(5e-4, device=device) if capturable else 5e-4,
+                                 capturable=capturable, fused=capturable and variant != "foreach-adam")
 
     def step(inputs: dict[str, torch.Tensor]) -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        with torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False):
             output = model(inputs["visual"], inputs["audio"])
         loss = fully_supervised_loss(BMFNOutput(*(None if t is None else t.float() for t in output)), inputs["labels"])
         optimizer.zero_grad(set_to_none=False)
@@ -50,7 +67,7 @@ def make_step(variant: str, batch: dict[str, torch.Tensor]):
 
 
 def kernel_profile(batch: dict[str, torch.Tensor]) -> str:
-    step = make_step("foreach-adam", batch)
+    step = make_step("foreach-adam")
     for _ in range(3):
         step(batch)
     torch.cuda.synchronize()
@@ -67,26 +84,72 @@ def kernel_profile(batch: dict[str, torch.Tensor]) -> str:
     return f"eager step: {len(kernels)} kernels, {total:.2f} ms of GPU time: {parts}"
 
 
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ not in VIEWS
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(batch: dict[str, torch.Tensor], per_branch: ModuleType | None) -> str:
+    """Operations of one eager step (the second: Adam's state exists), per model."""
+    device = batch["visual"].device.type
+    counts = {}
+    for name, models in (("grouped", grouped_model), ("per-branch", per_branch)):
+        if models is None:
+            continue
+        step = make_step("fused-adam", device, models)
+        step(batch)
+        with _CountOps() as counter:
+            step(batch)
+        counts[name] = counter.count
+    ratio = f" ({counts['per-branch'] / counts['grouped']:.2f}x fewer)" if len(counts) == 2 else ""
+    return "operations per eager step: " + ", ".join(f"{n} {c}" for n, c in counts.items()) + ratio
+
+
+def load_models(path: str | None) -> ModuleType | None:
+    """The model.py at `path` as a module (bmfn's model before grouping, for the per-branch baseline)."""
+    if path is None:
+        return None
+    spec = importlib.util.spec_from_file_location("per_branch_model", path)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--steps", type=int, default=50, help="timed replays per variant")
+    parser.add_argument("--per-branch-model", help="model.py of bmfn before grouping (variant per-branch, ops)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/train_step.py needs a CUDA device (CUDA graphs)")
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    labels = torch.zeros(32, 10, 29, device="cuda")
+    per_branch = load_models(args.per_branch_model)
+    variants = [v for v in args.variants if v != "per-branch" or per_branch is not None]
+    cuda = torch.cuda.is_available()
+    if not cuda and variants != ["ops"]:
+        raise SystemExit("benchmarks/train_step.py needs a CUDA device (CUDA graphs), except for the variant ops")
+    device = "cuda" if cuda else "cpu"
+    generator = torch.Generator(device=device).manual_seed(0)
+    labels = torch.zeros(32, 10, 29, device=device)
     labels[..., 3] = 1
-    batch = {"visual": torch.rand(32, 10, 7, 7, 512, device="cuda", generator=generator, dtype=torch.float16),
-             "audio": torch.rand(32, 10, 128, device="cuda", generator=generator), "labels": labels}
-    print(f"device: {torch.cuda.get_device_name()}; batch 32, bf16 autocast, CUDA graphs")
+    batch = {"visual": torch.rand(32, 10, 7, 7, 512, device=device, generator=generator, dtype=torch.float16),
+             "audio": torch.rand(32, 10, 128, device=device, generator=generator), "labels": labels}
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; batch 32, bf16 autocast"
+          + (", CUDA graphs" if cuda else ""))
     base = None
-    for variant in args.variants:
+    for variant in variants:
         if variant == "profile":
             print(kernel_profile(batch), flush=True)
             continue
+        if variant == "ops":
+            print(count_ops(batch, per_branch), flush=True)
+            continue
         began = time.perf_counter()
-        run = GraphedStep(make_step(variant, batch), enabled=True, log=print)
+        step = make_step(variant, models=per_branch if variant == "per-branch" else grouped_model)
+        run = GraphedStep(step, enabled=True, log=print)
         for _ in range(5):  # warm-up calls, compilation and the capture
             run(batch)
         torch.cuda.synchronize()
