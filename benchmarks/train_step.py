@@ -50,9 +50,9 @@ def make_step(variant: str, device: str = "cuda", models: ModuleType = grouped_m
     elif variant == "model":
         model.compile()
     parameters = list(model.parameters())
-    capturable = device == "cuda"
+    capturable = device == "cuda"  # for CUDA graphs; fused Adam runs on a CPU too (for `ops`)
     optimizer = torch.optim.Adam(parameters, lr=torch.tensor(5e-4, device=device) if capturable else 5e-4,
-                                 capturable=capturable, fused=capturable and variant != "foreach-adam")
+                                 capturable=capturable, fused=variant != "foreach-adam")
 
     def step(inputs: dict[str, torch.Tensor]) -> None:
         with torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False):
