@@ -1,8 +1,8 @@
 """Whole-step CUDA graphs: a training step (forward, loss, backward, clipping, optimiser) recorded once per batch
 shape and then replayed with one launch.
 
-An eager BMFN step on a GPU is bound by Python and kernel-launch cost, not by the GPU: a step is over 3,000 small
-kernels (benchmarks/train_step.py profiles one; bmfn-reference.md section 11 has its 122.5 GFLOP per 32 clips,
+An eager BMFN step on a GPU is bound by Python and kernel-launch cost, not by the GPU: a step is over a thousand
+small kernels (benchmarks/train_step.py profiles one; bmfn-reference.md section 11 has its 122.5 GFLOP per 32 clips,
 which an H100 does in well under a millisecond). Replaying a captured graph removes that cost and keeps the
 arithmetic exactly the same.
 
