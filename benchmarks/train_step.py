@@ -28,7 +28,6 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bmfn_pipeline import model as grouped_model
-
 from bmfn_pipeline.graphs import GraphedStep
 from bmfn_pipeline.model import BMFNOutput, compile_cell_attention, fully_supervised_loss
 
