@@ -4,9 +4,9 @@ eager step by kernel kind; and, on any device, the operations one step dispatche
 
     python benchmarks/train_step.py                      # all variants (whole-model compile takes ~1 min)
     python benchmarks/train_step.py foreach-adam fused-adam profile
-    git show f30bbab:bmfn_pipeline/model.py > /tmp/per_branch.py   # bmfn's model before grouping
-    python benchmarks/train_step.py fused-adam per-branch ops --per-branch-model /tmp/per_branch.py
-    python benchmarks/train_step.py ops --per-branch-model /tmp/per_branch.py    # on a CPU too
+    git show f30bbab:bmfn_pipeline/model.py > per_branch.py   # bmfn's model before grouping
+    python benchmarks/train_step.py fused-adam per-branch ops --per-branch-model per_branch.py
+    python benchmarks/train_step.py ops --per-branch-model per_branch.py    # on a CPU too
 
 Variants: foreach-adam (the baseline: capturable foreach Adam), fused-adam (the default on CUDA), cells
 (+ `--compile`: the per-cell attentions compiled), model (+ the whole network compiled), per-branch (fused Adam,
