@@ -10,9 +10,10 @@ eager step by kernel kind; and, on any device, the operations one step dispatche
 
 Variants: foreach-adam (the baseline: capturable foreach Adam), fused-adam (the default on CUDA), cells
 (+ `--compile`: the per-cell attentions compiled), model (+ the whole network compiled), per-branch (fused Adam,
-with the model of `--per-branch-model`: one module per parallel block). `ops` counts the aten operations of one
-eager step (forward, loss, backward, clipping, Adam), each a kernel launch or more on a GPU, for the current model
-and the per-branch one. Inputs are random.
+with the model of `--per-branch-model`: one module per parallel block), set-to-none (fused Adam, gradients set
+to None before each step, so backward writes them instead of adding into zeroed ones). `ops` counts the aten
+operations of one eager step (forward, loss, backward, clipping, Adam), each a kernel launch or more on a GPU,
+for the current model and the per-branch one. Inputs are random.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from bmfn_pipeline import model as grouped_model
 from bmfn_pipeline.graphs import GraphedStep
 from bmfn_pipeline.model import BMFNOutput, compile_cell_attention, fully_supervised_loss
 
-VARIANTS = ("foreach-adam", "fused-adam", "cells", "model", "per-branch", "profile", "ops")
+VARIANTS = ("foreach-adam", "fused-adam", "cells", "model", "per-branch", "set-to-none", "profile", "ops")
 VIEWS = {"view", "_unsafe_view", "reshape", "_reshape_alias", "transpose", "t", "unsqueeze", "squeeze", "expand",
          "permute", "select", "slice", "split", "split_with_sizes", "chunk", "unflatten", "flatten", "as_strided",
          "detach", "alias", "unbind", "empty", "empty_like", "empty_strided"}  # no kernel: not counted
@@ -57,7 +58,7 @@ def make_step(variant: str, device: str = "cuda", models: ModuleType = grouped_m
         with torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False):
             output = model(inputs["visual"], inputs["audio"])
         loss = fully_supervised_loss(BMFNOutput(*(None if t is None else t.float() for t in output)), inputs["labels"])
-        optimizer.zero_grad(set_to_none=False)
+        optimizer.zero_grad(set_to_none=variant == "set-to-none")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 0.1)
         optimizer.step()
