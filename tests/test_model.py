@@ -5,11 +5,14 @@ grouped blocks that compute what separate modules (nn.MultiheadAttention, LayerN
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import per_branch_state_dict
+from conftest import REPO, per_branch_state_dict
 
 from bmfn_pipeline.ave import BACKGROUND, NUM_CLASSES, SEGMENTS
 from bmfn_pipeline.errors import BmfnError
@@ -26,6 +29,8 @@ from bmfn_pipeline.model import (
     weakly_supervised_loss,
 )
 
+# The last commit whose model.py held one module per parallel block: the grouped model must compute what it did.
+PER_BRANCH_COMMIT = "f30bbabc106df6aef2a446f05ba7989e00322ef3"
 # bmfn-reference.md section 4: live counts 26,768,671 / 26,768,928 plus 6 ESA modules of 88 parameters each.
 EXPECTED_PARAMETERS = {"fully": 26_768_671 + 6 * 88, "weakly": 26_768_928 + 6 * 88}
 
@@ -220,6 +225,50 @@ def test_grouped_batch_norm_keeps_each_groups_training_statistics() -> None:
         torch.testing.assert_close(out[g], expected[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grouped.bn7.running_mean[expanded], single.bn7.running_mean)
         torch.testing.assert_close(grouped.bn8.running_var[reduced], single.bn8.running_var)
+
+
+@pytest.fixture(scope="module")
+def per_branch_models() -> types.ModuleType:
+    """bmfn_pipeline/model.py as of PER_BRANCH_COMMIT, read from the repository's history."""
+    try:
+        source = subprocess.run(["git", "show", f"{PER_BRANCH_COMMIT}:bmfn_pipeline/model.py"], cwd=REPO,
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"the per-block model needs the repository's git history (commit {PER_BRANCH_COMMIT[:7]})")
+    module = sys.modules["per_branch_model"] = types.ModuleType("per_branch_model")  # dataclasses look it up
+    exec(compile(source, "per_branch_model.py", "exec"), module.__dict__)
+    return module
+
+
+@pytest.mark.parametrize("mode", ["fully", "weakly"])
+def test_grouped_model_computes_what_the_per_block_model_computed(per_branch_models, mode: str) -> None:
+    """In float64, with the per-block model's weights (and batch-norm statistics) converted by group_state_dict:
+    the same outputs in eval mode, and in training mode (dropout off) the same outputs and gradients."""
+    torch.manual_seed(0)
+    config = dict(mode=mode, dropout=0.0, visual_dropout=0.0)
+    old = per_branch_models.BMFN(per_branch_models.BMFNConfig(**config)).double()
+    for module in old.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            torch.nn.init.normal_(module.weight)
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    new = BMFN(BMFNConfig(**config)).double()
+    new.load_state_dict(group_state_dict(old.state_dict()))
+    visual, audio = (x.double() for x in _inputs(3))
+    for training in (False, True):
+        old.train(training), new.train(training)
+        expected, out = old(visual, audio), new(visual, audio)
+        for a, b in zip(expected, out):
+            if a is not None:
+                torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    (expected.event_logits.sum() + expected.class_logits.square().sum()).backward()
+    (out.event_logits.sum() + out.class_logits.square().sum()).backward()
+    expected_grads = group_state_dict({name: p.grad for name, p in old.named_parameters()})
+    for name, parameter in new.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected_grads[name], rtol=1e-8, atol=1e-10)
+    new_stats = new.state_dict()
+    for name, value in group_state_dict(old.state_dict()).items():  # running statistics after the training pass
+        torch.testing.assert_close(new_stats[name], value, rtol=1e-10, atol=1e-12)
 
 
 def test_per_branch_state_dict_of_earlier_versions_loads_grouped() -> None:
