@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import time
 from types import ModuleType
@@ -114,6 +115,8 @@ def load_models(path: str | None) -> ModuleType | None:
     """The model.py at `path` as a module (bmfn's model before grouping, for the per-branch baseline)."""
     if path is None:
         return None
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file (write it with: git show f30bbab:bmfn_pipeline/model.py > {path})")
     spec = importlib.util.spec_from_file_location("per_branch_model", path)
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
     spec.loader.exec_module(module)
