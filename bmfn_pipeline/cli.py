@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 
@@ -9,6 +10,20 @@ import click
 
 from bmfn_pipeline import __version__
 from bmfn_pipeline.errors import BmfnError
+
+
+def run() -> None:
+    """The `bmfn` executable (and `python -m bmfn_pipeline`): the CLI, then a quick exit.
+
+    Python's shutdown runs several full garbage collections over every object alive, and torch's import alone
+    leaves about 200,000: 0.3-0.4 s of every command on 2 cores. One collection here finalises what the command
+    left in reference cycles; freezing the rest lets shutdown skip it. Not inside `main`, which tests call in-process.
+    """
+    try:
+        main()
+    finally:
+        gc.collect()
+        gc.freeze()
 
 
 class _Group(click.Group):
