@@ -7,8 +7,8 @@ no dead parameters are registered. Section numbers below (§) refer to bmfn-refe
 
 The parallel blocks of each stage (three temporal encoders, four cross-modal attentions, two fusions) are held as
 one module per stage whose weights have a leading group dim: it computes what separate modules compute, with about
-half the kernels per training step, whose number sets a step's time at AVE's sizes. `group_state_dict` reads the
-one-module-per-block checkpoints of earlier bmfn versions.
+half the kernels per training step, whose number sets a step's time at AVE's sizes. `BMFN.load_state_dict` reads the
+one-module-per-block checkpoints of earlier bmfn versions too (`group_state_dict`).
 """
 
 from __future__ import annotations
@@ -390,6 +390,10 @@ class BMFN(nn.Module):
         fa_ba = self.cross_modal([v_e, audio, av, av], memories)  # [4,B,T,d]: FA1, FA2, BA1, BA2
         fused = self.fusion(fa_ba[:2], fa_ba[2:]).mean(dim=0)  # F, the mean of F1 and F2
         return self.head(fused)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also a state_dict of bmfn before grouping (one module per parallel block), through group_state_dict."""
+        return super().load_state_dict(group_state_dict(state_dict), strict=strict, assign=assign)
 
 
 # Blocks that bmfn held as separate modules before grouping: old name -> (grouped module, group index).

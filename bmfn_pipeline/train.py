@@ -250,7 +250,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     """A checkpoint's model in eval mode and its metadata (config, classes, provenance, data, epoch, metrics)."""
     state = _load_state(Path(path), device)
     model = uninitialised(lambda: BMFN(BMFNConfig(**state["model_config"])))
-    model.load_state_dict(group_state_dict(state["model_state"]))  # also checkpoints of bmfn before grouping
+    model.load_state_dict(state["model_state"])  # also checkpoints of bmfn before grouping
     model.to(device).eval()
     return model, {k: v for k, v in state.items() if k not in ("model_state", "optimizer", "scheduler", "rng")}
 
