@@ -190,8 +190,7 @@ class VisualExtractor:
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
-        if self.precision == "int8" and (self.device.type != "cpu" or self.compile):
-            raise BmfnError("--precision int8 runs on the CPU, without --compile; on a GPU use bfloat16")
+        _check_int8(self.precision, self.device, self.compile)
         self.module = self.module.to(self.device, memory_format=torch.channels_last).eval()
         if self.precision == "int8" and not is_int8(self.module):
             self.module = quantize_int8(self.module, self.preprocess, cache_key=_int8_cache_key(self.provenance))
@@ -249,6 +248,7 @@ def load_visual_extractor(
         raise BmfnError(f"unknown visual source {source!r}; choose from {', '.join(SOURCES)}")
     if precision not in PRECISIONS:
         raise BmfnError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    _check_int8(precision, torch.device(device), compile)  # before any weights are read (or downloaded)
     name, load = SOURCES[source]
     if random_seed is not None:
         if weights is not None:
@@ -269,6 +269,11 @@ def load_visual_extractor(
         module = vgg19_pool5_random(random_seed) if random_seed is not None else load(path)
     return VisualExtractor(module, PREPROCESS[preprocessing], provenance, torch.device(device), precision, batch_size,
                            compile)
+
+
+def _check_int8(precision: str, device: torch.device, compile: bool) -> None:
+    if precision == "int8" and (device.type != "cpu" or compile):
+        raise BmfnError("--precision int8 runs on the CPU, without --compile; on a GPU use bfloat16")
 
 
 def _int8_cache_key(provenance: dict[str, str]) -> str | None:
