@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import random
 import shlex
 import sys
@@ -39,7 +38,7 @@ from bmfn_pipeline.evaluate import CLASS_NAMES, compute_precision, predict_rows,
 from bmfn_pipeline.graphs import GraphedStep
 from bmfn_pipeline.model import (BMFN, BMFNConfig, BMFNOutput, compile_cell_attention, fully_supervised_loss,
                                  group_state_dict, predict_segments, weakly_supervised_loss)
-from extractors.weights import uninitialised
+from extractors.weights import read_torch_file, uninitialised
 
 
 @dataclass(frozen=True)
@@ -497,10 +496,7 @@ def _save(state: dict, path: Path) -> None:
 def _load_state(path: Path, device) -> dict:
     if not path.is_file():
         raise BmfnError(f"{path}: no such checkpoint")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise BmfnError(f"{path}: not a readable bmfn checkpoint ({str(exc).splitlines()[0]})") from None
+    state = read_torch_file(path, "bmfn checkpoint", device=device)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise BmfnError(f"{path}: not a bmfn checkpoint (format {CHECKPOINT_FORMAT} expected)")
     return state

@@ -20,7 +20,8 @@ from torch import nn
 
 from bmfn_pipeline.errors import BmfnError
 from extractors.int8 import cached_int8, calibration_record, is_int8, quantize_int8
-from extractors.weights import WEIGHTS, random_weights_provenance, uninitialised, weight_path, weights_provenance
+from extractors.weights import (WEIGHTS, random_weights_provenance, read_torch_file, uninitialised, weight_path,
+                               weights_provenance)
 
 # VGG-19 is configuration E of Simonyan & Zisserman 2015 (torchvision vgg.cfgs["E"]): conv widths, "M" a 2x2 max-pool.
 VGG19_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
@@ -132,10 +133,7 @@ def vgg19_pool5_from_keras(h5_path: str | os.PathLike) -> nn.Sequential:
 def vgg19_pool5_from_torchvision(pth_path: str | os.PathLike) -> nn.Sequential:
     """VGG-19 pool5 from a torchvision VGG-19 state dict: its `features.*` tensors; classifier keys are ignored."""
     path = Path(pth_path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load raises many types for a damaged or foreign file
-        raise BmfnError(f"{path}: cannot load as a torch state dict ({type(exc).__name__}: {exc})") from exc
+    state = read_torch_file(path, "torchvision VGG-19 state dict")
     if not isinstance(state, dict):
         raise BmfnError(f"{path}: holds a {type(state).__name__}, not a state dict")
     module = uninitialised(vgg19_pool5)

@@ -7,7 +7,6 @@ ReLU (§2.5). PCA and 8-bit quantisation (§2.6) are off unless asked for.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +18,7 @@ from bmfn_pipeline.ave import SEGMENTS
 from bmfn_pipeline.errors import BmfnError
 from extractors.vgg19 import vgg_layers
 from extractors.vggish_input import ALIGNMENTS, segment_examples
-from extractors.weights import random_weights_provenance, uninitialised, weight_path, weights_provenance
+from extractors.weights import random_weights_provenance, read_torch_file, uninitialised, weight_path, weights_provenance
 
 # --- network (§2.4) ---
 EMBEDDING_SIZE = 128
@@ -82,10 +81,7 @@ class Postprocessor(nn.Module):
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as err:
-        raise BmfnError(f"{path}: not a readable PyTorch weight file ({type(err).__name__})") from err
+    state = read_torch_file(path, "VGGish weight file")
     if not isinstance(state, dict):
         raise BmfnError(f"{path}: expected a state_dict, found {type(state).__name__}")
     return state
@@ -145,18 +141,8 @@ _NUMPY_PICKLE_GLOBALS = [
 def postprocessor_from_file(path: str | Path) -> Postprocessor:
     """The PCA parameters of `vggish_pca_params-970ea276.pth` (keys pca_eigen_vectors [128,128], pca_means [128])."""
     path = Path(path)
-    try:
-        params = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # The release pickles numpy arrays (§2.7), which the weights-only unpickler rejects by default; allow exactly
-        # the numpy array reconstruction it needs instead of falling back to unrestricted unpickling.
-        try:
-            with torch.serialization.safe_globals(_NUMPY_PICKLE_GLOBALS):
-                params = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as err:
-            raise BmfnError(f"{path}: not a readable VGGish PCA parameter file ({type(err).__name__})") from err
-    except (OSError, RuntimeError, EOFError) as err:
-        raise BmfnError(f"{path}: not a readable VGGish PCA parameter file ({type(err).__name__})") from err
+    # The release pickles numpy arrays (§2.7): allow exactly their reconstruction, never unrestricted unpickling.
+    params = read_torch_file(path, "VGGish PCA parameter file", allow=_NUMPY_PICKLE_GLOBALS)
     try:
         vectors = torch.as_tensor(np.asarray(params["pca_eigen_vectors"]), dtype=torch.float32)
         means = torch.as_tensor(np.asarray(params["pca_means"]), dtype=torch.float32).reshape(-1)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -110,6 +111,34 @@ def file_checksum(path: str | os.PathLike, algo: str) -> str:
         while chunk := f.read(CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# How a torch.save file begins: a zip archive (PyTorch >= 1.6) or, in the legacy format, a pickle protocol 2+ header.
+_TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def read_torch_file(path: str | os.PathLike, what: str, *, allow: Iterable = (),
+                    device: str | torch.device = "cpu") -> Any:
+    """torch.load(path) onto `device` with the weights-only unpickler (tensors and plain data, plus the globals in
+    `allow`), never unrestricted unpickling; a missing, foreign, truncated or unsafe file is a BmfnError naming
+    the file, that it was read as `what`, and the problem."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise BmfnError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    if not head.startswith(_TORCH_FILE_MAGIC):
+        raise BmfnError(f"{path}: not a {what}: not a file written by torch.save")
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise BmfnError(f"{path}: not a {what}: it holds Python objects other than tensors and plain data, which "
+                        "bmfn does not unpickle (they could run code)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        raise BmfnError(f"{path}: not a readable {what}: truncated or damaged ({reason})") from None
 
 
 def _verify(entry: WeightFile, path: Path, origin: str) -> None:

@@ -7,7 +7,9 @@ import hashlib
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from bmfn_pipeline.errors import BmfnError
 from extractors import weights
@@ -17,6 +19,7 @@ from extractors.weights import (
     file_checksum,
     random_provenance,
     random_weights_provenance,
+    read_torch_file,
     weight_path,
     weights_provenance,
 )
@@ -148,3 +151,42 @@ def test_provenance_records(tmp_path: Path):
     }
     assert random_provenance(7) == "random:7"
     assert random_weights_provenance(7) == {"weights": "random", "file": "", "checksum": "random:7"}
+
+
+class _Unsafe:
+    """A pickled object that is no tensor or plain data: the weights-only unpickler must refuse it."""
+
+
+def test_read_torch_file_loads_weights_and_names_each_kind_of_bad_file(tmp_path: Path):
+    state = {"layer.weight": torch.arange(6.0).reshape(2, 3), "meta": {"epoch": 3}}
+    good = tmp_path / "good.pt"
+    torch.save(state, good)
+    legacy = tmp_path / "legacy.pt"  # torch.save's format before PyTorch 1.6, as old weight releases are
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    for path in (good, legacy):
+        loaded = read_torch_file(path, "test file")
+        assert torch.equal(loaded["layer.weight"], state["layer.weight"]) and loaded["meta"] == {"epoch": 3}
+
+    text = tmp_path / "notes.pt"
+    text.write_text("garbage\n")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:200])
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"object": _Unsafe()}, unsafe)
+    numpy_file = tmp_path / "numpy.pt"
+    torch.save({"array": np.arange(3.0)}, numpy_file)
+    expected = {
+        tmp_path / "missing.pt": "cannot read the test file",
+        text: "not a test file: not a file written by torch.save",
+        truncated: "not a readable test file: truncated or damaged",
+        unsafe: "not a test file: it holds Python objects other than tensors and plain data",
+        numpy_file: "not a test file: it holds Python objects",
+    }
+    for path, message in expected.items():
+        with pytest.raises(BmfnError, match=f"^{re.escape(f'{path}: {message}')}") as err:
+            read_torch_file(path, "test file")
+        assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
+    # what `allow` names is unpickled, and nothing else
+    allowed = read_torch_file(numpy_file, "test file", allow=[np.ndarray, np.dtype, np.dtypes.Float64DType,
+                                                               np._core.multiarray._reconstruct])
+    np.testing.assert_array_equal(allowed["array"], np.arange(3.0))
