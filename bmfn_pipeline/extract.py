@@ -24,7 +24,7 @@ from bmfn_pipeline.ave import load_splits, read_annotations
 from bmfn_pipeline.decode import DecodedClip, decode_many
 from bmfn_pipeline.distributed import Shard, finish_together, rank_device, rank_env, resolve_device, resolve_shard
 from bmfn_pipeline.errors import BmfnError
-from bmfn_pipeline.store import STORAGE_DTYPES, FeatureStore, labels_from_annotations
+from bmfn_pipeline.store import STORAGE_DTYPES, ClipLabels, FeatureStore, labels_from_annotations
 from extractors.vgg19 import SOURCES, VisualExtractor, load_visual_extractor
 from extractors.vggish import AudioExtractor, load_audio_extractor
 from extractors.vggish_input import with_examples
@@ -199,6 +199,8 @@ def extract(
         raise BmfnError(f"split files in {splits} need the annotations they index (--annotations)")
     if options.dtype not in STORAGE_DTYPES:
         raise BmfnError(f"storage dtype {options.dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
+    # Labels are read before any clip is: a bad annotation or split file fails now, not after hours of extraction.
+    labels = read_labels(annotations, splits) if annotations is not None else None
     inputs = list(inputs)  # read twice: to find the videos and to name them in the error below
     paths = find_videos(inputs)
     if not paths:
@@ -273,8 +275,8 @@ def extract(
         finally:
             bar.close()
             store.consolidate()
-        if annotations is not None:
-            summary.unlabelled = label_store(store, annotations, splits)
+        if labels is not None:
+            summary.unlabelled = label_store(store, labels)
     finish_together()
     return summary
 
@@ -299,16 +301,18 @@ class _DeviceResults:
         return [t.numpy() for t in self.tensors]
 
 
-def label_store(store: FeatureStore, annotations: str | os.PathLike, splits: str | os.PathLike | None) -> list[str]:
+def read_labels(annotations: str | os.PathLike, splits: str | os.PathLike | None) -> dict[str, ClipLabels]:
+    """Per-video-id labels and splits from an Annotations.txt (and split files), as FeatureStore.set_labels takes."""
+    rows = read_annotations(annotations)
+    split_rows = load_splits(splits, len(rows), annotations=rows) if splits is not None else None
+    return labels_from_annotations(rows, split_rows)[0]
+
+
+def label_store(store: FeatureStore, labels: dict[str, ClipLabels]) -> list[str]:
     """Store the labels and splits of every annotated video id; return the extracted ids without a row.
 
     Rows of clips not extracted (yet) go to the store's label table too, so clips appended later are labelled.
     """
-    rows = read_annotations(annotations)
-    split_rows = load_splits(splits, len(rows), annotations=rows) if splits is not None else None
-    labels, _ = labels_from_annotations(rows, split_rows)
     store.set_labels(labels)
     store.consolidate()
     return [cid for cid in store.clip_ids() if cid not in labels]
-
-

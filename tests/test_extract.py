@@ -319,6 +319,24 @@ def test_missing_input_is_one_line_error(tmp_path):
     assert not (tmp_path / "feats.h5").exists()
 
 
+def test_bad_annotations_or_splits_fail_before_any_clip_is_extracted(clips, tmp_path, monkeypatch):
+    def no_extraction(*_, **__):
+        raise AssertionError("extractors loaded before the label files were checked")
+
+    monkeypatch.setattr(extract_module, "load_extractors", no_extraction)
+    bad = tmp_path / "Annotations.txt"
+    bad.write_text("Church bell&some_id&good&0\n")  # four fields
+    good = write_annotations(tmp_path / "good.txt", ROWS)
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "trainSet.txt").write_text(annotation_line(*ROWS[0]) + "\n")  # no val or test list
+    for given in (("--annotations", bad), ("--annotations", good, "--splits", tmp_path / "splits")):
+        result = cli("extract", clips[0], "--out", tmp_path / "feats.h5", *FAST, *given)
+        assert result.exit_code == 1
+        (line,) = error_lines(result.stderr)
+        assert line.startswith(f"bmfn: error: {given[-1]}: "), line
+        assert not (tmp_path / "feats.h5").exists()
+
+
 def test_find_videos_folders_and_lists(tmp_path):
     """Folders are searched recursively by extension; list entries are relative to the list; order is kept."""
     (tmp_path / "a" / "b").mkdir(parents=True)
