@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -24,6 +25,16 @@ def run() -> None:
     finally:
         gc.collect()
         gc.freeze()
+
+
+def _videos(inputs: tuple[str, ...]) -> list[Path]:
+    """The video files of FILES arguments; a missing one stays, to fail in its turn while the others go on."""
+    from bmfn_pipeline.decode import find_videos
+
+    files = find_videos(inputs, keep_missing=True)
+    if not files:
+        raise BmfnError(f"no video files found in {', '.join(inputs)}")
+    return files
 
 
 class _Group(click.Group):
@@ -61,7 +72,7 @@ def main() -> None:
 def probe(files, as_json, frames_per_second) -> None:
     """Show what bmfn will read from each video: container, streams, segments, frames of the first segment.
 
-    A file that cannot be read gives a one-line error; the others are still probed and the exit code is 1.
+    FILES are videos, folders (searched recursively for video files) or .txt lists of paths. A file that cannot be read gives a one-line error; the others are still probed and the exit code is 1.
 
     \b
     Example:
@@ -70,7 +81,7 @@ def probe(files, as_json, frames_per_second) -> None:
     from bmfn_pipeline.decode import probe as probe_clip, segment_frame_indices
 
     failed = False
-    for file in files:
+    for file in _videos(files):
         try:
             info = probe_clip(file)
         except BmfnError as exc:
@@ -359,6 +370,7 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
              vgg19_weights, vggish_weights, device, batch_size, precision, force) -> None:
     """Label every second of each video: start-end, label, event probability, class probability, then a summary.
 
+    FILES are videos, folders (searched recursively for video files) or .txt lists of paths.
     Videos longer than 10 s are cut into 10 s windows every --stride seconds. A file that fails gives a one-line
     error; the others are still labelled and the exit code is 1.
 
@@ -372,6 +384,13 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
 
     if output_format == "all" and output_dir is None:
         raise BmfnError("--format all writes one file per format: give --output-dir")
+    files = _videos(files)
+    if output_dir is not None or plot:
+        named: dict[str, str] = {}
+        for file in files:  # results are named after the input's stem: refuse before any work, not overwrite
+            if named.setdefault(Path(file).stem, str(file)) != str(file):
+                raise BmfnError(f"{named[Path(file).stem]} and {file} would write result files of the same name; "
+                                "localize them in separate calls or with separate --output-dir")
     formats = FORMATS if output_format == "all" else (output_format,)
     to_files = [get_writer(name, output_dir) for name in formats] if output_dir is not None else []
     to_stdout = get_writer("table" if output_dir is not None else output_format, None)

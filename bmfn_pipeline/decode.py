@@ -25,7 +25,7 @@ import mmap
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
@@ -43,6 +43,10 @@ from .ave import SEGMENTS
 from .errors import BmfnError
 from .resample import resample
 
+# Container extensions a folder is searched for; a file named explicitly is tried whatever its extension.
+VIDEO_EXTENSIONS = frozenset(
+    {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".wmv", ".3gp", ".ogv", ".ts"}
+)
 SAMPLE_RATE = 16000  # VGGish input rate (features-reference.md 2.2)
 FRAME_SIZE = 224  # VGG-19 input side; plain resize, no crop (features-reference.md 1.2)
 FRAMES_PER_SEGMENT = 16  # frames averaged per segment in the released AVE features (features-reference.md 1.1)
@@ -163,6 +167,26 @@ def segment_frame_indices(info: ClipInfo, segment: int, *, frames_per_second: in
         return ave_frame_indices(info.n_frames, segment, seconds=info.seconds, frames_per_second=frames_per_second)
     return wall_clock_frame_indices(info.frame_rate, segment, start_s=info.start_s,
                                     frames_per_second=frames_per_second)
+
+
+def find_videos(inputs: Iterable[str | os.PathLike], *, keep_missing: bool = False) -> list[Path]:
+    """Video files from files, folders (recursive, by extension) and .txt lists of paths (relative to the list).
+
+    A path that does not exist is an error, or with `keep_missing` kept as it is, for the caller to report in its turn.
+    """
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()))
+        elif item.suffix.lower() == ".txt" and item.is_file():
+            lines = [line.strip() for line in item.read_text().splitlines()]
+            found.extend(find_videos((item.parent / line for line in lines if line and not line.startswith("#")),
+                                     keep_missing=keep_missing))
+        elif item.is_file() or keep_missing:
+            found.append(item)
+        else:
+            raise BmfnError(f"{item}: no such file or folder")
+    return found
 
 
 def probe(path: str | os.PathLike, *, seconds: int = SEGMENTS, start_s: float = 0.0,
@@ -301,6 +325,8 @@ def _shared_memory_free() -> int:
 
 def _open(path: str | os.PathLike) -> av.container.InputContainer:
     file = Path(path)
+    if file.is_dir():
+        raise BmfnError(f"{path}: a folder, not a video file")
     if not file.is_file():
         raise BmfnError(f"{path}: no such file")
     if file.stat().st_size == 0:

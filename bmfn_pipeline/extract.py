@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from bmfn_pipeline import __version__
 from bmfn_pipeline.ave import load_splits, read_annotations
-from bmfn_pipeline.decode import DecodedClip, decode_many
+from bmfn_pipeline.decode import DecodedClip, decode_many, find_videos
 from bmfn_pipeline.distributed import Shard, finish_together, rank_device, rank_env, resolve_device, resolve_shard
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.store import STORAGE_DTYPES, ClipLabels, FeatureStore, labels_from_annotations
@@ -30,10 +30,6 @@ from extractors.vggish import AudioExtractor, load_audio_extractor
 from extractors.vggish_input import with_examples
 from extractors.weights import weight_available
 
-# Container extensions a folder is searched for; a file named explicitly is tried whatever its extension.
-VIDEO_EXTENSIONS = frozenset(
-    {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".wmv", ".3gp", ".ogv", ".ts"}
-)
 # AVE clips are 10 s and each segment is sampled at 16 frames (features-reference.md 1.1).
 CLIP_SECONDS = 10
 FRAMES_PER_SECOND = 16
@@ -82,22 +78,6 @@ def fast_bfloat16(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def find_videos(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Video files from files, folders (recursive, by extension) and .txt lists of paths (relative to the list)."""
-    found: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()))
-        elif item.suffix.lower() == ".txt" and item.is_file():
-            lines = [line.strip() for line in item.read_text().splitlines()]
-            found.extend(find_videos(item.parent / line for line in lines if line and not line.startswith("#")))
-        elif item.is_file():
-            found.append(item)
-        else:
-            raise BmfnError(f"{item}: no such file or folder")
-    return found
 
 
 def clip_id(path: Path) -> str:

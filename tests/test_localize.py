@@ -254,3 +254,37 @@ def test_files_decoded_ahead_get_the_labels_of_files_decoded_in_turn(workdir, vi
     assert [path for path, _ in ahead] == files
     assert isinstance(ahead[1][1], BmfnError) and str(ahead[1][1]) == str(in_turn[1][1])
     assert [r for i, (_, r) in enumerate(ahead) if i != 1] == [r for i, (_, r) in enumerate(in_turn) if i != 1]
+
+
+def test_folders_and_lists_are_searched_for_videos(workdir, video_dir, tmp_path):
+    """FILES may be folders (searched recursively, by video extension) and .txt lists, as for `bmfn extract`; result
+    files that two inputs would share are refused before any work."""
+    checkpoint = next((workdir / "runs").glob("*/best.pt"))
+    folder = tmp_path / "videos"
+    (folder / "nested").mkdir(parents=True)
+    (folder / "nested" / ONE_SECOND).symlink_to(video_dir / ONE_SECOND)
+    (folder / "notes.md").write_text("not a video")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{video_dir / ONE_SECOND}\nmissing.mp4\n")
+    result = CliRunner().invoke(main, ["localize", str(folder), str(listing), "--checkpoint", str(checkpoint),
+                                       "--format", "json", "--device", "cpu"])
+    assert result.exit_code == 1  # the listed missing file fails in its turn; the others are labelled
+    assert [line for line in result.stderr.splitlines() if "error" in line] == [
+        f"bmfn: error: {tmp_path / 'missing.mp4'}: no such file", "bmfn: error: 1 of 3 files failed; their errors are above"]
+    decoder, text, paths = json.JSONDecoder(), result.stdout.strip(), []
+    while text:  # one JSON document per file
+        document, end = decoder.raw_decode(text)
+        paths.append(document["path"])
+        text = text[end:].strip()
+    assert paths == [str(folder / "nested" / ONE_SECOND), str(video_dir / ONE_SECOND)]
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["localize", str(folder), str(video_dir / ONE_SECOND), "--checkpoint",
+                                       str(checkpoint), "--output-dir", str(out), "--device", "cpu"])
+    assert result.exit_code == 1 and not out.exists()
+    assert result.stderr.strip() == (f"bmfn: error: {folder / 'nested' / ONE_SECOND} and {video_dir / ONE_SECOND} "
+                                     "would write result files of the same name; localize them in separate calls or "
+                                     "with separate --output-dir")
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(main, ["localize", str(tmp_path / "empty"), "--checkpoint", str(checkpoint)])
+    assert result.exit_code == 1 and result.stderr.strip() == f"bmfn: error: no video files found in {tmp_path / 'empty'}"
