@@ -37,6 +37,27 @@ def _videos(inputs: tuple[str, ...]) -> list[Path]:
     return files
 
 
+class _SecondsBar:
+    """`Localizer.progress` as a terminal bar of the seconds of each file featurised, cleared when it is done."""
+
+    def __init__(self) -> None:
+        self.bar, self.path = None, None
+
+    def __call__(self, path: Path, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is not None and path != self.path:  # the previous file failed before its end
+            self.bar.close()
+            self.bar = None
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=Path(path).name, unit="s", leave=False, dynamic_ncols=True)
+            self.path = path
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.close()
+            self.bar = None
+
+
 class _Group(click.Group):
     """Turns a BmfnError into one line on stderr and exit code 1, never a traceback."""
 
@@ -399,6 +420,8 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
         weights=weights_kind, vgg19_weights=vgg19_weights, vggish_weights=vggish_weights, seed=seed,
         precision=precision, force=force, log=lambda message: click.echo(f"bmfn: {message}", err=True))
     plot_dir = (output_dir if output_dir is not None else ".") if plot else None
+    if sys.stderr.isatty():  # a bar per file while VGG-19 gets through it; gone before its labels are printed
+        localizer.progress = _SecondsBar()
     failed = 0
     for path, result in localizer.run(files, plot_dir=plot_dir):
         if isinstance(result, BmfnError):

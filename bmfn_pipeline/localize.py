@@ -153,6 +153,8 @@ class Localizer:
                      "were made: labels are meaningful for tests and demos only")
         self.timings = {"decode": 0.0, "visual": 0.0, "audio": 0.0, "model": 0.0}  # seconds, summed over calls
         self.decode_ahead = DECODE_AHEAD
+        # Called as VGG-19 gets through a file: (file, seconds done, seconds in all), e.g. for a progress bar.
+        self.progress: Callable[[Path, int, int], None] | None = None
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike | None = None, *, runs_dir: str | os.PathLike = RUNS_DIR,
@@ -273,7 +275,7 @@ class Localizer:
         self.timings["decode"] += decode_s
         starts = window_starts(seconds, self.stride)
         if clip is not None:
-            visual, waveform, keyframes, warnings = self._short_video(clip, seconds, keep_media)
+            visual, waveform, keyframes, warnings = self._short_video(path, clip, seconds, keep_media)
         else:
             visual, waveform, keyframes, warnings = self._long_video(path, seconds, keep_media)
         began = time.perf_counter()
@@ -296,11 +298,24 @@ class Localizer:
         """The middle sample of each second, at the plot strip's resolution."""
         return frames[:, frames.shape[1] // 2, ::KEYFRAME_STEP, ::KEYFRAME_STEP].copy()
 
-    def _short_video(self, clip: DecodedClip, seconds: int, keep_media: bool):
+    def _maps(self, path: Path, frames: np.ndarray, done: int, total: int) -> np.ndarray:
+        """Per-second mean maps of frames [seconds, frames_per_second, 224, 224, 3], a batch's worth of seconds at
+        a time (the batches VGG-19 would run anyway), telling `progress` after each."""
+        step = max(1, self.visual.batch_size // frames.shape[1])
+        if self.progress is not None and done == 0:
+            self.progress(path, 0, total)
+        maps = []
+        for start in range(0, len(frames), step):
+            maps.append(self.visual.segments(frames[start:start + step]))
+            if self.progress is not None:
+                self.progress(path, min(done + start + step, total), total)
+        return np.concatenate(maps)
+
+    def _short_video(self, path: Path, clip: DecodedClip, seconds: int, keep_media: bool):
         """One window decoded as `bmfn extract` decodes a clip (AVE frame indices, padding past the end)."""
         real = clip.info.segments
         began = time.perf_counter()
-        maps = self.visual.segments(clip.frames[:real])
+        maps = self._maps(path, clip.frames[:real], 0, real)
         if real < WINDOW:
             # Padding segments repeat one frame (decode.py), so their mean maps are that frame's map: one forward.
             padding = self.visual.segments(clip.frames[real:real + 1, :1])
@@ -319,7 +334,7 @@ class Localizer:
             clip = self._decode(path, seconds=count, start_s=float(start), wall_clock=True)
             self.timings["decode"] += time.perf_counter() - began
             began = time.perf_counter()
-            maps.append(self.visual.segments(clip.frames[:count]))
+            maps.append(self._maps(path, clip.frames[:count], start, seconds))
             self.timings["visual"] += time.perf_counter() - began
             waves.append(clip.audio[: count * SAMPLE_RATE])
             if keep_media:

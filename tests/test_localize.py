@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
+import pty
 import re
+import struct
+import subprocess
+import sys
+import termios
 import threading
 from pathlib import Path
 
@@ -288,3 +294,56 @@ def test_folders_and_lists_are_searched_for_videos(workdir, video_dir, tmp_path)
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(main, ["localize", str(tmp_path / "empty"), "--checkpoint", str(checkpoint)])
     assert result.exit_code == 1 and result.stderr.strip() == f"bmfn: error: no video files found in {tmp_path / 'empty'}"
+
+
+def test_progress_reports_the_seconds_of_each_file_as_vgg19_gets_through_them(workdir, video_dir):
+    """`Localizer.progress` hears (file, seconds done, seconds in all), rising to the end of every file; the maps
+    are those of one pass over the whole file."""
+    checkpoint = next((workdir / "runs").glob("*/best.pt"))
+    localizer = Localizer.from_checkpoint(checkpoint, device="cpu")
+    localizer.visual.batch_size = 2  # at 1 frame/s: 2 s per VGG-19 batch, so several reports per file
+    heard = []
+    localizer.progress = lambda path, done, total: heard.append((path, done, total))
+    files = [video_dir / SHORT, video_dir / LONG]
+    results = [result for _, result in localizer.run(files)]
+    for path in files:
+        reports = [(done, total) for p, done, total in heard if p == path]
+        assert [done for done, _ in reports] == sorted({done for done, _ in reports})  # rising, never repeated
+        assert {total for _, total in reports} == {SECONDS[path.name]} and reports[-1][0] == SECONDS[path.name]
+        assert len(reports) == 1 + -(-SECONDS[path.name] // 2) and reports[0][0] == 0
+    clip = decode_clip(video_dir / SHORT, frames_per_second=FPS)
+    whole = localizer.visual.segments(clip.frames[:SECONDS[SHORT]])
+    localizer.progress = None
+    np.testing.assert_allclose(localizer._maps(video_dir / SHORT, clip.frames[:SECONDS[SHORT]], 0, 5), whole,
+                               rtol=1e-5, atol=1e-5)
+    assert all(not isinstance(result, BmfnError) for result in results)
+
+
+def test_cli_shows_a_progress_bar_on_a_terminal_only(workdir, video_dir, cli_run):
+    """On a terminal, stderr shows a bar per file (cleared when done); piped or captured, none."""
+    checkpoint = next((workdir / "runs").glob("*/best.pt"))
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 columns wide
+    command = [sys.executable, "-m", "bmfn_pipeline", "localize", str(video_dir / SHORT), "--checkpoint",
+               str(checkpoint), "--format", "json", "--device", "cpu"]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=secondary,
+                               env={**os.environ, "OMP_NUM_THREADS": "2"})
+    os.close(secondary)
+    terminal = b""
+    while chunk := _read(primary):
+        terminal += chunk
+    stdout = process.communicate()[0]
+    os.close(primary)
+    assert process.returncode == 0
+    bars = [line for line in terminal.decode().split("\r") if line.startswith(f"{SHORT}:")]
+    assert bars and "0/5" in bars[0] and "5/5" in bars[-1], terminal
+    assert terminal.decode().endswith("\r") and not terminal.decode().split("\r")[-2].strip()  # cleared
+    assert json.loads(stdout)["path"] == str(video_dir / SHORT)
+    assert "%|" not in cli_run[0].stderr
+
+
+def _read(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except OSError:  # the terminal closed with the process
+        return b""
