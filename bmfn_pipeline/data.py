@@ -176,8 +176,15 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
     noisy = None
     if include_noisy and (directory / NOISY_VISUAL_FILE).is_file() and (directory / NOISY_AUDIO_FILE).is_file():
         noisy_audio = _read_h5(directory / NOISY_AUDIO_FILE, AVE_KEY).astype(np.float32)
+        # Video labels as the official code reads them, from labels_noisy.h5 (all background in the release,
+        # bmfn-reference.md section 9); without the file, all background. Their segments are background only.
         noisy_video = np.zeros((len(noisy_audio), ave.NUM_CLASSES), np.float32)
-        noisy_video[:, ave.BACKGROUND] = 1  # labels_noisy.h5 is all background (bmfn-reference.md section 9)
+        noisy_video[:, ave.BACKGROUND] = 1
+        if (directory / NOISY_LABELS_FILE).is_file():
+            noisy_video = _read_h5(directory / NOISY_LABELS_FILE, AVE_KEY).astype(np.float32)
+            if noisy_video.shape != (len(noisy_audio), ave.NUM_CLASSES):
+                raise BmfnError(f"{directory / NOISY_LABELS_FILE}: shape {list(noisy_video.shape)}, expected "
+                                f"[{len(noisy_audio)}, {ave.NUM_CLASSES}] like {NOISY_AUDIO_FILE}")
         noisy_labels = np.zeros((len(noisy_audio), ave.SEGMENTS, ave.NUM_CLASSES), np.float32)
         noisy_labels[..., ave.BACKGROUND] = 1
         noisy = ClipArrays(compact_visual(directory / NOISY_VISUAL_FILE, cache_dir), noisy_audio, noisy_labels,

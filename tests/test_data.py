@@ -75,6 +75,20 @@ def test_ave_dir_labels_splits_and_noisy(tmp_path):
     assert data.clip_ids[3] == "vid0003"
 
 
+def test_noisy_video_labels_come_from_labels_noisy_h5(tmp_path):
+    directory = make_ave_dir(tmp_path / "ave", n_clips=12, noisy=3)
+    given = np.zeros((3, ave.NUM_CLASSES), np.float32)
+    given[:, ave.BACKGROUND] = 1
+    given[1] = 0.5  # a file that is not all background is read as it is, not assumed
+    with h5py.File(directory / "labels_noisy.h5", "w") as f:
+        f["avadataset"] = given
+    np.testing.assert_array_equal(load_ave_dir(directory).noisy.video_labels, given)
+    with h5py.File(directory / "labels_noisy.h5", "w") as f:
+        f["avadataset"] = given[:2]
+    with pytest.raises(BmfnError, match=r"labels_noisy\.h5: shape \[2, 29\], expected \[3, 29\]"):
+        load_ave_dir(directory)
+
+
 def test_visual_cache_is_reused_and_refreshed(tmp_path):
     directory = make_ave_dir(tmp_path / "ave", n_clips=4)
     first = compact_visual(directory / "visual_feature.h5")
