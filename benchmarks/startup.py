@@ -1,7 +1,8 @@
 """Seconds a torch-importing `bmfn` command spends outside its work: start-up and exit, per entry point.
 
 Each sample is one fresh process running `bmfn localize` with a file that is not a checkpoint (the README): it
-imports torch and the localization stack, fails with its one-line error and exits. Entry points, alternated in the same run:
+imports torch and the localization stack, fails with its one-line error and exits. Entry points, alternated in the
+same run:
 - main: the Click group called directly (what the executable was before `cli.run`);
 - run:  `cli.run`, the executable's entry point, which lets Python's shutdown skip its garbage collections.
 

@@ -320,8 +320,9 @@ def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size,
 
 
 @main.command()
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
-              help="A best.pt or last.pt. Default: the newest run's best.pt under runs/.")
+@click.option("--checkpoint", type=click.Path(exists=True),
+              help="A best.pt or last.pt, or a run folder (its best.pt). Default: the newest run's best.pt under "
+                   "runs/.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
 @click.option("--ave-dir", type=click.Path(exists=True, file_okay=False), help="Default: the data the run trained on.")
 @click.option("--features", type=click.Path(exists=True, dir_okay=False), help="Default: the data the run trained on.")
@@ -362,8 +363,9 @@ def _output_format(ctx, param, value):
 
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path())
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
-              help="A best.pt or last.pt. Default: the newest run's best.pt under runs/.")
+@click.option("--checkpoint", type=click.Path(exists=True),
+              help="A best.pt or last.pt, or a run folder (its best.pt). Default: the newest run's best.pt under "
+                   "runs/.")
 @click.option("--format", "output_format", default="table", show_default=True, callback=_output_format,
               help="table, json, csv, srt, vtt; or all (with --output-dir). Without --output-dir it goes to stdout.")
 @click.option("--output-dir", type=click.Path(file_okay=False),

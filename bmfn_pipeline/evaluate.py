@@ -149,12 +149,13 @@ def evaluate(checkpoint: str | Path | None = None, *, split: str = "test", ave_d
              splits: str | Path | None = None, batch_size: int | None = None, device: str = "auto",
              precision: str = "float32", force: bool = False, plot: bool = True,
              runs_dir: str | Path = "runs", data: FeatureData | None = None) -> EvalResult:
-    """Accuracy of a checkpoint (default: the newest run's best.pt) on a split of its training data or other data."""
-    from bmfn_pipeline.train import check_provenance, latest_checkpoint, load_checkpoint, resolve_device
+    """Accuracy of a checkpoint (a file or a run folder; default: the newest run's best.pt) on a split of its
+    training data or other data."""
+    from bmfn_pipeline.train import check_provenance, load_checkpoint, resolve_checkpoint, resolve_device
 
     if split not in ("train", "val", "test"):
         raise BmfnError(f"split {split!r}: use train, val or test")
-    checkpoint = Path(checkpoint) if checkpoint is not None else latest_checkpoint(runs_dir)
+    checkpoint = resolve_checkpoint(checkpoint, runs_dir)
     torch_device = resolve_device(device)
     model, meta = load_checkpoint(checkpoint, device=torch_device)
     if data is None:

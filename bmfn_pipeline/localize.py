@@ -39,7 +39,7 @@ from bmfn_pipeline.evaluate import EVAL_BATCH_SIZE
 from bmfn_pipeline.extract import (FRAMES_PER_SECOND, ExtractOptions, features_provenance, load_extractors,
                                    resolve_device)
 from bmfn_pipeline.model import BMFN, EVENT_THRESHOLD
-from bmfn_pipeline.train import RUNS_DIR, check_provenance, latest_checkpoint, load_checkpoint
+from bmfn_pipeline.train import RUNS_DIR, check_provenance, load_checkpoint, resolve_checkpoint
 from bmfn_pipeline.writers import STRIP_HEIGHT_PX, LocalizationResult, SecondLabel, plot_timeline
 
 WINDOW = SEGMENTS  # seconds BMFN sees at once: the 10 segments of an AVE clip (bmfn-reference.md)
@@ -159,10 +159,12 @@ class Localizer:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike | None = None, *, runs_dir: str | os.PathLike = RUNS_DIR,
                         device: str = "auto", **options) -> Localizer:
-        """Load `checkpoint` (default: the newest run's best.pt under `runs_dir`, said through `log`)."""
+        """Load `checkpoint`: a file, or a run folder's best checkpoint (default: the newest run's best.pt under
+        `runs_dir`, said through `log`)."""
         log = options.get("log") or (lambda message: None)
-        if checkpoint is None:
-            checkpoint = latest_checkpoint(runs_dir)
+        named = checkpoint
+        checkpoint = resolve_checkpoint(checkpoint, runs_dir)
+        if named is None:
             log(f"no checkpoint named: using the newest run's {checkpoint}")
         model, meta = load_checkpoint(checkpoint, resolve_device(device))
         return cls(model, meta.get("provenance") or {}, checkpoint=str(checkpoint), epoch=meta.get("epoch"),

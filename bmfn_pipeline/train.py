@@ -260,12 +260,32 @@ def latest_checkpoint(runs_dir: str | Path = RUNS_DIR) -> Path:
     runs = sorted((d for d in runs_dir.glob("*") if (d / RUN_FILE).is_file()),
                   key=lambda d: json.loads((d / RUN_FILE).read_text()).get("started", 0), reverse=True)
     for run in runs:
-        if (run / SUMMARY).is_file():
-            return Path(json.loads((run / SUMMARY).read_text())["best_checkpoint"])
-        found = sorted(run.glob(f"**/{BEST}"), key=lambda p: p.stat().st_mtime, reverse=True)
-        if found:
-            return found[0]
+        if (found := _run_best(run)) is not None:
+            return found
     raise BmfnError(f"{runs_dir}: no training run with a {BEST} here; train one with `bmfn train` or name a checkpoint")
+
+
+def resolve_checkpoint(checkpoint: str | Path | None, runs_dir: str | Path = RUNS_DIR) -> Path:
+    """The checkpoint file a command means: a file as it is; a run folder's best checkpoint (of its best seed);
+    with none, the newest run's under `runs_dir`."""
+    if checkpoint is None:
+        return latest_checkpoint(runs_dir)
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        found = _run_best(checkpoint)
+        if found is None:
+            raise BmfnError(f"{checkpoint}: a folder without a {BEST}; name a checkpoint file or a `bmfn train` run "
+                            "folder")
+        return found
+    return checkpoint
+
+
+def _run_best(run: Path) -> Path | None:
+    """A run folder's selected checkpoint: its summary's, else the newest best.pt in it or its seed folders."""
+    if (run / SUMMARY).is_file():
+        return Path(json.loads((run / SUMMARY).read_text())["best_checkpoint"])
+    found = sorted(run.glob(f"**/{BEST}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return found[0] if found else None
 
 
 def check_provenance(trained: dict, given: dict, *, force: bool = False, what: str = "features") -> list[str]:

@@ -276,7 +276,8 @@ def test_folders_and_lists_are_searched_for_videos(workdir, video_dir, tmp_path)
                                        "--format", "json", "--device", "cpu"])
     assert result.exit_code == 1  # the listed missing file fails in its turn; the others are labelled
     assert [line for line in result.stderr.splitlines() if "error" in line] == [
-        f"bmfn: error: {tmp_path / 'missing.mp4'}: no such file", "bmfn: error: 1 of 3 files failed; their errors are above"]
+        f"bmfn: error: {tmp_path / 'missing.mp4'}: no such file",
+        "bmfn: error: 1 of 3 files failed; their errors are above"]
     decoder, text, paths = json.JSONDecoder(), result.stdout.strip(), []
     while text:  # one JSON document per file
         document, end = decoder.raw_decode(text)
@@ -293,7 +294,8 @@ def test_folders_and_lists_are_searched_for_videos(workdir, video_dir, tmp_path)
                                      "with separate --output-dir")
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(main, ["localize", str(tmp_path / "empty"), "--checkpoint", str(checkpoint)])
-    assert result.exit_code == 1 and result.stderr.strip() == f"bmfn: error: no video files found in {tmp_path / 'empty'}"
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"bmfn: error: no video files found in {tmp_path / 'empty'}"
 
 
 def test_progress_reports_the_seconds_of_each_file_as_vgg19_gets_through_them(workdir, video_dir):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from bmfn_pipeline.cli import main
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.evaluate import eval_batch_size, evaluate
 from bmfn_pipeline.train import (REFERENCE, TrainConfig, check_provenance, latest_checkpoint, load_checkpoint,
-                                 train)
+                                 resolve_checkpoint, train)
 
 FAST = {"batch_size": 8, "lr": 2e-3, "clip": 1.0, "milestones": (100,), "model": SMALL_MODEL, "progress": False}
 
@@ -183,6 +184,13 @@ def test_seeds_report_mean_and_std(tmp_path):
     assert latest_checkpoint(tmp_path) == result.best_checkpoint == Path(summary["best_checkpoint"])
     with pytest.raises(BmfnError, match="no training run"):
         latest_checkpoint(tmp_path / "run" / "seed-3")
+    # a command's --checkpoint: a run folder means its selected checkpoint, a seed folder its own, a file itself
+    assert resolve_checkpoint(tmp_path / "run") == result.best_checkpoint
+    assert resolve_checkpoint(tmp_path / "run" / "seed-4") == tmp_path / "run" / "seed-4" / "best.pt"
+    assert resolve_checkpoint(tmp_path / "run" / "seed-4" / "last.pt") == tmp_path / "run" / "seed-4" / "last.pt"
+    assert resolve_checkpoint(None, tmp_path) == result.best_checkpoint
+    with pytest.raises(BmfnError, match=f"^{re.escape(str(directory))}: a folder without a best.pt"):
+        resolve_checkpoint(directory)
 
 
 def test_cli_chain_train_then_evaluate_on_a_store(tmp_path, monkeypatch):
