@@ -17,7 +17,7 @@ def run() -> None:
     """The `bmfn` executable (and `python -m bmfn_pipeline`): the CLI, then a quick exit.
 
     Python's shutdown runs several full garbage collections over every object alive, and torch's import alone
-    leaves about 200,000: 0.3-0.4 s of every command on 2 cores. One collection here finalises what the command
+    leaves about 200,000: 0.3-0.45 s of every command on 2 cores. One collection here finalises what the command
     left in reference cycles; freezing the rest lets shutdown skip it. Not inside `main`, which tests call in-process.
     """
     try:
@@ -93,7 +93,8 @@ def main() -> None:
 def probe(files, as_json, frames_per_second) -> None:
     """Show what bmfn will read from each video: container, streams, segments, frames of the first segment.
 
-    FILES are videos, folders (searched recursively for video files) or .txt lists of paths. A file that cannot be read gives a one-line error; the others are still probed and the exit code is 1.
+    FILES are videos, folders (searched recursively for video files) or .txt lists of paths. A file that cannot be
+    read gives a one-line error; the others are still probed and the exit code is 1.
 
     \b
     Example:

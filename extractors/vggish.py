@@ -18,7 +18,8 @@ from bmfn_pipeline.ave import SEGMENTS
 from bmfn_pipeline.errors import BmfnError
 from extractors.vgg19 import vgg_layers
 from extractors.vggish_input import ALIGNMENTS, segment_examples
-from extractors.weights import random_weights_provenance, read_torch_file, uninitialised, weight_path, weights_provenance
+from extractors.weights import (random_weights_provenance, read_torch_file, uninitialised, weight_path,
+                                weights_provenance)
 
 # --- network (§2.4) ---
 EMBEDDING_SIZE = 128

@@ -23,6 +23,7 @@ def test_run_keeps_the_exit_code_and_frees_cycles_before_freezing_the_rest(monke
         raise SystemExit(code)
 
     monkeypatch.setattr(cli, "main", command)
+    assert gc.get_freeze_count() == 0
     gc.disable()  # no automatic collection in between: run() must do it
     try:
         with pytest.raises(SystemExit) as exit_:

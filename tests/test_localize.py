@@ -316,7 +316,7 @@ def test_progress_reports_the_seconds_of_each_file_as_vgg19_gets_through_them(wo
     clip = decode_clip(video_dir / SHORT, frames_per_second=FPS)
     whole = localizer.visual.segments(clip.frames[:SECONDS[SHORT]])
     localizer.progress = None
-    np.testing.assert_allclose(localizer._maps(video_dir / SHORT, clip.frames[:SECONDS[SHORT]], 0, 5), whole,
+    np.testing.assert_allclose(localizer._maps(video_dir / SHORT, clip.frames[:SECONDS[SHORT]], 0, SECONDS[SHORT]), whole,
                                rtol=1e-5, atol=1e-5)
     assert all(not isinstance(result, BmfnError) for result in results)
 

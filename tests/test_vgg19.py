@@ -329,7 +329,7 @@ def test_int8_maps_stay_within_the_cosine_budget_of_float32(video_dir: Path, tmp
     # refused before any weights are read (or downloaded), and before a random network is made
     monkeypatch.setattr(vgg19_module, "weight_path", no_calibration)
     monkeypatch.setattr(vgg19_module, "vgg19_pool5_random", no_calibration)
-    for kind, given in (("weights", {"weights": tmp_path / "vgg19.h5"}), ("random", {"random_seed": 0})):
+    for given in ({"weights": tmp_path / "vgg19.h5"}, {"random_seed": 0}):
         with pytest.raises(BmfnError, match="int8 runs on the CPU"):
             load_visual_extractor("ave", **given, device="cuda", precision="int8")
         with pytest.raises(BmfnError, match="int8 runs on the CPU"):

@@ -13,6 +13,7 @@ import torch
 
 from bmfn_pipeline.errors import BmfnError
 from extractors import weights
+from extractors.vggish import _NUMPY_PICKLE_GLOBALS  # what the VGGish PCA file needs
 from extractors.weights import (
     WEIGHTS,
     cache_dir,
@@ -187,6 +188,5 @@ def test_read_torch_file_loads_weights_and_names_each_kind_of_bad_file(tmp_path:
             read_torch_file(path, "test file")
         assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
     # what `allow` names is unpickled, and nothing else
-    allowed = read_torch_file(numpy_file, "test file", allow=[np.ndarray, np.dtype, np.dtypes.Float64DType,
-                                                               np._core.multiarray._reconstruct])
+    allowed = read_torch_file(numpy_file, "test file", allow=_NUMPY_PICKLE_GLOBALS)
     np.testing.assert_array_equal(allowed["array"], np.arange(3.0))
