@@ -108,6 +108,16 @@ def _differences(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def _described(differ: list[str], a: Mapping, b: Mapping, a_name: str, b_name: str) -> str:
+    """The differing dotted keys with both values: 'frames_per_second 1 (the store) vs 2 (this run)'."""
+    def value(record: Mapping, key: str):
+        for part in key.split("."):
+            record = record.get(part, "missing") if isinstance(record, Mapping) else "missing"
+        return record
+
+    return "; ".join(f"{key} {value(a, key)!r} ({a_name}) vs {value(b, key)!r} ({b_name})" for key in differ)
+
+
 def _storage_dtype(provenance: Mapping, where: Path) -> np.dtype:
     name = str(provenance.get("dtype", "float32"))
     if name not in STORAGE_DTYPES:
@@ -207,8 +217,9 @@ class FeatureStore:
         if provenance is not None:
             differ = _differences(_defining(self.provenance), _defining(provenance))
             if differ:
-                raise BmfnError(f"{self.path}: features were made differently (provenance differs on "
-                                f"{', '.join(differ)}); use another output file")
+                raise BmfnError(f"{self.path}: features were made differently: "
+                                f"{_described(differ, self.provenance, provenance, 'the store', 'this run')}; "
+                                "use another output file")
         self._scan_parts()
 
     def _take_lock(self) -> None:
@@ -602,8 +613,9 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
         for store in stores[1:]:
             differ = _differences(_defining(first.provenance), _defining(store.provenance))
             if differ:
-                raise BmfnError(f"{store.path}: features were made differently from {first.path}'s "
-                                f"(provenance differs on {', '.join(differ)}); they cannot be merged")
+                described = _described(differ, store.provenance, first.provenance, store.path.name, first.path.name)
+                raise BmfnError(f"{store.path}: features were made differently from {first.path}'s: {described}; "
+                                "they cannot be merged")
         if extending:  # its journal goes into the merged file; consolidating first leaves no parts behind
             stores[[s.path.resolve() for s in stores].index(out.resolve())].consolidate()
 

@@ -143,7 +143,8 @@ def test_merge_refusals(tmp_path):
     a = make_store(tmp_path / "a.h5", n_clips=2)
     other = {**STORE_PROVENANCE, "visual": {**STORE_PROVENANCE["visual"], "checksum": "random:1"}}
     b = make_store(tmp_path / "b.h5", n_clips=2, provenance=other)
-    with pytest.raises(BmfnError, match=r"b\.h5: features were made differently.*visual\.checksum"):
+    with pytest.raises(BmfnError, match=r"b\.h5: features were made differently from .*a\.h5's: "
+                                         r"visual\.checksum 'random:1' \(b\.h5\) vs 'random:0' \(a\.h5\); they cannot"):
         merge_stores([a, b], tmp_path / "out.h5")
     c = make_store(tmp_path / "c.h5", n_clips=2, seed=1)  # same ids, other features
     with pytest.raises(BmfnError, match=r"c\.h5: clip 'vid0000' is also in .*a\.h5 with different features"):
