@@ -473,10 +473,16 @@ def _frame_index(frame: av.VideoFrame, stream, info: ClipInfo) -> int:
 def _resize(frame: av.VideoFrame) -> np.ndarray:
     """features-reference.md 1.2: the uint8 RGB frame, OpenCV INTER_LINEAR to 224x224, no crop.
 
+    A frame stored sideways with a display matrix (phone videos) is turned upright by quarter turns, as players and
+    FFmpeg's autorotate show it: VGG-19 should see what a viewer sees. Turning the 224x224 result equals resizing
+    the turned frame (each axis keeps its own scale). AVE's YouTube clips carry no rotation, so nothing changes there.
+
     One swscale thread: PyAV otherwise starts a thread per core for every frame it converts, which costs more CPU
     than the conversion itself (0.5 vs 0.08 core-s per 720p clip), with the same pixels."""
     rgb = frame.to_ndarray(format="rgb24", threads=1)
-    return cv2.resize(rgb, (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_LINEAR)
+    image = cv2.resize(rgb, (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_LINEAR)
+    turns = round(frame.rotation / 90) % 4  # counter-clockwise quarter turns for display
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
 
 def _decode_audio(path, container, info: ClipInfo) -> np.ndarray:

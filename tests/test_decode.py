@@ -222,3 +222,28 @@ def test_a_clip_that_kills_its_worker_fails_alone(video_dir):
     outcomes = [result if isinstance(result, str) else "decoded" for _, result in handed]
     assert outcomes[0] == outcomes[2] == outcomes[3] == "decoded"
     assert outcomes[1] == f"{clips[1]}: the decoding worker died (killed, out of memory, or a crash inside the decoder)"
+
+
+# Where a band on the left of the stored frame shows after the display matrix's counter-clockwise rotation.
+BAND_SHOWN = {0: "left", 90: "bottom", 180: "right", -90: "top"}
+
+
+@pytest.mark.parametrize("rotation", sorted(BAND_SHOWN))
+def test_frames_stored_sideways_are_turned_upright(tmp_path, rotation):
+    """A phone video stores its frames sideways with a display matrix; VGG-19 must see them as a player does."""
+    path = tmp_path / f"rotated{rotation}.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.set_display_rotation(rotation)
+        image = np.zeros((48, 64, 3), np.uint8)
+        image[:, :16] = 255  # a white band on the left of the stored frame
+        for _ in range(10):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    frame = decode_clip(path, seconds=1, frames_per_second=2, allow_silent=True).frames[0, 0].mean(axis=2)
+    quarter = FRAME_SIZE // 4
+    sides = {"left": frame[:, :quarter], "right": frame[:, -quarter:],
+             "top": frame[:quarter], "bottom": frame[-quarter:]}
+    brightest = max(sides, key=lambda side: sides[side].mean())
+    assert brightest == BAND_SHOWN[rotation] and sides[brightest].mean() > 200
