@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from bmfn_pipeline.ave import BACKGROUND, SEGMENTS
-from bmfn_pipeline.decode import FRAME_SIZE, SAMPLE_RATE, ClipInfo, DecodedClip, decode_clip, probe
+from bmfn_pipeline.decode import FRAME_SIZE, SAMPLE_RATE, ClipInfo, DecodedClip, decode_clip, find_videos, probe
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.evaluate import EVAL_BATCH_SIZE
 from bmfn_pipeline.extract import (FRAMES_PER_SECOND, ExtractOptions, features_provenance, load_extractors,
@@ -376,19 +376,24 @@ def localize(paths: str | os.PathLike | Iterable[str | os.PathLike], checkpoint:
              seed: int | None = None, precision: str = "auto", force: bool = False,
              plot_dir: str | os.PathLike | None = None, runs_dir: str | os.PathLike = RUNS_DIR,
              log: Callable[[str], None] | None = None) -> LocalizationResult | list[LocalizationResult | BmfnError]:
-    """Per-second labels of one video (a LocalizationResult; a failure raises BmfnError) or of a list of videos
-    (a list in the same order, where a file that failed holds its BmfnError so the others' results are kept).
+    """Per-second labels of one video (a LocalizationResult; a failure raises BmfnError) or of several: a list of
+    paths, a folder (searched recursively for video files) or a .txt list give a list in their order, where a file
+    that failed holds its BmfnError so the others' results are kept.
 
     `checkpoint` defaults to the newest run's best.pt under `runs_dir`; `frames_per_second` and the weights
     default to those the checkpoint's features were made with; `precision` is VGG-19's (auto, float32, bfloat16,
     or int8 on CPUs); see the module docstring for windows and labels.
     """
     single = isinstance(paths, (str, os.PathLike))
+    files = find_videos([paths] if single else paths, keep_missing=True)
+    if not files:
+        raise BmfnError(f"no video files found in {paths}")
+    single = single and files == [Path(paths)]  # one video file, not a folder or a list
     localizer = Localizer.from_checkpoint(
         checkpoint, runs_dir=runs_dir, device=device, stride=stride, batch_size=batch_size,
         frames_per_second=frames_per_second, weights=weights, vgg19_weights=vgg19_weights,
         vggish_weights=vggish_weights, seed=seed, precision=precision, force=force, log=log)
-    outcomes = [outcome for _, outcome in localizer.run([paths] if single else paths, plot_dir=plot_dir)]
+    outcomes = [outcome for _, outcome in localizer.run(files, plot_dir=plot_dir)]
     if single:
         if isinstance(outcomes[0], BmfnError):
             raise outcomes[0]

@@ -284,6 +284,8 @@ def test_folders_and_lists_are_searched_for_videos(workdir, video_dir, tmp_path)
         paths.append(document["path"])
         text = text[end:].strip()
     assert paths == [str(folder / "nested" / ONE_SECOND), str(video_dir / ONE_SECOND)]
+    (from_api,) = localize(folder, checkpoint, device="cpu")  # a folder gives a list, as a list of paths does
+    assert from_api.path == paths[0] and len(from_api.seconds) == SECONDS[ONE_SECOND]
 
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["localize", str(folder), str(video_dir / ONE_SECOND), "--checkpoint",
