@@ -301,16 +301,18 @@ class Localizer:
         return frames[:, frames.shape[1] // 2, ::KEYFRAME_STEP, ::KEYFRAME_STEP].copy()
 
     def _maps(self, path: Path, frames: np.ndarray, done: int, total: int) -> np.ndarray:
-        """Per-second mean maps of frames [seconds, frames_per_second, 224, 224, 3], a batch's worth of seconds at
-        a time (the batches VGG-19 would run anyway), telling `progress` after each."""
+        """Per-second mean maps of frames [seconds, frames_per_second, 224, 224, 3]. With a `progress` listener, a
+        batch's worth of seconds at a time (the batches VGG-19 runs anyway), telling it after each; without, in one
+        call (on a GPU, one wait for the results instead of one per batch)."""
+        if self.progress is None:
+            return self.visual.segments(frames)
         step = max(1, self.visual.batch_size // frames.shape[1])
-        if self.progress is not None and done == 0:
+        if done == 0:
             self.progress(path, 0, total)
         maps = []
         for start in range(0, len(frames), step):
             maps.append(self.visual.segments(frames[start:start + step]))
-            if self.progress is not None:
-                self.progress(path, min(done + start + step, total), total)
+            self.progress(path, min(done + start + step, total), total)
         return np.concatenate(maps)
 
     def _short_video(self, path: Path, clip: DecodedClip, seconds: int, keep_media: bool):
