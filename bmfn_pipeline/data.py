@@ -272,11 +272,16 @@ def load_store(path: str | Path, *, annotations: str | Path | None = None,
 
     if annotations is not None:
         labels, video_labels, known = _labels_by_id(clip_ids, ave.read_annotations(annotations))
+        if clip_ids and not known.any():
+            raise BmfnError(f"{path}: none of its {len(clip_ids)} clips has a row in {annotations}: a clip's id is its "
+                            f"video file name without extension (here e.g. {clip_ids[0]!r}) and must be the "
+                            "annotation's video id")
         if not known.all():
             notes.append(f"{(~known).sum()} clips have no row in {annotations} and are left out")
     elif not np.asarray(arrays["has_label"]).any():
-        raise BmfnError(f"{path}: no labels stored; give --annotations Annotations.txt "
-                        "(or extract with `bmfn extract ... --annotations`)")
+        raise BmfnError(f"{path}: none of its {len(clip_ids)} clips has labels; give --annotations Annotations.txt "
+                        "(or extract with `bmfn extract ... --annotations`), whose video ids are the clips' file "
+                        "names without extension")
     else:
         labels = np.asarray(labels, np.float32)
         known = np.asarray(arrays["has_label"], bool)

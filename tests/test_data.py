@@ -206,8 +206,13 @@ def test_store_with_annotations_and_hash_split(tmp_path):
     assert data.clips.labels[0, :, ave.BACKGROUND].tolist() == [1, 1, 0, 0, 0, 1, 1, 1, 1, 1]
     assert "hash" in data.split_rule
     assert find_default_data(tmp_path) == {"features": tmp_path / "feats.h5"}
-    with pytest.raises(BmfnError, match="no labels stored"):
+    with pytest.raises(BmfnError, match="none of its 6 clips has labels; give --annotations"):
         load_store(tmp_path / "feats.h5")
+    other = tmp_path / "other.txt"  # ids that none of the clips has: say how clips and rows are matched
+    other.write_text("Bark&vid9999&good&2&5\n")
+    with pytest.raises(BmfnError, match=r"none of its 6 clips has a row in .*other\.txt: a clip's id is its video "
+                                        r"file name without extension \(here e\.g\. 'vid0000'\)"):
+        load_store(tmp_path / "feats.h5", annotations=other)
 
 
 def test_store_with_stored_labels_and_splits(tmp_path):
