@@ -339,6 +339,13 @@ def test_bad_annotations_or_splits_fail_before_any_clip_is_extracted(clips, tmp_
         assert not (tmp_path / "feats.h5").exists()
 
 
+def test_annotations_matching_no_clip_are_explained(clips, tmp_path):
+    annotations = write_annotations(tmp_path / "Annotations.txt", ROWS[2:])  # only the never extracted clip
+    result = cli("extract", clips[0], "--out", tmp_path / "feats.h5", *FAST, "--annotations", annotations)
+    assert result.exit_code == 0
+    assert f"bmfn: warning: no clip matches a row of {annotations}: a clip's id is its video file name" in result.stderr
+
+
 def test_find_videos_folders_and_lists(tmp_path):
     """Folders are searched recursively by extension; list entries are relative to the list; order is kept."""
     (tmp_path / "a" / "b").mkdir(parents=True)
