@@ -362,7 +362,8 @@ def _clip_info(path, container, seconds: int, start_s: float, wall_clock: bool =
                                                               s.codec_context.bit_rate or 0))
     duration_s = _duration_s(container, video)
     if duration_s <= 0:
-        raise BmfnError(f"{path}: zero duration")
+        still = container.format.name.endswith("_pipe") or container.format.name == "image2"  # FFmpeg's image readers
+        raise BmfnError(f"{path}: {'a still image, not a video' if still else 'zero duration'}")
     if not 0 <= start_s < duration_s:
         raise BmfnError(f"{path}: window start {start_s} s is outside the clip (0 to {duration_s:.2f} s)")
     frame_rate = video.average_rate or video.base_rate or video.guessed_rate

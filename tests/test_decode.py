@@ -173,6 +173,16 @@ def test_zero_duration_fails(tmp_path):
         probe(path)
 
 
+def test_a_still_image_is_named_as_one(tmp_path):
+    path = tmp_path / "photo.png"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("png")
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "rgb24"
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")))
+        container.mux(stream.encode())
+    assert _error(path) == f"{path}: a still image, not a video"
+
+
 def _root(array: np.ndarray):
     while isinstance(array, np.ndarray) and array.base is not None:
         array = array.base
