@@ -406,18 +406,14 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
       bmfn localize clip.mp4
       bmfn localize a.mp4 b.webm --checkpoint runs/fully-20250101-120000/best.pt --format all --output-dir out --plot
     """
-    from bmfn_pipeline.localize import Localizer, timeline_path
+    from bmfn_pipeline.localize import Localizer, check_result_names, timeline_path
     from bmfn_pipeline.writers import FORMATS, get_writer
 
     if output_format == "all" and output_dir is None:
         raise BmfnError("--format all writes one file per format: give --output-dir")
     files = _videos(files)
     if output_dir is not None or plot:
-        named: dict[str, str] = {}
-        for file in files:  # results are named after the input's stem: refuse before any work, not overwrite
-            if named.setdefault(Path(file).stem, str(file)) != str(file):
-                raise BmfnError(f"{named[Path(file).stem]} and {file} would write result files of the same name; "
-                                "localize them in separate calls or with separate --output-dir")
+        check_result_names(files)
     formats = FORMATS if output_format == "all" else (output_format,)
     to_files = [get_writer(name, output_dir) for name in formats] if output_dir is not None else []
     to_stdout = get_writer("table" if output_dir is not None else output_format, None)

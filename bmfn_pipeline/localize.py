@@ -94,6 +94,15 @@ def label_seconds(event: np.ndarray, classes: np.ndarray, duration_s: float) -> 
                         float(classes[t, top[t]])) for t in range(len(event))]
 
 
+def check_result_names(files: Iterable[str | os.PathLike]) -> None:
+    """Result files are named after their video's stem: refuse, before any work, two videos that would share them."""
+    named: dict[str, Path] = {}
+    for file in map(Path, files):
+        if named.setdefault(file.stem, file) != file:
+            raise BmfnError(f"{named[file.stem]} and {file} would write result files of the same name; localize "
+                            "them in separate calls or with separate output folders")
+
+
 def timeline_path(plot_dir: str | os.PathLike, video: str | os.PathLike) -> Path:
     """Where `--plot` writes a video's timeline PNG (named after the video, like the result files)."""
     return Path(plot_dir) / f"{Path(video).stem}.png"
@@ -391,6 +400,8 @@ def localize(paths: str | os.PathLike | Iterable[str | os.PathLike], checkpoint:
     if not files:
         raise BmfnError(f"no video files found in {paths}")
     single = single and files == [Path(paths)]  # one video file, not a folder or a list
+    if plot_dir is not None:
+        check_result_names(files)
     localizer = Localizer.from_checkpoint(
         checkpoint, runs_dir=runs_dir, device=device, stride=stride, batch_size=batch_size,
         frames_per_second=frames_per_second, weights=weights, vgg19_weights=vgg19_weights,

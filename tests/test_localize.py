@@ -293,7 +293,10 @@ def test_folders_and_lists_are_searched_for_videos(workdir, video_dir, tmp_path)
     assert result.exit_code == 1 and not out.exists()
     assert result.stderr.strip() == (f"bmfn: error: {folder / 'nested' / ONE_SECOND} and {video_dir / ONE_SECOND} "
                                      "would write result files of the same name; localize them in separate calls or "
-                                     "with separate --output-dir")
+                                     "with separate output folders")
+    with pytest.raises(BmfnError, match="would write result files of the same name"):  # the API's plots too
+        localize([folder, video_dir / ONE_SECOND], checkpoint, device="cpu", plot_dir=out)
+    assert not out.exists()
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(main, ["localize", str(tmp_path / "empty"), "--checkpoint", str(checkpoint)])
     assert result.exit_code == 1
