@@ -59,13 +59,18 @@ class _SecondsBar:
 
 
 class _Group(click.Group):
-    """Turns a BmfnError into one line on stderr and exit code 1, never a traceback."""
+    """Turns a BmfnError into one line on stderr and exit code 1, never a traceback; so too an OSError that no
+    stage named (a full disk, a folder that cannot be written), with its file and the system's reason."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except BmfnError as exc:
             click.echo(f"bmfn: error: {exc}", err=True)
+            sys.exit(1)
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"bmfn: error: {where}{exc.strerror or exc}", err=True)
             sys.exit(1)
 
 

@@ -223,10 +223,13 @@ class FeatureStore:
         self._scan_parts()
 
     def _take_lock(self) -> None:
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
-        if fcntl is None:
-            return
-        self._lock_fd = os.open(self.parts_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.parts_dir.mkdir(parents=True, exist_ok=True)
+            if fcntl is None:
+                return
+            self._lock_fd = os.open(self.parts_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise BmfnError(f"{self.path}: cannot write a feature store there ({exc.strerror or exc})") from None
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -1,8 +1,11 @@
 """The `bmfn` executable's entry point (the commands themselves are tested with their stages)."""
 
+import errno
 import gc
+import os
 
 import pytest
+from click.testing import CliRunner
 
 from bmfn_pipeline import cli
 
@@ -35,3 +38,16 @@ def test_run_keeps_the_exit_code_and_frees_cycles_before_freezing_the_rest(monke
     assert exit_.value.code == code
     assert Cycle.finalised
     assert frozen > 0  # what is left is skipped by shutdown's collections
+
+
+def test_an_os_error_no_stage_named_is_one_line_with_its_file(monkeypatch):
+    """A full disk or an unwritable folder met anywhere: one line naming the file and the system's reason."""
+    from bmfn_pipeline import decode
+
+    def full_disk(*_, **__):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "feats.h5.parts/clip.h5")
+
+    monkeypatch.setattr(decode, "probe", full_disk)
+    result = CliRunner().invoke(cli.main, ["probe", "clip.mp4"])
+    assert result.exit_code == 1
+    assert result.stderr == "bmfn: error: feats.h5.parts/clip.h5: No space left on device\n"

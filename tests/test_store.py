@@ -136,6 +136,14 @@ def test_one_writer_at_a_time(tmp_path):
     FeatureStore.open(out, PROVENANCE).close()
 
 
+def test_a_store_where_none_can_be_written_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "feats.h5"
+    with pytest.raises(BmfnError) as refused:
+        FeatureStore.open(out, PROVENANCE)
+    assert str(refused.value) == f"{out}: cannot write a feature store there (Not a directory)"
+
+
 def test_provenance_mismatch_refused(tmp_path):
     out = tmp_path / "feats.h5"
     FeatureStore.open(out, PROVENANCE).close()
