@@ -196,6 +196,18 @@ def probe(path: str | os.PathLike, *, seconds: int = SEGMENTS, start_s: float = 
         return _clip_info(path, container, seconds, start_s, wall_clock)
 
 
+def display_rotation(path: str | os.PathLike, info: ClipInfo) -> int:
+    """Degrees counter-clockwise (0, 90, 180 or 270) by which the chosen video's frames are turned upright before
+    resizing (_resize). FFmpeg exposes the display matrix on decoded frames, so this decodes the first one."""
+    with _open(path) as container:
+        stream = next(s for s in container.streams.video if s.index == info.video_index)
+        try:
+            frame = next(container.decode(stream), None)
+        except av.error.FFmpegError as exc:
+            raise BmfnError(f"{path}: corrupt or truncated video ({_reason(exc)})") from None
+    return 90 * (round(frame.rotation / 90) % 4) if frame is not None else 0
+
+
 def decode_clip(path: str | os.PathLike, *, seconds: int = SEGMENTS, frames_per_second: int = FRAMES_PER_SEGMENT,
                 start_s: float = 0.0, allow_silent: bool = False, wall_clock: bool = False) -> DecodedClip:
     """Decode `seconds` one-second segments from `start_s`: sampled frames and the 16 kHz mono waveform.

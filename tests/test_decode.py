@@ -13,10 +13,11 @@ import cv2
 import numpy as np
 import pytest
 import resampy
+from conftest import write_rotated_clip
 
 from bmfn_pipeline import decode
-from bmfn_pipeline.decode import (FRAME_SIZE, SAMPLE_RATE, ave_frame_indices, decode_clip, decode_many, probe,
-                                  segment_frame_indices)
+from bmfn_pipeline.decode import (FRAME_SIZE, SAMPLE_RATE, ave_frame_indices, decode_clip, decode_many,
+                                  display_rotation, probe, segment_frame_indices)
 from bmfn_pipeline.errors import BmfnError
 
 # features-reference.md 1.1: offsets of the 16 samples within a segment of fi frames
@@ -241,16 +242,8 @@ BAND_SHOWN = {0: "left", 90: "bottom", 180: "right", -90: "top"}
 @pytest.mark.parametrize("rotation", sorted(BAND_SHOWN))
 def test_frames_stored_sideways_are_turned_upright(tmp_path, rotation):
     """A phone video stores its frames sideways with a display matrix; VGG-19 must see them as a player does."""
-    path = tmp_path / f"rotated{rotation}.mp4"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        stream.set_display_rotation(rotation)
-        image = np.zeros((48, 64, 3), np.uint8)
-        image[:, :16] = 255  # a white band on the left of the stored frame
-        for _ in range(10):
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-        container.mux(stream.encode())
+    path = write_rotated_clip(tmp_path / f"rotated{rotation}.mp4", rotation)  # a band on the left, as stored
+    assert display_rotation(path, probe(path)) == rotation % 360
     frame = decode_clip(path, seconds=1, frames_per_second=2, allow_silent=True).frames[0, 0].mean(axis=2)
     quarter = FRAME_SIZE // 4
     sides = {"left": frame[:, :quarter], "right": frame[:, -quarter:],

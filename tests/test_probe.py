@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from click.testing import CliRunner
+from conftest import write_rotated_clip
 
 from bmfn_pipeline.cli import main
 from bmfn_pipeline.decode import probe
@@ -56,3 +57,13 @@ def test_probe_bad_file_among_good_ones(video_dir, tmp_path):
     assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == list(map(str, good))
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 1 and str(bad) in errors[0] and errors[0].startswith("bmfn: error:")
+
+
+def test_probe_says_how_a_clip_is_turned_for_display(video_dir, tmp_path):
+    rotated = write_rotated_clip(tmp_path / "phone.mp4", -90)
+    result = CliRunner().invoke(main, ["probe", str(rotated)])
+    assert result.exit_code == 0, result.output
+    assert "rotated 270 deg counter-clockwise for display (read upright)" in result.output
+    result = CliRunner().invoke(main, ["probe", "--json", str(rotated), str(video_dir / "ave_22olCB3wQaA.mp4")])
+    assert [json.loads(line)["rotation"] for line in result.stdout.splitlines()] == [270, 0]
+    assert "rotated" not in CliRunner().invoke(main, ["probe", str(video_dir / "ave_22olCB3wQaA.mp4")]).output
