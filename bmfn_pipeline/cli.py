@@ -105,29 +105,30 @@ def probe(files, as_json, frames_per_second) -> None:
     Example:
       bmfn probe clip.mp4 other.webm --json
     """
-    from bmfn_pipeline.decode import display_rotation, probe as probe_clip, segment_frame_indices
+    from bmfn_pipeline.decode import first_frame_filters, probe as probe_clip, segment_frame_indices
 
     failed = False
     for file in _videos(files):
         try:
             info = probe_clip(file)
-            rotation = display_rotation(file, info)
+            shown = first_frame_filters(file, info)
         except BmfnError as exc:
             click.echo(f"bmfn: error: {exc}", err=True)
             failed = True
             continue
         first = segment_frame_indices(info, 0, frames_per_second=frames_per_second)
         if as_json:
-            click.echo(json.dumps({**info.to_dict(), "rotation": rotation, "first_segment_frames": first}))
+            click.echo(json.dumps({**info.to_dict(), "display_filters": shown, "first_segment_frames": first}))
             continue
         audio = ("none" if info.audio_index is None
                  else f"#{info.audio_index} {info.audio_codec}, {info.sample_rate} Hz, {info.channels} ch")
+        display = f"\n  display    {' + '.join(shown)} (its display matrix: frames are read as shown)" if shown else ""
         click.echo(f"{info.path}\n"
                    f"  container  {info.container}, {info.duration_s:.3f} s, "
                    f"{info.video_streams} video / {info.audio_streams} audio streams\n"
                    f"  video      #{info.video_index} {info.video_codec}, {info.width}x{info.height}, "
                    f"{info.fps:.3f} fps{' (variable)' if info.variable_frame_rate else ''}, ~{info.n_frames} frames"
-                   f"{f', rotated {rotation} deg counter-clockwise for display (read upright)' if rotation else ''}\n"
+                   f"{display}\n"
                    f"  audio      {audio}\n"
                    f"  segments   {info.segments} of {info.seconds} ({info.indexing} frame indices)\n"
                    f"  segment 0  frames {' '.join(map(str, first))}")

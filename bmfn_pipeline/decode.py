@@ -196,16 +196,16 @@ def probe(path: str | os.PathLike, *, seconds: int = SEGMENTS, start_s: float = 
         return _clip_info(path, container, seconds, start_s, wall_clock)
 
 
-def display_rotation(path: str | os.PathLike, info: ClipInfo) -> int:
-    """Degrees counter-clockwise (0, 90, 180 or 270) by which the chosen video's frames are turned upright before
-    resizing (_resize). FFmpeg exposes the display matrix on decoded frames, so this decodes the first one."""
+def first_frame_filters(path: str | os.PathLike, info: ClipInfo) -> list[str]:
+    """The display_filters of the chosen video's frames (FFmpeg exposes the display matrix on decoded frames, so this
+    decodes the first one): what `bmfn probe` reports."""
     with _open(path) as container:
         stream = next(s for s in container.streams.video if s.index == info.video_index)
         try:
             frame = next(container.decode(stream), None)
         except av.error.FFmpegError as exc:
             raise BmfnError(f"{path}: corrupt or truncated video ({_reason(exc)})") from None
-    return 90 * (round(frame.rotation / 90) % 4) if frame is not None else 0
+    return display_filters(frame) if frame is not None else []
 
 
 def decode_clip(path: str | os.PathLike, *, seconds: int = SEGMENTS, frames_per_second: int = FRAMES_PER_SEGMENT,
@@ -484,18 +484,52 @@ def _frame_index(frame: av.VideoFrame, stream, info: ClipInfo) -> int:
 
 
 def _resize(frame: av.VideoFrame) -> np.ndarray:
-    """features-reference.md 1.2: the uint8 RGB frame, OpenCV INTER_LINEAR to 224x224, no crop.
-
-    A frame stored sideways with a display matrix (phone videos) is turned upright by quarter turns, as players and
-    FFmpeg's autorotate show it: VGG-19 should see what a viewer sees. Turning the 224x224 result equals resizing
-    the turned frame (each axis keeps its own scale). AVE's YouTube clips carry no rotation, so nothing changes there.
+    """features-reference.md 1.2: the uint8 RGB frame, OpenCV INTER_LINEAR to 224x224, no crop, shown upright.
 
     One swscale thread: PyAV otherwise starts a thread per core for every frame it converts, which costs more CPU
     than the conversion itself (0.5 vs 0.08 core-s per 720p clip), with the same pixels."""
     rgb = frame.to_ndarray(format="rgb24", threads=1)
-    image = cv2.resize(rgb, (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_LINEAR)
-    turns = round(frame.rotation / 90) % 4  # counter-clockwise quarter turns for display
-    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
+    return _upright(frame, cv2.resize(rgb, (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_LINEAR))
+
+
+# What FFmpeg's autorotate inserts to show a frame as its display matrix says, on an [H, W, 3] image.
+DISPLAY_FILTERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "transpose=clock": lambda image: np.rot90(image, -1),
+    "transpose=cclock": lambda image: np.rot90(image, 1),
+    "transpose=cclock_flip": lambda image: image.transpose(1, 0, 2),
+    "transpose=clock_flip": lambda image: np.rot90(image, -1)[::-1],
+    "hflip": lambda image: image[:, ::-1],
+    "vflip": lambda image: image[::-1],
+}
+
+
+def display_filters(frame: av.VideoFrame) -> list[str]:
+    """The DISPLAY_FILTERS that FFmpeg's autorotate (fftools) applies to show `frame` upright: none without a
+    display matrix; quarter turns and flips from it (other angles are left as they are)."""
+    matrix = next((np.frombuffer(memoryview(data), np.int32) for data in frame.side_data.keys()
+                   if data.type == av.sidedata.sidedata.Type.DISPLAYMATRIX), None)
+    if matrix is None:
+        return []
+    turn = -round(frame.rotation) % 360  # clockwise degrees, FFmpeg's get_rotation
+    a, c, d = matrix[0], matrix[3], matrix[4]  # 16.16 fixed point, [a b u; c d v; x y w]
+    if turn == 90:
+        return ["transpose=cclock_flip" if c > 0 else "transpose=clock"]
+    if turn == 270:
+        return ["transpose=clock_flip" if c < 0 else "transpose=cclock"]
+    if turn == 180:
+        return [name for name, flip in (("hflip", a < 0), ("vflip", d < 0)) if flip]
+    return ["vflip"] if turn == 0 and d < 0 else []
+
+
+def _upright(frame: av.VideoFrame, image: np.ndarray) -> np.ndarray:
+    """`image` (the resized frame) as players show it: a frame stored sideways or mirrored with a display matrix
+    (phone videos) is turned and flipped as FFmpeg's autorotate does, so VGG-19 sees what a viewer sees. Turning the
+    224x224 result equals resizing the turned frame (each axis keeps its own scale). AVE's YouTube clips carry no
+    display matrix."""
+    filters = display_filters(frame)
+    for name in filters:
+        image = DISPLAY_FILTERS[name](image)
+    return np.ascontiguousarray(image) if filters else image
 
 
 def _decode_audio(path, container, info: ClipInfo) -> np.ndarray:

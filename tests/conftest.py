@@ -70,18 +70,18 @@ def per_branch_state_dict(state: dict) -> dict:
     return per_branch
 
 
-def write_rotated_clip(path: Path, rotation: int) -> Path:
-    """1 s of 64x48 frames with a white band on the left, stored with a display matrix turning them `rotation`
-    degrees counter-clockwise for display (as phone videos are)."""
+def write_rotated_clip(path: Path, rotation: int, hflip: bool = False) -> Path:
+    """1 s of 64x48 frames, white in the top-left quarter, stored with a display matrix that turns them `rotation`
+    degrees counter-clockwise, then mirrors them left-right with `hflip`, for display (as phone videos are)."""
     import av
     import numpy as np
 
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=10)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        stream.set_display_rotation(rotation)
+        stream.set_display_rotation(rotation, hflip=hflip)
         image = np.zeros((48, 64, 3), np.uint8)
-        image[:, :16] = 255
+        image[:24, :32] = 255
         for _ in range(10):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode())

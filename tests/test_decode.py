@@ -17,7 +17,7 @@ from conftest import write_rotated_clip
 
 from bmfn_pipeline import decode
 from bmfn_pipeline.decode import (FRAME_SIZE, SAMPLE_RATE, ave_frame_indices, decode_clip, decode_many,
-                                  display_rotation, probe, segment_frame_indices)
+                                  first_frame_filters, probe, segment_frame_indices)
 from bmfn_pipeline.errors import BmfnError
 
 # features-reference.md 1.1: offsets of the 16 samples within a segment of fi frames
@@ -235,18 +235,18 @@ def test_a_clip_that_kills_its_worker_fails_alone(video_dir):
     assert outcomes[1] == f"{clips[1]}: the decoding worker died (killed, out of memory, or a crash inside the decoder)"
 
 
-# Where a band on the left of the stored frame shows after the display matrix's counter-clockwise rotation.
-BAND_SHOWN = {0: "left", 90: "bottom", 180: "right", -90: "top"}
-
-
-@pytest.mark.parametrize("rotation", sorted(BAND_SHOWN))
-def test_frames_stored_sideways_are_turned_upright(tmp_path, rotation):
-    """A phone video stores its frames sideways with a display matrix; VGG-19 must see them as a player does."""
-    path = write_rotated_clip(tmp_path / f"rotated{rotation}.mp4", rotation)  # a band on the left, as stored
-    assert display_rotation(path, probe(path)) == rotation % 360
+@pytest.mark.parametrize("hflip", [False, True], ids=["", "mirrored"])
+@pytest.mark.parametrize("rotation", [0, 90, 180, -90])
+def test_frames_stored_sideways_or_mirrored_are_shown_upright(tmp_path, rotation, hflip):
+    """A phone video stores its frames turned (or mirrored) with a display matrix; VGG-19 must see them as a player
+    does. The stored frame is white in its top-left quarter; where that quarter shows follows from the matrix's
+    meaning (turn counter-clockwise, then mirror), not from bmfn's code."""
+    path = write_rotated_clip(tmp_path / f"phone{rotation}{hflip}.mp4", rotation, hflip)
+    quarters = np.rot90(np.array([[1, 0], [0, 0]]), rotation // 90)
+    expected = np.unravel_index((quarters[:, ::-1] if hflip else quarters).argmax(), (2, 2))
     frame = decode_clip(path, seconds=1, frames_per_second=2, allow_silent=True).frames[0, 0].mean(axis=2)
-    quarter = FRAME_SIZE // 4
-    sides = {"left": frame[:, :quarter], "right": frame[:, -quarter:],
-             "top": frame[:quarter], "bottom": frame[-quarter:]}
-    brightest = max(sides, key=lambda side: sides[side].mean())
-    assert brightest == BAND_SHOWN[rotation] and sides[brightest].mean() > 200
+    half = FRAME_SIZE // 2
+    means = frame.reshape(2, half, 2, half).mean(axis=(1, 3))
+    assert np.unravel_index(means.argmax(), (2, 2)) == expected and means.max() > 200 and means.min() < 30, means
+    filters = first_frame_filters(path, probe(path))
+    assert (filters == []) == (rotation == 0 and not hflip)

@@ -60,10 +60,10 @@ def test_probe_bad_file_among_good_ones(video_dir, tmp_path):
 
 
 def test_probe_says_how_a_clip_is_turned_for_display(video_dir, tmp_path):
-    rotated = write_rotated_clip(tmp_path / "phone.mp4", -90)
+    rotated = write_rotated_clip(tmp_path / "phone.mp4", -90)  # stored turned 90 deg counter-clockwise of upright
     result = CliRunner().invoke(main, ["probe", str(rotated)])
     assert result.exit_code == 0, result.output
-    assert "rotated 270 deg counter-clockwise for display (read upright)" in result.output
+    assert "  display    transpose=clock (its display matrix: frames are read as shown)" in result.output
     result = CliRunner().invoke(main, ["probe", "--json", str(rotated), str(video_dir / "ave_22olCB3wQaA.mp4")])
-    assert [json.loads(line)["rotation"] for line in result.stdout.splitlines()] == [270, 0]
-    assert "rotated" not in CliRunner().invoke(main, ["probe", str(video_dir / "ave_22olCB3wQaA.mp4")]).output
+    assert [json.loads(line)["display_filters"] for line in result.stdout.splitlines()] == [["transpose=clock"], []]
+    assert "display" not in CliRunner().invoke(main, ["probe", str(video_dir / "ave_22olCB3wQaA.mp4")]).output
