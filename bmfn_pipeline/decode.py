@@ -16,6 +16,11 @@ For integer frame rates the two rules give the same indices on a clip of exactly
 Segments that exist: a trailing part second counts as a segment when it is at least half a second long, so a 5.31 s
 clip has 5 segments, a 1 s clip 1, a 9.64 s clip 10 (never fewer than 1). Segments beyond the end repeat the last frame
 and have silent audio.
+
+Stream starts: video and audio are each read from their own start, as the released features were, unless they start
+half a second or more apart (a video that begins seconds after its sound); then both are placed on one timeline from
+the earlier start, so each second gets the frames and sound a player presents together: before the video starts, its
+first frame; before the sound starts, silence.
 """
 
 from __future__ import annotations
@@ -90,6 +95,9 @@ class ClipInfo:
     start_s: float  # window start
     indexing: str  # "ave" or "wall-clock" (module docstring)
     segments: int  # segments of the window that hold real content (module docstring)
+    # Where each stream starts on the clip's timeline (module docstring, stream starts): 0 unless they start apart.
+    video_start_s: float = 0.0
+    audio_start_s: float = 0.0
 
     @property
     def fps(self) -> float:
@@ -382,6 +390,7 @@ def _clip_info(path, container, seconds: int, start_s: float, wall_clock: bool =
     if not frame_rate:
         raise BmfnError(f"{path}: video stream {video.index} has no frame rate")
     base_rate = video.base_rate or frame_rate
+    video_start_s, audio_start_s = _stream_starts(video, audio)
     ave = not wall_clock and start_s == 0 and abs(duration_s - seconds) < AVE_TOLERANCE_S
     remaining = duration_s - start_s
     segments = seconds if ave else max(1, min(seconds, math.floor(remaining + AVE_TOLERANCE_S)))
@@ -397,7 +406,21 @@ def _clip_info(path, container, seconds: int, start_s: float, wall_clock: bool =
         channels=None if audio is None else audio.codec_context.channels,
         video_streams=len(container.streams.video), audio_streams=len(container.streams.audio),
         seconds=seconds, start_s=start_s, indexing="ave" if ave else "wall-clock", segments=segments,
+        video_start_s=video_start_s, audio_start_s=audio_start_s,
     )
+
+
+def _stream_starts(video, audio) -> tuple[float, float]:
+    """(video, audio) start on the clip's timeline. Streams starting within TRUNCATION_TOLERANCE_S of each other are
+    each read from their own start, as the released features were (a decoder counting frames, ffmpeg writing a wav);
+    streams further apart (a video that starts seconds after its sound) are placed on one timeline, so that each
+    second's frames and sound are the ones a player presents together."""
+    starts = [float((s.start_time or 0) * s.time_base) if s is not None and s.time_base else 0.0
+              for s in (video, audio)]
+    if audio is None or abs(starts[0] - starts[1]) < TRUNCATION_TOLERANCE_S:
+        return 0.0, 0.0
+    origin = min(starts)
+    return starts[0] - origin, starts[1] - origin
 
 
 def _duration_s(container, video) -> float:
@@ -440,10 +463,12 @@ def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warn
             positions.setdefault(index, []).append((segment, sample))
     wanted_max = max(positions)
     out = np.zeros((info.seconds, frames_per_second, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
-    index, previous = _seek_index(container, stream, info), None
+    index, previous, first = _seek_index(container, stream, info), None, None
     try:
         for frame in container.decode(stream):
             index = index + 1 if index is not None else _frame_index(frame, stream, info)
+            if first is None:
+                first = index, frame
             previous = frame
             spots = positions.pop(index, [])
             if spots:
@@ -456,10 +481,21 @@ def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warn
         raise BmfnError(f"{path}: corrupt or truncated video ({_reason(exc)})") from None
     if previous is None:
         raise BmfnError(f"{path}: no video frame could be decoded (corrupt or truncated)")
+    before = {i: spots for i, spots in positions.items() if i < first[0]}
+    if before:  # the video starts later than the sound: the seconds before show its first frame
+        warnings.append(f"{path}: the video starts {info.video_start_s:.2f} s after the sound: "
+                        "the seconds before show its first frame")
+        image = _resize(first[1])
+        for i, spots in before.items():
+            del positions[i]
+            for segment, sample in spots:
+                out[segment, sample] = image
     if positions:
         decoded_s = float((index + 1) / info.frame_rate)
-        if decoded_s < min(info.duration_s, info.start_s + info.segments) - TRUNCATION_TOLERANCE_S:
-            raise BmfnError(f"{path}: truncated or corrupt: video stops at {decoded_s:.2f} s of {info.duration_s:.2f} s")
+        declared_s = (info.video_start_s + float(stream.duration * stream.time_base) if stream.duration
+                      else info.duration_s)  # where the video says it ends; the sound may go on after it
+        if decoded_s < min(declared_s, info.start_s + info.segments) - TRUNCATION_TOLERANCE_S:
+            raise BmfnError(f"{path}: truncated or corrupt: video stops at {decoded_s:.2f} s of {declared_s:.2f} s")
         warnings.append(f"{path}: frame {wanted_max} wanted but only {index + 1} frames decode: the last is repeated")
         last = _resize(previous)
         for spots in positions.values():
@@ -470,17 +506,20 @@ def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warn
 
 
 def _seek_index(container, stream, info: ClipInfo) -> int | None:
-    """-1 when decoding from the start (frames are then counted); None after seeking to a window (indices from pts)."""
+    """The index before the first frame when decoding from the start (frames are then counted, from where the video
+    starts on the clip's timeline); None after seeking to a window (indices from pts)."""
     if info.start_s == 0:
-        return -1
-    target = int((Fraction(info.start_s) + (stream.start_time or 0) * stream.time_base) / stream.time_base)
+        return round(Fraction(info.video_start_s) * info.frame_rate) - 1
+    within = max(Fraction(0), Fraction(info.start_s) - Fraction(info.video_start_s))  # time into the video stream
+    target = int((within + (stream.start_time or 0) * stream.time_base) / stream.time_base)
     container.seek(target, stream=stream, backward=True, any_frame=False)
     return None
 
 
 def _frame_index(frame: av.VideoFrame, stream, info: ClipInfo) -> int:
-    """Frame index at the nominal rate from the presentation time, for decoding that started at a seek point."""
-    return round((frame.pts - (stream.start_time or 0)) * stream.time_base * info.frame_rate)
+    """Frame index at the nominal rate on the clip's timeline from the presentation time, after a seek."""
+    seconds = (frame.pts - (stream.start_time or 0)) * stream.time_base + Fraction(info.video_start_s)
+    return round(seconds * info.frame_rate)
 
 
 def _resize(frame: av.VideoFrame) -> np.ndarray:
@@ -543,8 +582,10 @@ def _decode_audio(path, container, info: ClipInfo) -> np.ndarray:
     rate = info.sample_rate
     begin_s = max(0.0, info.start_s - AUDIO_MARGIN_S)
     end_s = info.start_s + info.seconds + AUDIO_MARGIN_S
-    stream_start = (stream.start_time or 0) * stream.time_base
-    container.seek(int((Fraction(begin_s) + stream_start) / stream.time_base), stream=stream, backward=True)
+    # Times below are on the clip's timeline, where the audio stream starts at info.audio_start_s.
+    stream_start = (stream.start_time or 0) * stream.time_base - Fraction(info.audio_start_s)
+    container.seek(int((Fraction(max(begin_s, info.audio_start_s)) + stream_start) / stream.time_base), stream=stream,
+                   backward=True)
     chunks, first_s, resampler, decoded = [], None, None, 0
     try:
         for frame in container.decode(stream):
@@ -565,7 +606,8 @@ def _decode_audio(path, container, info: ClipInfo) -> np.ndarray:
         raise BmfnError(f"{path}: no audio could be decoded (corrupt or truncated)")
     samples = np.concatenate(chunks, axis=1)
     decoded_end_s = first_s + samples.shape[1] / rate
-    declared_s = float(stream.duration * stream.time_base) if stream.duration else info.duration_s
+    declared_s = (info.audio_start_s + float(stream.duration * stream.time_base) if stream.duration
+                  else info.duration_s)
     if decoded_end_s < min(declared_s, end_s) - TRUNCATION_TOLERANCE_S:
         raise BmfnError(f"{path}: truncated or corrupt: audio stops at {decoded_end_s:.2f} s of {declared_s:.2f} s")
     mono = (samples / INT16_SCALE).mean(axis=0)

@@ -250,3 +250,46 @@ def test_frames_stored_sideways_or_mirrored_are_shown_upright(tmp_path, rotation
     assert np.unravel_index(means.argmax(), (2, 2)) == expected and means.max() > 200 and means.min() < 30, means
     filters = first_frame_filters(path, probe(path))
     assert (filters == []) == (rotation == 0 and not hflip)
+
+
+def _write_offset_clip(path: Path, video_start: float, audio_start: float, seconds: float = 3) -> Path:
+    """`seconds` of video (frame i grey 3i) from `video_start` and of a 440 Hz tone from `audio_start`."""
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("mpeg4", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = container.add_stream("aac", rate=16000, layout="mono")
+        for i in range(int(25 * seconds)):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 3 * i, np.uint8), format="rgb24")
+            frame.pts = i + round(25 * video_start)
+            container.mux(video.encode(frame))
+        container.mux(video.encode())
+        tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(int(16000 * seconds)) / 16000)
+        frame = av.AudioFrame.from_ndarray(tone.astype(np.float32)[None], format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 16000, round(16000 * audio_start)
+        container.mux(audio.encode(frame))
+        container.mux(audio.encode())
+    return path
+
+
+@pytest.mark.parametrize("late", ["video", "audio"])
+def test_streams_starting_seconds_apart_are_read_on_one_timeline(tmp_path, late):
+    """A video that starts 2 s after its sound (or the reverse): each second gets the frames and the sound a player
+    presents together; the seconds before the late stream show its first frame or are silent."""
+    starts = {"video": 2.0, "audio": 0.0} if late == "video" else {"video": 0.0, "audio": 2.0}
+    path = _write_offset_clip(tmp_path / f"late_{late}.mp4", starts["video"], starts["audio"])
+    info = probe(path)
+    assert info.segments == 5  # AAC's encoder delay moves the sound's start 1024 samples (0.064 s) earlier
+    assert info.video_start_s == pytest.approx(starts["video"], abs=0.07)
+    assert info.audio_start_s == pytest.approx(starts["audio"], abs=0.07)
+    clip = decode_clip(path, frames_per_second=2, allow_silent=True)
+    grey = clip.frames[..., 0].mean(axis=(2, 3))  # [seconds, 2] mean level of each sampled frame
+    for second in range(5):
+        shown = second + 0.5 - starts["video"]  # the second sample of each second, in the video's own time
+        expected = 3 * round(25 * min(max(shown, 0), 3 - 0.04)) if shown >= 0 else 0
+        assert abs(grey[second, 1] - expected) < 6, (second, grey[second])
+    loud = [float(np.abs(clip.audio[s * SAMPLE_RATE:(s + 1) * SAMPLE_RATE]).mean()) > 0.1 for s in range(5)]
+    assert loud == [starts["audio"] <= s < starts["audio"] + 3 for s in range(5)]
+    assert any("after the sound" in w for w in clip.warnings) == (late == "video")
+    window = decode_clip(path, frames_per_second=2, allow_silent=True, seconds=3, start_s=1.0, wall_clock=True)
+    np.testing.assert_array_equal(window.frames, clip.frames[1:4])  # a window of a longer video: the same timeline
+    np.testing.assert_array_equal(window.audio, clip.audio[SAMPLE_RATE:4 * SAMPLE_RATE])
