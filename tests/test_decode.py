@@ -293,3 +293,24 @@ def test_streams_starting_seconds_apart_are_read_on_one_timeline(tmp_path, late)
     window = decode_clip(path, frames_per_second=2, allow_silent=True, seconds=3, start_s=1.0, wall_clock=True)
     np.testing.assert_array_equal(window.frames, clip.frames[1:4])  # a window of a longer video: the same timeline
     np.testing.assert_array_equal(window.audio, clip.audio[SAMPLE_RATE:4 * SAMPLE_RATE])
+
+
+def test_one_still_frame_over_its_sound_is_shown_throughout(tmp_path):
+    """A music video made of one cover picture and a long sound: the video says it ends after its frame, so that
+    frame is every second's picture, with a warning, not a truncated file."""
+    path = tmp_path / "cover.mp4"
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("mpeg4", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = container.add_stream("aac", rate=16000, layout="mono")
+        container.mux(video.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 128, np.uint8), format="rgb24")))
+        container.mux(video.encode())
+        tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(16000 * 10) / 16000)
+        sound = av.AudioFrame.from_ndarray(tone.astype(np.float32)[None], format="fltp", layout="mono")
+        sound.sample_rate = 16000
+        container.mux(audio.encode(sound))
+        container.mux(audio.encode())
+    clip = decode_clip(path, frames_per_second=2)
+    assert clip.info.segments == 10 and (clip.frames == clip.frames[0, 0]).all()
+    assert abs(float(clip.frames.mean()) - 128) < 3 and np.abs(clip.audio).mean() > 0.1
+    assert any("only 1 frames decode: the last is repeated" in w for w in clip.warnings)
