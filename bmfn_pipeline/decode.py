@@ -482,9 +482,10 @@ def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warn
     if previous is None:
         raise BmfnError(f"{path}: no video frame could be decoded (corrupt or truncated)")
     before = {i: spots for i, spots in positions.items() if i < first[0]}
-    if before:  # the video starts later than the sound: the seconds before show its first frame
-        warnings.append(f"{path}: the video starts {info.video_start_s:.2f} s after the sound: "
-                        "the seconds before show its first frame")
+    if before:  # the video starts later than the sound (or a seek landed past the window): show its first frame
+        reason = (f"the video starts {info.video_start_s:.2f} s after the sound" if info.video_start_s
+                  else f"frame {min(before)} wanted but the first decoded is {first[0]}")
+        warnings.append(f"{path}: {reason}: the seconds before show its first frame")
         image = _resize(first[1])
         for i, spots in before.items():
             del positions[i]
