@@ -236,16 +236,18 @@ def decode_clip(path: str | os.PathLike, *, seconds: int = SEGMENTS, frames_per_
             warnings.append(f"{path}: no audio stream, using silence")
         else:
             # Audio (its decoding and resampling products release the GIL) runs on its own demuxer beside the video.
+            audio_warnings: list[str] = []
             with ThreadPoolExecutor(max_workers=1) as pool:
-                audio_future = pool.submit(_decode_audio_file, path, info)
+                audio_future = pool.submit(_decode_audio_file, path, info, audio_warnings)
                 frames = _decode_frames(path, container, info, frames_per_second, warnings)
                 audio = audio_future.result()
+            warnings += audio_warnings
     return DecodedClip(frames=frames, audio=audio, info=info, warnings=warnings)
 
 
-def _decode_audio_file(path: str | os.PathLike, info: ClipInfo) -> np.ndarray:
+def _decode_audio_file(path: str | os.PathLike, info: ClipInfo, warnings: list[str]) -> np.ndarray:
     with _open(path) as container:
-        return _decode_audio(path, container, info)
+        return _decode_audio(path, container, info, warnings)
 
 
 def decode_or_error(path: Path, seconds: int, frames_per_second: int,
@@ -572,7 +574,7 @@ def _upright(frame: av.VideoFrame, image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image) if filters else image
 
 
-def _decode_audio(path, container, info: ClipInfo) -> np.ndarray:
+def _decode_audio(path, container, info: ClipInfo, warnings: list[str] | None = None) -> np.ndarray:
     """features-reference.md 2.1: native rate and layout quantised to s16, / 32768, channel mean, resampy's kaiser_best
     to 16 kHz (bmfn_pipeline.resample).
 
@@ -611,6 +613,9 @@ def _decode_audio(path, container, info: ClipInfo) -> np.ndarray:
                   else info.duration_s)
     if decoded_end_s < min(declared_s, end_s) - TRUNCATION_TOLERANCE_S:
         raise BmfnError(f"{path}: truncated or corrupt: audio stops at {decoded_end_s:.2f} s of {declared_s:.2f} s")
+    content_end_s = min(info.duration_s, info.start_s + info.segments)
+    if warnings is not None and decoded_end_s < content_end_s - TRUNCATION_TOLERANCE_S:
+        warnings.append(f"{path}: the sound ends at {decoded_end_s:.2f} s: the seconds after are silent")
     mono = (samples / INT16_SCALE).mean(axis=0)
     if rate != SAMPLE_RATE:
         mono = resample(mono, rate, SAMPLE_RATE)

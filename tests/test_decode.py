@@ -290,6 +290,7 @@ def test_streams_starting_seconds_apart_are_read_on_one_timeline(tmp_path, late)
     loud = [float(np.abs(clip.audio[s * SAMPLE_RATE:(s + 1) * SAMPLE_RATE]).mean()) > 0.1 for s in range(5)]
     assert loud == [starts["audio"] <= s < starts["audio"] + 3 for s in range(5)]
     assert any("after the sound" in w for w in clip.warnings) == (late == "video")
+    assert any("the sound ends at 3.0" in w for w in clip.warnings) == (late == "video")  # 0-3 s of a 5 s clip
     window = decode_clip(path, frames_per_second=2, allow_silent=True, seconds=3, start_s=1.0, wall_clock=True)
     np.testing.assert_array_equal(window.frames, clip.frames[1:4])  # a window of a longer video: the same timeline
     np.testing.assert_array_equal(window.audio, clip.audio[SAMPLE_RATE:4 * SAMPLE_RATE])
