@@ -58,6 +58,7 @@ FRAMES_PER_SEGMENT = 16  # frames averaged per segment in the released AVE featu
 INT16_SCALE = 32768.0  # wav int16 -> float, as vggish wavfile_to_examples (features-reference.md 2.1)
 AVE_TOLERANCE_S = 0.5  # clips this close to `seconds` use AVE indexing; also the part second that counts as a segment
 TRUNCATION_TOLERANCE_S = 0.5  # a stream ending this much earlier than its header says is truncated, not just rounding
+STREAM_START_TOLERANCE_S = 0.5  # video and sound starting this far apart are read on one timeline (module docstring)
 AUDIO_MARGIN_S = 1.0  # audio decoded either side of a window so the resampling filter sees real context at its edges
 VFR_TOLERANCE = 0.01  # relative gap between average and base frame rate above which the stream is variable-rate
 # FFmpeg decoder threads per stream; 0 lets FFmpeg choose (one per core). Decoding workers set their share.
@@ -413,13 +414,13 @@ def _clip_info(path, container, seconds: int, start_s: float, wall_clock: bool =
 
 
 def _stream_starts(video, audio) -> tuple[float, float]:
-    """(video, audio) start on the clip's timeline. Streams starting within TRUNCATION_TOLERANCE_S of each other are
+    """(video, audio) start on the clip's timeline. Streams starting within STREAM_START_TOLERANCE_S of each other are
     each read from their own start, as the released features were (a decoder counting frames, ffmpeg writing a wav);
     streams further apart (a video that starts seconds after its sound) are placed on one timeline, so that each
     second's frames and sound are the ones a player presents together."""
     starts = [float((s.start_time or 0) * s.time_base) if s is not None and s.time_base else 0.0
               for s in (video, audio)]
-    if audio is None or abs(starts[0] - starts[1]) < TRUNCATION_TOLERANCE_S:
+    if audio is None or abs(starts[0] - starts[1]) < STREAM_START_TOLERANCE_S:
         return 0.0, 0.0
     origin = min(starts)
     return starts[0] - origin, starts[1] - origin
