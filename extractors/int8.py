@@ -83,10 +83,20 @@ def cached_int8(layout: nn.Sequential, cache_key: str) -> nn.Module | None:
     with _quantised_api():
         model = _int8_layout(layout)
         try:
-            model.load_state_dict(torch.load(cached, weights_only=True))
+            state = torch.load(cached, weights_only=True)
+            if not _fits(model, state):  # packing would take weights of any shape
+                return None
+            model.load_state_dict(state)
         except Exception:  # a damaged or foreign cache file
             return None
         return model
+
+
+def _fits(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Whether `state` holds a weight of the shape of each of `model`'s quantised convolutions."""
+    return all(tuple(getattr(state.get(f"{name}.weight"), "shape", ())) ==
+               (conv.out_channels, conv.in_channels, *conv.kernel_size)
+               for name, conv in model.named_modules() if isinstance(conv, quantized.Conv2d))
 
 
 def is_int8(module: nn.Module) -> bool:
@@ -124,8 +134,11 @@ def _int8_layout(layout: nn.Sequential) -> nn.Module:
         if isinstance(layer, nn.Conv2d):
             fused = i + 1 < len(layout) and isinstance(layout[i + 1], nn.ReLU)
             kind = quantized_intrinsic.ConvReLU2d if fused else quantized.Conv2d
-            layers.append(kind(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-                               padding=layer.padding))
+            # Packed for the CPU kernels when made, and again when the state_dict sets its weights: made with one
+            # channel, the first packing is of a placeholder of 9 weights, not of a full-size one (0.3 s for VGG-19).
+            conv = kind(1, 1, layer.kernel_size, stride=layer.stride, padding=layer.padding)
+            conv.in_channels, conv.out_channels = layer.in_channels, layer.out_channels
+            layers.append(conv)
         elif isinstance(layer, nn.ReLU) and i > 0 and isinstance(layout[i - 1], nn.Conv2d):
             layers.append(nn.Identity())  # fused into the convolution before it, as fuse_modules leaves it
         elif isinstance(layer, (nn.ReLU, nn.MaxPool2d)):

@@ -324,6 +324,13 @@ def test_int8_maps_stay_within_the_cosine_budget_of_float32(video_dir: Path, tmp
         cached.write_bytes(b"not a state dict")  # a damaged cache is calibrated again, not an error
     np.testing.assert_array_equal(load_visual_extractor("ave", random_seed=0, batch_size=3, precision="int8")(frames),
                                   maps)
+    foreign = again.module.state_dict()
+    for key in ("1.2.weight", "1.2.bias"):  # conv1_2 of another layout: calibrated again too
+        foreign[key] = foreign[key][:32]
+    for cached in (tmp_path / "int8").glob("vgg19-*.pt"):
+        torch.save(foreign, cached)
+    np.testing.assert_array_equal(load_visual_extractor("ave", random_seed=0, batch_size=3, precision="int8")(frames),
+                                  maps)
     with pytest.raises(BmfnError, match="int8 runs on the CPU"):
         VisualExtractor(vgg19_pool5(), caffe_preprocess, {}, device="cuda", precision="int8")
     # refused before any weights are read (or downloaded), and before a random network is made
