@@ -49,7 +49,7 @@ class ExtractOptions:
     dtype: str = "float32"  # storage dtype
     device: str = "auto"
     precision: str = "auto"  # VGG-19: float32, bfloat16 or int8 (CPUs); auto: bf16 where fast, see fast_bfloat16
-    batch_size: int = 64  # frames per VGG-19 forward
+    batch_size: int | None = None  # frames per VGG-19 forward; None: vgg19.default_batch_size of the device
     compile: bool = False  # torch.compile VGG-19: same features to float rounding, a little faster, slower start
     workers: int | None = None  # decoding processes; 0 decodes in the main process; None: decode_workers decides
 

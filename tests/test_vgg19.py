@@ -19,9 +19,12 @@ from bmfn_pipeline.errors import BmfnError
 from extractors import int8 as int8_module
 from extractors import vgg19 as vgg19_module
 from extractors.vgg19 import (
+    CPU_BATCH_SIZE,
+    GPU_BATCH_SIZE,
     KERAS_LAYER_INDEX,
     VisualExtractor,
     caffe_preprocess,
+    default_batch_size,
     load_visual_extractor,
     torchvision_preprocess,
     vgg19_pool5,
@@ -285,6 +288,21 @@ def test_compiled_network_gives_the_same_maps():
     compiled = VisualExtractor(network, caffe_preprocess, {}, batch_size=3, compile=True)
     assert isinstance(compiled.module, torch._dynamo.eval_frame.OptimizedModule)
     np.testing.assert_allclose(compiled(frames), plain(frames), rtol=1e-4, atol=1e-4)
+
+
+def test_frames_per_batch_default_to_few_on_a_cpu_and_many_on_a_gpu():
+    """A CPU runs VGG-19 fastest a few frames at a time (the first blocks' activations stay in cache), a GPU with
+    many; a batch size given is kept, and the maps do not depend on it."""
+    assert default_batch_size(torch.device("cpu")) == CPU_BATCH_SIZE < GPU_BATCH_SIZE
+    assert default_batch_size(torch.device("cuda", 1)) == GPU_BATCH_SIZE
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(32))
+    default = VisualExtractor(network, caffe_preprocess, {})
+    assert default.batch_size == CPU_BATCH_SIZE
+    frames = np.random.default_rng(0).integers(0, 256, (2 * CPU_BATCH_SIZE + 1, 224, 224, 3), dtype=np.uint8)
+    np.testing.assert_allclose(default(frames), VisualExtractor(network, caffe_preprocess, {}, batch_size=64)(frames),
+                               rtol=1e-5, atol=1e-5)
+    assert VisualExtractor(network, caffe_preprocess, {}, batch_size=3).batch_size == 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
