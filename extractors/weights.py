@@ -8,6 +8,7 @@ checksummed before it becomes visible in the cache.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -28,6 +29,8 @@ from bmfn_pipeline.errors import BmfnError
 CHUNK_BYTES = 1 << 20
 # Seconds before a stalled connection counts as offline.
 DOWNLOAD_TIMEOUT_S = 30
+# In the cache directory: the files that matched their checksum, with their stat stamps then (see _verify).
+VERIFIED_FILE = "verified.json"
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,42 @@ def read_torch_file(path: str | os.PathLike, what: str, *, allow: Iterable = (),
 
 
 def _verify(entry: WeightFile, path: Path, origin: str) -> None:
+    """_check, unless `path` matched this checksum before and is unchanged since (size, times and inode as then):
+    hashing VGGish's 288 MB and VGG-19's 80 MB would cost every command ~0.3 s."""
+    key, stamp = str(path.resolve()), _stamp(entry, path)
+    if _verified().get(key) == stamp:
+        return
+    _check(entry, path, origin)
+    _remember(key, stamp)
+
+
+def _stamp(entry: WeightFile, path: Path) -> list:
+    info = path.stat()  # ctime too: no tool sets it back after a write, as `touch -d` sets mtime
+    return [entry.checksum, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev]
+
+
+def _verified() -> dict[str, list]:
+    """Each file's stamp when it last matched its checksum (VERIFIED_FILE in the cache; {} if absent or unreadable)."""
+    try:
+        records = json.loads((cache_dir() / VERIFIED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return records if isinstance(records, dict) else {}
+
+
+def _remember(key: str, stamp: list) -> None:
+    records = {**_verified(), key: stamp}
+    target = cache_dir() / VERIFIED_FILE
+    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(records, indent=0))
+        partial.replace(target)  # whole or absent; a record lost to a concurrent writer only means hashing again
+    except OSError:  # a read-only or full cache: files are hashed each time, as they would be anyway
+        partial.unlink(missing_ok=True)
+
+
+def _check(entry: WeightFile, path: Path, origin: str) -> None:
     """Raise BmfnError unless `path` has the registered checksum; `origin` (a path or URL) leads the message."""
     algo, expected = _CHECKSUM.match(entry.checksum).groups()
     actual = file_checksum(path, algo)
@@ -164,8 +203,9 @@ def _download(entry: WeightFile, target: Path) -> None:
                 while chunk := response.read(CHUNK_BYTES):
                     out.write(chunk)
                     bar.update(len(chunk))
-        _verify(entry, tmp, entry.url)
+        _check(entry, tmp, entry.url)
         os.replace(tmp, target)
+        _remember(str(target.resolve()), _stamp(entry, target))
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -173,8 +213,8 @@ def _download(entry: WeightFile, target: Path) -> None:
 def weight_path(name: str, local_path: str | os.PathLike | None = None, download: bool = True) -> Path:
     """The verified file for weights `name`: `local_path` if given, else the cached copy, else a fresh download.
 
-    Every file is checksummed before use, a cached one too (it may have been put there by hand); a download
-    only reaches the cache once verified. Offline or failed downloads raise one BmfnError line naming the URL,
+    Every file is checked against its checksum before use, a cached one too (it may have been put there by hand),
+    and hashed again whenever it changed (_verify); a download only reaches the cache once verified. Offline or failed downloads raise one BmfnError line naming the URL,
     the cache path and the option.
     """
     if name not in WEIGHTS:

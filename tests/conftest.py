@@ -34,6 +34,15 @@ def ave_dir() -> Path:
     return _shared_dir("ave")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory: pytest.TempPathFactory):
+    """A weights cache of the test session's own: tests write int8 models and verification records there, never in
+    the user's cache (tests that look into a cache set BMFN_CACHE themselves)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BMFN_CACHE", str(tmp_path_factory.mktemp("bmfn-cache")))
+        yield
+
+
 @pytest.fixture
 def one_torch_thread():
     """One torch thread: small models run no slower, and parallel test processes do not fight for the 2 cores."""

@@ -88,12 +88,39 @@ def test_local_file_is_verified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     local = _served(tmp_path)
     _fake_entry(monkeypatch, "vggish", "file:///nowhere", "sha256:" + hashlib.sha256(CONTENT).hexdigest()[:8])
     assert weight_path("vggish", local) == local
-    assert not cache.exists(), "a local file must be used in place, not copied or downloaded"
+    assert [p.name for p in cache.iterdir()] == [weights.VERIFIED_FILE], \
+        "a local file must be used in place, not copied or downloaded"
 
     _fake_entry(monkeypatch, "vggish", "file:///nowhere", "md5:" + hashlib.md5(b"other").hexdigest())
     with pytest.raises(BmfnError, match=re.escape(str(local))) as err:
         weight_path("vggish", local)
     assert "md5" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_verified_file_is_hashed_again_only_when_it_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               cache: Path):
+    local = _served(tmp_path)
+    _fake_entry(monkeypatch, "vggish", "file:///nowhere", "sha256:" + hashlib.sha256(CONTENT).hexdigest())
+    hashed = []
+    monkeypatch.setattr(weights, "file_checksum", lambda *a: hashed.append(a) or file_checksum(*a))
+    for _ in range(3):
+        assert weight_path("vggish", local) == local
+    assert len(hashed) == 1 and (cache / weights.VERIFIED_FILE).is_file()
+
+    local.write_bytes(CONTENT.upper())  # the same size, other bytes: the stamp no longer matches
+    with pytest.raises(BmfnError, match="sha256"):
+        weight_path("vggish", local)
+    assert len(hashed) == 2
+    local.write_bytes(CONTENT)  # matched again, and stamped again
+    weight_path("vggish", local), weight_path("vggish", local)
+    assert len(hashed) == 3
+
+    _fake_entry(monkeypatch, "vggish", "file:///nowhere", "md5:" + hashlib.md5(CONTENT).hexdigest())
+    weight_path("vggish", local)  # a stamp holds for the checksum it was made for only
+    assert len(hashed) == 4
+    (cache / weights.VERIFIED_FILE).write_text("{damaged")  # an unreadable record means hashing, not an error
+    weight_path("vggish", local)
+    assert len(hashed) == 5
 
 
 def test_missing_local_file_names_it_and_the_option(tmp_path: Path):
@@ -109,10 +136,13 @@ def test_download_verifies_and_caches(tmp_path: Path, monkeypatch: pytest.Monkey
     path = weight_path("vggish-pca")
     assert path == cache / entry.filename
     assert path.read_bytes() == CONTENT
-    assert sorted(p.name for p in cache.iterdir()) == [entry.filename], "no partial download may be left behind"
+    assert sorted(p.name for p in cache.iterdir()) == sorted([entry.filename, weights.VERIFIED_FILE]), \
+        "no partial download may be left behind"
 
-    source.unlink()  # a second call must use the cache, not the network
-    assert weight_path("vggish-pca") == path
+    source.unlink()  # a second call must use the cache, not the network, nor hash the file it just verified
+    with monkeypatch.context() as patched:
+        patched.setattr(weights, "file_checksum", lambda *a: pytest.fail("hashed again, unchanged"))
+        assert weight_path("vggish-pca") == path
 
     path.write_bytes(b"damaged")  # a cached file is checked too: it may have been put there by hand
     with pytest.raises(BmfnError, match=re.escape(str(path))):
