@@ -247,7 +247,7 @@ def _train(config: TrainConfig, data: FeatureData | None, log) -> TrainResult:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[BMFN, dict]:
     """A checkpoint's model in eval mode and its metadata (config, classes, provenance, data, epoch, metrics)."""
-    state = _load_state(Path(path), device)
+    state = _load_state(Path(path), device, mmap=True)  # only what is used is read: not last.pt's optimizer state
     model = uninitialised(lambda: BMFN(BMFNConfig(**state["model_config"])))
     model.load_state_dict(state["model_state"])  # also checkpoints of bmfn before grouping
     model.to(device).eval()
@@ -513,10 +513,10 @@ def _save(state: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _load_state(path: Path, device) -> dict:
+def _load_state(path: Path, device, mmap: bool = False) -> dict:
     if not path.is_file():
         raise BmfnError(f"{path}: no such checkpoint")
-    state = read_torch_file(path, "bmfn checkpoint", device=device)
+    state = read_torch_file(path, "bmfn checkpoint", device=device, mmap=mmap)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise BmfnError(f"{path}: not a bmfn checkpoint (format {CHECKPOINT_FORMAT} expected)")
     return state

@@ -136,7 +136,7 @@ def vgg19_pool5_from_keras(h5_path: str | os.PathLike) -> nn.Sequential:
 def vgg19_pool5_from_torchvision(pth_path: str | os.PathLike) -> nn.Sequential:
     """VGG-19 pool5 from a torchvision VGG-19 state dict: its `features.*` tensors; classifier keys are ignored."""
     path = Path(pth_path)
-    state = read_torch_file(path, "torchvision VGG-19 state dict")
+    state = read_torch_file(path, "torchvision VGG-19 state dict", mmap=True)  # 80 of its 548 MB are features
     if not isinstance(state, dict):
         raise BmfnError(f"{path}: holds a {type(state).__name__}, not a state dict")
     module = uninitialised(vgg19_pool5)

@@ -121,10 +121,15 @@ _TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
 def read_torch_file(path: str | os.PathLike, what: str, *, allow: Iterable = (),
-                    device: str | torch.device = "cpu") -> Any:
+                    device: str | torch.device = "cpu", mmap: bool = False) -> Any:
     """torch.load(path) onto `device` with the weights-only unpickler (tensors and plain data, plus the globals in
     `allow`), never unrestricted unpickling; a missing, foreign, truncated or unsafe file is a BmfnError naming
-    the file, that it was read as `what`, and the problem."""
+    the file, that it was read as `what`, and the problem.
+
+    With `mmap`, a CPU load maps the file instead of reading it into memory: load_state_dict then copies each
+    tensor from the file once, and tensors never used (last.pt's optimizer state, torchvision's classifier) are
+    never read. Callers copy, never keep, the mapped tensors: a file rewritten in place under a mapping would change
+    them, or fault where it shrank. The legacy format (before PyTorch 1.6) cannot be mapped and is read."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -134,8 +139,9 @@ def read_torch_file(path: str | os.PathLike, what: str, *, allow: Iterable = (),
     if not head.startswith(_TORCH_FILE_MAGIC):
         raise BmfnError(f"{path}: not a {what}: not a file written by torch.save")
     try:
+        mapped = mmap and head == _TORCH_FILE_MAGIC[0] and torch.device(device).type == "cpu"
         with torch.serialization.safe_globals(list(allow)):
-            return torch.load(path, map_location=device, weights_only=True)
+            return torch.load(path, map_location=device, weights_only=True, mmap=mapped)
     except pickle.UnpicklingError:
         raise BmfnError(f"{path}: not a {what}: it holds Python objects other than tensors and plain data, which "
                         "bmfn does not unpickle (they could run code)") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import re
 from pathlib import Path
 
@@ -194,8 +195,8 @@ def test_read_torch_file_loads_weights_and_names_each_kind_of_bad_file(tmp_path:
     torch.save(state, good)
     legacy = tmp_path / "legacy.pt"  # torch.save's format before PyTorch 1.6, as old weight releases are
     torch.save(state, legacy, _use_new_zipfile_serialization=False)
-    for path in (good, legacy):
-        loaded = read_torch_file(path, "test file")
+    for path, mmap in itertools.product((good, legacy), (False, True)):  # a legacy file is read, not mapped
+        loaded = read_torch_file(path, "test file", mmap=mmap)
         assert torch.equal(loaded["layer.weight"], state["layer.weight"]) and loaded["meta"] == {"epoch": 3}
 
     text = tmp_path / "notes.pt"
@@ -213,9 +214,9 @@ def test_read_torch_file_loads_weights_and_names_each_kind_of_bad_file(tmp_path:
         unsafe: "not a test file: it holds Python objects other than tensors and plain data",
         numpy_file: "not a test file: it holds Python objects",
     }
-    for path, message in expected.items():
+    for (path, message), mmap in itertools.product(expected.items(), (False, True)):
         with pytest.raises(BmfnError, match=f"^{re.escape(f'{path}: {message}')}") as err:
-            read_torch_file(path, "test file")
+            read_torch_file(path, "test file", mmap=mmap)
         assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
     # what `allow` names is unpickled, and nothing else
     allowed = read_torch_file(numpy_file, "test file", allow=_NUMPY_PICKLE_GLOBALS)
