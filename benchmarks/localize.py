@@ -2,6 +2,7 @@
 
     python benchmarks/localize.py [VIDEO] [--frames-per-second 16] [--device cpu cuda] [--threads 2] [--repeats 2]
     python benchmarks/localize.py --device cpu --precision auto int8
+    python benchmarks/localize.py --device cpu --precision int8 --files 0 --weight-files /tmp/bmfn-weights
 
 Goals: under 10 s on 2 CPU cores at 16 frames/s; under 0.5 s on an H100. Reported per device:
 - startup: importing torch and bmfn (once per command, measured for this process);
@@ -10,6 +11,9 @@ Goals: under 10 s on 2 CPU cores at 16 frames/s; under 0.5 s on an H100. Reporte
 - warm: the best of `--repeats` further runs, what each further file of a command costs;
 - several files: one call on `--files` copies, per file, decoding files ahead in threads against one at a time.
 "command to labels" = startup + setup + first. Weights are seeded random ones: speed does not depend on their values.
+With --weight-files DIR they are written once into DIR as files of the real layouts and sizes (torchvision's VGG-19
+with its classifier, torchvggish's VGGish), registered under their own checksums, and loaded as a user's files are:
+verified, then read; otherwise setup makes them from their seed (VGGish's 72 M weights: ~0.35 s).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import dataclasses  # noqa: E402
+
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bmfn_pipeline.extract import ExtractOptions, features_provenance, load_extractors  # noqa: E402
 from bmfn_pipeline.localize import Localizer  # noqa: E402
 from bmfn_pipeline.model import BMFN, BMFNConfig  # noqa: E402
-from extractors.weights import uninitialised  # noqa: E402
+from extractors.vgg19 import vgg19_pool5_random  # noqa: E402
+from extractors.vggish import random_vggish  # noqa: E402
+from extractors.weights import WEIGHTS, file_checksum, uninitialised  # noqa: E402
 
 IMPORTED = time.perf_counter()
 DEFAULT_CLIP = Path(__file__).resolve().parents[2] / "shared" / "media" / "video" / "ave_16eUxQwxxbs.mp4"  # 10.03 s
@@ -72,17 +80,40 @@ def _line(name: str, timings: dict[str, float]) -> str:
     return f"  {name:<6} {timings['total']:7.3f} s   ({parts})"
 
 
+def weight_files(folder: Path) -> dict[str, Path]:
+    """Seeded random VGG-19 and VGGish in the layouts and sizes of torchvision's and torchvggish's files, written
+    into `folder` once and registered (for this process) under their own SHA-256, as the real files are."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"vgg19-torchvision": folder / "vgg19-random.pth", "vggish": folder / "vggish-random.pth"}
+    if not files["vgg19-torchvision"].is_file():
+        state = {f"features.{key}": value for key, value in vgg19_pool5_random(0).state_dict().items()}
+        generator = torch.Generator().manual_seed(0)
+        for i, (n_in, n_out) in zip((0, 3, 6), ((25088, 4096), (4096, 4096), (4096, 1000))):  # the classifier
+            state[f"classifier.{i}.weight"] = torch.randn(n_out, n_in, generator=generator) * 0.01
+            state[f"classifier.{i}.bias"] = torch.zeros(n_out)
+        torch.save(state, files["vgg19-torchvision"])
+    if not files["vggish"].is_file():
+        torch.save(random_vggish(0).state_dict(), files["vggish"])
+    for name, path in files.items():
+        WEIGHTS[name] = dataclasses.replace(WEIGHTS[name], checksum="sha256:" + file_checksum(path, "sha256"))
+    return files
+
+
 def benchmark(clip: Path, device: str, frames_per_second: int, repeats: int, precision: str = "auto",
-              files: int = 0) -> float:
+              files: int = 0, weights: dict[str, Path] | None = None) -> float:
     """Print the breakdown for one device and VGG-19 precision; return command-to-labels seconds."""
     torch_device = torch.device(device)
     began = time.perf_counter()
-    options = ExtractOptions(frames_per_second=frames_per_second, random_seed=0)
+    if weights:
+        given = {"vgg19_weights": str(weights["vgg19-torchvision"]), "vggish_weights": str(weights["vggish"])}
+        options = ExtractOptions(frames_per_second=frames_per_second, visual_source="torchvision", **given)
+    else:
+        given, options = {}, ExtractOptions(frames_per_second=frames_per_second, random_seed=0)
     provenance = features_provenance(options, *load_extractors(options, torch.device("cpu")))
     provenance_s = time.perf_counter() - began  # not part of a real command: its checkpoint stores this
     began = time.perf_counter()
     model = uninitialised(lambda: BMFN(BMFNConfig()))  # as load_checkpoint builds it, before loading its weights
-    localizer = Localizer(model, provenance, device=device, precision=precision)
+    localizer = Localizer(model, provenance, device=device, precision=precision, **given)
     _sync(torch_device)
     setup = time.perf_counter() - began
     first = _run(localizer, clip)
@@ -91,7 +122,9 @@ def benchmark(clip: Path, device: str, frames_per_second: int, repeats: int, pre
     total = startup + setup + first["total"]
     name = torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
-    print(f"{device} ({name}), VGG-19 {localizer.visual.precision}, {frames_per_second} frames/s, {clip.name}")
+    made = "weight files" if weights else "random weights made from a seed"
+    print(f"{device} ({name}), VGG-19 {localizer.visual.precision}, {frames_per_second} frames/s, {clip.name}, "
+          f"{made}")
     print(f"  startup {startup:6.3f} s   setup {setup:6.3f} s   (untimed: {provenance_s:.1f} s making the provenance)")
     print(_line("first", first))
     if warm is not None:
@@ -122,15 +155,19 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "float32", "bfloat16", "int8"],
                         help="VGG-19 precisions to compare (int8 on CPUs only; its first run calibrates, later runs "
                              "load the cached model)")
+    parser.add_argument("--weight-files", type=Path, metavar="DIR",
+                        help="load the networks from weight files kept in DIR (written on first use), not from a seed")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    weights = weight_files(args.weight_files) if args.weight_files else None
     for device in args.device:
         base = None
         for precision in args.precision:
             if precision == "int8" and device != "cpu":
                 continue
-            total = benchmark(args.clip, device, args.frames_per_second, args.repeats, precision, args.files)
+            total = benchmark(args.clip, device, args.frames_per_second, args.repeats, precision, args.files,
+                              weights)
             base = base or total
             print(f"  {base / total:.2f}x the first precision's command to labels")
 
