@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bmfn_pipeline.cli import keep_freed_memory  # noqa: E402
 from bmfn_pipeline.extract import ExtractOptions, features_provenance, load_extractors  # noqa: E402
 from bmfn_pipeline.localize import Localizer  # noqa: E402
 from bmfn_pipeline.model import BMFN, BMFNConfig  # noqa: E402
@@ -157,7 +158,12 @@ def main() -> None:
                              "load the cached model)")
     parser.add_argument("--weight-files", type=Path, metavar="DIR",
                         help="load the networks from weight files kept in DIR (written on first use), not from a seed")
+    parser.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                        help="keep: glibc keeps freed memory for reuse, as the bmfn executable has it "
+                             "(cli.keep_freed_memory); default: glibc's own settings")
     args = parser.parse_args()
+    if args.malloc == "keep":
+        keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     weights = weight_files(args.weight_files) if args.weight_files else None
