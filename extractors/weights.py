@@ -220,8 +220,8 @@ def weight_path(name: str, local_path: str | os.PathLike | None = None, download
     """The verified file for weights `name`: `local_path` if given, else the cached copy, else a fresh download.
 
     Every file is checked against its checksum before use, a cached one too (it may have been put there by hand),
-    and hashed again whenever it changed (_verify); a download only reaches the cache once verified. Offline or failed downloads raise one BmfnError line naming the URL,
-    the cache path and the option.
+    and hashed again whenever it changed (_verify); a download only reaches the cache once verified. Offline or
+    failed downloads raise one BmfnError line naming the URL, the cache path and the option.
     """
     if name not in WEIGHTS:
         raise BmfnError(f"unknown weights {name!r}; known: {', '.join(WEIGHTS)}")
