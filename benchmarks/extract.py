@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bmfn_pipeline.cli import keep_freed_memory  # noqa: E402
 from bmfn_pipeline.decode import decode_clip, decode_many  # noqa: E402
 from bmfn_pipeline.extract import ExtractOptions, decode_workers, extract, find_videos, load_extractors  # noqa: E402
 from extractors.int8 import quantize_int8  # noqa: E402
@@ -178,6 +179,7 @@ def main() -> None:
     parser.add_argument("--skip-end-to-end", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd VGG-19 (bmfn extract --compile)")
     args = parser.parse_args()
+    keep_freed_memory()  # as the bmfn executable runs
 
     device = torch.device(args.device)
     paths = find_videos(args.videos)
