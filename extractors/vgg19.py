@@ -30,9 +30,10 @@ CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 # torchvision IMAGENET1K_V1 normalisation of [0,1] RGB (features-reference.md 1.6).
 TORCHVISION_RGB_MEAN = (0.485, 0.456, 0.406)
 TORCHVISION_RGB_STD = (0.229, 0.224, 0.225)
-# Frames per forward pass. On a CPU, few: the first blocks' activations (3.2 MB a frame after conv1) then stay in
-# cache; on 2 AVX-512 cores 4 frames a batch ran 4-7 % faster than 64 in int8 (benchmarks/extract.py
-# --batch-sizes) and 5 % faster than 16 in bf16. A GPU wants many.
+# Frames per forward pass. On a CPU, few: each layer's output (3.2 MB a frame after conv1) stays small enough to be
+# reused from cache and from the allocator. On 2 AVX-512 cores, with the executable's allocator settings
+# (cli.keep_freed_memory), 4 frames a batch ran 4 % faster than 16 and 9 % faster than 32 in bf16, and 3 % faster
+# than 64 in int8, where 16 did as well (benchmarks/extract.py --batch-sizes). A GPU wants many.
 CPU_BATCH_SIZE = 4
 GPU_BATCH_SIZE = 64
 # Compute precisions: autocast dtype (None = plain float32). bf16 stays within 1e-2 cosine distance of float32,
