@@ -291,7 +291,7 @@ def test_compiled_network_gives_the_same_maps():
 
 
 def test_frames_per_batch_default_to_few_on_a_cpu_and_many_on_a_gpu():
-    """A CPU runs VGG-19 fastest a few frames at a time (the first blocks' activations stay in cache), a GPU with
+    """A CPU runs VGG-19 fastest a few frames at a time (small layer outputs are reused), a GPU with
     many; a batch size given is kept, and the maps do not depend on it."""
     assert default_batch_size(torch.device("cpu")) == CPU_BATCH_SIZE < GPU_BATCH_SIZE
     assert default_batch_size(torch.device("cuda", 1)) == GPU_BATCH_SIZE
