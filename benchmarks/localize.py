@@ -23,10 +23,9 @@ import time
 STARTED = time.perf_counter()
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-
-import dataclasses  # noqa: E402
 
 import torch  # noqa: E402
 

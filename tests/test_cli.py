@@ -46,8 +46,8 @@ def test_run_keeps_the_exit_code_and_frees_cycles_before_freezing_the_rest(monke
     assert tuned == [True]
 
 
-# Layer outputs as a batch of 4 frames through VGG-19 allocates and frees them (MB): each is allocated before the
-# previous is freed.
+# The layer outputs (MB) that a batch of 4 frames through VGG-19 allocates and frees, each allocated before the
+# previous one is freed.
 _LAYER_OUTPUTS_MB = (12.8, 12.8, 3.2, 6.4, 6.4, 1.6, 3.2, 3.2, 3.2, 3.2, 0.8, 1.6, 1.6, 1.6, 1.6, 0.4, 0.4, 0.1)
 _FAULTS = f"""
 import resource, sys
