@@ -2,7 +2,7 @@
 
     python benchmarks/localize.py [VIDEO] [--frames-per-second 16] [--device cpu cuda] [--threads 2] [--repeats 2]
     python benchmarks/localize.py --device cpu --precision auto int8
-    python benchmarks/localize.py --device cpu --precision int8 --files 0 --weight-files bench-weights/
+    python benchmarks/localize.py --device cpu --precision int8 --files 0 --weight-files ~/.cache/bmfn-bench-weights
 
 Goals: under 10 s on 2 CPU cores at 16 frames/s; under 0.5 s on an H100. Reported per device:
 - startup: importing torch and bmfn (once per command, measured for this process);
