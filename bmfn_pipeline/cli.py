@@ -77,6 +77,7 @@ class _SecondsBar:
             self.path = path
         self.bar.update(done - self.bar.n)
         if done >= total:
+            self.bar.refresh()  # the end is drawn even when it comes within tqdm's redraw interval of the last draw
             self.bar.close()
             self.bar = None
 
