@@ -1,14 +1,18 @@
 """Clips per second of decode_clip against a naive decoder, on the real clips, in the same run.
 
 The naive decoder decodes every frame to full-resolution RGB and keeps them all, then picks and resizes; its audio
-goes through the same path as decode_clip, so the ratio measures the streaming frame selection.
+goes through the same path as decode_clip, so the ratio measures the streaming frame selection. With
+--video-decoders cpu cuda, decode_clip runs once per video decoder; the CPU seconds per clip (this process, all its
+threads) say how many clips/s a machine's decoding workers can reach with each.
 
-    python benchmarks/decode.py [VIDEO_DIR] [--repeats N]
+    python benchmarks/decode.py [VIDEO_DIR] [--repeats N] [--video-decoders cpu cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import resource
 import time
 from pathlib import Path
 
@@ -16,7 +20,8 @@ import av
 import cv2
 import numpy as np
 
-from bmfn_pipeline.decode import FRAME_SIZE, _decode_audio, _open, decode_clip, probe, segment_frame_indices
+from bmfn_pipeline.decode import (FRAME_SIZE, VIDEO_DECODERS, _decode_audio, _open, decode_clip, probe,
+                                  segment_frame_indices)
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "media" / "video"
 
@@ -35,25 +40,37 @@ def naive_decode(path: Path, frames_per_second: int = 16) -> tuple[np.ndarray, n
     return frames, audio
 
 
-def clips_per_second(decode, clips: list[Path], repeats: int) -> float:
-    start = time.perf_counter()
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def clips_per_second(decode, clips: list[Path], repeats: int) -> tuple[float, float]:
+    """(clips/s, CPU seconds per clip)."""
+    start, cpu = time.perf_counter(), cpu_seconds()
     for _ in range(repeats):
         for clip in clips:
             decode(clip)
-    return repeats * len(clips) / (time.perf_counter() - start)
+    count = repeats * len(clips)
+    return count / (time.perf_counter() - start), (cpu_seconds() - cpu) / count
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("video_dir", nargs="?", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--video-decoders", nargs="+", default=["cpu"], choices=VIDEO_DECODERS)
     args = parser.parse_args()
     clips = sorted(p for p in args.video_dir.iterdir() if p.is_file())
     decode_clip(clips[0], frames_per_second=2)  # warm up: the resampling filter bank, page cache
-    fast = clips_per_second(decode_clip, clips, args.repeats)
-    naive = clips_per_second(naive_decode, clips, args.repeats)
-    print(f"{len(clips)} clips x {args.repeats}: decode_clip {fast:.2f} clips/s, naive {naive:.2f} clips/s, "
-          f"ratio {fast / naive:.2f}x")
+    naive, naive_cpu = clips_per_second(naive_decode, clips, args.repeats)
+    print(f"{len(clips)} clips x {args.repeats}: naive {naive:.2f} clips/s, {naive_cpu:.2f} CPU s per clip")
+    for decoder in args.video_decoders:
+        decode = functools.partial(decode_clip, video_decoder=decoder)
+        decode(clips[0], frames_per_second=2)  # warm up: a GPU's context
+        fast, fast_cpu = clips_per_second(decode, clips, args.repeats)
+        print(f"  decode_clip, {decoder} video decoder: {fast:.2f} clips/s ({fast / naive:.2f}x), "
+              f"{fast_cpu:.2f} CPU s per clip ({naive_cpu / fast_cpu:.2f}x less)")
 
 
 if __name__ == "__main__":

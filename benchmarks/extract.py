@@ -2,6 +2,7 @@
 
     python benchmarks/extract.py [VIDEO ...] [--device cpu|cuda] [--frames 48] [--frames-per-second 16]
     python benchmarks/extract.py --frames 64 --batch-sizes 64 16 4 --skip-end-to-end
+    python benchmarks/extract.py --device cuda --video-decoder cuda --repeat-clips 16 --skip-visual
 
 Baseline: one frame at a time, float32, default memory format (what a straightforward port does).
 Candidates: batched float32, batched channels_last, batched channels_last + bf16 autocast (and torch.compile with
@@ -27,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bmfn_pipeline.cli import keep_freed_memory  # noqa: E402
 from bmfn_pipeline.decode import decode_clip, decode_many  # noqa: E402
-from bmfn_pipeline.extract import ExtractOptions, decode_workers, extract, find_videos, load_extractors  # noqa: E402
+from bmfn_pipeline.extract import (ExtractOptions, decode_workers, extract, find_videos, load_extractors,  # noqa: E402
+                                   video_decoder_on)
 from extractors.int8 import quantize_int8  # noqa: E402
 from extractors.vgg19 import caffe_preprocess, vgg19_pool5_random  # noqa: E402
 from extractors.vggish_input import with_examples  # noqa: E402
@@ -120,11 +122,13 @@ def end_to_end(paths: list[Path], options: ExtractOptions, device: torch.device,
     serial_paths = paths[:serial_clips]
     # The stages as extract() splits them: decoding and log-mel examples (in the workers), then the two networks.
     prepare = functools.partial(with_examples, alignment=options.alignment)
-    clip, examples = prepare(decode_clip(paths[0], frames_per_second=options.frames_per_second))
+    decode = functools.partial(decode_clip, frames_per_second=options.frames_per_second,
+                               video_decoder=video_decoder_on(options.video_decoder, device))
+    clip, examples = prepare(decode(paths[0]))
     visual.segments(clip.frames), audio.embed(examples)  # compile, autotune
     for path in serial_paths:
         start = time.perf_counter()
-        clip, examples = prepare(decode_clip(path, frames_per_second=options.frames_per_second))
+        clip, examples = prepare(decode(path))
         decode_t += time.perf_counter() - start
         start = time.perf_counter()
         visual.segments(clip.frames)
@@ -135,7 +139,8 @@ def end_to_end(paths: list[Path], options: ExtractOptions, device: torch.device,
         _sync(device)
         audio_t += time.perf_counter() - start
     serial = decode_t + visual_t + audio_t
-    print(f"end to end, {len(paths)} clips at {options.frames_per_second} frames/s, precision {options.precision}:")
+    print(f"end to end, {len(paths)} clips at {options.frames_per_second} frames/s, precision {options.precision}, "
+          f"{options.video_decoder} video decoder:")
     print(f"  serial stages over {len(serial_paths)} clips: decode + log-mel {decode_t:.2f} s, VGG-19 {visual_t:.2f} s,"
           f" VGGish {audio_t:.2f} s = {len(serial_paths) / serial:.2f} clips/s")
     serial *= len(paths) / len(serial_paths)
@@ -155,12 +160,17 @@ def end_to_end(paths: list[Path], options: ExtractOptions, device: torch.device,
               f"start-up until the first clip {finished[0] - start:.2f} s")
         print(f"  {device.type} busy with the networks {100 * min(1.0, networks_per_clip * steady):.0f} % of the "
               f"steady state ({1000 * networks_per_clip:.0f} ms per clip); the rest it waits for decoded clips")
-    # The ceiling the decode workers set: the same decoding and log-mel framing, with no networks.
-    arrivals = [time.perf_counter() for _ in decode_many(paths, seconds=options.seconds, workers=workers,
-                                                          frames_per_second=options.frames_per_second, prepare=prepare)]
-    if len(arrivals) > 2:
-        print(f"  decoding alone, {workers} worker(s), steady state: "
-              f"{(len(arrivals) - 1) / (arrivals[-1] - arrivals[0]):.2f} clips/s")
+    # The ceiling the decode workers set: the same decoding and log-mel framing, with no networks; with a GPU video
+    # decoder, the CPU decoder's ceiling too, as the baseline.
+    ceilings = {}
+    for decoder in dict.fromkeys(["cpu", video_decoder_on(options.video_decoder, device)]):
+        arrivals = [time.perf_counter() for _ in decode_many(paths, seconds=options.seconds, workers=workers,
+                                                              frames_per_second=options.frames_per_second,
+                                                              prepare=prepare, video_decoder=decoder)]
+        if len(arrivals) > 2:
+            ceilings[decoder] = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+            print(f"  decoding alone, {decoder} video decoder, {workers} worker(s), steady state: "
+                  f"{ceilings[decoder]:.2f} clips/s ({ceilings[decoder] / ceilings['cpu']:.2f}x)")
 
 
 def main() -> None:
@@ -174,6 +184,8 @@ def main() -> None:
     parser.add_argument("--frames-per-second", type=int, default=16)
     parser.add_argument("--workers", type=int, default=None, help="default: as `bmfn extract` chooses")
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--video-decoder", default="cpu", choices=["cpu", "cuda"],
+                        help="as `bmfn extract --video-decoder`; decoding alone is timed with the CPU decoder too")
     parser.add_argument("--repeat-clips", type=int, default=1, help="process the clip list this many times")
     parser.add_argument("--skip-visual", action="store_true")
     parser.add_argument("--skip-end-to-end", action="store_true")
@@ -194,7 +206,8 @@ def main() -> None:
     if args.skip_end_to_end:
         return
     options = ExtractOptions(frames_per_second=args.frames_per_second, random_seed=0, device=str(device),
-                             precision=args.precision, workers=args.workers, compile=args.compile)
+                             precision=args.precision, workers=args.workers, compile=args.compile,
+                             video_decoder=args.video_decoder)
     with tempfile.TemporaryDirectory() as tmp:
         if args.repeat_clips > 1:  # distinct names, so each copy is a clip of its own in the store
             copies = []

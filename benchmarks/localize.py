@@ -2,6 +2,7 @@
 
     python benchmarks/localize.py [VIDEO] [--frames-per-second 16] [--device cpu cuda] [--threads 2] [--repeats 2]
     python benchmarks/localize.py --device cpu --precision auto int8
+    python benchmarks/localize.py --device cuda --video-decoders cpu cuda
     python benchmarks/localize.py --device cpu --precision int8 --files 0 --weight-files ~/.cache/bmfn-bench-weights
 
 Goals: under 10 s on 2 CPU cores at 16 frames/s; under 0.5 s on an H100. Reported per device:
@@ -100,7 +101,7 @@ def weight_files(folder: Path) -> dict[str, Path]:
 
 
 def benchmark(clip: Path, device: str, frames_per_second: int, repeats: int, precision: str = "auto",
-              files: int = 0, weights: dict[str, Path] | None = None) -> float:
+              files: int = 0, weights: dict[str, Path] | None = None, video_decoder: str = "cpu") -> float:
     """Print the breakdown for one device and VGG-19 precision; return command-to-labels seconds."""
     torch_device = torch.device(device)
     began = time.perf_counter()
@@ -113,7 +114,7 @@ def benchmark(clip: Path, device: str, frames_per_second: int, repeats: int, pre
     provenance_s = time.perf_counter() - began  # not part of a real command: its checkpoint stores this
     began = time.perf_counter()
     model = uninitialised(lambda: BMFN(BMFNConfig()))  # as load_checkpoint builds it, before loading its weights
-    localizer = Localizer(model, provenance, device=device, precision=precision, **given)
+    localizer = Localizer(model, provenance, device=device, precision=precision, video_decoder=video_decoder, **given)
     _sync(torch_device)
     setup = time.perf_counter() - began
     first = _run(localizer, clip)
@@ -124,7 +125,7 @@ def benchmark(clip: Path, device: str, frames_per_second: int, repeats: int, pre
         f"CPU, {torch.get_num_threads()} threads"
     made = "weight files" if weights else "random weights made from a seed"
     print(f"{device} ({name}), VGG-19 {localizer.visual.precision}, {frames_per_second} frames/s, {clip.name}, "
-          f"{made}")
+          f"{made}, {video_decoder} video decoder")
     print(f"  startup {startup:6.3f} s   setup {setup:6.3f} s   (untimed: {provenance_s:.1f} s making the provenance)")
     print(_line("first", first))
     if warm is not None:
@@ -155,6 +156,8 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "float32", "bfloat16", "int8"],
                         help="VGG-19 precisions to compare (int8 on CPUs only; its first run calibrates, later runs "
                              "load the cached model)")
+    parser.add_argument("--video-decoders", nargs="+", default=["cpu"], choices=["cpu", "cuda"],
+                        help="video decoders to compare on a CUDA device (`bmfn localize --video-decoder`)")
     parser.add_argument("--weight-files", type=Path, metavar="DIR",
                         help="load the networks from weight files kept in DIR (written on first use), not from a seed")
     parser.add_argument("--malloc", choices=["keep", "default"], default="keep",
@@ -169,12 +172,13 @@ def main() -> None:
     for device in args.device:
         base = None
         for precision in args.precision:
-            if precision == "int8" and device != "cpu":
-                continue
-            total = benchmark(args.clip, device, args.frames_per_second, args.repeats, precision, args.files,
-                              weights)
-            base = base or total
-            print(f"  {base / total:.2f}x the first precision's command to labels")
+            for decoder in args.video_decoders:
+                if (precision == "int8" or decoder == "cuda") and device == "cpu":
+                    continue
+                total = benchmark(args.clip, device, args.frames_per_second, args.repeats, precision, args.files,
+                                  weights, decoder)
+                base = base or total
+                print(f"  {base / total:.2f}x the first precision's and decoder's command to labels")
 
 
 if __name__ == "__main__":

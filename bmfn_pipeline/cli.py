@@ -193,13 +193,16 @@ def probe(files, as_json, frames_per_second) -> None:
 @click.option("--workers", type=click.IntRange(0),
               help="Decoding processes running beside the networks (0: decode in the main process). Default: "
                    "1 on CPU; on a GPU one per core but one (shared by torchrun's ranks on the machine).")
+@click.option("--video-decoder", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where video is decoded: cpu (FFmpeg) or cuda (the GPU's NVDEC, through PyAV; the same frames "
+                   "for 8-bit 4:2:0 video).")
 @click.option("--shard", metavar="I/N",
               help="Extract only shard I of N (0-based, by a hash of the clip id) into OUT's shard file "
                    "(feats.shard-0000I-of-0000N.h5); join the shards with `bmfn merge`. Under torchrun the ranks "
                    "pick their shards themselves.")
 def extract(inputs, out, annotations, splits, frames_per_second, visual_source, vgg19_weights, vggish_weights,
             weights_kind, seed, alignment, device, precision, batch_size, compile_network, dtype, workers,
-            shard) -> None:
+            video_decoder, shard) -> None:
     """Extract per-second VGG-19 pool5 maps and VGGish embeddings from videos into a feature store.
 
     INPUTS are video files, folders (searched recursively) or .txt files listing paths.
@@ -218,7 +221,7 @@ def extract(inputs, out, annotations, splits, frames_per_second, visual_source, 
         frames_per_second=frames_per_second, visual_source=visual_source, vgg19_weights=vgg19_weights,
         vggish_weights=vggish_weights, random_seed=seed if weights_kind == "random" else None,
         alignment=alignment, dtype=dtype, device=device, precision=precision, batch_size=batch_size, workers=workers,
-        compile=compile_network,
+        compile=compile_network, video_decoder=video_decoder,
     )
     if options.random_seed is not None:
         click.echo(f"bmfn: using RANDOM network weights (seed {seed}): features are for tests and demos only, "
@@ -425,9 +428,11 @@ def _output_format(ctx, param, value):
               help="10 s windows per BMFN batch, shared by all files.")
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16", "int8"]), default="auto",
               show_default=True, help="VGG-19 compute precision, as for `bmfn extract` (int8: CPU only, fastest).")
+@click.option("--video-decoder", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where video is decoded, as for `bmfn extract` (cuda: the GPU's NVDEC).")
 @click.option("--force", is_flag=True, help="Go on when the features would differ from the checkpoint's.")
 def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_per_second, weights_kind, seed,
-             vgg19_weights, vggish_weights, device, batch_size, precision, force) -> None:
+             vgg19_weights, vggish_weights, device, batch_size, precision, video_decoder, force) -> None:
     """Label every second of each video: start-end, label, event probability, class probability, then a summary.
 
     FILES are videos, folders (searched recursively for video files) or .txt lists of paths.
@@ -453,7 +458,8 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
     localizer = Localizer.from_checkpoint(
         checkpoint, device=device, stride=stride, batch_size=batch_size, frames_per_second=frames_per_second,
         weights=weights_kind, vgg19_weights=vgg19_weights, vggish_weights=vggish_weights, seed=seed,
-        precision=precision, force=force, log=lambda message: click.echo(f"bmfn: {message}", err=True))
+        precision=precision, force=force, video_decoder=video_decoder,
+        log=lambda message: click.echo(f"bmfn: {message}", err=True))
     plot_dir = (output_dir if output_dir is not None else ".") if plot else None
     if sys.stderr.isatty():  # a bar per file while VGG-19 gets through it; gone before its labels are printed
         localizer.progress = _SecondsBar()

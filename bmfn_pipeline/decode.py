@@ -21,10 +21,16 @@ Stream starts: video and audio are each read from their own start, as the releas
 half a second or more apart (a video that begins seconds after its sound); then both are placed on one timeline from
 the earlier start, so each second gets the frames and sound a player presents together: before the video starts, its
 first frame; before the sound starts, silence.
+
+Video on a GPU (video_decoder="cuda"): NVDEC decodes through PyAV's CUDA hwaccel and keeps the frames on the GPU;
+only the sampled ones are copied back, rearranged from NV12 into the CPU decoders' yuv420p layout and converted as
+theirs are. Video decoding is exact (the codecs specify every output bit), so the frames are the same, and the CPU
+is left with demuxing, the sampled frames and the audio.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
 import multiprocessing
@@ -42,6 +48,7 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
+from av.codec.hwaccel import HWAccel
 from threadpoolctl import threadpool_limits
 
 from .ave import SEGMENTS
@@ -70,6 +77,10 @@ MAX_WORKER_DEATHS = 3  # pools in a row whose worker died before any clip decode
 SHARED_MEMORY_DIR = "/dev/shm"
 SHARED_MEMORY_MARGIN = 2
 _SHARE_FRAMES = False
+# Where video frames are decoded: "cpu" (FFmpeg's decoders) or "cuda[:N]" (NVDEC, through PyAV's CUDA hwaccel).
+VIDEO_DECODERS = ("cpu", "cuda")
+NVDEC_LIBRARY = "libnvcuvid.so.1"  # the driver's decoding library, which FFmpeg loads when it opens a decoder
+_HELD_DECODER_DEVICES: dict[int, HWAccel] = {}  # per GPU, a CUDA device context this process keeps (video_hwaccel)
 
 
 @dataclass
@@ -218,15 +229,18 @@ def first_frame_filters(path: str | os.PathLike, info: ClipInfo) -> list[str]:
 
 
 def decode_clip(path: str | os.PathLike, *, seconds: int = SEGMENTS, frames_per_second: int = FRAMES_PER_SEGMENT,
-                start_s: float = 0.0, allow_silent: bool = False, wall_clock: bool = False) -> DecodedClip:
+                start_s: float = 0.0, allow_silent: bool = False, wall_clock: bool = False,
+                video_decoder: str = "cpu") -> DecodedClip:
     """Decode `seconds` one-second segments from `start_s`: sampled frames and the 16 kHz mono waveform.
 
     Frames are picked at AVE's indices for a clip about `seconds` long decoded from 0 s, else by wall-clock time;
     wall_clock=True always picks them by time and says nothing of the video going on past the window (for
     windows of a longer video, whose frame times must not drift from the audio's).
+    video_decoder="cuda[:N]" decodes the video on that GPU's NVDEC (video_hwaccel); the frames are the same.
     Raises BmfnError for a file that cannot be used; with allow_silent=True a file without audio gives silence.
     """
-    with _open(path) as container:
+    hwaccel = video_hwaccel(video_decoder)
+    with _open(path, hwaccel) as container:
         info = _clip_info(path, container, seconds, start_s, wall_clock)
         if info.audio_index is None and not allow_silent:
             raise BmfnError(f"{path}: no audio stream (pass allow_silent=True to use silence)")
@@ -251,14 +265,42 @@ def _decode_audio_file(path: str | os.PathLike, info: ClipInfo, warnings: list[s
         return _decode_audio(path, container, info, warnings)
 
 
+def video_hwaccel(video_decoder: str) -> HWAccel | None:
+    """PyAV's decoding settings for a VIDEO_DECODERS choice: None for "cpu"; for "cuda[:N]", NVDEC on GPU N with the
+    frames left on the GPU, so that only the sampled ones are copied back (_rgb), and FFmpeg's decoder where NVDEC
+    cannot take a stream.
+
+    The first call per GPU creates a device context that the process keeps: FFmpeg retains CUDA's primary context
+    for each file it opens and would otherwise create and destroy it every time. Raises BmfnError where NVDEC
+    cannot be used: no NVIDIA driver or GPU, an FFmpeg without CUDA, or no NVDEC library (a container without the
+    driver's video capability), where FFmpeg would quietly decode every file on the CPU instead."""
+    if video_decoder == "cpu":
+        return None
+    kind, _, index = video_decoder.partition(":")
+    if kind != "cuda" or not (index == "" or index.isdigit()):
+        raise BmfnError(f"video decoder {video_decoder!r}: choose one of cpu, cuda or cuda:N")
+    device = int(index or 0)
+    accel = HWAccel("cuda", device=str(device), allow_software_fallback=True, is_hw_owned=True)
+    if device not in _HELD_DECODER_DEVICES:
+        try:
+            held = accel.create(av.Codec("h264", "r"))
+            ctypes.CDLL(NVDEC_LIBRARY)
+        except (av.error.FFmpegError, NotImplementedError, OSError) as exc:
+            reason = _reason(exc) if isinstance(exc, av.error.FFmpegError) else str(exc)
+            raise BmfnError(f"GPU video decoding (NVDEC) on cuda:{device} is not available here ({reason}); "
+                            "decode on the CPU instead (--video-decoder cpu)") from None
+        _HELD_DECODER_DEVICES[device] = held
+    return accel
+
+
 def decode_or_error(path: Path, seconds: int, frames_per_second: int,
-                    prepare: Callable[[DecodedClip], Any] | None = None) -> Any:
+                    prepare: Callable[[DecodedClip], Any] | None = None, video_decoder: str = "cpu") -> Any:
     """A decoded clip (passed through `prepare`, if given), or the one-line reason it could not be decoded.
 
     This is the entry point of decoding workers; `prepare` lets a caller move CPU work on the clip into them.
     """
     try:
-        clip = decode_clip(path, seconds=seconds, frames_per_second=frames_per_second)
+        clip = decode_clip(path, seconds=seconds, frames_per_second=frames_per_second, video_decoder=video_decoder)
         return clip if prepare is None else prepare(clip)
     except BmfnError as exc:
         return str(exc)
@@ -277,7 +319,7 @@ def _init_worker(threads: int, share_frames: bool) -> None:
 
 def decode_many(
     paths: list[Path], *, seconds: int = SEGMENTS, frames_per_second: int = FRAMES_PER_SEGMENT, workers: int = 1,
-    prepare: Callable[[DecodedClip], Any] | None = None,
+    prepare: Callable[[DecodedClip], Any] | None = None, video_decoder: str = "cpu",
 ) -> Iterator[tuple[Path, Any]]:
     """Decode in `workers` processes, in order, with at most IN_FLIGHT_PER_WORKER clips per worker in flight.
 
@@ -286,30 +328,31 @@ def decode_many(
     A worker that dies (killed, out of memory, a crash inside a decoder) fails the clip that killed it, found by
     decoding the clips that were in flight one at a time; the others go on in fresh workers.
     """
+    video_hwaccel(video_decoder)  # a GPU decoder that cannot work fails here, once, not in every clip
     if workers <= 0:
         for path in paths:
-            yield path, decode_or_error(path, seconds, frames_per_second, prepare)
+            yield path, decode_or_error(path, seconds, frames_per_second, prepare, video_decoder)
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
     clip_bytes = seconds * frames_per_second * FRAME_SIZE * FRAME_SIZE * 3
     share = _shared_memory_free() >= SHARED_MEMORY_MARGIN * IN_FLIGHT_PER_WORKER * workers * clip_bytes
     todo, suspects, deaths = deque(paths), 0, 0
     while todo:
-        done, suspects = yield from _decode_in_pool(todo, suspects, seconds, frames_per_second, workers, prepare,
-                                                    (threads, share))
+        done, suspects = yield from _decode_in_pool(todo, suspects, (seconds, frames_per_second, prepare,
+                                                                     video_decoder), workers, (threads, share))
         deaths = 0 if done else deaths + 1
         if deaths >= MAX_WORKER_DEATHS and todo:
             raise BmfnError(f"decoding workers died {deaths} times in a row without decoding a clip; "
                             f"{len(todo)} clips not decoded, starting with {todo[0]}")
 
 
-def _decode_in_pool(todo: deque, suspects: int, seconds: int, frames_per_second: int, workers: int, prepare,
-                    initargs: tuple):
+def _decode_in_pool(todo: deque, suspects: int, decode_args: tuple, workers: int, initargs: tuple):
     """decode_many's work in one pool, taking clips off `todo` until it is empty or a worker dies.
 
     A dead worker breaks the whole pool and every clip in flight with it, without saying which one killed it: those
     go back on `todo` as suspects, and the next pool decodes the first `suspects` clips one at a time, so that a clip
-    that kills its worker again is the one failed. Yields like decode_many; returns (clips done, suspects left)."""
+    that kills its worker again is the one failed. `decode_args` are decode_or_error's after the path. Yields like
+    decode_many; returns (clips done, suspects left)."""
     # spawn, not fork: the parent may hold CUDA state and threads that a fork would copy half-way.
     context = multiprocessing.get_context("spawn")
     done = 0
@@ -318,8 +361,7 @@ def _decode_in_pool(todo: deque, suspects: int, seconds: int, frames_per_second:
         try:
             while todo or pending:
                 while todo and len(pending) < (1 if suspects else IN_FLIGHT_PER_WORKER * workers):
-                    pending.append((todo[0], pool.submit(decode_or_error, todo[0], seconds, frames_per_second,
-                                                         prepare)))
+                    pending.append((todo[0], pool.submit(decode_or_error, todo[0], *decode_args)))
                     todo.popleft()
                 path, result = pending[0][0], pending[0][1].result()
                 pending.popleft()
@@ -346,7 +388,7 @@ def _shared_memory_free() -> int:
     return stat.f_bavail * stat.f_frsize
 
 
-def _open(path: str | os.PathLike) -> av.container.InputContainer:
+def _open(path: str | os.PathLike, hwaccel: HWAccel | None = None) -> av.container.InputContainer:
     file = Path(path)
     if file.is_dir():
         raise BmfnError(f"{path}: a folder, not a video file")
@@ -355,7 +397,7 @@ def _open(path: str | os.PathLike) -> av.container.InputContainer:
     if file.stat().st_size == 0:
         raise BmfnError(f"{path}: empty file")
     try:
-        return av.open(str(file))
+        return av.open(str(file), hwaccel=hwaccel)
     except av.error.EOFError:
         raise BmfnError(f"{path}: no media data (zero duration)") from None
     except av.error.FFmpegError as exc:
@@ -531,8 +573,27 @@ def _resize(frame: av.VideoFrame) -> np.ndarray:
 
     One swscale thread: PyAV otherwise starts a thread per core for every frame it converts, which costs more CPU
     than the conversion itself (0.5 vs 0.08 core-s per 720p clip), with the same pixels."""
-    rgb = frame.to_ndarray(format="rgb24", threads=1)
-    return _upright(frame, cv2.resize(rgb, (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_LINEAR))
+    return _upright(frame, cv2.resize(_rgb(frame), (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_LINEAR))
+
+
+def _rgb(frame: av.VideoFrame) -> np.ndarray:
+    """The frame as uint8 RGB [H, W, 3]. A frame that NVDEC left on the GPU is copied back first."""
+    if frame.sw_format is not None and frame.sw_format.name == "nv12" and frame.width % 2 == 0 == frame.height % 2:
+        return yuv420p_from_nv12(frame.to_ndarray(), frame).to_ndarray(format="rgb24", threads=1)
+    # CPU frames; on the GPU other formats (10-bit p010) convert from NVDEC's layout, within rounding of the CPU's
+    return frame.to_ndarray(format="rgb24", threads=1)
+
+
+def yuv420p_from_nv12(planes: np.ndarray, like: av.VideoFrame) -> av.VideoFrame:
+    """NV12 planes [H*3/2, W] (NVDEC's output: U and V interleaved) as the yuv420p frame FFmpeg's CPU decoders give,
+    with `like`'s colour tags. swscale converts the two layouts to RGB differently (from NV12 it interpolates
+    chroma: up to 25 levels apart on AVE clips), and the same from this rearrangement: the features stay the same."""
+    height, width = like.height, like.width
+    chroma = planes[height:].reshape(height // 2, width // 2, 2)
+    planar = np.concatenate([planes[:height].reshape(-1), chroma[..., 0].reshape(-1), chroma[..., 1].reshape(-1)])
+    frame = av.VideoFrame.from_ndarray(planar.reshape(height * 3 // 2, width), format="yuv420p")
+    frame.colorspace, frame.color_range = like.colorspace, like.color_range
+    return frame
 
 
 # What FFmpeg's autorotate inserts to show a frame as its display matrix says, on an [H, W, 3] image.

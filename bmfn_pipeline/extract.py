@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from bmfn_pipeline import __version__
 from bmfn_pipeline.ave import load_splits, read_annotations
-from bmfn_pipeline.decode import DecodedClip, decode_many, find_videos
+from bmfn_pipeline.decode import DecodedClip, decode_many, find_videos, video_hwaccel
 from bmfn_pipeline.distributed import Shard, finish_together, rank_device, rank_env, resolve_device, resolve_shard
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.store import STORAGE_DTYPES, ClipLabels, FeatureStore, labels_from_annotations
@@ -52,6 +52,7 @@ class ExtractOptions:
     batch_size: int | None = None  # frames per VGG-19 forward; None: vgg19.default_batch_size of the device
     compile: bool = False  # torch.compile VGG-19: same features to float rounding, a little faster, slower start
     workers: int | None = None  # decoding processes; 0 decodes in the main process; None: decode_workers decides
+    video_decoder: str = "cpu"  # "cuda": NVDEC on the extraction GPU (decode.video_hwaccel); the same frames
 
 
 @dataclass
@@ -99,6 +100,13 @@ def decode_workers(requested: int | None, device: torch.device) -> int:
         raise BmfnError(f"LOCAL_WORLD_SIZE={os.environ['LOCAL_WORLD_SIZE']!r} must be an integer, as torchrun "
                         "sets it") from None
     return max(1, (os.cpu_count() or 2) // ranks_here - 1)
+
+
+def video_decoder_on(video_decoder: str, device: torch.device) -> str:
+    """decode.VIDEO_DECODERS' "cuda" as the GPU the networks run on (each torchrun rank decodes on its own)."""
+    if video_decoder == "cuda" and device.type == "cuda":
+        return f"cuda:{device.index or 0}"
+    return video_decoder
 
 
 def load_extractors(options: ExtractOptions, device: torch.device) -> tuple[VisualExtractor, AudioExtractor]:
@@ -190,6 +198,8 @@ def extract(
         paths, out = [path for path in paths if shard.holds(clip_id(path))], shard.path(out)
         progress = progress and rank_env().local_rank == 0  # one bar per machine under torchrun
     device = rank_device(resolve_device(options.device))
+    video_decoder = video_decoder_on(options.video_decoder, device)
+    video_hwaccel(video_decoder)  # no NVDEC here: one line now, before the networks load
     visual, audio = load_extractors(options, device)
     provenance = features_provenance(options, visual, audio)
     summary = ExtractSummary(Path(out))
@@ -214,7 +224,8 @@ def extract(
             # The log-mel examples are made in the decoding workers (CPU work off the device loop; no torch there).
             prepare = functools.partial(with_examples, alignment=options.alignment)
             decoded = decode_many(todo, seconds=options.seconds, frames_per_second=options.frames_per_second,
-                                  workers=decode_workers(options.workers, device), prepare=prepare)
+                                  workers=decode_workers(options.workers, device), prepare=prepare,
+                                  video_decoder=video_decoder)
 
             def finish(path: Path, clip: DecodedClip | str, results: _DeviceResults | None) -> None:
                 cid = clip_id(path)

@@ -33,11 +33,12 @@ import numpy as np
 import torch
 
 from bmfn_pipeline.ave import BACKGROUND, SEGMENTS
-from bmfn_pipeline.decode import FRAME_SIZE, SAMPLE_RATE, ClipInfo, DecodedClip, decode_clip, find_videos, probe
+from bmfn_pipeline.decode import (FRAME_SIZE, SAMPLE_RATE, ClipInfo, DecodedClip, decode_clip, find_videos, probe,
+                                  video_hwaccel)
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.evaluate import EVAL_BATCH_SIZE
 from bmfn_pipeline.extract import (FRAMES_PER_SECOND, ExtractOptions, features_provenance, load_extractors,
-                                   resolve_device)
+                                   resolve_device, video_decoder_on)
 from bmfn_pipeline.model import BMFN, EVENT_THRESHOLD
 from bmfn_pipeline.train import RUNS_DIR, check_provenance, load_checkpoint, resolve_checkpoint
 from bmfn_pipeline.writers import STRIP_HEIGHT_PX, LocalizationResult, SecondLabel, plot_timeline
@@ -139,10 +140,12 @@ class Localizer:
                  stride: int = DEFAULT_STRIDE, device: str = "auto", batch_size: int = EVAL_BATCH_SIZE,
                  frames_per_second: int | None = None, weights: str = "checkpoint",
                  vgg19_weights: str | os.PathLike | None = None, vggish_weights: str | os.PathLike | None = None,
-                 seed: int | None = None, precision: str = "auto", force: bool = False,
+                 seed: int | None = None, precision: str = "auto", force: bool = False, video_decoder: str = "cpu",
                  log: Callable[[str], None] | None = None) -> None:
         self.log = log or (lambda message: None)
         self.device = resolve_device(device)
+        self.video_decoder = video_decoder_on(video_decoder, self.device)
+        video_hwaccel(self.video_decoder)  # no NVDEC here: one line now, before the networks load
         self.model = model.to(self.device).eval()
         check_stride(stride)
         self.stride = stride
@@ -299,7 +302,8 @@ class Localizer:
     def _decode(self, path: Path, **window) -> DecodedClip:
         try:
             # A video without sound is still labelled (as silence: no audio-visual event), with decode's warning.
-            return decode_clip(path, frames_per_second=self.options.frames_per_second, allow_silent=True, **window)
+            return decode_clip(path, frames_per_second=self.options.frames_per_second, allow_silent=True,
+                               video_decoder=self.video_decoder, **window)
         except BmfnError:
             raise
         except Exception as exc:  # a decoder crash on one file must not end the run
@@ -384,7 +388,7 @@ def localize(paths: str | os.PathLike | Iterable[str | os.PathLike], checkpoint:
              *, stride: int = DEFAULT_STRIDE, device: str = "auto", batch_size: int = EVAL_BATCH_SIZE,
              frames_per_second: int | None = None, weights: str = "checkpoint",
              vgg19_weights: str | os.PathLike | None = None, vggish_weights: str | os.PathLike | None = None,
-             seed: int | None = None, precision: str = "auto", force: bool = False,
+             seed: int | None = None, precision: str = "auto", force: bool = False, video_decoder: str = "cpu",
              plot_dir: str | os.PathLike | None = None, runs_dir: str | os.PathLike = RUNS_DIR,
              log: Callable[[str], None] | None = None) -> LocalizationResult | list[LocalizationResult | BmfnError]:
     """Per-second labels of one video (a LocalizationResult; a failure raises BmfnError) or of several: a list of
@@ -393,7 +397,8 @@ def localize(paths: str | os.PathLike | Iterable[str | os.PathLike], checkpoint:
 
     `checkpoint` defaults to the newest run's best.pt under `runs_dir`; `frames_per_second` and the weights
     default to those the checkpoint's features were made with; `precision` is VGG-19's (auto, float32, bfloat16,
-    or int8 on CPUs); see the module docstring for windows and labels.
+    or int8 on CPUs); `video_decoder` "cuda" decodes on the GPU's NVDEC; see the module docstring for windows and
+    labels.
     """
     single = isinstance(paths, (str, os.PathLike))
     files = find_videos([paths] if single else paths, keep_missing=True)
@@ -405,7 +410,8 @@ def localize(paths: str | os.PathLike | Iterable[str | os.PathLike], checkpoint:
     localizer = Localizer.from_checkpoint(
         checkpoint, runs_dir=runs_dir, device=device, stride=stride, batch_size=batch_size,
         frames_per_second=frames_per_second, weights=weights, vgg19_weights=vgg19_weights,
-        vggish_weights=vggish_weights, seed=seed, precision=precision, force=force, log=log)
+        vggish_weights=vggish_weights, seed=seed, precision=precision, force=force, video_decoder=video_decoder,
+        log=log)
     outcomes = [outcome for _, outcome in localizer.run(files, plot_dir=plot_dir)]
     if single:
         if isinstance(outcomes[0], BmfnError):

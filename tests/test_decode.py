@@ -13,11 +13,13 @@ import cv2
 import numpy as np
 import pytest
 import resampy
+import torch
 from conftest import write_rotated_clip
 
 from bmfn_pipeline import decode
 from bmfn_pipeline.decode import (FRAME_SIZE, SAMPLE_RATE, ave_frame_indices, decode_clip, decode_many,
-                                  first_frame_filters, probe, segment_frame_indices)
+                                  first_frame_filters, probe, segment_frame_indices, video_hwaccel,
+                                  yuv420p_from_nv12)
 from bmfn_pipeline.errors import BmfnError
 
 # features-reference.md 1.1: offsets of the 16 samples within a segment of fi frames
@@ -305,3 +307,77 @@ def test_one_still_frame_over_its_sound_is_shown_throughout(tmp_path):
     assert clip.info.segments == 10 and (clip.frames == clip.frames[0, 0]).all()
     assert np.abs(clip.audio[-SAMPLE_RATE:]).mean() > 0.1  # the sound goes on to the end
     assert any("only 1 frames decode: the last is repeated" in w for w in clip.warnings)
+
+
+# (colorspace, color_range) tags swscale reads: as decoded, BT.709 limited, BT.709 full, BT.601 full
+COLOUR_TAGS = [None, (1, 1), (1, 2), (5, 2)]
+
+
+@pytest.mark.parametrize("name", ["ave_16eUxQwxxbs.mp4", "ave_0lFf-HP86Q0.mp4", "torchcodec_nasa_13013.mp4",
+                                  "moviepy_big_buck_bunny_0_30.webm"])
+def test_nvdec_planes_convert_to_the_cpu_decoders_pixels(video_dir, name):
+    """NVDEC hands frames over as NV12. Rearranged into yuv420p, with the frame's colour tags, swscale gives the RGB
+    pixels of the CPU decoder's frame exactly; converted from NV12 itself they are not the same."""
+    with av.open(str(video_dir / name)) as container:
+        frame = next(f for i, f in enumerate(container.decode(video=0)) if i == 12)
+    for tags in COLOUR_TAGS:
+        if tags is not None:
+            frame.colorspace, frame.color_range = tags
+        expected = frame.to_ndarray(format="rgb24", threads=1)
+        nv12 = frame.reformat(format="nv12")
+        rearranged = yuv420p_from_nv12(nv12.to_ndarray(), frame).to_ndarray(format="rgb24", threads=1)
+        np.testing.assert_array_equal(rearranged, expected, err_msg=f"{name} {tags}")
+        assert not np.array_equal(nv12.to_ndarray(format="rgb24", threads=1), expected)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine may have NVDEC")
+def test_gpu_video_decoding_without_nvdec_fails_once_in_one_line(video_dir):
+    clip = video_dir / "torchcodec_nasa_13013.mp4"
+    with pytest.raises(BmfnError) as refused:
+        decode_clip(clip, frames_per_second=1, video_decoder="cuda")
+    message = str(refused.value)
+    assert "\n" not in message and "NVDEC" in message and "--video-decoder cpu" in message
+    with pytest.raises(BmfnError, match="NVDEC"):  # before any worker starts, not once per clip
+        next(decode_many([clip, clip], frames_per_second=1, workers=2, video_decoder="cuda:1"))
+    with pytest.raises(BmfnError, match="choose one of cpu, cuda or cuda:N"):
+        video_hwaccel("gpu")
+    assert video_hwaccel("cpu") is None
+
+
+def test_gpu_video_decoding_without_the_nvdec_library_fails_in_one_line(video_dir, monkeypatch):
+    """A GPU without the driver's NVDEC library (a container without the video capability): FFmpeg would decode
+    every file on the CPU without a word, so bmfn stops instead."""
+    class DeviceContext:  # a GPU whose CUDA context can be made
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def create(self, codec):
+            return self
+
+    monkeypatch.setattr(decode, "HWAccel", DeviceContext)
+    monkeypatch.setattr(decode, "_HELD_DECODER_DEVICES", {})
+    monkeypatch.setattr(decode, "NVDEC_LIBRARY", "libnvcuvid-absent.so.1")
+    with pytest.raises(BmfnError, match=r"NVDEC\) on cuda:0 is not available here \(libnvcuvid-absent.so.1"):
+        decode_clip(video_dir / "torchcodec_nasa_13013.mp4", frames_per_second=1, video_decoder="cuda")
+    assert decode._HELD_DECODER_DEVICES == {}
+
+
+NVDEC_CLIPS = ["ave_16eUxQwxxbs.mp4", "ave_22olCB3wQaA.mp4", "ave_0lFf-HP86Q0.mp4", "moviepy_chaplin.mp4",
+               "moviepy_big_buck_bunny_0_30.webm", "torchcodec_nasa_13013.mp4"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", NVDEC_CLIPS)
+def test_nvdec_decodes_the_cpu_decoders_clip(video_dir, name):
+    """On a GPU, NVDEC decodes the clip (its frames stay on the GPU) and the sampled frames, audio and warnings are
+    those of the CPU decoder, to the bit."""
+    clip = video_dir / name
+    with av.open(str(clip), hwaccel=video_hwaccel("cuda")) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.is_hwaccel
+        assert next(container.decode(stream)).format.name == "cuda", "NVDEC fell back to the CPU decoder"
+    gpu = decode_clip(clip, frames_per_second=4, video_decoder="cuda")
+    cpu = decode_clip(clip, frames_per_second=4)
+    np.testing.assert_array_equal(gpu.frames, cpu.frames)
+    np.testing.assert_array_equal(gpu.audio, cpu.audio)
+    assert gpu.warnings == cpu.warnings

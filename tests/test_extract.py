@@ -321,6 +321,19 @@ def test_missing_input_is_one_line_error(tmp_path):
     assert not (tmp_path / "feats.h5").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine may have NVDEC")
+def test_gpu_video_decoding_without_nvdec_fails_before_the_networks_load(clips, tmp_path, monkeypatch):
+    def no_extraction(*_, **__):
+        raise AssertionError("extractors loaded before the video decoder was checked")
+
+    monkeypatch.setattr(extract_module, "load_extractors", no_extraction)
+    result = cli("extract", clips[0], "--out", tmp_path / "feats.h5", *FAST, "--video-decoder", "cuda")
+    assert result.exit_code == 1
+    (line,) = error_lines(result.stderr)
+    assert "NVDEC" in line and "--video-decoder cpu" in line
+    assert not (tmp_path / "feats.h5").exists()
+
+
 def test_bad_annotations_or_splits_fail_before_any_clip_is_extracted(clips, tmp_path, monkeypatch):
     def no_extraction(*_, **__):
         raise AssertionError("extractors loaded before the label files were checked")
@@ -394,6 +407,21 @@ def test_cuda_extraction_matches_cpu_extraction(extracted, clips, tmp_path):
     for key in ("visual", "audio"):
         scale = float(np.abs(cpu[key]).max())
         np.testing.assert_allclose(gpu[key], cpu[key], rtol=2e-2, atol=2e-2 * scale)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nvdec_extraction_matches_cpu_decoding(clips, tmp_path):
+    """Decoding workers on NVDEC hand the networks the CPU decoder's frames: the same features."""
+    stores = {}
+    for decoder in ("cpu", "cuda"):
+        stores[decoder] = tmp_path / f"{decoder}.h5"
+        result = cli("extract", *clips, "--out", stores[decoder], *FAST[:-2], "--device", "cuda", "--workers", "2",
+                     "--video-decoder", decoder)
+        assert result.exit_code == 0, result.output
+    gpu, cpu = load_arrays(stores["cuda"]), load_arrays(stores["cpu"])
+    assert list(gpu["clip_ids"]) == list(cpu["clip_ids"])
+    for key in ("visual", "audio"):
+        np.testing.assert_allclose(gpu[key], cpu[key], rtol=1e-5, atol=1e-6)
 
 
 def test_vggish_loads_beside_vgg19_unless_a_weight_file_must_be_downloaded(tmp_path, monkeypatch):

@@ -237,6 +237,34 @@ def test_int8_localization_agrees_with_the_default(workdir, video_dir, tmp_path,
         assert mine.class_prob == pytest.approx(theirs.class_prob, abs=0.02)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine may have NVDEC")
+def test_gpu_video_decoding_without_nvdec_fails_before_the_networks_load(workdir, video_dir, monkeypatch):
+    def no_extraction(*_, **__):
+        raise AssertionError("extractors loaded before the video decoder was checked")
+
+    monkeypatch.setattr("bmfn_pipeline.localize.load_extractors", no_extraction)
+    checkpoint = next((workdir / "runs").glob("*/best.pt"))
+    result = CliRunner().invoke(main, ["localize", str(video_dir / ONE_SECOND), "--checkpoint", str(checkpoint),
+                                       "--device", "cpu", "--video-decoder", "cuda"])
+    assert result.exit_code == 1
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("bmfn: error:")]
+    assert "NVDEC" in line and "--video-decoder cpu" in line
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nvdec_localization_equals_cpu_decoding(workdir, video_dir):
+    """Decoded on the GPU, a long video (windows decoded one by one) and a short one get the same labels."""
+    checkpoint = next((workdir / "runs").glob("*/best.pt"))
+    files = [video_dir / LONG, video_dir / SHORT]
+    on_cpu = localize(files, checkpoint, device="cuda")
+    on_gpu = localize(files, checkpoint, device="cuda", video_decoder="cuda")
+    for gpu, cpu in zip(on_gpu, on_cpu, strict=True):
+        assert [s.label for s in gpu.seconds] == [s.label for s in cpu.seconds]
+        for mine, theirs in zip(gpu.seconds, cpu.seconds):
+            assert mine.event_prob == pytest.approx(theirs.event_prob, abs=1e-4)
+            assert mine.class_prob == pytest.approx(theirs.class_prob, abs=1e-4)
+
+
 def test_files_decoded_ahead_get_the_labels_of_files_decoded_in_turn(workdir, video_dir):
     """`run` probes and decodes the next files in threads while it featurises one; results, errors and their order
     are those of decoding each file in its turn."""
