@@ -444,12 +444,18 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
       bmfn localize clip.mp4
       bmfn localize a.mp4 b.webm --checkpoint runs/fully-20250101-120000/best.pt --format all --output-dir out --plot
     """
-    from bmfn_pipeline.localize import Localizer, check_result_names, timeline_path
-    from bmfn_pipeline.writers import FORMATS, get_writer
+    from bmfn_pipeline.decode import FRAMES_PER_SEGMENT, BackgroundRead
 
     if output_format == "all" and output_dir is None:
         raise BmfnError("--format all writes one file per format: give --output-dir")
     files = _videos(files)
+    # The first file is read in a process of its own while torch is imported and the networks load (at the frame
+    # rate of AVE's features, which a checkpoint of other features turns down).
+    started = [BackgroundRead(files[0], frames_per_second=frames_per_second or FRAMES_PER_SEGMENT)] \
+        if video_decoder == "cpu" else []
+    from bmfn_pipeline.localize import Localizer, check_result_names, timeline_path
+    from bmfn_pipeline.writers import FORMATS, get_writer
+
     if output_dir is not None or plot:
         check_result_names(files)
     formats = FORMATS if output_format == "all" else (output_format,)
@@ -464,7 +470,7 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
     if sys.stderr.isatty():  # a bar per file while VGG-19 gets through it; gone before its labels are printed
         localizer.progress = _SecondsBar()
     failed = 0
-    for path, result in localizer.run(files, plot_dir=plot_dir):
+    for path, result in localizer.run(files, plot_dir=plot_dir, started=started):
         if isinstance(result, BmfnError):
             click.echo(f"bmfn: error: {result}", err=True)
             failed += 1

@@ -293,6 +293,125 @@ def video_hwaccel(video_decoder: str) -> HWAccel | None:
     return accel
 
 
+def decode_window(path: str | os.PathLike, **kwargs) -> DecodedClip:
+    """decode_clip(path, **kwargs) as localization reads a file: a file without sound is read as silence (no
+    audio-visual event), and a crash inside a decoder is a BmfnError naming the file, so that the other files go on."""
+    try:
+        return decode_clip(path, allow_silent=True, **kwargs)
+    except BmfnError:
+        raise
+    except Exception as exc:
+        raise BmfnError(f"{path}: cannot decode ({type(exc).__name__}: {exc})") from None
+
+
+def read_for_labels(path: str | os.PathLike, *, window: int = SEGMENTS, frames_per_second: int = FRAMES_PER_SEGMENT,
+                    video_decoder: str = "cpu") -> tuple[ClipInfo, int, DecodedClip | None]:
+    """What localization reads of a file ahead of its turn: its header, the seconds it labels (every second of its
+    length, by this module's rule for a part second), and, for a video of at most `window` seconds, its decoded
+    window (a longer video is decoded window by window in its turn, to bound memory). Failures are BmfnErrors."""
+    try:
+        info = probe(path, seconds=window)
+        seconds = info.segments
+        if seconds == window:  # as long as a window or longer: count every second
+            seconds = probe(path, seconds=math.ceil(info.duration_s), wall_clock=True).segments
+    except BmfnError:
+        raise
+    except Exception as exc:  # a demuxer crash on one file must not end the run
+        raise BmfnError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
+    if seconds > window:
+        return info, seconds, None
+    clip = decode_window(path, seconds=window, frames_per_second=frames_per_second, video_decoder=video_decoder)
+    return info, seconds, clip
+
+
+class BackgroundRead:
+    """read_for_labels of one file in a process of its own, started before a command imports torch and loads its
+    networks: importing torch keeps one core busy for 1.3 s, and another core reads the file meanwhile (a cold
+    `bmfn localize` on 2 cores printed its labels 0.21 s sooner, median of 10 interleaved runs). The process ends
+    once its result is taken, and with the command."""
+
+    def __init__(self, path: str | os.PathLike, *, window: int = SEGMENTS,
+                 frames_per_second: int = FRAMES_PER_SEGMENT, video_decoder: str = "cpu") -> None:
+        self.path = Path(path)
+        self.settings = {"window": window, "frames_per_second": frames_per_second, "video_decoder": video_decoder}
+        # The frames come back in shared memory that this process makes and so always removes (through the pipe,
+        # 24 MB took 0.1 s); through the pipe where there is no room for it.
+        self._shape = (window, frames_per_second, FRAME_SIZE, FRAME_SIZE, 3)
+        size = math.prod(self._shape)
+        self._block = (shared_memory.SharedMemory(create=True, size=size)
+                       if _shared_memory_free() >= SHARED_MEMORY_MARGIN * size else None)
+        context = multiprocessing.get_context("spawn")  # as decode_many's workers: no half-copied threads
+        self._receiver, sender = context.Pipe(duplex=False)
+        self._process = context.Process(target=_read_and_send, daemon=True,
+                                        args=(sender, self.path, self.settings, self._block and self._block.name))
+        self._process.start()
+        sender.close()
+
+    def result(self) -> tuple[ClipInfo, int, DecodedClip | None] | None:
+        """read_for_labels' result, or its BmfnError raised here; None if the process died without one."""
+        try:
+            outcome = self._receiver.recv()
+            if isinstance(outcome, tuple) and outcome[2] is not None and outcome[2].frames is None:
+                view = np.ndarray(self._shape, np.uint8, buffer=self._block.buf)
+                outcome[2].frames = view.copy()
+                del view  # the block can only be closed once no array looks into it
+        except EOFError:
+            outcome = None
+        finally:
+            self._end()
+        if isinstance(outcome, BmfnError):
+            raise outcome
+        return outcome
+
+    def cancel(self) -> None:
+        """Stop the process: its result is not wanted (the file is read with other settings). Once the result is
+        taken, nothing is left to do."""
+        self._process.terminate()
+        self._end()
+
+    def _end(self) -> None:
+        self._receiver.close()
+        self._process.join()
+        if self._block is not None:
+            self._block.close()
+            self._block.unlink()
+            self._block = None
+
+
+def _read_and_send(sender, path: Path, settings: dict, block: str | None) -> None:
+    """BackgroundRead's process, on one thread: the other cores are busy importing torch. With a shared-memory
+    `block`, the frames go there and the clip is sent without them."""
+    _init_worker(1, share_frames=False)
+    try:
+        try:
+            outcome = read_for_labels(path, **settings)
+        except BmfnError as exc:
+            outcome = exc
+        else:
+            if block is not None and outcome[2] is not None:
+                _write_frames(block, outcome[2].frames)
+                outcome[2].frames = None
+        sender.send(outcome)
+    except (KeyboardInterrupt, BrokenPipeError):  # Ctrl-C, or the command ended without the result: nothing to say
+        pass
+    finally:
+        sender.close()
+
+
+def _write_frames(block: str, frames: np.ndarray) -> None:
+    """Copy `frames` into the shared-memory block named `block`, opened as a plain file: attaching to it as a
+    SharedMemory would also register it for removal, which is its maker's to do."""
+    descriptor = os.open(os.path.join(SHARED_MEMORY_DIR, block), os.O_RDWR)
+    try:
+        mapping = mmap.mmap(descriptor, frames.nbytes)
+    finally:
+        os.close(descriptor)
+    with mapping:
+        target = np.frombuffer(mapping, np.uint8, frames.size).reshape(frames.shape)
+        target[...] = frames
+        del target
+
+
 def decode_or_error(path: Path, seconds: int, frames_per_second: int,
                     prepare: Callable[[DecodedClip], Any] | None = None, video_decoder: str = "cpu") -> Any:
     """A decoded clip (passed through `prepare`, if given), or the one-line reason it could not be decoded.

