@@ -451,8 +451,11 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
     files = _videos(files)
     # The first file is read in a process of its own while torch is imported and the networks load (at the frame
     # rate of AVE's features, which a checkpoint of other features turns down).
-    started = [BackgroundRead(files[0], frames_per_second=frames_per_second or FRAMES_PER_SEGMENT)] \
-        if video_decoder == "cpu" else []
+    try:
+        started = [BackgroundRead(files[0], frames_per_second=frames_per_second or FRAMES_PER_SEGMENT)] \
+            if video_decoder == "cpu" else []
+    except OSError:  # no process to spare: the file is read in its turn
+        started = []
     from bmfn_pipeline.localize import Localizer, check_result_names, timeline_path
     from bmfn_pipeline.writers import FORMATS, get_writer
 

@@ -344,8 +344,14 @@ class BackgroundRead:
         self._receiver, sender = context.Pipe(duplex=False)
         self._process = context.Process(target=_read_and_send, daemon=True,
                                         args=(sender, self.path, self.settings, self._block and self._block.name))
-        self._process.start()
-        sender.close()
+        try:
+            self._process.start()
+        except BaseException:  # no process to spare (OSError): leave nothing behind for the caller's error
+            self._receiver.close()
+            self._release()
+            raise
+        finally:
+            sender.close()
 
     def result(self) -> tuple[ClipInfo, int, DecodedClip | None] | None:
         """read_for_labels' result, or its BmfnError raised here; None if the process died without one."""
@@ -372,6 +378,9 @@ class BackgroundRead:
     def _end(self) -> None:
         self._receiver.close()
         self._process.join()
+        self._release()
+
+    def _release(self) -> None:
         if self._block is not None:
             self._block.close()
             self._block.unlink()

