@@ -35,10 +35,14 @@ import math
 import mmap
 import multiprocessing
 import os
+import signal
+import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from multiprocessing import resource_tracker, shared_memory
@@ -345,13 +349,16 @@ class BackgroundRead:
         self._process = context.Process(target=_read_and_send, daemon=True,
                                         args=(sender, self.path, self.settings, self._block and self._block.name))
         try:
-            self._process.start()
+            with _interrupts_ignored():
+                self._process.start()
         except BaseException:  # no process to spare (OSError): leave nothing behind for the caller's error
             self._receiver.close()
-            self._release()
+            _release(self._block)
             raise
         finally:
             sender.close()
+        # However the command ends (Ctrl-C, an error before the file's turn), the process and block go with it.
+        self._end = weakref.finalize(self, _end_read, self._process, self._receiver, self._block)
 
     def result(self) -> tuple[ClipInfo, int, DecodedClip | None] | None:
         """read_for_labels' result, or its BmfnError raised here; None if the process died without one."""
@@ -372,19 +379,37 @@ class BackgroundRead:
     def cancel(self) -> None:
         """Stop the process: its result is not wanted (the file is read with other settings). Once the result is
         taken, nothing is left to do."""
-        self._process.terminate()
         self._end()
 
-    def _end(self) -> None:
-        self._receiver.close()
-        self._process.join()
-        self._release()
 
-    def _release(self) -> None:
-        if self._block is not None:
-            self._block.close()
-            self._block.unlink()
-            self._block = None
+@contextmanager
+def _interrupts_ignored() -> Iterator[None]:
+    """Ctrl-C while a process is started leaves that process ignoring it (an ignored signal stays ignored across
+    exec): the command stops its reading process itself, and an interrupt in the process's start-up would only
+    print a traceback. Signal handlers belong to the main thread; from another, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _end_read(process, receiver, block: shared_memory.SharedMemory | None) -> None:
+    """BackgroundRead's end: its process stopped (it has sent its result, or it is not wanted), the pipe closed and
+    the block removed."""
+    process.terminate()
+    process.join()
+    receiver.close()
+    _release(block)
+
+
+def _release(block: shared_memory.SharedMemory | None) -> None:
+    if block is not None:
+        block.close()
+        block.unlink()
 
 
 def _read_and_send(sender, path: Path, settings: dict, block: str | None) -> None:
@@ -401,7 +426,7 @@ def _read_and_send(sender, path: Path, settings: dict, block: str | None) -> Non
                 _write_frames(block, outcome[2].frames)
                 outcome[2].frames = None
         sender.send(outcome)
-    except (KeyboardInterrupt, BrokenPipeError):  # Ctrl-C, or the command ended without the result: nothing to say
+    except OSError:  # the command ended without taking the result (the pipe or block is gone): nothing to say
         pass
     finally:
         sender.close()
