@@ -11,9 +11,10 @@ eager step by kernel kind; and, on any device, the operations one step dispatche
 Variants: foreach-adam (the baseline: capturable foreach Adam), fused-adam (the default on CUDA), cells
 (+ `--compile`: the per-cell attentions compiled), model (+ the whole network compiled), per-branch (fused Adam,
 with the model of `--per-branch-model`: one module per parallel block), set-to-none (fused Adam, gradients set
-to None before each step, so backward writes them instead of adding into zeroed ones). `ops` counts the aten
-operations of one eager step (forward, loss, backward, clipping, Adam), each a kernel launch or more on a GPU,
-for the current model and the per-branch one. Inputs are random.
+to None before each step, so backward writes them instead of adding into zeroed ones), bf16-weights (fused Adam,
+the weights autocast casts kept as bf16 copies: see CastWeights). `ops` counts the aten operations of one eager
+step (forward, loss, backward, clipping, Adam), each a kernel launch or more on a GPU, for the current model, the
+per-branch one and bf16-weights, and checks that bf16-weights trains as the autocast step does. Inputs are random.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from bmfn_pipeline import model as grouped_model
 from bmfn_pipeline.graphs import GraphedStep
 from bmfn_pipeline.model import BMFNOutput, compile_cell_attention, fully_supervised_loss
 
-VARIANTS = ("foreach-adam", "fused-adam", "cells", "model", "per-branch", "set-to-none", "profile", "ops")
+VARIANTS = ("foreach-adam", "fused-adam", "cells", "model", "per-branch", "set-to-none", "bf16-weights", "profile",
+            "ops")
 VIEWS = {"view", "_unsafe_view", "reshape", "_reshape_alias", "transpose", "t", "unsqueeze", "squeeze", "expand",
          "permute", "select", "slice", "split", "split_with_sizes", "chunk", "unflatten", "flatten", "as_strided",
          "detach", "alias", "unbind", "empty", "empty_like", "empty_strided"}  # no kernel: not counted
@@ -41,8 +43,71 @@ KINDS = (("gemm", ("gemm", "cutlass", "sm90", "nvjet", "xmma")), ("reduce", ("re
          ("element-wise", ("elementwise", "vectorized")), ("optimizer", ("foreach", "adam")))
 
 
-def make_step(variant: str, device: str = "cuda", models: ModuleType = grouped_model):
-    """One training step's function for `variant`, with the BMFN of `models` (a model.py module)."""
+class CastWeights:
+    """Variant bf16-weights. Under autocast every step casts each weight of a matrix product to bf16 (a kernel per
+    weight) and backward casts its gradient back (another): about 190 of a step's 1,150 operations. Here those
+    weights live in one flat float32 buffer, and the network computes with bf16 copies in a second flat buffer,
+    refreshed by one copy per step; backward writes their gradients into a flat bf16 buffer, copied into the float32
+    gradients at once. The same arithmetic (`ops` compares the parameters after a few steps), three kernels."""
+
+    def __init__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+        parameters = dict(model.named_parameters())
+        names = _cast_only(model, inputs)
+        device = inputs["audio"].device
+        total = sum(parameters[name].numel() for name in names)
+        self.master, self.master_grad = torch.empty(total, device=device), torch.zeros(total, device=device)
+        self.half = torch.empty(total, dtype=torch.bfloat16, device=device)
+        self.half_grad = torch.zeros_like(self.half)
+        self.model, self.copies, offset = model, {}, 0
+        for name in names:
+            parameter = parameters[name]
+            part = slice(offset, offset + parameter.numel())
+            offset = part.stop
+            self.master[part].copy_(parameter.detach().flatten())
+            parameter.data = self.master[part].view_as(parameter)
+            parameter.grad = self.master_grad[part].view_as(parameter)
+            copy = self.half[part].view_as(parameter).detach().requires_grad_()
+            copy.grad = self.half_grad[part].view_as(parameter)  # backward adds into it in place
+            self.copies[name] = copy
+
+    def __call__(self, visual: torch.Tensor, audio: torch.Tensor):
+        with torch.no_grad():
+            self.half.copy_(self.master)
+        return torch.func.functional_call(self.model, self.copies, (visual, audio))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.half_grad.zero_()
+        loss.backward()
+        self.master_grad.copy_(self.half_grad)
+
+
+def _cast_only(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> list[str]:
+    """The parameters one autocast forward uses only through bf16 casts (of them or of views of them)."""
+    owner = {parameter.untyped_storage().data_ptr(): name for name, parameter in model.named_parameters()}
+    uses: dict[str, set[str]] = {}
+
+    class Uses(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kind = func.overloadpacket.__name__
+            if kind not in VIEWS:
+                if kind == "_to_copy" and (kwargs or {}).get("dtype") == torch.bfloat16:
+                    kind = "bf16 cast"
+                for arg in (*args, *(kwargs or {}).values()):
+                    if isinstance(arg, torch.Tensor) and arg.untyped_storage().data_ptr() in owner:
+                        uses.setdefault(owner[arg.untyped_storage().data_ptr()], set()).add(kind)
+            return func(*args, **(kwargs or {}))
+
+    device = inputs["audio"].device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), Uses():
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
+            model(inputs["visual"][:2], inputs["audio"][:2])
+    return [name for name, _ in model.named_parameters() if uses.get(name) == {"bf16 cast"}]
+
+
+def make_step(variant: str, device: str = "cuda", models: ModuleType = grouped_model,
+              inputs: dict[str, torch.Tensor] | None = None):
+    """One training step's function for `variant`, with the BMFN of `models` (a model.py module); bf16-weights
+    finds its weights with `inputs`."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = models.BMFN(models.BMFNConfig()).to(device)
@@ -50,6 +115,8 @@ def make_step(variant: str, device: str = "cuda", models: ModuleType = grouped_m
         compile_cell_attention(model)
     elif variant == "model":
         model.compile()
+    cast = CastWeights(model, inputs) if variant == "bf16-weights" else None
+    forward = cast or model
     parameters = list(model.parameters())
     capturable = device == "cuda"  # for CUDA graphs; fused Adam runs on a CPU too (for `ops`)
     optimizer = torch.optim.Adam(parameters, lr=torch.tensor(5e-4, device=device) if capturable else 5e-4,
@@ -57,13 +124,14 @@ def make_step(variant: str, device: str = "cuda", models: ModuleType = grouped_m
 
     def step(inputs: dict[str, torch.Tensor]) -> None:
         with torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False):
-            output = model(inputs["visual"], inputs["audio"])
+            output = forward(inputs["visual"], inputs["audio"])
         loss = fully_supervised_loss(BMFNOutput(*(None if t is None else t.float() for t in output)), inputs["labels"])
         optimizer.zero_grad(set_to_none=variant == "set-to-none")
-        loss.backward()
+        cast.backward(loss) if cast is not None else loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 0.1)
         optimizer.step()
 
+    step.model = model
     return step
 
 
@@ -96,19 +164,26 @@ class _CountOps(TorchDispatchMode):
 
 
 def count_ops(batch: dict[str, torch.Tensor], per_branch: ModuleType | None) -> str:
-    """Operations of one eager step (the second: Adam's state exists), per model."""
+    """Operations of one eager step (the second: Adam's state exists), per model; then bf16-weights' parameters
+    after those steps and one more, against the autocast step's."""
     device = batch["visual"].device.type
-    counts = {}
-    for name, models in (("grouped", grouped_model), ("per-branch", per_branch)):
+    counts, steps = {}, {}
+    for name, variant, models in (("grouped", "fused-adam", grouped_model), ("per-branch", "fused-adam", per_branch),
+                                  ("bf16-weights", "bf16-weights", grouped_model)):
         if models is None:
             continue
-        step = make_step("fused-adam", device, models)
+        steps[name] = step = make_step(variant, device, models, inputs=batch)
         step(batch)
         with _CountOps() as counter:
             step(batch)
+        step(batch)
         counts[name] = counter.count
-    ratio = f" ({counts['per-branch'] / counts['grouped']:.2f}x fewer)" if len(counts) == 2 else ""
-    return "operations per eager step: " + ", ".join(f"{n} {c}" for n, c in counts.items()) + ratio
+    ratio = f" ({counts['per-branch'] / counts['grouped']:.2f}x fewer)" if "per-branch" in counts else ""
+    differences = [(a - b).abs().max().item() for a, b in zip(steps["grouped"].model.parameters(),
+                                                               steps["bf16-weights"].model.parameters())]
+    return ("operations per eager step: " + ", ".join(f"{n} {c}" for n, c in counts.items()) + ratio
+            + f"\nbf16-weights after 3 steps: parameters differ from the autocast step's by at most "
+              f"{max(differences):.3g}")
 
 
 def load_models(path: str | None) -> ModuleType | None:
