@@ -12,7 +12,7 @@ Variants: foreach-adam (the baseline: capturable foreach Adam), fused-adam (the 
 (+ `--compile`: the per-cell attentions compiled), model (+ the whole network compiled), per-branch (fused Adam,
 with the model of `--per-branch-model`: one module per parallel block), set-to-none (fused Adam, gradients set
 to None before each step, so backward writes them instead of adding into zeroed ones), bf16-weights (fused Adam,
-the weights autocast casts kept as bf16 copies: see CastWeights). `ops` counts the aten operations of one eager
+the weights autocast casts kept as bf16 copies: bmfn_pipeline/bf16.py). `ops` counts the aten operations of one eager
 step (forward, loss, backward, clipping, Adam), each a kernel launch or more on a GPU, for the current model, the
 per-branch one and bf16-weights, and checks that bf16-weights trains as the autocast step does. Inputs are random.
 """
@@ -31,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bmfn_pipeline import model as grouped_model
+from bmfn_pipeline.bf16 import BF16Weights
 from bmfn_pipeline.graphs import GraphedStep
 from bmfn_pipeline.model import BMFNOutput, compile_cell_attention, fully_supervised_loss
 
@@ -41,67 +42,6 @@ VIEWS = {"view", "_unsafe_view", "reshape", "_reshape_alias", "transpose", "t", 
          "detach", "alias", "unbind", "empty", "empty_like", "empty_strided"}  # no kernel: not counted
 KINDS = (("gemm", ("gemm", "cutlass", "sm90", "nvjet", "xmma")), ("reduce", ("reduce",)),
          ("element-wise", ("elementwise", "vectorized")), ("optimizer", ("foreach", "adam")))
-
-
-class CastWeights:
-    """Variant bf16-weights. Under autocast every step casts each weight of a matrix product to bf16 (a kernel per
-    weight) and backward casts its gradient back (another): about 190 of a step's 1,150 operations. Here those
-    weights live in one flat float32 buffer, and the network computes with bf16 copies in a second flat buffer,
-    refreshed by one copy per step; backward writes their gradients into a flat bf16 buffer, copied into the float32
-    gradients at once. The same arithmetic (`ops` compares the parameters after a few steps), three kernels."""
-
-    def __init__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> None:
-        parameters = dict(model.named_parameters())
-        names = _cast_only(model, inputs)
-        device = inputs["audio"].device
-        total = sum(parameters[name].numel() for name in names)
-        self.master, self.master_grad = torch.empty(total, device=device), torch.zeros(total, device=device)
-        self.half = torch.empty(total, dtype=torch.bfloat16, device=device)
-        self.half_grad = torch.zeros_like(self.half)
-        self.model, self.copies, offset = model, {}, 0
-        for name in names:
-            parameter = parameters[name]
-            part = slice(offset, offset + parameter.numel())
-            offset = part.stop
-            self.master[part].copy_(parameter.detach().flatten())
-            parameter.data = self.master[part].view_as(parameter)
-            parameter.grad = self.master_grad[part].view_as(parameter)
-            copy = self.half[part].view_as(parameter).detach().requires_grad_()
-            copy.grad = self.half_grad[part].view_as(parameter)  # backward adds into it in place
-            self.copies[name] = copy
-
-    def __call__(self, visual: torch.Tensor, audio: torch.Tensor):
-        with torch.no_grad():
-            self.half.copy_(self.master)
-        return torch.func.functional_call(self.model, self.copies, (visual, audio))
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.half_grad.zero_()
-        loss.backward()
-        self.master_grad.copy_(self.half_grad)
-
-
-def _cast_only(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> list[str]:
-    """The parameters one autocast forward uses only through bf16 casts (of them or of views of them)."""
-    owner = {parameter.untyped_storage().data_ptr(): name for name, parameter in model.named_parameters()}
-    uses: dict[str, set[str]] = {}
-
-    class Uses(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kind = func.overloadpacket.__name__
-            if kind not in VIEWS:
-                if kind == "_to_copy" and (kwargs or {}).get("dtype") == torch.bfloat16:
-                    kind = "bf16 cast"
-                for arg in (*args, *(kwargs or {}).values()):
-                    if isinstance(arg, torch.Tensor) and arg.untyped_storage().data_ptr() in owner:
-                        uses.setdefault(owner[arg.untyped_storage().data_ptr()], set()).add(kind)
-            return func(*args, **(kwargs or {}))
-
-    device = inputs["audio"].device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), Uses():
-        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
-            model(inputs["visual"][:2], inputs["audio"][:2])
-    return [name for name, _ in model.named_parameters() if uses.get(name) == {"bf16 cast"}]
 
 
 def make_step(variant: str, device: str = "cuda", models: ModuleType = grouped_model,
@@ -115,7 +55,7 @@ def make_step(variant: str, device: str = "cuda", models: ModuleType = grouped_m
         compile_cell_attention(model)
     elif variant == "model":
         model.compile()
-    cast = CastWeights(model, inputs) if variant == "bf16-weights" else None
+    cast = BF16Weights(model, inputs) if variant == "bf16-weights" else None
     forward = cast or model
     parameters = list(model.parameters())
     capturable = device == "cuda"  # for CUDA graphs; fused Adam runs on a CPU too (for `ops`)

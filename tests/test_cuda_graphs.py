@@ -22,10 +22,12 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_graphed_training_matches_eager_training(tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_graphed_training_matches_eager_training(tmp_path, monkeypatch, precision):
+    """bfloat16 also covers the weights' bf16 copies (bf16.BF16Weights) inside the captured step."""
     directory = make_ave_dir(tmp_path / "ave", n_clips=24)
     model = {**SMALL_MODEL, "dropout": 0.0, "visual_dropout": 0.0}  # no random masks: eager and graph must agree
-    replays = []
+    replays, logged = [], []
     original = torch.cuda.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: (replays.append(1), original(self))[1])
     epochs = WARMUP_CALLS + 3
@@ -33,8 +35,9 @@ def test_graphed_training_matches_eager_training(tmp_path, monkeypatch):
     for graphs in (False, True):
         out = tmp_path / f"graphs-{graphs}"
         train(TrainConfig(ave_dir=str(directory), out=str(out), epochs=epochs, model=model, cuda_graphs=graphs,
-                          **CONFIG), log=lambda *_: None)
+                          precision=precision, **CONFIG), log=logged.append)
         runs[graphs] = _metrics(out)
+    assert not [line for line in logged if line.startswith("warning")]  # captured, no fallback to eager
     assert len(replays) >= 2 * 3 + 3  # both shapes captured, then replayed for the remaining epochs
     eager_lines, graph_lines = runs[False], runs[True]
     # The same losses epoch after epoch, replayed epochs included (a stale or skipped replay would drift at once).
