@@ -735,7 +735,7 @@ def _rgb(frame: av.VideoFrame) -> np.ndarray:
     """The frame as uint8 RGB [H, W, 3]. A frame that NVDEC left on the GPU is copied back first."""
     if frame.sw_format is not None and frame.sw_format.name == "nv12" and frame.width % 2 == 0 == frame.height % 2:
         return yuv420p_from_nv12(frame.to_ndarray(), frame).to_ndarray(format="rgb24", threads=1)
-    # CPU frames; on the GPU other formats (10-bit p010) convert from NVDEC's layout, within rounding of the CPU's
+    # CPU frames; NVDEC's other layouts (10-bit p010) as they come, not checked against the CPU decoder's pixels
     return frame.to_ndarray(format="rgb24", threads=1)
 
 
