@@ -8,13 +8,15 @@ eager step by kernel kind; and, on any device, the operations one step dispatche
     python benchmarks/train_step.py fused-adam per-branch ops --per-branch-model per_branch.py
     python benchmarks/train_step.py ops --per-branch-model per_branch.py    # on a CPU too
 
-Variants: foreach-adam (the baseline: capturable foreach Adam), fused-adam (the default on CUDA), cells
-(+ `--compile`: the per-cell attentions compiled), model (+ the whole network compiled), per-branch (fused Adam,
-with the model of `--per-branch-model`: one module per parallel block), set-to-none (fused Adam, gradients set
-to None before each step, so backward writes them instead of adding into zeroed ones), bf16-weights (fused Adam,
-the weights autocast casts kept as bf16 copies: bmfn_pipeline/bf16.py). `ops` counts the aten operations of one eager
-step (forward, loss, backward, clipping, Adam), each a kernel launch or more on a GPU, for the current model, the
-per-branch one and bf16-weights, and checks that bf16-weights trains as the autocast step does. Inputs are random.
+Variants: foreach-adam (the baseline: capturable foreach Adam), fused-adam (fused Adam, gradients added into
+zeroed ones), cells (+ `--compile`: the per-cell attentions compiled), model (+ the whole network compiled),
+per-branch (fused Adam, with the model of `--per-branch-model`: one module per parallel block), set-to-none (fused
+Adam, gradients set to None before each step, so backward writes them instead of adding into zeroed ones),
+bf16-weights (set-to-none, and the weights autocast casts kept as bf16 copies: bmfn_pipeline/bf16.py; the step
+`bmfn train --precision bfloat16` runs). `ops` counts the aten operations of one eager step (forward, loss,
+backward, clipping, Adam), each a kernel launch or more on a GPU, for the current model with fused-adam,
+set-to-none and bf16-weights, and for the per-branch one, and checks that bf16-weights trains as the autocast step
+does. Inputs are random.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def make_step(variant: str, device: str = "cuda", models: ModuleType = grouped_m
         with torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False):
             output = forward(inputs["visual"], inputs["audio"])
         loss = fully_supervised_loss(BMFNOutput(*(None if t is None else t.float() for t in output)), inputs["labels"])
-        optimizer.zero_grad(set_to_none=variant == "set-to-none")
+        optimizer.zero_grad(set_to_none=variant in ("set-to-none", "bf16-weights"))
         cast.backward(loss) if cast is not None else loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 0.1)
         optimizer.step()
@@ -109,6 +111,7 @@ def count_ops(batch: dict[str, torch.Tensor], per_branch: ModuleType | None) -> 
     device = batch["visual"].device.type
     counts, steps = {}, {}
     for name, variant, models in (("grouped", "fused-adam", grouped_model), ("per-branch", "fused-adam", per_branch),
+                                  ("set-to-none", "set-to-none", grouped_model),
                                   ("bf16-weights", "bf16-weights", grouped_model)):
         if models is None:
             continue

@@ -1,12 +1,13 @@
 """bf16 training with the weights cast once per step, not once per use: the same arithmetic, fewer kernels.
 
 Under bf16 autocast every step casts each weight of a matrix product to bf16 (a kernel per weight) and backward
-casts its gradient back to float32 (another): about 190 of a BMFN step's 1,151 operations
+casts its gradient back to float32 (another): about 190 of a BMFN step's 1,068 operations
 (`benchmarks/train_step.py ops`). A graphed step on a GPU is bound by its number of kernels, not by its FLOPs
 (graphs.py). BF16Weights keeps those weights in one flat float32 buffer and the network computes with bf16 copies
-held in a second flat buffer, refreshed by one copy per step; backward writes their gradients into a flat bf16
-buffer, copied into the float32 gradients at once. Every value is the one autocast computes: the bf16 copies are
-autocast's casts, made earlier, and each gradient reaches float32 as autocast's cast back would bring it.
+held in a second flat buffer, refreshed by one copy per step; their gradients, as backward makes them, are gathered
+into a flat bf16 buffer and copied into the float32 gradients at once. Every value is the one autocast computes:
+the bf16 copies are autocast's casts, made earlier, and each gradient reaches float32 as autocast's cast back
+would bring it.
 """
 
 from __future__ import annotations
@@ -29,18 +30,16 @@ class BF16Weights:
         total = sum(parameters[name].numel() for name in names)
         self.master, self.master_grad = torch.empty(total, device=device), torch.zeros(total, device=device)
         self.half = torch.empty(total, dtype=torch.bfloat16, device=device)
-        self.half_grad = torch.zeros_like(self.half)
-        self.model, self.copies, offset = model, {}, 0
+        self.half_grad = torch.empty_like(self.half)
+        self.model, self.copies, self.grads, offset = model, {}, {}, 0
         for name in names:
             parameter = parameters[name]
             part = slice(offset, offset + parameter.numel())
             offset = part.stop
             self.master[part].copy_(parameter.detach().flatten())
             parameter.data = self.master[part].view_as(parameter)
-            parameter.grad = self.master_grad[part].view_as(parameter)
-            copy = self.half[part].view_as(parameter).detach().requires_grad_()
-            copy.grad = self.half_grad[part].view_as(parameter)  # backward adds into it in place
-            self.copies[name] = copy
+            self.grads[parameter] = parameter.grad = self.master_grad[part].view_as(parameter)
+            self.copies[name] = self.half[part].view_as(parameter).detach().requires_grad_()
 
     def __call__(self, visual: Tensor, audio: Tensor):
         with torch.no_grad():
@@ -48,9 +47,17 @@ class BF16Weights:
         return torch.func.functional_call(self.model, self.copies, (visual, audio))
 
     def backward(self, loss: Tensor) -> None:
-        self.half_grad.zero_()
+        """The copies' gradients are taken as backward makes them (none is added into zeros, which would be a
+        kernel each) and gathered by one concatenation; the float32 gradients get them by one copy, and are the
+        parameters' `.grad` again whether or not the optimiser's zero_grad set them to None."""
+        for copy in self.copies.values():
+            copy.grad = None
         loss.backward()
+        grads = [torch.zeros_like(copy) if copy.grad is None else copy.grad for copy in self.copies.values()]
+        torch.cat([grad.flatten() for grad in grads], out=self.half_grad)
         self.master_grad.copy_(self.half_grad)
+        for parameter, grad in self.grads.items():
+            parameter.grad = grad
 
 
 def cast_only(model: nn.Module, sample: dict[str, Tensor]) -> list[str]:

@@ -358,7 +358,9 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
             output = (copies or replica)(batch["visual"], batch["audio"])
         output = BMFNOutput(*(None if t is None else t.float() for t in output))
         loss = loss_fn(output, batch[target_key])
-        optimizer.zero_grad(set_to_none=False)  # gradients keep their memory: a graph replay writes into it
+        # Backward then writes the gradients instead of adding them into zeros, about 120 fewer kernels; a captured
+        # step keeps the gradients it allocated, and each replay writes them again.
+        optimizer.zero_grad(set_to_none=True)
         copies.backward(loss * weight) if copies is not None else (loss * weight).backward()
         torch.nn.utils.clip_grad_norm_(parameters, config.clip)
         optimizer.step()
