@@ -457,8 +457,11 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
     except OSError:  # no process to spare: the file is read in its turn
         started = []
     from bmfn_pipeline.localize import Localizer, check_result_names, timeline_path
-    from bmfn_pipeline.writers import FORMATS, get_writer
+    from bmfn_pipeline.writers import FORMATS, WRITERS, get_writer
 
+    if len(files) > 1 and output_dir is None and not WRITERS[output_format].streams:
+        raise BmfnError(f"--format {output_format} describes one video per file: with {len(files)} videos give "
+                        "--output-dir (a file each)")
     if output_dir is not None or plot:
         check_result_names(files)
     formats = FORMATS if output_format == "all" else (output_format,)
@@ -474,15 +477,21 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
         localizer.progress = _SecondsBar()
     failed = 0
     for path, result in localizer.run(files, plot_dir=plot_dir, started=started):
-        if isinstance(result, BmfnError):
-            click.echo(f"bmfn: error: {result}", err=True)
-            failed += 1
-            continue
-        to_stdout(result)
-        for write in to_files:
-            click.echo(f"wrote {write(result)}", err=True)
-        if plot_dir is not None:
-            click.echo(f"wrote {timeline_path(plot_dir, path)}", err=True)
+        errors = [result] if isinstance(result, BmfnError) else []
+        plotted = plot_dir is not None and not errors
+        result = getattr(result, "result", result)  # a failed plot still has its labels
+        if not isinstance(result, BmfnError):
+            to_stdout(result)
+            for write in to_files:
+                try:
+                    click.echo(f"wrote {write(result)}", err=True)
+                except BmfnError as exc:  # this file's error: the others go on
+                    errors.append(exc)
+            if plotted:
+                click.echo(f"wrote {timeline_path(plot_dir, path)}", err=True)
+        for error in errors:
+            click.echo(f"bmfn: error: {error}", err=True)
+        failed += bool(errors)
     if failed:
         raise BmfnError(f"{failed} of {len(files)} files failed; their errors are above")
 
@@ -491,8 +500,8 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
 @click.option("--out", type=click.Path(file_okay=False),
               help="A new or empty folder for everything the demo writes. Default: ./bmfn-demo (-2, -3, ... if taken).")
 @click.option("--quick", is_flag=True, help="A much smaller run (about 1.5 minutes on 2 free cores), as the tests use.")
-@click.option("--clips", type=click.IntRange(6), help="Synthetic clips to make (default 96; 12 with --quick).")
-@click.option("--epochs", type=click.IntRange(1), help="Training epochs (default 20; 8 with --quick).")
+@click.option("--clips", type=click.IntRange(6), help="Synthetic clips to make (default 96; 24 with --quick).")
+@click.option("--epochs", type=click.IntRange(1), help="Training epochs (default 12).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the dataset, the random networks and training.")
 def demo(out, quick, clips, epochs, seed) -> None:
     """Show the whole pipeline working with nothing downloaded: synthesise audio-visual event clips, extract

@@ -97,6 +97,8 @@ class Shard:
     count: int
 
     def __post_init__(self) -> None:
+        if self.count < 1:
+            raise BmfnError(f"shard {self.index}/{self.count}: the number of shards must be 1 or more")
         if not 0 <= self.index < self.count:
             raise BmfnError(f"shard {self.index}/{self.count}: the index must be 0..{self.count - 1}")
 

@@ -109,6 +109,17 @@ def timeline_path(plot_dir: str | os.PathLike, video: str | os.PathLike) -> Path
     return Path(plot_dir) / f"{Path(video).stem}.png"
 
 
+class PlotFailed(BmfnError):
+    """A file whose labels were made but whose timeline plot was not: its error, holding the labels (`result`)."""
+
+    def __init__(self, result: LocalizationResult, error: Exception) -> None:
+        self.result = result
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        if not isinstance(error, BmfnError):
+            reason = f"{result.path}: cannot draw the timeline plot ({type(error).__name__}: {reason})"
+        super().__init__(f"{reason}; its labels were made")
+
+
 @dataclass
 class _Video:
     """One file between decoding and its last window's prediction."""
@@ -148,6 +159,8 @@ class Localizer:
         video_hwaccel(self.video_decoder)  # no NVDEC here: one line now, before the networks load
         self.model = model.to(self.device).eval()
         check_stride(stride)
+        if batch_size < 1:
+            raise BmfnError(f"batch size {batch_size}: give 1 or more windows")
         self.stride = stride
         self.batch_size = batch_size
         self.checkpoint = checkpoint or "(model given in Python)"
@@ -268,8 +281,8 @@ class Localizer:
             if plot_dir is not None:
                 try:
                     plot_timeline(result, video.keyframes, video.waveform, timeline_path(plot_dir, path))
-                except BmfnError as exc:
-                    yield path, exc
+                except Exception as exc:  # noqa: BLE001 - a plot that fails is this file's error, not the run's
+                    yield path, PlotFailed(result, exc)
                     continue
             yield path, result
 
@@ -394,7 +407,8 @@ def localize(paths: str | os.PathLike | Iterable[str | os.PathLike], checkpoint:
              log: Callable[[str], None] | None = None) -> LocalizationResult | list[LocalizationResult | BmfnError]:
     """Per-second labels of one video (a LocalizationResult; a failure raises BmfnError) or of several: a list of
     paths, a folder (searched recursively for video files) or a .txt list give a list in their order, where a file
-    that failed holds its BmfnError so the others' results are kept.
+    that failed holds its BmfnError so the others' results are kept. A file whose labels were made but whose plot
+    failed gives a PlotFailed, a BmfnError that holds them as `.result`.
 
     `checkpoint` defaults to the newest run's best.pt under `runs_dir`; `frames_per_second` and the weights
     default to those the checkpoint's features were made with; `precision` is VGG-19's (auto, float32, bfloat16,

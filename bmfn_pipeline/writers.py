@@ -145,9 +145,11 @@ def format_timestamp(seconds: float, decimal_marker: str) -> str:
 
 
 class ResultWriter:
-    """Writes one result to an open text file; ``extension`` names the file ``get_writer`` makes."""
+    """Writes one result to an open text file; ``extension`` names the file ``get_writer`` makes. ``streams``: the
+    results of several videos, written one after another to one stream, still say which video each row is of."""
 
     extension: str
+    streams = False
 
     def write(self, result: LocalizationResult, file: TextIO) -> None:
         raise NotImplementedError
@@ -157,6 +159,7 @@ class TableWriter(ResultWriter):
     """The human-readable form ``bmfn localize`` prints: one row per second, then the summary."""
 
     extension = "txt"
+    streams = True  # a header line per video
 
     def write(self, result: LocalizationResult, file: TextIO) -> None:
         width = max([len(BACKGROUND_NAME)] + [len(second.name) for second in result.seconds])
@@ -171,7 +174,10 @@ class TableWriter(ResultWriter):
 
 
 class JSONWriter(ResultWriter):
+    """One document per video, holding its path: several make a stream of documents, as jq reads them."""
+
     extension = "json"
+    streams = True
 
     def write(self, result: LocalizationResult, file: TextIO) -> None:
         json.dump(result.to_dict(), file, indent=2, default=str)  # paths etc. in `model` as text
@@ -293,7 +299,7 @@ def plot_timeline(result: LocalizationResult, frames: np.ndarray | None, audio: 
     fig = Figure(figsize=(width, sum(heights[p] for p in panels) + 0.8), dpi=FIGURE_DPI, layout="constrained")
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False,
                         gridspec_kw={"height_ratios": [heights[p] for p in panels]})[:, 0]
-    fig.suptitle(f"{Path(result.path).name}: {result.summary()}", fontsize=10)
+    fig.suptitle(f"{Path(result.path).name}: {result.summary()}", fontsize=10, parse_math=False)  # '$' in names
     for ax, panel in zip(axes, panels):
         if panel == "frames":
             _plot_frames(ax, np.asarray(frames))

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from bmfn_pipeline.ave import BACKGROUND, read_annotations, segment_labels
 from bmfn_pipeline.cli import main
 from bmfn_pipeline.data import load_data
-from bmfn_pipeline.demo import (DATA_DIR, FEATURES_FILE, QUICK, REPORT_FILE, RESULTS_DIR, RUN_DIR, SUMMARY_FILE,
+from bmfn_pipeline.demo import (DATA_DIR, FEATURES_FILE, FULL, QUICK, REPORT_FILE, RESULTS_DIR, RUN_DIR, SUMMARY_FILE,
                                 run_demo)
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.synthetic import SPLIT_FILES
@@ -81,3 +81,10 @@ def test_demo_refuses_a_folder_in_use(tmp_path):
     with pytest.raises(BmfnError, match="not empty"):
         run_demo(tmp_path, quick=True, log=lambda line: None)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_help_states_the_plans_sizes():
+    text = " ".join(CliRunner().invoke(main, ["demo", "--help"]).output.split())
+    assert f"(default {FULL.clips}; {QUICK.clips} with --quick)" in text
+    epochs = f"{FULL.epochs}" if FULL.epochs == QUICK.epochs else f"{FULL.epochs}; {QUICK.epochs} with --quick"
+    assert f"Training epochs (default {epochs})" in text

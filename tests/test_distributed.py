@@ -72,6 +72,8 @@ def test_shard_parse_path_and_assignment():
     for bad in ("8/8", "-1/2", "1", "a/b", "1/0"):
         with pytest.raises(BmfnError, match="shard"):
             Shard.parse(bad)
+    with pytest.raises(BmfnError, match="the number of shards must be 1 or more"):
+        Shard.parse("0/0")
     assert Shard(1, 4).path(Path("out") / "feats.h5") == Path("out") / "feats.shard-00001-of-00004.h5"
     ids = [f"clip{i}" for i in range(400)]
     owners = [[s for s in range(3) if Shard(s, 3).holds(c)] for c in ids]

@@ -432,3 +432,49 @@ def _read(fd: int) -> bytes:
         return os.read(fd, 4096)
     except OSError:  # the terminal closed with the process
         return b""
+
+
+def test_a_file_whose_results_cannot_be_written_or_plotted_fails_alone(workdir, video_dir, tmp_path, monkeypatch):
+    """A result file that cannot be written, or a plot that cannot be drawn, is that file's error: its labels are
+    still printed, the other files go on, and the exit code says some failed. A '$' pair in a name is no formula."""
+    checkpoint = next((workdir / "runs").glob("*/best.pt"))
+    names = ["deal_$5_off_$10.webm", "blocked.webm", "broken.webm"]
+    for name in names:
+        (tmp_path / name).symlink_to(video_dir / ONE_SECOND)
+    out = tmp_path / "out"
+    (out / "blocked.json").mkdir(parents=True)  # a folder where the json result would go
+    draw = localize_module.plot_timeline
+
+    def plot_timeline(result, frames, audio, path):
+        if "broken" in path.name:
+            raise ValueError("no room to draw\nmore detail")
+        return draw(result, frames, audio, path)
+
+    monkeypatch.setattr(localize_module, "plot_timeline", plot_timeline)
+    result = CliRunner().invoke(main, ["localize", *(str(tmp_path / name) for name in names), "--checkpoint",
+                                       str(checkpoint), "--format", "json", "--output-dir", str(out), "--plot",
+                                       "--device", "cpu"])
+    assert result.exit_code == 1
+    assert [line for line in result.stderr.splitlines() if "error" in line] == [
+        f"bmfn: error: {out / 'blocked.json'}: cannot write the json result: Is a directory",
+        f"bmfn: error: {tmp_path / 'broken.webm'}: cannot draw the timeline plot (ValueError: no room to draw); "
+        "its labels were made",
+        "bmfn: error: 2 of 3 files failed; their errors are above"]
+    assert re.findall(r"^# (.+) \(\d+\.\d s\)$", result.stdout, re.M) == [str(tmp_path / name) for name in names]
+    assert sorted(p.name for p in out.iterdir()) == ["blocked.json", "blocked.png", "broken.json",
+                                                     "deal_$5_off_$10.json", "deal_$5_off_$10.png"]
+    with pytest.raises(localize_module.PlotFailed) as failed:  # the API: the error holds the labels
+        localize(tmp_path / "broken.webm", checkpoint, device="cpu", plot_dir=out)
+    assert len(failed.value.result.seconds) == SECONDS[ONE_SECOND]
+
+
+def test_formats_of_one_video_per_file_need_an_output_dir_for_several(workdir, video_dir):
+    checkpoint = next((workdir / "runs").glob("*/best.pt"))
+    for output_format in ("csv", "srt", "vtt"):
+        result = CliRunner().invoke(main, ["localize", str(video_dir / ONE_SECOND), str(video_dir / SHORT),
+                                           "--checkpoint", str(checkpoint), "--format", output_format])
+        assert result.exit_code == 1 and not result.stdout
+        assert result.stderr.strip() == (f"bmfn: error: --format {output_format} describes one video per file: "
+                                         "with 2 videos give --output-dir (a file each)")
+    with pytest.raises(BmfnError, match="batch size 0: give 1 or more"):
+        localize(video_dir / ONE_SECOND, checkpoint, device="cpu", batch_size=0)
