@@ -312,19 +312,24 @@ def _milestones(ctx, param, value):
 @click.option("--seeds", default=1, show_default=True, type=click.IntRange(1),
               help="Train N models (seed, seed+1, ...) and report mean and standard deviation.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["float32", "tf32", "bfloat16"]), default="float32", show_default=True,
-              help="tf32: float32 with TF32 tensor-core matmuls (CUDA); bfloat16: autocast (mixed precision).")
-@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
-              help="On one CUDA device, replay each training step as a CUDA graph (same arithmetic, no launch cost).")
+@click.option("--precision", type=click.Choice(["float32", "tf32", "bfloat16"]),
+              help="tf32: float32 with TF32 tensor-core matmuls (CUDA); bfloat16: autocast (mixed precision). "
+                   "Default float32; a resumed run keeps its own.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+              help="On one CUDA device, replay each training step as a CUDA graph (same arithmetic, no launch cost). "
+                   "Default on; a resumed run keeps its own.")
 @click.option("--compile", "compile_network", is_flag=True,
               help="torch.compile the per-cell attentions: fused kernels for their [B*T*49, 2560] tensors.")
 @click.option("--checkpoint-every", type=click.FloatRange(0),
-              help="Seconds between writes of last.pt and best.pt (also at the end). Default 60; 0: every epoch.")
+              help="Seconds between writes of last.pt and best.pt (also at the end). Default 60; 0: every epoch; "
+                   "a resumed run keeps its own.")
 @click.option("--select-on-test", is_flag=True,
               help="The official protocol: keep the epoch with the best TEST accuracy (optimistic). "
                    "Default: select on val, report test for that epoch.")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False),
-              help="Continue an interrupted run from its last.pt (--epochs may extend it).")
+              help="Continue an interrupted run from its last.pt with its own settings (--epochs may extend it; "
+                   "--precision, --cuda-graphs, --checkpoint-every may change; what is given is kept for later "
+                   "resumes).")
 @click.option("--force", is_flag=True, help="Resume even if the features' provenance differs.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size, eval_batch_size, lr, milestones,
@@ -350,9 +355,8 @@ def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size,
                          out=out, epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size, lr=lr,
                          milestones=milestones, gamma=gamma, clip=clip, seed=seed, seeds=seeds, device=device,
                          precision=precision, cuda_graphs=cuda_graphs, compile=compile_network,
-                         select_on_test=select_on_test, force=force,
-                         resume=resume, **({} if checkpoint_every is None else {"checkpoint_every": checkpoint_every}),
-                         progress=not quiet, command=shlex.join(["bmfn", *sys.argv[1:]]))
+                         checkpoint_every=checkpoint_every, select_on_test=select_on_test, force=force,
+                         resume=resume, progress=not quiet, command=shlex.join(["bmfn", *sys.argv[1:]]))
     result = run_train(config, log=click.echo)
     if rank_env().is_main:  # under torchrun, rank 0 speaks for all
         click.echo(result.summary())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -142,8 +143,7 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
     audio = _read_h5(audio_path, AVE_KEY).astype(np.float32)
     n = len(audio)
     visual = compact_visual(visual_path, cache_dir)
-    if len(visual) != n:
-        raise BmfnError(f"{visual_path}: {len(visual)} rows but {audio_path.name} has {n}")
+    _check_rows(visual_path, visual, audio, audio_path.name)
 
     annotations = Path(annotations) if annotations else directory / ANNOTATIONS_FILE
     rows = ave.read_annotations(annotations) if annotations.is_file() else None
@@ -159,6 +159,7 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
         raise BmfnError(f"{directory / LABELS_FILE}: shape {labels.shape}, expected ({n}, {ave.SEGMENTS}, {ave.NUM_CLASSES})")
     if (directory / VIDEO_LABELS_FILE).is_file():
         video_labels = _read_h5(directory / VIDEO_LABELS_FILE, AVE_KEY).astype(np.float32)
+        _check_shape(directory / VIDEO_LABELS_FILE, video_labels, (n, ave.NUM_CLASSES), AUDIO_FILE)
     elif rows is not None:
         video_labels = ave.video_labels(rows)
     else:
@@ -182,13 +183,13 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
         noisy_video[:, ave.BACKGROUND] = 1
         if (directory / NOISY_LABELS_FILE).is_file():
             noisy_video = _read_h5(directory / NOISY_LABELS_FILE, AVE_KEY).astype(np.float32)
-            if noisy_video.shape != (len(noisy_audio), ave.NUM_CLASSES):
-                raise BmfnError(f"{directory / NOISY_LABELS_FILE}: shape {list(noisy_video.shape)}, expected "
-                                f"[{len(noisy_audio)}, {ave.NUM_CLASSES}] like {NOISY_AUDIO_FILE}")
+            _check_shape(directory / NOISY_LABELS_FILE, noisy_video, (len(noisy_audio), ave.NUM_CLASSES),
+                         NOISY_AUDIO_FILE)
         noisy_labels = np.zeros((len(noisy_audio), ave.SEGMENTS, ave.NUM_CLASSES), np.float32)
         noisy_labels[..., ave.BACKGROUND] = 1
-        noisy = ClipArrays(compact_visual(directory / NOISY_VISUAL_FILE, cache_dir), noisy_audio, noisy_labels,
-                           noisy_video)
+        noisy_visual = compact_visual(directory / NOISY_VISUAL_FILE, cache_dir)
+        _check_rows(directory / NOISY_VISUAL_FILE, noisy_visual, noisy_audio, NOISY_AUDIO_FILE)
+        noisy = ClipArrays(noisy_visual, noisy_audio, noisy_labels, noisy_video)
     source = {"kind": "ave-dir", "path": str(directory.resolve()),
               "annotations": str(annotations.resolve()) if rows is not None else None,
               "splits": str(split_dir.resolve()) if splits else None}
@@ -214,7 +215,7 @@ def compact_visual(path: Path, cache_dir: str | Path | None = None) -> np.ndarra
     float32/float16 files small enough are read directly; float64 files are streamed slice by slice into
     `<name>.f16.npy` beside the file, or in the bmfn cache directory when that folder is read-only.
     """
-    with h5py.File(path, "r") as f:
+    with _open_h5(path) as f:
         dataset = _dataset(f, path, AVE_KEY)
         stamp = {"source": str(path.resolve()), "size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns,
                  "shape": list(dataset.shape)}
@@ -315,7 +316,7 @@ def load_store(path: str | Path, *, annotations: str | Path | None = None,
 
 def read_provenance(path: str | Path) -> dict:
     """The store's provenance (root attribute `provenance`, JSON), {} when absent."""
-    with h5py.File(path, "r") as f:
+    with _open_h5(path) as f:
         raw = f.attrs.get("provenance")
     return json.loads(_text(raw)) if raw is not None else {}
 
@@ -343,10 +344,11 @@ def _labels_by_id(clip_ids: list[str], rows: list[ave.AnnotationRow]) -> tuple[n
 
 
 def video_labels_from_segments(labels: np.ndarray) -> np.ndarray:
-    """Video one-hot [N,29] from segment labels: the foreground classes present, background only if none."""
+    """Video one-hot [N,29] from segment labels: the foreground classes present. A video label is never background
+    (bmfn-reference.md section 9): a clip without an event second (AVE's empty intervals) gets a row of zeros, its
+    class unknown, and weakly supervised training leaves it out."""
     video = np.zeros((len(labels), ave.NUM_CLASSES), np.float32)
     video[:, :ave.BACKGROUND] = labels[:, :, :ave.BACKGROUND].max(axis=1)
-    video[:, ave.BACKGROUND] = video[:, :ave.BACKGROUND].max(axis=1) == 0
     return video
 
 
@@ -381,8 +383,33 @@ def num_batches(parts: list[tuple[ClipArrays, np.ndarray]], batch_size: int) -> 
 
 
 def _read_h5(path: Path, key: str) -> np.ndarray:
-    with h5py.File(path, "r") as f:
-        return _dataset(f, path, key)[()]
+    with _open_h5(path) as f:
+        try:
+            return _dataset(f, path, key)[()]
+        except OSError as err:
+            raise BmfnError(f"{path}: cannot read '{key}': {err}") from None
+
+
+@contextmanager
+def _open_h5(path: Path) -> Iterator[h5py.File]:
+    """h5py's own message names no file: a damaged one would say only 'file signature not found'."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise BmfnError(f"{path}: cannot read as HDF5: {err}") from None
+    with f:
+        yield f
+
+
+def _check_rows(path: Path, visual: np.ndarray, audio: np.ndarray, audio_name: str) -> None:
+    """Row i of the visual file is row i of the audio file."""
+    if len(visual) != len(audio):
+        raise BmfnError(f"{path}: {len(visual)} rows but {audio_name} has {len(audio)}")
+
+
+def _check_shape(path: Path, array: np.ndarray, expected: tuple[int, ...], like: str) -> None:
+    if array.shape != expected:
+        raise BmfnError(f"{path}: shape {list(array.shape)}, expected {list(expected)} like {like}")
 
 
 def _dataset(f: h5py.File, path: Path, key: str) -> h5py.Dataset:

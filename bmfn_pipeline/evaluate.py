@@ -23,13 +23,13 @@ CLASS_NAMES = (*ave.CATEGORIES, "background")
 PRECISIONS = ("float32", "tf32", "bfloat16")
 
 
-def _numpy(x) -> np.ndarray:
+def to_numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def segment_accuracy(pred, target) -> float:
     """Percentage of segments whose label (0..28, 28 = background) is right, pooled over all videos and segments."""
-    pred, target = _numpy(pred), _numpy(target)
+    pred, target = to_numpy(pred), to_numpy(target)
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
     if target.size == 0:
@@ -39,7 +39,7 @@ def segment_accuracy(pred, target) -> float:
 
 def confusion_matrix(pred, target, num_classes: int = ave.NUM_CLASSES) -> np.ndarray:
     """Counts [num_classes, num_classes] of segments: row = true class, column = predicted class."""
-    pred, target = _numpy(pred).ravel().astype(np.int64), _numpy(target).ravel().astype(np.int64)
+    pred, target = to_numpy(pred).ravel().astype(np.int64), to_numpy(target).ravel().astype(np.int64)
     return np.bincount(target * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 

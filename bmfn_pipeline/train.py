@@ -5,7 +5,9 @@ epoch), `curves.png`, `best.pt` (selected epoch) and `last.pt` (latest saved epo
 state, so `--resume` continues bit for bit on the same device). Both are written at most every
 `checkpoint_every` seconds and at the end: on a GPU an AVE epoch takes well under a second and a 320 MB last.pt
 per epoch would cost more than the training; the selected epoch's weights wait in memory until then. With
-several seeds each has its own `seed-<n>/` folder and `summary.json` gives mean and standard deviation.
+several seeds each has its own `seed-<n>/` folder and `summary.json` gives mean and standard deviation (its paths
+relative to the run folder). `--resume` goes on with run.json's settings; epochs, precision, CUDA graphs or the
+checkpoint interval given anew are written to it, for the next resume.
 
 On a single CUDA device each training step is replayed as a CUDA graph (bmfn_pipeline.graphs). A resumed run
 captures its graphs anew, and its first steps, run eagerly, draw other dropout masks than the replays they stand
@@ -35,7 +37,7 @@ from bmfn_pipeline.data import FeatureData, batches, find_default_data, load_dat
 from bmfn_pipeline.distributed import (all_sum, local_batch, process_group, rank_device, rank_env, resolve_device,
                                        seed_rank, share_from_main, wrap)
 from bmfn_pipeline.errors import BmfnError
-from bmfn_pipeline.evaluate import CLASS_NAMES, compute_precision, predict_rows, segment_accuracy
+from bmfn_pipeline.evaluate import CLASS_NAMES, compute_precision, predict_rows, segment_accuracy, to_numpy
 from bmfn_pipeline.graphs import GraphedStep
 from bmfn_pipeline.model import (BMFN, BMFNConfig, BMFNOutput, compile_cell_attention, fully_supervised_loss,
                                  group_state_dict, predict_segments, weakly_supervised_loss)
@@ -67,6 +69,10 @@ BEST, LAST, METRICS, CURVES, COMMAND, RUN_FILE, SUMMARY = (
     "best.pt", "last.pt", "metrics.jsonl", "curves.png", "command.txt", "run.json", "summary.json")
 RUNS_DIR = "runs"
 CHECKPOINT_EVERY = 60.0  # seconds between writes of last.pt and best.pt (0: after every epoch)
+# How a run runs, for a new run when not given; a resumed run keeps its own (run.json) unless given. With epochs,
+# what --resume may change; a change is written to run.json, so that a later plain --resume goes on alike.
+RUN_DEFAULTS = {"precision": "float32", "cuda_graphs": True, "checkpoint_every": CHECKPOINT_EVERY}
+RESUME_SETTINGS = ("epochs", *RUN_DEFAULTS)
 PROGRESS_EVERY = 10  # steps between progress-bar figures (reading them waits for the GPU)
 # Provenance keys (a store's words, see bmfn_pipeline.extract.features_provenance) that change the feature space:
 # which network weights (random:<seed> included) and preprocessing, how frames and audio were framed.
@@ -95,10 +101,11 @@ class TrainConfig:
     seed: int | None = None
     seeds: int = 1  # run seed, seed+1, ... and report mean and std
     device: str = "auto"
-    precision: str = "float32"  # or tf32 / bfloat16 (bmfn_pipeline.evaluate.PRECISIONS)
-    cuda_graphs: bool = True  # replay each step as a CUDA graph on a single CUDA device (ignored elsewhere)
+    # These three left None take RUN_DEFAULTS in a new run, the run's own values on resume.
+    precision: str | None = None  # float32, tf32 or bfloat16 (bmfn_pipeline.evaluate.PRECISIONS)
+    cuda_graphs: bool | None = None  # replay each step as a CUDA graph on a single CUDA device (ignored elsewhere)
     compile: bool = False  # torch.compile the per-cell attentions (bmfn_pipeline.model.compile_cell_attention)
-    checkpoint_every: float = CHECKPOINT_EVERY
+    checkpoint_every: float | None = None  # seconds (CHECKPOINT_EVERY)
     select_on_test: bool = False  # the official protocol: keep the epoch with the best TEST accuracy
     include_noisy: bool = True  # weakly: the 178 background clips join the training set when present
     force: bool = False  # resume on features whose provenance differs
@@ -111,8 +118,9 @@ class TrainConfig:
         if self.mode not in REFERENCE:
             raise BmfnError(f"mode {self.mode!r}: use fully or weakly")
         ref = REFERENCE[self.mode]
-        filled = {f.name: getattr(ref, f.name) if getattr(self, f.name) is None else getattr(self, f.name)
-                  for f in fields(Hyper)}
+        defaults = {**{f.name: getattr(ref, f.name) for f in fields(Hyper)}, **RUN_DEFAULTS}
+        filled = {name: value if getattr(self, name) is None else getattr(self, name)
+                  for name, value in defaults.items()}
         filled["milestones"] = tuple(int(m) for m in filled["milestones"])
         return replace(self, **filled)
 
@@ -122,14 +130,15 @@ class TrainConfig:
 
 @dataclass
 class RunResult:
-    """One seed's outcome; accuracies are percentages for the selected (best) epoch."""
+    """One seed's outcome; accuracies are percentages for the selected (best) epoch, None for a split without
+    clips."""
 
     run_dir: Path
     seed: int
     best_epoch: int
     selected_on: str  # 'val' or 'test'
-    val_acc: float
-    test_acc: float
+    val_acc: float | None
+    test_acc: float | None
     epochs: int
     history: list[dict]
 
@@ -146,16 +155,18 @@ class TrainResult:
     runs: list[RunResult]
     data: str
 
-    def _stat(self, name: str) -> tuple[float, float]:
+    def _stat(self, name: str) -> tuple[float, float] | tuple[None, None]:
+        if any(getattr(r, name) is None for r in self.runs):
+            return None, None
         values = np.array([getattr(r, name) for r in self.runs], float)
         return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
     @property
-    def test_mean_std(self) -> tuple[float, float]:
+    def test_mean_std(self) -> tuple[float, float] | tuple[None, None]:
         return self._stat("test_acc")
 
     @property
-    def val_mean_std(self) -> tuple[float, float]:
+    def val_mean_std(self) -> tuple[float, float] | tuple[None, None]:
         return self._stat("val_acc")
 
     @property
@@ -168,22 +179,32 @@ class TrainResult:
         lines = []
         for r in self.runs:
             lines.append(f"seed {r.seed}: best epoch {r.best_epoch}/{r.epochs} (selected on {r.selected_on}): "
-                         f"val {r.val_acc:.2f} %, test {r.test_acc:.2f} %  [{r.best_checkpoint}]")
+                         f"val {_percent(r.val_acc)}, test {_percent(r.test_acc)}  [{r.best_checkpoint}]")
         if self.runs[0].selected_on == "test":
             lines.append("note: --select-on-test picked the epoch with the best TEST accuracy (the official "
                          "protocol); the test figure is optimistic, not a held-out estimate")
         if len(self.runs) > 1:
             (vm, vs), (tm, ts) = self.val_mean_std, self.test_mean_std
-            lines.append(f"{len(self.runs)} seeds: val {vm:.2f} ± {vs:.2f} %, test {tm:.2f} ± {ts:.2f} % (mean ± std)")
+            lines.append(f"{len(self.runs)} seeds: val {_percent(vm, vs)}, test {_percent(tm, ts)} (mean ± std)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
+        """summary.json: the seeds' folders and the best checkpoint relative to the run folder, so that the run
+        is found from any folder and after a move (run_dir: where it was written)."""
         (vm, vs), (tm, ts) = self.val_mean_std, self.test_mean_std
-        return {"run_dir": str(self.run_dir), "data": self.data, "best_checkpoint": str(self.best_checkpoint),
+        return {"run_dir": str(self.run_dir.resolve()), "data": self.data,
+                "best_checkpoint": self.best_checkpoint.relative_to(self.run_dir).as_posix(),
                 "val_mean": vm, "val_std": vs, "test_mean": tm, "test_std": ts,
-                "runs": [{"seed": r.seed, "run_dir": str(r.run_dir), "best_epoch": r.best_epoch,
-                          "selected_on": r.selected_on, "val_acc": r.val_acc, "test_acc": r.test_acc,
-                          "epochs": r.epochs} for r in self.runs]}
+                "runs": [{"seed": r.seed, "run_dir": r.run_dir.relative_to(self.run_dir).as_posix(),
+                          "best_epoch": r.best_epoch, "selected_on": r.selected_on, "val_acc": r.val_acc,
+                          "test_acc": r.test_acc, "epochs": r.epochs} for r in self.runs]}
+
+
+def _percent(value: float | None, std: float | None = None) -> str:
+    """An accuracy as printed; '-' where a split has no clips."""
+    if value is None:
+        return "-"
+    return f"{value:.2f} %" if std is None else f"{value:.2f} ± {std:.2f} %"
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -220,20 +241,27 @@ def _train(config: TrainConfig, data: FeatureData | None, log) -> TrainResult:
     log(f"data: {data.describe()}")
     for note in data.notes:
         log(f"note: {note}")
+    if config.mode == "weakly":
+        data = _with_video_classes(data, log)
     if len(data.splits["train"]) == 0:
         raise BmfnError(f"{data.source['path']}: the train split is empty ({data.split_rule})")
     selection = "test" if config.select_on_test else "val"
     if len(data.splits[selection]) == 0:
         raise BmfnError(f"{data.source['path']}: the {selection} split is empty ({data.split_rule}); "
                         "model selection needs it")
+    for split in ("val", "test"):
+        if len(data.splits[split]) == 0:
+            log(f"note: no {split} clips ({data.split_rule}): no {split} accuracy is reported")
     if config.select_on_test:
         log("--select-on-test: keeping the epoch with the best TEST accuracy (the official protocol); "
             "the reported test accuracy is then optimistic")
-    if not config.resume and rank_env().is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RUN_FILE).write_text(json.dumps({"config": config.to_dict(), "data": data.source,
-                                                    "split_rule": data.split_rule, "started": time.time()}, indent=2))
     if rank_env().is_main:
+        if config.resume:
+            _record_resume_settings(run_dir, config)
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(run_dir / RUN_FILE, {"config": config.to_dict(), "data": data.source,
+                                             "split_rule": data.split_rule, "started": time.time()})
         with open(run_dir / COMMAND, "a") as f:
             f.write((config.command or _api_command(config)) + "\n")
     log(f"run: {run_dir} ({config.mode}, device {device}, {config.precision})")
@@ -246,7 +274,7 @@ def _train(config: TrainConfig, data: FeatureData | None, log) -> TrainResult:
         runs.append(_train_seed(config, seed, data, seed_dir, device, log))
     result = TrainResult(run_dir, runs, data.describe())
     if config.seeds > 1:
-        (run_dir / SUMMARY).write_text(json.dumps(result.to_dict(), indent=2))
+        _write_json(run_dir / SUMMARY, result.to_dict())
     return result
 
 
@@ -288,7 +316,13 @@ def resolve_checkpoint(checkpoint: str | Path | None, runs_dir: str | Path = RUN
 def _run_best(run: Path) -> Path | None:
     """A run folder's selected checkpoint: its summary's, else the newest best.pt in it or its seed folders."""
     if (run / SUMMARY).is_file():
-        return Path(json.loads((run / SUMMARY).read_text())["best_checkpoint"])
+        named = Path(json.loads((run / SUMMARY).read_text())["best_checkpoint"])
+        # Relative to the run folder; summaries of earlier versions hold an absolute path or one relative to the
+        # folder training ran in (e.g. runs/x/seed-891/best.pt), whose seed folder and file name still tell it.
+        for path in (run / named, named, run / named.parent.name / named.name):
+            if path.is_file():
+                return path
+        raise BmfnError(f"{run / SUMMARY}: its best checkpoint {named} is not in {run}")
     found = sorted(run.glob(f"**/{BEST}"), key=lambda p: p.stat().st_mtime, reverse=True)
     return found[0] if found else None
 
@@ -322,7 +356,7 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
     graphs = config.cuda_graphs and device.type == "cuda" and replica is model
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, capturable=graphs, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), config.gamma)
-    start, best = 0, {"epoch": 0, "selected": -math.inf, "val_acc": math.nan, "test_acc": math.nan}
+    start, best = 0, {"epoch": 0, "selected": -math.inf, "val_acc": None, "test_acc": None}
     if (run_dir / LAST).is_file():
         state = _load_state(run_dir / LAST, "cpu")
         check_provenance(state["provenance"], data.provenance, force=config.force, what=data.source["path"])
@@ -396,9 +430,10 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
                                 f"{int(totals['bad_step'])}; training stopped. Last good checkpoint: {kept}. "
                                 "Try a lower --lr or --clip, or float32")
             loss_sum, correct, clips, segments = all_sum(sums.values[:4]).tolist()
+            # None, not NaN, for a split without clips: metrics.jsonl stays strict JSON
             accs = {split: segment_accuracy(*predict_rows(model, data.clips, data.splits[split], device,
                                                           config.eval_batch_size, config.precision))
-                    for split in ("val", "test")}
+                    if len(data.splits[split]) else None for split in ("val", "test")}
             scheduler.step()
             record = {"epoch": epoch, "loss": loss_sum / clips, "train_acc": 100 * correct / segments,
                       "val_acc": accs["val"], "test_acc": accs["test"], "lr": lr,
@@ -420,8 +455,8 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
                     "optimizer": optimizer.state_dict(), "scheduler": _scheduler_state(scheduler),
                     "rng": _rng_state(generator)}, final=epoch == config.epochs)
             log(f"seed {seed} epoch {epoch}/{config.epochs}: loss {record['loss']:.4f}, "
-                f"train {record['train_acc']:.2f} %, val {accs['val']:.2f} %, test {accs['test']:.2f} %, lr {lr:.3g}, "
-                f"{record['time']:.2f} s" + ("  * best" if improved else ""))
+                f"train {record['train_acc']:.2f} %, val {_percent(accs['val'])}, test {_percent(accs['test'])}, "
+                f"lr {lr:.3g}, {record['time']:.2f} s" + ("  * best" if improved else ""))
     finally:
         saver.flush_best()  # the selected weights are never lost, even when the run stops early
     if main:
@@ -585,17 +620,37 @@ def _new_run_dir(config: TrainConfig) -> Path:
 
 def _resume_config(given: TrainConfig) -> tuple[TrainConfig, Path]:
     """The interrupted run's own configuration; only epochs and how it runs (device, precision, progress, CUDA
-    graphs, checkpoint interval) may change."""
+    graphs, checkpoint interval) may change, and RESUME_SETTINGS not given stay the run's."""
     run_dir = Path(given.resume)
     if not (run_dir / RUN_FILE).is_file():
         raise BmfnError(f"{run_dir}: no {RUN_FILE}; not a bmfn run directory")
     saved = json.loads((run_dir / RUN_FILE).read_text())["config"]
     saved["milestones"] = tuple(saved["milestones"])
-    config = TrainConfig(**{**saved, "resume": str(run_dir), "device": given.device, "precision": given.precision,
-                            "progress": given.progress, "force": given.force, "command": given.command,
-                            "cuda_graphs": given.cuda_graphs, "checkpoint_every": given.checkpoint_every,
-                            "epochs": given.epochs or saved["epochs"]})
-    return config, run_dir
+    changed = {name: getattr(given, name) for name in RESUME_SETTINGS if getattr(given, name) is not None}
+    config = TrainConfig(**{**saved, **changed, "resume": str(run_dir), "device": given.device,
+                            "progress": given.progress, "force": given.force, "command": given.command})
+    return config.resolved(), run_dir  # resolved: a run.json of a bmfn before RUN_DEFAULTS may lack one
+
+
+def _record_resume_settings(run_dir: Path, config: TrainConfig) -> None:
+    """Write RESUME_SETTINGS changed on resume (e.g. more --epochs) to run.json: a later plain --resume, after a
+    kill, goes on with them instead of the run's first ones."""
+    run = json.loads((run_dir / RUN_FILE).read_text())
+    settings = {name: getattr(config, name) for name in RESUME_SETTINGS}
+    if any(run["config"].get(name) != value for name, value in settings.items()):
+        run["config"].update(settings)
+        _write_json(run_dir / RUN_FILE, run)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    _write_text(path, json.dumps(value, indent=2))
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Written beside and renamed into place: a kill mid-write keeps the previous file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _load_config_data(config: TrainConfig, log) -> FeatureData:
@@ -607,18 +662,46 @@ def _load_config_data(config: TrainConfig, log) -> FeatureData:
                      include_noisy=config.include_noisy and config.mode == "weakly")
 
 
+def _with_video_classes(data: FeatureData, log) -> FeatureData:
+    """Weak targets are video classes, never background (bmfn-reference.md section 9). Labels without an event
+    second and without the class (an empty interval in a store's or labels.h5's segment labels) give none: such
+    clips are left out of weak training, where background would be a wrong target."""
+    rows = data.splits["train"]
+    known = to_numpy(data.clips.video_labels)[rows].any(axis=-1)
+    if known.all():
+        return data
+    log(f"note: {int((~known).sum())} training clips have no event second in their labels, hence no video class: "
+        "weakly supervised training leaves them out (--annotations Annotations.txt gives their classes)")
+    return replace(data, splits={**data.splits, "train": rows[known]})
+
+
 def _api_command(config: TrainConfig) -> str:
     return f"# python API ({shlex.join(sys.argv)}): train({config!r})"
 
 
 def _read_metrics(path: Path, keep_through: int) -> list[dict]:
-    """Metric lines of finished epochs; lines past `keep_through` (written before a kill) are dropped."""
+    """Metric lines of finished epochs; lines past `keep_through` (written before a kill) are dropped, a torn one
+    (a kill or a full disk during the append) included."""
     if not path.is_file():
         return []
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if line["epoch"] <= keep_through]
-    if len(kept) != len(lines):
-        path.write_text("".join(json.dumps(line) + "\n" for line in kept))
+    kept, dropped = [], False
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            beyond = record["epoch"] > keep_through
+        except (ValueError, TypeError, KeyError) as err:
+            beyond = keep_through == 0 or bool(kept) and kept[-1]["epoch"] >= keep_through  # all kept ones read
+            if not beyond:
+                raise BmfnError(f"{path}: line {number} is not a metrics record ({err}); it holds one of the epochs "
+                                f"up to {keep_through} that resuming keeps") from None
+        if beyond:
+            dropped = True
+        else:
+            kept.append(record)
+    if dropped:
+        _write_text(path, "".join(json.dumps(line) + "\n" for line in kept))
     return kept
 
 
@@ -636,7 +719,9 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     left.set_xlabel("epoch")
     left.set_ylabel("training loss")
     for key in ("train_acc", "val_acc", "test_acc"):
-        right.plot(epochs, [h[key] for h in history], label=key.replace("_acc", ""))
+        values = [h.get(key) for h in history]
+        if any(v is not None for v in values):  # None: a split without clips
+            right.plot(epochs, [math.nan if v is None else v for v in values], label=key.replace("_acc", ""))
     right.set_xlabel("epoch")
     right.set_ylabel("segment accuracy (%)")
     right.legend()

@@ -89,6 +89,26 @@ def test_noisy_video_labels_come_from_labels_noisy_h5(tmp_path):
         load_ave_dir(directory)
 
 
+def test_malformed_release_files_are_named(tmp_path):
+    """A wrong shape or a damaged file is a one-line error naming the file, not a traceback from deep inside."""
+    directory = make_ave_dir(tmp_path / "ave", n_clips=6, noisy=3)
+    for rows, columns in ((6, 28), (5, ave.NUM_CLASSES)):  # fully mode never uses too few rows: still refused
+        with h5py.File(directory / "mil_labels.h5", "w") as f:
+            f["avadataset"] = np.zeros((rows, columns), np.float32)
+        with pytest.raises(BmfnError, match=rf"mil_labels\.h5: shape \[{rows}, {columns}\], expected \[6, 29\]"):
+            load_ave_dir(directory)
+    (directory / "mil_labels.h5").unlink()
+    with h5py.File(directory / "visual_feature_noisy.h5", "w") as f:
+        f["avadataset"] = np.zeros((2, ave.SEGMENTS, *SMALL_VISUAL))
+    with pytest.raises(BmfnError, match=r"visual_feature_noisy\.h5: 2 rows but audio_feature_noisy\.h5 has 3"):
+        load_ave_dir(directory)
+    assert load_ave_dir(directory, include_noisy=False).noisy is None
+    for name in ("labels.h5", "visual_feature.h5"):
+        (directory / name).write_bytes(b"not an hdf5 file")
+        with pytest.raises(BmfnError, match=rf"{directory / name}: cannot read as HDF5: .*signature"):
+            load_ave_dir(directory, include_noisy=False)
+
+
 def test_visual_cache_is_reused_and_refreshed(tmp_path):
     directory = make_ave_dir(tmp_path / "ave", n_clips=4)
     first = compact_visual(directory / "visual_feature.h5")
@@ -144,13 +164,14 @@ def test_missing_labels_named(tmp_path):
         load_ave_dir(directory)
 
 
-def test_video_labels_from_segments_background_only():
+def test_video_labels_from_segments_are_never_background():
+    """bmfn-reference.md section 9: a clip without an event second has no known video class, not background."""
     labels = np.zeros((2, 10, 29), np.float32)
     labels[0, :, 28] = 1
     labels[1, :3, 4] = 1
     labels[1, 3:, 28] = 1
     video = video_labels_from_segments(labels)
-    assert video[0].tolist() == [0] * 28 + [1]
+    assert video[0].tolist() == [0] * 29
     assert np.flatnonzero(video[1]).tolist() == [4]
 
 
@@ -175,7 +196,8 @@ STORE_PROVENANCE = {"visual": {"source": "ave", "weights": "random", "checksum":
 
 
 def make_store(path, n_clips=6, classes=TASK_CLASSES, labels=None, seed=0, provenance=STORE_PROVENANCE):
-    """A feature store of real-shaped random features; `labels` maps clip id -> (segment one-hot, split)."""
+    """A feature store of real-shaped random features; `labels` maps clip id -> (segment one-hot, split), as
+    FeatureStore.set_labels takes them."""
     from bmfn_pipeline.store import FeatureStore
 
     rng = np.random.default_rng(seed)
@@ -224,3 +246,24 @@ def test_store_with_stored_labels_and_splits(tmp_path):
     assert {k: v.tolist() for k, v in data.splits.items()} == {"train": [0], "val": [1], "test": [2]}
     assert "stored" in data.split_rule
     assert data.clips.video_labels[0].tolist() == [0, 0, 1] + [0] * 26
+
+
+def make_empty_interval_store(directory):
+    """A store labelled as `bmfn extract --annotations` labels it, whose first clip's event interval is empty
+    (AVE row 26, VWi2ENBuTbw 0&0); returns it and its Annotations.txt."""
+    from bmfn_pipeline.store import labels_from_annotations
+
+    annotations = directory / "Annotations.txt"
+    annotations.write_text("Church bell&vid0000&good&0&0\nBark&vid0001&good&2&8\nCat&vid0002&good&0&10\n")
+    rows = ave.read_annotations(annotations)
+    splits = {"train": np.array([0, 1]), "val": np.array([2]), "test": np.array([], np.int64)}
+    return make_store(directory / "feats.h5", n_clips=3, labels=labels_from_annotations(rows, splits)[0]), annotations
+
+
+def test_weak_targets_of_stored_labels_are_never_background(tmp_path):
+    path, annotations = make_empty_interval_store(tmp_path)
+    stored, relabelled = load_store(path), load_store(path, annotations=annotations)
+    assert relabelled.clips.video_labels[0].argmax() == ave.CATEGORIES.index("Church bell")
+    assert not stored.clips.video_labels[0].any()  # the store keeps no class for it: unknown, not background
+    np.testing.assert_array_equal(stored.clips.video_labels[1:], relabelled.clips.video_labels[1:])
+    np.testing.assert_array_equal(stored.clips.labels, relabelled.clips.labels)

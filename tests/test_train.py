@@ -7,15 +7,17 @@ import os
 import re
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import per_branch_state_dict
-from test_data import SMALL_MODEL, STORE_PROVENANCE, make_ave_dir, make_store
+from test_data import SMALL_MODEL, STORE_PROVENANCE, make_ave_dir, make_empty_interval_store, make_store
 
 from bmfn_pipeline import ave, train as train_module
 from bmfn_pipeline.cli import main
+from bmfn_pipeline.data import load_store
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.evaluate import eval_batch_size, evaluate
 from bmfn_pipeline.train import (REFERENCE, TrainConfig, check_provenance, latest_checkpoint, load_checkpoint,
@@ -39,6 +41,7 @@ def test_reference_hyper_parameters():
     assert eval_batch_size(torch.device("cpu")) == 16 and eval_batch_size(torch.device("cpu"), 4) == 4
     assert (weakly.milestones, weakly.clip, weakly.seed) == ((5, 20, 40), 0.5, 550)
     assert TrainConfig(mode="fully", lr=1e-3).resolved().lr == 1e-3
+    assert (fully.precision, fully.cuda_graphs, fully.checkpoint_every) == ("float32", True, 60.0)
 
 
 def test_fully_supervised_learns_and_writes_the_run(tmp_path):
@@ -85,8 +88,8 @@ def test_resume_continues_where_the_run_stopped(tmp_path):
     config = dict(mode="fully", ave_dir=str(directory), **FAST)
     train(TrainConfig(out=str(tmp_path / "straight"), epochs=4, **config), log=quiet)
     train(TrainConfig(out=str(tmp_path / "resumed"), epochs=2, **config), log=quiet)
-    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # a line written just before a kill is dropped
-        f.write(json.dumps({"epoch": 3, "loss": 0.0}) + "\n")
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # lines written just before a kill are dropped,
+        f.write(json.dumps({"epoch": 3, "loss": 0.0}) + "\n" + '{"epoch": 4, "lo')  # a torn one too
     # As a CUDA run saves it (fused, capturable Adam): resuming on the CPU must switch both off again.
     last = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
     for group in last["optimizer"]["param_groups"]:
@@ -103,6 +106,36 @@ def test_resume_continues_where_the_run_stopped(tmp_path):
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model_state"]
     b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["model_state"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_broken_metrics_line_of_a_kept_epoch_is_named(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "loss": 1.0}\n{"epoch": 2, "lo\n')
+    with pytest.raises(BmfnError, match=r"metrics\.jsonl: line 2 is not a metrics record .*epochs up to 2"):
+        train_module._read_metrics(path, keep_through=2)
+    assert train_module._read_metrics(path, keep_through=1) == [{"epoch": 1, "loss": 1.0}]
+    assert path.read_text() == '{"epoch": 1, "loss": 1.0}\n'
+
+
+def test_resume_keeps_the_runs_settings_and_records_the_ones_given(tmp_path):
+    """A plain `bmfn train --resume` goes on in the run's precision, CUDA graphs and checkpoint interval; what is
+    given (more epochs, another precision) is written to run.json, so that the next plain resume keeps it."""
+    directory = make_ave_dir(tmp_path / "ave", n_clips=12)
+    run = tmp_path / "run"
+    train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(run), epochs=1, precision="bfloat16",
+                      cuda_graphs=False, checkpoint_every=0, **FAST), log=quiet)
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", "--resume", str(run), "--epochs", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^run: .*, bfloat16\)$", result.output, re.M)
+    saved = json.loads((run / "run.json").read_text())["config"]
+    assert (saved["epochs"], saved["precision"], saved["cuda_graphs"], saved["checkpoint_every"]) == \
+        (2, "bfloat16", False, 0)
+    result = runner.invoke(main, ["train", "--resume", str(run), "--precision", "float32", "--quiet"])
+    assert result.exit_code == 0 and re.search(r"^run: .*, float32\)$", result.output, re.M)
+    saved = json.loads((run / "run.json").read_text())["config"]
+    assert (saved["epochs"], saved["precision"]) == (2, "float32")
+    assert train(TrainConfig(resume=str(run), progress=False), log=quiet).runs[0].epochs == 2
 
 
 def test_checkpoints_of_bmfn_before_grouping_load_and_refuse_to_resume(tmp_path):
@@ -181,7 +214,7 @@ def test_seeds_report_mean_and_std(tmp_path):
     assert summary["test_mean"] == pytest.approx(np.mean(tests))
     assert summary["test_std"] == pytest.approx(np.std(tests, ddof=1))
     assert (tmp_path / "run" / "seed-3" / "best.pt").is_file() and (tmp_path / "run" / "seed-4" / "last.pt").is_file()
-    assert latest_checkpoint(tmp_path) == result.best_checkpoint == Path(summary["best_checkpoint"])
+    assert latest_checkpoint(tmp_path) == result.best_checkpoint == tmp_path / "run" / summary["best_checkpoint"]
     with pytest.raises(BmfnError, match="no training run"):
         latest_checkpoint(tmp_path / "run" / "seed-3")
     # a command's --checkpoint: a run folder means its selected checkpoint, a seed folder its own, a file itself
@@ -191,6 +224,66 @@ def test_seeds_report_mean_and_std(tmp_path):
     assert resolve_checkpoint(None, tmp_path) == result.best_checkpoint
     with pytest.raises(BmfnError, match=f"^{re.escape(str(directory))}: a folder without a best.pt"):
         resolve_checkpoint(directory)
+
+
+def test_summary_finds_the_best_checkpoint_from_any_folder_and_after_a_move(tmp_path, monkeypatch):
+    directory = make_ave_dir(tmp_path / "ave", n_clips=12)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    result = train(TrainConfig(mode="fully", ave_dir=str(directory), out="run", epochs=1, seeds=2, seed=3, **FAST),
+                   log=quiet)
+    best = result.best_checkpoint.relative_to("run")  # seed-3/best.pt or seed-4/best.pt
+    summary = json.loads(Path("run/summary.json").read_text())
+    assert summary["best_checkpoint"] == best.as_posix() and summary["runs"][0]["run_dir"] == "seed-3"
+    monkeypatch.chdir(tmp_path)
+    assert resolve_checkpoint(tmp_path / "work" / "run") == tmp_path / "work" / "run" / best
+    (tmp_path / "work" / "run").rename(tmp_path / "moved")
+    assert resolve_checkpoint(tmp_path / "moved") == tmp_path / "moved" / best
+    # summaries of earlier versions: relative to the folder training ran in, or absolute
+    for old in ("work/run/seed-4/best.pt", str(tmp_path / "moved" / "seed-4" / "best.pt")):
+        (tmp_path / "moved" / "summary.json").write_text(json.dumps({**summary, "best_checkpoint": old}))
+        assert resolve_checkpoint(tmp_path / "moved") == tmp_path / "moved" / "seed-4" / "best.pt"
+
+
+def test_empty_test_split_reports_no_test_accuracy(tmp_path):
+    """Said once; null in metrics.jsonl and summary.json (strict JSON has no NaN), '-' in the output."""
+    directory = make_ave_dir(tmp_path / "ave", n_clips=12)
+    with h5py.File(directory / "test_order.h5", "r+") as f:
+        test_rows = f["order"][()]
+        del f["order"]
+        f["order"] = np.zeros(0, np.int64)
+    with h5py.File(directory / "train_order.h5", "r+") as f:
+        train_rows = f["order"][()]
+        del f["order"]
+        f["order"] = np.concatenate([train_rows, test_rows])
+    logged = []
+    result = train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(tmp_path / "run"), epochs=2, seeds=2,
+                               **FAST), log=logged.append)
+    assert sum("no test clips" in line for line in logged) == 1
+    assert all("test -" in line for line in logged if " epoch " in line)
+    assert "test -" in result.summary() and result.runs[0].test_acc is None
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda constant: pytest.fail(f"{constant} in JSON"))
+
+    lines = [strict(line) for line in (tmp_path / "run" / "seed-890" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["test_acc"] for line in lines] == [None, None] and lines[0]["val_acc"] >= 0
+    summary = strict((tmp_path / "run" / "summary.json").read_text())
+    assert summary["test_mean"] is None and summary["runs"][0]["test_acc"] is None
+    assert (tmp_path / "run" / "seed-890" / "curves.png").is_file()
+    resumed = train(TrainConfig(resume=str(tmp_path / "run"), epochs=3, progress=False), log=quiet)
+    assert resumed.runs[1].history[-1]["test_acc"] is None
+
+
+def test_weak_training_leaves_out_clips_without_a_video_class(tmp_path):
+    """bmfn-reference.md section 9: a weak target is never background; a clip whose stored labels give no class
+    (an empty event interval) is left out of weak training, and said so."""
+    path, _ = make_empty_interval_store(tmp_path)
+    data = load_store(path)
+    logged = []
+    kept = train_module._with_video_classes(data, logged.append)
+    assert kept.splits["train"].tolist() == [1] and data.splits["train"].tolist() == [0, 1]
+    assert len(logged) == 1 and "1 training clips have no event second" in logged[0]
 
 
 def test_cli_chain_train_then_evaluate_on_a_store(tmp_path, monkeypatch):
