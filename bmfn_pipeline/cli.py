@@ -232,9 +232,9 @@ def extract(inputs, out, annotations, splits, frames_per_second, visual_source, 
     if summary.unlabelled:
         click.echo(f"without an annotation row (kept, unlabelled): {', '.join(summary.unlabelled[:10])}"
                    + (" ..." if len(summary.unlabelled) > 10 else ""))
-        if len(summary.unlabelled) == len(summary.done) + len(summary.skipped):
-            click.echo(f"bmfn: warning: no clip matches a row of {annotations}: a clip's id is its video file name "
-                       "without extension and must be the annotation's video id", err=True)
+    if summary.unmatched_annotations:
+        click.echo(f"bmfn: warning: no clip matches a row of {annotations}: a clip's id is its video file name "
+                   "without extension and must be the annotation's video id", err=True)
     if summary.failed:
         raise BmfnError(f"{len(summary.failed)} of {len(summary.failed) + len(summary.done) + len(summary.skipped)} "
                         f"clips failed; their errors are above and recorded in {summary.out}")

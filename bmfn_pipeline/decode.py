@@ -36,6 +36,7 @@ import mmap
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import weakref
 from collections import deque
@@ -85,6 +86,7 @@ _SHARE_FRAMES = False
 VIDEO_DECODERS = ("cpu", "cuda")
 NVDEC_LIBRARY = "libnvcuvid.so.1"  # the driver's decoding library, which FFmpeg loads when it opens a decoder
 _HELD_DECODER_DEVICES: dict[int, HWAccel] = {}  # per GPU, a CUDA device context this process keeps (video_hwaccel)
+PR_SET_PDEATHSIG = 1  # Linux prctl option: a signal for this process when its parent dies (linux/prctl.h)
 
 
 @dataclass
@@ -203,7 +205,10 @@ def find_videos(inputs: Iterable[str | os.PathLike], *, keep_missing: bool = Fal
         if item.is_dir():
             found.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()))
         elif item.suffix.lower() == ".txt" and item.is_file():
-            lines = [line.strip() for line in item.read_text().splitlines()]
+            try:
+                lines = [line.strip() for line in item.read_text(encoding="utf-8-sig").splitlines()]
+            except UnicodeDecodeError as err:
+                raise BmfnError(f"{item}: not a UTF-8 list of paths ({err.reason} at byte {err.start})") from None
             found.extend(find_videos((item.parent / line for line in lines if line and not line.startswith("#")),
                                      keep_missing=keep_missing))
         elif item.is_file() or keep_missing:
@@ -247,7 +252,8 @@ def decode_clip(path: str | os.PathLike, *, seconds: int = SEGMENTS, frames_per_
     with _open(path, hwaccel) as container:
         info = _clip_info(path, container, seconds, start_s, wall_clock)
         if info.audio_index is None and not allow_silent:
-            raise BmfnError(f"{path}: no audio stream (pass allow_silent=True to use silence)")
+            raise BmfnError(f"{path}: no audio stream, and the audio features need sound "
+                            "(from Python, allow_silent=True reads it as silence)")
         warnings = _header_warnings(info, window_chosen=wall_clock)
         if info.audio_index is None:
             frames = _decode_frames(path, container, info, frames_per_second, warnings)
@@ -466,9 +472,27 @@ def _init_worker(threads: int, share_frames: bool) -> None:
     """Worker initialiser: FFmpeg, OpenCV and numpy's BLAS (the resampling products) would each start a thread per
     core in every worker; idle BLAS threads spin, which cost 15-25 % of the clips/s of 2 workers on 2 cores."""
     global DECODER_THREADS, _SHARE_FRAMES
+    _die_with_parent()
     DECODER_THREADS, _SHARE_FRAMES = threads, share_frames
     cv2.setNumThreads(1)
     threadpool_limits(threads)
+
+
+def _die_with_parent() -> None:
+    """In a process bmfn started, on Linux: have the kernel kill it when its parent dies, even by SIGKILL, which runs
+    no clean-up. A decoding worker waits for clips on a pipe and would otherwise wait forever (and multiprocessing's
+    resource tracker with it, which ends once the last process holding it has). The signal comes when the thread
+    that started the process ends: decode_many's and BackgroundRead's caller, which also takes their results."""
+    parent = multiprocessing.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        prctl = ctypes.CDLL(None).prctl
+    except (OSError, AttributeError):  # not glibc or musl: left to end with its pipes, as elsewhere
+        return
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent.pid:  # the parent died before the signal was set up
+        os._exit(1)
 
 
 def decode_many(

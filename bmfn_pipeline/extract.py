@@ -24,7 +24,7 @@ from bmfn_pipeline.ave import load_splits, read_annotations
 from bmfn_pipeline.decode import DecodedClip, decode_many, find_videos, video_hwaccel
 from bmfn_pipeline.distributed import Shard, finish_together, rank_device, rank_env, resolve_device, resolve_shard
 from bmfn_pipeline.errors import BmfnError
-from bmfn_pipeline.store import STORAGE_DTYPES, ClipLabels, FeatureStore, labels_from_annotations
+from bmfn_pipeline.store import STORAGE_DTYPES, ClipLabels, FeatureStore, labels_from_annotations, printable
 from extractors.vgg19 import SOURCES, VisualExtractor, load_visual_extractor
 from extractors.vggish import AudioExtractor, load_audio_extractor
 from extractors.vggish_input import with_examples
@@ -61,7 +61,8 @@ class ExtractSummary:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, error)
-    unlabelled: list[str] = field(default_factory=list)
+    unlabelled: list[str] = field(default_factory=list)  # clips of the store without a label
+    unmatched_annotations: bool = False  # annotations were given, and none of this run's clips has a row there
 
     def line(self) -> str:
         text = f"{len(self.done)} extracted, {len(self.skipped)} already done, {len(self.failed)} failed -> {self.out}"
@@ -84,6 +85,31 @@ def fast_bfloat16(device: torch.device) -> bool:
 def clip_id(path: Path) -> str:
     """A clip's id is its file name without extension: the AVE video id for AVE files."""
     return path.stem
+
+
+def unique_clips(paths: Iterable[Path]) -> list[Path]:
+    """`paths` with each file once (named twice, or again through a link: it is extracted once).
+
+    Two files with one clip id are refused now, before any clip is extracted: a store holds one clip per id and
+    only the user knows which file is meant. Not as a clip failure: that would be recorded under the id, and the
+    other file's clip would clear it.
+    """
+    files: set[str] = set()
+    owner: dict[str, Path] = {}
+    unique = []
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in files:
+            continue
+        files.add(real)
+        cid = clip_id(path)
+        if cid in owner:
+            raise BmfnError(f"{printable(str(path))}: clip id '{printable(cid)}' is also "
+                            f"{printable(str(owner[cid]))}'s: a clip id is the file name without extension and must "
+                            "be unique; rename one of them or leave it out")
+        owner[cid] = path
+        unique.append(path)
+    return unique
 
 
 def decode_workers(requested: int | None, device: torch.device) -> int:
@@ -190,12 +216,12 @@ def extract(
     # Labels are read before any clip is: a bad annotation or split file fails now, not after hours of extraction.
     labels = read_labels(annotations, splits) if annotations is not None else None
     inputs = list(inputs)  # read twice: to find the videos and to name them in the error below
-    paths = find_videos(inputs)
+    paths = unique_clips(find_videos(inputs))
     if not paths:
         raise BmfnError(f"no video files found in {', '.join(map(str, inputs))}")
     shard = resolve_shard(shard)
     if shard is not None:  # an empty shard still gets its (empty) store, so `bmfn merge` sees every shard
-        paths, out = [path for path in paths if shard.holds(clip_id(path))], shard.path(out)
+        paths, out = [path for path in paths if shard.holds(printable(clip_id(path)))], shard.path(out)
         progress = progress and rank_env().local_rank == 0  # one bar per machine under torchrun
     device = rank_device(resolve_device(options.device))
     video_decoder = video_decoder_on(options.video_decoder, device)
@@ -205,17 +231,21 @@ def extract(
     summary = ExtractSummary(Path(out))
 
     with FeatureStore.open(out, provenance) as store:
-        owner: dict[str, Path] = {}
+
+        def fail(path: Path, cid: str, error: str) -> None:
+            """Record a clip that could not be extracted, and say why beside the progress bar (not in stdout)."""
+            error = printable(error)
+            store.add_failure(cid, path, error)
+            summary.failed.append((printable(str(path)), error))
+            tqdm.write(f"bmfn: error: {error}", file=sys.stderr)
+
         todo: list[Path] = []
         for path in paths:
             cid = clip_id(path)
-            if cid in owner:
-                message = f"{path}: clip id {cid!r} is already taken by {owner[cid]}"
-                summary.failed.append((str(path), message))
-                tqdm.write(f"bmfn: error: {message}", file=sys.stderr)
-                continue
-            owner[cid] = path
-            if cid in store:
+            if printable(cid) != cid:  # bytes that are not UTF-8, which Python keeps as surrogates
+                fail(path, printable(cid), f"{path}: the file name is not UTF-8, and a clip id (the file name "
+                                           "without extension) must be text: rename the file")
+            elif cid in store:
                 summary.skipped.append(cid)
             else:
                 todo.append(path)
@@ -240,9 +270,7 @@ def extract(
                         if on_clip is not None:
                             on_clip(cid)
                 if isinstance(clip, str):
-                    store.add_failure(cid, str(path), clip)
-                    summary.failed.append((str(path), clip))
-                    bar.write(f"bmfn: error: {clip}", file=sys.stderr)  # errors beside the bar, not in stdout
+                    fail(path, cid, clip)
                 bar.set_postfix(failed=len(summary.failed), refresh=False)
                 bar.update()
 
@@ -250,24 +278,28 @@ def extract(
             # Clips are not batched together: a clip's features must not depend on which clips shared its batch
             # (float rounding does), so that reruns, shards and merges find identical features.
             in_flight = None
-            for path, prepared in decoded:
-                clip, results = prepared, None
-                if not isinstance(prepared, str):
-                    clip, examples = prepared
-                    try:
-                        results = _DeviceResults(visual.segment_maps(clip.frames), audio.embeddings(examples))
-                    except BmfnError as exc:
-                        clip = str(exc)
+            try:
+                for path, prepared in decoded:
+                    clip, results = prepared, None
+                    if not isinstance(prepared, str):
+                        clip, examples = prepared
+                        try:
+                            results = _DeviceResults(visual.segment_maps(clip.frames), audio.embeddings(examples))
+                        except BmfnError as exc:
+                            clip = str(exc)
+                    previous, in_flight = in_flight, (path, clip, results)
+                    if previous is not None:
+                        finish(*previous)
+            finally:  # the last clip, or the one computed when Ctrl-C or an error came: its features are made
                 if in_flight is not None:
                     finish(*in_flight)
-                in_flight = (path, clip, results)
-            if in_flight is not None:
-                finish(*in_flight)
         finally:
             bar.close()
             store.consolidate()
         if labels is not None:
             summary.unlabelled = label_store(store, labels)
+            ran = summary.done + summary.skipped
+            summary.unmatched_annotations = bool(ran) and not any(cid in labels for cid in ran)
     finish_together()
     return summary
 
@@ -300,10 +332,11 @@ def read_labels(annotations: str | os.PathLike, splits: str | os.PathLike | None
 
 
 def label_store(store: FeatureStore, labels: dict[str, ClipLabels]) -> list[str]:
-    """Store the labels and splits of every annotated video id; return the extracted ids without a row.
+    """Store the labels and splits of every annotated video id; return the store's clips left without a label (those
+    of earlier runs keep the labels given then).
 
     Rows of clips not extracted (yet) go to the store's label table too, so clips appended later are labelled.
     """
     store.set_labels(labels)
     store.consolidate()
-    return [cid for cid in store.clip_ids() if cid not in labels]
+    return store.unlabelled()

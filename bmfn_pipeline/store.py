@@ -26,10 +26,10 @@ import glob
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 from urllib.parse import quote, unquote
 
 import h5py
@@ -64,6 +64,11 @@ AVE_AUDIO_FILE = "audio_feature.h5"
 _STR = h5py.string_dtype("utf-8")
 _CLIP_PART, _FAIL_PART, _LABEL_PART = "clip", "fail", "labels.h5"
 _ID_CHARS = 80  # the readable part of a journal file name; the hash keeps names unique (also case-folded)
+# Weight records name the file they were read from beside the checksum it matched: the checksum says which weights.
+_FILE_KEYS = {"file": "checksum", "pca_file": "pca_checksum"}
+# Times a read-only store is opened again when the journal part it looks for was consolidated away meanwhile.
+REOPEN_TRIES = 5
+_T = TypeVar("_T")
 
 
 class ClipLabels(NamedTuple):
@@ -94,8 +99,17 @@ def labels_from_annotations(
 
 
 def _defining(provenance: Mapping) -> dict:
+    """The keys that decide the features: not the run's (RUN_KEYS), nor the name of a weight file whose checksum is
+    recorded (the same weights found under another name, or on another machine, make the same features)."""
     normalised = json.loads(json.dumps(dict(provenance), sort_keys=True, default=str))
-    return {k: v for k, v in normalised.items() if k not in RUN_KEYS}
+    return _without_file_names({k: v for k, v in normalised.items() if k not in RUN_KEYS})
+
+
+def _without_file_names(record):
+    """`record` (JSON) without the file names that have a checksum beside them."""
+    if not isinstance(record, dict):
+        return record
+    return {k: _without_file_names(v) for k, v in record.items() if _FILE_KEYS.get(k) not in record}
 
 
 def _differences(a, b, prefix: str = "") -> list[str]:
@@ -127,6 +141,12 @@ def _storage_dtype(provenance: Mapping, where: Path) -> np.dtype:
 
 def _digest(clip_id: str) -> str:
     return hashlib.sha1(clip_id.encode("utf-8")).hexdigest()[:16]
+
+
+def printable(text: str) -> str:
+    """`text` as it can be stored (HDF5 strings are UTF-8) and printed: the bytes of a file name that are not UTF-8,
+    which Python keeps as surrogates, as \\xNN escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _part_name(clip_id: str, kind: str) -> str:
@@ -182,26 +202,31 @@ class FeatureStore:
         provenance: Mapping | None = None,
         create: bool = True,
         readonly: bool = False,
+        refuse_writers: bool = False,
     ) -> FeatureStore:
         """Open (or create) a store; refuse when ``provenance`` differs from the file's on feature-defining keys.
 
         Leftover parts of a killed run are picked up; their unfinished ``*.tmp`` files are removed.
-        ``readonly`` opens for reading while another process may be writing (no lock, no clean-up).
+        ``readonly`` opens for reading while another process may be writing (no lock, no clean-up); with
+        ``refuse_writers`` it refuses a store that a process is writing and keeps writers out until closed (a shared
+        lock, which needs no write permission), for a reader that must see every clip.
         """
         store = cls(Path(path), readonly)
         try:
-            store._open(provenance, create)
+            store._open(provenance, create, refuse_writers)
         except BaseException:
             store.close()
             raise
         return store
 
-    def _open(self, provenance: Mapping | None, create: bool) -> None:
+    def _open(self, provenance: Mapping | None, create: bool, refuse_writers: bool) -> None:
         if not self.path.exists():
             if not create or self.readonly:
                 raise BmfnError(f"{self.path}: no such feature store")
             if provenance is None:
                 raise BmfnError(f"{self.path}: cannot create a feature store without provenance")
+        if self.readonly and refuse_writers:
+            self._take_shared_lock()
         if not self.readonly:
             self._take_lock()
             for stale in [*self.parts_dir.glob("*.tmp"), *self.path.parent.glob(f"{glob.escape(self.path.name)}.tmp-*")]:
@@ -220,7 +245,7 @@ class FeatureStore:
                 raise BmfnError(f"{self.path}: features were made differently: "
                                 f"{_described(differ, self.provenance, provenance, 'the store', 'this run')}; "
                                 "use another output file")
-        self._scan_parts()
+        self._reopened_if_moved(self._scan_parts)
 
     def _take_lock(self) -> None:
         try:
@@ -230,10 +255,26 @@ class FeatureStore:
             self._lock_fd = os.open(self.parts_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise BmfnError(f"{self.path}: cannot write a feature store there ({exc.strerror or exc})") from None
+        self._flock(fcntl.LOCK_EX, "another process is writing to (or merging) this feature store")
+
+    def _take_shared_lock(self) -> None:
+        """A reader's lock: held beside other readers, refused while a writer holds its lock, and the other way round.
+        A store without a lock file has had no writer here (a writer makes it first)."""
+        if fcntl is None:
+            return
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock_fd = os.open(self.parts_dir / ".lock", os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise BmfnError(f"{self.path}: cannot read its lock file ({exc.strerror or exc})") from None
+        self._flock(fcntl.LOCK_SH, "another process is writing to this feature store")
+
+    def _flock(self, kind: int, refusal: str) -> None:
+        try:
+            fcntl.flock(self._lock_fd, kind | fcntl.LOCK_NB)
         except OSError:
-            raise BmfnError(f"{self.path}: another process is writing to this feature store") from None
+            raise BmfnError(f"{self.path}: {refusal}") from None
 
     def _load_main(self) -> None:
         try:
@@ -256,6 +297,26 @@ class FeatureStore:
             for cid, values, split in zip(_strings(table["clip_ids"][()]), table["labels"][()],
                                           _strings(table["split"][()]))
         }
+
+    def _reopened_if_moved(self, read: Callable[[], _T]) -> _T:
+        """read(), opening the store again if a journal part it opens is gone. Another process consolidated it: its
+        clip is in the main file swapped in before the parts are deleted. Only a read-only store can find that; a
+        writer that does has lost a part to something else, which is an error."""
+        for attempt in range(REOPEN_TRIES):
+            try:
+                if attempt:
+                    if self._main is not None:
+                        self._main.close()
+                        self._main = None
+                    self._load_main()
+                    self._scan_parts()
+                return read()
+            except FileNotFoundError as exc:
+                if not self.readonly:
+                    raise
+                gone = exc.filename or exc
+        raise BmfnError(f"{self.path}: its journal changed under this reader {REOPEN_TRIES} times ({gone} gone); "
+                        "try again once the process writing it has finished")
 
     def _scan_parts(self) -> None:
         self._parts, self._failures = {}, {}
@@ -304,12 +365,15 @@ class FeatureStore:
 
     def failures(self) -> dict[str, tuple[str, str]]:
         """Clip id -> (path, error) for clips that failed and have not been extracted since."""
-        out = {cid: v for cid, v in self._main_failures.items() if cid not in self}
-        for cid, part in self._failures.items():
-            if cid not in self:
-                with h5py.File(part.path, "r") as f:
-                    out[cid] = (str(f.attrs["path"]), str(f.attrs["error"]))
-        return out
+        def read() -> dict[str, tuple[str, str]]:
+            out = {cid: v for cid, v in self._main_failures.items() if cid not in self}
+            for cid, part in self._failures.items():
+                if cid not in self:
+                    with h5py.File(part.path, "r") as f:
+                        out[cid] = (str(f.attrs["path"]), str(f.attrs["error"]))
+            return out
+
+        return self._reopened_if_moved(read)
 
     def labels(self) -> dict[str, ClipLabels]:
         """Every label given, keyed by clip id (also for clips not extracted yet)."""
@@ -321,24 +385,30 @@ class FeatureStore:
 
     def read(self, clip_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(visual [10,7,7,512], audio [10,128]) of one clip, in the storage dtype."""
-        if clip_id in self._parts:
-            with h5py.File(self._parts[clip_id].path, "r") as f:
-                return f["visual"][()], f["audio"][()]
-        if clip_id in self._main_index:
-            i = self._main_index[clip_id]
-            return self._main["visual"][i], self._main["audio"][i]
-        raise BmfnError(f"{self.path}: no clip {clip_id!r}")
+        def read() -> tuple[np.ndarray, np.ndarray]:
+            if clip_id in self._parts:
+                with h5py.File(self._parts[clip_id].path, "r") as f:
+                    return f["visual"][()], f["audio"][()]
+            if clip_id in self._main_index:
+                i = self._main_index[clip_id]
+                return self._main["visual"][i], self._main["audio"][i]
+            raise BmfnError(f"{self.path}: no clip {clip_id!r}")
+
+        return self._reopened_if_moved(read)
 
     def clip_info(self, clip_id: str) -> dict:
         """The source path and decode warnings recorded with a clip."""
-        if clip_id in self._parts:
-            with h5py.File(self._parts[clip_id].path, "r") as f:
-                return {"path": str(f.attrs["path"]), "warnings": json.loads(f.attrs["warnings"])}
-        if clip_id in self._main_index:
-            i = self._main_index[clip_id]
-            return {"path": _strings([self._main["paths"][i]])[0],
-                    "warnings": json.loads(_strings([self._main["warnings"][i]])[0])}
-        raise BmfnError(f"{self.path}: no clip {clip_id!r}")
+        def read() -> dict:
+            if clip_id in self._parts:
+                with h5py.File(self._parts[clip_id].path, "r") as f:
+                    return {"path": str(f.attrs["path"]), "warnings": json.loads(f.attrs["warnings"])}
+            if clip_id in self._main_index:
+                i = self._main_index[clip_id]
+                return {"path": _strings([self._main["paths"][i]])[0],
+                        "warnings": json.loads(_strings([self._main["warnings"][i]])[0])}
+            raise BmfnError(f"{self.path}: no clip {clip_id!r}")
+
+        return self._reopened_if_moved(read)
 
     # -- writing -----------------------------------------------------------------------------------
 
@@ -348,6 +418,8 @@ class FeatureStore:
 
     def _write_part(self, clip_id: str, kind: str, fill) -> Path:
         self._writable()
+        if printable(clip_id) != clip_id:
+            raise BmfnError(f"{self.path}: clip id '{printable(clip_id)}' is not UTF-8 text, which a store keeps")
         final = self.parts_dir / _part_name(clip_id, kind)
         tmp = final.with_name(final.name + ".tmp")
         with h5py.File(tmp, "w") as f:
@@ -369,7 +441,7 @@ class FeatureStore:
         def fill(f: h5py.File) -> None:
             f["visual"] = visual.astype(self.dtype)
             f["audio"] = audio.astype(self.dtype)
-            f.attrs["path"] = str(path)
+            f.attrs["path"] = printable(str(path))
             f.attrs["warnings"] = json.dumps(list(warnings))
 
         final = self._write_part(clip_id, _CLIP_PART, fill)
@@ -382,8 +454,8 @@ class FeatureStore:
         """Journal that a clip could not be extracted, with the one-line reason."""
 
         def fill(f: h5py.File) -> None:
-            f.attrs["path"] = str(path)
-            f.attrs["error"] = str(error)
+            f.attrs["path"] = printable(str(path))
+            f.attrs["error"] = printable(str(error))
 
         final = self._write_part(clip_id, _FAIL_PART, fill)
         self._failures[clip_id] = _Part(final, _FAIL_PART, final.stat().st_mtime_ns)
@@ -512,6 +584,28 @@ def _copy_rows(src: h5py.File, rows: list[int], visual: h5py.Dataset, audio: h5p
     return [old_paths[i] for i in old], [old_notes[i] for i in old]
 
 
+def _remove_dead_temporaries(path: Path) -> None:
+    """Remove ``<path>.tmp-<pid>`` files of processes that are gone (killed while writing); those of running ones
+    (another export) stay."""
+    for tmp in path.parent.glob(f"{glob.escape(path.name)}.tmp-*"):
+        pid = tmp.name.rpartition("-")[2]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs here; where that cannot be told safely (Windows' os.kill ends it), it does."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's
+        pass
+    return True
+
+
 def _write_label_table(group: h5py.Group, labels: Mapping[str, ClipLabels]) -> None:
     group.create_dataset("clip_ids", data=list(labels), dtype=_STR)
     group["labels"] = (np.stack([v.segments for v in labels.values()]) if labels
@@ -542,6 +636,8 @@ def load_arrays(path: str | Path, ids: Iterable[str] | None = None) -> dict[str,
         n = len(ids)
         visual = np.empty((n, *VISUAL_SHAPE), store.dtype)
         audio = np.empty((n, *AUDIO_SHAPE), store.dtype)
+        # Listed before any is read: a writer consolidating meanwhile moves journaled clips into the main file.
+        in_parts = [(row, cid) for row, cid in enumerate(ids) if cid in store._parts]
         in_main = [(store._main_index[cid], row) for row, cid in enumerate(ids) if cid not in store._parts]
         if in_main:
             # h5py reads increasing indices only; read sorted and scatter.
@@ -553,9 +649,8 @@ def load_arrays(path: str | Path, ids: Iterable[str] | None = None) -> dict[str,
                     wanted = slice(int(wanted[0]), int(wanted[-1]) + 1)
                 visual[rows[block]] = store._main["visual"][wanted]
                 audio[rows[block]] = store._main["audio"][wanted]
-        for row, cid in enumerate(ids):
-            if cid in store._parts:
-                visual[row], audio[row] = store.read(cid)
+        for row, cid in in_parts:
+            visual[row], audio[row] = store.read(cid)
         labels = store.labels()
         return {
             "clip_ids": np.array(ids, dtype=object),
@@ -591,7 +686,8 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
     Every input must have the first one's feature-defining provenance. A clip id in two inputs is kept once when
     its features are identical and refused otherwise; so are labels given differently. Failures are kept for
     clips that no input holds. ``out`` may be one of the inputs (to extend it); otherwise it must not exist.
-    Each input is locked while it is read, so a store still being written is refused.
+    Each input is locked while it is read, so a store still being written is refused; the other inputs are only read
+    (a reader's lock), so they may be read-only.
     """
     inputs, out = [Path(p) for p in inputs], Path(out)
     if not inputs:
@@ -611,7 +707,9 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
         for path in inputs:
             if not path.is_file():
                 raise BmfnError(f"{path}: no such feature store")
-            stores.append(stack.enter_context(FeatureStore.open(path, create=False)))
+            read_only = path.resolve() != out.resolve()
+            stores.append(stack.enter_context(FeatureStore.open(path, create=False, readonly=read_only,
+                                                                refuse_writers=read_only)))
         first = stores[0]
         for store in stores[1:]:
             differ = _differences(_defining(first.provenance), _defining(store.provenance))
@@ -684,9 +782,12 @@ def export_ave(store_path: str | Path, annotations_path: str | Path, out_dir: st
                dtype: str = "float64") -> tuple[Path, Path]:
     """Write ``visual_feature.h5`` and ``audio_feature.h5`` in the released AVE layout (row i = annotation line i).
 
-    Rows are written one at a time, so the 7.7 GiB float64 visual file never sits in memory.
+    Rows are written one at a time, so the 7.7 GiB float64 visual file never sits in memory. Temporary files left by
+    an export that was killed are removed.
     """
     rows = read_annotations(annotations_path)
+    if not rows:
+        raise BmfnError(f"{annotations_path}: no annotation rows: nothing to export")
     out_dir = Path(out_dir)
     with FeatureStore.open(store_path, create=False, readonly=True) as store:
         missing = sorted({row.video_id for row in rows if row.video_id not in store})
@@ -695,6 +796,8 @@ def export_ave(store_path: str | Path, annotations_path: str | Path, out_dir: st
                             f"first {missing[0]!r}")
         out_dir.mkdir(parents=True, exist_ok=True)
         targets = [(out_dir / AVE_VISUAL_FILE, VISUAL_SHAPE), (out_dir / AVE_AUDIO_FILE, AUDIO_SHAPE)]
+        for path, _ in targets:
+            _remove_dead_temporaries(path)
         tmps = [path.with_name(f"{path.name}.tmp-{os.getpid()}") for path, _ in targets]
         try:
             with h5py.File(tmps[0], "w") as fv, h5py.File(tmps[1], "w") as fa:

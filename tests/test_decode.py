@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import av
@@ -145,7 +146,10 @@ def _error(path: Path, **kwargs) -> str:
 
 def test_video_without_audio_fails_unless_silence_is_asked_for(tmp_path):
     clip = _write_video(tmp_path / "silent.mp4")
-    assert "no audio stream" in _error(clip)
+    message = _error(clip)
+    # Said to `bmfn extract` users too, who have no allow_silent to pass: why the clip fails, then the API's way out.
+    assert "no audio stream" in message and "audio features need sound" in message
+    assert "allow_silent=True" in message and "pass allow_silent" not in message
     decoded = decode_clip(clip, frames_per_second=2, allow_silent=True)
     assert not decoded.audio.any() and any("silence" in w for w in decoded.warnings)
     assert decoded.info.segments == 2  # 2 s at 10 fps; frame i is grey level 10*i
@@ -500,3 +504,44 @@ def test_ctrl_c_leaves_decoding_workers_to_their_command(video_dir):
                           start_new_session=True, cwd=Path(__file__).resolve().parents[1])
     assert (done.returncode, done.stderr) == (0, "")
     assert done.stdout.split() == ["10", "10", "10"]
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (gone, but not yet reaped by whoever adopted it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_decoding_workers_end_with_a_killed_command(video_dir):
+    """A command killed outright (SIGKILL: the out-of-memory killer, a scheduler) runs no clean-up: its decoding
+    workers, idle between clips, and multiprocessing's resource tracker end with it all the same."""
+    clips = [str(video_dir / "moviepy_big_buck_bunny_432_433.webm")] * 2
+    code = ("import multiprocessing, time\n"
+            "from multiprocessing import resource_tracker\n"
+            "from bmfn_pipeline.decode import decode_many\n"
+            f"for path, clip in decode_many({clips!r}, frames_per_second=1, workers=2):\n"
+            "    children = [p.pid for p in multiprocessing.active_children()]\n"
+            "    print(*children, resource_tracker._resource_tracker._pid, flush=True)\n"
+            "    time.sleep(120)\n")
+    command = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                               start_new_session=True, cwd=Path(__file__).resolve().parents[1])
+    pids = []
+    try:
+        pids = [int(pid) for pid in command.stdout.readline().split()]
+        assert len(pids) == 3, pids  # two workers and the tracker
+        command.kill()
+        command.wait()
+        deadline = time.monotonic() + 10
+        while any(map(_running, pids)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in pids if _running(pid)]
+    finally:
+        command.kill()
+        command.stdout.close()
+        for pid in pids:  # what outlived it (without the fix): stopped here, not left to run forever
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)

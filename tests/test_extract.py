@@ -27,8 +27,9 @@ from bmfn_pipeline import __version__
 from bmfn_pipeline.ave import BACKGROUND, CATEGORIES, NUM_CLASSES
 from bmfn_pipeline.cli import main
 from bmfn_pipeline.errors import BmfnError
-from bmfn_pipeline.extract import decode_workers, find_videos
+from bmfn_pipeline.extract import ExtractOptions, decode_workers, extract, find_videos
 from bmfn_pipeline.store import AVE_AUDIO_FILE, AVE_KEY, AVE_VISUAL_FILE, FeatureStore, load_arrays
+from extractors.vgg19 import VisualExtractor
 
 REPO = Path(__file__).resolve().parents[1]
 # Short clips of different content: 1 s of animation (9 padded seconds), 5.3 s 720p with 5.1 audio, a 320x240 AVE clip.
@@ -249,38 +250,77 @@ def test_sigkill_then_resume_matches_uninterrupted_run(extracted, clips, tmp_pat
 
 
 def test_corrupt_files_among_good_ones(extracted, clips, tmp_path):
-    """A folder input (recursive): a good clip in a subfolder, a truncated clip, a text file named .mp4, and a
-    second file with the good clip's id (refused: ids must be unique)."""
+    """A folder input (recursive): a good clip in a subfolder, named again through a link and again by its path (one
+    file: extracted once), a truncated clip, a text file named .mp4, and a file whose name is not UTF-8 (no id)."""
     videos = tmp_path / "videos"
     for sub in ("sub", "zz"):
         (videos / sub).mkdir(parents=True)
         (videos / sub / BUNNY_1S).symlink_to(clips[0])
-    duplicate = videos / "zz" / BUNNY_1S
     truncated = videos / "truncated_clip.mp4"
     truncated.write_bytes(clips[1].read_bytes()[:4096])
     text = videos / "not_a_video.mp4"
     text.write_text("this is not a video\n")
     (videos / "notes.md").write_text("ignored: not a video extension\n")
+    latin1 = videos / os.fsdecode(b"caf\xe9.webm")  # a name from a Latin-1 system, kept as bytes on Linux
+    latin1.write_bytes(clips[0].read_bytes())
     out = tmp_path / "feats.h5"
 
-    result = cli("extract", videos, "--out", out, *FAST, "--workers", "0")
+    result = cli("extract", videos, videos / "sub" / BUNNY_1S, "--out", out, *FAST, "--workers", "0")
     assert result.exit_code == 1
     errors = error_lines(result.stderr)
-    for bad in (truncated, text, duplicate):
+    for bad in (truncated, text, videos / "caf\\xe9.webm"):
         assert len([line for line in errors if str(bad) in line]) == 1
     assert "1 extracted, 0 already done, 3 failed" in result.stdout
-    assert str(out) in errors[-1]
+    assert "3 of 4 clips failed" in errors[-1] and str(out) in errors[-1]
     with FeatureStore.open(out, create=False, readonly=True) as store:
         assert store.clip_ids() == [Path(BUNNY_1S).stem]
         failures = store.failures()
-        assert set(failures) == {truncated.stem, text.stem}
-        for bad in (truncated, text):
+        assert set(failures) == {truncated.stem, text.stem, "caf\\xe9"}
+        for bad in (truncated, text, videos / "caf\\xe9.webm"):
             path, error = failures[bad.stem]
             assert path == str(bad) and str(bad) in error and "\n" not in error
+        assert "not UTF-8" in failures["caf\\xe9"][1]
         visual, audio = store.read(Path(BUNNY_1S).stem)
     reference = load_arrays(extracted[0], ids=[Path(BUNNY_1S).stem])
     np.testing.assert_array_equal(visual, reference["visual"][0])
     np.testing.assert_array_equal(audio, reference["audio"][0])
+
+
+def test_two_files_with_one_clip_id_are_refused_before_any_clip_is_extracted(clips, tmp_path, monkeypatch):
+    """A store holds one clip per id, and either file could be the one meant: the run stops at once, before any
+    work it could lose; it is not a clip failure, which the store would record."""
+    def no_extraction(*_, **__):
+        raise AssertionError("extractors loaded before the clip ids were checked")
+
+    monkeypatch.setattr(extract_module, "load_extractors", no_extraction)
+    other = tmp_path / "other" / BUNNY_1S
+    other.parent.mkdir()
+    other.write_bytes(clips[0].read_bytes())  # a copy: another file
+    result = cli("extract", clips[0], other, "--out", tmp_path / "feats.h5", *FAST)
+    assert result.exit_code == 1
+    (line,) = error_lines(result.stderr)
+    assert line.startswith(f"bmfn: error: {other}: clip id {Path(BUNNY_1S).stem!r} is also {clips[0]}'s"), line
+    assert not (tmp_path / "feats.h5").exists()
+
+
+def test_ctrl_c_keeps_the_clip_already_computed(clips, tmp_path, monkeypatch):
+    """Clip k-1 is stored while clip k is computed: an interrupt (or any error) then still stores clip k-1."""
+    segment_maps = VisualExtractor.segment_maps
+    calls = []
+
+    def interrupted_on_the_second_clip(self, frames):
+        calls.append(frames.shape)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return segment_maps(self, frames)
+
+    monkeypatch.setattr(VisualExtractor, "segment_maps", interrupted_on_the_second_clip)
+    out = tmp_path / "feats.h5"
+    options = ExtractOptions(frames_per_second=1, random_seed=0, device="cpu", workers=0)
+    with pytest.raises(KeyboardInterrupt):
+        extract(clips[:2], out, options, progress=False)
+    with FeatureStore.open(out, create=False, readonly=True) as store:
+        assert store.clip_ids() == [clips[0].stem]
 
 
 def test_export_ave_round_trip(extracted, tmp_path):
@@ -359,6 +399,18 @@ def test_annotations_matching_no_clip_are_explained(clips, tmp_path):
     assert f"bmfn: warning: no clip matches a row of {annotations}: a clip's id is its video file name" in result.stderr
 
 
+def test_annotations_matching_this_runs_clips_are_not_doubted(extracted, clips, tmp_path):
+    """The store holds a clip of an earlier run without a row (BUNNY_5S): this run's clip has one, so the ids are
+    right and no warning says otherwise."""
+    out = tmp_path / "feats.h5"
+    shutil.copy(extracted[0], out)
+    annotations = write_annotations(tmp_path / "Annotations.txt", ROWS[1:2])  # BUNNY_1S only
+    result = cli("extract", clips[0], "--out", out, *FAST, "--annotations", annotations)
+    assert result.exit_code == 0, result.output
+    assert f"without an annotation row (kept, unlabelled): {Path(BUNNY_5S).stem}" in result.stdout
+    assert "warning" not in result.stderr
+
+
 def test_find_videos_folders_and_lists(tmp_path):
     """Folders are searched recursively by extension; list entries are relative to the list; order is kept."""
     (tmp_path / "a" / "b").mkdir(parents=True)
@@ -371,6 +423,12 @@ def test_find_videos_folders_and_lists(tmp_path):
     listing.write_text("w.mkv\ngone.mp4\n")
     with pytest.raises(BmfnError, match="gone.mp4"):
         find_videos([listing])
+    listing.write_text("w.mkv\n", encoding="utf-8-sig")  # as Windows' Notepad saves it: a BOM first
+    assert find_videos([listing]) == [tmp_path / "w.mkv"]
+    listing.write_bytes("w.mkv\ncafé.mp4\n".encode("latin-1"))
+    with pytest.raises(BmfnError) as refused:
+        find_videos([listing])
+    assert str(refused.value).startswith(f"{listing}: not a UTF-8 list of paths (")
 
 
 def test_decode_workers_default_to_the_spare_cores_beside_a_gpu(monkeypatch):

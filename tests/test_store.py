@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from bmfn_pipeline.store import (
     export_ave,
     labels_from_annotations,
     load_arrays,
+    merge_stores,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,6 +163,24 @@ def test_provenance_mismatch_refused(tmp_path):
         FeatureStore.open(tmp_path / "absent.h5")
 
 
+def test_verified_weights_under_another_file_name_make_the_same_features(tmp_path):
+    """The checksum names the weights; the file name is where they were found. Random weights have no file and
+    stay told apart by their seed (random:<seed>)."""
+    def made_with(visual_file: str, pca_file: str, checksum: str = "sha256:v") -> dict:
+        return {**PROVENANCE, "visual": {"weights": "vgg19-keras", "file": visual_file, "checksum": checksum},
+                "audio": {"weights": "vggish", "file": "vggish.pth", "checksum": "sha256:a",
+                          "pca_file": pca_file, "pca_checksum": "sha256:p"}}
+
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    for path, seed in ((a, 0), (b, 1)):
+        with FeatureStore.open(path, made_with(f"cached-{path.stem}.h5", "pca.npz")) as store:
+            store.add_clip(path.stem, *clip(seed), path=f"{path.stem}.mp4")
+    FeatureStore.open(a, made_with("/data/models/vgg19_notop.h5", "renamed_pca.npz")).close()
+    assert merge_stores([a, b], tmp_path / "merged.h5").clips == 2  # shards of machines that named them apart
+    with pytest.raises(BmfnError, match=r"visual\.checksum 'sha256:v' \(the store\) vs 'sha256:w'"):
+        FeatureStore.open(a, made_with("vgg19_notop.h5", "pca.npz", checksum="sha256:w"))
+
+
 def test_failures_recorded_and_cleared(tmp_path):
     out = tmp_path / "feats.h5"
     with FeatureStore.open(out, PROVENANCE) as store:
@@ -234,6 +254,102 @@ def test_export_ave_round_trip_and_missing_clip(tmp_path):
     with pytest.raises(BmfnError, match=r"2 clips of .*Annotations\.txt are missing from the store, first 'gone'"):
         export_ave(out, ann, tmp_path / "ave2")
     assert not (tmp_path / "ave2" / "visual_feature.h5").exists()
+
+
+@pytest.mark.parametrize("text", ["", "Category&VideoID&Quality&StartTime&EndTime\n"], ids=["empty", "header"])
+def test_export_ave_of_no_rows_is_one_line(tmp_path, text):
+    out = tmp_path / "feats.h5"
+    with FeatureStore.open(out, PROVENANCE) as store:
+        store.add_clip("x", *clip(1), path="x.mp4")
+    ann = tmp_path / "Annotations.txt"
+    ann.write_text(text)
+    with pytest.raises(BmfnError) as refused:
+        export_ave(out, ann, tmp_path / "ave")
+    assert str(refused.value).startswith(f"{ann}: ") and "\n" not in str(refused.value)
+
+
+def test_export_ave_removes_what_a_killed_export_left(tmp_path):
+    out = tmp_path / "feats.h5"
+    with FeatureStore.open(out, PROVENANCE) as store:
+        store.add_clip("x", *clip(1), path="x.mp4")
+    ann = tmp_path / "Annotations.txt"
+    ann.write_text("Cat&x&good&2&5\n")
+    ave = tmp_path / "ave"
+    ave.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    left = [ave / f"visual_feature.h5.tmp-{dead}", ave / f"audio_feature.h5.tmp-{dead}"]
+    running = ave / f"visual_feature.h5.tmp-{os.getppid()}"  # another export, still writing
+    for path in (*left, running):
+        path.write_bytes(b"\x89HDF half written")
+    export_ave(out, ann, ave)
+    assert sorted(p.name for p in ave.iterdir()) == ["audio_feature.h5", "visual_feature.h5", running.name]
+
+
+def test_a_reader_goes_on_while_the_writer_consolidates(tmp_path, monkeypatch):
+    """Read-only opens may read while another process writes: the writer's consolidate() swaps a new main file in
+    and then deletes the journal parts that a reader opened before had listed."""
+    out = tmp_path / "feats.h5"
+    writer = FeatureStore.open(out, PROVENANCE)
+    for seed in range(3):
+        writer.add_clip(f"c{seed}", *clip(seed), path=f"c{seed}.mp4", warnings=[f"w{seed}"])
+    writer.add_failure("bad", "bad.mp4", "bad.mp4: truncated")
+    with FeatureStore.open(out, create=False, readonly=True) as reader:
+        writer.consolidate()
+        assert_clip(reader, "c0", 0)
+        assert reader.clip_info("c1") == {"path": "c1.mp4", "warnings": ["w1"]}
+        assert reader.failures() == {"bad": ("bad.mp4", "bad.mp4: truncated")}
+    for seed in range(3, 5):
+        writer.add_clip(f"c{seed}", *clip(seed), path=f"c{seed}.mp4")
+    read = FeatureStore.read
+
+    def consolidated_meanwhile(self, clip_id):
+        if self.readonly:
+            writer.consolidate()
+        return read(self, clip_id)
+
+    monkeypatch.setattr(FeatureStore, "read", consolidated_meanwhile)
+    arrays = load_arrays(out)  # c0-c2 consolidated, c3 and c4 journal parts when it starts
+    writer.close()
+    assert list(arrays["clip_ids"]) == [f"c{seed}" for seed in range(5)]
+    for seed in range(5):
+        np.testing.assert_array_equal(arrays["visual"][seed], clip(seed)[0])
+
+
+def test_text_that_is_not_utf8_is_stored_escaped(tmp_path):
+    """A path with bytes that are not UTF-8 (kept by Python as surrogates) is stored with them escaped; such an id
+    cannot be stored, and says so in one line."""
+    out = tmp_path / "feats.h5"
+    odd = os.fsdecode(b"caf\xe9")
+    with FeatureStore.open(out, PROVENANCE) as store:
+        store.add_clip("x", *clip(1), path=f"{odd}/x.mp4")
+        store.add_failure("y", f"{odd}/y.mp4", f"{odd}/y.mp4: truncated")
+        with pytest.raises(BmfnError, match=r"clip id 'caf\\xe9' is not UTF-8 text"):
+            store.add_clip(odd, *clip(2), path=f"{odd}.mp4")
+        store.consolidate()
+        assert store.clip_info("x")["path"] == "caf\\xe9/x.mp4"
+        assert store.failures() == {"y": ("caf\\xe9/y.mp4", "caf\\xe9/y.mp4: truncated")}
+
+
+def test_merge_reads_its_inputs_without_writing_to_them(tmp_path):
+    """Shards copied from other machines may be read-only: merge writes nothing beside them, not even a lock."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    paths = [shards / "a.h5", shards / "b.h5"]
+    for seed, path in enumerate(paths):
+        with FeatureStore.open(path, PROVENANCE) as store:
+            store.add_clip(path.stem, *clip(seed), path=f"{path.stem}.mp4")
+            store.consolidate()
+        shutil.rmtree(f"{path}.parts")  # the files alone
+        path.chmod(0o444)
+    shards.chmod(0o555)
+    try:
+        summary = merge_stores(paths, tmp_path / "merged.h5")
+    finally:
+        shards.chmod(0o755)
+        for path in paths:
+            path.chmod(0o644)
+    assert summary.clips == 2 and sorted(shards.iterdir()) == paths
 
 
 def test_labels_from_the_real_annotations(ave_dir):
