@@ -123,7 +123,8 @@ def _save(model: nn.Module, cached: Path) -> None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), partial)
         partial.replace(cached)  # whole or absent, also with several processes calibrating at once
-    except OSError:  # a read-only or full cache: the model is calibrated all the same
+    # A read-only or full cache (torch.save says so with a RuntimeError): the model is calibrated all the same.
+    except (OSError, RuntimeError):
         partial.unlink(missing_ok=True)
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import http.client
 import tempfile
 import urllib.error
 import urllib.request
@@ -48,7 +49,8 @@ class WeightFile:
     preprocessing: str
     description: str
     option: str
-    """The CLI option that gives a local copy instead."""
+    """What gives a local copy instead, as a user writes it: a CLI option, or a Python argument where no command
+    reads the file."""
 
 
 WEIGHTS: dict[str, WeightFile] = {
@@ -92,7 +94,7 @@ WEIGHTS: dict[str, WeightFile] = {
         checksum="sha256:970ea276",
         preprocessing="vggish-log-mel",
         description="AudioSet PCA and whitening parameters for VGGish embeddings (not used for AVE)",
-        option="--vggish-weights",
+        option="load_audio_extractor(pca=True, pca_weights=PATH)",
     ),
 }
 
@@ -100,10 +102,11 @@ _CHECKSUM = re.compile(r"^(md5|sha256):([0-9a-f]+)$")
 
 
 def cache_dir() -> Path:
-    """$BMFN_CACHE, else $TORCH_HOME/bmfn, else ~/.cache/torch/bmfn (torch.hub's default TORCH_HOME)."""
+    """$BMFN_CACHE, else $TORCH_HOME/bmfn, else <cache>/torch/bmfn with <cache> $XDG_CACHE_HOME or ~/.cache
+    (torch.hub's default TORCH_HOME)."""
     if os.environ.get("BMFN_CACHE"):
         return Path(os.environ["BMFN_CACHE"]).expanduser()
-    torch_home = os.environ.get("TORCH_HOME") or Path("~/.cache/torch")
+    torch_home = os.environ.get("TORCH_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "torch"
     return Path(torch_home).expanduser() / "bmfn"
 
 
@@ -209,7 +212,12 @@ def _download(entry: WeightFile, target: Path) -> None:
                 while chunk := response.read(CHUNK_BYTES):
                     out.write(chunk)
                     bar.update(len(chunk))
+        if total is not None and bar.n != total:  # a connection closed early, not a wrong file
+            raise OSError(f"interrupted after {bar.n} of {total} bytes")
         _check(entry, tmp, entry.url)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a file the user wrote (mkstemp's are private): a shared cache stays shared
         os.replace(tmp, target)
         _remember(str(target.resolve()), _stamp(entry, target))
     finally:
@@ -229,22 +237,26 @@ def weight_path(name: str, local_path: str | os.PathLike | None = None, download
     if local_path is not None:
         path = Path(local_path).expanduser()
         if not path.is_file():
-            raise BmfnError(f"{path}: no such {entry.name} weights file (given with {entry.option})")
+            raise BmfnError(f"{path}: no such {entry.name} weights file (given with {_local_copy(entry)})")
         _verify(entry, path, str(path))
         return path
     cached = cache_dir() / entry.filename
     if cached.is_file():
         _verify(entry, cached, str(cached))
         return cached
-    remedy = f"download it to {cached} or give a local copy with {entry.option} PATH"
+    remedy = f"download it to {cached} or give a local copy with {_local_copy(entry)}"
     if not download:
         raise BmfnError(f"{entry.name} weights not cached at {cached} and downloads are off; {remedy} ({entry.url})")
     try:
         _download(entry, cached)
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise BmfnError(f"cannot download {entry.url} ({reason}); {remedy}") from exc
     return cached
+
+
+def _local_copy(entry: WeightFile) -> str:
+    return f"{entry.option} PATH" if entry.option.startswith("--") else entry.option
 
 
 def weight_available(name: str, local_path: str | os.PathLike | None = None) -> bool:

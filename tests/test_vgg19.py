@@ -359,3 +359,15 @@ def test_int8_maps_stay_within_the_cosine_budget_of_float32(video_dir: Path, tmp
             load_visual_extractor("ave", **given, device="cuda", precision="int8")
         with pytest.raises(BmfnError, match="int8 runs on the CPU"):
             load_visual_extractor("ave", **given, precision="int8", compile=True)
+
+
+def test_an_int8_cache_that_cannot_be_written_is_left_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A read-only or full cache (torch.save raises RuntimeError there, not OSError): the calibrated model is used
+    uncached, and no partial file is left."""
+    def cannot_write(_, path):
+        Path(path).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc] . open file failed: Permission denied")
+
+    monkeypatch.setattr(int8_module.torch, "save", cannot_write)
+    int8_module._save(torch.nn.Linear(1, 1), tmp_path / "int8" / "vgg19-x.pt")
+    assert list((tmp_path / "int8").iterdir()) == []

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
+import io
 import itertools
+import os
 import re
 from pathlib import Path
 
@@ -64,14 +67,18 @@ def test_registry_names_and_checksums():
     assert WEIGHTS["vgg19-keras"].preprocessing == "caffe"
     assert WEIGHTS["vgg19-torchvision"].preprocessing == "torchvision"
     assert {WEIGHTS[n].option for n in ("vgg19-keras", "vgg19-torchvision")} == {"--vgg19-weights"}
-    assert {WEIGHTS[n].option for n in ("vggish", "vggish-pca")} == {"--vggish-weights"}
+    assert WEIGHTS["vggish"].option == "--vggish-weights"
+    assert "pca_weights=" in WEIGHTS["vggish-pca"].option  # no command reads the PCA file: the Python argument
 
 
 def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("BMFN_CACHE", raising=False)
     monkeypatch.delenv("TORCH_HOME", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cache_dir() == tmp_path / "home" / ".cache" / "torch" / "bmfn"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # as torch.hub finds its TORCH_HOME
+    assert cache_dir() == tmp_path / "xdg" / "torch" / "bmfn"
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     assert cache_dir() == tmp_path / "torch" / "bmfn"
     monkeypatch.setenv("BMFN_CACHE", str(tmp_path / "bmfn"))
@@ -132,6 +139,15 @@ def test_missing_local_file_names_it_and_the_option(tmp_path: Path):
 
 
 def test_download_verifies_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path):
+    umask = 0o022
+    previous = os.umask(umask)
+    try:
+        _check_download_and_cache(tmp_path, monkeypatch, cache, umask)
+    finally:
+        os.umask(previous)
+
+
+def _check_download_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path, umask: int) -> None:
     source = _served(tmp_path)
     entry = _fake_entry(monkeypatch, "vggish-pca", source.as_uri(), "sha256:" + hashlib.sha256(CONTENT).hexdigest())
     path = weight_path("vggish-pca")
@@ -140,6 +156,7 @@ def test_download_verifies_and_caches(tmp_path: Path, monkeypatch: pytest.Monkey
     assert sorted(p.name for p in cache.iterdir()) == sorted([entry.filename, weights.VERIFIED_FILE]), \
         "no partial download may be left behind"
 
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by all where the umask says so, not private
     source.unlink()  # a second call must use the cache, not the network, nor hash the file it just verified
     with monkeypatch.context() as patched:
         patched.setattr(weights, "file_checksum", lambda *a: pytest.fail("hashed again, unchanged"))
@@ -167,6 +184,32 @@ def test_offline_error_names_url_cache_and_option(tmp_path: Path, monkeypatch: p
         message = str(err.value)
         assert url in message and str(cache / entry.filename) in message and "--vgg19-weights" in message
         assert "\n" not in message
+
+
+def test_a_cut_or_garbled_download_is_one_line_naming_the_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               cache: Path):
+    entry = _fake_entry(monkeypatch, "vggish", "https://example.invalid/vggish-10086976.pth", "sha256:10086976")
+
+    class Response(io.BytesIO):
+        headers = {"Content-Length": str(2 * len(CONTENT))}  # the server meant to send twice as much
+
+    for reply, reason in ((lambda *a, **k: Response(CONTENT), f"interrupted after {len(CONTENT)} of "),
+                          (http.client.IncompleteRead(b"partial"), "IncompleteRead"),
+                          (http.client.BadStatusLine("garbage"), "garbage")):
+        with monkeypatch.context() as patched:
+            if isinstance(reply, Exception):
+                def reply(*a, error=reply, **k):
+                    raise error
+            patched.setattr(weights.urllib.request, "urlopen", reply)
+            with pytest.raises(BmfnError) as err:
+                weight_path("vggish")
+        message = str(err.value)
+        assert message.startswith(f"cannot download {entry.url} (") and reason in message and "\n" not in message
+        assert "--vggish-weights PATH" in message
+        assert not cache.exists() or not any(cache.iterdir()), "nothing of a failed download is kept"
+    with pytest.raises(BmfnError, match=re.escape("give a local copy with load_audio_extractor(pca=True, "
+                                                  "pca_weights=PATH)")):
+        weight_path("vggish-pca", download=False)
 
 
 def test_unknown_name():
