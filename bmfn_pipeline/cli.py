@@ -192,7 +192,8 @@ def probe(files, as_json, frames_per_second) -> None:
               help="Storage dtype of the features.")
 @click.option("--workers", type=click.IntRange(0),
               help="Decoding processes running beside the networks (0: decode in the main process). Default: "
-                   "1 on CPU; on a GPU one per core but one (shared by torchrun's ranks on the machine).")
+                   "1 on CPU; on a GPU one per core but one (under torchrun, per rank: its share of the cores less "
+                   "one).")
 @click.option("--video-decoder", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where video is decoded: cpu (FFmpeg) or cuda (the GPU's NVDEC, through PyAV; the same frames "
                    "for 8-bit 4:2:0 video).")

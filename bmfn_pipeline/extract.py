@@ -114,8 +114,8 @@ def unique_clips(paths: Iterable[Path]) -> list[Path]:
 
 def decode_workers(requested: int | None, device: torch.device) -> int:
     """The requested number of decoding processes, else: beside a GPU, one per CPU core but the main process's
-    (decoding every H.264 frame is what bounds GPU extraction), shared by the torchrun ranks of this machine;
-    on a CPU, 1 (the networks need the cores)."""
+    (decoding every H.264 frame is what bounds GPU extraction), each torchrun rank of this machine taking its share
+    of the cores less one for itself; on a CPU, 1 (the networks need the cores)."""
     if requested is not None:
         return requested
     if device.type == "cpu":
