@@ -159,7 +159,9 @@ def _read_order(path: Path) -> np.ndarray:
         with h5py.File(path, "r") as f:
             if _ORDER_KEY not in f:
                 raise BmfnError(f"{path}: no dataset {_ORDER_KEY!r} (found {sorted(f.keys())})")
-            order = f[_ORDER_KEY][()]
+            if not isinstance(f[_ORDER_KEY], h5py.Dataset):
+                raise BmfnError(f"{path}: {_ORDER_KEY!r} is a group, not a 1-D integer array")
+            order = np.asarray(f[_ORDER_KEY][()])
     except OSError as err:
         raise BmfnError(f"{path}: cannot read as HDF5: {err}") from None
     if order.ndim != 1 or not np.issubdtype(order.dtype, np.integer):

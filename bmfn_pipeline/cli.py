@@ -54,9 +54,12 @@ def _videos(inputs: tuple[str, ...]) -> list[Path]:
     """The video files of FILES arguments; a missing one stays, to fail in its turn while the others go on."""
     from bmfn_pipeline.decode import find_videos
 
-    files = find_videos(inputs, keep_missing=True)
+    empty: list[Path] = []
+    files = find_videos(inputs, keep_missing=True, on_empty=empty.append)
     if not files:
         raise BmfnError(f"no video files found in {', '.join(inputs)}")
+    for item in empty:  # among inputs that have some
+        click.echo(f"bmfn: warning: no video files in {item}", err=True)
     return files
 
 
@@ -394,7 +397,8 @@ def evaluate(checkpoint, split, ave_dir, features, annotations, splits, batch_si
         checkpoint = latest_checkpoint()
         click.echo(f"no checkpoint named: using the newest run's {checkpoint}", err=as_json)
     result = run_evaluate(checkpoint, split=split, ave_dir=ave_dir, features=features, annotations=annotations,
-                          splits=splits, batch_size=batch_size, device=device, precision=precision, force=force)
+                          splits=splits, batch_size=batch_size, device=device, precision=precision, force=force,
+                          log=lambda message: click.echo(f"bmfn: {message}", err=True))
     click.echo(json.dumps(result.to_dict()) if as_json else result.summary())
 
 
@@ -507,7 +511,8 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
 @click.option("--quick", is_flag=True, help="A much smaller run (about 1.5 minutes on 2 free cores), as the tests use.")
 @click.option("--clips", type=click.IntRange(6), help="Synthetic clips to make (default 96; 24 with --quick).")
 @click.option("--epochs", type=click.IntRange(1), help="Training epochs (default 12).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the dataset, the random networks and training.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0),
+              help="Seed of the dataset, the random networks and training.")
 def demo(out, quick, clips, epochs, seed) -> None:
     """Show the whole pipeline working with nothing downloaded: synthesise audio-visual event clips, extract
     features with RANDOM networks, train BMFN, localize held-out clips and compare with the truth.

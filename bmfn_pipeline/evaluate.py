@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -148,9 +149,11 @@ def evaluate(checkpoint: str | Path | None = None, *, split: str = "test", ave_d
              features: str | Path | None = None, annotations: str | Path | None = None,
              splits: str | Path | None = None, batch_size: int | None = None, device: str = "auto",
              precision: str = "float32", force: bool = False, plot: bool = True,
-             runs_dir: str | Path = "runs", data: FeatureData | None = None) -> EvalResult:
+             runs_dir: str | Path = "runs", data: FeatureData | None = None,
+             log: Callable[[str], None] = lambda message: None) -> EvalResult:
     """Accuracy of a checkpoint (a file or a run folder; default: the newest run's best.pt) on a split of its
-    training data or other data."""
+    training data or other data; with `plot`, a confusion-matrix PNG beside the checkpoint where that folder can be
+    written (else said through `log`)."""
     from bmfn_pipeline.train import check_provenance, load_checkpoint, resolve_checkpoint, resolve_device
 
     if split not in ("train", "val", "test"):
@@ -175,8 +178,12 @@ def evaluate(checkpoint: str | Path | None = None, *, split: str = "test", ave_d
     matrix = confusion_matrix(pred, target)
     png = None
     if plot:
-        png = str(plot_confusion(matrix, checkpoint.parent / f"confusion-{checkpoint.stem}-{split}.png",
-                                 title=f"{checkpoint} on {split}"))
+        try:
+            png = str(plot_confusion(matrix, checkpoint.parent / f"confusion-{checkpoint.stem}-{split}.png",
+                                     title=f"{checkpoint} on {split}"))
+        except OSError as err:  # beside a read-only checkpoint, say: the accuracy still counts
+            log(f"warning: {err.filename or checkpoint.parent}: the confusion matrix was not written "
+                f"({err.strerror or err})")
     names = meta.get("class_names", CLASS_NAMES)
     return EvalResult(str(checkpoint), split, data.describe(), len(rows), int(target.size),
                       segment_accuracy(pred, target),

@@ -216,9 +216,12 @@ def extract(
     # Labels are read before any clip is: a bad annotation or split file fails now, not after hours of extraction.
     labels = read_labels(annotations, splits) if annotations is not None else None
     inputs = list(inputs)  # read twice: to find the videos and to name them in the error below
-    paths = unique_clips(find_videos(inputs))
+    empty: list[Path] = []
+    paths = unique_clips(find_videos(inputs, on_empty=empty.append))
     if not paths:
         raise BmfnError(f"no video files found in {', '.join(map(str, inputs))}")
+    for item in empty:  # among inputs that have some
+        tqdm.write(f"bmfn: warning: no video files in {item}", file=sys.stderr)
     shard = resolve_shard(shard)
     if shard is not None:  # an empty shard still gets its (empty) store, so `bmfn merge` sees every shard
         paths, out = [path for path in paths if shard.holds(printable(clip_id(path)))], shard.path(out)

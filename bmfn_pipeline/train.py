@@ -287,11 +287,18 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     return model, {k: v for k, v in state.items() if k not in ("model_state", "optimizer", "scheduler", "rng")}
 
 
+def _started(run: Path) -> float:
+    """When a run started, by its run.json; a damaged one counts as oldest, not as an error for every command."""
+    try:
+        return float(json.loads((run / RUN_FILE).read_text()).get("started", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0.0
+
+
 def latest_checkpoint(runs_dir: str | Path = RUNS_DIR) -> Path:
     """The best checkpoint of the newest run under `runs_dir` (by start time), for commands given none."""
     runs_dir = Path(runs_dir)
-    runs = sorted((d for d in runs_dir.glob("*") if (d / RUN_FILE).is_file()),
-                  key=lambda d: json.loads((d / RUN_FILE).read_text()).get("started", 0), reverse=True)
+    runs = sorted((d for d in runs_dir.glob("*") if (d / RUN_FILE).is_file()), key=_started, reverse=True)
     for run in runs:
         if (found := _run_best(run)) is not None:
             return found

@@ -113,6 +113,11 @@ def test_overlapping_or_incomplete_splits_refused(tmp_path):
     assert load_splits(tmp_path)["val"].tolist() == [3]
     with pytest.raises(BmfnError, match=r"val split has row indices outside 0\.\.2"):
         load_splits(tmp_path, n_rows=3)
+    for bad, found in ((b"3,4", "a 1-D integer array, got"), (None, "is a group")):  # one line, not a traceback
+        with h5py.File(tmp_path / "val_order.h5", "w") as f:
+            f.create_group("order") if bad is None else f.create_dataset("order", data=bad)
+        with pytest.raises(BmfnError, match=rf"val_order\.h5: 'order' (must be|is a group).*"):
+            load_splits(tmp_path)
     (tmp_path / "test_order.h5").unlink()
     with pytest.raises(BmfnError, match="missing test_order.h5"):
         load_splits(tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from bmfn_pipeline.ave import BACKGROUND, read_annotations, segment_labels
 from bmfn_pipeline.cli import main
 from bmfn_pipeline.data import load_data
 from bmfn_pipeline.demo import (DATA_DIR, FEATURES_FILE, FULL, QUICK, REPORT_FILE, RESULTS_DIR, RUN_DIR, SUMMARY_FILE,
-                                run_demo)
+                                DemoResult, run_demo)
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.synthetic import SPLIT_FILES
 from bmfn_pipeline.train import load_checkpoint
@@ -54,6 +55,7 @@ def test_majority_baseline_is_the_commonest_train_label_on_test(demo_run):
 def test_demo_folder_holds_features_run_and_per_clip_results(demo_run):
     output, out = demo_run
     summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert Path(summary["features"]) == out.resolve() / FEATURES_FILE  # found from any folder
     data = load_data(features=out / FEATURES_FILE)
     assert len(data.clip_ids) == QUICK.clips
     assert data.provenance["visual"]["checksum"].startswith("random:")
@@ -76,11 +78,22 @@ def test_demo_folder_holds_features_run_and_per_clip_results(demo_run):
     assert summary["accuracy"] == pytest.approx(100 * np.mean(np.array(predicted) == np.array(truth)))
 
 
-def test_demo_refuses_a_folder_in_use(tmp_path):
+def test_demo_refuses_a_folder_in_use_and_a_negative_seed(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(BmfnError, match="not empty"):
         run_demo(tmp_path, quick=True, log=lambda line: None)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+    with pytest.raises(BmfnError, match="--seed -1: give 0 or more"):  # before anything is made
+        run_demo(tmp_path / "new", quick=True, seed=-1, log=lambda line: None)
+    assert not (tmp_path / "new").exists()
+
+
+def test_summary_says_when_one_modality_alone_does_as_well():
+    result = DemoResult(Path("out"), 80.0, 47.5, BACKGROUND, 70.0, 47.5, 4, Path("f.h5"), Path("best.pt"),
+                        Path("results"))
+    assert "one modality alone" not in result.summary()
+    result.audio_only = 80.0
+    assert "note: one modality alone reaches BMFN's accuracy" in result.summary()
 
 
 def test_help_states_the_plans_sizes():

@@ -57,6 +57,9 @@ def test_probe_bad_file_among_good_ones(video_dir, tmp_path):
     assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == list(map(str, good))
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 1 and str(bad) in errors[0] and errors[0].startswith("bmfn: error:")
+    (tmp_path / "empty").mkdir()  # a folder without videos among inputs that have some: said, not skipped silently
+    result = CliRunner().invoke(main, ["probe", "--json", str(tmp_path / "empty"), str(good[0])])
+    assert result.exit_code == 0 and result.stderr == f"bmfn: warning: no video files in {tmp_path / 'empty'}\n"
 
 
 def test_probe_says_how_a_clip_is_turned_for_display(video_dir, tmp_path):

@@ -314,6 +314,21 @@ def test_cli_chain_train_then_evaluate_on_a_store(tmp_path, monkeypatch):
     assert Path(report["checkpoint"]).resolve() == (run_dirs[0] / "best.pt").resolve()
     assert np.array(report["confusion"]).sum() == 10 and os.path.isfile(report["confusion_png"])
 
+    # A folder the confusion PNG cannot go to (a read-only checkpoint folder) costs the PNG, not the result; a
+    # damaged run.json beside the run does not stop the search for the newest one.
+    (tmp_path / "runs" / "broken").mkdir()
+    (tmp_path / "runs" / "broken" / "run.json").write_text('{"started": 1')
+
+    def read_only(matrix, path, title):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr("bmfn_pipeline.evaluate.plot_confusion", read_only)
+    result = runner.invoke(main, ["evaluate", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[-1])["confusion_png"] is None
+    assert re.search(r"^bmfn: warning: .*confusion-best-test\.png: the confusion matrix was not written "
+                     r"\(Read-only file system\)$", result.stderr, re.M)
+
     other = make_store(tmp_path / "other.h5", n_clips=6, labels={f"vid{i:04d}": (one_hot[i], splits[i]) for i in range(6)},
                        provenance={**STORE_PROVENANCE, "visual": {**STORE_PROVENANCE["visual"], "checksum": "random:1"}})
     result = runner.invoke(main, ["evaluate", "--features", str(other)])
