@@ -31,6 +31,7 @@ is left with demuxing, the sampled frames and the audio.
 from __future__ import annotations
 
 import ctypes
+import errno
 import math
 import mmap
 import multiprocessing
@@ -85,7 +86,8 @@ _SHARE_FRAMES = False
 # Where video frames are decoded: "cpu" (FFmpeg's decoders) or "cuda[:N]" (NVDEC, through PyAV's CUDA hwaccel).
 VIDEO_DECODERS = ("cpu", "cuda")
 NVDEC_LIBRARY = "libnvcuvid.so.1"  # the driver's decoding library, which FFmpeg loads when it opens a decoder
-_HELD_DECODER_DEVICES: dict[int, HWAccel] = {}  # per GPU, a CUDA device context this process keeps (video_hwaccel)
+# Per GPU, the decoding settings and the CUDA device context this process keeps (video_hwaccel).
+_HELD_DECODER_DEVICES: dict[int, tuple[HWAccel, HWAccel]] = {}
 PR_SET_PDEATHSIG = 1  # Linux prctl option: a signal for this process when its parent dies (linux/prctl.h)
 
 
@@ -287,26 +289,36 @@ def video_hwaccel(video_decoder: str) -> HWAccel | None:
     cannot take a stream.
 
     The first call per GPU creates a device context that the process keeps: FFmpeg retains CUDA's primary context
-    for each file it opens and would otherwise create and destroy it every time. Raises BmfnError where NVDEC
-    cannot be used: no NVIDIA driver or GPU, an FFmpeg without CUDA, or no NVDEC library (a container without the
-    driver's video capability), where FFmpeg would quietly decode every file on the CPU instead."""
+    for each file it opens and would otherwise create and destroy it every time. FFmpeg wants that context with
+    blocking synchronisation; when torch made it first (with its own flags: a process that used the GPU before its
+    first NVDEC decode), FFmpeg refuses it, and the files are decoded in a context of FFmpeg's own instead, made
+    per file. Raises BmfnError where NVDEC cannot be used: no NVIDIA driver or GPU, an FFmpeg without CUDA, or no
+    NVDEC library (a container without the driver's video capability), where FFmpeg would quietly decode every
+    file on the CPU instead."""
     if video_decoder == "cpu":
         return None
     kind, _, index = video_decoder.partition(":")
     if kind != "cuda" or not (index == "" or index.isdigit()):
         raise BmfnError(f"video decoder {video_decoder!r}: choose one of cpu, cuda or cuda:N")
     device = int(index or 0)
-    accel = HWAccel("cuda", device=str(device), allow_software_fallback=True, is_hw_owned=True)
     if device not in _HELD_DECODER_DEVICES:
+        accel = HWAccel("cuda", device=str(device), allow_software_fallback=True, is_hw_owned=True)
         try:
-            held = accel.create(av.Codec("h264", "r"))
             ctypes.CDLL(NVDEC_LIBRARY)
+            try:
+                held = accel.create(av.Codec("h264", "r"))
+            except av.error.FFmpegError as exc:
+                if getattr(exc, "errno", None) != errno.ENOTSUP:  # not "primary context active with other flags"
+                    raise
+                accel = HWAccel("cuda", device=str(device), allow_software_fallback=True, is_hw_owned=True,
+                                options={"primary_ctx": "0"})
+                held = accel.create(av.Codec("h264", "r"))
         except (av.error.FFmpegError, NotImplementedError, OSError) as exc:
             reason = _reason(exc) if isinstance(exc, av.error.FFmpegError) else str(exc)
             raise BmfnError(f"GPU video decoding (NVDEC) on cuda:{device} is not available here ({reason}); "
                             "decode on the CPU instead (--video-decoder cpu)") from None
-        _HELD_DECODER_DEVICES[device] = held
-    return accel
+        _HELD_DECODER_DEVICES[device] = (accel, held)
+    return _HELD_DECODER_DEVICES[device][0]
 
 
 def decode_window(path: str | os.PathLike, **kwargs) -> DecodedClip:

@@ -191,6 +191,8 @@ class Localizer:
         checkpoint = resolve_checkpoint(checkpoint, runs_dir)
         if named is None:
             log(f"no checkpoint named: using the newest run's {checkpoint}")
+        # NVDEC's CUDA context first: FFmpeg shares CUDA's primary context only if it makes it (video_hwaccel).
+        video_hwaccel(video_decoder_on(options.get("video_decoder", "cpu"), resolve_device(device)))
         model, meta = load_checkpoint(checkpoint, resolve_device(device))
         return cls(model, meta.get("provenance") or {}, checkpoint=str(checkpoint), epoch=meta.get("epoch"),
                    device=device, **options)

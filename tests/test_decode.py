@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import mmap
 import multiprocessing
@@ -370,6 +371,34 @@ def test_gpu_video_decoding_without_the_nvdec_library_fails_in_one_line(video_di
     with pytest.raises(BmfnError, match=r"NVDEC\) on cuda:0 is not available here \(libnvcuvid-absent.so.1"):
         decode_clip(video_dir / "torchcodec_nasa_13013.mp4", frames_per_second=1, video_decoder="cuda")
     assert decode._HELD_DECODER_DEVICES == {}
+
+
+def test_nvdec_takes_a_context_of_its_own_where_torch_made_cudas_first(monkeypatch):
+    """FFmpeg refuses CUDA's primary context when another library made it with other flags (ENOTSUP: torch, in a
+    process that used the GPU first); the decoder then runs in a context of FFmpeg's own, and says nothing."""
+    made = []
+
+    class DeviceContext:
+        def __init__(self, *args, options=None, **kwargs):
+            self.options = options or {}
+
+        def create(self, codec):
+            made.append(self.options)
+            if self.options.get("primary_ctx") != "0":
+                raise av.error.FFmpegError(errno.ENOTSUP, "Operation not supported")
+            return self
+
+    monkeypatch.setattr(decode, "HWAccel", DeviceContext)
+    monkeypatch.setattr(decode, "_HELD_DECODER_DEVICES", {})
+    monkeypatch.setattr(decode, "NVDEC_LIBRARY", "libc.so.6")  # a library that loads, standing in for NVDEC's
+    accel = video_hwaccel("cuda:1")
+    assert accel.options == {"primary_ctx": "0"} and made == [{}, {"primary_ctx": "0"}]
+    assert video_hwaccel("cuda:1") is accel and len(made) == 2  # made once per process and GPU
+    monkeypatch.setattr(decode, "_HELD_DECODER_DEVICES", {})
+    monkeypatch.setattr(DeviceContext, "create", lambda self, codec: (_ for _ in ()).throw(
+        av.error.FFmpegError(errno.ENODEV, "No such device")))
+    with pytest.raises(BmfnError, match=r"NVDEC\) on cuda:1 is not available here \(No such device"):
+        video_hwaccel("cuda:1")  # other failures are not retried
 
 
 NVDEC_CLIPS = ["ave_16eUxQwxxbs.mp4", "ave_22olCB3wQaA.mp4", "ave_0lFf-HP86Q0.mp4", "moviepy_chaplin.mp4",
