@@ -169,7 +169,7 @@ def main() -> None:
             print(count_ops(batch, per_branch), flush=True)
             continue
         began = time.perf_counter()
-        step = make_step(variant, models=per_branch if variant == "per-branch" else grouped_model)
+        step = make_step(variant, models=per_branch if variant == "per-branch" else grouped_model, inputs=batch)
         run = GraphedStep(step, enabled=True, log=print)
         for _ in range(5):  # warm-up calls, compilation and the capture
             run(batch)
