@@ -110,6 +110,15 @@ def cache_dir() -> Path:
     return Path(torch_home).expanduser() / "bmfn"
 
 
+def _cached(entry: WeightFile) -> Path:
+    """Where `entry` is (or goes) in the cache. bmfn before XDG_CACHE_HOME was followed kept its files in
+    ~/.cache/torch/bmfn whatever that said: a file found only there is used where it is, not downloaded again."""
+    cached = cache_dir() / entry.filename
+    earlier = Path("~/.cache/torch/bmfn").expanduser() / entry.filename
+    uses_xdg = not (os.environ.get("BMFN_CACHE") or os.environ.get("TORCH_HOME"))
+    return earlier if uses_xdg and not cached.is_file() and earlier.is_file() else cached
+
+
 def file_checksum(path: str | os.PathLike, algo: str) -> str:
     """The full hex digest of a file with hashlib's `algo` ('md5' or 'sha256')."""
     digest = hashlib.new(algo)
@@ -207,13 +216,14 @@ def _download(entry: WeightFile, target: Path) -> None:
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(entry.url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
+            total, received = int(response.headers.get("Content-Length") or 0) or None, 0
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=entry.filename) as bar:
                 while chunk := response.read(CHUNK_BYTES):
                     out.write(chunk)
+                    received += len(chunk)
                     bar.update(len(chunk))
-        if total is not None and bar.n != total:  # a connection closed early, not a wrong file
-            raise OSError(f"interrupted after {bar.n} of {total} bytes")
+        if total is not None and received != total:  # a connection closed early, not a wrong file
+            raise OSError(f"interrupted after {received} of {total} bytes")
         _check(entry, tmp, entry.url)
         umask = os.umask(0)
         os.umask(umask)
@@ -240,7 +250,7 @@ def weight_path(name: str, local_path: str | os.PathLike | None = None, download
             raise BmfnError(f"{path}: no such {entry.name} weights file (given with {_local_copy(entry)})")
         _verify(entry, path, str(path))
         return path
-    cached = cache_dir() / entry.filename
+    cached = _cached(entry)
     if cached.is_file():
         _verify(entry, cached, str(cached))
         return cached
@@ -261,7 +271,7 @@ def _local_copy(entry: WeightFile) -> str:
 
 def weight_available(name: str, local_path: str | os.PathLike | None = None) -> bool:
     """Whether weight_path(name, local_path) would use a file already here (given or cached) rather than download."""
-    return local_path is not None or (name in WEIGHTS and (cache_dir() / WEIGHTS[name].filename).is_file())
+    return local_path is not None or (name in WEIGHTS and _cached(WEIGHTS[name]).is_file())
 
 
 def weights_provenance(name: str, path: str | os.PathLike) -> dict[str, str]:

@@ -79,6 +79,14 @@ def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     assert cache_dir() == tmp_path / "home" / ".cache" / "torch" / "bmfn"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # as torch.hub finds its TORCH_HOME
     assert cache_dir() == tmp_path / "xdg" / "torch" / "bmfn"
+    # a file that an earlier bmfn (which ignored XDG_CACHE_HOME) cached is used where it is, not downloaded again
+    earlier = tmp_path / "home" / ".cache" / "torch" / "bmfn" / WEIGHTS["vggish"].filename
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"cached before")
+    assert weights._cached(WEIGHTS["vggish"]) == earlier and weights.weight_available("vggish")
+    (tmp_path / "xdg" / "torch" / "bmfn").mkdir(parents=True)
+    (tmp_path / "xdg" / "torch" / "bmfn" / WEIGHTS["vggish"].filename).write_bytes(b"cached since")
+    assert weights._cached(WEIGHTS["vggish"]) == tmp_path / "xdg" / "torch" / "bmfn" / WEIGHTS["vggish"].filename
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     assert cache_dir() == tmp_path / "torch" / "bmfn"
     monkeypatch.setenv("BMFN_CACHE", str(tmp_path / "bmfn"))
@@ -148,6 +156,7 @@ def test_download_verifies_and_caches(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def _check_download_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path, umask: int) -> None:
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # a download without a progress bar is still complete
     source = _served(tmp_path)
     entry = _fake_entry(monkeypatch, "vggish-pca", source.as_uri(), "sha256:" + hashlib.sha256(CONTENT).hexdigest())
     path = weight_path("vggish-pca")
@@ -193,6 +202,7 @@ def test_a_cut_or_garbled_download_is_one_line_naming_the_url(tmp_path: Path, mo
     class Response(io.BytesIO):
         headers = {"Content-Length": str(2 * len(CONTENT))}  # the server meant to send twice as much
 
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # no progress bar (batch jobs, CI): the bytes are still counted
     for reply, reason in ((lambda *a, **k: Response(CONTENT), f"interrupted after {len(CONTENT)} of "),
                           (http.client.IncompleteRead(b"partial"), "IncompleteRead"),
                           (http.client.BadStatusLine("garbage"), "garbage")):
