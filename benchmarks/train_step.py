@@ -11,12 +11,10 @@ eager step by kernel kind; and, on any device, the operations one step dispatche
 Variants: foreach-adam (the baseline: capturable foreach Adam), fused-adam (fused Adam, gradients added into
 zeroed ones), cells (+ `--compile`: the per-cell attentions compiled), model (+ the whole network compiled),
 per-branch (fused Adam, with the model of `--per-branch-model`: one module per parallel block), set-to-none (fused
-Adam, gradients set to None before each step, so backward writes them instead of adding into zeroed ones),
-bf16-weights (set-to-none, and the weights autocast casts kept as bf16 copies: bmfn_pipeline/bf16.py; the step
+Adam, gradients set to None before each step, so backward writes them instead of adding into zeroed ones: the step
 `bmfn train --precision bfloat16` runs). `ops` counts the aten operations of one eager step (forward, loss,
-backward, clipping, Adam), each a kernel launch or more on a GPU, for the current model with fused-adam,
-set-to-none and bf16-weights, and for the per-branch one, and checks that bf16-weights trains as the autocast step
-does. Inputs are random.
+backward, clipping, Adam), each a kernel launch or more on a GPU, for the current model with fused-adam and
+set-to-none, and for the per-branch one, and checks that set-to-none trains as fused-adam does. Inputs are random.
 """
 
 from __future__ import annotations
@@ -33,12 +31,10 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bmfn_pipeline import model as grouped_model
-from bmfn_pipeline.bf16 import BF16Weights
 from bmfn_pipeline.graphs import GraphedStep
 from bmfn_pipeline.model import BMFNOutput, compile_cell_attention, fully_supervised_loss
 
-VARIANTS = ("foreach-adam", "fused-adam", "cells", "model", "per-branch", "set-to-none", "bf16-weights", "profile",
-            "ops")
+VARIANTS = ("foreach-adam", "fused-adam", "cells", "model", "per-branch", "set-to-none", "profile", "ops")
 VIEWS = {"view", "_unsafe_view", "reshape", "_reshape_alias", "transpose", "t", "unsqueeze", "squeeze", "expand",
          "permute", "select", "slice", "split", "split_with_sizes", "chunk", "unflatten", "flatten", "as_strided",
          "detach", "alias", "unbind", "empty", "empty_like", "empty_strided"}  # no kernel: not counted
@@ -46,10 +42,8 @@ KINDS = (("gemm", ("gemm", "cutlass", "sm90", "nvjet", "xmma")), ("reduce", ("re
          ("element-wise", ("elementwise", "vectorized")), ("optimizer", ("foreach", "adam")))
 
 
-def make_step(variant: str, device: str = "cuda", models: ModuleType = grouped_model,
-              inputs: dict[str, torch.Tensor] | None = None):
-    """One training step's function for `variant`, with the BMFN of `models` (a model.py module); bf16-weights
-    finds its weights with `inputs`."""
+def make_step(variant: str, device: str = "cuda", models: ModuleType = grouped_model):
+    """One training step's function for `variant`, with the BMFN of `models` (a model.py module)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = models.BMFN(models.BMFNConfig()).to(device)
@@ -57,8 +51,6 @@ def make_step(variant: str, device: str = "cuda", models: ModuleType = grouped_m
         compile_cell_attention(model)
     elif variant == "model":
         model.compile()
-    cast = BF16Weights(model, inputs) if variant == "bf16-weights" else None
-    forward = cast or model
     parameters = list(model.parameters())
     capturable = device == "cuda"  # for CUDA graphs; fused Adam runs on a CPU too (for `ops`)
     optimizer = torch.optim.Adam(parameters, lr=torch.tensor(5e-4, device=device) if capturable else 5e-4,
@@ -66,10 +58,10 @@ def make_step(variant: str, device: str = "cuda", models: ModuleType = grouped_m
 
     def step(inputs: dict[str, torch.Tensor]) -> None:
         with torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False):
-            output = forward(inputs["visual"], inputs["audio"])
+            output = model(inputs["visual"], inputs["audio"])
         loss = fully_supervised_loss(BMFNOutput(*(None if t is None else t.float() for t in output)), inputs["labels"])
-        optimizer.zero_grad(set_to_none=variant in ("set-to-none", "bf16-weights"))
-        cast.backward(loss) if cast is not None else loss.backward()
+        optimizer.zero_grad(set_to_none=variant == "set-to-none")
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 0.1)
         optimizer.step()
 
@@ -106,16 +98,15 @@ class _CountOps(TorchDispatchMode):
 
 
 def count_ops(batch: dict[str, torch.Tensor], per_branch: ModuleType | None) -> str:
-    """Operations of one eager step (the second: Adam's state exists), per model; then bf16-weights' parameters
-    after those steps and one more, against the autocast step's."""
+    """Operations of one eager step (the second: Adam's state exists), per model; then set-to-none's parameters
+    after those steps and one more, against fused-adam's."""
     device = batch["visual"].device.type
     counts, steps = {}, {}
     for name, variant, models in (("grouped", "fused-adam", grouped_model), ("per-branch", "fused-adam", per_branch),
-                                  ("set-to-none", "set-to-none", grouped_model),
-                                  ("bf16-weights", "bf16-weights", grouped_model)):
+                                  ("set-to-none", "set-to-none", grouped_model)):
         if models is None:
             continue
-        steps[name] = step = make_step(variant, device, models, inputs=batch)
+        steps[name] = step = make_step(variant, device, models)
         step(batch)
         with _CountOps() as counter:
             step(batch)
@@ -123,10 +114,9 @@ def count_ops(batch: dict[str, torch.Tensor], per_branch: ModuleType | None) -> 
         counts[name] = counter.count
     ratio = f" ({counts['per-branch'] / counts['grouped']:.2f}x fewer)" if "per-branch" in counts else ""
     differences = [(a - b).abs().max().item() for a, b in zip(steps["grouped"].model.parameters(),
-                                                               steps["bf16-weights"].model.parameters())]
+                                                               steps["set-to-none"].model.parameters())]
     return ("operations per eager step: " + ", ".join(f"{n} {c}" for n, c in counts.items()) + ratio
-            + f"\nbf16-weights after 3 steps: parameters differ from the autocast step's by at most "
-              f"{max(differences):.3g}")
+            + f"\nset-to-none after 3 steps: parameters differ from fused-adam's by at most {max(differences):.3g}")
 
 
 def load_models(path: str | None) -> ModuleType | None:
@@ -169,7 +159,7 @@ def main() -> None:
             print(count_ops(batch, per_branch), flush=True)
             continue
         began = time.perf_counter()
-        step = make_step(variant, models=per_branch if variant == "per-branch" else grouped_model, inputs=batch)
+        step = make_step(variant, models=per_branch if variant == "per-branch" else grouped_model)
         run = GraphedStep(step, enabled=True, log=print)
         for _ in range(5):  # warm-up calls, compilation and the capture
             run(batch)

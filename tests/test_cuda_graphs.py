@@ -24,7 +24,7 @@ def _metrics(run_dir):
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_graphed_training_matches_eager_training(tmp_path, monkeypatch, precision):
-    """bfloat16 also covers the weights' bf16 copies (bf16.BF16Weights) inside the captured step."""
+    """Gradients are set to None before each step: the captured ones are written again by every replay."""
     directory = make_ave_dir(tmp_path / "ave", n_clips=24)
     model = {**SMALL_MODEL, "dropout": 0.0, "visual_dropout": 0.0}  # no random masks: eager and graph must agree
     replays, logged = [], []

@@ -361,32 +361,3 @@ def test_compiled_cell_attention_trains_like_eager(tmp_path):
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
     restored, _ = load_checkpoint(compiled.runs[0].best_checkpoint)
     assert set(restored.state_dict()) == set(torch.load(eager.runs[0].best_checkpoint, weights_only=True)["model_state"])
-
-
-def test_bf16_training_with_weight_copies_is_autocasts_to_the_bit(tmp_path, monkeypatch):
-    """bf16 training casts the matrix weights once per step (bf16.BF16Weights) instead of at every use: the same
-    losses, accuracies and weights as plain autocast, epoch by epoch; a resumed run goes on alike."""
-    directory = make_ave_dir(tmp_path / "ave", n_clips=24)
-    config = dict(FAST, mode="fully", ave_dir=str(directory), precision="bfloat16")
-    made = []
-    original = train_module.BF16Weights
-    monkeypatch.setattr(train_module, "BF16Weights", lambda *a: made.append(1) or original(*a))
-    runs = {}
-    for copies in (False, True):
-        monkeypatch.setattr(train_module, "BF16_WEIGHT_COPIES", copies)
-        runs[copies] = train(TrainConfig(out=str(tmp_path / f"copies-{copies}"), epochs=3, **config), log=quiet)
-    assert made == [1]
-    histories = [[{k: v for k, v in h.items() if k != "time"} for h in runs[c].runs[0].history] for c in runs]
-    assert histories[0] == histories[1]
-    states = [torch.load(runs[c].runs[0].run_dir / "last.pt", weights_only=True) for c in runs]
-    assert all(torch.equal(states[0]["model_state"][k], states[1]["model_state"][k]) for k in states[0]["model_state"])
-    assert all(v.dtype != torch.bfloat16 for v in states[1]["model_state"].values())
-    resumed = {}
-    for copies in (False, True):
-        monkeypatch.setattr(train_module, "BF16_WEIGHT_COPIES", copies)
-        resumed[copies] = train(TrainConfig(resume=str(tmp_path / f"copies-{copies}"), epochs=4, progress=False,
-                                            precision="bfloat16"),
-                                log=quiet).runs[0].history[-1]
-    assert made == [1, 1] and resumed[True]["epoch"] == 4
-    assert {k: v for k, v in resumed[True].items() if k != "time"} == \
-        {k: v for k, v in resumed[False].items() if k != "time"}
