@@ -88,26 +88,24 @@ def clip_id(path: Path) -> str:
 
 
 def unique_clips(paths: Iterable[Path]) -> list[Path]:
-    """`paths` with each file once (named twice, or again through a link: it is extracted once).
+    """`paths` with each clip once: a file named twice (also through a link of the same name) is extracted once; a
+    link under another name is another clip id, so another clip.
 
     Two files with one clip id are refused now, before any clip is extracted: a store holds one clip per id and
     only the user knows which file is meant. Not as a clip failure: that would be recorded under the id, and the
     other file's clip would clear it.
     """
-    files: set[str] = set()
-    owner: dict[str, Path] = {}
+    owner: dict[str, tuple[str, Path]] = {}  # clip id -> (real path, the path that named it first)
     unique = []
     for path in paths:
-        real = os.path.realpath(path)
-        if real in files:
-            continue
-        files.add(real)
-        cid = clip_id(path)
+        real, cid = os.path.realpath(path), clip_id(path)
         if cid in owner:
+            if owner[cid][0] == real:
+                continue
             raise BmfnError(f"{printable(str(path))}: clip id '{printable(cid)}' is also "
-                            f"{printable(str(owner[cid]))}'s: a clip id is the file name without extension and must "
-                            "be unique; rename one of them or leave it out")
-        owner[cid] = path
+                            f"{printable(str(owner[cid][1]))}'s: a clip id is the file name without extension and "
+                            "must be unique; rename one of them or leave it out")
+        owner[cid] = (real, path)
         unique.append(path)
     return unique
 

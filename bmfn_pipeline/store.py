@@ -22,11 +22,13 @@ the consolidated file is, so it also survives a power loss.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+import secrets
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, TypeVar
@@ -209,7 +211,7 @@ class FeatureStore:
         Leftover parts of a killed run are picked up; their unfinished ``*.tmp`` files are removed.
         ``readonly`` opens for reading while another process may be writing (no lock, no clean-up); with
         ``refuse_writers`` it refuses a store that a process is writing and keeps writers out until closed (a shared
-        lock, which needs no write permission), for a reader that must see every clip.
+        lock; see ``_take_shared_lock`` for read-only stores), for a reader that must see every clip.
         """
         store = cls(Path(path), readonly)
         try:
@@ -259,14 +261,20 @@ class FeatureStore:
 
     def _take_shared_lock(self) -> None:
         """A reader's lock: held beside other readers, refused while a writer holds its lock, and the other way round.
-        A store without a lock file has had no writer here (a writer makes it first)."""
+
+        A store without a lock file (one that ``merge`` wrote, or a file copied without its journal folder) gets one,
+        or a writer starting meanwhile would not be refused. Where none can be made (a store that is read-only to
+        this user), it is read without one.
+        """
         if fcntl is None:
             return
+        lock = self.parts_dir / ".lock"
         try:
-            self._lock_fd = os.open(self.parts_dir / ".lock", os.O_RDONLY)
-        except FileNotFoundError:
-            return
+            self.parts_dir.mkdir(exist_ok=True)
+            self._lock_fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)
         except OSError as exc:
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and not os.path.exists(lock):
+                return
             raise BmfnError(f"{self.path}: cannot read its lock file ({exc.strerror or exc})") from None
         self._flock(fcntl.LOCK_SH, "another process is writing to this feature store")
 
@@ -585,25 +593,43 @@ def _copy_rows(src: h5py.File, rows: list[int], visual: h5py.Dataset, audio: h5p
 
 
 def _remove_dead_temporaries(path: Path) -> None:
-    """Remove ``<path>.tmp-<pid>`` files of processes that are gone (killed while writing); those of running ones
-    (another export) stay."""
+    """Remove the ``<path>.tmp-*`` files of exports that were killed while writing them.
+
+    A running export holds a lock on its own (``_locked_temporary``), which the kernel drops when the process dies: a
+    file whose lock is held stays, whichever machine or container writes it (a process id could not tell: another
+    container's or host's looks dead here). Without flock (Windows) a dead export's file cannot be told: all stay.
+    """
+    if fcntl is None:
+        return
     for tmp in path.parent.glob(f"{glob.escape(path.name)}.tmp-*"):
-        pid = tmp.name.rpartition("-")[2]
-        if pid.isdigit() and not _running(int(pid)):
+        try:
+            fd = os.open(tmp, os.O_RDWR)  # NFS grants exclusive locks on files open for writing only
+        except OSError:  # removed meanwhile, or another user's
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: an export is writing it
+            continue
+        else:
             tmp.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
 
-def _running(pid: int) -> bool:
-    """Whether process `pid` runs here; where that cannot be told safely (Windows' os.kill ends it), it does."""
-    if os.name != "posix":
-        return True
+@contextlib.contextmanager
+def _locked_temporary(path: Path) -> Iterator[Path]:
+    """A new ``<path>.tmp-*`` file to write and rename over `path`, exclusively locked until the block ends (see
+    ``_remove_dead_temporaries``) and removed then if it is still there. Open it with h5py's own file locking off,
+    which this lock would refuse. Its name is random: process ids repeat across containers and hosts."""
+    tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(8)}")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's
-        pass
-    return True
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+        os.close(fd)  # releases the flock
 
 
 def _write_label_table(group: h5py.Group, labels: Mapping[str, ClipLabels]) -> None:
@@ -686,8 +712,9 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
     Every input must have the first one's feature-defining provenance. A clip id in two inputs is kept once when
     its features are identical and refused otherwise; so are labels given differently. Failures are kept for
     clips that no input holds. ``out`` may be one of the inputs (to extend it); otherwise it must not exist.
-    Each input is locked while it is read, so a store still being written is refused; the other inputs are only read
-    (a reader's lock), so they may be read-only.
+    Each input is locked while it is read, so a store still being written is refused and no writer starts meanwhile;
+    the other inputs are only read (a reader's lock, whose file is made where an input has none), so they may be
+    read-only.
     """
     inputs, out = [Path(p) for p in inputs], Path(out)
     if not inputs:
@@ -798,9 +825,9 @@ def export_ave(store_path: str | Path, annotations_path: str | Path, out_dir: st
         targets = [(out_dir / AVE_VISUAL_FILE, VISUAL_SHAPE), (out_dir / AVE_AUDIO_FILE, AUDIO_SHAPE)]
         for path, _ in targets:
             _remove_dead_temporaries(path)
-        tmps = [path.with_name(f"{path.name}.tmp-{os.getpid()}") for path, _ in targets]
-        try:
-            with h5py.File(tmps[0], "w") as fv, h5py.File(tmps[1], "w") as fa:
+        with contextlib.ExitStack() as held:
+            tmps = [held.enter_context(_locked_temporary(path)) for path, _ in targets]
+            with h5py.File(tmps[0], "w", locking=False) as fv, h5py.File(tmps[1], "w", locking=False) as fa:
                 datasets = [f.create_dataset(AVE_KEY, (len(rows), *shape), dtype, chunks=(1, *shape))
                             for f, (_, shape) in zip((fv, fa), targets)]
                 for i, row in enumerate(rows):
@@ -808,8 +835,5 @@ def export_ave(store_path: str | Path, annotations_path: str | Path, out_dir: st
                         dataset[i] = array
             for tmp, (path, _) in zip(tmps, targets):
                 os.replace(tmp, path)
-        finally:
-            for tmp in tmps:
-                tmp.unlink(missing_ok=True)
     return targets[0][0], targets[1][0]
 

@@ -27,7 +27,7 @@ from bmfn_pipeline import __version__
 from bmfn_pipeline.ave import BACKGROUND, CATEGORIES, NUM_CLASSES
 from bmfn_pipeline.cli import main
 from bmfn_pipeline.errors import BmfnError
-from bmfn_pipeline.extract import ExtractOptions, decode_workers, extract, find_videos
+from bmfn_pipeline.extract import ExtractOptions, decode_workers, extract, find_videos, unique_clips
 from bmfn_pipeline.store import AVE_AUDIO_FILE, AVE_KEY, AVE_VISUAL_FILE, FeatureStore, load_arrays
 from extractors.vgg19 import VisualExtractor
 
@@ -301,6 +301,17 @@ def test_two_files_with_one_clip_id_are_refused_before_any_clip_is_extracted(cli
     (line,) = error_lines(result.stderr)
     assert line.startswith(f"bmfn: error: {other}: clip id {Path(BUNNY_1S).stem!r} is also {clips[0]}'s"), line
     assert not (tmp_path / "feats.h5").exists()
+
+
+def test_a_link_under_another_name_is_another_clip(tmp_path):
+    """A clip id is the name: a link named differently is a second clip (the same file named twice, directly or
+    through a link of the same name, is one)."""
+    real, alias, same = tmp_path / "real.mp4", tmp_path / "alias.mp4", tmp_path / "sub" / "real.mp4"
+    real.write_bytes(b"")
+    alias.symlink_to(real)
+    same.parent.mkdir()
+    same.symlink_to(real)
+    assert unique_clips([real, alias, real, same, alias]) == [real, alias]
 
 
 def test_ctrl_c_keeps_the_clip_already_computed(clips, tmp_path, monkeypatch):

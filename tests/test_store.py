@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -16,6 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
+import bmfn_pipeline.store as store_module
 from bmfn_pipeline.ave import BACKGROUND, CATEGORIES, load_splits, read_annotations
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.store import (
@@ -268,22 +270,51 @@ def test_export_ave_of_no_rows_is_one_line(tmp_path, text):
     assert str(refused.value).startswith(f"{ann}: ") and "\n" not in str(refused.value)
 
 
-def test_export_ave_removes_what_a_killed_export_left(tmp_path):
+def one_clip_to_export(tmp_path: Path) -> tuple[Path, Path]:
+    """A store of one clip and an annotation file naming it."""
     out = tmp_path / "feats.h5"
     with FeatureStore.open(out, PROVENANCE) as store:
         store.add_clip("x", *clip(1), path="x.mp4")
     ann = tmp_path / "Annotations.txt"
     ann.write_text("Cat&x&good&2&5\n")
+    return out, ann
+
+
+def test_export_ave_removes_what_a_killed_export_left(tmp_path):
+    """Files of a killed export go; those of an export still writing stay, whatever process id they are named after
+    (from another container or host, that of a dead process here): it holds a lock on them, as a second process does."""
+    out, ann = one_clip_to_export(tmp_path)
     ave = tmp_path / "ave"
     ave.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
-    left = [ave / f"visual_feature.h5.tmp-{dead}", ave / f"audio_feature.h5.tmp-{dead}"]
-    running = ave / f"visual_feature.h5.tmp-{os.getppid()}"  # another export, still writing
-    for path in (*left, running):
+    left, running = ave / f"visual_feature.h5.tmp-{dead}", ave / f"audio_feature.h5.tmp-{dead}"
+    for path in (left, running):
         path.write_bytes(b"\x89HDF half written")
-    export_ave(out, ann, ave)
-    assert sorted(p.name for p in ave.iterdir()) == ["audio_feature.h5", "visual_feature.h5", running.name]
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print(flush=True); sys.stdin.read()", running],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()  # locked
+        export_ave(out, ann, ave)
+    finally:
+        holder.communicate()
+    assert sorted(p.name for p in ave.iterdir()) == sorted(["audio_feature.h5", "visual_feature.h5", running.name])
+
+
+def test_two_exports_to_one_folder_at_once(tmp_path, monkeypatch):
+    """An export locks its temporary files while it writes them: one started meanwhile leaves them."""
+    out, ann = one_clip_to_export(tmp_path)
+    read = FeatureStore.read
+
+    def another_export_meanwhile(self, clip_id):
+        monkeypatch.setattr(FeatureStore, "read", read)
+        export_ave(out, ann, tmp_path / "ave")
+        return read(self, clip_id)
+
+    monkeypatch.setattr(FeatureStore, "read", another_export_meanwhile)
+    export_ave(out, ann, tmp_path / "ave")
+    assert sorted(p.name for p in (tmp_path / "ave").iterdir()) == ["audio_feature.h5", "visual_feature.h5"]
 
 
 def test_a_reader_goes_on_while_the_writer_consolidates(tmp_path, monkeypatch):
@@ -331,8 +362,9 @@ def test_text_that_is_not_utf8_is_stored_escaped(tmp_path):
         assert store.failures() == {"y": ("caf\\xe9/y.mp4", "caf\\xe9/y.mp4: truncated")}
 
 
-def test_merge_reads_its_inputs_without_writing_to_them(tmp_path):
-    """Shards copied from other machines may be read-only: merge writes nothing beside them, not even a lock."""
+def test_merge_reads_its_inputs_without_writing_to_them(tmp_path, monkeypatch):
+    """Shards copied from other machines may be read-only: merge writes nothing beside them, not even a lock (which
+    it makes where it can: test_no_writer_starts_while_merge_reads_a_store_without_a_lock_file)."""
     shards = tmp_path / "shards"
     shards.mkdir()
     paths = [shards / "a.h5", shards / "b.h5"]
@@ -343,6 +375,14 @@ def test_merge_reads_its_inputs_without_writing_to_them(tmp_path):
         shutil.rmtree(f"{path}.parts")  # the files alone
         path.chmod(0o444)
     shards.chmod(0o555)
+    mkdir = Path.mkdir
+
+    def read_only_mount(self, *args, **kwargs):  # root writes past the modes: refused as on a read-only mount
+        if self.parent == shards and not self.exists():
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only_mount)
     try:
         summary = merge_stores(paths, tmp_path / "merged.h5")
     finally:
@@ -350,6 +390,26 @@ def test_merge_reads_its_inputs_without_writing_to_them(tmp_path):
         for path in paths:
             path.chmod(0o644)
     assert summary.clips == 2 and sorted(shards.iterdir()) == paths
+
+
+def test_no_writer_starts_while_merge_reads_a_store_without_a_lock_file(tmp_path, monkeypatch):
+    """A store that merge wrote (or one copied without its journal folder) has no lock file; merge makes one to hold
+    while it reads the store, so that `bmfn extract` cannot add to it meanwhile."""
+    with FeatureStore.open(tmp_path / "a.h5", PROVENANCE) as store:
+        store.add_clip("a", *clip(0), path="a.mp4")
+    merged = tmp_path / "merged.h5"
+    merge_stores([tmp_path / "a.h5"], merged)
+    assert not Path(f"{merged}.parts").exists()
+    write_store = store_module._write_store
+
+    def writer_meanwhile(*args, **kwargs):
+        with pytest.raises(BmfnError, match=r"another process is writing to \(or merging\) this feature store"):
+            FeatureStore.open(merged, PROVENANCE)
+        return write_store(*args, **kwargs)
+
+    monkeypatch.setattr(store_module, "_write_store", writer_meanwhile)
+    assert merge_stores([merged], tmp_path / "again.h5").clips == 1
+    assert sorted(p.name for p in Path(f"{merged}.parts").iterdir()) == [".lock"]
 
 
 def test_labels_from_the_real_annotations(ave_dir):
