@@ -283,7 +283,7 @@ class Localizer:
             if plot_dir is not None:
                 try:
                     plot_timeline(result, video.keyframes, video.waveform, timeline_path(plot_dir, path))
-                except Exception as exc:  # noqa: BLE001 - a plot that fails is this file's error, not the run's
+                except Exception as exc:  # a plot that fails is this file's error, not the run's
                     yield path, PlotFailed(result, exc)
                     continue
             yield path, result
