@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,20 +224,27 @@ def compact_visual(path: Path, cache_dir: str | Path | None = None) -> np.ndarra
         meta = cache.with_suffix(".json")
         if cache.is_file() and meta.is_file() and json.loads(meta.read_text()) == stamp:
             return np.load(cache, mmap_mode="r")
-        tmp = cache.with_name(cache.name + ".tmp")
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=CACHE_DTYPE, shape=dataset.shape)
-        for start in tqdm(range(0, dataset.shape[0], CONVERT_ROWS), desc=f"{path.name} -> float16 cache (once)",
-                          unit="slice", leave=False):
-            block = dataset[start:start + CONVERT_ROWS]
-            with np.errstate(over="ignore"):
-                converted = block.astype(CACHE_DTYPE)
-            if not np.isfinite(converted).all() and np.isfinite(block).all():
-                raise BmfnError(f"{path}: values beyond float16's range (max {np.abs(block).max():.4g}) in rows {start}+")
-            out[start:start + len(block)] = converted
-        out.flush()
-        del out
+        # Each process its own temporary file: torchrun's ranks all convert on their first run, and rename in turn.
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=CACHE_DTYPE, shape=dataset.shape)
+            for start in tqdm(range(0, dataset.shape[0], CONVERT_ROWS), desc=f"{path.name} -> float16 cache (once)",
+                              unit="slice", leave=False):
+                block = dataset[start:start + CONVERT_ROWS]
+                with np.errstate(over="ignore"):
+                    converted = block.astype(CACHE_DTYPE)
+                if not np.isfinite(converted).all() and np.isfinite(block).all():
+                    raise BmfnError(f"{path}: values beyond float16's range (max {np.abs(block).max():.4g}) in "
+                                    f"rows {start}+")
+                out[start:start + len(block)] = converted
+            out.flush()
+            del out
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     os.replace(tmp, cache)
-    meta.write_text(json.dumps(stamp))
+    tmp.with_suffix(".json").write_text(json.dumps(stamp))  # whole or not at all: another rank may read it
+    os.replace(tmp.with_suffix(".json"), meta)
     return np.load(cache, mmap_mode="r")
 
 

@@ -31,8 +31,11 @@ RANK_VAR, WORLD_SIZE_VAR, LOCAL_RANK_VAR = "RANK", "WORLD_SIZE", "LOCAL_RANK"
 # Shard files: `feats.h5` -> `feats.shard-00001-of-00004.h5` (0-based index, like torchrun's RANK).
 SHARD_DIGITS = 5
 SHARD_NAME = re.compile(r"^(?P<stem>.+)\.shard-(?P<index>\d+)-of-(?P<count>\d+)(?P<suffix>(\.[^.]*)?)$")
-# How long ranks that finished extracting wait for the slowest one (torchrun stops every rank when one exits).
+# How long ranks that finished extracting wait for the slowest one (torchrun stops every rank when one exits),
+# and how long they wait for each other at the start.
 FINISH_TIMEOUT = timedelta(hours=48)
+JOIN_TIMEOUT = timedelta(minutes=30)
+_extracting_together = False  # start_together joined a process group that finish_together ends
 
 T = TypeVar("T")
 
@@ -145,10 +148,10 @@ def missing_shards(paths: Iterable[str | os.PathLike]) -> list[Path]:
     for path in map(Path, paths):
         match = SHARD_NAME.match(path.name)
         if match:
-            key = (path.parent, match["stem"], int(match["count"]), match["suffix"])
+            key = (Path(os.path.abspath(path)).parent, match["stem"], int(match["count"]), match["suffix"])
             groups.setdefault(key, set()).add(int(match["index"]))
     missing = []
-    for (parent, stem, count, suffix), present in groups.items():
+    for (parent, stem, count, suffix), present in groups.items():  # parent absolute: however each path is spelled
         missing += [Shard(i, count).path(parent / f"{stem}{suffix}") for i in range(count) if i not in present]
     return missing
 
@@ -164,16 +167,34 @@ def merge_shards(inputs: Iterable[str | os.PathLike], out: str | os.PathLike,
     return merge_stores(inputs, out)
 
 
-def finish_together() -> None:
-    """Under torchrun, wait until every rank has finished extracting, so that a rank ending with failed clips
-    (exit code 1) does not make torchrun stop the others half-way. A no-op otherwise."""
+def start_together() -> None:
+    """Under torchrun, join the ranks' process group before extracting, while every rank is alive: a rank that dies
+    later (on another machine, which torchrun does not stop) then ends the others' wait in finish_together at once,
+    where a group formed only at the end would wait FINISH_TIMEOUT for it. A no-op otherwise."""
+    global _extracting_together
     if rank_env().world_size == 1 or dist.is_initialized():
         return
-    dist.init_process_group("gloo", timeout=FINISH_TIMEOUT)
+    dist.init_process_group("gloo", timeout=JOIN_TIMEOUT)
+    _extracting_together = True
+
+
+def finish_together() -> None:
+    """After start_together: wait until every rank has finished extracting, so that a rank ending with failed clips
+    (exit code 1) does not make torchrun stop the others half-way; one line if another rank stopped. A no-op
+    otherwise."""
+    global _extracting_together
+    if not _extracting_together:
+        return
     try:
-        dist.barrier()
+        dist.monitored_barrier(timeout=FINISH_TIMEOUT, wait_all_ranks=True)
+    except RuntimeError as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0]  # gloo's: "[file:line] What happened. Advice."
+        raise BmfnError(f"rank {dist.get_rank()} finished its shard, but another rank stopped before finishing "
+                        f"its own ({reason})") from None
     finally:
         dist.destroy_process_group()
+        _extracting_together = False
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -207,8 +228,15 @@ def share_from_main(make: Callable[[], T]) -> T:
     with one process."""
     if _world() == 1:
         return make()
-    shared = [make() if dist.get_rank() == 0 else None]
+    shared: list = [None, None]  # the result, or rank 0's error, which every rank then raises
+    if dist.get_rank() == 0:
+        try:
+            shared[0] = make()
+        except BmfnError as exc:
+            shared[1] = str(exc)
     dist.broadcast_object_list(shared, src=0)
+    if shared[1] is not None:
+        raise BmfnError(shared[1])
     return shared[0]
 
 

@@ -22,7 +22,8 @@ from tqdm import tqdm
 from bmfn_pipeline import __version__
 from bmfn_pipeline.ave import load_splits, read_annotations
 from bmfn_pipeline.decode import DecodedClip, decode_many, find_videos, video_hwaccel
-from bmfn_pipeline.distributed import Shard, finish_together, rank_device, rank_env, resolve_device, resolve_shard
+from bmfn_pipeline.distributed import (Shard, finish_together, rank_device, rank_env, resolve_device, resolve_shard,
+                                       start_together)
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.store import STORAGE_DTYPES, ClipLabels, FeatureStore, labels_from_annotations, printable
 from extractors.vgg19 import SOURCES, VisualExtractor, load_visual_extractor
@@ -207,6 +208,7 @@ def extract(
     clips of that shard are extracted, into the shard's own store beside `out` (`Shard.path`).
     """
     options = options or ExtractOptions()
+    start_together()  # under torchrun: every rank is alive now; one that dies later is then seen at once
     if splits is not None and annotations is None:
         raise BmfnError(f"split files in {splits} need the annotations they index (--annotations)")
     if options.dtype not in STORAGE_DTYPES:

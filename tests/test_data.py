@@ -3,6 +3,8 @@ float16 cache, bmfn stores, the hash split. `make_ave_dir` is also the synthetic
 
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -120,6 +122,25 @@ def test_visual_cache_is_reused_and_refreshed(tmp_path):
     with h5py.File(directory / "visual_feature.h5", "r+") as f:  # a changed source is converted again
         f["avadataset"][0] = 7.0
     assert (compact_visual(directory / "visual_feature.h5")[0] == 7.0).all()
+
+
+def test_two_processes_converting_at_once_both_get_the_cache(tmp_path, monkeypatch):
+    """torchrun's ranks all convert the float64 file on a first run: each writes its own temporary file. Here the
+    second conversion runs (and renames) while the first is about to rename its own."""
+    directory = make_ave_dir(tmp_path / "ave", n_clips=4)
+    replace, nested = os.replace, []
+
+    def other_rank_first(src, dst):
+        if not nested and str(dst).endswith(".f16.npy"):
+            nested.append(None)  # the other rank's own rename goes straight through
+            nested[0] = compact_visual(directory / "visual_feature.h5")
+        replace(src, dst)
+
+    monkeypatch.setattr("bmfn_pipeline.data.os.replace", other_rank_first)
+    first = compact_visual(directory / "visual_feature.h5")
+    assert np.array_equal(first, nested[0])
+    assert sorted(p.name for p in directory.glob("visual_feature.f16*")) == ["visual_feature.f16.json",
+                                                                            "visual_feature.f16.npy"]
 
 
 def test_visual_cache_in_other_folder_when_read_only(tmp_path):

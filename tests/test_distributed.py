@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,8 @@ from click.testing import CliRunner
 from test_data import SMALL_AUDIO, SMALL_MODEL, SMALL_VISUAL, STORE_PROVENANCE, make_ave_dir, make_store
 
 from bmfn_pipeline.cli import main
-from bmfn_pipeline.distributed import Shard, local_batch, missing_shards, process_group, resolve_shard, shard_of, wrap
+from bmfn_pipeline.distributed import (Shard, local_batch, missing_shards, process_group, resolve_shard, shard_of,
+                                       share_from_main, wrap)
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.model import BMFN, BMFNConfig, fully_supervised_loss
 from bmfn_pipeline.store import FeatureStore, load_arrays, merge_stores
@@ -95,10 +98,16 @@ def test_torchrun_environment_picks_the_shard(monkeypatch):
         resolve_shard(Shard(0, 2))
 
 
-def test_missing_shards():
+def test_missing_shards(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
     given = [Path("d/feats.shard-00000-of-00003.h5"), Path("d/feats.shard-00002-of-00003.h5"), Path("other.h5")]
-    assert missing_shards(given) == [Path("d/feats.shard-00001-of-00003.h5")]
+    assert missing_shards(given) == [tmp_path / "d" / "feats.shard-00001-of-00003.h5"]
     assert missing_shards(given[2:]) == []
+    spelled = [Path("../d/feats.shard-00000-of-00003.h5"), Path("feats.shard-00001-of-00003.h5"),
+               tmp_path / "d" / "feats.shard-00002-of-00003.h5"]  # one folder, however each path names it
+    monkeypatch.chdir(tmp_path / "d")
+    assert missing_shards(spelled) == []
 
 
 # ---------------------------------------------------------------------------------------------- merge
@@ -218,6 +227,46 @@ def test_torchrun_extraction_then_merge_equals_one_process(tmp_path, video_dir):
 # ---------------------------------------------------------------------------------------------- training
 
 
+def test_a_rank_on_another_machine_that_stops_ends_the_others_wait(tmp_path, video_dir):
+    """torchrun stops the ranks of one machine when one fails, not those of another: a rank that finished its shard
+    must not wait FINISH_TIMEOUT (48 h) for one that died. Two "machines" on this one, rank 1's shard unreadable."""
+    out = tmp_path / "feats.h5"
+    Shard(1, 2).path(out).write_bytes(b"not a feature store")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "t", "-m",
+               "bmfn_pipeline", "extract", *(video_dir / name for name in CLIPS[:2]), "--out", str(out), *FAST]
+    nodes = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)]
+    _wait_for_port(port)  # the first machine's agent holds the rendezvous, and outlives the other machine's
+    nodes.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True))
+    outputs = [node.communicate(timeout=120) for node in nodes]  # a rank left waiting would time out here
+    assert [node.returncode for node in nodes] == [1, 1]
+    errors = [line for _, err in outputs for line in err.splitlines() if line.startswith("bmfn: error:")]
+    assert len(errors) == 2, [err[-2000:] for _, err in outputs]
+    assert any("feats.shard-00001-of-00002.h5: not a bmfn feature store" in line for line in errors), errors
+    assert any("finished its shard, but another rank stopped before finishing its own" in line for line in errors)
+    with FeatureStore.open(Shard(0, 2).path(out), create=False, readonly=True) as store:
+        assert sorted(store.clip_ids()) == sorted(Path(c).stem for c in CLIPS[:2] if shard_of(Path(c).stem, 2) == 0)
+
+
+def _wait_for_port(port: int, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing listens on port {port} after {seconds} s")
+
+
 def test_ddp_training_matches_one_process(tmp_path):
     data = make_ave_dir(tmp_path / "ave", n_clips=15)
     single = train(TrainConfig(ave_dir=str(data), out=str(tmp_path / "single"), **DDP_CONFIG), log=lambda *_: None)
@@ -246,6 +295,8 @@ def test_ddp_training_matches_one_process(tmp_path):
     for name, value in alone_state["model_state"].items():  # BatchNorm running statistics included
         torch.testing.assert_close(ddp_state["model_state"][name], value, rtol=0, atol=WEIGHT_ATOL, msg=name)
     load_checkpoint(run_dir / "best.pt")  # the synchronised BatchNorm saves a plain BMFN checkpoint
+    # rank 0's refusal (say, a run folder already taken) reaches the other rank as the same one line
+    assert [Path(f"{report}.rank{rank}").read_text() for rank in (0, 1)] == ["run folder taken"] * 2
 
 
 def _worker(config: str, report: str) -> None:
@@ -274,6 +325,10 @@ def _worker(config: str, report: str) -> None:
         if env.is_main:
             Path(report).write_text(json.dumps(errors))
         train(TrainConfig(**json.loads(config)))  # in the same process group
+        try:
+            share_from_main(lambda: (_ for _ in ()).throw(BmfnError("run folder taken")))
+        except BmfnError as exc:
+            Path(f"{report}.rank{env.rank}").write_text(str(exc))
 
 
 if __name__ == "__main__":
