@@ -266,7 +266,7 @@ class FeatureStore:
         or a writer starting meanwhile would not be refused. Where none can be made (a store that is read-only to
         this user), it is read without one.
         """
-        if fcntl is None:
+        if fcntl is None or not h5py.is_hdf5(self.path):  # not a store: nothing to lock, and _load_main says so
             return
         lock = self.parts_dir / ".lock"
         try:

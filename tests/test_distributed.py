@@ -168,6 +168,10 @@ def test_merge_refusals(tmp_path):
     with FeatureStore.open(a, create=False):  # a writer holds it: refused, not half-read
         with pytest.raises(BmfnError, match="another process is writing"):
             merge_stores([a], tmp_path / "out.h5")
+    (tmp_path / "notes.h5").write_text("not a store")
+    with pytest.raises(BmfnError, match=r"notes\.h5: not a bmfn feature store"):
+        merge_stores([a, tmp_path / "notes.h5"], tmp_path / "out.h5")
+    assert not (tmp_path / "notes.h5.parts").exists()  # nothing left beside a file that is no store
 
 
 def test_merge_into_one_of_its_inputs(tmp_path):
