@@ -14,6 +14,7 @@ import argparse
 import functools
 import resource
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import av
@@ -21,7 +22,7 @@ import cv2
 import numpy as np
 
 from bmfn_pipeline.decode import (FRAME_SIZE, VIDEO_DECODERS, _decode_audio, _open, decode_clip, probe,
-                                  segment_frame_indices)
+                                  segment_frame_indices, video_hwaccel)
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "media" / "video"
 
@@ -55,11 +56,36 @@ def clips_per_second(decode, clips: list[Path], repeats: int) -> tuple[float, fl
     return count / (time.perf_counter() - start), (cpu_seconds() - cpu) / count
 
 
+def decode_frames_only(path: Path, decoder: str, seconds: float = 10.0) -> int:
+    """Frames decoded from the first `seconds` of the file, each left as the decoder gives it."""
+    frames = 0
+    with _open(path, video_hwaccel(decoder)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1
+        for frame in container.decode(stream):
+            if frame.time is not None and frame.time >= seconds:
+                break
+            frames += 1
+    return frames
+
+
+def decoding_ceiling(decoder: str, clips: list[Path], threads: int, repeats: int) -> str:
+    work = clips * repeats
+    decode_frames_only(clips[0], decoder)  # warm up: a GPU's context
+    start, cpu = time.perf_counter(), cpu_seconds()
+    with ThreadPoolExecutor(threads) as pool:
+        frames = sum(pool.map(functools.partial(decode_frames_only, decoder=decoder), work))
+    wall = time.perf_counter() - start
+    return (f"  decoding alone, {decoder}, {threads} threads: {len(work) / wall:.1f} files/s, {frames / wall:.0f} "
+            f"frames/s, {(cpu_seconds() - cpu) / len(work):.3f} CPU s per file")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("video_dir", nargs="?", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--video-decoders", nargs="+", default=["cpu"], choices=VIDEO_DECODERS)
+    parser.add_argument("--threads", type=int, default=0, help="then time decoding alone in this many threads")
     args = parser.parse_args()
     clips = sorted(p for p in args.video_dir.iterdir() if p.is_file())
     decode_clip(clips[0], frames_per_second=2)  # warm up: the resampling filter bank, page cache
@@ -71,6 +97,8 @@ def main() -> None:
         fast, fast_cpu = clips_per_second(decode, clips, args.repeats)
         print(f"  decode_clip, {decoder} video decoder: {fast:.2f} clips/s ({fast / naive:.2f}x), "
               f"{fast_cpu:.2f} CPU s per clip ({naive_cpu / fast_cpu:.2f}x less)")
+    for decoder in args.video_decoders if args.threads else []:
+        print(decoding_ceiling(decoder, clips, args.threads, max(args.repeats, 3)))
 
 
 if __name__ == "__main__":

@@ -66,10 +66,10 @@ def main() -> None:
     parser.add_argument("--every-epoch", action="store_true",
                         help="first the eager step writing last.pt after every epoch (before checkpoint intervals)")
     parser.add_argument("--compile", action="store_true",
-                        help="also with the cell attentions compiled (train --compile), in tf32 and bf16")
+                        help="also with the network compiled (train --compile), in tf32 and bf16")
     parser.add_argument("--full", choices=["float32", "tf32", "bfloat16"], default=None,
                         help="then train the reference 200 epochs with CUDA graphs in this precision")
-    parser.add_argument("--full-compile", action="store_true", help="... with --compile (the cell attentions)")
+    parser.add_argument("--full-compile", action="store_true", help="... with train --compile")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -84,7 +84,7 @@ def main() -> None:
         variants += [("cuda graphs", precision, True, 60.0, False) for precision in ("float32", "tf32", "bfloat16")]
     if args.compile:
         graphs = device.type == "cuda"
-        variants += [(f"{'cuda graphs + ' if graphs else ''}compiled cells", precision, graphs, 60.0, True)
+        variants += [(f"{'cuda graphs + ' if graphs else ''}compiled", precision, graphs, 60.0, True)
                      for precision in ("tf32", "bfloat16")]
     base = None
     for label, precision, graphs, every, compiled in variants:

@@ -9,7 +9,7 @@ eager step by kernel kind; and, on any device, the operations one step dispatche
     python benchmarks/train_step.py ops --per-branch-model per_branch.py    # on a CPU too
 
 Variants: foreach-adam (the baseline: capturable foreach Adam), fused-adam (fused Adam, gradients added into
-zeroed ones), cells (+ `--compile`: the per-cell attentions compiled), model (+ the whole network compiled),
+zeroed ones), cells (+ the per-cell attentions compiled), model (+ the whole network compiled, as `bmfn train --compile`),
 per-branch (fused Adam, with the model of `--per-branch-model`: one module per parallel block), set-to-none (fused
 Adam, gradients set to None before each step, so backward writes them instead of adding into zeroed ones: the step
 `bmfn train --precision bfloat16` runs). `ops` counts the aten operations of one eager step (forward, loss,
@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bmfn_pipeline import model as grouped_model
 from bmfn_pipeline.graphs import GraphedStep
-from bmfn_pipeline.model import BMFNOutput, compile_cell_attention, fully_supervised_loss
+from bmfn_pipeline.model import BMFNOutput, fully_supervised_loss
 
 VARIANTS = ("foreach-adam", "fused-adam", "cells", "model", "per-branch", "set-to-none", "profile", "ops")
 VIEWS = {"view", "_unsafe_view", "reshape", "_reshape_alias", "transpose", "t", "unsqueeze", "squeeze", "expand",
@@ -47,8 +47,9 @@ def make_step(variant: str, device: str = "cuda", models: ModuleType = grouped_m
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = models.BMFN(models.BMFNConfig()).to(device)
-    if variant == "cells":
-        compile_cell_attention(model)
+    if variant == "cells":  # the two attentions over the 7x7 cells, whose tensors are [B*T*49, 2560]
+        model.visual_attention.compile()
+        model.fusion_attention.compile()
     elif variant == "model":
         model.compile()
     parameters = list(model.parameters())

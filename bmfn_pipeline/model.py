@@ -432,19 +432,6 @@ def group_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return grouped
 
 
-def compile_cell_attention(model: BMFN) -> BMFN:
-    """torch.compile the two attentions over the 7x7 cells, in place; returns the model.
-
-    Their chains (the MFB product, dropout, sum pooling, signed root and normalisation, then the attention
-    weighting) run over [B*T*49, 2560] tensors, which eager PyTorch reads and writes once per operation, forward and
-    backward; compiled, each chain is a few fused kernels. A graphed bf16 step on an H200 went from 12.9 to 11.0 ms
-    for about 30 s of compilation (benchmarks/train_step.py). Parameters, their names and the state_dict are
-    unchanged; dropout draws other random numbers."""
-    model.visual_attention.compile()
-    model.fusion_attention.compile()
-    return model
-
-
 def predict_segments(output: BMFNOutput) -> Tensor:
     """Per-segment labels [B,T] in 0..28 (§6): the video's argmax class where sigmoid(event logit) > 0.5, else
     background (28). Weakly, the argmax is over the 29-way raw r, so a positive segment may still be 28."""

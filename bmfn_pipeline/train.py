@@ -38,8 +38,8 @@ from bmfn_pipeline.distributed import (all_sum, local_batch, process_group, rank
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.evaluate import CLASS_NAMES, compute_precision, predict_rows, segment_accuracy, to_numpy
 from bmfn_pipeline.graphs import GraphedStep
-from bmfn_pipeline.model import (BMFN, BMFNConfig, BMFNOutput, compile_cell_attention, fully_supervised_loss,
-                                 group_state_dict, predict_segments, weakly_supervised_loss)
+from bmfn_pipeline.model import (BMFN, BMFNConfig, BMFNOutput, fully_supervised_loss, group_state_dict,
+                                 predict_segments, weakly_supervised_loss)
 from extractors.weights import read_torch_file, uninitialised
 
 
@@ -99,7 +99,7 @@ class TrainConfig:
     # These three left None take RUN_DEFAULTS in a new run, the run's own values on resume.
     precision: str | None = None  # float32, tf32 or bfloat16 (bmfn_pipeline.evaluate.PRECISIONS)
     cuda_graphs: bool | None = None  # replay each step as a CUDA graph on a single CUDA device (ignored elsewhere)
-    compile: bool = False  # torch.compile the per-cell attentions (bmfn_pipeline.model.compile_cell_attention)
+    compile: bool = False  # torch.compile the network for full training batches
     checkpoint_every: float | None = None  # seconds (CHECKPOINT_EVERY)
     select_on_test: bool = False  # the official protocol: keep the epoch with the best TEST accuracy
     include_noisy: bool = True  # weakly: the 178 background clips join the training set when present
@@ -351,9 +351,10 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
     _seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)  # the shuffling order, saved with the rest of the RNG state
     model = BMFN(BMFNConfig(mode=config.mode, **config.model)).to(device)
-    if config.compile:
-        compile_cell_attention(model)
     replica = wrap(model, device)  # DDP under torchrun (model's BatchNorm synchronised in place), else model
+    # --compile: the whole network, for full batches only. The epoch's short batch and evaluation run the same
+    # weights eagerly, so that one batch shape is compiled (about 40 s for the reference model on an H200).
+    compiled = torch.compile(replica) if config.compile else replica
     main = rank_env().is_main
     graphs = config.cuda_graphs and device.type == "cuda" and replica is model
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, capturable=graphs, fused=device.type == "cuda")
@@ -385,9 +386,10 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
 
     def step(batch: dict[str, torch.Tensor]) -> None:
         """One optimisation step, tensor work only (it may be captured as a CUDA graph)."""
+        network = compiled if len(batch["audio"]) == config.batch_size else replica
         batch, weight = local_batch(batch)  # the whole batch and 1.0 in a single process
         with compute_precision(device, config.precision):
-            output = replica(batch["visual"], batch["audio"])
+            output = network(batch["visual"], batch["audio"])
         output = BMFNOutput(*(None if t is None else t.float() for t in output))
         loss = loss_fn(output, batch[target_key])
         # Backward then writes the gradients instead of adding them into zeros, about 80 fewer kernels (a graphed

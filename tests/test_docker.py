@@ -28,6 +28,7 @@ def test_dockerfile_runs_bmfn_with_a_cache_volume():
     assert re.search(r'^ENTRYPOINT \["[^"]*/bmfn"\]', text, re.M)
     assert re.search(r"^VOLUME .*\"/cache\"", text, re.M)
     assert "TORCH_HOME=/cache" in text
+    assert re.search(r"\bTORCHINDUCTOR_CACHE_DIR=/cache/", text)  # --compile's kernels outlive the container
     # NVDEC's library is mounted only with the video capability (`--video-decoder cuda`)
     assert re.search(r"^\s*NVIDIA_DRIVER_CAPABILITIES=\S*\bvideo\b", text, re.M)
     assert (REPO / "docker" / "README.md").read_text().count("--gpus all") >= 1
