@@ -4,6 +4,7 @@ eager step by kernel kind; and, on any device, the operations one step dispatche
 
     python benchmarks/train_step.py                      # all variants (whole-model compile takes ~1 min)
     python benchmarks/train_step.py foreach-adam fused-adam profile
+    python benchmarks/train_step.py set-to-none model --profile-replays   # the kernels of the graphed steps
     git show f30bbab:bmfn_pipeline/model.py > per_branch.py   # bmfn's model before grouping
     python benchmarks/train_step.py fused-adam per-branch ops --per-branch-model per_branch.py
     python benchmarks/train_step.py ops --per-branch-model per_branch.py    # on a CPU too
@@ -38,7 +39,7 @@ VARIANTS = ("foreach-adam", "fused-adam", "cells", "model", "per-branch", "set-t
 VIEWS = {"view", "_unsafe_view", "reshape", "_reshape_alias", "transpose", "t", "unsqueeze", "squeeze", "expand",
          "permute", "select", "slice", "split", "split_with_sizes", "chunk", "unflatten", "flatten", "as_strided",
          "detach", "alias", "unbind", "empty", "empty_like", "empty_strided"}  # no kernel: not counted
-KINDS = (("gemm", ("gemm", "cutlass", "sm90", "nvjet", "xmma")), ("reduce", ("reduce",)),
+KINDS = (("gemm", ("gemm", "cutlass", "sm90", "nvjet", "xmma")), ("compiled", ("triton",)), ("reduce", ("reduce",)),
          ("element-wise", ("elementwise", "vectorized")), ("optimizer", ("foreach", "adam")))
 
 
@@ -74,18 +75,29 @@ def kernel_profile(batch: dict[str, torch.Tensor]) -> str:
     step = make_step("foreach-adam")
     for _ in range(3):
         step(batch)
+    return "eager step: " + _profiled(lambda: step(batch), 1)
+
+
+def _profiled(run, steps: int, top: int = 0) -> str:
+    """GPU kernels of `steps` calls of run() (graph replays included), per step: their number and time by kind,
+    and the `top` kernels that take the most time."""
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step(batch)
+        for _ in range(steps):
+            run()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     groups: dict[str, list[float]] = {}
+    names: dict[str, float] = {}
     for event in kernels:
         kind = next((k for k, words in KINDS if any(w in event.name.lower() for w in words)), "other")
-        groups.setdefault(kind, []).append(event.device_time / 1000)
+        groups.setdefault(kind, []).append(event.device_time / 1000 / steps)
+        names[event.name] = names.get(event.name, 0.0) + event.device_time / 1000 / steps
     total = sum(sum(times) for times in groups.values())
-    parts = ", ".join(f"{kind} {len(times)} ({sum(times):.2f} ms)" for kind, times in groups.items())
-    return f"eager step: {len(kernels)} kernels, {total:.2f} ms of GPU time: {parts}"
+    parts = ", ".join(f"{kind} {len(times) // steps} ({sum(times):.2f} ms)" for kind, times in groups.items())
+    lines = [f"{len(kernels) // steps} kernels, {total:.2f} ms of GPU time: {parts}"]
+    lines += [f"    {ms:6.3f} ms  {name[:110]}" for name, ms in sorted(names.items(), key=lambda kv: -kv[1])[:top]]
+    return "\n".join(lines)
 
 
 class _CountOps(TorchDispatchMode):
@@ -137,6 +149,8 @@ def main() -> None:
     parser.add_argument("variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--steps", type=int, default=50, help="timed replays per variant")
     parser.add_argument("--per-branch-model", help="model.py of bmfn before grouping (variant per-branch, ops)")
+    parser.add_argument("--profile-replays", action="store_true",
+                        help="also profile each timed variant's graph replays: kernels by kind, the 12 slowest")
     args = parser.parse_args()
     per_branch = load_models(args.per_branch_model)
     variants = [v for v in args.variants if v != "per-branch" or per_branch is not None]
@@ -174,6 +188,8 @@ def main() -> None:
         base = base or ms
         print(f"{variant:>13}: {ms:6.2f} ms per step ({base / ms:4.2f}x), set-up incl. compilation {ready:4.0f} s",
               flush=True)
+        if args.profile_replays:
+            print("  replayed step: " + _profiled(lambda: run(batch), 3, top=12), flush=True)
 
 
 if __name__ == "__main__":
