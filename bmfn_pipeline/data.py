@@ -69,13 +69,21 @@ class ClipArrays:
                             for a in (self.visual, self.audio, self.labels, self.video_labels)))
 
     def take(self, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
-        """The rows as float32 tensors on `device`; rows are read in sorted order (memory-mapped files read faster)."""
+        """The rows as float32 tensors on `device`; rows are read in sorted order (memory-mapped files read faster).
+
+        Tensors on a GPU are indexed there, with the row numbers copied from pinned memory: a copy from pageable
+        memory would first wait for the GPU to finish its queue, so the next step would only be queued after the
+        previous one ended, with the GPU idle meanwhile."""
         rows = np.sort(rows)
-        out = {}
+        out, indices = {}, {}
         for name in ("visual", "audio", "labels", "video_labels"):
             array = getattr(self, name)
             if isinstance(array, torch.Tensor):
-                part = array[torch.as_tensor(rows, device=array.device)]
+                if array.device not in indices:
+                    index = torch.from_numpy(rows)
+                    indices[array.device] = (index.pin_memory().to(array.device, non_blocking=True)
+                                             if array.device.type == "cuda" else index)
+                part = array[indices[array.device]]
             else:
                 part = torch.from_numpy(np.ascontiguousarray(array[rows]))
             out[name] = part.to(device=device, dtype=torch.float32, non_blocking=True)
