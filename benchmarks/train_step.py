@@ -10,12 +10,13 @@ eager step by kernel kind; and, on any device, the operations one step dispatche
     python benchmarks/train_step.py ops --per-branch-model per_branch.py    # on a CPU too
 
 Variants: foreach-adam (the baseline: capturable foreach Adam), fused-adam (fused Adam, gradients added into
-zeroed ones), cells (+ the per-cell attentions compiled), model (+ the whole network compiled, as `bmfn train --compile`),
-per-branch (fused Adam, with the model of `--per-branch-model`: one module per parallel block), set-to-none (fused
-Adam, gradients set to None before each step, so backward writes them instead of adding into zeroed ones: the step
-`bmfn train --precision bfloat16` runs). `ops` counts the aten operations of one eager step (forward, loss,
-backward, clipping, Adam), each a kernel launch or more on a GPU, for the current model with fused-adam and
-set-to-none, and for the per-branch one, and checks that set-to-none trains as fused-adam does. Inputs are random.
+zeroed ones), per-branch (fused Adam, with the model of `--per-branch-model`: one module per parallel block),
+set-to-none (fused Adam, gradients set to None before each step, so backward writes them instead of adding into
+zeroed ones: the step `bmfn train --precision bfloat16` runs), cells and model (set-to-none with the per-cell
+attentions or the whole network compiled: model is the step of `bmfn train --precision bfloat16 --compile`).
+`ops` counts the aten operations of one eager step (forward, loss, backward, clipping, Adam), each a kernel launch
+or more on a GPU, for the current model with fused-adam and set-to-none, and for the per-branch one, and checks
+that set-to-none trains as fused-adam does. Inputs are random.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import importlib.util
 import os
 import sys
 import time
+from collections import Counter
 from types import ModuleType
 
 import torch
@@ -62,7 +64,7 @@ def make_step(variant: str, device: str = "cuda", models: ModuleType = grouped_m
         with torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False):
             output = model(inputs["visual"], inputs["audio"])
         loss = fully_supervised_loss(BMFNOutput(*(None if t is None else t.float() for t in output)), inputs["labels"])
-        optimizer.zero_grad(set_to_none=variant == "set-to-none")
+        optimizer.zero_grad(set_to_none=variant in ("set-to-none", "cells", "model"))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 0.1)
         optimizer.step()
@@ -97,6 +99,9 @@ def _profiled(run, steps: int, top: int = 0) -> str:
     parts = ", ".join(f"{kind} {len(times) // steps} ({sum(times):.2f} ms)" for kind, times in groups.items())
     lines = [f"{len(kernels) // steps} kernels, {total:.2f} ms of GPU time: {parts}"]
     lines += [f"    {ms:6.3f} ms  {name[:110]}" for name, ms in sorted(names.items(), key=lambda kv: -kv[1])[:top]]
+    if top:  # the kernels that are many: a step of small kernels is bound by their number
+        counts = Counter(event.name for event in kernels)
+        lines += [f"    {n // steps:4d} x  {name[:110]}" for name, n in counts.most_common(top)]
     return "\n".join(lines)
 
 
