@@ -13,6 +13,7 @@ one-module-per-block checkpoints of earlier bmfn versions too (`group_state_dict
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -290,9 +291,11 @@ class SelfAttentionBlocks(nn.Module):
         super().__init__()
         groups = len(in_dims)
         self.affines = nn.ModuleList([nn.Linear(in_dim, config.d_model) for in_dim in in_dims])
-        self.layers = nn.ModuleList([EncoderLayer(groups, config, expansion=True) for _ in range(config.esa_layers)]
-                                    + [EncoderLayer(groups, config, expansion=False)
-                                       for _ in range(config.nsa_layers)])
+        # Deep copies of one initialised layer per kind, as the official Encoder makes them (_get_clones): its ESA
+        # layers start with the same weights, and so do its NSA layers.
+        esa, nsa = EncoderLayer(groups, config, expansion=True), EncoderLayer(groups, config, expansion=False)
+        self.layers = nn.ModuleList([copy.deepcopy(esa) for _ in range(config.esa_layers)]
+                                    + [copy.deepcopy(nsa) for _ in range(config.nsa_layers)])
 
     def forward(self, inputs: list[Tensor]) -> Tensor:
         """inputs [B,T,in_g] per group -> [G,B,T,d]."""

@@ -54,6 +54,22 @@ def test_parameter_count_matches_reference(model: BMFN) -> None:
     assert n == expected, f"{model.config.mode}: {n:,} trainable parameters, expected {expected:,}"
 
 
+def test_stacked_encoder_layers_start_as_copies_of_one_layer_per_kind(model: BMFN) -> None:
+    """As the official Encoder's deep copies (_get_clones): within the temporal encoders the two ESA layers start with
+    equal weights, and so do the two NSA layers; the kinds differ, and training may move the copies apart."""
+    layers = model.self_attention.layers
+    esa, nsa = model.config.esa_layers, model.config.nsa_layers
+    first = {kind: dict(layers[start].named_parameters()) for kind, start in (("esa", 0), ("nsa", esa))}
+    for index, layer in enumerate(layers):
+        kind = "esa" if index < esa else "nsa"
+        for name, parameter in layer.named_parameters():
+            assert torch.equal(parameter, first[kind][name]), f"layer {index} {name} differs from its template"
+    parameters = [p for layer in layers for p in layer.parameters()]
+    assert len({p.data_ptr() for p in parameters}) == len(parameters)  # copies, not shared weights
+    assert not torch.equal(first["esa"]["ffn.linear1.weight"], first["nsa"]["ffn.linear1.weight"])
+    assert len(layers) == esa + nsa
+
+
 def test_output_shapes_and_weak_scores(model: BMFN) -> None:
     model.eval()
     memory_lengths = []
