@@ -9,10 +9,10 @@ labels are small (float32, 21 MB). A bmfn `feats.h5` store is read into memory i
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +37,8 @@ ANNOTATIONS_FILE = "Annotations.txt"
 NOISY_VISUAL_FILE = "visual_feature_noisy.h5"
 NOISY_AUDIO_FILE = "audio_feature_noisy.h5"
 NOISY_LABELS_FILE = "labels_noisy.h5"
-SPLIT_FILES = (ave.ORDER_FILE.format("train"), ave.LIST_FILE.format("train"))  # either makes ave.load_splits apply
+# Any of these in an AVE folder makes ave.load_splits apply (and refuse an incomplete set).
+SPLIT_FILES = tuple(pattern.format(name) for pattern in (ave.ORDER_FILE, ave.LIST_FILE) for name in SPLITS)
 STORE_FILE = "feats.h5"  # what `bmfn extract --out feats.h5` writes and a plain `bmfn train` looks for
 
 # Split used when the data carries none: 80/10/10 by a hash of the video id (issue 4).
@@ -150,33 +151,38 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
         if not path.is_file():
             raise BmfnError(f"{path}: missing; an AVE directory holds {VISUAL_FILE} and {AUDIO_FILE}")
     audio = _read_h5(audio_path, AVE_KEY).astype(np.float32)
+    _check_features(audio_path, audio, 3)
     n = len(audio)
     visual = compact_visual(visual_path, cache_dir)
+    _check_features(visual_path, visual, 5)
     _check_rows(visual_path, visual, audio, audio_path.name)
 
-    annotations = Path(annotations) if annotations else directory / ANNOTATIONS_FILE
-    rows = ave.read_annotations(annotations) if annotations.is_file() else None
+    # Annotations given by the user relabel the clips, whatever labels.h5 and mil_labels.h5 say.
+    relabel = annotations is not None
+    annotations = Path(annotations) if relabel else directory / ANNOTATIONS_FILE
+    rows = ave.read_annotations(annotations) if relabel or annotations.is_file() else None
     if rows is not None and len(rows) != n:
         raise BmfnError(f"{annotations}: {len(rows)} rows but the features have {n}; row i must be line i")
-    if (directory / LABELS_FILE).is_file():
-        labels = _read_h5(directory / LABELS_FILE, AVE_KEY).astype(np.float32)
-    elif rows is not None:
+    if rows is not None and (relabel or not (directory / LABELS_FILE).is_file()):
         labels = ave.segment_labels(rows)
+    elif (directory / LABELS_FILE).is_file():
+        labels = _read_h5(directory / LABELS_FILE, AVE_KEY).astype(np.float32)
     else:
         raise BmfnError(f"{directory}: neither {LABELS_FILE} nor {ANNOTATIONS_FILE}; one of them gives the labels")
     if labels.shape != (n, ave.SEGMENTS, ave.NUM_CLASSES):
         raise BmfnError(f"{directory / LABELS_FILE}: shape {labels.shape}, expected ({n}, {ave.SEGMENTS}, {ave.NUM_CLASSES})")
-    if (directory / VIDEO_LABELS_FILE).is_file():
+    if rows is not None and (relabel or not (directory / VIDEO_LABELS_FILE).is_file()):
+        video_labels = ave.video_labels(rows)
+    elif (directory / VIDEO_LABELS_FILE).is_file():
         video_labels = _read_h5(directory / VIDEO_LABELS_FILE, AVE_KEY).astype(np.float32)
         _check_shape(directory / VIDEO_LABELS_FILE, video_labels, (n, ave.NUM_CLASSES), AUDIO_FILE)
-    elif rows is not None:
-        video_labels = ave.video_labels(rows)
     else:
         video_labels = video_labels_from_segments(labels)
     clip_ids = [row.video_id for row in rows] if rows is not None else [f"row-{i}" for i in range(n)]
 
+    # Given split files must be whole (load_splits names what is missing); so must any in the AVE folder.
     split_dir = Path(splits) if splits else directory
-    if any((split_dir / name).is_file() for name in SPLIT_FILES):
+    if splits or any((split_dir / name).is_file() for name in SPLIT_FILES):
         split_rows = ave.load_splits(split_dir, n_rows=n, annotations=rows)
         split_rule = f"splits from {split_dir}"
     else:
@@ -186,6 +192,7 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
     noisy = None
     if include_noisy and (directory / NOISY_VISUAL_FILE).is_file() and (directory / NOISY_AUDIO_FILE).is_file():
         noisy_audio = _read_h5(directory / NOISY_AUDIO_FILE, AVE_KEY).astype(np.float32)
+        _check_features(directory / NOISY_AUDIO_FILE, noisy_audio, 3, like=audio)
         # Video labels as the official code reads them, from labels_noisy.h5 (all background in the release,
         # bmfn-reference.md section 9); without the file, all background. Their segments are background only.
         noisy_video = np.zeros((len(noisy_audio), ave.NUM_CLASSES), np.float32)
@@ -197,6 +204,7 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
         noisy_labels = np.zeros((len(noisy_audio), ave.SEGMENTS, ave.NUM_CLASSES), np.float32)
         noisy_labels[..., ave.BACKGROUND] = 1
         noisy_visual = compact_visual(directory / NOISY_VISUAL_FILE, cache_dir)
+        _check_features(directory / NOISY_VISUAL_FILE, noisy_visual, 5, like=visual)
         _check_rows(directory / NOISY_VISUAL_FILE, noisy_visual, noisy_audio, NOISY_AUDIO_FILE)
         noisy = ClipArrays(noisy_visual, noisy_audio, noisy_labels, noisy_video)
     source = {"kind": "ave-dir", "path": str(directory.resolve()),
@@ -232,10 +240,13 @@ def compact_visual(path: Path, cache_dir: str | Path | None = None) -> np.ndarra
         meta = cache.with_suffix(".json")
         if cache.is_file() and meta.is_file() and json.loads(meta.read_text()) == stamp:
             return np.load(cache, mmap_mode="r")
+        from bmfn_pipeline.store import locked_temporary, remove_dead_temporaries
+
+        for target in (cache, meta):
+            remove_dead_temporaries(target)  # of conversions killed before (up to 2 GB each)
         # Each process its own temporary file: torchrun's ranks all convert on their first run, and rename in turn.
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        try:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=CACHE_DTYPE, shape=dataset.shape)
+        with locked_temporary(cache) as tmp:
+            out = _new_cache_file(tmp, dataset.shape, path)
             for start in tqdm(range(0, dataset.shape[0], CONVERT_ROWS), desc=f"{path.name} -> float16 cache (once)",
                               unit="slice", leave=False):
                 block = dataset[start:start + CONVERT_ROWS]
@@ -247,13 +258,31 @@ def compact_visual(path: Path, cache_dir: str | Path | None = None) -> np.ndarra
                 out[start:start + len(block)] = converted
             out.flush()
             del out
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    os.replace(tmp, cache)
-    tmp.with_suffix(".json").write_text(json.dumps(stamp))  # whole or not at all: another rank may read it
-    os.replace(tmp.with_suffix(".json"), meta)
+            os.replace(tmp, cache)
+    with locked_temporary(meta) as tmp:  # whole or not at all: another rank may read it
+        tmp.write_text(json.dumps(stamp))
+        os.replace(tmp, meta)
     return np.load(cache, mmap_mode="r")
+
+
+def _new_cache_file(tmp: Path, shape: tuple[int, ...], source: Path) -> np.memmap:
+    """A writable float16 memory map of `shape` in `tmp`, its disk blocks allocated now: the pages of a sparse file
+    that the disk cannot hold kill the process with SIGBUS when they are written, with no message."""
+    size = int(np.prod(shape)) * np.dtype(CACHE_DTYPE).itemsize
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=CACHE_DTYPE, shape=shape)
+        if hasattr(os, "posix_fallocate"):
+            with open(tmp, "r+b") as f:
+                try:
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+                except OSError as err:
+                    if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot: as before
+                        raise
+    except OSError as err:
+        needs = f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+        raise BmfnError(f"{tmp.parent}: cannot write the float16 cache of {source} ({needs}): "
+                        f"{err.strerror or err}") from None
+    return out
 
 
 def _cache_file(path: Path, stamp: dict, cache_dir: str | Path | None) -> Path:
@@ -287,8 +316,17 @@ def load_store(path: str | Path, *, annotations: str | Path | None = None,
     labels, stored_split = arrays["labels"], arrays["split"]
     notes: list[str] = []
 
-    if annotations is not None:
-        labels, video_labels, known = _labels_by_id(clip_ids, ave.read_annotations(annotations))
+    rows = ave.read_annotations(annotations) if annotations is not None else None
+    if splits is not None and rows is None:
+        raise BmfnError(f"{splits}: --splits needs --annotations (split files index annotation rows)")
+    row_splits = ave.load_splits(splits, n_rows=len(rows), annotations=rows) if splits is not None else None
+    if rows is not None:
+        labels, video_labels, known, given_split = _labels_by_id(clip_ids, rows, row_splits)
+        by_id = ave.video_id_rows(rows)
+        repeated = sum(len(by_id.get(clip, ())) > 1 for clip in clip_ids)
+        if repeated:
+            notes.append(f"{repeated} clips have several rows in {annotations}: each takes its first row's labels "
+                         "and split, as `bmfn extract --annotations` stores them")
         if clip_ids and not known.any():
             raise BmfnError(f"{path}: none of its {len(clip_ids)} clips has a row in {annotations}: a clip's id is its "
                             f"video file name without extension (here e.g. {clip_ids[0]!r}) and must be the "
@@ -307,12 +345,7 @@ def load_store(path: str | Path, *, annotations: str | Path | None = None,
             notes.append(f"{(~known).sum()} clips have no labels in {path.name} and are left out")
 
     if splits is not None:
-        if annotations is None:
-            raise BmfnError(f"{splits}: --splits needs --annotations (split files index annotation rows)")
-        rows = ave.read_annotations(annotations)
-        row_splits = ave.load_splits(splits, n_rows=len(rows), annotations=rows)
-        split_of = {rows[i].video_id: name for name in SPLITS for i in row_splits[name]}
-        names = np.array([split_of.get(c, "") for c in clip_ids])
+        names = given_split
         split_rule = f"splits from {splits}"
     elif any(_text(s) in SPLITS for s in stored_split):
         names = np.array([_text(s) for s in stored_split])
@@ -337,23 +370,21 @@ def read_provenance(path: str | Path) -> dict:
     return json.loads(_text(raw)) if raw is not None else {}
 
 
-def _labels_by_id(clip_ids: list[str], rows: list[ave.AnnotationRow]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Segment and video labels per clip id; an id on several rows gets the union of its events."""
+def _labels_by_id(clip_ids: list[str], rows: list[ave.AnnotationRow], row_splits: dict[str, np.ndarray] | None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Segment labels, video labels, whether the id has a row, and split ('' without splits) per clip id. An id on
+    several rows (45 in AVE, 18 of them in two splits) takes its first row, as `bmfn extract --annotations` stores
+    it: one feature row per video. The video label is the row's category, also for an empty interval."""
     segments, videos = ave.segment_labels(rows), ave.video_labels(rows)
-    index = ave.video_id_rows(rows)
+    split_of = {int(i): name for name, indices in (row_splits or {}).items() for i in indices}
+    by_id = ave.video_id_rows(rows)
+    first = np.array([by_id[clip][0] if clip in by_id else -1 for clip in clip_ids], np.int64)
+    known = first >= 0
     labels = np.zeros((len(clip_ids), ave.SEGMENTS, ave.NUM_CLASSES), np.float32)
     video_labels = np.zeros((len(clip_ids), ave.NUM_CLASSES), np.float32)
-    known = np.zeros(len(clip_ids), bool)
-    for i, clip in enumerate(clip_ids):
-        hits = index.get(clip)
-        if not hits:
-            continue
-        known[i] = True
-        foreground = segments[hits, :, :ave.BACKGROUND].max(axis=0)
-        labels[i, :, :ave.BACKGROUND] = foreground
-        labels[i, :, ave.BACKGROUND] = 1 - foreground.max(axis=1)
-        video_labels[i] = videos[hits].max(axis=0)
-    return labels, video_labels, known
+    labels[known], video_labels[known] = segments[first[known]], videos[first[known]]
+    split = np.array([split_of.get(int(row), "") for row in first], dtype=object)
+    return labels, video_labels, known, split
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
@@ -423,6 +454,14 @@ def _check_rows(path: Path, visual: np.ndarray, audio: np.ndarray, audio_name: s
         raise BmfnError(f"{path}: {len(visual)} rows but {audio_name} has {len(audio)}")
 
 
+def _check_features(path: Path, array: np.ndarray, ndim: int, like: np.ndarray | None = None) -> None:
+    """Features [clips, 10, ...] of `ndim` dims; the noisy clips' per clip as the main files' (`like`)."""
+    if array.ndim != ndim or array.shape[1] != ave.SEGMENTS:
+        raise BmfnError(f"{path}: shape {list(array.shape)}, expected {ndim} dims [clips, {ave.SEGMENTS}, ...]")
+    if like is not None and array.shape[1:] != like.shape[1:]:
+        raise BmfnError(f"{path}: {list(array.shape[1:])} per clip, but the main features have {list(like.shape[1:])}")
+
+
 def _check_shape(path: Path, array: np.ndarray, expected: tuple[int, ...], like: str) -> None:
     if array.shape != expected:
         raise BmfnError(f"{path}: shape {list(array.shape)}, expected {list(expected)} like {like}")
@@ -431,7 +470,11 @@ def _check_shape(path: Path, array: np.ndarray, expected: tuple[int, ...], like:
 def _dataset(f: h5py.File, path: Path, key: str) -> h5py.Dataset:
     if key not in f:
         raise BmfnError(f"{path}: no dataset '{key}' (found: {', '.join(f.keys()) or 'nothing'})")
-    return f[key]
+    dataset = f[key]
+    if not isinstance(dataset, h5py.Dataset) or dataset.ndim == 0:
+        what = "a group" if isinstance(dataset, h5py.Group) else "a single value"
+        raise BmfnError(f"{path}: '{key}' is {what}, not an array")
+    return dataset
 
 
 def _text(value) -> str:

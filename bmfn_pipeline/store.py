@@ -592,12 +592,12 @@ def _copy_rows(src: h5py.File, rows: list[int], visual: h5py.Dataset, audio: h5p
     return [old_paths[i] for i in old], [old_notes[i] for i in old]
 
 
-def _remove_dead_temporaries(path: Path) -> None:
-    """Remove the ``<path>.tmp-*`` files of exports that were killed while writing them.
+def remove_dead_temporaries(path: Path) -> None:
+    """Remove the ``<path>.tmp-*`` files of writers (an export, a float16 feature cache) killed while writing them.
 
-    A running export holds a lock on its own (``_locked_temporary``), which the kernel drops when the process dies: a
+    A running writer holds a lock on its own (``locked_temporary``), which the kernel drops when the process dies: a
     file whose lock is held stays, whichever machine or container writes it (a process id could not tell: another
-    container's or host's looks dead here). Without flock (Windows) a dead export's file cannot be told: all stay.
+    container's or host's looks dead here). Without flock (Windows) a dead writer's file cannot be told: all stay.
     """
     if fcntl is None:
         return
@@ -608,7 +608,7 @@ def _remove_dead_temporaries(path: Path) -> None:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held: an export is writing it
+        except OSError:  # held: a writer is writing it
             continue
         else:
             tmp.unlink(missing_ok=True)
@@ -617,9 +617,9 @@ def _remove_dead_temporaries(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _locked_temporary(path: Path) -> Iterator[Path]:
+def locked_temporary(path: Path) -> Iterator[Path]:
     """A new ``<path>.tmp-*`` file to write and rename over `path`, exclusively locked until the block ends (see
-    ``_remove_dead_temporaries``) and removed then if it is still there. Open it with h5py's own file locking off,
+    ``remove_dead_temporaries``) and removed then if it is still there. Open it with h5py's own file locking off,
     which this lock would refuse. Its name is random: process ids repeat across containers and hosts."""
     tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(8)}")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
@@ -824,9 +824,9 @@ def export_ave(store_path: str | Path, annotations_path: str | Path, out_dir: st
         out_dir.mkdir(parents=True, exist_ok=True)
         targets = [(out_dir / AVE_VISUAL_FILE, VISUAL_SHAPE), (out_dir / AVE_AUDIO_FILE, AUDIO_SHAPE)]
         for path, _ in targets:
-            _remove_dead_temporaries(path)
+            remove_dead_temporaries(path)
         with contextlib.ExitStack() as held:
-            tmps = [held.enter_context(_locked_temporary(path)) for path, _ in targets]
+            tmps = [held.enter_context(locked_temporary(path)) for path, _ in targets]
             with h5py.File(tmps[0], "w", locking=False) as fv, h5py.File(tmps[1], "w", locking=False) as fa:
                 datasets = [f.create_dataset(AVE_KEY, (len(rows), *shape), dtype, chunks=(1, *shape))
                             for f, (_, shape) in zip((fv, fa), targets)]

@@ -288,3 +288,115 @@ def test_weak_targets_of_stored_labels_are_never_background(tmp_path):
     assert not stored.clips.video_labels[0].any()  # the store keeps no class for it: unknown, not background
     np.testing.assert_array_equal(stored.clips.video_labels[1:], relabelled.clips.video_labels[1:])
     np.testing.assert_array_equal(stored.clips.labels, relabelled.clips.labels)
+
+
+def test_given_annotations_relabel_the_release_over_labels_h5(tmp_path):
+    """`train --ave-dir D --annotations A`: A's labels, not those of D's labels.h5 and mil_labels.h5 (which the
+    reference says disagree with Annotations.txt on some rows)."""
+    directory = make_ave_dir(tmp_path / "ave", n_clips=6)
+    rows = ave.read_annotations(directory / "Annotations.txt")
+    with h5py.File(directory / "labels.h5", "w") as f:
+        f["avadataset"] = ave.segment_labels(rows)
+    with h5py.File(directory / "mil_labels.h5", "w") as f:
+        f["avadataset"] = ave.video_labels(rows)
+    fixed = tmp_path / "fixed.txt"
+    lines = (directory / "Annotations.txt").read_text().splitlines()
+    lines[0] = f"Bark&{rows[0].video_id}&good&0&2"
+    fixed.write_text("\n".join(lines) + "\n")
+    bark = ave.CATEGORIES.index("Bark")
+    relabelled = load_ave_dir(directory, annotations=fixed)
+    assert relabelled.clips.labels[0, :, bark].tolist() == [1, 1] + [0] * 8
+    assert relabelled.clips.video_labels[0].argmax() == bark
+    assert load_ave_dir(directory).clips.labels[0, :, bark].sum() == 0  # without the option, labels.h5 as before
+    with pytest.raises(BmfnError, match=r"missing\.txt: cannot read annotations"):
+        load_ave_dir(directory, annotations=tmp_path / "missing.txt")
+
+
+def test_incomplete_split_files_are_refused_not_replaced_by_the_hash_split(tmp_path):
+    directory = make_ave_dir(tmp_path / "ave", n_clips=12)
+    given = tmp_path / "splits"
+    given.mkdir()
+    for name in ("val", "test"):
+        (given / f"{name}_order.h5").write_bytes((directory / f"{name}_order.h5").read_bytes())
+    with pytest.raises(BmfnError, match=r"splits: split order files incomplete, missing train_order\.h5"):
+        load_ave_dir(directory, splits=given)
+    with pytest.raises(BmfnError, match=r"empty: no split files"):
+        load_ave_dir(directory, splits=(tmp_path / "empty").mkdir() or tmp_path / "empty")
+    (directory / "train_order.h5").unlink()  # the release folder's own files, one missing
+    with pytest.raises(BmfnError, match=r"ave: split order files incomplete, missing train_order\.h5"):
+        load_ave_dir(directory)
+
+
+def test_a_video_id_on_several_rows_takes_its_first_row_in_a_store(tmp_path):
+    """As `bmfn extract --annotations --splits` stores it: the first row's labels and split (AVE has 45 such ids,
+    18 of them in two splits), whether the store holds the labels or they are made again at training time."""
+    from bmfn_pipeline.store import labels_from_annotations
+
+    annotations = tmp_path / "Annotations.txt"
+    annotations.write_text("Bark&vid0000&good&2&5\nCat&vid0001&good&0&10\nGoat&vid0000&good&6&9\n")
+    rows = ave.read_annotations(annotations)
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    for name, order in (("train", [0]), ("val", [1]), ("test", [2])):
+        with h5py.File(splits / f"{name}_order.h5", "w") as f:
+            f["order"] = np.array(order, np.int64)
+    row_splits = ave.load_splits(splits, n_rows=3, annotations=rows)
+    stored = load_store(make_store(tmp_path / "stored.h5", n_clips=2,
+                                   labels=labels_from_annotations(rows, row_splits)[0]))
+    remade = load_store(make_store(tmp_path / "plain.h5", n_clips=2), annotations=annotations, splits=splits)
+    for data in (stored, remade):
+        assert {k: v.tolist() for k, v in data.splits.items()} == {"train": [0], "val": [1], "test": []}
+        assert data.clips.labels[0, :, ave.CATEGORIES.index("Bark")].tolist() == [0, 0, 1, 1, 1, 0, 0, 0, 0, 0]
+        assert data.clips.labels[0, :, ave.CATEGORIES.index("Goat")].sum() == 0
+    assert any("1 clips have several rows" in note for note in remade.notes)
+
+
+def test_malformed_arrays_in_release_files_are_named(tmp_path):
+    directory = make_ave_dir(tmp_path / "ave", n_clips=6, noisy=3)
+    with h5py.File(directory / "audio_feature_noisy.h5", "w") as f:  # another width than the main audio
+        f["avadataset"] = np.zeros((3, ave.SEGMENTS, SMALL_AUDIO + 1))
+    with pytest.raises(BmfnError, match=r"audio_feature_noisy\.h5: \[10, 9\] per clip, but the main features have "
+                                        r"\[10, 8\]"):
+        load_ave_dir(directory)
+    with h5py.File(directory / "audio_feature.h5", "w") as f:
+        f.create_group("avadataset")
+    with pytest.raises(BmfnError, match=r"audio_feature\.h5: 'avadataset' is a group, not an array"):
+        load_ave_dir(directory)
+    with h5py.File(directory / "audio_feature.h5", "w") as f:
+        f["avadataset"] = 1.0
+    with pytest.raises(BmfnError, match=r"audio_feature\.h5: 'avadataset' is a single value, not an array"):
+        load_ave_dir(directory)
+    with h5py.File(directory / "audio_feature.h5", "w") as f:
+        f["avadataset"] = np.zeros((6, ave.SEGMENTS))
+    with pytest.raises(BmfnError, match=r"audio_feature\.h5: shape \[6, 10\], expected 3 dims"):
+        load_ave_dir(directory)
+
+
+def test_float16_cache_refuses_a_full_disk_and_removes_dead_conversions(tmp_path, monkeypatch):
+    """A disk without room for the cache is one line naming the folder, before any page is written (a sparse
+    memory map would die of SIGBUS); temporaries of conversions killed before are removed, a live one's kept."""
+    import errno
+    import fcntl
+
+    directory = make_ave_dir(tmp_path / "ave", n_clips=4)
+    source = directory / "visual_feature.h5"
+    dead, live = (directory / f"visual_feature.f16.npy.tmp-{name}" for name in ("dead", "live"))
+    dead.write_bytes(b"x" * 100)
+    live.write_bytes(b"x" * 100)
+    held = os.open(live, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # a conversion still running elsewhere
+
+    def no_room(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("bmfn_pipeline.data.os.posix_fallocate", no_room)
+    try:
+        with pytest.raises(BmfnError, match=rf"{directory}: cannot write the float16 cache of {source} "
+                                            r"\(0\.0 MB\): No space left on device"):
+            compact_visual(source)
+        assert sorted(p.name for p in directory.glob("visual_feature.f16*")) == [live.name]
+        monkeypatch.undo()
+        assert compact_visual(source).shape[0] == 4
+        assert live.exists()
+    finally:
+        os.close(held)
