@@ -157,9 +157,11 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
     _check_features(visual_path, visual, 5)
     _check_rows(visual_path, visual, audio, audio_path.name)
 
-    # Annotations given by the user relabel the clips, whatever labels.h5 and mil_labels.h5 say.
-    relabel = annotations is not None
-    annotations = Path(annotations) if relabel else directory / ANNOTATIONS_FILE
+    # Annotations given by the user relabel the clips, whatever labels.h5 and mil_labels.h5 say; the folder's own
+    # Annotations.txt does not (runs of earlier versions recorded it, and resume or evaluation would name it).
+    own = directory / ANNOTATIONS_FILE
+    relabel = annotations is not None and not (own.is_file() and Path(annotations).resolve() == own.resolve())
+    annotations = Path(annotations) if relabel else own
     rows = ave.read_annotations(annotations) if relabel or annotations.is_file() else None
     if rows is not None and len(rows) != n:
         raise BmfnError(f"{annotations}: {len(rows)} rows but the features have {n}; row i must be line i")
@@ -208,7 +210,7 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
         _check_rows(directory / NOISY_VISUAL_FILE, noisy_visual, noisy_audio, NOISY_AUDIO_FILE)
         noisy = ClipArrays(noisy_visual, noisy_audio, noisy_labels, noisy_video)
     source = {"kind": "ave-dir", "path": str(directory.resolve()),
-              "annotations": str(annotations.resolve()) if rows is not None else None,
+              "annotations": str(annotations.resolve()) if relabel else None,  # the folder's own: found again
               "splits": str(split_dir.resolve()) if splits else None}
     return FeatureData(ClipArrays(visual, audio, labels, video_labels), clip_ids,
                        split_rows, split_rule, ave_release_provenance(), source, noisy)
@@ -238,12 +240,12 @@ def compact_visual(path: Path, cache_dir: str | Path | None = None) -> np.ndarra
                  "shape": list(dataset.shape)}
         cache = _cache_file(path, stamp, cache_dir)
         meta = cache.with_suffix(".json")
-        if cache.is_file() and meta.is_file() and json.loads(meta.read_text()) == stamp:
-            return np.load(cache, mmap_mode="r")
         from bmfn_pipeline.store import locked_temporary, remove_dead_temporaries
 
         for target in (cache, meta):
-            remove_dead_temporaries(target)  # of conversions killed before (up to 2 GB each)
+            remove_dead_temporaries(target)  # of conversions killed before (up to 2 GB each), even when one finished
+        if cache.is_file() and meta.is_file() and json.loads(meta.read_text()) == stamp:
+            return np.load(cache, mmap_mode="r")
         # Each process its own temporary file: torchrun's ranks all convert on their first run, and rename in turn.
         with locked_temporary(cache) as tmp:
             out = _new_cache_file(tmp, dataset.shape, path)

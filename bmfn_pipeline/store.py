@@ -621,11 +621,19 @@ def locked_temporary(path: Path) -> Iterator[Path]:
     """A new ``<path>.tmp-*`` file to write and rename over `path`, exclusively locked until the block ends (see
     ``remove_dead_temporaries``) and removed then if it is still there. Open it with h5py's own file locking off,
     which this lock would refuse. Its name is random: process ids repeat across containers and hosts."""
-    tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(8)}")
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    while True:
+        tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(8)}")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        if fcntl is None:
+            break
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:  # a remove_dead_temporaries between the open and the lock may have removed it: take another name
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
     try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
         yield tmp
     finally:
         tmp.unlink(missing_ok=True)

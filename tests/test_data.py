@@ -307,7 +307,10 @@ def test_given_annotations_relabel_the_release_over_labels_h5(tmp_path):
     relabelled = load_ave_dir(directory, annotations=fixed)
     assert relabelled.clips.labels[0, :, bark].tolist() == [1, 1] + [0] * 8
     assert relabelled.clips.video_labels[0].argmax() == bark
-    assert load_ave_dir(directory).clips.labels[0, :, bark].sum() == 0  # without the option, labels.h5 as before
+    assert relabelled.source["annotations"] == str(fixed.resolve())
+    for plain in (load_ave_dir(directory), load_ave_dir(directory, annotations=directory / "Annotations.txt")):
+        # The folder's own Annotations.txt is not a relabelling (earlier runs recorded it for resume and evaluate)
+        assert plain.clips.labels[0, :, bark].sum() == 0 and plain.source["annotations"] is None
     with pytest.raises(BmfnError, match=r"missing\.txt: cannot read annotations"):
         load_ave_dir(directory, annotations=tmp_path / "missing.txt")
 
@@ -398,5 +401,8 @@ def test_float16_cache_refuses_a_full_disk_and_removes_dead_conversions(tmp_path
         monkeypatch.undo()
         assert compact_visual(source).shape[0] == 4
         assert live.exists()
+        dead.write_bytes(b"x")  # a rank killed while another finished the cache: removed on the next load
+        compact_visual(source)
+        assert not dead.exists() and live.exists()
     finally:
         os.close(held)
