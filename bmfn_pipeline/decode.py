@@ -198,23 +198,26 @@ def segment_frame_indices(info: ClipInfo, segment: int, *, frames_per_second: in
 
 
 def find_videos(inputs: Iterable[str | os.PathLike], *, keep_missing: bool = False,
-                on_empty: Callable[[Path], None] | None = None) -> list[Path]:
+                on_empty: Callable[[Path], None] | None = None, _reading: frozenset[Path] = frozenset()) -> list[Path]:
     """Video files from files, folders (recursive, by extension) and .txt lists of paths (relative to the list).
 
     A path that does not exist is an error, or with `keep_missing` kept as it is, for the caller to report in its turn.
-    `on_empty` hears of each folder or list that gives no video file (one among others would go unnoticed).
+    `on_empty` hears of each folder or list that gives no video file (one among others would go unnoticed). A list
+    that names itself, as `ls > videos.txt` writes it, or a list that names it back, is not read again.
     """
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
             videos = sorted(p for p in item.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
         elif item.suffix.lower() == ".txt" and item.is_file():
+            if item.resolve() in _reading:
+                continue
             try:
                 lines = [line.strip() for line in item.read_text(encoding="utf-8-sig").splitlines()]
             except UnicodeDecodeError as err:
                 raise BmfnError(f"{item}: not a UTF-8 list of paths ({err.reason} at byte {err.start})") from None
             videos = find_videos((item.parent / line for line in lines if line and not line.startswith("#")),
-                                 keep_missing=keep_missing, on_empty=on_empty)
+                                 keep_missing=keep_missing, on_empty=on_empty, _reading=_reading | {item.resolve()})
         elif item.is_file() or keep_missing:
             found.append(item)
             continue

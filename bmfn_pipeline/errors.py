@@ -3,3 +3,9 @@
 
 class BmfnError(Exception):
     """A user-facing failure: bad input, missing file or weights. The message names the file and the problem."""
+
+
+def printable(text: str) -> str:
+    """`text` as it can be stored (HDF5 strings are UTF-8) and printed: the bytes of a file name that are not UTF-8,
+    which Python keeps as surrogates, as \\xNN escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

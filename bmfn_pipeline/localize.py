@@ -20,6 +20,7 @@ start; BMFN runs on batches of windows shared by all the files of one call, whil
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 from collections import deque
@@ -54,6 +55,8 @@ RANDOM_PREFIX = "random:"  # how a provenance records seeded random weights (ext
 WEIGHT_CHOICES = ("checkpoint", "pretrained", "random")
 # decode.py notes on a window's geometry; a long video's chunk windows are internal here, so these say nothing.
 def check_stride(stride: int) -> None:
+    if not isinstance(stride, numbers.Integral) or isinstance(stride, bool):  # windows start on whole seconds
+        raise BmfnError(f"stride {stride!r}: expected a whole number of seconds, 1 to {WINDOW}")
     if not 1 <= stride <= WINDOW:
         raise BmfnError(f"stride {stride} s: expected 1 to {WINDOW} s (a longer one would leave seconds unlabelled)")
 

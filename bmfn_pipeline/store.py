@@ -38,7 +38,7 @@ import h5py
 import numpy as np
 
 from .ave import NUM_CLASSES, SEGMENTS, AnnotationRow, read_annotations, segment_labels
-from .errors import BmfnError
+from .errors import BmfnError, printable
 
 try:  # advisory single-writer lock; released by the kernel when the process dies, even by SIGKILL
     import fcntl
@@ -143,12 +143,6 @@ def _storage_dtype(provenance: Mapping, where: Path) -> np.dtype:
 
 def _digest(clip_id: str) -> str:
     return hashlib.sha1(clip_id.encode("utf-8")).hexdigest()[:16]
-
-
-def printable(text: str) -> str:
-    """`text` as it can be stored (HDF5 strings are UTF-8) and printed: the bytes of a file name that are not UTF-8,
-    which Python keeps as surrogates, as \\xNN escapes."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _part_name(clip_id: str, kind: str) -> str:

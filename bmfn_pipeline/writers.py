@@ -19,13 +19,15 @@ import numpy as np
 
 from .ave import BACKGROUND, CATEGORIES, NUM_CLASSES
 from .decode import SAMPLE_RATE
-from .errors import BmfnError
+from .errors import BmfnError, printable
 
 BACKGROUND_NAME = "background"
 # Digits kept where people read numbers (table, CSV, cue text); JSON keeps the full floats.
 PROB_DECIMALS = 3
 TIME_DECIMALS = 3  # milliseconds, the resolution of SRT and WebVTT timestamps
 CSV_FIELDS = ("start_s", "end_s", "label", "name", "event_prob", "class_prob")
+NO_EVENT_TEXT = "no audio-visual event"  # the one subtitle cue of a video without events, over its first seconds
+NO_EVENT_CUE_S = 3.0
 
 
 def label_name(label: int) -> str:
@@ -163,9 +165,9 @@ class TableWriter(ResultWriter):
 
     def write(self, result: LocalizationResult, file: TextIO) -> None:
         width = max([len(BACKGROUND_NAME)] + [len(second.name) for second in result.seconds])
-        print(f"# {result.path} ({result.duration_s:.1f} s)", file=file)
+        print(f"# {printable(str(result.path))} ({result.duration_s:.1f} s)", file=file)  # also a name not UTF-8
         for warning in result.warnings:
-            print(f"# warning: {warning}", file=file)
+            print(f"# warning: {printable(warning)}", file=file)
         print(f"{'start':>8} {'end':>8}  {'label':<{width}}  {'event':>6}  {'class':>6}", file=file)
         for s in result.seconds:
             print(f"{s.start_s:8.1f} {s.end_s:8.1f}  {s.name:<{width}}  "
@@ -200,14 +202,18 @@ class CSVWriter(ResultWriter):
 class SubtitlesWriter(ResultWriter):
     """One cue per merged event interval, so a player shows the event over the video while it happens.
 
-    Background intervals get no cue: the screen stays clear when nothing audio-visual is happening.
+    Background intervals get no cue: the screen stays clear when nothing audio-visual is happening. A video without
+    any event gets one short cue saying so: a subtitle file without cues is refused by FFmpeg's players.
     """
 
     decimal_marker: str
 
     def cues(self, result: LocalizationResult) -> list[tuple[str, str, str]]:
-        return [(format_timestamp(e.start_s, self.decimal_marker), format_timestamp(e.end_s, self.decimal_marker),
-                 e.text()) for e in result.events()]
+        events = [(e.start_s, e.end_s, e.text()) for e in result.events()]
+        if not events:
+            events = [(0.0, min(result.duration_s, NO_EVENT_CUE_S), NO_EVENT_TEXT)]
+        return [(format_timestamp(start, self.decimal_marker), format_timestamp(end, self.decimal_marker), text)
+                for start, end, text in events]
 
 
 class SRTWriter(SubtitlesWriter):

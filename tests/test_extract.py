@@ -440,6 +440,9 @@ def test_find_videos_folders_and_lists(tmp_path):
     with pytest.raises(BmfnError) as refused:
         find_videos([listing])
     assert str(refused.value).startswith(f"{listing}: not a UTF-8 list of paths (")
+    listing.write_text("list.txt\nw.mkv\nother.txt\n")  # as `ls > list.txt` writes it, and a list naming it back
+    (tmp_path / "other.txt").write_text("list.txt\na/x.mp4\n")
+    assert find_videos([listing]) == [tmp_path / "w.mkv", tmp_path / "a/x.mp4"]
 
 
 def test_decode_workers_default_to_the_spare_cores_beside_a_gpu(monkeypatch):

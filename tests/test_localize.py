@@ -105,6 +105,9 @@ def test_window_starts_cover_every_second_with_whole_windows():
             assert all(0 < b - a <= stride for a, b in zip(starts, starts[1:]))
     with pytest.raises(BmfnError, match="stride"):
         window_starts(30, 11)
+    with pytest.raises(BmfnError, match=r"stride 2\.5: expected a whole number of seconds"):
+        window_starts(30, 2.5)  # the Python API's: it failed only at the first video longer than a window
+    assert window_starts(30, np.int64(5)) == window_starts(30, 5)
 
 
 def test_merge_windows_averages_the_windows_covering_each_second():

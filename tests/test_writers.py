@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 
 import numpy as np
@@ -146,10 +147,26 @@ def test_srt_and_vtt_have_one_cue_per_event_interval(tmp_path):
     assert vtt[0][2] == f"Bark (event {bark.event_prob:.3f}, class {bark.class_prob:.3f})"
 
 
-def test_subtitles_of_background_only_video_are_empty_but_valid(tmp_path):
-    result = make_result([BACKGROUND] * 5)
-    assert parse_srt(get_writer("srt", tmp_path)(result).read_text()) == []
-    assert parse_vtt(get_writer("vtt", tmp_path)(result).read_text()) == []
+@pytest.mark.parametrize("seconds, cue_end", [(5, 3.0), (2, 2.0)])
+def test_subtitles_of_a_video_without_events_say_so_and_open_in_ffmpeg(tmp_path, seconds, cue_end):
+    """One short cue: a subtitle file without cues (an empty SRT) is refused by FFmpeg and the players built on it."""
+    import av
+
+    result = make_result([BACKGROUND] * seconds)
+    srt, vtt = (get_writer(fmt, tmp_path)(result) for fmt in ("srt", "vtt"))
+    assert parse_srt(srt.read_text()) == [(1, 0.0, cue_end, "no audio-visual event")]
+    assert parse_vtt(vtt.read_text()) == [(0.0, cue_end, "no audio-visual event")]
+    for path in (srt, vtt):
+        with av.open(str(path)) as container:
+            assert [packet.pts for packet in container.demux(subtitles=0) if packet.size] == [0]
+
+
+def test_a_file_name_that_is_not_utf8_is_written_escaped(tmp_path):
+    name = os.fsdecode(b"videos/clip\xff.mp4")  # as Python lists such a file: the byte kept as a surrogate
+    result = make_result(LABELS, path=name)
+    result.warnings.append(f"{name}: audio shorter than video")
+    text = get_writer("table", tmp_path)(result).read_text(encoding="utf-8")
+    assert text.startswith("# videos/clip\\xff.mp4 (") and "# warning: videos/clip\\xff.mp4: audio" in text
 
 
 def test_table_has_a_row_per_second_and_the_summary(tmp_path, capsys):
