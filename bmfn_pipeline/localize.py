@@ -164,7 +164,7 @@ class Localizer:
         check_stride(stride)
         if batch_size < 1:
             raise BmfnError(f"batch size {batch_size}: give 1 or more windows")
-        self.stride = stride
+        self.stride = int(stride)  # a numpy integer would reach the JSON result as text
         self.batch_size = batch_size
         self.checkpoint = checkpoint or "(model given in Python)"
         self.epoch = epoch

@@ -305,7 +305,8 @@ def plot_timeline(result: LocalizationResult, frames: np.ndarray | None, audio: 
     fig = Figure(figsize=(width, sum(heights[p] for p in panels) + 0.8), dpi=FIGURE_DPI, layout="constrained")
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False,
                         gridspec_kw={"height_ratios": [heights[p] for p in panels]})[:, 0]
-    fig.suptitle(f"{Path(result.path).name}: {result.summary()}", fontsize=10, parse_math=False)  # '$' in names
+    fig.suptitle(f"{printable(Path(result.path).name)}: {result.summary()}", fontsize=10,
+                 parse_math=False)  # '$' in names; bytes that are not UTF-8 escaped
     for ax, panel in zip(axes, panels):
         if panel == "frames":
             _plot_frames(ax, np.asarray(frames))

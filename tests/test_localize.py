@@ -227,7 +227,8 @@ def test_int8_localization_agrees_with_the_default(workdir, video_dir, tmp_path,
     probabilities to within what a 2e-3 cosine distance of the maps allows."""
     monkeypatch.setenv("BMFN_CACHE", str(tmp_path))
     checkpoint = next((workdir / "runs").glob("*/best.pt"))
-    reference = localize(video_dir / SHORT, checkpoint, device="cpu")
+    reference = localize(video_dir / SHORT, checkpoint, device="cpu", stride=np.int64(5))
+    assert type(reference.model["stride_s"]) is int  # as a number in JSON, not the text a numpy integer gave
     quantized = []
     original = vgg19_module.quantize_int8
     monkeypatch.setattr(vgg19_module, "quantize_int8", lambda *a, **k: quantized.append(1) or original(*a, **k))

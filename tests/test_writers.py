@@ -167,6 +167,7 @@ def test_a_file_name_that_is_not_utf8_is_written_escaped(tmp_path):
     result.warnings.append(f"{name}: audio shorter than video")
     text = get_writer("table", tmp_path)(result).read_text(encoding="utf-8")
     assert text.startswith("# videos/clip\\xff.mp4 (") and "# warning: videos/clip\\xff.mp4: audio" in text
+    assert plot_timeline(result, None, None, tmp_path / "clip.png").read_bytes()[:4] == b"\x89PNG"  # its title too
 
 
 def test_table_has_a_row_per_second_and_the_summary(tmp_path, capsys):
