@@ -1,4 +1,5 @@
-"""The one error type the CLI turns into a one-line message instead of a traceback."""
+"""The one error type the CLI turns into a one-line message instead of a traceback, and file names made printable
+for such messages and the outputs."""
 
 
 class BmfnError(Exception):

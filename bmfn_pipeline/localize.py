@@ -53,7 +53,8 @@ CHUNK_SECONDS = 60  # seconds of a long video decoded at once: 60 x 16 frames x 
 KEYFRAME_STEP = max(1, FRAME_SIZE // STRIP_HEIGHT_PX)  # keyframes kept for the plot at its strip's resolution
 RANDOM_PREFIX = "random:"  # how a provenance records seeded random weights (extractors.weights.random_provenance)
 WEIGHT_CHOICES = ("checkpoint", "pretrained", "random")
-# decode.py notes on a window's geometry; a long video's chunk windows are internal here, so these say nothing.
+
+
 def check_stride(stride: int) -> None:
     if not isinstance(stride, numbers.Integral) or isinstance(stride, bool):  # windows start on whole seconds
         raise BmfnError(f"stride {stride!r}: expected a whole number of seconds, 1 to {WINDOW}")
