@@ -323,9 +323,7 @@ def load_store(path: str | Path, *, annotations: str | Path | None = None,
         raise BmfnError(f"{splits}: --splits needs --annotations (split files index annotation rows)")
     row_splits = ave.load_splits(splits, n_rows=len(rows), annotations=rows) if splits is not None else None
     if rows is not None:
-        labels, video_labels, known, given_split = _labels_by_id(clip_ids, rows, row_splits)
-        by_id = ave.video_id_rows(rows)
-        repeated = sum(len(by_id.get(clip, ())) > 1 for clip in clip_ids)
+        labels, video_labels, known, given_split, repeated = _labels_by_id(clip_ids, rows, row_splits)
         if repeated:
             notes.append(f"{repeated} clips have several rows in {annotations}: each takes its first row's labels "
                          "and split, as `bmfn extract --annotations` stores them")
@@ -373,10 +371,11 @@ def read_provenance(path: str | Path) -> dict:
 
 
 def _labels_by_id(clip_ids: list[str], rows: list[ave.AnnotationRow], row_splits: dict[str, np.ndarray] | None
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Segment labels, video labels, whether the id has a row, and split ('' without splits) per clip id. An id on
-    several rows (45 in AVE, 18 of them in two splits) takes its first row, as `bmfn extract --annotations` stores
-    it: one feature row per video. The video label is the row's category, also for an empty interval."""
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Segment labels, video labels, whether the id has a row, and split ('' without splits) per clip id, and how
+    many clip ids have several rows. Such an id (45 in AVE, 18 of them in two splits) takes its first row, as
+    `bmfn extract --annotations` stores it: one feature row per video. The video label is the row's category, also
+    for an empty interval."""
     segments, videos = ave.segment_labels(rows), ave.video_labels(rows)
     split_of = {int(i): name for name, indices in (row_splits or {}).items() for i in indices}
     by_id = ave.video_id_rows(rows)
@@ -386,7 +385,8 @@ def _labels_by_id(clip_ids: list[str], rows: list[ave.AnnotationRow], row_splits
     video_labels = np.zeros((len(clip_ids), ave.NUM_CLASSES), np.float32)
     labels[known], video_labels[known] = segments[first[known]], videos[first[known]]
     split = np.array([split_of.get(int(row), "") for row in first], dtype=object)
-    return labels, video_labels, known, split
+    repeated = sum(len(by_id.get(clip, ())) > 1 for clip in clip_ids)
+    return labels, video_labels, known, split, repeated
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
