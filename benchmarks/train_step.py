@@ -8,6 +8,7 @@ eager step by kernel kind; and, on any device, the operations one step dispatche
     git show f30bbab:bmfn_pipeline/model.py > per_branch.py   # bmfn's model before grouping
     python benchmarks/train_step.py fused-adam per-branch ops --per-branch-model per_branch.py
     python benchmarks/train_step.py ops --per-branch-model per_branch.py    # on a CPU too
+    python benchmarks/train_step.py set-to-none model --inductor combo_kernels=True  # an inductor setting's effect
 
 Variants: foreach-adam (the baseline: capturable foreach Adam), fused-adam (fused Adam, gradients added into
 zeroed ones), per-branch (fused Adam, with the model of `--per-branch-model`: one module per parallel block),
@@ -22,6 +23,7 @@ that set-to-none trains as fused-adam does. Inputs are random.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import os
 import sys
@@ -149,6 +151,26 @@ def load_models(path: str | None) -> ModuleType | None:
     return module
 
 
+def set_inductor_options(options: list[str]) -> None:
+    """Apply KEY=VALUE settings of torch._inductor.config (dotted keys for its sub-configs, such as
+    triton.cudagraphs), so that one run compares a compiled step with and without them against the same baseline."""
+    import torch._inductor.config as inductor_config
+
+    for option in options:
+        key, sep, text = option.partition("=")
+        *parents, name = key.split(".")
+        config = inductor_config
+        for parent in parents:
+            config = getattr(config, parent, None)
+        if not sep or config is None or not hasattr(config, name):
+            raise SystemExit(f"--inductor {option}: expected KEY=VALUE with KEY a torch._inductor.config setting")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a plain string, such as a mode name
+        setattr(config, name, value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
@@ -156,7 +178,11 @@ def main() -> None:
     parser.add_argument("--per-branch-model", help="model.py of bmfn before grouping (variant per-branch, ops)")
     parser.add_argument("--profile-replays", action="store_true",
                         help="also profile each timed variant's graph replays: kernels by kind, the 12 slowest")
+    parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                        help="a torch._inductor.config setting for the compiled variants (repeatable), "
+                             "e.g. combo_kernels=True")
     args = parser.parse_args()
+    set_inductor_options(args.inductor)
     per_branch = load_models(args.per_branch_model)
     variants = [v for v in args.variants if v != "per-branch" or per_branch is not None]
     cuda = torch.cuda.is_available()
@@ -169,7 +195,7 @@ def main() -> None:
     batch = {"visual": torch.rand(32, 10, 7, 7, 512, device=device, generator=generator, dtype=torch.float16),
              "audio": torch.rand(32, 10, 128, device=device, generator=generator), "labels": labels}
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; batch 32, bf16 autocast"
-          + (", CUDA graphs" if cuda else ""))
+          + (", CUDA graphs" if cuda else "") + "".join(f", inductor {option}" for option in args.inductor))
     base = None
     for variant in variants:
         if variant == "profile":
