@@ -250,7 +250,8 @@ def extract(inputs, out, annotations, splits, frames_per_second, visual_source, 
               help="Annotations.txt whose row order the exported files follow.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for visual_feature.h5 and audio_feature.h5.")
-@click.option("--dtype", type=click.Choice(["float64", "float32", "float16"]), default="float64", show_default=True)
+@click.option("--dtype", type=click.Choice(["float64", "float32", "float16"]), default="float64", show_default=True,
+              help="Float type of the written arrays (the released files are float64).")
 def export_ave(store, annotations, out_dir, dtype) -> None:
     """Write a feature store in the released AVE layout (key 'avadataset', row i = annotation line i).
 
@@ -315,7 +316,8 @@ def _milestones(ctx, param, value):
 @click.option("--seed", type=int, help="Default 890 fully, 550 weakly (reference).")
 @click.option("--seeds", default=1, show_default=True, type=click.IntRange(1),
               help="Train N models (seed, seed+1, ...) and report mean and standard deviation.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: CUDA when present, else the CPU (under torchrun, each rank its own GPU).")
 @click.option("--precision", type=click.Choice(["float32", "tf32", "bfloat16"]),
               help="tf32: float32 with TF32 tensor-core matmuls (CUDA); bfloat16: autocast (mixed precision). "
                    "Default float32; a resumed run keeps its own.")
@@ -371,14 +373,19 @@ def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size,
 @click.option("--checkpoint", type=click.Path(exists=True),
               help="A best.pt or last.pt, or a run folder (its best.pt). Default: the newest run's best.pt under "
                    "runs/.")
-@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True,
+              help="The split whose clips are scored.")
 @click.option("--ave-dir", type=click.Path(exists=True, file_okay=False), help="Default: the data the run trained on.")
 @click.option("--features", type=click.Path(exists=True, dir_okay=False), help="Default: the data the run trained on.")
-@click.option("--annotations", type=click.Path(exists=True, dir_okay=False))
-@click.option("--splits", type=click.Path(exists=True, file_okay=False))
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False),
+              help="(Re)label the clips from this Annotations.txt. Default: the run's, when the data is.")
+@click.option("--splits", type=click.Path(exists=True, file_okay=False),
+              help="Folder with *_order.h5 or *Set.txt. Default: the run's, when the data is.")
 @click.option("--batch-size", type=click.IntRange(1), help="Default 16 on CPU, 256 on GPU; results do not depend on it.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["float32", "tf32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: CUDA when present, else the CPU.")
+@click.option("--precision", type=click.Choice(["float32", "tf32", "bfloat16"]), default="float32", show_default=True,
+              help="tf32: float32 with TF32 tensor-core matmuls (CUDA); bfloat16: autocast (mixed precision).")
 @click.option("--force", is_flag=True, help="Evaluate on features whose provenance differs from the checkpoint's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def evaluate(checkpoint, split, ave_dir, features, annotations, splits, batch_size, device, precision, force,

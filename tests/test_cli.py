@@ -87,3 +87,12 @@ def test_an_os_error_no_stage_named_is_one_line_with_its_file(monkeypatch):
     result = CliRunner().invoke(cli.main, ["probe", "clip.mp4"])
     assert result.exit_code == 1
     assert result.stderr == "bmfn: error: feats.h5.parts/clip.h5: No space left on device\n"
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """README: `bmfn <command> --help` lists every option; each with a description, not a bare name and type."""
+    import click
+
+    bare = [f"bmfn {name} {option.opts[0]}" for name, command in cli.main.commands.items()
+            for option in command.params if isinstance(option, click.Option) and not option.help]
+    assert bare == []
