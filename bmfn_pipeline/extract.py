@@ -167,11 +167,18 @@ def _downloads(options: ExtractOptions) -> bool:
     return not (weight_available(visual, options.vgg19_weights) and weight_available("vggish", options.vggish_weights))
 
 
+# Bumped when bmfn changes the features it makes from the same file, weights and settings, so that a store never
+# holds clips of two revisions (its appends and merges are refused): 1, the first; 2, sound from a clip's start
+# decoded without a seek, which keeps the AAC priming packet some AVE clips begin with (features-reference.md 2.1).
+FEATURES_REVISION = 2
+
+
 def features_provenance(options: ExtractOptions, visual: VisualExtractor, audio: AudioExtractor) -> dict:
     """What made the features: recorded in the store and in every checkpoint trained on it."""
     visual_record = dict(visual.provenance)
     return {
         "bmfn_version": __version__,
+        "features_revision": FEATURES_REVISION,
         # bf16 and float32 maps agree to ~4e-5 cosine distance: a run setting, not a different feature space
         # (int8 is further off: its calibration stays in the visual record, so int8 stores take only int8 clips)
         "precision": visual_record.pop("precision"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -28,7 +29,8 @@ from bmfn_pipeline.ave import BACKGROUND, CATEGORIES, NUM_CLASSES
 from bmfn_pipeline.cli import main
 from bmfn_pipeline.decode import SAMPLE_RATE, decode_clip
 from bmfn_pipeline.errors import BmfnError
-from bmfn_pipeline.extract import ExtractOptions, decode_workers, extract, find_videos, unique_clips
+from bmfn_pipeline.extract import (FEATURES_REVISION, ExtractOptions, decode_workers, extract, find_videos,
+                                   unique_clips)
 from bmfn_pipeline.store import AVE_AUDIO_FILE, AVE_KEY, AVE_VISUAL_FILE, FeatureStore, load_arrays
 from extractors.vgg19 import VisualExtractor, load_visual_extractor
 from extractors.vggish import load_audio_extractor
@@ -115,6 +117,7 @@ def test_store_shapes_dtype_and_provenance(extracted):
     assert provenance["alignment"] == "ave"
     assert provenance["dtype"] == "float32"
     assert provenance["bmfn_version"] == __version__
+    assert provenance["features_revision"] == FEATURES_REVISION
     assert not Path(f"{out}.parts").exists() or not list(Path(f"{out}.parts").glob("*.h5"))
 
 
@@ -221,6 +224,23 @@ def test_append_with_other_settings_is_refused(extracted, clips, tmp_path, monke
     assert str(out) in line and "made differently" in line
     if changed[0] == "--frames-per-second":  # each difference with both values
         assert "frames_per_second 1 (the store) vs 2 (this run)" in line
+    assert file_digest(out) == before
+
+
+def test_store_of_an_earlier_features_revision_takes_no_appends(extracted, clips, tmp_path):
+    """A store written before bmfn recorded its features' revision (its clips' sound may differ) is not mixed."""
+    out = tmp_path / "feats.h5"
+    shutil.copyfile(extracted[0], out)
+    with h5py.File(out, "r+") as f:
+        provenance = json.loads(f.attrs["provenance"])
+        del provenance["features_revision"]
+        f.attrs["provenance"] = json.dumps(provenance)
+    before = file_digest(out)
+    result = cli("extract", clips[0], "--out", out, *FAST, "--workers", "0")
+    assert result.exit_code == 1
+    (line,) = error_lines(result.stderr)
+    assert f"{out}: features were made differently: features_revision 'missing' (the store) vs " \
+           f"{FEATURES_REVISION} (this run)" in line
     assert file_digest(out) == before
 
 
