@@ -118,13 +118,14 @@ class FeatureData:
 
 def load_data(*, ave_dir: str | Path | None = None, features: str | Path | None = None,
               annotations: str | Path | None = None, splits: str | Path | None = None,
-              include_noisy: bool = True, cache_dir: str | Path | None = None) -> FeatureData:
-    """Load either the AVE release directory or a bmfn feature store (exactly one of `ave_dir`, `features`)."""
+              include_noisy: bool = True, cache_dir: str | Path | None = None, progress: bool = True) -> FeatureData:
+    """Load either the AVE release directory or a bmfn feature store (exactly one of `ave_dir`, `features`);
+    `progress`: a bar while the AVE release's visual file is converted (once)."""
     if (ave_dir is None) == (features is None):
         raise BmfnError("give exactly one data source: --ave-dir DIR (the AVE release) or --features feats.h5")
     if ave_dir is not None:
         return load_ave_dir(ave_dir, annotations=annotations, splits=splits, include_noisy=include_noisy,
-                            cache_dir=cache_dir)
+                            cache_dir=cache_dir, progress=progress)
     return load_store(features, annotations=annotations, splits=splits)
 
 
@@ -143,7 +144,8 @@ def find_default_data(directory: str | Path = ".") -> dict[str, Path]:
 
 
 def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None, splits: str | Path | None = None,
-                 include_noisy: bool = True, cache_dir: str | Path | None = None) -> FeatureData:
+                 include_noisy: bool = True, cache_dir: str | Path | None = None,
+                 progress: bool = True) -> FeatureData:
     """The AVE release: features (float64 accepted), labels.h5 or Annotations.txt, order files, noisy clips."""
     directory = Path(directory)
     visual_path, audio_path = directory / VISUAL_FILE, directory / AUDIO_FILE
@@ -153,7 +155,7 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
     audio = _read_h5(audio_path, AVE_KEY).astype(np.float32)
     _check_features(audio_path, audio, 3)
     n = len(audio)
-    visual = compact_visual(visual_path, cache_dir)
+    visual = compact_visual(visual_path, cache_dir, progress)
     _check_features(visual_path, visual, 5)
     _check_rows(visual_path, visual, audio, audio_path.name)
 
@@ -205,7 +207,7 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
                          NOISY_AUDIO_FILE)
         noisy_labels = np.zeros((len(noisy_audio), ave.SEGMENTS, ave.NUM_CLASSES), np.float32)
         noisy_labels[..., ave.BACKGROUND] = 1
-        noisy_visual = compact_visual(directory / NOISY_VISUAL_FILE, cache_dir)
+        noisy_visual = compact_visual(directory / NOISY_VISUAL_FILE, cache_dir, progress)
         _check_features(directory / NOISY_VISUAL_FILE, noisy_visual, 5, like=visual)
         _check_rows(directory / NOISY_VISUAL_FILE, noisy_visual, noisy_audio, NOISY_AUDIO_FILE)
         noisy = ClipArrays(noisy_visual, noisy_audio, noisy_labels, noisy_video)
@@ -228,7 +230,7 @@ def ave_release_provenance() -> dict:
             "frames_per_second": AVE_FRAMES_PER_SEGMENT, "seconds": ave.SEGMENTS, "alignment": "ave"}
 
 
-def compact_visual(path: Path, cache_dir: str | Path | None = None) -> np.ndarray:
+def compact_visual(path: Path, cache_dir: str | Path | None = None, progress: bool = True) -> np.ndarray:
     """A read-only float16 memory map of an `avadataset` visual file, converted once and reused.
 
     float32/float16 files small enough are read directly; float64 files are streamed slice by slice into
@@ -250,7 +252,7 @@ def compact_visual(path: Path, cache_dir: str | Path | None = None) -> np.ndarra
         with locked_temporary(cache) as tmp:
             out = _new_cache_file(tmp, dataset.shape, path)
             for start in tqdm(range(0, dataset.shape[0], CONVERT_ROWS), desc=f"{path.name} -> float16 cache (once)",
-                              unit="slice", leave=False):
+                              unit="slice", leave=False, disable=not progress):
                 block = dataset[start:start + CONVERT_ROWS]
                 with np.errstate(over="ignore"):
                     converted = block.astype(CACHE_DTYPE)

@@ -660,7 +660,7 @@ def _load_config_data(config: TrainConfig, log) -> FeatureData:
         sources = find_default_data(".")
         log(f"no data named: using {next(iter(sources.values()))} found in the current folder")
     return load_data(**sources, annotations=config.annotations, splits=config.splits,
-                     include_noisy=config.include_noisy and config.mode == "weakly")
+                     include_noisy=config.include_noisy and config.mode == "weakly", progress=config.progress)
 
 
 def _with_video_classes(data: FeatureData, log) -> FeatureData:

@@ -17,7 +17,7 @@ from test_data import SMALL_MODEL, STORE_PROVENANCE, make_ave_dir, make_empty_in
 
 from bmfn_pipeline import ave, train as train_module
 from bmfn_pipeline.cli import main
-from bmfn_pipeline.data import load_store
+from bmfn_pipeline.data import compact_visual, load_store
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.evaluate import eval_batch_size, evaluate
 from bmfn_pipeline.train import (REFERENCE, TrainConfig, check_provenance, latest_checkpoint, load_checkpoint,
@@ -76,6 +76,16 @@ def test_fully_supervised_learns_and_writes_the_run(tmp_path):
         np.testing.assert_array_equal(np.array(report.confusion).sum(axis=1),
                                       np.bincount(labels[rows].ravel(), minlength=ave.NUM_CLASSES))
     assert evaluate(tmp_path / "run" / "best.pt", split="val", plot=False).accuracy == pytest.approx(run.val_acc)
+
+
+def test_quiet_training_shows_no_bar_while_converting_the_visual_file(tmp_path, capsys):
+    directory = make_ave_dir(tmp_path / "ave", n_clips=12)
+    train(TrainConfig(ave_dir=str(directory), out=str(tmp_path / "run"), epochs=1, **FAST), log=quiet)
+    assert (directory / "visual_feature.f16.npy").is_file()  # converted by this run
+    assert "float16 cache" not in capsys.readouterr().err
+    other = make_ave_dir(tmp_path / "other", n_clips=12)
+    compact_visual(other / "visual_feature.h5")  # the bar a run with progress shows, which the check above looks for
+    assert "visual_feature.h5 -> float16 cache (once)" in capsys.readouterr().err
 
 
 def test_weakly_supervised_learns_from_video_labels(tmp_path, monkeypatch):
