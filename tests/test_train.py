@@ -201,6 +201,18 @@ def test_resume_keeps_the_runs_settings_and_records_the_ones_given(tmp_path):
     assert train(TrainConfig(resume=str(run), progress=False), log=quiet).runs[0].epochs == 2
 
 
+def test_resume_of_a_run_stopped_before_its_first_last_pt_says_it_starts_again(tmp_path):
+    directory = make_ave_dir(tmp_path / "ave", n_clips=12)
+    run = tmp_path / "run"
+    train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(run), epochs=1, **FAST), log=quiet)
+    (run / "last.pt").unlink()  # as a run stopped in its first minute leaves it: best.pt only
+    lines = []
+    result = train(TrainConfig(resume=str(run), epochs=2, progress=False), log=lines.append)
+    assert f"seed 890: no {run / 'last.pt'} (the run stopped before its first one was written): starting from " \
+           "epoch 1" in lines
+    assert [record["epoch"] for record in result.runs[0].history] == [1, 2]
+
+
 def test_checkpoints_of_bmfn_before_grouping_load_and_refuse_to_resume(tmp_path):
     directory = make_ave_dir(tmp_path / "ave", n_clips=24)
     run = tmp_path / "run"
