@@ -224,6 +224,8 @@ class FeatureStore:
         if self.readonly and refuse_writers:
             self._take_shared_lock()
         if not self.readonly:
+            if self.path.exists() and not h5py.is_hdf5(self.path):  # refused before its journal folder is made
+                raise BmfnError(f"{self.path}: not a bmfn feature store (not an HDF5 file)")
             self._take_lock()
             for stale in [*self.parts_dir.glob("*.tmp"), *self.path.parent.glob(f"{glob.escape(self.path.name)}.tmp-*")]:
                 stale.unlink(missing_ok=True)

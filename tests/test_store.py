@@ -167,6 +167,15 @@ def test_a_store_where_none_can_be_written_is_one_line(tmp_path):
     assert str(refused.value) == f"{out}: cannot write a feature store there (Not a directory)"
 
 
+def test_a_file_that_is_not_a_store_is_refused_and_left_alone(tmp_path):
+    out = tmp_path / "notes.md"
+    out.write_text("# notes\n")
+    with pytest.raises(BmfnError) as refused:
+        FeatureStore.open(out, PROVENANCE)
+    assert str(refused.value) == f"{out}: not a bmfn feature store (not an HDF5 file)"
+    assert out.read_text() == "# notes\n" and sorted(tmp_path.iterdir()) == [out]  # no notes.md.parts/ beside it
+
+
 def test_provenance_mismatch_refused(tmp_path):
     out = tmp_path / "feats.h5"
     FeatureStore.open(out, PROVENANCE).close()
