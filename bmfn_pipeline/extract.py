@@ -277,6 +277,8 @@ def extract(
                         clip = str(exc)
                     else:
                         summary.done.append(cid)
+                        for warning in clip.warnings:  # kept in the store too (its `warnings` dataset)
+                            tqdm.write(f"bmfn: note: {printable(warning)}", file=sys.stderr)
                         if on_clip is not None:
                             on_clip(cid)
                 if isinstance(clip, str):

@@ -105,6 +105,10 @@ def extracted(tmp_path_factory, clips):
 def test_store_shapes_dtype_and_provenance(extracted):
     out, result = extracted
     assert "3 extracted, 0 already done, 0 failed" in result.stdout
+    # a clip's notes are said on the terminal as well as stored: the 1 s clip's padding, none for the AVE clip
+    notes = [line for line in result.stderr.splitlines() if line.startswith("bmfn: note: ")]
+    assert any(BUNNY_1S in line and "shorter than 10 s" in line for line in notes), result.stderr
+    assert not any(AVE_CLIP in line for line in notes)
     with h5py.File(out, "r") as f:
         assert f["visual"].shape == (3, 10, 7, 7, 512) and f["visual"].dtype == np.float32
         assert f["audio"].shape == (3, 10, 128) and f["audio"].dtype == np.float32
