@@ -100,6 +100,19 @@ def labels_from_annotations(
     return labels, sorted(set(repeated))
 
 
+def _check_store_file(path: Path) -> None:
+    """One line for a file that is not a feature store: not HDF5, HDF5 without a store's attributes, unreadable."""
+    try:
+        if not h5py.is_hdf5(path):
+            raise BmfnError(f"{path}: not a bmfn feature store (not an HDF5 file)")
+        with h5py.File(path, "r") as f:
+            missing = [key for key in ("provenance", "format_version") if key not in f.attrs]
+    except OSError as err:
+        raise BmfnError(f"{path}: cannot read it as a feature store ({err})") from None
+    if missing:
+        raise BmfnError(f"{path}: not a bmfn feature store (no {' or '.join(missing)} attribute)")
+
+
 def _defining(provenance: Mapping) -> dict:
     """The keys that decide the features: not the run's (RUN_KEYS), nor the name of a weight file whose checksum is
     recorded (the same weights found under another name, or on another machine, make the same features)."""
@@ -221,11 +234,11 @@ class FeatureStore:
                 raise BmfnError(f"{self.path}: no such feature store")
             if provenance is None:
                 raise BmfnError(f"{self.path}: cannot create a feature store without provenance")
+        if self.path.exists():  # a file that is no store is refused before a lock or journal folder is made for it
+            _check_store_file(self.path)
         if self.readonly and refuse_writers:
             self._take_shared_lock()
         if not self.readonly:
-            if self.path.exists() and not h5py.is_hdf5(self.path):  # refused before its journal folder is made
-                raise BmfnError(f"{self.path}: not a bmfn feature store (not an HDF5 file)")
             self._take_lock()
             for stale in [*self.parts_dir.glob("*.tmp"), *self.path.parent.glob(f"{glob.escape(self.path.name)}.tmp-*")]:
                 stale.unlink(missing_ok=True)
@@ -262,7 +275,7 @@ class FeatureStore:
         or a writer starting meanwhile would not be refused. Where none can be made (a store that is read-only to
         this user), it is read without one.
         """
-        if fcntl is None or not h5py.is_hdf5(self.path):  # not a store: nothing to lock, and _load_main says so
+        if fcntl is None:
             return
         lock = self.parts_dir / ".lock"
         try:

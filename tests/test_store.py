@@ -174,6 +174,31 @@ def test_a_file_that_is_not_a_store_is_refused_and_left_alone(tmp_path):
         FeatureStore.open(out, PROVENANCE)
     assert str(refused.value) == f"{out}: not a bmfn feature store (not an HDF5 file)"
     assert out.read_text() == "# notes\n" and sorted(tmp_path.iterdir()) == [out]  # no notes.md.parts/ beside it
+    with pytest.raises(BmfnError) as refused:  # a reader gets the same line
+        FeatureStore.open(out, create=False, readonly=True, refuse_writers=True)
+    assert str(refused.value) == f"{out}: not a bmfn feature store (not an HDF5 file)"
+    labels = tmp_path / "labels.h5"  # HDF5, but no store: an AVE release file named by mistake
+    with h5py.File(labels, "w") as f:
+        f["avadataset"] = np.zeros((2, 10, 29))
+    with pytest.raises(BmfnError) as refused:
+        FeatureStore.open(labels, PROVENANCE)
+    assert str(refused.value) == f"{labels}: not a bmfn feature store (no provenance or format_version attribute)"
+    assert sorted(tmp_path.iterdir()) == [labels, out]
+
+
+def test_a_store_that_cannot_be_read_is_one_line(tmp_path, monkeypatch):
+    out = tmp_path / "feats.h5"
+    FeatureStore.open(out, PROVENANCE).close()
+
+    def unreadable(path):  # what h5py raises for a file this user may not read (root reads every file)
+        raise PermissionError(13, "Unable to determine if file is accessible as hdf5 (Permission denied)")
+
+    monkeypatch.setattr(h5py, "is_hdf5", unreadable)
+    for kwargs in ({"provenance": PROVENANCE}, {"create": False, "readonly": True, "refuse_writers": True}):
+        with pytest.raises(BmfnError) as refused:
+            FeatureStore.open(out, **kwargs)
+        assert str(refused.value).startswith(f"{out}: cannot read it as a feature store (")
+        assert "Permission denied" in str(refused.value)
 
 
 def test_provenance_mismatch_refused(tmp_path):
