@@ -253,9 +253,12 @@ class FeatureStore:
         if provenance is not None:
             differ = _differences(_defining(self.provenance), _defining(provenance))
             if differ:
+                why = ("; it was made by a bmfn that did not record its features' revision, whose sound differs for "
+                       "clips that begin with an AAC priming packet: extract into another output file"
+                       if "features_revision" in differ and "features_revision" not in self.provenance
+                       else "; use another output file")
                 raise BmfnError(f"{self.path}: features were made differently: "
-                                f"{_described(differ, self.provenance, provenance, 'the store', 'this run')}; "
-                                "use another output file")
+                                f"{_described(differ, self.provenance, provenance, 'the store', 'this run')}{why}")
         self._reopened_if_moved(self._scan_parts)
 
     def _take_lock(self) -> None:
