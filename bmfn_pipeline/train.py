@@ -374,8 +374,7 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
         start, best = state["epoch"], state["best"]
         log(f"seed {seed}: resuming after epoch {start} from {run_dir / LAST}")
     elif config.resume:
-        log(f"seed {seed}: no {run_dir / LAST} (the run stopped before its first one was written): "
-            "starting from epoch 1")
+        log(f"seed {seed}: no {LAST} in {run_dir} yet: starting from epoch 1")
     _prepare_optimizer(optimizer, graphs, device)
     history = _read_metrics(run_dir / METRICS, keep_through=start) if main else []
 

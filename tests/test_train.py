@@ -208,8 +208,7 @@ def test_resume_of_a_run_stopped_before_its_first_last_pt_says_it_starts_again(t
     (run / "last.pt").unlink()  # as a run stopped in its first minute leaves it: best.pt only
     lines = []
     result = train(TrainConfig(resume=str(run), epochs=2, progress=False), log=lines.append)
-    assert f"seed 890: no {run / 'last.pt'} (the run stopped before its first one was written): starting from " \
-           "epoch 1" in lines
+    assert f"seed 890: no last.pt in {run} yet: starting from epoch 1" in lines
     assert [record["epoch"] for record in result.runs[0].history] == [1, 2]
 
 
