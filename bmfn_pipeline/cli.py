@@ -273,8 +273,8 @@ def export_ave(store, annotations, out_dir, dtype) -> None:
 def merge(stores, out, allow_missing) -> None:
     """Join feature stores, e.g. the shards of `bmfn extract --shard` or of a torchrun extraction.
 
-    Their provenance must agree; a clip in two stores is kept once if its features are identical and refused
-    otherwise. Labels and failures are carried over. The merged file is written whole, then swapped in.
+    Their provenance must agree; a clip in two stores is kept once if its features are the same to float rounding
+    (runs with other thread counts differ in the last digits) and refused otherwise. Labels and failures are carried over. The merged file is written whole, then swapped in.
 
     \b
     Example:

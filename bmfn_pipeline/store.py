@@ -54,6 +54,10 @@ LABEL_SHAPE = (SEGMENTS, NUM_CLASSES)
 STORAGE_DTYPES = ("float32", "float16")
 # Provenance keys that describe the run rather than the features: they may differ between appends.
 RUN_KEYS = frozenset({"bmfn_version", "created", "device", "precision", "batch_size", "workers", "command"})
+# A clip in two merged stores is the same clip when each modality's features are this close (cosine distance):
+# float rounding differs between runs with other thread counts (VGGish embeddings by ~3e-5, torchrun sets one thread
+# per rank) or precisions (bf16 and float32 maps: ~4e-5), while two different clips are tenths apart.
+SAME_FEATURES_COSINE = 1e-4
 # Clips copied per read/write while consolidating or exporting (about 64 MiB of float32 visual features).
 COPY_BLOCK = 64
 # HDF5 chunk cache per dataset, large enough to hold one float32 visual clip (1 MiB) several times over.
@@ -711,7 +715,8 @@ def load_arrays(path: str | Path, ids: Iterable[str] | None = None) -> dict[str,
 
 @dataclass
 class MergeSummary:
-    """What ``merge_stores`` wrote: clips per input, ids found identical in two inputs (kept once), failures."""
+    """What ``merge_stores`` wrote: clips per input, ids found with the same features in two inputs (kept once),
+    failures."""
 
     out: Path
     clips: int
@@ -722,16 +727,26 @@ class MergeSummary:
     def line(self) -> str:
         text = (f"{self.clips} clips from {len(self.per_input)} stores, {self.failed} failed clips recorded "
                 f"-> {self.out}")
-        return text + (f" ({len(self.identical)} clips found in two stores, identical, kept once)"
+        return text + (f" ({len(self.identical)} clips found in two stores, the same to float rounding, kept once)"
                        if self.identical else "")
+
+
+def _same_features(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal, or within SAME_FEATURES_COSINE of each other (cosine distance of the whole arrays)."""
+    if np.array_equal(a, b):
+        return True
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    norms = np.linalg.norm(a) * np.linalg.norm(b)
+    return bool(norms > 0 and 1 - a @ b / norms <= SAME_FEATURES_COSINE)
 
 
 def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
     """Join feature stores (e.g. the shards of ``bmfn extract --shard``) into ``out``, written whole and swapped in.
 
     Every input must have the first one's feature-defining provenance. A clip id in two inputs is kept once when
-    its features are identical and refused otherwise; so are labels given differently. Failures are kept for
-    clips that no input holds. ``out`` may be one of the inputs (to extend it); otherwise it must not exist.
+    its features are the same to float rounding (SAME_FEATURES_COSINE) and refused otherwise; so are labels given
+    differently. Failures are kept for clips that no input holds. ``out`` may be one of the inputs (to extend it);
+    otherwise it must not exist.
     Each input is locked while it is read, so a store still being written is refused and no writer starts meanwhile;
     the other inputs are only read (a reader's lock, whose file is made where an input has none), so they may be
     read-only.
@@ -777,7 +792,7 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
                     owner[cid] = store
                     ids.append(cid)
                     continue
-                if not all(np.array_equal(a, b) for a, b in zip(owner[cid].read(cid), store.read(cid))):
+                if not all(_same_features(a, b) for a, b in zip(owner[cid].read(cid), store.read(cid))):
                     raise BmfnError(f"{store.path}: clip {cid!r} is also in {owner[cid].path} with different "
                                     "features; remove it from one of them")
                 identical.append(cid)
