@@ -262,6 +262,25 @@ def test_float16_storage(extracted, clips, tmp_path):
         np.testing.assert_allclose(half[key].astype(np.float32), full[key], rtol=2e-3, atol=1e-3)
 
 
+def _semaphores() -> set[str]:
+    """multiprocessing's named semaphores (spawn context), which its resource tracker unlinks when the program
+    ends, unless the tracker is killed with it."""
+    return {n for n in os.listdir("/dev/shm") if n.startswith("sem.mp-")} if os.path.isdir("/dev/shm") else set()
+
+
+def _remove_orphaned(names: set[str]) -> None:
+    """Unlink the semaphores of `names` that no live process has mapped (another test run's stay). A mapping shows
+    the file glibc made the semaphore in, under another name, so files are matched by inode."""
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):
+            mapped.update(int(line.split()[4]) for line in maps.read_text().splitlines() if " /dev/shm/" in line)
+    for name in names:
+        with contextlib.suppress(OSError):
+            if os.stat(f"/dev/shm/{name}").st_ino not in mapped:
+                os.unlink(f"/dev/shm/{name}")
+
+
 def test_sigkill_then_resume_matches_uninterrupted_run(extracted, clips, tmp_path):
     """Kill a run (and its decode worker) once a clip is journaled; the store keeps it and a rerun completes."""
     listing = tmp_path / "clips.txt"  # also covers a .txt list of paths, with a comment line
@@ -270,6 +289,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(extracted, clips, tmp_pat
     parts = Path(f"{out}.parts")
     command = [sys.executable, "-m", "bmfn_pipeline", "extract", str(listing), "--out", str(out), *FAST,
                "--workers", "1"]
+    semaphores = _semaphores()
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
@@ -281,6 +301,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(extracted, clips, tmp_pat
         with contextlib.suppress(ProcessLookupError):  # gone already: the assertion below says so
             os.killpg(proc.pid, signal.SIGKILL)  # the run and the decode worker it spawned
         _, stderr = proc.communicate(timeout=30)
+        _remove_orphaned(_semaphores() - semaphores)  # the killed run's: its resource tracker died with it
     assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill: {stderr.decode()[-2000:]}"
     assert 1 <= journaled < len(clips)
 
