@@ -274,7 +274,8 @@ def merge(stores, out, allow_missing) -> None:
     """Join feature stores, e.g. the shards of `bmfn extract --shard` or of a torchrun extraction.
 
     Their provenance must agree; a clip in two stores is kept once if its features are the same to float rounding
-    (runs with other thread counts differ in the last digits) and refused otherwise. Labels and failures are carried over. The merged file is written whole, then swapped in.
+    (runs with other thread counts differ in the last digits) and refused otherwise. Labels and failures are
+    carried over. The merged file is written whole, then swapped in.
 
     \b
     Example:
