@@ -117,6 +117,14 @@ def _check_store_file(path: Path) -> None:
         raise BmfnError(f"{path}: not a bmfn feature store (no {' or '.join(missing)} attribute)")
 
 
+def _revision_note(differ: list[str], provenance: Mapping, name: str = "the store") -> str:
+    """Why a store without features_revision (bmfn_pipeline.extract.FEATURES_REVISION) is not mixed with others."""
+    if "features_revision" not in differ or "features_revision" in provenance:
+        return ""
+    return (f" ({name} was made by a bmfn before features revision 2, whose audio embeddings may differ for clips "
+            "that begin with an AAC priming packet: extract them again)")
+
+
 def _defining(provenance: Mapping) -> dict:
     """The keys that decide the features: not the run's (RUN_KEYS), nor the name of a weight file whose checksum is
     recorded (the same weights found under another name, or on another machine, make the same features)."""
@@ -257,12 +265,9 @@ class FeatureStore:
         if provenance is not None:
             differ = _differences(_defining(self.provenance), _defining(provenance))
             if differ:
-                why = ("; it was made by a bmfn that did not record its features' revision, whose sound differs for "
-                       "clips that begin with an AAC priming packet: extract into another output file"
-                       if "features_revision" in differ and "features_revision" not in self.provenance
-                       else "; use another output file")
                 raise BmfnError(f"{self.path}: features were made differently: "
-                                f"{_described(differ, self.provenance, provenance, 'the store', 'this run')}{why}")
+                                f"{_described(differ, self.provenance, provenance, 'the store', 'this run')}"
+                                f"{_revision_note(differ, self.provenance)}; use another output file")
         self._reopened_if_moved(self._scan_parts)
 
     def _take_lock(self) -> None:
@@ -777,8 +782,9 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
             differ = _differences(_defining(first.provenance), _defining(store.provenance))
             if differ:
                 described = _described(differ, store.provenance, first.provenance, store.path.name, first.path.name)
-                raise BmfnError(f"{store.path}: features were made differently from {first.path}'s: {described}; "
-                                "they cannot be merged")
+                old = next((s for s in (first, store) if "features_revision" not in s.provenance), first)
+                raise BmfnError(f"{store.path}: features were made differently from {first.path}'s: {described}"
+                                f"{_revision_note(differ, old.provenance, old.path.name)}; they cannot be merged")
         if extending:  # its journal goes into the merged file; consolidating first leaves no parts behind
             stores[[s.path.resolve() for s in stores].index(out.resolve())].consolidate()
 

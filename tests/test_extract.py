@@ -244,9 +244,9 @@ def test_store_of_an_earlier_features_revision_takes_no_appends(extracted, clips
     assert result.exit_code == 1
     (line,) = error_lines(result.stderr)
     assert line.endswith(f"{out}: features were made differently: features_revision 'missing' (the store) vs "
-                         f"{FEATURES_REVISION} (this run); it was made by a bmfn that did not record its features' "
-                         "revision, whose sound differs for clips that begin with an AAC priming packet: extract "
-                         "into another output file")
+                         f"{FEATURES_REVISION} (this run) (the store was made by a bmfn before features revision 2, "
+                         "whose audio embeddings may differ for clips that begin with an AAC priming packet: extract "
+                         "them again); use another output file")
     assert file_digest(out) == before
 
 
