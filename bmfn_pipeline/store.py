@@ -54,10 +54,11 @@ LABEL_SHAPE = (SEGMENTS, NUM_CLASSES)
 STORAGE_DTYPES = ("float32", "float16")
 # Provenance keys that describe the run rather than the features: they may differ between appends.
 RUN_KEYS = frozenset({"bmfn_version", "created", "device", "precision", "batch_size", "workers", "command"})
-# A clip in two merged stores is the same clip when each modality's features are this close (cosine distance):
-# float rounding differs between runs with other thread counts (VGGish embeddings by ~3e-5, torchrun sets one thread
-# per rank) or precisions (bf16 and float32 maps: ~4e-5), while two different clips are tenths apart.
-SAME_FEATURES_COSINE = 1e-4
+# A clip in two merged stores is the same clip when each modality's arrays differ by at most this much of their
+# largest magnitude, or by two steps of the storage dtype's rounding: the thread count changes VGGish embeddings in
+# their last float32 digits (up to 3.4e-5 on values up to 34; torchrun runs one thread per rank), while bf16 and
+# float32 maps, or a video re-encoded even near-losslessly, differ by a few thousandths.
+SAME_FEATURES_RTOL = 1e-5
 # Clips copied per read/write while consolidating or exporting (about 64 MiB of float32 visual features).
 COPY_BLOCK = 64
 # HDF5 chunk cache per dataset, large enough to hold one float32 visual clip (1 MiB) several times over.
@@ -737,19 +738,20 @@ class MergeSummary:
 
 
 def _same_features(a: np.ndarray, b: np.ndarray) -> bool:
-    """Equal, or within SAME_FEATURES_COSINE of each other (cosine distance of the whole arrays)."""
+    """Equal but for float rounding: no element further apart than SAME_FEATURES_RTOL, or two rounding steps of the
+    storage dtype, times the arrays' largest magnitude."""
     if np.array_equal(a, b):
         return True
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    norms = np.linalg.norm(a) * np.linalg.norm(b)
-    return bool(norms > 0 and 1 - a @ b / norms <= SAME_FEATURES_COSINE)
+    tolerance = max(SAME_FEATURES_RTOL, 2 * float(np.finfo(np.promote_types(a.dtype, b.dtype)).eps))
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return bool(np.abs(a - b).max() <= tolerance * max(np.abs(a).max(), np.abs(b).max()))
 
 
 def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
     """Join feature stores (e.g. the shards of ``bmfn extract --shard``) into ``out``, written whole and swapped in.
 
     Every input must have the first one's feature-defining provenance. A clip id in two inputs is kept once when
-    its features are the same to float rounding (SAME_FEATURES_COSINE) and refused otherwise; so are labels given
+    its features are the same to float rounding (SAME_FEATURES_RTOL) and refused otherwise; so are labels given
     differently. Failures are kept for clips that no input holds. ``out`` may be one of the inputs (to extend it);
     otherwise it must not exist.
     Each input is locked while it is read, so a store still being written is refused and no writer starts meanwhile;
@@ -799,8 +801,11 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
                     ids.append(cid)
                     continue
                 if not all(_same_features(a, b) for a, b in zip(owner[cid].read(cid), store.read(cid))):
+                    precisions = owner[cid].provenance.get("precision"), store.provenance.get("precision")
+                    made = (f" (made in {precisions[0]} there and {precisions[1]} here, which differ by more than "
+                            "rounding)" if None not in precisions and precisions[0] != precisions[1] else "")
                     raise BmfnError(f"{store.path}: clip {cid!r} is also in {owner[cid].path} with different "
-                                    "features; remove it from one of them")
+                                    f"features{made}; remove it from one of them")
                 identical.append(cid)
             # consolidated clips first (copied in blocks), then journaled ones, which replace a consolidated copy
             taken.append((store, [c for c in ids if c not in store._parts] + [c for c in ids if c in store._parts]))

@@ -126,11 +126,12 @@ def test_merge_joins_clips_labels_and_failures(tmp_path):
         for cid, row in (("vid0002", 2), ("vid0100", 0)):
             visual, audio = store_read(a, row)
             store.add_clip(cid, visual + (cid == "vid0100"), audio, path=f"{cid}.mp4", warnings=["a warning"])
-        # vid0001 again, as a run with another thread count makes it: the same but for the last digits
+        # vid0001 again, as a run with another thread count makes it: float32 digits apart, which the float16
+        # storage rounds to the neighbouring value where they straddle a rounding midpoint
         visual, audio = store_read(a, 1)
-        noise = np.random.default_rng(0).normal(size=visual.shape) * 1e-3 * visual.astype(np.float64).std()
-        assert not np.array_equal((visual + noise).astype(np.float16), visual)
-        store.add_clip("vid0001", visual + noise, audio, path="vid0001.mp4")
+        flip = np.random.default_rng(0).random(audio.shape) < 0.05
+        audio[flip] = np.nextafter(audio[flip], np.float16(np.inf))
+        store.add_clip("vid0001", visual, audio, path="vid0001.mp4")
         store.add_failure("broken", "broken.mp4", "broken.mp4: cannot decode")
         store.add_failure("vid0001", "elsewhere/vid0001.mp4", "failed here, extracted in a.h5")
         store.set_labels(labels_for(["vid0100"], "test"))
@@ -162,9 +163,28 @@ def test_merge_refusals(tmp_path):
     with pytest.raises(BmfnError, match=r"b\.h5: features were made differently from .*a\.h5's: "
                                          r"visual\.checksum 'random:1' \(b\.h5\) vs 'random:0' \(a\.h5\); they cannot"):
         merge_stores([a, b], tmp_path / "out.h5")
+    revised = make_store(tmp_path / "revised.h5", n_clips=1, provenance={**STORE_PROVENANCE, "features_revision": 2})
+    with pytest.raises(BmfnError, match=r"revised\.h5: features were made differently from .*a\.h5's: "
+                                         r"features_revision 2 \(revised\.h5\) vs 'missing' \(a\.h5\) \(a\.h5 was made "
+                                         r"by a bmfn before features revision 2, .*: extract them again\); they cannot"):
+        merge_stores([a, revised], tmp_path / "out.h5")
     c = make_store(tmp_path / "c.h5", n_clips=2, seed=1)  # same ids, other features
-    with pytest.raises(BmfnError, match=r"c\.h5: clip 'vid0000' is also in .*a\.h5 with different features"):
+    with pytest.raises(BmfnError, match=r"c\.h5: clip 'vid0000' is also in .*a\.h5 with different features;"):
         merge_stores([a, c], tmp_path / "out.h5")
+    visual, audio = store_read(a, 0)
+    visual[3, 2, 1, 7] += 0.01 * np.abs(visual).max()  # a change beyond rounding, in one element
+    with FeatureStore.open(tmp_path / "d.h5", STORE_PROVENANCE) as store:
+        store.add_clip("vid0000", visual, audio, path="vid0000.mp4")
+    with pytest.raises(BmfnError, match=r"d\.h5: clip 'vid0000' is also in .*a\.h5 with different features;"):
+        merge_stores([a, tmp_path / "d.h5"], tmp_path / "out.h5")
+    a32, bf16 = ({**STORE_PROVENANCE, "precision": p} for p in ("float32", "bfloat16"))  # a run setting: mergeable
+    make_store(tmp_path / "a32.h5", n_clips=1, provenance=a32)
+    with FeatureStore.open(tmp_path / "bf16.h5", bf16) as store:
+        store.add_clip("vid0000", visual, audio, path="vid0000.mp4")
+    with pytest.raises(BmfnError, match=r"bf16\.h5: clip 'vid0000' is also in .*a32\.h5 with different features "
+                                         r"\(made in float32 there and bfloat16 here, which differ by more than "
+                                         r"rounding\); remove it"):
+        merge_stores([tmp_path / "a32.h5", tmp_path / "bf16.h5"], tmp_path / "out.h5")
     with pytest.raises(BmfnError, match="named twice"):
         merge_stores([a, tmp_path / "." / "a.h5"], tmp_path / "out.h5")
     with pytest.raises(BmfnError, match="already exists"):
