@@ -14,6 +14,7 @@ few steps, and loss differences of ~1e-4 relative. The float32 run is checked at
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -326,14 +327,33 @@ def test_ddp_training_matches_one_process(tmp_path):
     load_checkpoint(run_dir / "best.pt")  # the synchronised BatchNorm saves a plain BMFN checkpoint
     # rank 0's refusal (say, a run folder already taken) reaches the other rank as the same one line
     assert [Path(f"{report}.rank{rank}").read_text() for rank in (0, 1)] == ["run folder taken"] * 2
+    assert [Path(f"{report}.ddp{rank}").read_text() for rank in (0, 1)] == ["0", "0"]
 
 
 def _worker(config: str, report: str) -> None:
     """One rank of test_ddp_training_matches_one_process: the float64 gradient check, then the float32 run."""
-    model_config = BMFNConfig(mode="fully", **DDP_CONFIG["model"])
+    gc.disable()  # as when no automatic collection comes before the end: process_group must free DDP itself
     with process_group(torch.device("cpu")) as env:
-        torch.set_default_dtype(torch.float64)
-        errors = {}
+        errors = _gradient_errors()
+        if env.is_main:
+            Path(report).write_text(json.dumps(errors))
+        train(TrainConfig(**json.loads(config)))  # in the same process group
+        try:
+            share_from_main(lambda: (_ for _ in ()).throw(BmfnError("run folder taken")))
+        except BmfnError as exc:
+            Path(f"{report}.rank{env.rank}").write_text(str(exc))
+    # no DDP wrapper outlived the group (one left to the interpreter's exit can abort the process there)
+    alive = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
+    Path(f"{report}.ddp{env.rank}").write_text(str(alive))
+
+
+def _gradient_errors() -> dict[str, float]:
+    """DDP's gradients against one process's, in float64, relative to the largest; its DDP wrappers are garbage
+    once it returns (process_group collects them before the group goes)."""
+    model_config = BMFNConfig(mode="fully", **DDP_CONFIG["model"])
+    torch.set_default_dtype(torch.float64)
+    errors = {}
+    try:
         for n in (7, 1):  # split 3 + 4 between the ranks; a batch smaller than the world (a zero-weight stand-in)
             generator = torch.Generator().manual_seed(n)
             batch = {"visual": torch.rand(n, 10, *SMALL_VISUAL, generator=generator),
@@ -350,14 +370,9 @@ def _worker(config: str, report: str) -> None:
             want, got = dict(reference.named_parameters()), dict(model.named_parameters())
             errors[f"batch of {n}"] = max(float((got[k].grad - p.grad).abs().max() / p.grad.abs().max())
                                           for k, p in want.items())
+    finally:
         torch.set_default_dtype(torch.float32)
-        if env.is_main:
-            Path(report).write_text(json.dumps(errors))
-        train(TrainConfig(**json.loads(config)))  # in the same process group
-        try:
-            share_from_main(lambda: (_ for _ in ()).throw(BmfnError("run folder taken")))
-        except BmfnError as exc:
-            Path(f"{report}.rank{env.rank}").write_text(str(exc))
+    return errors
 
 
 if __name__ == "__main__":
