@@ -12,6 +12,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import REPO, per_branch_state_dict
 
 from bmfn_pipeline.ave import BACKGROUND, NUM_CLASSES, SEGMENTS
@@ -22,12 +23,15 @@ from bmfn_pipeline.model import (
     AudioVisualFusionAttention,
     BMFNConfig,
     BMFNOutput,
+    GroupedLinear,
+    _pointwise_conv,
     count_parameters,
     fully_supervised_loss,
     group_state_dict,
     predict_segments,
     weakly_supervised_loss,
 )
+from extractors.weights import uninitialised
 
 # The last commit whose model.py held one module per parallel block: the grouped model must compute what it did.
 PER_BRANCH_COMMIT = "f30bbabc106df6aef2a446f05ba7989e00322ef3"
@@ -216,6 +220,50 @@ def test_grouped_attention_is_nn_multihead_attention_per_group() -> None:
             torch.testing.assert_close(grouped.in_proj_weight.grad[g], reference.in_proj_weight.grad)
             torch.testing.assert_close(grouped.out_proj.weight.grad[g], reference.out_proj.weight.grad)
         grouped.zero_grad()
+
+
+def test_grouped_weights_initialise_as_nn_linear_and_take_gradients_without_a_copy() -> None:
+    """A grouped weight is [G,out,in] as nn.Linear's per group, drawn as nn.Linear draws it, but held in memory as
+    [G,in,out] (model.grouped_weight): backward writes its gradient in that layout, so autograd copies nothing."""
+    torch.manual_seed(0)
+    grouped = GroupedLinear(3, 16, 8)
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(16, 8)
+    assert grouped.weight.shape == (3, 8, 16)
+    torch.testing.assert_close(grouped.weight[0], reference.weight, rtol=0, atol=0)
+    torch.testing.assert_close(grouped.bias[0], reference.bias, rtol=0, atol=0)
+    x = torch.randn(3, 5, 16)
+    out = grouped(x)
+    torch.testing.assert_close(out[1], x[1] @ grouped.weight[1].T + grouped.bias[1])
+    with _RecordOps() as record:
+        out.square().sum().backward()
+    assert "copy_" not in record.ops and "clone" not in record.ops, record.ops
+    model = BMFN()
+    model(*_inputs(2))[0].sum().backward()
+    weights = [p for name, p in model.named_parameters() if p.ndim == 3]
+    assert len(weights) == 4 * 4 + 4 + 2  # self-attention layers, cross-modal block, fusion: 22 grouped weights
+    assert all(p.grad.stride() == p.stride() for p in weights)
+    loaded = uninitialised(BMFN)  # what load_checkpoint fills: the same layout
+    assert [p.stride() for p in loaded.parameters()] == [p.stride() for p in model.parameters()]
+
+
+def test_pointwise_conv_is_a_grouped_1x1_convolution() -> None:
+    """The ESA refinement's expansion (4 -> 8 channels per group) and reduction (8 -> 4), and one group."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 5, 7, dtype=torch.float64)
+    for groups, shape in ((3, (24, 4, 1, 1)), (3, (6, 4, 1, 1)), (1, (5, 12, 1, 1))):
+        weight = torch.randn(shape, dtype=torch.float64)
+        torch.testing.assert_close(_pointwise_conv(x, weight, groups), F.conv2d(x, weight, groups=groups))
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 def test_grouped_batch_norm_keeps_each_groups_training_statistics() -> None:
