@@ -9,12 +9,16 @@ eager step by kernel kind; and, on any device, the operations one step dispatche
     python benchmarks/train_step.py fused-adam per-branch ops --per-branch-model per_branch.py
     python benchmarks/train_step.py ops --per-branch-model per_branch.py    # on a CPU too
     python benchmarks/train_step.py set-to-none model --inductor combo_kernels=True  # an inductor setting's effect
+    git show 1fd3c06:bmfn_pipeline/model.py > before.py   # the model before its kernel-count changes
+    python benchmarks/train_step.py model-before model --before-model before.py --profile-replays
 
 Variants: foreach-adam (the baseline: capturable foreach Adam), fused-adam (fused Adam, gradients added into
 zeroed ones), per-branch (fused Adam, with the model of `--per-branch-model`: one module per parallel block),
 set-to-none (fused Adam, gradients set to None before each step, so backward writes them instead of adding into
 zeroed ones: the step `bmfn train --precision bfloat16` runs), cells and model (set-to-none with the per-cell
-attentions or the whole network compiled: model is the step of `bmfn train --precision bfloat16 --compile`).
+attentions or the whole network compiled: model is the step of `bmfn train --precision bfloat16 --compile`, with
+its inductor settings, train.COMPILE_OPTIONS, which take precedence over --inductor), model-before (model, with the
+model.py of `--before-model`).
 `ops` counts the aten operations of one eager step (forward, loss, backward, clipping, Adam), each a kernel launch
 or more on a GPU, for the current model with fused-adam and set-to-none, and for the per-branch one, and checks
 that set-to-none trains as fused-adam does. Inputs are random.
@@ -38,8 +42,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bmfn_pipeline import model as grouped_model
 from bmfn_pipeline.graphs import GraphedStep
 from bmfn_pipeline.model import BMFNOutput, fully_supervised_loss
+from bmfn_pipeline.train import COMPILE_OPTIONS
 
-VARIANTS = ("foreach-adam", "fused-adam", "cells", "model", "per-branch", "set-to-none", "profile", "ops")
+VARIANTS = ("foreach-adam", "fused-adam", "cells", "model-before", "model", "per-branch", "set-to-none", "profile",
+            "ops")
 VIEWS = {"view", "_unsafe_view", "reshape", "_reshape_alias", "transpose", "t", "unsqueeze", "squeeze", "expand",
          "permute", "select", "slice", "split", "split_with_sizes", "chunk", "unflatten", "flatten", "as_strided",
          "detach", "alias", "unbind", "empty", "empty_like", "empty_strided"}  # no kernel: not counted
@@ -55,8 +61,8 @@ def make_step(variant: str, device: str = "cuda", models: ModuleType = grouped_m
     if variant == "cells":  # the two attentions over the 7x7 cells, whose tensors are [B*T*49, 2560]
         model.visual_attention.compile()
         model.fusion_attention.compile()
-    elif variant == "model":
-        model.compile()
+    elif variant in ("model", "model-before"):
+        model.compile(options=COMPILE_OPTIONS)
     parameters = list(model.parameters())
     capturable = device == "cuda"  # for CUDA graphs; fused Adam runs on a CPU too (for `ops`)
     optimizer = torch.optim.Adam(parameters, lr=torch.tensor(5e-4, device=device) if capturable else 5e-4,
@@ -66,7 +72,7 @@ def make_step(variant: str, device: str = "cuda", models: ModuleType = grouped_m
         with torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False):
             output = model(inputs["visual"], inputs["audio"])
         loss = fully_supervised_loss(BMFNOutput(*(None if t is None else t.float() for t in output)), inputs["labels"])
-        optimizer.zero_grad(set_to_none=variant in ("set-to-none", "cells", "model"))
+        optimizer.zero_grad(set_to_none=variant in ("set-to-none", "cells", "model", "model-before"))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 0.1)
         optimizer.step()
@@ -139,13 +145,13 @@ def count_ops(batch: dict[str, torch.Tensor], per_branch: ModuleType | None) -> 
             + f"\nset-to-none after 3 steps: parameters differ from fused-adam's by at most {max(differences):.3g}")
 
 
-def load_models(path: str | None) -> ModuleType | None:
-    """The model.py at `path` as a module (bmfn's model before grouping, for the per-branch baseline)."""
+def load_models(path: str | None, name: str, commit: str) -> ModuleType | None:
+    """The model.py at `path` as a module named `name` (an earlier bmfn's model, for a baseline)."""
     if path is None:
         return None
     if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such file (write it with: git show f30bbab:bmfn_pipeline/model.py > {path})")
-    spec = importlib.util.spec_from_file_location("per_branch_model", path)
+        raise SystemExit(f"{path}: no such file (write it with: git show {commit}:bmfn_pipeline/model.py > {path})")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
@@ -176,6 +182,7 @@ def main() -> None:
     parser.add_argument("variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--steps", type=int, default=50, help="timed replays per variant")
     parser.add_argument("--per-branch-model", help="model.py of bmfn before grouping (variant per-branch, ops)")
+    parser.add_argument("--before-model", help="another model.py, such as bmfn's at 1fd3c06 (variant model-before)")
     parser.add_argument("--profile-replays", action="store_true",
                         help="also profile each timed variant's graph replays: kernels by kind, the 12 slowest")
     parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
@@ -183,8 +190,10 @@ def main() -> None:
                              "e.g. combo_kernels=True")
     args = parser.parse_args()
     set_inductor_options(args.inductor)
-    per_branch = load_models(args.per_branch_model)
-    variants = [v for v in args.variants if v != "per-branch" or per_branch is not None]
+    per_branch = load_models(args.per_branch_model, "per_branch_model", "f30bbab")
+    before = load_models(args.before_model, "before_model", "1fd3c06")
+    others = {"per-branch": per_branch, "model-before": before}
+    variants = [v for v in args.variants if v not in others or others[v] is not None]
     cuda = torch.cuda.is_available()
     if not cuda and variants != ["ops"]:
         raise SystemExit("benchmarks/train_step.py needs a CUDA device (CUDA graphs), except for the variant ops")
@@ -205,7 +214,7 @@ def main() -> None:
             print(count_ops(batch, per_branch), flush=True)
             continue
         began = time.perf_counter()
-        step = make_step(variant, models=per_branch if variant == "per-branch" else grouped_model)
+        step = make_step(variant, models=others.get(variant) or grouped_model)
         run = GraphedStep(step, enabled=True, log=print)
         for _ in range(5):  # warm-up calls, compilation and the capture
             run(batch)

@@ -69,6 +69,9 @@ CHECKPOINT_EVERY = 60.0  # seconds between writes of last.pt and best.pt (0: aft
 RUN_DEFAULTS = {"precision": "float32", "cuda_graphs": True, "checkpoint_every": CHECKPOINT_EVERY}
 RESUME_SETTINGS = ("epochs", *RUN_DEFAULTS)
 PROGRESS_EVERY = 10  # steps between progress-bar figures (reading them waits for the GPU)
+# --compile's inductor settings. Combo kernels fuse independent small kernels (such as the weights' bf16 casts) into
+# one launch: a graphed bf16 step on an H100 went from 863 to 661 kernels, 5.07 to 4.70 ms.
+COMPILE_OPTIONS = {"combo_kernels": True}
 # Provenance keys (a store's words, see bmfn_pipeline.extract.features_provenance) that change the feature space:
 # which network weights (random:<seed> included) and preprocessing, how frames and audio were framed.
 FEATURE_KEYS = ("visual.source", "visual.weights", "visual.checksum", "visual.preprocessing", "audio.weights",
@@ -353,9 +356,9 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
     model = BMFN(BMFNConfig(mode=config.mode, **config.model)).to(device)
     replica = wrap(model, device)  # DDP under torchrun (model's BatchNorm synchronised in place), else model
     # --compile: the whole network, for full batches only. The epoch's short batch and evaluation run the same
-    # weights eagerly, so that one batch shape is compiled (a first epoch of 53 s on an H200, 8.5 s with the kernels
+    # weights eagerly, so that one batch shape is compiled (a first epoch of 56 s on an H100, 6.9 s with the kernels
     # in torch's cache).
-    compiled = torch.compile(replica) if config.compile else replica
+    compiled = torch.compile(replica, options=COMPILE_OPTIONS) if config.compile else replica
     main = rank_env().is_main
     graphs = config.cuda_graphs and device.type == "cuda" and replica is model
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, capturable=graphs, fused=device.type == "cuda")
