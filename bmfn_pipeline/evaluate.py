@@ -99,18 +99,28 @@ def compute_precision(device: torch.device, precision: str):
         torch.set_float32_matmul_precision(matmul)
 
 
-@torch.no_grad()
-def predict_rows(model: torch.nn.Module, clips: ClipArrays, rows: np.ndarray, device: torch.device,
-                 batch_size: int | None = None, precision: str = "float32") -> tuple[np.ndarray, np.ndarray]:
-    """Predicted and true segment labels [len(rows),10] for the given rows, in sorted row order."""
+def predict_labels(model: torch.nn.Module, inputs: dict[str, torch.Tensor], device: torch.device,
+                   precision: str = "float32") -> torch.Tensor:
+    """Segment labels [B,10] of a batch's visual and audio features, in the model's current mode."""
     from bmfn_pipeline.model import predict_segments
 
+    with compute_precision(device, precision):
+        return predict_segments(model(inputs["visual"], inputs["audio"]))
+
+
+@torch.no_grad()
+def predict_rows(model: torch.nn.Module, clips: ClipArrays, rows: np.ndarray, device: torch.device,
+                 batch_size: int | None = None, precision: str = "float32",
+                 predict: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted and true segment labels [len(rows),10] for the given rows, in sorted row order. `predict` maps a
+    batch's {"visual", "audio"} to its labels (train passes predict_labels replayed as a CUDA graph: evaluating
+    val and test after each epoch is otherwise bound by kernel launches); default: predict_labels."""
     model.eval()
+    predict = predict or (lambda inputs: predict_labels(model, inputs, device, precision))
     preds, targets = [], []
     for batch in batches([(clips, np.sort(rows))], eval_batch_size(device, batch_size), device):
-        with compute_precision(device, precision):
-            output = model(batch["visual"], batch["audio"])
-        preds.append(predict_segments(output).cpu())
+        preds.append(predict({"visual": batch["visual"], "audio": batch["audio"]}).cpu())
         targets.append(batch["labels"].argmax(-1).cpu())
     if not preds:
         return np.zeros((0, ave.SEGMENTS), np.int64), np.zeros((0, ave.SEGMENTS), np.int64)

@@ -16,6 +16,7 @@ for: there, --resume continues the run faithfully but not bit for bit.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -36,7 +37,8 @@ from bmfn_pipeline.data import FeatureData, batches, find_default_data, load_dat
 from bmfn_pipeline.distributed import (all_sum, local_batch, process_group, rank_device, rank_env, resolve_device,
                                        seed_rank, share_from_main, wrap)
 from bmfn_pipeline.errors import BmfnError
-from bmfn_pipeline.evaluate import CLASS_NAMES, compute_precision, predict_rows, segment_accuracy, to_numpy
+from bmfn_pipeline.evaluate import (CLASS_NAMES, compute_precision, predict_labels, predict_rows, segment_accuracy,
+                                   to_numpy)
 from bmfn_pipeline.graphs import GraphedStep
 from bmfn_pipeline.model import (BMFN, BMFNConfig, BMFNOutput, fully_supervised_loss, group_state_dict,
                                  predict_segments, weakly_supervised_loss)
@@ -410,6 +412,9 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
         sums.add(loss.detach(), correct, n, n * batch["labels"].shape[1])
 
     run_step = GraphedStep(step, enabled=graphs, log=log)
+    # Evaluation of val and test after each epoch: the forward passes replayed as CUDA graphs too.
+    predict = GraphedStep(functools.partial(predict_labels, model, device=device, precision=config.precision),
+                          enabled=graphs, log=log)
     saver = _Saver(run_dir, config.checkpoint_every, enabled=main)
     try:
         for epoch in range(start + 1, config.epochs + 1):
@@ -439,7 +444,7 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
             loss_sum, correct, clips, segments = all_sum(sums.values[:4]).tolist()
             # None, not NaN, for a split without clips: metrics.jsonl stays strict JSON
             accs = {split: segment_accuracy(*predict_rows(model, data.clips, data.splits[split], device,
-                                                          config.eval_batch_size, config.precision))
+                                                          config.eval_batch_size, config.precision, predict))
                     if len(data.splits[split]) else None for split in ("val", "test")}
             scheduler.step()
             record = {"epoch": epoch, "loss": loss_sum / clips, "train_acc": 100 * correct / segments,

@@ -8,7 +8,10 @@ import pytest
 import torch
 from test_data import SMALL_MODEL, make_ave_dir
 
-from bmfn_pipeline.graphs import WARMUP_CALLS
+from bmfn_pipeline.data import ClipArrays
+from bmfn_pipeline.evaluate import predict_labels, predict_rows
+from bmfn_pipeline.graphs import WARMUP_CALLS, GraphedStep
+from bmfn_pipeline.model import BMFN, BMFNConfig
 from bmfn_pipeline.train import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -60,3 +63,31 @@ def test_graphed_training_with_dropout_learns_and_resumes_on_cpu(tmp_path, compi
     resumed = train(TrainConfig(resume=str(tmp_path / "run"), epochs=9, device="cpu", progress=False),
                     log=lambda *_: None)
     assert resumed.runs[0].epochs == 9 and _metrics(tmp_path / "run")[-1]["epoch"] == 9
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_graphed_evaluation_predicts_what_eager_evaluation_does(precision):
+    """train's evaluation: predict_labels replayed as CUDA graphs (two batch shapes) gives the eager labels, also
+    after the weights change in place between calls (an optimiser step), as they do between epochs."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = BMFN(BMFNConfig(**SMALL_MODEL)).to(device)
+    n = 40
+    labels = torch.zeros(n, 10, 29, device=device)
+    labels[..., 28] = 1
+    clips = ClipArrays(torch.randn(n, 10, 2, 2, 16, device=device), torch.randn(n, 10, 8, device=device), labels,
+                       labels.amax(dim=1))  # SMALL_MODEL's 2x2 cells of 16 channels and 8-d audio
+    rows = torch.randperm(n).numpy()
+    predict = GraphedStep(lambda inputs: predict_labels(model, inputs, device, precision), enabled=True)
+    for call in range(WARMUP_CALLS + 3):
+        with torch.no_grad():
+            for parameter in model.parameters():  # new weights, written in place
+                parameter.add_(0.05 * torch.randn_like(parameter))
+            model.head.classifier.weight.normal_()  # events and background both predicted
+            model.head.classifier.bias.zero_()
+            model.head.event_classifier.weight.normal_()
+        graphed = predict_rows(model, clips, rows, device, 16, precision, predict)[0]
+        eager = predict_rows(model, clips, rows, device, 16, precision)[0]
+        assert (graphed == eager).all(), call
+        assert 28 in graphed and len(set(graphed.ravel().tolist())) > 2
+    assert len(predict._graphs) == 2  # batches of 16 and the last one of 8, each captured

@@ -67,7 +67,27 @@ def test_each_batch_runs_once_with_its_own_values(fake_cuda):
     for got, want in zip(seen, batches):
         torch.testing.assert_close(got, want)
     assert len(eager) == 2 * WARMUP_CALLS  # each shape: warm-up calls, then its own graph
-    assert len(run._graphs) == 2 and all(g.replays > 0 for g, _ in run._graphs.values())
+    assert len(run._graphs) == 2 and all(g.replays > 0 for g, _, _ in run._graphs.values())
+
+
+def test_a_step_returns_its_result_and_a_replay_the_graphs_output(fake_cuda):
+    """Evaluation's forward passes: each call returns that batch's result; once captured, the graph's own output
+    tensor, which each replay fills anew."""
+    def doubling(inputs):
+        out = inputs["x"] * 2
+        if fake_cuda["capturing"] is not None:
+            fake_cuda["capturing"].recorded = lambda: out.copy_(inputs["x"] * 2)
+        return out
+
+    run = GraphedStep(doubling, enabled=True)
+    returned = []
+    for i in range(WARMUP_CALLS + 3):
+        x = torch.arange(3.0) + i
+        result = run({"x": x})
+        torch.testing.assert_close(result, 2 * x)
+        returned.append(result)
+    captured = returned[WARMUP_CALLS:]
+    assert all(result is captured[0] for result in captured)  # the graph's output, not a copy per call
 
 
 def test_a_failed_capture_falls_back_to_eager_steps_and_says_so(fake_cuda):
