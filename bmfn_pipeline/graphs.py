@@ -60,6 +60,9 @@ class GraphedStep:
             torch.cuda.current_stream().wait_stream(self._stream)
             return outputs
         static = {name: tensor.clone() for name, tensor in inputs.items()}
+        # The capture allocates the graph's own memory pool; the blocks the warm-up calls left cached would otherwise
+        # stay reserved beside it (evaluation's batches of 256 clips: several GB twice over).
+        torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, stream=self._stream):

@@ -91,3 +91,23 @@ def test_graphed_evaluation_predicts_what_eager_evaluation_does(precision):
         assert (graphed == eager).all(), call
         assert 28 in graphed and len(set(graphed.ravel().tolist())) > 2
     assert len(predict._graphs) == 2  # batches of 16 and the last one of 8, each captured
+
+
+def test_a_capture_does_not_keep_the_warm_up_calls_memory_beside_its_own():
+    """The warm-up calls' cached blocks are released before the capture allocates the graph's pool, so a step
+    whose temporaries take 1 GiB reserves about 1 GiB once captured, not 2."""
+    gib = 1 << 30
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    total = torch.zeros((), device="cuda")
+
+    def step(inputs):
+        temporary = torch.full((gib // 4,), 1.0, device="cuda")  # one 1 GiB block, freed when the step returns
+        total.add_(temporary.mul_(inputs["x"]).mean())
+
+    run = GraphedStep(step, enabled=True)
+    for _ in range(WARMUP_CALLS + 2):
+        run({"x": torch.full((), 2.0, device="cuda")})
+    torch.cuda.synchronize()
+    assert len(run._graphs) == 1 and total.item() == 2.0 * (WARMUP_CALLS + 2)
+    assert torch.cuda.memory_reserved() - before < 1.5 * gib
