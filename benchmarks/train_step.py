@@ -11,14 +11,15 @@ eager step by kernel kind; and, on any device, the operations one step dispatche
     python benchmarks/train_step.py set-to-none model --inductor combo_kernels=True  # an inductor setting's effect
     git show 1fd3c06:bmfn_pipeline/model.py > before.py   # the model before its kernel-count changes
     python benchmarks/train_step.py model-before model --before-model before.py --profile-replays
+    python benchmarks/train_step.py before set-to-none --before-model before.py   # the same, uncompiled
 
 Variants: foreach-adam (the baseline: capturable foreach Adam), fused-adam (fused Adam, gradients added into
 zeroed ones), per-branch (fused Adam, with the model of `--per-branch-model`: one module per parallel block),
 set-to-none (fused Adam, gradients set to None before each step, so backward writes them instead of adding into
 zeroed ones: the step `bmfn train --precision bfloat16` runs), cells and model (set-to-none with the per-cell
 attentions or the whole network compiled: model is the step of `bmfn train --precision bfloat16 --compile`, with
-its inductor settings, train.COMPILE_OPTIONS, which take precedence over --inductor), model-before (model, with the
-model.py of `--before-model`).
+its inductor settings, train.COMPILE_OPTIONS, which take precedence over --inductor), before and model-before
+(set-to-none and model with the model.py of `--before-model`).
 `ops` counts the aten operations of one eager step (forward, loss, backward, clipping, Adam), each a kernel launch
 or more on a GPU, for the current model with fused-adam and set-to-none, and for the per-branch one, and checks
 that set-to-none trains as fused-adam does. Inputs are random.
@@ -44,8 +45,8 @@ from bmfn_pipeline.graphs import GraphedStep
 from bmfn_pipeline.model import BMFNOutput, fully_supervised_loss
 from bmfn_pipeline.train import COMPILE_OPTIONS
 
-VARIANTS = ("foreach-adam", "fused-adam", "cells", "model-before", "model", "per-branch", "set-to-none", "profile",
-            "ops")
+VARIANTS = ("foreach-adam", "fused-adam", "cells", "model-before", "model", "per-branch", "before", "set-to-none",
+            "profile", "ops")
 VIEWS = {"view", "_unsafe_view", "reshape", "_reshape_alias", "transpose", "t", "unsqueeze", "squeeze", "expand",
          "permute", "select", "slice", "split", "split_with_sizes", "chunk", "unflatten", "flatten", "as_strided",
          "detach", "alias", "unbind", "empty", "empty_like", "empty_strided"}  # no kernel: not counted
@@ -72,7 +73,7 @@ def make_step(variant: str, device: str = "cuda", models: ModuleType = grouped_m
         with torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False):
             output = model(inputs["visual"], inputs["audio"])
         loss = fully_supervised_loss(BMFNOutput(*(None if t is None else t.float() for t in output)), inputs["labels"])
-        optimizer.zero_grad(set_to_none=variant in ("set-to-none", "cells", "model", "model-before"))
+        optimizer.zero_grad(set_to_none=variant in ("set-to-none", "cells", "model", "model-before", "before"))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 0.1)
         optimizer.step()
@@ -182,7 +183,8 @@ def main() -> None:
     parser.add_argument("variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--steps", type=int, default=50, help="timed replays per variant")
     parser.add_argument("--per-branch-model", help="model.py of bmfn before grouping (variant per-branch, ops)")
-    parser.add_argument("--before-model", help="another model.py, such as bmfn's at 1fd3c06 (variant model-before)")
+    parser.add_argument("--before-model",
+                        help="another model.py, such as bmfn's at 1fd3c06 (variants before and model-before)")
     parser.add_argument("--profile-replays", action="store_true",
                         help="also profile each timed variant's graph replays: kernels by kind, the 12 slowest")
     parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
@@ -192,7 +194,7 @@ def main() -> None:
     set_inductor_options(args.inductor)
     per_branch = load_models(args.per_branch_model, "per_branch_model", "f30bbab")
     before = load_models(args.before_model, "before_model", "1fd3c06")
-    others = {"per-branch": per_branch, "model-before": before}
+    others = {"per-branch": per_branch, "before": before, "model-before": before}
     variants = [v for v in args.variants if v not in others or others[v] is not None]
     cuda = torch.cuda.is_available()
     if not cuda and variants != ["ops"]:
