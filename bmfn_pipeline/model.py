@@ -152,13 +152,14 @@ class GroupedLinear(nn.Module):
 
     def __init__(self, groups: int, in_features: int, out_features: int) -> None:
         super().__init__()
-        weight = torch.empty(groups, out_features, in_features)
-        self.bias = nn.Parameter(torch.empty(groups, out_features))
+        weight, bias = torch.empty(groups, out_features, in_features), torch.empty(groups, out_features)
         bound = in_features ** -0.5
-        for group_weight, bias in zip(weight, self.bias.data):
+        for group_weight, group_bias in zip(weight, bias):
             nn.init.kaiming_uniform_(group_weight, a=math.sqrt(5))
-            nn.init.uniform_(bias, -bound, bound)
+            nn.init.uniform_(group_bias, -bound, bound)
+        # The weight first, as nn.Linear registers them: a last.pt's optimizer state follows the parameters' order.
         self.weight = grouped_weight(weight)
+        self.bias = nn.Parameter(bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return _grouped_linear(x, self.weight, self.bias)
@@ -168,7 +169,8 @@ def grouped_weight(weight: Tensor) -> nn.Parameter:
     """A parameter equal to weight [G,out,in] (nn.Linear's layout per group) that is held in memory as [G,in,out],
     the layout the batched product reads. Backward then writes its gradient in the parameter's own layout; with a
     contiguous [G,out,in] parameter, autograd copied every such gradient once more to match it (one copy kernel
-    per weight per training step). Checkpoints keep the [G,out,in] shape."""
+    per weight per training step). Checkpoints keep the [G,out,in] shape. (A flat view of it, as
+    torch.nn.utils.parameters_to_vector takes, needs .contiguous() first.)"""
     return nn.Parameter(weight.transpose(1, 2).contiguous().transpose(1, 2))
 
 

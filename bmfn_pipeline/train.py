@@ -559,9 +559,12 @@ def _prepare_optimizer(optimizer: torch.optim.Optimizer, graphs: bool, device: t
         lr = float(group["lr"])
         group["lr"] = torch.tensor(lr, device=device) if graphs else lr
         group["capturable"], group["fused"] = graphs, fused
-    for state in optimizer.state.values():
+    for parameter, state in optimizer.state.items():
         if "step" in state:
             state["step"] = state["step"].to(device if graphs or fused else "cpu", torch.float32)
+        for key, value in list(state.items()):  # Adam's moments in their parameter's layout, which fused Adam requires
+            if key != "step" and value.shape == parameter.shape and value.stride() != parameter.stride():
+                state[key] = torch.empty_like(parameter).copy_(value)  # a last.pt of bmfn before 8f94c53
 
 
 def _save(state: dict, path: Path) -> None:

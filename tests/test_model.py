@@ -35,6 +35,8 @@ from extractors.weights import uninitialised
 
 # The last commit whose model.py held one module per parallel block: the grouped model must compute what it did.
 PER_BRANCH_COMMIT = "f30bbabc106df6aef2a446f05ba7989e00322ef3"
+# The last commit whose grouped weights were contiguous [G,out,in] tensors (model.grouped_weight came after it).
+CONTIGUOUS_COMMIT = "1fd3c06b606e482ea7adb9e59e21bfd09283d883"
 # bmfn-reference.md section 4: live counts 26,768,671 / 26,768,928 plus 6 ESA modules of 88 parameters each.
 EXPECTED_PARAMETERS = {"fully": 26_768_671 + 6 * 88, "weakly": 26_768_928 + 6 * 88}
 
@@ -291,17 +293,37 @@ def test_grouped_batch_norm_keeps_each_groups_training_statistics() -> None:
         torch.testing.assert_close(grouped.bn8.running_var[reduced], single.bn8.running_var)
 
 
-@pytest.fixture(scope="module")
-def per_branch_models() -> types.ModuleType:
-    """bmfn_pipeline/model.py as of PER_BRANCH_COMMIT, read from the repository's history."""
+def _model_at(commit: str, name: str) -> types.ModuleType:
+    """bmfn_pipeline/model.py as of `commit`, read from the repository's history, as module `name`."""
     try:
-        source = subprocess.run(["git", "show", f"{PER_BRANCH_COMMIT}:bmfn_pipeline/model.py"], cwd=REPO,
+        source = subprocess.run(["git", "show", f"{commit}:bmfn_pipeline/model.py"], cwd=REPO,
                                 capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        pytest.skip(f"the per-block model needs the repository's git history (commit {PER_BRANCH_COMMIT[:7]})")
-    module = sys.modules["per_branch_model"] = types.ModuleType("per_branch_model")  # dataclasses look it up
-    exec(compile(source, "per_branch_model.py", "exec"), module.__dict__)
+        pytest.skip(f"{name} needs the repository's git history (commit {commit[:7]})")
+    module = sys.modules[name] = types.ModuleType(name)  # dataclasses look it up
+    exec(compile(source, f"{name}.py", "exec"), module.__dict__)
     return module
+
+
+@pytest.fixture(scope="module")
+def per_branch_models() -> types.ModuleType:
+    return _model_at(PER_BRANCH_COMMIT, "per_branch_model")
+
+
+def test_parameters_keep_the_order_and_values_of_the_contiguous_model() -> None:
+    """The model before its grouped weights were held transposed (CONTIGUOUS_COMMIT) has the same parameters in the
+    same order (a last.pt's optimizer state is matched to them by position), draws the same initial values from
+    the same seed, and computes the same outputs."""
+    before = _model_at(CONTIGUOUS_COMMIT, "contiguous_model")
+    torch.manual_seed(0)
+    old = before.BMFN(before.BMFNConfig()).eval()
+    torch.manual_seed(0)
+    new = BMFN().eval()
+    assert [name for name, _ in old.named_parameters()] == [name for name, _ in new.named_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(old.parameters(), new.parameters()))
+    with torch.no_grad():
+        for a, b in zip(old(*_inputs(2)), new(*_inputs(2))):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["fully", "weakly"])

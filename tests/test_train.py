@@ -20,6 +20,7 @@ from bmfn_pipeline.cli import main
 from bmfn_pipeline.data import compact_visual, load_store
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.evaluate import eval_batch_size, evaluate
+from bmfn_pipeline.model import BMFN, BMFNConfig
 from bmfn_pipeline.train import (REFERENCE, TrainConfig, check_provenance, latest_checkpoint, load_checkpoint,
                                  resolve_checkpoint, train)
 
@@ -116,10 +117,14 @@ def test_resume_continues_where_the_run_stopped(tmp_path):
     train(TrainConfig(out=str(tmp_path / "resumed"), epochs=2, **config), log=quiet)
     with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # lines written just before a kill are dropped,
         f.write(json.dumps({"epoch": 3, "loss": 0.0}) + "\n" + '{"epoch": 4, "lo')  # a torn one too
-    # As a CUDA run saves it (fused, capturable Adam): resuming on the CPU must switch both off again.
+    # As a CUDA run saves it (fused, capturable Adam): resuming on the CPU must switch both off again. And as bmfn
+    # before 8f94c53 saved it, with the grouped weights' Adam moments contiguous: they must take their parameters'
+    # layout again (fused Adam requires it).
     last = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
     for group in last["optimizer"]["param_groups"]:
         group.update(fused=True, capturable=True)
+    for moments in last["optimizer"]["state"].values():
+        moments.update({key: value.contiguous() for key, value in moments.items() if key != "step"})
     torch.save(last, tmp_path / "resumed" / "last.pt")
     result = train(TrainConfig(resume=str(tmp_path / "resumed"), epochs=4, progress=False), log=quiet)
     assert result.runs[0].epochs == 4
@@ -131,8 +136,14 @@ def test_resume_continues_where_the_run_stopped(tmp_path):
     assert [line["lr"] for line in metrics("straight")] == [2e-3, 2e-3, 2e-3, 1e-3]
     assert metrics("resumed") == metrics("straight")
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model_state"]
-    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["model_state"]
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    b = resumed["model_state"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    names = [name for name, _ in BMFN(BMFNConfig(**resumed["model_config"])).named_parameters()]
+    moments = resumed["optimizer"]["state"]
+    assert any(not b[name].is_contiguous() for name in names)  # the grouped weights
+    assert all(moments[i][key].stride() == b[name].stride() for i, name in enumerate(names)
+               for key in ("exp_avg", "exp_avg_sq"))
 
 
 def test_resume_keeps_the_epoch_selected_before_the_stop(tmp_path, monkeypatch):
