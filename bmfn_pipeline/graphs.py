@@ -33,13 +33,20 @@ class GraphedStep:
     signature run eagerly (they are real steps) and the next one is captured as a CUDA graph that every later call
     replays after copying its inputs into the graph's own input tensors, returning the graph's outputs (valid until
     the next call). Without `enabled` (CPU, torchrun), every call is eager; so are all calls after a capture that
-    fails (an operation some driver or library cannot capture), said once in `log`."""
+    fails (an operation some driver or library cannot capture), said once in `log`.
 
-    def __init__(self, step: Step, enabled: bool, log: Callable[[str], None] = print) -> None:
+    With `share_memory`, the graphs of all input signatures share one memory pool, which holds the largest one's
+    temporaries instead of each one's: for steps that keep nothing between calls but the result they return
+    (evaluation, whose batch of 256 float32 clips needs ~3 GB). A training step keeps the gradients its graph
+    wrote, which another graph's temporaries could then overwrite."""
+
+    def __init__(self, step: Step, enabled: bool, log: Callable[[str], None] = print,
+                 share_memory: bool = False) -> None:
         self.step, self.enabled, self.log = step, enabled, log
         self._calls: Counter = Counter()
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, Tensor], Any]] = {}
         self._stream = torch.cuda.Stream() if enabled else None
+        self._pool = torch.cuda.graph_pool_handle() if enabled and share_memory else None
 
     def __call__(self, inputs: dict[str, Tensor]) -> Any:
         if not self.enabled:
@@ -65,7 +72,7 @@ class GraphedStep:
         torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=self._stream):
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
                 outputs = self.step(static)
         except RuntimeError as exc:  # nothing ran: a capture only records, so the step can still run eagerly
             self.enabled = False

@@ -412,9 +412,10 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
         sums.add(loss.detach(), correct, n, n * batch["labels"].shape[1])
 
     run_step = GraphedStep(step, enabled=graphs, log=log)
-    # Evaluation of val and test after each epoch: the forward passes replayed as CUDA graphs too.
+    # Evaluation of val and test after each epoch: the forward passes replayed as CUDA graphs too (each result is
+    # copied to the host before the next call, so the batch shapes' graphs can share their memory).
     predict = GraphedStep(functools.partial(predict_labels, model, device=device, precision=config.precision),
-                          enabled=graphs, log=log)
+                          enabled=graphs, log=log, share_memory=True)
     saver = _Saver(run_dir, config.checkpoint_every, enabled=main)
     try:
         for epoch in range(start + 1, config.epochs + 1):

@@ -111,3 +111,24 @@ def test_a_capture_does_not_keep_the_warm_up_calls_memory_beside_its_own():
     torch.cuda.synchronize()
     assert len(run._graphs) == 1 and total.item() == 2.0 * (WARMUP_CALLS + 2)
     assert torch.cuda.memory_reserved() - before < 1.5 * gib
+
+
+@pytest.mark.parametrize("share_memory", [False, True])
+def test_shared_memory_holds_the_largest_graphs_temporaries_not_their_sum(share_memory):
+    """Evaluation's graphs (batches of 256 and the remainder) share one pool: 1 GiB and 0.5 GiB temporaries
+    reserve about 1 GiB, where a pool per graph reserves 1.5."""
+    gib = 1 << 30
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+
+    def step(inputs):
+        temporary = torch.ones(inputs["x"].shape[0] * (gib // 16), device="cuda")  # 0.25 GiB per row of x
+        return temporary.mul_(inputs["x"].sum()).mean()
+
+    run = GraphedStep(step, enabled=True, share_memory=share_memory)
+    for rows in (4, 2):
+        for _ in range(WARMUP_CALLS + 2):
+            result = run({"x": torch.ones(rows, device="cuda")})
+            assert result.item() == pytest.approx(rows)
+    reserved = torch.cuda.memory_reserved() - before
+    assert reserved < 1.25 * gib if share_memory else reserved > 1.4 * gib

@@ -23,11 +23,12 @@ class FakeGraph:
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    state = {"capturing": None, "fail": False}
+    state = {"capturing": None, "fail": False, "pools": []}
 
     @contextlib.contextmanager
-    def graph(g, stream=None):
+    def graph(g, pool=None, stream=None):
         state["capturing"] = g
+        state["pools"].append(pool)
         try:
             yield
             if state["fail"]:
@@ -44,6 +45,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
     return state
 
 
@@ -88,6 +90,16 @@ def test_a_step_returns_its_result_and_a_replay_the_graphs_output(fake_cuda):
         returned.append(result)
     captured = returned[WARMUP_CALLS:]
     assert all(result is captured[0] for result in captured)  # the graph's output, not a copy per call
+
+
+@pytest.mark.parametrize("share_memory", [False, True])
+def test_graphs_share_one_memory_pool_only_when_asked(fake_cuda, share_memory):
+    run = GraphedStep(_counting_step(fake_cuda, [], []), enabled=True, share_memory=share_memory)
+    for shape in (4, 2):
+        for _ in range(WARMUP_CALLS + 1):
+            run({"x": torch.zeros(shape)})
+    first, second = fake_cuda["pools"]
+    assert (first is second and first is not None) if share_memory else first is second is None  # None: its own
 
 
 def test_a_failed_capture_falls_back_to_eager_steps_and_says_so(fake_cuda):
