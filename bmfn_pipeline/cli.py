@@ -327,7 +327,7 @@ def _milestones(ctx, param, value):
                    "Default on; a resumed run keeps its own.")
 @click.option("--compile", "compile_network", is_flag=True,
               help="torch.compile the network (full batches): a graphed bf16 step takes 4.0 ms on an H100; the "
-                   "first epoch takes ~56 s there, ~7 s once the kernels are in torch's cache.")
+                   "first epoch takes ~56 s there, ~7 s once the kernels are in bmfn's cache.")
 @click.option("--checkpoint-every", type=click.FloatRange(0),
               help="Seconds between writes of last.pt and best.pt (also at the end). Default 60; 0: every epoch; "
                    "a resumed run keeps its own.")

@@ -42,7 +42,7 @@ from bmfn_pipeline.evaluate import (CLASS_NAMES, compute_precision, predict_labe
 from bmfn_pipeline.graphs import GraphedStep
 from bmfn_pipeline.model import (BMFN, BMFNConfig, BMFNOutput, fully_supervised_loss, group_state_dict,
                                  predict_segments, weakly_supervised_loss)
-from extractors.weights import read_torch_file, uninitialised
+from extractors.weights import read_torch_file, uninitialised, use_compile_cache
 
 
 @dataclass(frozen=True)
@@ -359,7 +359,9 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
     replica = wrap(model, device)  # DDP under torchrun (model's BatchNorm synchronised in place), else model
     # --compile: the whole network, for full batches only. The epoch's short batch and evaluation run the same
     # weights eagerly, so that one batch shape is compiled (a first epoch of 56 s on an H100, 6.9 s with the kernels
-    # in torch's cache).
+    # in the compile cache, which use_compile_cache puts in bmfn's cache folder).
+    if config.compile:
+        use_compile_cache()
     compiled = torch.compile(replica, options=COMPILE_OPTIONS) if config.compile else replica
     main = rank_env().is_main
     graphs = config.cuda_graphs and device.type == "cuda" and replica is model

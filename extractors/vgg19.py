@@ -20,8 +20,8 @@ from torch import nn
 
 from bmfn_pipeline.errors import BmfnError
 from extractors.int8 import cached_int8, calibration_record, is_int8, quantize_int8
-from extractors.weights import (WEIGHTS, random_weights_provenance, read_torch_file, uninitialised, weight_path,
-                               weights_provenance)
+from extractors.weights import (WEIGHTS, random_weights_provenance, read_torch_file, uninitialised, use_compile_cache,
+                               weight_path, weights_provenance)
 
 # VGG-19 is configuration E of Simonyan & Zisserman 2015 (torchvision vgg.cfgs["E"]): conv widths, "M" a 2x2 max-pool.
 VGG19_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
@@ -198,6 +198,7 @@ class VisualExtractor:
         if self.precision == "int8" and not is_int8(self.module):
             self.module = quantize_int8(self.module, self.preprocess, cache_key=_int8_cache_key(self.provenance))
         if self.compile:  # compiled at the first batch; a clip's shorter last batch compiles once more
+            use_compile_cache()
             self.module = torch.compile(self.module)
 
     @torch.inference_mode()

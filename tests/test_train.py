@@ -431,10 +431,14 @@ def test_select_on_test_is_said(tmp_path):
     assert "optimistic" in result.summary() and result.runs[0].selected_on == "test"
 
 
-def test_compiled_network_trains_like_eager(tmp_path):
+def test_compiled_network_trains_like_eager(tmp_path, monkeypatch):
     """TrainConfig.compile changes the kernels, not the arithmetic: without dropout (whose random numbers differ
     once compiled) the losses match eager ones, and the checkpoint is a plain BMFN state_dict. Only the full batches
-    run compiled: the short batch (20 training clips, batch 8) and evaluation add no second compiled graph."""
+    run compiled: the short batch (20 training clips, batch 8) and evaluation add no second compiled graph. The
+    compiled run keeps its kernels in bmfn's cache folder (use_compile_cache, tested in test_weights.py; here left
+    where earlier runs compiled, so that this test compiles from a warm cache)."""
+    cache_calls = []
+    monkeypatch.setattr(train_module, "use_compile_cache", lambda: cache_calls.append(1))
     directory = make_ave_dir(tmp_path / "ave", n_clips=30)
     model = {**SMALL_MODEL, "dropout": 0.0, "visual_dropout": 0.0}
     config = dict(FAST, model=model, mode="fully", ave_dir=str(directory), epochs=2)
@@ -447,3 +451,4 @@ def test_compiled_network_trains_like_eager(tmp_path):
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
     restored, _ = load_checkpoint(compiled.runs[0].best_checkpoint)
     assert set(restored.state_dict()) == set(torch.load(eager.runs[0].best_checkpoint, weights_only=True)["model_state"])
+    assert cache_calls == [1]  # the compiled run only

@@ -25,6 +25,7 @@ from extractors.weights import (
     random_provenance,
     random_weights_provenance,
     read_torch_file,
+    use_compile_cache,
     weight_path,
     weights_provenance,
 )
@@ -69,6 +70,24 @@ def test_registry_names_and_checksums():
     assert {WEIGHTS[n].option for n in ("vgg19-keras", "vgg19-torchvision")} == {"--vgg19-weights"}
     assert WEIGHTS["vggish"].option == "--vggish-weights"
     assert "pca_weights=" in WEIGHTS["vggish-pca"].option  # no command reads the PCA file: the Python argument
+
+
+def test_compile_cache_is_in_bmfns_cache_unless_torchs_variable_is_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Torch's default is under /tmp, which reboots and clean-ups empty: `train --compile` would compile again."""
+    monkeypatch.setenv("BMFN_CACHE", str(tmp_path / "bmfn"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert use_compile_cache() == tmp_path / "bmfn" / "inductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "bmfn" / "inductor")  # what torch then reads
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert use_compile_cache() == tmp_path / "mine"
+    import torch._dynamo  # noqa: F401  (sets the variable to torch's default, under /tmp, where unset)
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    assert use_compile_cache() == tmp_path / "bmfn" / "inductor"
+    torch._dynamo.reset()
+    torch.compile(lambda x: torch.relu(x.sin() + 1))(torch.randn(8))  # what torch writes goes there
+    assert any(path.is_file() for path in (tmp_path / "bmfn" / "inductor").rglob("*"))
 
 
 def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
