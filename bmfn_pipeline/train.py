@@ -566,7 +566,8 @@ def _prepare_optimizer(optimizer: torch.optim.Optimizer, graphs: bool, device: t
         if "step" in state:
             state["step"] = state["step"].to(device if graphs or fused else "cpu", torch.float32)
         for key, value in list(state.items()):  # Adam's moments in their parameter's layout, which fused Adam requires
-            if key != "step" and value.shape == parameter.shape and value.stride() != parameter.stride():
+            if (key != "step" and isinstance(value, torch.Tensor) and value.shape == parameter.shape
+                    and value.stride() != parameter.stride()):
                 state[key] = torch.empty_like(parameter).copy_(value)  # a last.pt of bmfn before 8f94c53
 
 

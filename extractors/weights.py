@@ -110,17 +110,26 @@ def cache_dir() -> Path:
     return Path(torch_home).expanduser() / "bmfn"
 
 
+# TORCHINDUCTOR_CACHE_DIR as it was when bmfn was imported: importing torch._dynamo writes into it (torch's default
+# where it was unset, an absolute path where it was empty or relative).
+_COMPILE_CACHE_AT_IMPORT = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
+
 def use_compile_cache() -> Path:
-    """Where torch.compile keeps what it compiled: $TORCHINDUCTOR_CACHE_DIR when set, else cache_dir()/inductor,
-    which this sets for the process. Torch's own default is under /tmp, which a reboot or a clean-up empties: the
-    next `train --compile` then compiles again (56 s of a first epoch on an H100, 6.9 s from the cache). Importing
-    torch._dynamo writes torch's default into the variable, so that value counts as unset."""
+    """Where torch.compile keeps what it compiled: TORCHINDUCTOR_CACHE_DIR when the user set it, else
+    cache_dir()/inductor, which this sets for the process. Torch's own default is under /tmp, which a reboot or a
+    clean-up empties: the next `train --compile` then compiles again (56 s of a first epoch on an H100, 6.9 s from
+    the cache). Torch still keeps a few things under /tmp whatever the variable says (CPU kernels' precompiled
+    header, a GEMM-padding cache)."""
+    now = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # before the import below, which may write into it
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if not given or os.path.abspath(given) == os.path.abspath(default_cache_dir()):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    at_import = _COMPILE_CACHE_AT_IMPORT
+    torch_wrote = now != at_import and now == os.path.abspath(default_cache_dir() if at_import is None else at_import)
+    given = at_import if torch_wrote else now
+    directory = Path(given).expanduser() if given else cache_dir() / "inductor"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
+    return directory
 
 
 def _cached(entry: WeightFile) -> Path:

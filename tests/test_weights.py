@@ -72,22 +72,34 @@ def test_registry_names_and_checksums():
     assert "pca_weights=" in WEIGHTS["vggish-pca"].option  # no command reads the PCA file: the Python argument
 
 
-def test_compile_cache_is_in_bmfns_cache_unless_torchs_variable_is_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize("at_import, now, expected", [
+    (None, None, "bmfn"), (None, "torch's default", "bmfn"),  # unset; unset, then written by torch._dynamo's import
+    ("", "", "bmfn"), ("", "cwd", "bmfn"),  # empty (torch would make it the working directory)
+    ("mine", "mine", "mine"), ("torch's default", "torch's default", "torch's default"),  # the user's, kept
+    (None, "mine", "mine"), ("~/mine", "~/mine", "home/mine")])  # set after bmfn's import; a ~ expanded
+def test_compile_cache_is_in_bmfns_cache_unless_the_user_set_torchs_variable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at_import, now, expected):
     """Torch's default is under /tmp, which reboots and clean-ups empty: `train --compile` would compile again."""
-    monkeypatch.setenv("BMFN_CACHE", str(tmp_path / "bmfn"))
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    assert use_compile_cache() == tmp_path / "bmfn" / "inductor"
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "bmfn" / "inductor")  # what torch then reads
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    assert use_compile_cache() == tmp_path / "mine"
-    import torch._dynamo  # noqa: F401  (sets the variable to torch's default, under /tmp, where unset)
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
-    assert use_compile_cache() == tmp_path / "bmfn" / "inductor"
-    torch._dynamo.reset()
-    torch.compile(lambda x: torch.relu(x.sin() + 1))(torch.randn(8))  # what torch writes goes there
-    assert any(path.is_file() for path in (tmp_path / "bmfn" / "inductor").rglob("*"))
+    names = {"torch's default": default_cache_dir(), "cwd": str(tmp_path / "cwd"), "mine": str(tmp_path / "mine"),
+             "~/mine": "~/mine", "home/mine": str(tmp_path / "home" / "mine"), "bmfn": str(tmp_path / "bmfn" / "inductor")}
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("BMFN_CACHE", str(tmp_path / "bmfn"))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setattr(weights, "_COMPILE_CACHE_AT_IMPORT", names.get(at_import, at_import))
+    if now is None:
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", names.get(now, now))
+    assert use_compile_cache() == Path(names[expected])
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == names[expected]  # what torch then reads
+    if expected == "bmfn" and now == "cwd":
+        torch._dynamo.reset()
+        torch.compile(lambda x: torch.relu(x.sin() + 1))(torch.randn(8))  # what torch writes goes there
+        assert any(path.is_file() for path in (tmp_path / "bmfn" / "inductor").rglob("*"))
+        assert not any((tmp_path / "cwd").iterdir())
 
 
 def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
