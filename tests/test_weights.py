@@ -83,7 +83,8 @@ def test_compile_cache_is_in_bmfns_cache_unless_the_user_set_torchs_variable(
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     names = {"torch's default": default_cache_dir(), "cwd": str(tmp_path / "cwd"), "mine": str(tmp_path / "mine"),
-             "~/mine": "~/mine", "home/mine": str(tmp_path / "home" / "mine"), "bmfn": str(tmp_path / "bmfn" / "inductor")}
+             "~/mine": "~/mine", "home/mine": str(tmp_path / "home" / "mine"),
+             "bmfn": str(tmp_path / "bmfn" / "inductor")}
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("BMFN_CACHE", str(tmp_path / "bmfn"))
     (tmp_path / "cwd").mkdir()
