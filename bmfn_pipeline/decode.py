@@ -740,7 +740,8 @@ def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warn
         decoded_s = float((index + 1) / info.frame_rate)
         declared_s = (info.video_start_s + float(stream.duration * stream.time_base) if stream.duration
                       else info.duration_s)  # where the video says it ends; the sound may go on after it
-        if decoded_s < min(declared_s, info.start_s + info.segments) - TRUNCATION_TOLERANCE_S:
+        if (decoded_s < min(declared_s, info.start_s + info.segments) - TRUNCATION_TOLERANCE_S
+                and (stream.duration or not _shorter_than_another(path, stream.index))):
             raise BmfnError(f"{path}: truncated or corrupt: video stops at {decoded_s:.2f} s of {declared_s:.2f} s")
         warnings.append(f"{path}: frame {wanted_max} wanted but only {index + 1} frames decode: the last is repeated")
         last = _resize(previous)
@@ -749,6 +750,24 @@ def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warn
                 out[segment, sample] = last
     out[info.segments:] = out[info.segments - 1, -1]
     return out
+
+
+def _shorter_than_another(path, stream_index: int) -> bool:
+    """Whether the stream's packets end TRUNCATION_TOLERANCE_S or more before another stream's: a stream shorter than
+    the file (a sound that stops early, a cover picture over a song), not a cut file, whose streams all stop where it
+    was cut. Asked only where a stream ends early and its container declares no duration of its own (Matroska, WebM:
+    the file's duration is its longest stream's), so the file is read again, without decoding, only then."""
+    ends: dict[int, Fraction] = {}
+    try:
+        with _open(path) as container:
+            for packet in container.demux():
+                time = packet.pts if packet.pts is not None else packet.dts
+                if time is not None:  # the demuxer's flush packets have none
+                    end = (time + (packet.duration or 0)) * packet.time_base
+                    ends[packet.stream.index] = max(end, ends.get(packet.stream.index, end))
+    except (av.error.FFmpegError, BmfnError):
+        return False
+    return stream_index in ends and max(ends.values()) - ends[stream_index] >= TRUNCATION_TOLERANCE_S
 
 
 def _seek_index(container, stream, info: ClipInfo) -> int | None:
@@ -876,7 +895,8 @@ def _decode_audio(path, container, info: ClipInfo, warnings: list[str] | None = 
     decoded_end_s = first_s + samples.shape[1] / rate
     declared_s = (info.audio_start_s + float(stream.duration * stream.time_base) if stream.duration
                   else info.duration_s)
-    if decoded_end_s < min(declared_s, end_s) - TRUNCATION_TOLERANCE_S:
+    if (decoded_end_s < min(declared_s, end_s) - TRUNCATION_TOLERANCE_S
+            and (stream.duration or not _shorter_than_another(path, stream.index))):
         raise BmfnError(f"{path}: truncated or corrupt: audio stops at {decoded_end_s:.2f} s of {declared_s:.2f} s")
     content_end_s = min(info.duration_s, info.start_s + info.segments)
     if warnings is not None and decoded_end_s < content_end_s - TRUNCATION_TOLERANCE_S:

@@ -320,12 +320,13 @@ def _write_av_clip(path: Path, *, video_start: float = 0, audio_start: float = 0
     return path
 
 
+@pytest.mark.parametrize("suffix", ["mp4", "mkv"])  # a Matroska stream declares no duration: the file's is the longest
 @pytest.mark.parametrize("late", ["video", "audio"])
-def test_streams_starting_seconds_apart_are_read_on_one_timeline(tmp_path, late):
+def test_streams_starting_seconds_apart_are_read_on_one_timeline(tmp_path, late, suffix):
     """A video that starts 2 s after its sound (or the reverse): each second gets the frames and the sound a player
     presents together; the seconds before the late stream show its first frame or are silent."""
     starts = {"video": 2.0, "audio": 0.0} if late == "video" else {"video": 0.0, "audio": 2.0}
-    path = _write_av_clip(tmp_path / f"late_{late}.mp4", video_start=starts["video"], audio_start=starts["audio"])
+    path = _write_av_clip(tmp_path / f"late_{late}.{suffix}", video_start=starts["video"], audio_start=starts["audio"])
     info = probe(path)
     assert info.segments == 5  # AAC's encoder delay moves the sound's start 1024 samples (0.064 s) earlier
     assert info.video_start_s == pytest.approx(starts["video"], abs=0.07)
@@ -345,10 +346,12 @@ def test_streams_starting_seconds_apart_are_read_on_one_timeline(tmp_path, late)
     np.testing.assert_array_equal(window.audio, clip.audio[SAMPLE_RATE:4 * SAMPLE_RATE])
 
 
-def test_one_still_frame_over_its_sound_is_shown_throughout(tmp_path):
-    """A music video made of one cover picture and a long sound: the video says it ends after its frame, so that
-    frame is every second's picture, with a warning, not a truncated file."""
-    path = _write_av_clip(tmp_path / "cover.mp4", video_frames=1, audio_seconds=10)
+@pytest.mark.parametrize("suffix", ["mp4", "mkv"])
+def test_one_still_frame_over_its_sound_is_shown_throughout(tmp_path, suffix):
+    """A music video made of one cover picture and a long sound: the video ends after its frame (an MP4 says so; in
+    Matroska the sound's packets go on), so that frame is every second's picture, with a warning, not a truncated
+    file."""
+    path = _write_av_clip(tmp_path / f"cover.{suffix}", video_frames=1, audio_seconds=10)
     clip = decode_clip(path, frames_per_second=2)
     assert clip.info.segments == 10 and (clip.frames == clip.frames[0, 0]).all()
     assert np.abs(clip.audio[-SAMPLE_RATE:]).mean() > 0.1  # the sound goes on to the end
