@@ -146,6 +146,15 @@ def video_labels(rows: list[AnnotationRow]) -> np.ndarray:
     return labels
 
 
+def video_labels_from_segments(labels: np.ndarray) -> np.ndarray:
+    """Video one-hot [N,29] from segment labels [N,10,29]: the foreground classes present. A video label is never
+    background (bmfn-reference.md section 9): a clip without an event second (AVE's empty intervals) gets a row of
+    zeros, its class unknown, and weakly supervised training leaves it out."""
+    video = np.zeros((len(labels), NUM_CLASSES), np.float32)
+    video[:, :BACKGROUND] = labels[:, :, :BACKGROUND].max(axis=1)
+    return video
+
+
 def video_id_rows(rows: list[AnnotationRow]) -> dict[str, list[int]]:
     """Video id -> the row indices that annotate it (several for the dataset's duplicated ids)."""
     index: dict[str, list[int]] = defaultdict(list)

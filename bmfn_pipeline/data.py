@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from bmfn_pipeline import ave
-from bmfn_pipeline.ave import SPLITS
+from bmfn_pipeline.ave import SPLITS, video_labels_from_segments
 from bmfn_pipeline.errors import BmfnError
 
 # File names and HDF5 key of the AVE release (bmfn-reference.md section 9).
@@ -340,9 +340,8 @@ def load_store(path: str | Path, *, annotations: str | Path | None = None,
                         "(or extract with `bmfn extract ... --annotations`), whose video ids are the clips' file "
                         "names without extension")
     else:
-        labels = np.asarray(labels, np.float32)
+        labels, video_labels = np.asarray(labels, np.float32), np.asarray(arrays["video_labels"], np.float32)
         known = np.asarray(arrays["has_label"], bool)
-        video_labels = video_labels_from_segments(labels)
         if not known.all():
             notes.append(f"{(~known).sum()} clips have no labels in {path.name} and are left out")
 
@@ -392,15 +391,6 @@ def _labels_by_id(clip_ids: list[str], rows: list[ave.AnnotationRow], row_splits
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
-
-
-def video_labels_from_segments(labels: np.ndarray) -> np.ndarray:
-    """Video one-hot [N,29] from segment labels: the foreground classes present. A video label is never background
-    (bmfn-reference.md section 9): a clip without an event second (AVE's empty intervals) gets a row of zeros, its
-    class unknown, and weakly supervised training leaves it out."""
-    video = np.zeros((len(labels), ave.NUM_CLASSES), np.float32)
-    video[:, :ave.BACKGROUND] = labels[:, :, :ave.BACKGROUND].max(axis=1)
-    return video
 
 
 def hash_split(clip_ids: list[str]) -> dict[str, np.ndarray]:

@@ -4,9 +4,11 @@ Layout of the consolidated file (``FORMAT_VERSION``):
 
 - ``visual`` [N,10,7,7,512] and ``audio`` [N,10,128], float32 or float16, chunked one clip per chunk so a
   clip is one contiguous read; ``clip_ids`` [N] and ``paths`` [N] (UTF-8), ``warnings`` [N] (JSON lists);
-- ``labels`` [N,10,29] float32, ``has_label`` [N] bool and ``split`` [N] ('train'/'val'/'test'/'') when
-  labels were set, plus the group ``label_table`` (``clip_ids``, ``labels``, ``split``) with every label
-  given, also those of clips not extracted yet;
+- ``labels`` [N,10,29] float32, ``video_labels`` [N,29] float32 (the video's class, never background; zeros
+  where unknown), ``has_label`` [N] bool and ``split`` [N] ('train'/'val'/'test'/'') when labels were set, plus
+  the group ``label_table`` (``clip_ids``, ``labels``, ``video_labels``, ``split``) with every label given, also
+  those of clips not extracted yet. Stores written before ``video_labels`` existed are read with the classes
+  found in their segment labels;
 - the group ``failed`` (``clip_ids``, ``paths``, ``errors``): clips that could not be extracted;
 - root attributes ``provenance`` (JSON) and ``format_version``.
 
@@ -37,7 +39,8 @@ from urllib.parse import quote, unquote
 import h5py
 import numpy as np
 
-from .ave import NUM_CLASSES, SEGMENTS, AnnotationRow, read_annotations, segment_labels
+from .ave import (NUM_CLASSES, SEGMENTS, AnnotationRow, read_annotations, segment_labels, video_labels,
+                  video_labels_from_segments)
 from .errors import BmfnError, printable
 
 try:  # advisory single-writer lock; released by the kernel when the process dies, even by SIGKILL
@@ -79,10 +82,13 @@ _T = TypeVar("_T")
 
 
 class ClipLabels(NamedTuple):
-    """A clip's per-second one-hot labels [10,29] and its split ('train', 'val', 'test' or '')."""
+    """A clip's per-second one-hot labels [10,29], its split ('train', 'val', 'test' or '') and its video class
+    [29] (the annotation's category, also for an event interval that holds no whole second; None: the classes in
+    `segments`)."""
 
     segments: np.ndarray
     split: str
+    video: np.ndarray | None = None
 
 
 def labels_from_annotations(
@@ -94,14 +100,14 @@ def labels_from_annotations(
     those ids are returned second so the caller can report them (``export_ave`` keeps every row).
     """
     split_of = {int(i): name for name, indices in (splits or {}).items() for i in indices}
-    per_row = segment_labels(rows)
+    per_row, per_video = segment_labels(rows), video_labels(rows)
     labels: dict[str, ClipLabels] = {}
     repeated = []
     for i, row in enumerate(rows):
         if row.video_id in labels:
             repeated.append(row.video_id)
             continue
-        labels[row.video_id] = ClipLabels(per_row[i], split_of.get(i, ""))
+        labels[row.video_id] = ClipLabels(per_row[i], split_of.get(i, ""), per_video[i])
     return labels, sorted(set(repeated))
 
 
@@ -322,11 +328,7 @@ class FeatureStore:
         self._main_failures = dict(zip(_strings(failed["clip_ids"][()]),
                                        zip(_strings(failed["paths"][()]), _strings(failed["errors"][()]))))
         table = f.get("label_table")
-        self._labels = {} if table is None else {
-            cid: ClipLabels(values, split)
-            for cid, values, split in zip(_strings(table["clip_ids"][()]), table["labels"][()],
-                                          _strings(table["split"][()]))
-        }
+        self._labels = {} if table is None else _read_label_table(table)
 
     def _reopened_if_moved(self, read: Callable[[], _T]) -> _T:
         """read(), opening the store again if a journal part it opens is gone. Another process consolidated it: its
@@ -377,8 +379,7 @@ class FeatureStore:
 
     def _read_label_part(self, path: Path) -> None:
         with h5py.File(path, "r") as f:
-            for cid, values, split in zip(_strings(f["clip_ids"][()]), f["labels"][()], _strings(f["split"][()])):
-                self._labels[cid] = ClipLabels(values, split)
+            self._labels.update(_read_label_table(f))
         self._pending_labels = True
 
     # -- queries -----------------------------------------------------------------------------------
@@ -490,14 +491,20 @@ class FeatureStore:
         final = self._write_part(clip_id, _FAIL_PART, fill)
         self._failures[clip_id] = _Part(final, _FAIL_PART, final.stat().st_mtime_ns)
 
-    def set_labels(self, labels: Mapping[str, ClipLabels | tuple[np.ndarray, str]]) -> None:
-        """Store per-clip labels [10,29] and splits (see ``labels_from_annotations``); later calls add or replace."""
+    def set_labels(self, labels: Mapping[str, ClipLabels | tuple]) -> None:
+        """Store per-clip labels [10,29], splits and video classes [29] (``ClipLabels``, or tuples of their fields;
+        see ``labels_from_annotations``); later calls add or replace."""
         self._writable()
-        for cid, (values, split) in labels.items():
-            values = np.asarray(values, dtype=np.float32)
-            if values.shape != LABEL_SHAPE:
-                raise BmfnError(f"{self.path}: labels of {cid!r} have shape {values.shape}, expected {LABEL_SHAPE}")
-            self._labels[cid] = ClipLabels(values, split)
+        for cid, given in labels.items():
+            given = ClipLabels(*given)
+            shapes = {"labels": (given.segments, LABEL_SHAPE), "video class": (given.video, (NUM_CLASSES,))}
+            for name, (values, shape) in shapes.items():
+                if values is not None and np.shape(values) != shape:
+                    raise BmfnError(f"{self.path}: {name} of {cid!r} have shape {np.shape(values)}, expected {shape}")
+            segments = np.asarray(given.segments, np.float32)
+            video = (video_labels_from_segments(segments[None])[0] if given.video is None
+                     else np.asarray(given.video, np.float32))
+            self._labels[cid] = ClipLabels(segments, given.split, video)
         final = self.parts_dir / _LABEL_PART
         tmp = final.with_name(final.name + ".tmp")
         with h5py.File(tmp, "w") as f:
@@ -583,8 +590,8 @@ def _write_store(path: Path, provenance: Mapping, dtype: np.dtype, ids: list[str
         out.create_dataset("warnings", data=notes, dtype=_STR)
         if labels:
             given = [labels.get(cid) for cid in ids]
-            out["labels"] = np.stack([g.segments if g else np.zeros(LABEL_SHAPE, np.float32) for g in given]
-                                     ) if n else np.zeros((0, *LABEL_SHAPE), np.float32)
+            out["labels"] = _stacked([g.segments if g else None for g in given], LABEL_SHAPE)
+            out["video_labels"] = _stacked([g.video if g else None for g in given], (NUM_CLASSES,))
             out["has_label"] = np.array([g is not None for g in given], dtype=bool)
             out.create_dataset("split", data=[g.split if g else "" for g in given], dtype=_STR)
             _write_label_table(out.create_group("label_table"), labels)
@@ -664,16 +671,35 @@ def locked_temporary(path: Path) -> Iterator[Path]:
 
 def _write_label_table(group: h5py.Group, labels: Mapping[str, ClipLabels]) -> None:
     group.create_dataset("clip_ids", data=list(labels), dtype=_STR)
-    group["labels"] = (np.stack([v.segments for v in labels.values()]) if labels
-                       else np.zeros((0, *LABEL_SHAPE), np.float32))
+    group["labels"] = _stacked([v.segments for v in labels.values()], LABEL_SHAPE)
+    group["video_labels"] = _stacked([v.video for v in labels.values()], (NUM_CLASSES,))
     group.create_dataset("split", data=[v.split for v in labels.values()], dtype=_STR)
+
+
+def _read_label_table(group: h5py.Group) -> dict[str, ClipLabels]:
+    """A label table; one written before video classes were stored gets those of its segment labels."""
+    segments = group["labels"][()]
+    videos = group["video_labels"][()] if "video_labels" in group else video_labels_from_segments(segments)
+    return {cid: ClipLabels(values, split, video)
+            for cid, values, split, video in zip(_strings(group["clip_ids"][()]), segments,
+                                                 _strings(group["split"][()]), videos)}
+
+
+def _stacked(rows: list[np.ndarray | None], shape: tuple[int, ...]) -> np.ndarray:
+    """float32 [len(rows), *shape], zeros for None."""
+    out = np.zeros((len(rows), *shape), np.float32)
+    for i, row in enumerate(rows):
+        if row is not None:
+            out[i] = row
+    return out
 
 
 def load_arrays(path: str | Path, ids: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     """All (or the given) clips as numpy arrays for training, pending parts included.
 
     Returns ``clip_ids``, ``visual`` [n,10,7,7,512] and ``audio`` [n,10,128] in the storage dtype,
-    ``labels`` [n,10,29] float32 (zeros where ``has_label`` is False) and ``split`` (strings).
+    ``labels`` [n,10,29] and ``video_labels`` [n,29] float32 (zeros where ``has_label`` is False) and ``split``
+    (strings).
     Memory: the 4143 AVE clips take 4.2 GB of visual features as float32, half that as float16.
     """
     if ids is not None:
@@ -712,8 +738,8 @@ def load_arrays(path: str | Path, ids: Iterable[str] | None = None) -> dict[str,
             "clip_ids": np.array(ids, dtype=object),
             "visual": visual,
             "audio": audio,
-            "labels": np.stack([labels[c].segments if c in labels else np.zeros(LABEL_SHAPE, np.float32) for c in ids])
-            if n else np.zeros((0, *LABEL_SHAPE), np.float32),
+            "labels": _stacked([labels[c].segments if c in labels else None for c in ids], LABEL_SHAPE),
+            "video_labels": _stacked([labels[c].video if c in labels else None for c in ids], (NUM_CLASSES,)),
             "has_label": np.array([c in labels for c in ids], dtype=bool),
             "split": np.array([labels[c].split if c in labels else "" for c in ids], dtype=object),
         }
@@ -813,11 +839,15 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
         label_owner: dict[str, Path] = {}
         for store in stores:
             for cid, given in store.labels().items():
-                if cid in labels and (labels[cid].split != given.split
-                                      or not np.array_equal(labels[cid].segments, given.segments)):
+                if cid not in labels:
+                    labels[cid], label_owner[cid] = given, store.path
+                    continue
+                known, video_classes = labels[cid], (labels[cid].video.any(), given.video.any())
+                if (known.split != given.split or not np.array_equal(known.segments, given.segments)
+                        or all(video_classes) and not np.array_equal(known.video, given.video)):
                     raise BmfnError(f"{store.path}: clip {cid!r} is labelled differently in {label_owner[cid]}")
-                labels.setdefault(cid, given)
-                label_owner.setdefault(cid, store.path)
+                if not video_classes[0]:  # labelled before video classes were kept: none for an empty interval
+                    labels[cid] = given
         failed: dict[str, tuple[str, str]] = {}
         for store in stores:
             for cid, failure in store.failures().items():

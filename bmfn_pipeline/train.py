@@ -683,8 +683,9 @@ def _load_config_data(config: TrainConfig, log) -> FeatureData:
 
 def _with_video_classes(data: FeatureData, log) -> FeatureData:
     """Weak targets are video classes, never background (bmfn-reference.md section 9). Labels without an event
-    second and without the class (an empty interval in a store's or labels.h5's segment labels) give none: such
-    clips are left out of weak training, where background would be a wrong target."""
+    second and without the class (an empty interval in labels.h5 without mil_labels.h5, or in a store labelled by
+    a bmfn that kept no video classes) give none: such clips are left out of weak training, where background would
+    be a wrong target."""
     rows = data.splits["train"]
     known = to_numpy(data.clips.video_labels)[rows].any(axis=-1)
     if known.all():

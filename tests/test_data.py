@@ -281,13 +281,26 @@ def make_empty_interval_store(directory):
     return make_store(directory / "feats.h5", n_clips=3, labels=labels_from_annotations(rows, splits)[0]), annotations
 
 
-def test_weak_targets_of_stored_labels_are_never_background(tmp_path):
+def without_video_classes(path):
+    """The store as a bmfn that kept no video classes wrote it: segment labels only."""
+    from bmfn_pipeline.store import FeatureStore
+
+    with FeatureStore.open(path, create=False) as store:
+        store.consolidate()
+    with h5py.File(path, "a") as f:
+        del f["video_labels"], f["label_table/video_labels"]
+
+
+def test_a_store_keeps_the_video_class_of_an_empty_event_interval(tmp_path):
     path, annotations = make_empty_interval_store(tmp_path)
     stored, relabelled = load_store(path), load_store(path, annotations=annotations)
-    assert relabelled.clips.video_labels[0].argmax() == ave.CATEGORIES.index("Church bell")
-    assert not stored.clips.video_labels[0].any()  # the store keeps no class for it: unknown, not background
-    np.testing.assert_array_equal(stored.clips.video_labels[1:], relabelled.clips.video_labels[1:])
+    assert np.flatnonzero(stored.clips.video_labels[0]).tolist() == [ave.CATEGORIES.index("Church bell")]
+    np.testing.assert_array_equal(stored.clips.video_labels, relabelled.clips.video_labels)
     np.testing.assert_array_equal(stored.clips.labels, relabelled.clips.labels)
+    without_video_classes(path)  # an earlier store: the classes its segment labels show; unknown, not background
+    earlier = load_store(path)
+    assert not earlier.clips.video_labels[0].any()
+    np.testing.assert_array_equal(earlier.clips.video_labels[1:], stored.clips.video_labels[1:])
 
 
 def test_given_annotations_relabel_the_release_over_labels_h5(tmp_path):

@@ -29,6 +29,7 @@ import torch
 from click.testing import CliRunner
 from test_data import SMALL_AUDIO, SMALL_MODEL, SMALL_VISUAL, STORE_PROVENANCE, make_ave_dir, make_store
 
+from bmfn_pipeline.ave import CATEGORIES
 from bmfn_pipeline.cli import main
 from bmfn_pipeline.distributed import (Shard, local_batch, missing_shards, process_group, resolve_shard, shard_of,
                                        share_from_main, wrap)
@@ -155,6 +156,21 @@ def test_merge_joins_clips_labels_and_failures(tmp_path):
 def store_read(path, row):
     with FeatureStore.open(path, create=False, readonly=True) as store:
         return store.read(store.clip_ids()[row])
+
+
+def test_merge_keeps_one_video_class_and_refuses_two(tmp_path):
+    """A clip labelled in two inputs: the same labels, or one input without its class (a store labelled before video
+    classes were kept, for an empty event interval), merge; two different classes are refused."""
+    empty = labels_for(["vid0000"])["vid0000"][0]  # background throughout: an empty event interval
+    cat, bark = (np.eye(29, dtype=np.float32)[CATEGORIES.index(name)] for name in ("Cat", "Bark"))
+    stores = {name: make_store(tmp_path / f"{name}.h5", n_clips=1, labels={"vid0000": (empty, "train", *given)})
+              for name, given in (("cat", [cat]), ("bark", [bark]), ("unknown", []))}
+    for first, second in (("unknown", "cat"), ("cat", "unknown"), ("cat", "cat")):
+        merged = tmp_path / f"{first}-{second}.h5"
+        merge_stores([stores[first], stores[second]] if first != second else [stores[first]], merged)
+        np.testing.assert_array_equal(load_arrays(merged)["video_labels"][0], cat)
+    with pytest.raises(BmfnError, match=r"bark\.h5: clip 'vid0000' is labelled differently in .*cat\.h5"):
+        merge_stores([stores["cat"], stores["bark"]], tmp_path / "out.h5")
 
 
 def test_merge_refusals(tmp_path):

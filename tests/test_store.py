@@ -272,19 +272,41 @@ def test_labels_stored_per_clip(tmp_path):
         assert store.unlabelled() == ["stray"]
     arrays = load_arrays(out, ids=["x", "y", "stray"])  # pending parts, labels from the journal
     assert list(arrays["split"]) == ["train", "train", ""]
+    cat, horse = CATEGORIES.index("Cat"), CATEGORIES.index("Horse")
+    assert [np.flatnonzero(v).tolist() for v in arrays["video_labels"]] == [[cat], [horse], []]
     with FeatureStore.open(out, PROVENANCE) as store:
         store.consolidate()
     arrays = load_arrays(out)
     assert list(arrays["clip_ids"]) == ["x", "y", "stray"]
     assert list(arrays["has_label"]) == [True, True, False]
     assert list(arrays["split"]) == ["train", "train", ""]
-    cat = CATEGORIES.index("Cat")
     np.testing.assert_array_equal(arrays["labels"][0].argmax(1), [BACKGROUND] * 2 + [cat] * 3 + [BACKGROUND] * 5)
+    with h5py.File(out, "r") as f:  # for readers of the file itself, beside the segment labels
+        assert [np.flatnonzero(v).tolist() for v in f["video_labels"][()]] == [[cat], [horse], []]
     # A clip extracted later still finds the label given before it existed.
     with FeatureStore.open(out, PROVENANCE) as store:
         store.add_clip("z", *clip(5), path="z.mp4")
         store.consolidate()
     assert load_arrays(out, ids=["z"])["split"][0] == "test"
+
+
+def test_set_labels_checks_shapes_and_gives_a_video_class(tmp_path):
+    """Labels given as (segments, split) take the classes their segments show; (segments, split, video class) keep
+    the class also without an event second; a wrong shape is one line naming the clip."""
+    segments = np.zeros((10, 29), np.float32)
+    segments[:, BACKGROUND] = 1
+    event = segments.copy()
+    event[4:6], event[4:6, 3] = 0, 1
+    bark = np.eye(29, dtype=np.float32)[CATEGORIES.index("Bark")]
+    with FeatureStore.open(tmp_path / "feats.h5", PROVENANCE) as store:
+        store.set_labels({"empty": (segments, "train"), "event": (event, "val"), "given": (segments, "test", bark)})
+        with pytest.raises(BmfnError, match=r"feats\.h5: video class of 'bad' have shape \(28,\), expected \(29,\)"):
+            store.set_labels({"bad": (segments, "train", bark[:28])})
+        with pytest.raises(BmfnError, match=r"labels of 'bad' have shape \(10, 28\), expected \(10, 29\)"):
+            store.set_labels({"bad": (segments[:, :28], "train")})
+        labels = store.labels()
+    assert "bad" not in labels
+    assert [np.flatnonzero(labels[c].video).tolist() for c in ("empty", "event", "given")] == [[], [3], [bark.argmax()]]
 
 
 def test_export_ave_round_trip_and_missing_clip(tmp_path):
@@ -470,6 +492,10 @@ def test_labels_from_the_real_annotations(ave_dir):
     labels, repeated = labels_from_annotations(rows, load_splits(ave_dir, len(rows)))
     assert len(labels) == 4097 and len(repeated) == 45
     assert sum(v.split == "train" for v in labels.values()) <= 3339
+    every_class = np.stack([v.video for v in labels.values()])
+    assert (every_class.sum(axis=1) == 1).all() and not every_class[:, BACKGROUND].any()
+    empty = labels["VWi2ENBuTbw"]  # Church bell&VWi2ENBuTbw&good&0&0: no event second, still its class
+    assert empty.segments[:, BACKGROUND].all() and empty.video.argmax() == CATEGORIES.index("Church bell")
 
 
 WRITER = textwrap.dedent(

@@ -13,7 +13,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import per_branch_state_dict
-from test_data import SMALL_MODEL, STORE_PROVENANCE, make_ave_dir, make_empty_interval_store, make_store
+from test_data import (SMALL_MODEL, STORE_PROVENANCE, make_ave_dir, make_empty_interval_store, make_store,
+                       without_video_classes)
 
 from bmfn_pipeline import ave, train as train_module
 from bmfn_pipeline.cli import main
@@ -361,11 +362,13 @@ def test_empty_test_split_reports_no_test_accuracy(tmp_path):
 
 
 def test_weak_training_leaves_out_clips_without_a_video_class(tmp_path):
-    """bmfn-reference.md section 9: a weak target is never background; a clip whose stored labels give no class
-    (an empty event interval) is left out of weak training, and said so."""
+    """bmfn-reference.md section 9: a weak target is never background; a clip whose labels give no class (an empty
+    event interval in a store that kept segment labels only) is left out of weak training, and said so."""
     path, _ = make_empty_interval_store(tmp_path)
-    data = load_store(path)
     logged = []
+    assert train_module._with_video_classes(load_store(path), logged.append).splits["train"].tolist() == [0, 1]
+    without_video_classes(path)
+    data = load_store(path)
     kept = train_module._with_video_classes(data, logged.append)
     assert kept.splits["train"].tolist() == [1] and data.splits["train"].tolist() == [0, 1]
     assert len(logged) == 1 and "1 training clips have no event second" in logged[0]
