@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import math
 import mmap
 import multiprocessing
@@ -740,10 +741,12 @@ def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warn
         decoded_s = float((index + 1) / info.frame_rate)
         declared_s = (info.video_start_s + float(stream.duration * stream.time_base) if stream.duration
                       else info.duration_s)  # where the video says it ends; the sound may go on after it
-        if (decoded_s < min(declared_s, info.start_s + info.segments) - TRUNCATION_TOLERANCE_S
-                and (stream.duration or not _shorter_than_another(path, stream.index))):
+        cover = bool(stream.disposition & av.stream.Disposition.attached_pic)  # one picture for the whole file
+        if (not cover and decoded_s < min(declared_s, info.start_s + info.segments) - TRUNCATION_TOLERANCE_S
+                and (stream.duration or _end_before_another(path, stream.index) is None)):
             raise BmfnError(f"{path}: truncated or corrupt: video stops at {decoded_s:.2f} s of {declared_s:.2f} s")
-        warnings.append(f"{path}: frame {wanted_max} wanted but only {index + 1} frames decode: the last is repeated")
+        warnings.append(f"{path}: a cover picture, shown throughout" if cover else
+                        f"{path}: frame {wanted_max} wanted but only {index + 1} frames decode: the last is repeated")
         last = _resize(previous)
         for spots in positions.values():
             for segment, sample in spots:
@@ -752,22 +755,34 @@ def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warn
     return out
 
 
-def _shorter_than_another(path, stream_index: int) -> bool:
-    """Whether the stream's packets end TRUNCATION_TOLERANCE_S or more before another stream's: a stream shorter than
-    the file (a sound that stops early, a cover picture over a song), not a cut file, whose streams all stop where it
-    was cut. Asked only where a stream ends early and its container declares no duration of its own (Matroska, WebM:
-    the file's duration is its longest stream's), so the file is read again, without decoding, only then."""
+def _end_before_another(path, stream_index: int) -> Fraction | None:
+    """Where the stream's packets end (container time), if TRUNCATION_TOLERANCE_S or more before another video or
+    sound stream's: a stream shorter than the file (a sound that stops before its video, a video that stops before
+    its sound), not a cut file, whose streams all stop where it was cut (subtitles are left out: a subtitle's
+    packet spans its display time, which may run past the cut). Else None. Asked only where a stream ends early and
+    its container declares no duration of its own (Matroska, WebM: the file's duration is its longest stream's)."""
+    stat = os.stat(path)
+    ends = _packet_ends(os.fspath(path), stat.st_size, stat.st_mtime_ns)
+    if stream_index not in ends or max(ends.values()) - ends[stream_index] < TRUNCATION_TOLERANCE_S:
+        return None
+    return ends[stream_index]
+
+
+@functools.lru_cache(maxsize=4)
+def _packet_ends(path: str, size: int, mtime_ns: int) -> dict[int, Fraction]:
+    """Each video and sound stream's last packet end, demuxing the whole file without decoding: once per file
+    (size and mtime tell a changed one), not once per window of a long video."""
     ends: dict[int, Fraction] = {}
     try:
         with _open(path) as container:
-            for packet in container.demux():
+            for packet in container.demux(*container.streams.video, *container.streams.audio):
                 time = packet.pts if packet.pts is not None else packet.dts
                 if time is not None:  # the demuxer's flush packets have none
                     end = (time + (packet.duration or 0)) * packet.time_base
                     ends[packet.stream.index] = max(end, ends.get(packet.stream.index, end))
     except (av.error.FFmpegError, BmfnError):
-        return False
-    return stream_index in ends and max(ends.values()) - ends[stream_index] >= TRUNCATION_TOLERANCE_S
+        return {}
+    return ends
 
 
 def _seek_index(container, stream, info: ClipInfo) -> int | None:
@@ -889,14 +904,19 @@ def _decode_audio(path, container, info: ClipInfo, warnings: list[str] | None = 
             chunks.extend(f.to_ndarray() for f in resampler.resample(None))
     except av.error.FFmpegError as exc:
         raise BmfnError(f"{path}: corrupt or truncated audio ({_reason(exc)})") from None
-    if not chunks:
-        raise BmfnError(f"{path}: no audio could be decoded (corrupt or truncated)")
+    if not chunks:  # a window after the sound has ended (Matroska's seek lands past its last packet), or a bad file
+        end = None if stream.duration else _end_before_another(path, stream.index)
+        if end is None or float(end - stream_start) > info.start_s + TRUNCATION_TOLERANCE_S:
+            raise BmfnError(f"{path}: no audio could be decoded (corrupt or truncated)")
+        if warnings is not None:
+            warnings.append(f"{path}: the sound ends at {float(end - stream_start):.2f} s: the seconds after are silent")
+        return np.zeros(info.seconds * SAMPLE_RATE, np.float32)
     samples = np.concatenate(chunks, axis=1)
     decoded_end_s = first_s + samples.shape[1] / rate
     declared_s = (info.audio_start_s + float(stream.duration * stream.time_base) if stream.duration
                   else info.duration_s)
     if (decoded_end_s < min(declared_s, end_s) - TRUNCATION_TOLERANCE_S
-            and (stream.duration or not _shorter_than_another(path, stream.index))):
+            and (stream.duration or _end_before_another(path, stream.index) is None)):
         raise BmfnError(f"{path}: truncated or corrupt: audio stops at {decoded_end_s:.2f} s of {declared_s:.2f} s")
     content_end_s = min(info.duration_s, info.start_s + info.segments)
     if warnings is not None and decoded_end_s < content_end_s - TRUNCATION_TOLERANCE_S:

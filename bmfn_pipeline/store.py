@@ -847,7 +847,7 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
                         or all(video_classes) and not np.array_equal(known.video, given.video)):
                     raise BmfnError(f"{store.path}: clip {cid!r} is labelled differently in {label_owner[cid]}")
                 if not video_classes[0]:  # labelled before video classes were kept: none for an empty interval
-                    labels[cid] = given
+                    labels[cid], label_owner[cid] = given, store.path
         failed: dict[str, tuple[str, str]] = {}
         for store in stores:
             for cid, failure in store.failures().items():

@@ -308,7 +308,7 @@ def _write_av_clip(path: Path, *, video_start: float = 0, audio_start: float = 0
         video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
         audio = container.add_stream("aac", rate=16000, layout="mono")
         for i in range(video_frames):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 3 * i, np.uint8), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 3 * i % 256, np.uint8), format="rgb24")
             frame.pts = i + round(25 * video_start)
             container.mux(video.encode(frame))
         container.mux(video.encode())
@@ -356,6 +356,56 @@ def test_one_still_frame_over_its_sound_is_shown_throughout(tmp_path, suffix):
     assert clip.info.segments == 10 and (clip.frames == clip.frames[0, 0]).all()
     assert np.abs(clip.audio[-SAMPLE_RATE:]).mean() > 0.1  # the sound goes on to the end
     assert any("only 1 frames decode: the last is repeated" in w for w in clip.warnings)
+
+
+def test_windows_of_a_matroska_video_after_its_sound_has_ended_are_silent(tmp_path):
+    """Matroska's seek lands past a sound that ended long before: silence and a note, not 'no audio'. Whether a
+    stream is shorter than its file is read once per file, not once per window."""
+    path = _write_av_clip(tmp_path / "long.mkv", video_frames=250, audio_seconds=3)  # 10 s of video, 3 s of sound
+    decode._packet_ends.cache_clear()
+    for start in (4.0, 7.0):
+        window = decode_clip(path, frames_per_second=2, seconds=3, start_s=start, wall_clock=True)
+        assert not window.audio.any() and any("the sound ends at 3.0" in w for w in window.warnings)
+        grey = window.frames[..., 0].mean(axis=(2, 3))
+        assert abs(grey[0, 0] - 3 * round(25 * start) % 256) < 6
+    assert decode._packet_ends.cache_info().misses == 1
+
+
+def test_a_cut_matroska_file_with_subtitles_is_refused(tmp_path):
+    """A subtitle's packet spans its display time, past where the file was cut: the cut video and sound are still
+    cut, not shorter than the file."""
+    source = _write_av_clip(tmp_path / "clip.mkv", video_frames=75, audio_seconds=3)
+    (tmp_path / "lines.srt").write_text("1\n00:00:00,000 --> 00:00:03,000\nall along\n")
+    whole = tmp_path / "subtitled.mkv"
+    with av.open(str(source)) as clip, av.open(str(tmp_path / "lines.srt")) as lines, \
+            av.open(str(whole), "w") as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in clip.streams}
+        text = out.add_stream_from_template(lines.streams[0])
+        packets = [p for p in clip.demux() if p.dts is not None]
+        for packet in [p for p in lines.demux() if p.pts is not None] + packets:  # the subtitle first: it starts at 0
+            packet.stream = text if packet.stream.type == "subtitle" else streams[packet.stream.index]
+            out.mux(packet)
+    assert decode_clip(whole, frames_per_second=2).info.segments == 3
+    data = whole.read_bytes()
+    (tmp_path / "cut.mkv").write_bytes(data[:len(data) // 2])
+    assert "truncated" in _error(tmp_path / "cut.mkv")
+
+
+def test_a_matroska_cover_picture_is_shown_throughout(tmp_path):
+    """A song with its cover attached (FFmpeg shows the attachment as a one-picture video stream)."""
+    path = tmp_path / "song.mkv"
+    picture = cv2.imencode(".png", np.full((48, 64, 3), 200, np.uint8))[1].tobytes()
+    with av.open(str(path), "w") as container:
+        sound = container.add_stream("aac", rate=16000, layout="mono")
+        container.add_attachment("cover.png", "image/png", picture)
+        tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(16000 * 4) / 16000)
+        frame = av.AudioFrame.from_ndarray(tone.astype(np.float32)[None], format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 16000, 0
+        container.mux(sound.encode(frame))
+        container.mux(sound.encode())
+    clip = decode_clip(path, frames_per_second=2)
+    assert clip.info.segments == 4 and (clip.frames == 200).all()
+    assert any("a cover picture, shown throughout" in w for w in clip.warnings)
 
 
 # (colorspace, color_range) tags swscale reads: as decoded, BT.709 limited, BT.709 full, BT.601 full

@@ -169,8 +169,9 @@ def test_merge_keeps_one_video_class_and_refuses_two(tmp_path):
         merged = tmp_path / f"{first}-{second}.h5"
         merge_stores([stores[first], stores[second]] if first != second else [stores[first]], merged)
         np.testing.assert_array_equal(load_arrays(merged)["video_labels"][0], cat)
-    with pytest.raises(BmfnError, match=r"bark\.h5: clip 'vid0000' is labelled differently in .*cat\.h5"):
-        merge_stores([stores["cat"], stores["bark"]], tmp_path / "out.h5")
+    for inputs in (["cat", "bark"], ["unknown", "cat", "bark"]):  # named: the input whose class it is
+        with pytest.raises(BmfnError, match=r"bark\.h5: clip 'vid0000' is labelled differently in .*/cat\.h5"):
+            merge_stores([stores[name] for name in inputs], tmp_path / "out.h5")
 
 
 def test_merge_refusals(tmp_path):
