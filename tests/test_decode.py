@@ -391,20 +391,30 @@ def test_a_cut_matroska_file_with_subtitles_is_refused(tmp_path):
     assert "truncated" in _error(tmp_path / "cut.mkv")
 
 
-def test_a_matroska_cover_picture_is_shown_throughout(tmp_path):
-    """A song with its cover attached (FFmpeg shows the attachment as a one-picture video stream)."""
-    path = tmp_path / "song.mkv"
-    picture = cv2.imencode(".png", np.full((48, 64, 3), 200, np.uint8))[1].tobytes()
+@pytest.mark.parametrize("suffix", ["mkv", "mp4"])
+def test_a_cover_picture_is_shown_throughout(tmp_path, suffix):
+    """A song with its cover picture: a Matroska attachment or an MP4 attached-picture stream, which FFmpeg both show
+    as a video stream of one picture, not a video cut after its first frame."""
+    path = tmp_path / f"song.{suffix}"
+    picture = cv2.imencode(".jpg", np.full((48, 64, 3), 200, np.uint8))[1].tobytes()
     with av.open(str(path), "w") as container:
         sound = container.add_stream("aac", rate=16000, layout="mono")
-        container.add_attachment("cover.png", "image/png", picture)
+        if suffix == "mkv":
+            container.add_attachment("cover.jpg", "image/jpeg", picture)
+        else:
+            cover = container.add_stream("mjpeg", rate=1)
+            cover.width, cover.height, cover.pix_fmt = 64, 48, "yuvj420p"
+            cover.disposition = av.stream.Disposition.attached_pic
+            packet = av.Packet(picture)
+            packet.stream, packet.pts, packet.dts = cover, 0, 0
+            container.mux(packet)
         tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(16000 * 4) / 16000)
         frame = av.AudioFrame.from_ndarray(tone.astype(np.float32)[None], format="fltp", layout="mono")
         frame.sample_rate, frame.pts = 16000, 0
         container.mux(sound.encode(frame))
         container.mux(sound.encode())
     clip = decode_clip(path, frames_per_second=2)
-    assert clip.info.segments == 4 and (clip.frames == 200).all()
+    assert clip.info.segments == 4 and (np.abs(clip.frames.astype(int) - 200) <= 2).all()
     assert any("a cover picture, shown throughout" in w for w in clip.warnings)
 
 
