@@ -610,10 +610,12 @@ def _reason(exc: av.error.FFmpegError) -> str:
 
 
 def _best_stream(streams, size) -> av.stream.Stream | None:
-    """ffmpeg's default choice: a default-disposition stream first, then the largest `size`; ties go to the first."""
+    """ffmpeg's default choice: a cover picture (attached_pic) last, then a default-disposition stream first, then the
+    largest `size`; ties go to the first."""
     best, best_key = None, None
     for stream in streams:
-        key = (bool(stream.disposition & av.stream.Disposition.default), size(stream))
+        key = (not stream.disposition & av.stream.Disposition.attached_pic,
+               bool(stream.disposition & av.stream.Disposition.default), size(stream))
         if best_key is None or key > best_key:
             best, best_key = stream, key
     return best

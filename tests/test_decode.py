@@ -418,6 +418,26 @@ def test_a_cover_picture_is_shown_throughout(tmp_path, suffix):
     assert any("a cover picture, shown throughout" in w for w in clip.warnings)
 
 
+def test_a_video_is_chosen_over_its_larger_cover_picture(tmp_path):
+    """A download with its thumbnail attached (yt-dlp --embed-thumbnail) and no default-disposition stream: the video,
+    not the larger picture, as ffmpeg chooses."""
+    path = tmp_path / "thumbnailed.mkv"
+    with av.open(str(path), "w", options={"default_mode": "passthrough"}) as container:
+        video = container.add_stream("mpeg4", rate=25)
+        video.width, video.height, video.pix_fmt, video.disposition = 64, 48, "yuv420p", 0
+        container.add_attachment("cover.jpg", "image/jpeg",
+                                 cv2.imencode(".jpg", np.full((96, 128, 3), 200, np.uint8))[1].tobytes())
+        for i in range(25):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 3 * i, np.uint8), format="rgb24")
+            frame.pts = i
+            container.mux(video.encode(frame))
+        container.mux(video.encode())
+    with av.open(str(path)) as container:
+        cover = next(s for s in container.streams.video if s.disposition & av.stream.Disposition.attached_pic)
+        assert cover.codec_context.width > 64 and not container.streams.video[0].disposition
+    assert probe(path).video_index == 0
+
+
 # (colorspace, color_range) tags swscale reads: as decoded, BT.709 limited, BT.709 full, BT.601 full
 COLOUR_TAGS = [None, (1, 1), (1, 2), (5, 2)]
 
