@@ -75,6 +75,8 @@ TRUNCATION_TOLERANCE_S = 0.5  # a stream ending this much earlier than its heade
 STREAM_START_TOLERANCE_S = 0.5  # video and sound starting this far apart are read on one timeline (module docstring)
 AUDIO_MARGIN_S = 1.0  # audio decoded either side of a window so the resampling filter sees real context at its edges
 VFR_TOLERANCE = 0.01  # relative gap between average and base frame rate above which the stream is variable-rate
+EBML_HEADER_ID, MATROSKA_SEGMENT_ID = 0x1A45DFA3, 0x18538067  # a Matroska/WebM file: its EBML header, then a Segment
+MATROSKA_HEAD_BYTES = 1024  # read to find the Segment's declared size (the EBML header before it is ~40 bytes)
 # FFmpeg decoder threads per stream; 0 lets FFmpeg choose (one per core). Decoding workers set their share.
 DECODER_THREADS = 0
 IN_FLIGHT_PER_WORKER = 2  # decoded clips queued per worker: bounds memory, keeps every worker busy
@@ -628,9 +630,9 @@ def _clip_info(path, container, seconds: int, start_s: float, wall_clock: bool =
         raise BmfnError(f"{path}: no video stream")
     audio = _best_stream(container.streams.audio, lambda s: (s.codec_context.channels, s.codec_context.sample_rate,
                                                               s.codec_context.bit_rate or 0))
-    duration_s = _duration_s(container, video)
+    still = container.format.name.endswith("_pipe") or container.format.name == "image2"  # FFmpeg's image readers
+    duration_s = 0.0 if still else _duration_s(path, container, video)
     if duration_s <= 0:
-        still = container.format.name.endswith("_pipe") or container.format.name == "image2"  # FFmpeg's image readers
         raise BmfnError(f"{path}: {'a still image, not a video' if still else 'zero duration'}")
     if not 0 <= start_s < duration_s:
         raise BmfnError(f"{path}: window start {start_s} s is outside the clip (0 to {duration_s:.2f} s)")
@@ -671,13 +673,16 @@ def _stream_starts(video, audio) -> tuple[float, float]:
     return starts[0] - origin, starts[1] - origin
 
 
-def _duration_s(container, video) -> float:
-    """The container duration (what imageio's frame-count estimate used), else the video stream's."""
+def _duration_s(path, container, video) -> float:
+    """The container duration (what imageio's frame-count estimate used), else the video stream's, else where the
+    last video or sound packet ends (a file written live, such as a browser's WebM recording, declares neither)."""
     if container.duration:
         return container.duration / av.time_base
     if video.duration and video.time_base:
         return float(video.duration * video.time_base)
-    return 0.0
+    stat = os.stat(path)
+    ends = _packet_ends(os.fspath(path), stat.st_size, stat.st_mtime_ns)
+    return float(max(ends.values())) if ends else 0.0
 
 
 def _header_warnings(info: ClipInfo, window_chosen: bool = False) -> list[str]:
@@ -745,7 +750,7 @@ def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warn
                       else info.duration_s)  # where the video says it ends; the sound may go on after it
         cover = bool(stream.disposition & av.stream.Disposition.attached_pic)  # one picture for the whole file
         if (not cover and decoded_s < min(declared_s, info.start_s + info.segments) - TRUNCATION_TOLERANCE_S
-                and (stream.duration or _end_before_another(path, stream.index) is None)):
+                and (stream.duration or _designed_end(path, stream.index) is None)):
             raise BmfnError(f"{path}: truncated or corrupt: video stops at {decoded_s:.2f} s of {declared_s:.2f} s")
         warnings.append(f"{path}: a cover picture, shown throughout" if cover else
                         f"{path}: frame {wanted_max} wanted but only {index + 1} frames decode: the last is repeated")
@@ -757,17 +762,49 @@ def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warn
     return out
 
 
-def _end_before_another(path, stream_index: int) -> Fraction | None:
-    """Where the stream's packets end (container time), if TRUNCATION_TOLERANCE_S or more before another video or
-    sound stream's: a stream shorter than the file (a sound that stops before its video, a video that stops before
-    its sound), not a cut file, whose streams all stop where it was cut (subtitles are left out: a subtitle's
-    packet spans its display time, which may run past the cut). Else None. Asked only where a stream ends early and
-    its container declares no duration of its own (Matroska, WebM: the file's duration is its longest stream's)."""
+def _designed_end(path, stream_index: int) -> Fraction | None:
+    """Where the stream's packets end (container time), if it ends early by the file's design, not because the file
+    was cut: another video or sound stream goes on TRUNCATION_TOLERANCE_S or more past it (a sound that stops before
+    its video, a late start), or the file is a Matroska/WebM holding every byte its header declares (its duration
+    may then be a subtitle's). Else None: a cut file's streams all stop where it was cut (subtitles do not count:
+    a subtitle's packet spans its display time, which may run past the cut). Asked only where a stream ends early
+    and its container declares no duration of its own (Matroska, WebM: the file's is its longest stream's)."""
     stat = os.stat(path)
     ends = _packet_ends(os.fspath(path), stat.st_size, stat.st_mtime_ns)
-    if stream_index not in ends or max(ends.values()) - ends[stream_index] < TRUNCATION_TOLERANCE_S:
+    if stream_index not in ends:
         return None
-    return ends[stream_index]
+    if max(ends.values()) - ends[stream_index] >= TRUNCATION_TOLERANCE_S or _matroska_whole(path):
+        return ends[stream_index]
+    return None
+
+
+def _matroska_whole(path) -> bool:
+    """Whether a Matroska/WebM file holds every byte its Segment header declares (a cut file's end before). False
+    where it cannot tell: another format, or a Segment of unknown size (a file written live)."""
+    with open(path, "rb") as f:
+        head, size = f.read(MATROSKA_HEAD_BYTES), os.fstat(f.fileno()).st_size
+    try:
+        header_id, at = _ebml_number(head, 0, keep_marker=True)
+        header_size, at = _ebml_number(head, at)
+        segment_id, at = _ebml_number(head, at + header_size, keep_marker=True)
+        segment_size, at = _ebml_number(head, at)
+    except (IndexError, ValueError):
+        return False
+    return (header_id, segment_id) == (EBML_HEADER_ID, MATROSKA_SEGMENT_ID) and segment_size is not None and \
+        at + segment_size <= size
+
+
+def _ebml_number(data: bytes, at: int, keep_marker: bool = False) -> tuple[int | None, int]:
+    """The EBML variable-length number at `at` and where it ends: an element ID keeps its length marker; a size
+    does not, and is None where all its bits are set (unknown)."""
+    length = 9 - data[at].bit_length()  # the marker is the first set bit
+    if length > 8:
+        raise ValueError("not an EBML number")
+    raw = int.from_bytes(data[at:at + length], "big")
+    if keep_marker:
+        return raw, at + length
+    value = raw & ((1 << 7 * length) - 1)
+    return (None if value == (1 << 7 * length) - 1 else value), at + length
 
 
 @functools.lru_cache(maxsize=4)
@@ -907,7 +944,7 @@ def _decode_audio(path, container, info: ClipInfo, warnings: list[str] | None = 
     except av.error.FFmpegError as exc:
         raise BmfnError(f"{path}: corrupt or truncated audio ({_reason(exc)})") from None
     if not chunks:  # a window after the sound has ended (Matroska's seek lands past its last packet), or a bad file
-        end = None if stream.duration else _end_before_another(path, stream.index)
+        end = None if stream.duration else _designed_end(path, stream.index)
         if end is None or float(end - stream_start) > info.start_s + TRUNCATION_TOLERANCE_S:
             raise BmfnError(f"{path}: no audio could be decoded (corrupt or truncated)")
         if warnings is not None:
@@ -918,7 +955,7 @@ def _decode_audio(path, container, info: ClipInfo, warnings: list[str] | None = 
     declared_s = (info.audio_start_s + float(stream.duration * stream.time_base) if stream.duration
                   else info.duration_s)
     if (decoded_end_s < min(declared_s, end_s) - TRUNCATION_TOLERANCE_S
-            and (stream.duration or _end_before_another(path, stream.index) is None)):
+            and (stream.duration or _designed_end(path, stream.index) is None)):
         raise BmfnError(f"{path}: truncated or corrupt: audio stops at {decoded_end_s:.2f} s of {declared_s:.2f} s")
     content_end_s = min(info.duration_s, info.start_s + info.segments)
     if warnings is not None and decoded_end_s < content_end_s - TRUNCATION_TOLERANCE_S:

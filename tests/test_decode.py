@@ -301,9 +301,10 @@ def test_frames_stored_sideways_or_mirrored_are_shown_upright(tmp_path, rotation
 
 
 def _write_av_clip(path: Path, *, video_start: float = 0, audio_start: float = 0, video_frames: int = 75,
-                   audio_seconds: float = 3) -> Path:
-    """`video_frames` at 25 fps (frame i grey 3i) from `video_start`, and a 440 Hz tone from `audio_start`."""
-    with av.open(str(path), "w") as container:
+                   audio_seconds: float = 3, options: dict | None = None) -> Path:
+    """`video_frames` at 25 fps (frame i grey 3i) from `video_start`, and a 440 Hz tone from `audio_start`; `options`
+    for the muxer."""
+    with av.open(str(path), "w", options=options or {}) as container:
         video = container.add_stream("mpeg4", rate=25)
         video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
         audio = container.add_stream("aac", rate=16000, layout="mono")
@@ -371,24 +372,39 @@ def test_windows_of_a_matroska_video_after_its_sound_has_ended_are_silent(tmp_pa
     assert decode._packet_ends.cache_info().misses == 1
 
 
-def test_a_cut_matroska_file_with_subtitles_is_refused(tmp_path):
-    """A subtitle's packet spans its display time, past where the file was cut: the cut video and sound are still
-    cut, not shorter than the file."""
+def test_a_matroska_file_whose_subtitle_outlasts_it_is_whole_and_a_cut_one_is_not(tmp_path):
+    """Matroska declares no per-stream duration, and a subtitle running past the picture and sound makes the file's.
+    A file holding every byte its header declares is whole: its picture and sound end by design. A cut one is
+    refused, although its subtitle's packet spans its display time past the cut."""
     source = _write_av_clip(tmp_path / "clip.mkv", video_frames=75, audio_seconds=3)
-    (tmp_path / "lines.srt").write_text("1\n00:00:00,000 --> 00:00:03,000\nall along\n")
+    (tmp_path / "lines.srt").write_text("1\n00:00:02,000 --> 00:00:05,000\nruns past the end\n")
     whole = tmp_path / "subtitled.mkv"
     with av.open(str(source)) as clip, av.open(str(tmp_path / "lines.srt")) as lines, \
             av.open(str(whole), "w") as out:
         streams = {s.index: out.add_stream_from_template(s) for s in clip.streams}
         text = out.add_stream_from_template(lines.streams[0])
-        packets = [p for p in clip.demux() if p.dts is not None]
-        for packet in [p for p in lines.demux() if p.pts is not None] + packets:  # the subtitle first: it starts at 0
+        for packet in [p for p in lines.demux() if p.pts is not None] + [p for p in clip.demux() if p.dts is not None]:
             packet.stream = text if packet.stream.type == "subtitle" else streams[packet.stream.index]
             out.mux(packet)
-    assert decode_clip(whole, frames_per_second=2).info.segments == 3
+    decoded = decode_clip(whole, frames_per_second=2)
+    assert decoded.info.segments == 5 and not decoded.audio[4 * SAMPLE_RATE:].any()
+    assert any("the sound ends at 3.0" in w for w in decoded.warnings)
+    assert any("the last is repeated" in w for w in decoded.warnings)
     data = whole.read_bytes()
     (tmp_path / "cut.mkv").write_bytes(data[:len(data) // 2])
     assert "truncated" in _error(tmp_path / "cut.mkv")
+
+
+def test_a_matroska_file_written_live_is_read_to_its_last_packet(tmp_path):
+    """A file written live (a browser's WebM recording) declares no duration and no size: its length is where its
+    last picture or sound packet ends, and a sound that ends while the picture goes on is short by design."""
+    short = _write_av_clip(tmp_path / "short.mkv", video_frames=75, audio_seconds=1.5, options={"live": "1"})
+    with av.open(str(short)) as container:
+        assert not container.duration and not container.streams.video[0].duration
+    clip = decode_clip(short, frames_per_second=2)
+    assert clip.info.segments == 3 and any("the sound ends at 1.5" in w for w in clip.warnings)
+    grey = clip.frames[..., 0].mean(axis=(2, 3))
+    np.testing.assert_allclose(grey[:3, 0], [0, 75, 150], atol=6)  # frames 0, 25, 50
 
 
 @pytest.mark.parametrize("suffix", ["mkv", "mp4"])
