@@ -675,14 +675,18 @@ def _stream_starts(video, audio) -> tuple[float, float]:
 
 def _duration_s(path, container, video) -> float:
     """The container duration (what imageio's frame-count estimate used), else the video stream's, else where the
-    last video or sound packet ends (a file written live, such as a browser's WebM recording, declares neither)."""
+    last video or sound packet ends (a file written live, such as a browser's WebM recording, declares neither).
+    Matroska's duration, and a packet's end, are times on the file's timeline: its length is what follows its start
+    (MP4 and MPEG-TS durations are lengths already)."""
+    start = (container.start_time or 0) / av.time_base
     if container.duration:
-        return container.duration / av.time_base
+        matroska = container.format.name.startswith("matroska")
+        return container.duration / av.time_base - (start if matroska else 0)
     if video.duration and video.time_base:
         return float(video.duration * video.time_base)
     stat = os.stat(path)
     ends = _packet_ends(os.fspath(path), stat.st_size, stat.st_mtime_ns)
-    return float(max(ends.values())) if ends else 0.0
+    return float(max(ends.values())) - start if ends else 0.0
 
 
 def _header_warnings(info: ClipInfo, window_chosen: bool = False) -> list[str]:

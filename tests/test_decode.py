@@ -348,6 +348,17 @@ def test_streams_starting_seconds_apart_are_read_on_one_timeline(tmp_path, late,
 
 
 @pytest.mark.parametrize("suffix", ["mp4", "mkv"])
+def test_a_clip_whose_timestamps_start_late_is_as_long_as_what_it_holds(tmp_path, suffix):
+    """Timestamps from 1.4 s (a clip cut from a longer recording): Matroska's duration is where its timeline ends,
+    MP4's is a length; both files hold 3 s (AAC's priming adds 0.064 s)."""
+    path = _write_av_clip(tmp_path / f"late.{suffix}", video_start=1.4, audio_start=1.4)
+    info = probe(path)
+    assert info.duration_s == pytest.approx(3.064, abs=0.01) and info.segments == 3
+    clip = decode_clip(path, frames_per_second=2, seconds=5)
+    assert not any("frames decode" in w or "sound ends" in w for w in clip.warnings), clip.warnings
+
+
+@pytest.mark.parametrize("suffix", ["mp4", "mkv"])
 def test_one_still_frame_over_its_sound_is_shown_throughout(tmp_path, suffix):
     """A music video made of one cover picture and a long sound: the video ends after its frame (an MP4 says so; in
     Matroska the sound's packets go on), so that frame is every second's picture, with a warning, not a truncated
