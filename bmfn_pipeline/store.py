@@ -66,6 +66,12 @@ SAME_FEATURES_RTOL = 1e-5
 COPY_BLOCK = 64
 # HDF5 chunk cache per dataset, large enough to hold one float32 visual clip (1 MiB) several times over.
 CHUNK_CACHE_BYTES = 16 * 2**20
+# What changed in the features made from the same file at each features revision (FEATURES_REVISION in extract.py).
+REVISION_CHANGES = {
+    2: "audio embeddings may differ for clips that begin with an AAC priming packet",
+    3: "Matroska/WebM clips whose timestamps start late, and files with a cover picture beside their video, may give "
+       "other features",
+}
 # ``export_ave``'s key and file names (features-reference.md section 3).
 AVE_KEY = "avadataset"
 AVE_VISUAL_FILE = "visual_feature.h5"
@@ -124,12 +130,17 @@ def _check_store_file(path: Path) -> None:
         raise BmfnError(f"{path}: not a bmfn feature store (no {' or '.join(missing)} attribute)")
 
 
-def _revision_note(differ: list[str], provenance: Mapping, name: str = "the store") -> str:
-    """Why a store without features_revision (bmfn_pipeline.extract.FEATURES_REVISION) is not mixed with others."""
-    if "features_revision" not in differ or "features_revision" in provenance:
+def _revision_note(differ: list[str], a: Mapping, b: Mapping, name_a: str, name_b: str) -> str:
+    """Why features of two revisions (bmfn_pipeline.extract.FEATURES_REVISION; none recorded: 1) are not mixed: what
+    changed since the older one's."""
+    if "features_revision" not in differ:
         return ""
-    return (f" ({name} was made by a bmfn before features revision 2, whose audio embeddings may differ for clips "
-            "that begin with an AAC priming packet: extract them again)")
+    revisions = sorted(((p.get("features_revision", 1), name) for p, name in ((a, name_a), (b, name_b))),
+                       key=lambda pair: pair[0])
+    (old, old_name), (new, _) = revisions
+    changes = "; ".join(REVISION_CHANGES[r] for r in range(old + 1, new + 1) if r in REVISION_CHANGES)
+    return f" ({old_name} was made by a bmfn before features revision {new}, whose {changes}: extract them again)" \
+        if changes else ""
 
 
 def _defining(provenance: Mapping) -> dict:
@@ -274,7 +285,8 @@ class FeatureStore:
             if differ:
                 raise BmfnError(f"{self.path}: features were made differently: "
                                 f"{_described(differ, self.provenance, provenance, 'the store', 'this run')}"
-                                f"{_revision_note(differ, self.provenance)}; use another output file")
+                                f"{_revision_note(differ, self.provenance, provenance, 'the store', 'this run')}"
+                                "; use another output file")
         self._reopened_if_moved(self._scan_parts)
 
     def _take_lock(self) -> None:
@@ -809,10 +821,11 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
         for store in stores[1:]:
             differ = _differences(_defining(first.provenance), _defining(store.provenance))
             if differ:
-                described = _described(differ, store.provenance, first.provenance, store.path.name, first.path.name)
-                old = next((s for s in (first, store) if "features_revision" not in s.provenance), first)
+                names = store.path.name, first.path.name
+                described = _described(differ, store.provenance, first.provenance, *names)
                 raise BmfnError(f"{store.path}: features were made differently from {first.path}'s: {described}"
-                                f"{_revision_note(differ, old.provenance, old.path.name)}; they cannot be merged")
+                                f"{_revision_note(differ, store.provenance, first.provenance, *names)}; they cannot be "
+                                "merged")
         if extending:  # its journal goes into the merged file; consolidating first leaves no parts behind
             stores[[s.path.resolve() for s in stores].index(out.resolve())].consolidate()
 

@@ -244,9 +244,10 @@ def test_store_of_an_earlier_features_revision_takes_no_appends(extracted, clips
     assert result.exit_code == 1
     (line,) = error_lines(result.stderr)
     assert line.endswith(f"{out}: features were made differently: features_revision 'missing' (the store) vs "
-                         f"{FEATURES_REVISION} (this run) (the store was made by a bmfn before features revision 2, "
-                         "whose audio embeddings may differ for clips that begin with an AAC priming packet: extract "
-                         "them again); use another output file")
+                         f"{FEATURES_REVISION} (this run) (the store was made by a bmfn before features revision 3, "
+                         "whose audio embeddings may differ for clips that begin with an AAC priming packet; "
+                         "Matroska/WebM clips whose timestamps start late, and files with a cover picture beside their "
+                         "video, may give other features: extract them again); use another output file")
     assert file_digest(out) == before
 
 
