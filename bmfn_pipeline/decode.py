@@ -49,7 +49,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from multiprocessing import resource_tracker, shared_memory
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 from pathlib import Path
 
 import av
@@ -61,6 +61,8 @@ from threadpoolctl import threadpool_limits
 from .ave import SEGMENTS
 from .errors import BmfnError
 from .resample import resample
+
+_T = TypeVar("_T")
 
 # Container extensions a folder is searched for; a file named explicitly is tried whatever its extension.
 VIDEO_EXTENSIONS = frozenset(
@@ -75,8 +77,12 @@ TRUNCATION_TOLERANCE_S = 0.5  # a stream ending this much earlier than its heade
 STREAM_START_TOLERANCE_S = 0.5  # video and sound starting this far apart are read on one timeline (module docstring)
 AUDIO_MARGIN_S = 1.0  # audio decoded either side of a window so the resampling filter sees real context at its edges
 VFR_TOLERANCE = 0.01  # relative gap between average and base frame rate above which the stream is variable-rate
-EBML_HEADER_ID, MATROSKA_SEGMENT_ID = 0x1A45DFA3, 0x18538067  # a Matroska/WebM file: its EBML header, then a Segment
-MATROSKA_HEAD_BYTES = 1024  # read to find the Segment's declared size (the EBML header before it is ~40 bytes)
+# A Matroska/WebM file: an EBML header, then a Segment whose first children (SeekHead, Void) precede its Info, which
+# holds the MuxingApp; then Tracks and the Clusters.
+EBML_HEADER_ID, MATROSKA_SEGMENT_ID, MATROSKA_INFO_ID = 0x1A45DFA3, 0x18538067, 0x1549A966
+MATROSKA_MUXING_APP_ID, MATROSKA_CLUSTER_ID = 0x4D80, 0x1F43B675
+DAMAGE_GAP_BYTES = 16 * 1024  # bytes between two packets beyond which a stretch was skipped (a Cluster header is ~20)
+MATROSKA_HEAD_BYTES = 64 * 1024  # read for the Segment's size and MuxingApp (mkvmerge reserves a few KiB before Info)
 # FFmpeg decoder threads per stream; 0 lets FFmpeg choose (one per core). Decoding workers set their share.
 DECODER_THREADS = 0
 IN_FLIGHT_PER_WORKER = 2  # decoded clips queued per worker: bounds memory, keeps every worker busy
@@ -680,13 +686,21 @@ def _duration_s(path, container, video) -> float:
     (MP4 and MPEG-TS durations are lengths already)."""
     start = (container.start_time or 0) / av.time_base
     if container.duration:
-        matroska = container.format.name.startswith("matroska")
-        return container.duration / av.time_base - (start if matroska else 0)
+        return container.duration / av.time_base - (start if _duration_is_an_end(path, container) else 0)
     if video.duration and video.time_base:
         return float(video.duration * video.time_base)
-    stat = os.stat(path)
-    ends = _packet_ends(os.fspath(path), stat.st_size, stat.st_mtime_ns)
+    ends = _per_file(_packet_ends, path).av
     return float(max(ends.values())) - start if ends else 0.0
+
+
+def _duration_is_an_end(path, container) -> bool:
+    """Whether the container's duration is where the file's timeline ends rather than its length: FFmpeg's Matroska
+    muxer writes a Segment's Duration so (mkvmerge, as the specification, writes a length), and FFmpeg's demuxer
+    passes either on as the file's duration. MP4's and MPEG-TS's are lengths."""
+    if not container.format.name.startswith("matroska"):
+        return False
+    head = _per_file(_matroska_head, path)
+    return head is not None and head.muxing_app.startswith("Lavf")
 
 
 def _header_warnings(info: ClipInfo, window_chosen: bool = False) -> list[str]:
@@ -754,7 +768,7 @@ def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warn
                       else info.duration_s)  # where the video says it ends; the sound may go on after it
         cover = bool(stream.disposition & av.stream.Disposition.attached_pic)  # one picture for the whole file
         if (not cover and decoded_s < min(declared_s, info.start_s + info.segments) - TRUNCATION_TOLERANCE_S
-                and (stream.duration or _designed_end(path, stream.index) is None)):
+                and (stream.duration or _designed_end(path, container, stream.index) is None)):
             raise BmfnError(f"{path}: truncated or corrupt: video stops at {decoded_s:.2f} s of {declared_s:.2f} s")
         warnings.append(f"{path}: a cover picture, shown throughout" if cover else
                         f"{path}: frame {wanted_max} wanted but only {index + 1} frames decode: the last is repeated")
@@ -766,36 +780,78 @@ def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warn
     return out
 
 
-def _designed_end(path, stream_index: int) -> Fraction | None:
+def _designed_end(path, container, stream_index: int) -> Fraction | None:
     """Where the stream's packets end (container time), if it ends early by the file's design, not because the file
-    was cut: another video or sound stream goes on TRUNCATION_TOLERANCE_S or more past it (a sound that stops before
-    its video, a late start), or the file is a Matroska/WebM holding every byte its header declares (its duration
-    may then be a subtitle's). Else None: a cut file's streams all stop where it was cut (subtitles do not count:
-    a subtitle's packet spans its display time, which may run past the cut). Asked only where a stream ends early
-    and its container declares no duration of its own (Matroska, WebM: the file's is its longest stream's)."""
-    stat = os.stat(path)
-    ends = _packet_ends(os.fspath(path), stat.st_size, stat.st_mtime_ns)
-    if stream_index not in ends:
+    was cut or damaged: another video or sound stream goes on TRUNCATION_TOLERANCE_S or more past it (a sound that
+    stops before its video, a late start), or the file is a Matroska/WebM holding every byte its header declares and
+    its declared end is a subtitle's (a caption outlasting the picture and sound), and no stretch of it was skipped
+    between two packets (a download's preallocated, never written bytes). Else None: a cut or damaged file's
+    streams all stop where the damage begins (a subtitle's packet spans its display time, which may run past it).
+    Asked only where a stream ends early and its container declares no duration of its own (Matroska, WebM)."""
+    ends = _per_file(_packet_ends, path)
+    own = ends.av.get(stream_index)
+    if own is None:
         return None
-    if max(ends.values()) - ends[stream_index] >= TRUNCATION_TOLERANCE_S or _matroska_whole(path):
-        return ends[stream_index]
-    return None
+    if max(ends.av.values()) - own >= TRUNCATION_TOLERANCE_S:
+        return own
+    head = _per_file(_matroska_head, path) if container.format.name.startswith("matroska") else None
+    if (head is None or not head.whole or ends.largest_gap > DAMAGE_GAP_BYTES or ends.subtitles is None
+            or not container.duration):
+        return None
+    start = 0 if _duration_is_an_end(path, container) else (container.start_time or 0)
+    declared_end = Fraction(container.duration + start, av.time_base)
+    return own if ends.subtitles >= declared_end - Fraction(TRUNCATION_TOLERANCE_S) else None
 
 
-def _matroska_whole(path) -> bool:
-    """Whether a Matroska/WebM file holds every byte its Segment header declares (a cut file's end before). False
-    where it cannot tell: another format, or a Segment of unknown size (a file written live)."""
+def _per_file(read: Callable[[str, int, int], _T], path) -> _T:
+    """read(path, size, mtime_ns): a per-file cache's key, so that a changed file is read again."""
+    stat = os.stat(path)
+    return read(os.fspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+class _MatroskaHead(NamedTuple):
+    whole: bool  # every byte its Segment declares is there (a cut file's end before; False where the size is unknown)
+    muxing_app: str  # the library that wrote it ("Lavf..." for FFmpeg's, "libebml ... + libmatroska ..." for mkvmerge)
+
+
+@functools.lru_cache(maxsize=4)
+def _matroska_head(path: str, size: int, mtime_ns: int) -> _MatroskaHead | None:
+    """What a Matroska/WebM file's first bytes say of it; None for another format."""
     with open(path, "rb") as f:
-        head, size = f.read(MATROSKA_HEAD_BYTES), os.fstat(f.fileno()).st_size
+        head = f.read(MATROSKA_HEAD_BYTES)
     try:
         header_id, at = _ebml_number(head, 0, keep_marker=True)
         header_size, at = _ebml_number(head, at)
         segment_id, at = _ebml_number(head, at + header_size, keep_marker=True)
         segment_size, at = _ebml_number(head, at)
-    except (IndexError, ValueError):
-        return False
-    return (header_id, segment_id) == (EBML_HEADER_ID, MATROSKA_SEGMENT_ID) and segment_size is not None and \
-        at + segment_size <= size
+    except (IndexError, ValueError, TypeError):
+        return None
+    if (header_id, segment_id) != (EBML_HEADER_ID, MATROSKA_SEGMENT_ID):
+        return None
+    return _MatroskaHead(segment_size is not None and at + segment_size <= size, _muxing_app(head, at))
+
+
+def _muxing_app(data: bytes, at: int) -> str:
+    """The MuxingApp of the Segment's Info, looked for among the Segment's children from `at`; '' where not in
+    `data`."""
+    try:
+        while True:
+            element, at = _ebml_number(data, at, keep_marker=True)
+            size, at = _ebml_number(data, at)
+            if element == MATROSKA_CLUSTER_ID or size is None:
+                return ""
+            if element == MATROSKA_INFO_ID:
+                end = at + size
+                while at < end:
+                    child, at = _ebml_number(data, at, keep_marker=True)
+                    child_size, at = _ebml_number(data, at)
+                    if child == MATROSKA_MUXING_APP_ID:
+                        return data[at:at + child_size].decode("utf-8", "replace")
+                    at += child_size
+                return ""
+            at += size
+    except (IndexError, ValueError, TypeError):
+        return ""
 
 
 def _ebml_number(data: bytes, at: int, keep_marker: bool = False) -> tuple[int | None, int]:
@@ -811,21 +867,37 @@ def _ebml_number(data: bytes, at: int, keep_marker: bool = False) -> tuple[int |
     return (None if value == (1 << 7 * length) - 1 else value), at + length
 
 
+class _PacketEnds(NamedTuple):
+    av: dict[int, Fraction]  # each video and sound stream's last packet end (container time)
+    subtitles: Fraction | None  # the subtitles' last end
+    largest_gap: int  # bytes between two packets that follow each other in the file (a damaged stretch is skipped)
+
+
 @functools.lru_cache(maxsize=4)
-def _packet_ends(path: str, size: int, mtime_ns: int) -> dict[int, Fraction]:
-    """Each video and sound stream's last packet end, demuxing the whole file without decoding: once per file
-    (size and mtime tell a changed one), not once per window of a long video."""
+def _packet_ends(path: str, size: int, mtime_ns: int) -> _PacketEnds:
+    """Where each stream's packets end, demuxing the whole file without decoding: once per file, not once per window
+    of a long video."""
     ends: dict[int, Fraction] = {}
+    spans = []
     try:
         with _open(path) as container:
-            for packet in container.demux(*container.streams.video, *container.streams.audio):
+            for packet in container.demux():
                 time = packet.pts if packet.pts is not None else packet.dts
-                if time is not None:  # the demuxer's flush packets have none
-                    end = (time + (packet.duration or 0)) * packet.time_base
-                    ends[packet.stream.index] = max(end, ends.get(packet.stream.index, end))
+                if time is None:  # the demuxer's flush packets have none
+                    continue
+                end = (time + (packet.duration or 0)) * packet.time_base
+                ends[packet.stream.index] = max(end, ends.get(packet.stream.index, end))
+                if packet.pos is not None and packet.pos >= 0:
+                    spans.append((packet.pos, packet.pos + packet.size))
+            subtitles = [ends[s.index] for s in container.streams.subtitles if s.index in ends]
+            av_ends = {s.index: ends[s.index] for s in (*container.streams.video, *container.streams.audio)
+                       if s.index in ends}
     except (av.error.FFmpegError, BmfnError):
-        return {}
-    return ends
+        return _PacketEnds({}, None, 0)
+    gap, reach = 0, None
+    for start, end in sorted(spans):
+        gap, reach = (0, end) if reach is None else (max(gap, start - reach), max(reach, end))
+    return _PacketEnds(av_ends, max(subtitles, default=None), gap)
 
 
 def _seek_index(container, stream, info: ClipInfo) -> int | None:
@@ -948,7 +1020,7 @@ def _decode_audio(path, container, info: ClipInfo, warnings: list[str] | None = 
     except av.error.FFmpegError as exc:
         raise BmfnError(f"{path}: corrupt or truncated audio ({_reason(exc)})") from None
     if not chunks:  # a window after the sound has ended (Matroska's seek lands past its last packet), or a bad file
-        end = None if stream.duration else _designed_end(path, stream.index)
+        end = None if stream.duration else _designed_end(path, container, stream.index)
         if end is None or float(end - stream_start) > info.start_s + TRUNCATION_TOLERANCE_S:
             raise BmfnError(f"{path}: no audio could be decoded (corrupt or truncated)")
         if warnings is not None:
@@ -959,7 +1031,7 @@ def _decode_audio(path, container, info: ClipInfo, warnings: list[str] | None = 
     declared_s = (info.audio_start_s + float(stream.duration * stream.time_base) if stream.duration
                   else info.duration_s)
     if (decoded_end_s < min(declared_s, end_s) - TRUNCATION_TOLERANCE_S
-            and (stream.duration or _designed_end(path, stream.index) is None)):
+            and (stream.duration or _designed_end(path, container, stream.index) is None)):
         raise BmfnError(f"{path}: truncated or corrupt: audio stops at {decoded_end_s:.2f} s of {declared_s:.2f} s")
     content_end_s = min(info.duration_s, info.start_s + info.segments)
     if warnings is not None and decoded_end_s < content_end_s - TRUNCATION_TOLERANCE_S:

@@ -8,6 +8,7 @@ import mmap
 import multiprocessing
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -23,8 +24,8 @@ from conftest import write_rotated_clip
 
 from bmfn_pipeline import decode
 from bmfn_pipeline.decode import (FRAME_SIZE, SAMPLE_RATE, BackgroundRead, ave_frame_indices, decode_clip,
-                                  decode_many, first_frame_filters, probe, read_for_labels, segment_frame_indices,
-                                  video_hwaccel, yuv420p_from_nv12)
+                                  decode_many, decode_window, first_frame_filters, probe, read_for_labels,
+                                  segment_frame_indices, video_hwaccel, yuv420p_from_nv12)
 from bmfn_pipeline.errors import BmfnError
 
 # features-reference.md 1.1: offsets of the 16 samples within a segment of fi frames
@@ -383,27 +384,52 @@ def test_windows_of_a_matroska_video_after_its_sound_has_ended_are_silent(tmp_pa
     assert decode._packet_ends.cache_info().misses == 1
 
 
-def test_a_matroska_file_whose_subtitle_outlasts_it_is_whole_and_a_cut_one_is_not(tmp_path):
-    """Matroska declares no per-stream duration, and a subtitle running past the picture and sound makes the file's.
-    A file holding every byte its header declares is whole: its picture and sound end by design. A cut one is
-    refused, although its subtitle's packet spans its display time past the cut."""
-    source = _write_av_clip(tmp_path / "clip.mkv", video_frames=75, audio_seconds=3)
-    (tmp_path / "lines.srt").write_text("1\n00:00:02,000 --> 00:00:05,000\nruns past the end\n")
+def test_a_matroska_file_whose_subtitle_outlasts_it_is_whole_and_a_damaged_one_is_not(tmp_path, video_dir):
+    """Matroska declares no per-stream duration, and a caption running past the picture and sound makes the file's.
+    A file holding every byte its header declares, read without a skipped stretch, is whole: its picture and sound
+    end by design. A cut one is refused, although its caption's packet spans its display time past the cut, and so
+    is one whose middle was never written (a preallocated download)."""
+    (tmp_path / "lines.srt").write_text("1\n00:00:09,000 --> 00:00:13,000\nruns past the end\n")
     whole = tmp_path / "subtitled.mkv"
-    with av.open(str(source)) as clip, av.open(str(tmp_path / "lines.srt")) as lines, \
+    with av.open(str(video_dir / "ave_0lFf-HP86Q0.mp4")) as clip, av.open(str(tmp_path / "lines.srt")) as lines, \
             av.open(str(whole), "w") as out:
         streams = {s.index: out.add_stream_from_template(s) for s in clip.streams}
         text = out.add_stream_from_template(lines.streams[0])
         for packet in [p for p in lines.demux() if p.pts is not None] + [p for p in clip.demux() if p.dts is not None]:
             packet.stream = text if packet.stream.type == "subtitle" else streams[packet.stream.index]
             out.mux(packet)
-    decoded = decode_clip(whole, frames_per_second=2)
-    assert decoded.info.segments == 5 and not decoded.audio[4 * SAMPLE_RATE:].any()
-    assert any("the sound ends at 3.0" in w for w in decoded.warnings)
+    decoded = decode_window(whole, seconds=13, frames_per_second=2)
+    assert decoded.info.segments == 13 and not decoded.audio[11 * SAMPLE_RATE:].any()
+    assert any("the sound ends at 10.0" in w for w in decoded.warnings)
     assert any("the last is repeated" in w for w in decoded.warnings)
     data = whole.read_bytes()
     (tmp_path / "cut.mkv").write_bytes(data[:len(data) // 2])
-    assert "truncated" in _error(tmp_path / "cut.mkv")
+    (tmp_path / "hole.mkv").write_bytes(data[:len(data) // 3] + bytes(len(data) // 3) + data[2 * (len(data) // 3):])
+    for damaged in ("cut.mkv", "hole.mkv"):
+        with pytest.raises(BmfnError, match="truncated or corrupt"):
+            decode_window(tmp_path / damaged, seconds=13, frames_per_second=2)
+
+
+def test_a_matroska_duration_is_read_as_its_writer_means_it(tmp_path):
+    """A clip whose timestamps start at 5 s: FFmpeg's muxer writes where its timeline ends, mkvmerge (whose split
+    parts carry on their timestamps) its length; FFmpeg passes either on as the duration. Both are 3 s long."""
+    ffmpeg = _write_av_clip(tmp_path / "ffmpeg.mkv", video_start=5, audio_start=5)
+    with av.open(str(ffmpeg)) as container:
+        start_ms = container.start_time / 1000
+    data = bytearray(ffmpeg.read_bytes())
+    at = data.index(b"\x44\x89\x88")  # the Info's Duration: 8 bytes, a float of milliseconds
+    end_ms = struct.unpack(">d", data[at + 3:at + 11])[0]
+    assert start_ms > 4900 and end_ms > 8000  # where the timeline ends
+    data[at + 3:at + 11] = struct.pack(">d", end_ms - start_ms)
+    at = data.index(b"\x4d\x80")  # the MuxingApp, "Lavf..."
+    size = data[at + 2] & 0x7F
+    assert data[at + 3:at + 7] == b"Lavf"
+    data[at + 3:at + 3 + size] = b"libebml + libmatroska".ljust(size)[:size]
+    mkvmerge = tmp_path / "mkvmerge.mkv"
+    mkvmerge.write_bytes(data)
+    for path in (ffmpeg, mkvmerge):
+        assert probe(path).duration_s == pytest.approx((end_ms - start_ms) / 1000, abs=0.002), path.name
+    assert 3 < (end_ms - start_ms) / 1000 < 3.2
 
 
 def test_a_matroska_file_written_live_is_read_to_its_last_packet(tmp_path):
