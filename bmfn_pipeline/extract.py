@@ -170,8 +170,8 @@ def _downloads(options: ExtractOptions) -> bool:
 # Bumped when bmfn changes the features it makes from the same file, weights and settings, so that a store never
 # holds clips of two revisions (its appends and merges are refused; store.REVISION_CHANGES says what changed): 1, the
 # first; 2, sound from a clip's start decoded without a seek, which keeps the AAC priming packet some AVE clips begin
-# with (features-reference.md 2.1); 3, a Matroska clip's length is its duration less its start time, and a cover
-# picture is the last choice among video streams.
+# with (features-reference.md 2.1); 3, a Matroska clip written by FFmpeg is as long as its Duration less its start
+# time (an FFmpeg-written Duration is where the timeline ends), and a cover picture is the last choice of video.
 FEATURES_REVISION = 3
 
 
