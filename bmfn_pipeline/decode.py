@@ -77,12 +77,17 @@ TRUNCATION_TOLERANCE_S = 0.5  # a stream ending this much earlier than its heade
 STREAM_START_TOLERANCE_S = 0.5  # video and sound starting this far apart are read on one timeline (module docstring)
 AUDIO_MARGIN_S = 1.0  # audio decoded either side of a window so the resampling filter sees real context at its edges
 VFR_TOLERANCE = 0.01  # relative gap between average and base frame rate above which the stream is variable-rate
-# A Matroska/WebM file: an EBML header, then a Segment whose first children (SeekHead, Void) precede its Info, which
-# holds the MuxingApp; then Tracks and the Clusters.
+# A Matroska/WebM file: an EBML header, then a Segment whose elements follow each other, each an ID and a size: its
+# Info (holding the MuxingApp) after a SeekHead and some Void, Tracks, the Clusters of blocks, Cues, Tags...
 EBML_HEADER_ID, MATROSKA_SEGMENT_ID, MATROSKA_INFO_ID = 0x1A45DFA3, 0x18538067, 0x1549A966
 MATROSKA_MUXING_APP_ID, MATROSKA_CLUSTER_ID = 0x4D80, 0x1F43B675
-DAMAGE_GAP_BYTES = 16 * 1024  # bytes between two packets beyond which a stretch was skipped (a Cluster header is ~20)
-MATROSKA_HEAD_BYTES = 64 * 1024  # read for the Segment's size and MuxingApp (mkvmerge reserves a few KiB before Info)
+EBML_VOID_ID, EBML_CRC_ID = 0xEC, 0xBF
+MATROSKA_SEGMENT_CHILDREN = frozenset({  # SeekHead, Info, Tracks, Cluster, Cues, Chapters, Tags, Attachments
+    0x114D9B74, MATROSKA_INFO_ID, 0x1654AE6B, MATROSKA_CLUSTER_ID, 0x1C53BB6B, 0x1043A770, 0x1254C367, 0x1941A469,
+    EBML_VOID_ID, EBML_CRC_ID})
+MATROSKA_CLUSTER_CHILDREN = frozenset({  # Timestamp, SilentTracks, Position, PrevSize, SimpleBlock, BlockGroup,
+    0xE7, 0x5854, 0xA7, 0xAB, 0xA3, 0xA0, 0xAF, EBML_VOID_ID, EBML_CRC_ID})  # EncryptedBlock
+MATROSKA_HEAD_BYTES = 64 * 1024  # read for the MuxingApp (mkvmerge reserves a few KiB before the Info)
 # FFmpeg decoder threads per stream; 0 lets FFmpeg choose (one per core). Decoding workers set their share.
 DECODER_THREADS = 0
 IN_FLIGHT_PER_WORKER = 2  # decoded clips queued per worker: bounds memory, keeps every worker busy
@@ -686,7 +691,7 @@ def _duration_s(path, container, video) -> float:
     (MP4 and MPEG-TS durations are lengths already)."""
     start = (container.start_time or 0) / av.time_base
     if container.duration:
-        return container.duration / av.time_base - (start if _duration_is_an_end(path, container) else 0)
+        return container.duration / av.time_base - (start if start and _duration_is_an_end(path, container) else 0)
     if video.duration and video.time_base:
         return float(video.duration * video.time_base)
     ends = _per_file(_packet_ends, path).av
@@ -699,8 +704,7 @@ def _duration_is_an_end(path, container) -> bool:
     passes either on as the file's duration. MP4's and MPEG-TS's are lengths."""
     if not container.format.name.startswith("matroska"):
         return False
-    head = _per_file(_matroska_head, path)
-    return head is not None and head.muxing_app.startswith("Lavf")
+    return _per_file(_matroska_muxing_app, path).startswith("Lavf")
 
 
 def _header_warnings(info: ClipInfo, window_chosen: bool = False) -> list[str]:
@@ -782,25 +786,26 @@ def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warn
 
 def _designed_end(path, container, stream_index: int) -> Fraction | None:
     """Where the stream's packets end (container time), if it ends early by the file's design, not because the file
-    was cut or damaged: another video or sound stream goes on TRUNCATION_TOLERANCE_S or more past it (a sound that
-    stops before its video, a late start), or the file is a Matroska/WebM holding every byte its header declares and
-    its declared end is a subtitle's (a caption outlasting the picture and sound), and no stretch of it was skipped
-    between two packets (a download's preallocated, never written bytes). Else None: a cut or damaged file's
-    streams all stop where the damage begins (a subtitle's packet spans its display time, which may run past it).
-    Asked only where a stream ends early and its container declares no duration of its own (Matroska, WebM)."""
+    was cut or damaged: its packets reach the file's declared end (a last frame held for seconds), another video or
+    sound stream goes on TRUNCATION_TOLERANCE_S or more past it (a sound that stops before its video, a late
+    start), or the file's declared end is a subtitle's (a caption outlasting the picture and sound) and the file is
+    a Matroska/WebM whose elements are all intact (a download's never-written stretch is zeros, a cut file ends
+    early). Else None: a cut or damaged file's streams all stop where the damage begins (a subtitle's packet spans
+    its display time, which may run past it). Asked only where a stream ends early and its container declares no
+    duration of its own (Matroska, WebM)."""
     ends = _per_file(_packet_ends, path)
     own = ends.av.get(stream_index)
     if own is None:
         return None
-    if max(ends.av.values()) - own >= TRUNCATION_TOLERANCE_S:
+    declared_end = None
+    if container.duration:
+        start = 0 if _duration_is_an_end(path, container) else (container.start_time or 0)
+        declared_end = Fraction(container.duration + start, av.time_base)
+    tolerance = Fraction(TRUNCATION_TOLERANCE_S)
+    if declared_end is not None and own >= declared_end - tolerance or max(ends.av.values()) - own >= tolerance:
         return own
-    head = _per_file(_matroska_head, path) if container.format.name.startswith("matroska") else None
-    if (head is None or not head.whole or ends.largest_gap > DAMAGE_GAP_BYTES or ends.subtitles is None
-            or not container.duration):
-        return None
-    start = 0 if _duration_is_an_end(path, container) else (container.start_time or 0)
-    declared_end = Fraction(container.duration + start, av.time_base)
-    return own if ends.subtitles >= declared_end - Fraction(TRUNCATION_TOLERANCE_S) else None
+    captioned = declared_end is not None and ends.subtitles is not None and ends.subtitles >= declared_end - tolerance
+    return own if captioned and _per_file(_matroska_intact, path) else None
 
 
 def _per_file(read: Callable[[str, int, int], _T], path) -> _T:
@@ -809,56 +814,84 @@ def _per_file(read: Callable[[str, int, int], _T], path) -> _T:
     return read(os.fspath(path), stat.st_size, stat.st_mtime_ns)
 
 
-class _MatroskaHead(NamedTuple):
-    whole: bool  # every byte its Segment declares is there (a cut file's end before; False where the size is unknown)
-    muxing_app: str  # the library that wrote it ("Lavf..." for FFmpeg's, "libebml ... + libmatroska ..." for mkvmerge)
+@functools.lru_cache(maxsize=4)
+def _matroska_muxing_app(path: str, size: int, mtime_ns: int) -> str:
+    """The library that wrote a Matroska/WebM file ("Lavf..." for FFmpeg's, "libebml ... + libmatroska ..." for
+    mkvmerge), from its Segment's Info; '' for another format or where the Info is not among its first bytes."""
+    with open(path, "rb") as f:
+        data = f.read(MATROSKA_HEAD_BYTES)
+    try:
+        element, size, at = _element(data, 0)
+        if element != EBML_HEADER_ID:
+            return ""
+        element, size, at = _element(data, at + size)
+        while element != MATROSKA_INFO_ID:
+            if element not in (MATROSKA_SEGMENT_ID, *MATROSKA_SEGMENT_CHILDREN) or element == MATROSKA_CLUSTER_ID:
+                return ""
+            element, size, at = _element(data, at if element == MATROSKA_SEGMENT_ID else at + size)
+        end = at + size
+        while at < end:
+            element, size, at = _element(data, at)
+            if element == MATROSKA_MUXING_APP_ID:
+                return data[at:at + size].decode("utf-8", "replace")
+            at += size
+    except (IndexError, ValueError, TypeError):
+        pass
+    return ""
 
 
 @functools.lru_cache(maxsize=4)
-def _matroska_head(path: str, size: int, mtime_ns: int) -> _MatroskaHead | None:
-    """What a Matroska/WebM file's first bytes say of it; None for another format."""
-    with open(path, "rb") as f:
-        head = f.read(MATROSKA_HEAD_BYTES)
+def _matroska_intact(path: str, size: int, mtime_ns: int) -> bool:
+    """Whether a Matroska/WebM file's elements follow each other by their declared sizes from its Segment's start to
+    its end, the Clusters' blocks included: a cut file's run past its last byte, and a stretch never written (zeros)
+    is no element. False where it cannot tell (another format, an element of unknown size: a file written live)."""
     try:
-        header_id, at = _ebml_number(head, 0, keep_marker=True)
-        header_size, at = _ebml_number(head, at)
-        segment_id, at = _ebml_number(head, at + header_size, keep_marker=True)
-        segment_size, at = _ebml_number(head, at)
+        with open(path, "rb") as f:
+            element, length, at = _element_in(f, 0)
+            segment, length, at = _element_in(f, at + length)
+            if (element, segment) != (EBML_HEADER_ID, MATROSKA_SEGMENT_ID) or at + length > size:
+                return False
+            end = at + length
+            while at < end:
+                element, length, at = _element_in(f, at)
+                if element not in MATROSKA_SEGMENT_CHILDREN:
+                    return False
+                if element == MATROSKA_CLUSTER_ID:
+                    child_at = at
+                    while child_at < at + length:
+                        child, child_length, child_at = _element_in(f, child_at)
+                        if child not in MATROSKA_CLUSTER_CHILDREN:
+                            return False
+                        child_at += child_length
+                    if child_at != at + length:
+                        return False
+                at += length
+            return at == end
     except (IndexError, ValueError, TypeError):
-        return None
-    if (header_id, segment_id) != (EBML_HEADER_ID, MATROSKA_SEGMENT_ID):
-        return None
-    return _MatroskaHead(segment_size is not None and at + segment_size <= size, _muxing_app(head, at))
+        return False
 
 
-def _muxing_app(data: bytes, at: int) -> str:
-    """The MuxingApp of the Segment's Info, looked for among the Segment's children from `at`; '' where not in
-    `data`."""
-    try:
-        while True:
-            element, at = _ebml_number(data, at, keep_marker=True)
-            size, at = _ebml_number(data, at)
-            if element == MATROSKA_CLUSTER_ID or size is None:
-                return ""
-            if element == MATROSKA_INFO_ID:
-                end = at + size
-                while at < end:
-                    child, at = _ebml_number(data, at, keep_marker=True)
-                    child_size, at = _ebml_number(data, at)
-                    if child == MATROSKA_MUXING_APP_ID:
-                        return data[at:at + child_size].decode("utf-8", "replace")
-                    at += child_size
-                return ""
-            at += size
-    except (IndexError, ValueError, TypeError):
-        return ""
+def _element_in(f, at: int) -> tuple[int, int, int]:
+    f.seek(at)
+    element, length, end = _element(f.read(16), 0)
+    return element, length, at + end
+
+
+def _element(data: bytes, at: int) -> tuple[int, int, int]:
+    """The EBML element at `at`: its ID, its size (TypeError where unknown: all its bits set) and where its data
+    begins."""
+    element, at = _ebml_number(data, at, keep_marker=True)
+    size, at = _ebml_number(data, at)
+    if size is None:
+        raise TypeError("an element of unknown size")
+    return element, size, at
 
 
 def _ebml_number(data: bytes, at: int, keep_marker: bool = False) -> tuple[int | None, int]:
     """The EBML variable-length number at `at` and where it ends: an element ID keeps its length marker; a size
     does not, and is None where all its bits are set (unknown)."""
     length = 9 - data[at].bit_length()  # the marker is the first set bit
-    if length > 8:
+    if length > 8 or at + length > len(data):
         raise ValueError("not an EBML number")
     raw = int.from_bytes(data[at:at + length], "big")
     if keep_marker:
@@ -870,34 +903,27 @@ def _ebml_number(data: bytes, at: int, keep_marker: bool = False) -> tuple[int |
 class _PacketEnds(NamedTuple):
     av: dict[int, Fraction]  # each video and sound stream's last packet end (container time)
     subtitles: Fraction | None  # the subtitles' last end
-    largest_gap: int  # bytes between two packets that follow each other in the file (a damaged stretch is skipped)
 
 
 @functools.lru_cache(maxsize=4)
 def _packet_ends(path: str, size: int, mtime_ns: int) -> _PacketEnds:
-    """Where each stream's packets end, demuxing the whole file without decoding: once per file, not once per window
-    of a long video."""
+    """Where each video, sound and subtitle stream's packets end, demuxing the whole file without decoding: once per
+    file, not once per window of a long video."""
     ends: dict[int, Fraction] = {}
-    spans = []
     try:
         with _open(path) as container:
-            for packet in container.demux():
+            av_streams = (*container.streams.video, *container.streams.audio)
+            subtitle_indices = [s.index for s in container.streams.subtitles]  # streams outlive no container
+            av_indices = [s.index for s in av_streams]
+            for packet in container.demux(*av_streams, *container.streams.subtitles):
                 time = packet.pts if packet.pts is not None else packet.dts
-                if time is None:  # the demuxer's flush packets have none
-                    continue
-                end = (time + (packet.duration or 0)) * packet.time_base
-                ends[packet.stream.index] = max(end, ends.get(packet.stream.index, end))
-                if packet.pos is not None and packet.pos >= 0:
-                    spans.append((packet.pos, packet.pos + packet.size))
-            subtitles = [ends[s.index] for s in container.streams.subtitles if s.index in ends]
-            av_ends = {s.index: ends[s.index] for s in (*container.streams.video, *container.streams.audio)
-                       if s.index in ends}
+                if time is not None:  # the demuxer's flush packets have none
+                    end = (time + (packet.duration or 0)) * packet.time_base
+                    ends[packet.stream.index] = max(end, ends.get(packet.stream.index, end))
     except (av.error.FFmpegError, BmfnError):
-        return _PacketEnds({}, None, 0)
-    gap, reach = 0, None
-    for start, end in sorted(spans):
-        gap, reach = (0, end) if reach is None else (max(gap, start - reach), max(reach, end))
-    return _PacketEnds(av_ends, max(subtitles, default=None), gap)
+        return _PacketEnds({}, None)
+    return _PacketEnds({i: ends[i] for i in av_indices if i in ends},
+                       max((ends[i] for i in subtitle_indices if i in ends), default=None))
 
 
 def _seek_index(container, stream, info: ClipInfo) -> int | None:

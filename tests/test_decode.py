@@ -410,6 +410,61 @@ def test_a_matroska_file_whose_subtitle_outlasts_it_is_whole_and_a_damaged_one_i
             decode_window(tmp_path / damaged, seconds=13, frames_per_second=2)
 
 
+def test_a_captioned_matroska_video_whose_tail_was_never_written_is_refused(tmp_path):
+    """A download writes from the front: its never-written tail (zeros at full size) follows the last packet, so only
+    the file's structure shows it. The whole file's picture ends by design under its caption."""
+    video_only = tmp_path / "video.mkv"
+    with av.open(str(video_only), "w") as container:
+        video = container.add_stream("mpeg4", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        for i in range(75):
+            frame = av.VideoFrame.from_ndarray(np.random.default_rng(i).integers(0, 255, (48, 64, 3), np.uint8),
+                                               format="rgb24")
+            frame.pts = i
+            container.mux(video.encode(frame))
+        container.mux(video.encode())
+    (tmp_path / "lines.srt").write_text("1\n00:00:02,000 --> 00:00:05,000\nruns past the end\n")
+    whole = tmp_path / "captioned.mkv"
+    with av.open(str(video_only)) as clip, av.open(str(tmp_path / "lines.srt")) as lines, \
+            av.open(str(whole), "w") as out:
+        picture = out.add_stream_from_template(clip.streams.video[0])
+        text = out.add_stream_from_template(lines.streams[0])
+        for packet in [p for p in lines.demux() if p.pts is not None] + [p for p in clip.demux() if p.dts is not None]:
+            packet.stream = text if packet.stream.type == "subtitle" else picture
+            out.mux(packet)
+    assert decode_clip(whole, frames_per_second=2, allow_silent=True).info.segments == 5
+    data = whole.read_bytes()
+    cut = len(data) * 8 // 10  # after the caption's packet (at 2 s of 3 s)
+    (tmp_path / "tail.mkv").write_bytes(data[:cut] + bytes(len(data) - cut))
+    assert "truncated" in _error(tmp_path / "tail.mkv", allow_silent=True)
+
+
+def test_a_matroska_video_holding_its_last_picture_is_whole(tmp_path):
+    """A slideshow's last picture shown for 5 s: few frames, but its packets reach the file's end."""
+    path = tmp_path / "slides.mkv"
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("mpeg4", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        sound = container.add_stream("aac", rate=16000, layout="mono")
+        packets = []
+        for i in range(50):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 4 * i, np.uint8), format="rgb24")
+            frame.pts = i
+            packets += video.encode(frame)
+        packets += video.encode()
+        packets[-1].duration = 125  # 5 s at 25 fps
+        for packet in packets:
+            container.mux(packet)
+        tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(16000 * 7) / 16000)
+        frame = av.AudioFrame.from_ndarray(tone.astype(np.float32)[None], format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 16000, 0
+        container.mux(sound.encode(frame))
+        container.mux(sound.encode())
+    clip = decode_clip(path, frames_per_second=2)
+    assert clip.info.segments == 7 and (clip.frames[2:7] == clip.frames[6, 1]).all()
+    assert any("the last is repeated" in w for w in clip.warnings)
+
+
 def test_a_matroska_duration_is_read_as_its_writer_means_it(tmp_path):
     """A clip whose timestamps start at 5 s: FFmpeg's muxer writes where its timeline ends, mkvmerge (whose split
     parts carry on their timestamps) its length; FFmpeg passes either on as the duration. Both are 3 s long."""
