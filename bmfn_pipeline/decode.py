@@ -22,6 +22,10 @@ half a second or more apart (a video that begins seconds after its sound); then 
 the earlier start, so each second gets the frames and sound a player presents together: before the video starts, its
 first frame; before the sound starts, silence.
 
+Stream ends: a stream that stops more than half a second before its file says it ends is a cut or damaged file and
+is refused, unless the file shows that it ends so by design (_designed_end: Matroska and WebM declare no length
+per stream, so a sound that stops before its video looks like a cut one there).
+
 Video on a GPU (video_decoder="cuda"): NVDEC decodes through PyAV's CUDA hwaccel and keeps the frames on the GPU;
 only the sampled ones are copied back, rearranged from NV12 into the CPU decoders' yuv420p layout and converted as
 theirs are. Video decoding is exact (the codecs specify every output bit), so the frames are the same, and the CPU
@@ -872,6 +876,7 @@ def _matroska_intact(path: str, size: int, mtime_ns: int) -> bool:
 
 
 def _element_in(f, at: int) -> tuple[int, int, int]:
+    """The EBML element at byte `at` of the open file `f` (see _element), where its data begins in the file."""
     f.seek(at)
     element, length, end = _element(f.read(16), 0)
     return element, length, at + end

@@ -386,9 +386,9 @@ def test_windows_of_a_matroska_video_after_its_sound_has_ended_are_silent(tmp_pa
 
 def test_a_matroska_file_whose_subtitle_outlasts_it_is_whole_and_a_damaged_one_is_not(tmp_path, video_dir):
     """Matroska declares no per-stream duration, and a caption running past the picture and sound makes the file's.
-    A file holding every byte its header declares, read without a skipped stretch, is whole: its picture and sound
-    end by design. A cut one is refused, although its caption's packet spans its display time past the cut, and so
-    is one whose middle was never written (a preallocated download)."""
+    A file whose elements are all there and intact is whole: its picture and sound end by design. A cut one is
+    refused, although its caption's packet spans its display time past the cut, and so is one whose middle was never
+    written (a preallocated download)."""
     (tmp_path / "lines.srt").write_text("1\n00:00:09,000 --> 00:00:13,000\nruns past the end\n")
     whole = tmp_path / "subtitled.mkv"
     with av.open(str(video_dir / "ave_0lFf-HP86Q0.mp4")) as clip, av.open(str(tmp_path / "lines.srt")) as lines, \
