@@ -314,12 +314,17 @@ def _write_av_clip(path: Path, *, video_start: float = 0, audio_start: float = 0
             frame.pts = i + round(25 * video_start)
             container.mux(video.encode(frame))
         container.mux(video.encode())
-        tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(int(16000 * audio_seconds)) / 16000)
-        frame = av.AudioFrame.from_ndarray(tone.astype(np.float32)[None], format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = 16000, round(16000 * audio_start)
-        container.mux(audio.encode(frame))
-        container.mux(audio.encode())
+        _mux_tone(container, audio, audio_seconds, audio_start)
     return path
+
+
+def _mux_tone(container, stream, seconds: float, start: float = 0) -> None:
+    """A 440 Hz tone of `seconds` from `start` into a 16 kHz mono AAC `stream`."""
+    tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(int(16000 * seconds)) / 16000)
+    frame = av.AudioFrame.from_ndarray(tone.astype(np.float32)[None], format="fltp", layout="mono")
+    frame.sample_rate, frame.pts = 16000, round(16000 * start)
+    container.mux(stream.encode(frame))
+    container.mux(stream.encode())
 
 
 @pytest.mark.parametrize("suffix", ["mp4", "mkv"])  # a Matroska stream declares no duration: the file's is the longest
@@ -455,11 +460,7 @@ def test_a_matroska_video_holding_its_last_picture_is_whole(tmp_path):
         packets[-1].duration = 125  # 5 s at 25 fps
         for packet in packets:
             container.mux(packet)
-        tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(16000 * 7) / 16000)
-        frame = av.AudioFrame.from_ndarray(tone.astype(np.float32)[None], format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = 16000, 0
-        container.mux(sound.encode(frame))
-        container.mux(sound.encode())
+        _mux_tone(container, sound, 7)
     clip = decode_clip(path, frames_per_second=2)
     assert clip.info.segments == 7 and (clip.frames[2:7] == clip.frames[6, 1]).all()
     assert any("the last is repeated" in w for w in clip.warnings)
@@ -516,11 +517,7 @@ def test_a_cover_picture_is_shown_throughout(tmp_path, suffix):
             packet = av.Packet(picture)
             packet.stream, packet.pts, packet.dts = cover, 0, 0
             container.mux(packet)
-        tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(16000 * 4) / 16000)
-        frame = av.AudioFrame.from_ndarray(tone.astype(np.float32)[None], format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = 16000, 0
-        container.mux(sound.encode(frame))
-        container.mux(sound.encode())
+        _mux_tone(container, sound, 4)
     clip = decode_clip(path, frames_per_second=2)
     assert clip.info.segments == 4 and (np.abs(clip.frames.astype(int) - 200) <= 2).all()
     assert any("a cover picture, shown throughout" in w for w in clip.warnings)
