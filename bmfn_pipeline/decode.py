@@ -790,12 +790,12 @@ def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warn
 
 def _designed_end(path, container, stream_index: int) -> Fraction | None:
     """Where the stream's packets end (container time), if it ends early by the file's design, not because the file
-    was cut or damaged: its packets reach the file's declared end (a last frame held for seconds), another video or
-    sound stream goes on TRUNCATION_TOLERANCE_S or more past it (a sound that stops before its video, a late
-    start), or the file's declared end is a subtitle's (a caption outlasting the picture and sound) and the file is
-    a Matroska/WebM whose elements are all intact (a download's never-written stretch is zeros, a cut file ends
-    early). Else None: a cut or damaged file's streams all stop where the damage begins (a subtitle's packet spans
-    its display time, which may run past it). Asked only where a stream ends early and its container declares no
+    was cut or damaged: another video or sound stream goes on TRUNCATION_TOLERANCE_S or more past it (a sound that
+    stops before its video, a late start), or the file is a Matroska/WebM whose elements are all intact (a
+    download's never-written stretch is zeros, a cut file ends early) and the stream's packets reach its declared
+    end (a last picture held for seconds) or a subtitle's do (a caption outlasting the picture and sound). Else None:
+    a cut or damaged file's streams all stop where the damage begins, or skip it (a subtitle's packet spans its
+    display time, which may run past the damage). Asked only where a stream ends early and its container declares no
     duration of its own (Matroska, WebM)."""
     ends = _per_file(_packet_ends, path)
     own = ends.av.get(stream_index)
@@ -806,10 +806,12 @@ def _designed_end(path, container, stream_index: int) -> Fraction | None:
         start = 0 if _duration_is_an_end(path, container) else (container.start_time or 0)
         declared_end = Fraction(container.duration + start, av.time_base)
     tolerance = Fraction(TRUNCATION_TOLERANCE_S)
-    if declared_end is not None and own >= declared_end - tolerance or max(ends.av.values()) - own >= tolerance:
+    if max(ends.av.values()) - own >= tolerance:
         return own
+    # The packets after a damaged stretch are found again, and reach the end: only the file's structure tells.
+    reaches = declared_end is not None and own >= declared_end - tolerance
     captioned = declared_end is not None and ends.subtitles is not None and ends.subtitles >= declared_end - tolerance
-    return own if captioned and _per_file(_matroska_intact, path) else None
+    return own if (reaches or captioned) and _per_file(_matroska_intact, path) else None
 
 
 def _per_file(read: Callable[[str, int, int], _T], path) -> _T:

@@ -466,6 +466,23 @@ def test_a_matroska_video_holding_its_last_picture_is_whole(tmp_path):
     assert any("the last is repeated" in w for w in clip.warnings)
 
 
+def test_a_matroska_file_with_a_damaged_stretch_is_refused(tmp_path, video_dir):
+    """4 KiB never written (zeros) in the middle: the demuxer finds the packets after it, which reach the file's end,
+    but the frames and sound after it would move earlier; the file's structure tells it is damaged."""
+    whole = tmp_path / "clip.mkv"
+    with av.open(str(video_dir / "ave_0lFf-HP86Q0.mp4")) as clip, av.open(str(whole), "w") as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in clip.streams}
+        for packet in clip.demux():
+            if packet.dts is not None:
+                packet.stream = streams[packet.stream.index]
+                out.mux(packet)
+    assert decode_clip(whole, frames_per_second=2).info.segments == 10
+    data = whole.read_bytes()
+    at = len(data) * 3 // 10
+    (tmp_path / "hole.mkv").write_bytes(data[:at] + bytes(4096) + data[at + 4096:])
+    assert "truncated" in _error(tmp_path / "hole.mkv")
+
+
 def test_a_matroska_duration_is_read_as_its_writer_means_it(tmp_path):
     """A clip whose timestamps start at 5 s: FFmpeg's muxer writes where its timeline ends, mkvmerge (whose split
     parts carry on their timestamps) its length; FFmpeg passes either on as the duration. Both are 3 s long."""
