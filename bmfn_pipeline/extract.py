@@ -226,7 +226,12 @@ def extract(
     labels = read_labels(annotations, splits) if annotations is not None else None
     inputs = list(inputs)  # read twice: to find the videos and to name them in the error below
     empty: list[Path] = []
-    paths = unique_clips(find_videos(inputs, on_empty=empty.append))
+    # A file that is missing (a listed download that never came, a dangling link) fails as its clip, in its turn,
+    # unless nothing named exists: a mistyped path stops the command before a store is made.
+    found = find_videos(inputs, keep_missing=True, on_empty=empty.append)
+    if found and not any(path.exists() for path in found):
+        raise BmfnError(f"{found[0]}: no such file or folder")
+    paths = unique_clips(found)
     if not paths:
         raise BmfnError(f"no video files found in {', '.join(map(str, inputs))}")
     for item in empty:  # among inputs that have some

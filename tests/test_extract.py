@@ -361,6 +361,26 @@ def test_corrupt_files_among_good_ones(extracted, clips, tmp_path):
     np.testing.assert_array_equal(audio, reference["audio"][0])
 
 
+def test_missing_files_fail_as_their_clips_and_a_mistyped_path_stops_at_once(clips, tmp_path):
+    """A list naming a download that never came, and a dangling link, fail as their clips while the others are
+    extracted; a path that names nothing at all stops the command before a store is made."""
+    (tmp_path / "gone.mp4").symlink_to(tmp_path / "deleted.mp4")
+    listing = tmp_path / "videos.txt"
+    listing.write_text(f"{clips[0]}\nnever_downloaded.mp4\n")
+    out = tmp_path / "feats.h5"
+    result = cli("extract", listing, tmp_path / "gone.mp4", "--out", out, *FAST, "--workers", "0")
+    assert result.exit_code == 1 and "1 extracted, 0 already done, 2 failed" in result.stdout
+    with FeatureStore.open(out, create=False, readonly=True) as store:
+        assert store.clip_ids() == [clips[0].stem]
+        failures = store.failures()
+    assert set(failures) == {"never_downloaded", "gone"}
+    assert failures["never_downloaded"][1] == f"{tmp_path / 'never_downloaded.mp4'}: no such file"
+    typo = cli("extract", tmp_path / "vidoes", "--out", tmp_path / "other.h5", *FAST)
+    assert typo.exit_code == 1
+    assert error_lines(typo.stderr) == [f"bmfn: error: {tmp_path / 'vidoes'}: no such file or folder"]
+    assert not (tmp_path / "other.h5").exists() and not (tmp_path / "other.h5.parts").exists()
+
+
 def test_two_files_with_one_clip_id_are_refused_before_any_clip_is_extracted(clips, tmp_path, monkeypatch):
     """A store holds one clip per id, and either file could be the one meant: the run stops at once, before any
     work it could lose; it is not a clip failure, which the store would record."""
