@@ -215,7 +215,17 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
               "annotations": str(annotations.resolve()) if relabel else None,  # the folder's own: found again
               "splits": str(split_dir.resolve()) if splits else None}
     return FeatureData(ClipArrays(visual, audio, labels, video_labels), clip_ids,
-                       split_rows, split_rule, ave_release_provenance(), source, noisy)
+                       split_rows, split_rule, _ave_dir_provenance(visual_path, audio_path), source, noisy)
+
+
+def _ave_dir_provenance(visual_path: Path, audio_path: Path) -> dict:
+    """How an AVE-layout folder's features were made: the provenance `bmfn export-ave` writes into both files, else
+    the release's (whose files carry none)."""
+    visual, audio = read_provenance(visual_path), read_provenance(audio_path)
+    if visual != audio:
+        raise BmfnError(f"{visual_path}: made differently from {audio_path.name} (their provenance attributes "
+                        "differ); export both from one store")
+    return visual or ave_release_provenance()
 
 
 def ave_release_provenance() -> dict:

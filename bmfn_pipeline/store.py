@@ -896,7 +896,9 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
 
 def export_ave(store_path: str | Path, annotations_path: str | Path, out_dir: str | Path,
                dtype: str = "float64") -> tuple[Path, Path]:
-    """Write ``visual_feature.h5`` and ``audio_feature.h5`` in the released AVE layout (row i = annotation line i).
+    """Write ``visual_feature.h5`` and ``audio_feature.h5`` in the released AVE layout (row i = annotation line i),
+    each with the store's ``provenance`` attribute, so that training on them records how the features were made
+    (the release's files have none).
 
     Rows are written one at a time, so the 7.7 GiB float64 visual file never sits in memory. Temporary files left by
     an export that was killed are removed.
@@ -919,6 +921,8 @@ def export_ave(store_path: str | Path, annotations_path: str | Path, out_dir: st
             with h5py.File(tmps[0], "w", locking=False) as fv, h5py.File(tmps[1], "w", locking=False) as fa:
                 datasets = [f.create_dataset(AVE_KEY, (len(rows), *shape), dtype, chunks=(1, *shape))
                             for f, (_, shape) in zip((fv, fa), targets)]
+                for f in (fv, fa):
+                    f.attrs["provenance"] = json.dumps(store.provenance, sort_keys=True)
                 for i, row in enumerate(rows):
                     for dataset, array in zip(datasets, store.read(row.video_id)):
                         dataset[i] = array

@@ -27,6 +27,7 @@ import bmfn_pipeline.extract as extract_module
 from bmfn_pipeline import __version__
 from bmfn_pipeline.ave import BACKGROUND, CATEGORIES, NUM_CLASSES
 from bmfn_pipeline.cli import main
+from bmfn_pipeline.data import load_ave_dir, load_store
 from bmfn_pipeline.decode import SAMPLE_RATE, decode_clip
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.extract import (FEATURES_REVISION, ExtractOptions, decode_workers, extract, find_videos,
@@ -446,6 +447,14 @@ def test_export_ave_round_trip(extracted, tmp_path):
         assert exported.dtype == np.float64 and exported.shape == (3, *reference[key].shape[1:])
         np.testing.assert_array_equal(exported, reference[key].astype(np.float64))
         np.testing.assert_array_equal(exported[0], exported[2])  # the duplicated id, duplicated
+    # Trained on, the folder says how its features were made (random weights here), not the release's making.
+    shutil.copyfile(annotations, out_dir / "Annotations.txt")
+    provenance = load_ave_dir(out_dir, progress=False).provenance
+    assert provenance == load_store(store_path).provenance and provenance["visual"]["checksum"].startswith("random:")
+    with h5py.File(out_dir / AVE_AUDIO_FILE, "r+") as f:
+        del f.attrs["provenance"]
+    with pytest.raises(BmfnError, match=r"visual_feature\.h5: made differently from audio_feature\.h5"):
+        load_ave_dir(out_dir, progress=False)
 
 
 def test_export_ave_names_missing_clip(extracted, tmp_path):
