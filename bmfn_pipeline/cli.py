@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from bmfn_pipeline import __version__
-from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.errors import BmfnError, printable
 
 
 # glibc malloc settings of the executable (keep_freed_memory): blocks under MMAP_THRESHOLD come from the heap (32 MiB
@@ -145,12 +145,13 @@ def probe(files, as_json, frames_per_second) -> None:
             continue
         first = segment_frame_indices(info, 0, frames_per_second=frames_per_second)
         if as_json:
-            click.echo(json.dumps({**info.to_dict(), "display_filters": shown, "first_segment_frames": first}))
+            click.echo(json.dumps({**info.to_dict(), "path": printable(info.path), "display_filters": shown,
+                                   "first_segment_frames": first}))
             continue
         audio = ("none" if info.audio_index is None
                  else f"#{info.audio_index} {info.audio_codec}, {info.sample_rate} Hz, {info.channels} ch")
         display = f"\n  display    {' + '.join(shown)} (its display matrix: frames are read as shown)" if shown else ""
-        click.echo(f"{info.path}\n"
+        click.echo(f"{printable(info.path)}\n"
                    f"  container  {info.container}, {info.duration_s:.3f} s, "
                    f"{info.video_streams} video / {info.audio_streams} audio streams\n"
                    f"  video      #{info.video_index} {info.video_codec}, {info.width}x{info.height}, "
@@ -502,11 +503,11 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
             to_stdout(result)
             for write in to_files:
                 try:
-                    click.echo(f"wrote {write(result)}", err=True)
+                    click.echo(f"wrote {printable(str(write(result)))}", err=True)
                 except BmfnError as exc:  # this file's error: the others go on
                     errors.append(exc)
             if plotted:
-                click.echo(f"wrote {timeline_path(plot_dir, path)}", err=True)
+                click.echo(f"wrote {printable(str(timeline_path(plot_dir, path)))}", err=True)
         for error in errors:
             click.echo(f"bmfn: error: {error}", err=True)
         failed += bool(errors)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 from click.testing import CliRunner
 from conftest import write_rotated_clip
@@ -70,3 +72,13 @@ def test_probe_says_how_a_clip_is_turned_for_display(video_dir, tmp_path):
     result = CliRunner().invoke(main, ["probe", "--json", str(rotated), str(video_dir / "ave_22olCB3wQaA.mp4")])
     assert [json.loads(line)["display_filters"] for line in result.stdout.splitlines()] == [["transpose=clock"], []]
     assert "display" not in CliRunner().invoke(main, ["probe", str(video_dir / "ave_22olCB3wQaA.mp4")]).output
+
+
+def test_probe_names_a_file_whose_name_is_not_utf8_as_errors_do(video_dir, tmp_path):
+    """A Latin-1 name kept as bytes: its \\xNN escapes in the text and JSON, as every bmfn message writes them."""
+    latin1 = tmp_path / os.fsdecode(b"caf\xe9.mp4")
+    shutil.copyfile(video_dir / "ave_22olCB3wQaA.mp4", latin1)
+    text = CliRunner().invoke(main, ["probe", str(tmp_path)])
+    assert text.exit_code == 0 and text.output.splitlines()[0] == f"{tmp_path}/caf\\xe9.mp4"
+    result = CliRunner().invoke(main, ["probe", "--json", str(tmp_path)])
+    assert json.loads(result.output)["path"] == f"{tmp_path}/caf\\xe9.mp4"
