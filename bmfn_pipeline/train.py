@@ -321,7 +321,8 @@ def resolve_checkpoint(checkpoint: str | Path | None, runs_dir: str | Path = RUN
 
 
 def _run_best(run: Path) -> Path | None:
-    """A run folder's selected checkpoint: its summary's, else the newest best.pt in it or its seed folders."""
+    """A run folder's selected checkpoint: its summary's, else the newest best.pt in it or its seed folders (not
+    deeper: a folder holding runs, or any folder, is no run, and an unrelated checkpoint must not be taken for it)."""
     if (run / SUMMARY).is_file():
         named = Path(json.loads((run / SUMMARY).read_text())["best_checkpoint"])
         # Relative to the run folder; summaries of earlier versions hold an absolute path or one relative to the
@@ -330,7 +331,7 @@ def _run_best(run: Path) -> Path | None:
             if path.is_file():
                 return path
         raise BmfnError(f"{run / SUMMARY}: its best checkpoint {named} is not in {run}")
-    found = sorted(run.glob(f"**/{BEST}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    found = sorted([*run.glob(BEST), *run.glob(f"seed-*/{BEST}")], key=lambda p: p.stat().st_mtime, reverse=True)
     return found[0] if found else None
 
 

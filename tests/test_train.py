@@ -310,6 +310,8 @@ def test_seeds_report_mean_and_std(tmp_path):
     assert resolve_checkpoint(None, tmp_path) == result.best_checkpoint
     with pytest.raises(BmfnError, match=f"^{re.escape(str(directory))}: a folder without a best.pt"):
         resolve_checkpoint(directory)
+    with pytest.raises(BmfnError, match=f"^{re.escape(str(tmp_path))}: a folder without a best.pt"):
+        resolve_checkpoint(tmp_path)  # holds a run, but is none: not a checkpoint found somewhere below it
 
 
 def test_summary_finds_the_best_checkpoint_from_any_folder_and_after_a_move(tmp_path, monkeypatch):
