@@ -215,7 +215,7 @@ def segment_frame_indices(info: ClipInfo, segment: int, *, frames_per_second: in
                                     frames_per_second=frames_per_second)
 
 
-def find_videos(inputs: Iterable[str | os.PathLike], *, keep_missing: bool = False,
+def find_videos(inputs: str | os.PathLike | Iterable[str | os.PathLike], *, keep_missing: bool = False,
                 on_empty: Callable[[Path], None] | None = None, _reading: frozenset[Path] = frozenset()) -> list[Path]:
     """Video files from files, folders (recursive, by extension) and .txt lists of paths (relative to the list).
 
@@ -224,6 +224,8 @@ def find_videos(inputs: Iterable[str | os.PathLike], *, keep_missing: bool = Fal
     that names itself, as `ls > videos.txt` writes it, or a list that names it back, is not read again.
     """
     found: list[Path] = []
+    if isinstance(inputs, (str, os.PathLike)):  # one path, not the characters of one
+        inputs = [inputs]
     for item in map(Path, inputs):
         if item.is_dir():
             videos = sorted(p for p in item.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())

@@ -200,7 +200,7 @@ def clip_features(clip: DecodedClip, visual: VisualExtractor, audio: AudioExtrac
 
 
 def extract(
-    inputs: Iterable[str | os.PathLike],
+    inputs: str | os.PathLike | Iterable[str | os.PathLike],
     out: str | os.PathLike,
     options: ExtractOptions | None = None,
     *,
@@ -210,7 +210,7 @@ def extract(
     on_clip: Callable[[str], None] | None = None,
     shard: Shard | None = None,
 ) -> ExtractSummary:
-    """Extract every video under `inputs` into the store `out`, skipping clips it already holds.
+    """Extract every video under `inputs` (a path, or several) into the store `out`, skipping clips it already holds.
 
     With `annotations` (and `splits`), each clip's labels and split are stored beside its features, matched by
     video id, so that `bmfn train` needs nothing else. With `shard` (or RANK/WORLD_SIZE under torchrun) only the
@@ -224,7 +224,11 @@ def extract(
         raise BmfnError(f"storage dtype {options.dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
     # Labels are read before any clip is: a bad annotation or split file fails now, not after hours of extraction.
     labels = read_labels(annotations, splits) if annotations is not None else None
-    inputs = list(inputs)  # read twice: to find the videos and to name them in the error below
+    # One path or several (a string is one path, not its characters); read twice: to find the videos and to name
+    # them in the error below.
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not inputs:
+        raise BmfnError("no inputs: name video files, folders or .txt lists of them")
     empty: list[Path] = []
     # A file that is missing (a listed download that never came, a dangling link) fails as its clip, in its turn,
     # unless nothing named exists: a mistyped path stops the command before a store is made.

@@ -382,6 +382,19 @@ def test_missing_files_fail_as_their_clips_and_a_mistyped_path_stops_at_once(cli
     assert not (tmp_path / "other.h5").exists() and not (tmp_path / "other.h5.parts").exists()
 
 
+def test_extract_takes_one_path_as_one_input(clips, tmp_path):
+    """extract("videos/") from a notebook: the folder, not each character of its name (a "/" among them would be the
+    whole file system); no input at all is said so."""
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / clips[0].name).symlink_to(clips[0])
+    options = ExtractOptions(frames_per_second=1, random_seed=0, device="cpu", workers=0)
+    summary = extract(str(tmp_path / "videos"), tmp_path / "feats.h5", options, progress=False)
+    assert summary.done == [clips[0].stem]
+    assert find_videos(tmp_path / "videos") == [tmp_path / "videos" / clips[0].name]
+    with pytest.raises(BmfnError, match="^no inputs: name video files"):
+        extract([], tmp_path / "none.h5", options, progress=False)
+
+
 def test_two_files_with_one_clip_id_are_refused_before_any_clip_is_extracted(clips, tmp_path, monkeypatch):
     """A store holds one clip per id, and either file could be the one meant: the run stops at once, before any
     work it could lose; it is not a clip failure, which the store would record."""
