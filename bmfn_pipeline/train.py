@@ -649,6 +649,12 @@ def _resume_config(given: TrainConfig) -> tuple[TrainConfig, Path]:
     changed = {name: getattr(given, name) for name in RESUME_SETTINGS if getattr(given, name) is not None}
     config = TrainConfig(**{**saved, **changed, "resume": str(run_dir), "device": given.device,
                             "progress": given.progress, "force": given.force, "command": given.command})
+    for seed in range(config.seed, config.seed + config.seeds):  # fewer epochs than done would train none
+        last = (run_dir if config.seeds == 1 else run_dir / f"seed-{seed}") / LAST
+        done = _load_state(last, "cpu", mmap=True)["epoch"] if last.is_file() else 0
+        if config.epochs < done:
+            raise BmfnError(f"{last}: {done} epochs are done, more than --epochs {config.epochs}; resume with "
+                            f"--epochs {done + 1} or more to train on")
     return config.resolved(), run_dir  # resolved: a run.json of a bmfn before RUN_DEFAULTS may lack one
 
 

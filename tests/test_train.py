@@ -211,6 +211,9 @@ def test_resume_keeps_the_runs_settings_and_records_the_ones_given(tmp_path):
     saved = json.loads((run / "run.json").read_text())["config"]
     assert (saved["epochs"], saved["precision"]) == (2, "float32")
     assert train(TrainConfig(resume=str(run), progress=False), log=quiet).runs[0].epochs == 2
+    fewer = runner.invoke(main, ["train", "--resume", str(run), "--epochs", "1", "--quiet"])  # 2 are done
+    assert fewer.exit_code == 1 and "2 epochs are done, more than --epochs 1; resume with --epochs 3" in fewer.output
+    assert json.loads((run / "run.json").read_text())["config"]["epochs"] == 2
 
 
 def test_resume_of_a_run_stopped_before_its_first_last_pt_says_it_starts_again(tmp_path):
