@@ -83,8 +83,8 @@ class DemoResult:
             f"  visual only (audio zeroed)    {self.visual_only:6.2f} %",
             f"  majority baseline             {self.majority:6.2f} %  (always '{label_name(self.majority_label)}')",
             *([f"note: one modality alone reaches BMFN's accuracy here: on these {self.test_clips} clips the model "
-               "has not shown that an event must be both heard and seen (the full demo, without --quick, trains "
-               "on more clips)"] if max(self.audio_only, self.visual_only) >= self.accuracy else []),
+               "has not shown that an event must be both heard and seen (more clips, --clips, give it more to "
+               "learn from)"] if max(self.audio_only, self.visual_only) >= self.accuracy else []),
             "time: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in self.timings.items()),
         ])
 
