@@ -24,7 +24,7 @@ from bmfn_pipeline.ave import load_splits, read_annotations
 from bmfn_pipeline.decode import DecodedClip, decode_many, find_videos, video_hwaccel
 from bmfn_pipeline.distributed import (Shard, finish_together, rank_device, rank_env, resolve_device, resolve_shard,
                                        start_together)
-from bmfn_pipeline.errors import BmfnError, printable
+from bmfn_pipeline.errors import BmfnError, check_counts, printable
 from bmfn_pipeline.store import STORAGE_DTYPES, ClipLabels, FeatureStore, labels_from_annotations
 from extractors.vgg19 import SOURCES, VisualExtractor, load_visual_extractor
 from extractors.vggish import AudioExtractor, load_audio_extractor
@@ -54,6 +54,11 @@ class ExtractOptions:
     compile: bool = False  # torch.compile VGG-19: same features to float rounding, a little faster, slower start
     workers: int | None = None  # decoding processes; 0 decodes in the main process; None: decode_workers decides
     video_decoder: str = "cpu"  # "cuda": NVDEC on the extraction GPU (decode.video_hwaccel); the same frames
+
+    def __post_init__(self) -> None:
+        check_counts("ExtractOptions", frames_per_second=self.frames_per_second, seconds=self.seconds,
+                     batch_size=self.batch_size)
+        check_counts("ExtractOptions", minimum=0, workers=self.workers)
 
 
 @dataclass

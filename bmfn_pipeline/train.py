@@ -26,6 +26,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
+from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ from bmfn_pipeline import __version__
 from bmfn_pipeline.data import FeatureData, batches, find_default_data, load_data, num_batches
 from bmfn_pipeline.distributed import (all_sum, local_batch, process_group, rank_device, rank_env, resolve_device,
                                        seed_rank, share_from_main, wrap)
-from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.errors import BmfnError, check_counts
 from bmfn_pipeline.evaluate import (CLASS_NAMES, compute_precision, predict_labels, predict_rows, segment_accuracy,
                                    to_numpy)
 from bmfn_pipeline.graphs import GraphedStep
@@ -113,6 +114,16 @@ class TrainConfig:
     resume: str | None = None  # a run directory to continue from its last.pt
     progress: bool = True
     command: str | None = None  # what to record in command.txt (the CLI passes its argv)
+
+    def __post_init__(self) -> None:
+        check_counts("TrainConfig", epochs=self.epochs, batch_size=self.batch_size,
+                     eval_batch_size=self.eval_batch_size, seeds=self.seeds)
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, Real) or self.lr <= 0):
+            raise BmfnError(f"TrainConfig: lr={self.lr!r}, expected a number above 0")
+        if self.milestones is not None:
+            if isinstance(self.milestones, str) or not all(isinstance(m, Integral) and m >= 1 for m in self.milestones):
+                raise BmfnError(f"TrainConfig: milestones={self.milestones!r}, expected epochs such as (10, 20, 30)")
+            self.milestones = tuple(int(m) for m in self.milestones)
 
     def resolved(self) -> "TrainConfig":
         if self.mode not in REFERENCE:

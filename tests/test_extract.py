@@ -382,6 +382,14 @@ def test_missing_files_fail_as_their_clips_and_a_mistyped_path_stops_at_once(cli
     assert not (tmp_path / "other.h5").exists() and not (tmp_path / "other.h5.parts").exists()
 
 
+def test_extract_options_from_python_are_checked_as_the_cli_checks_them():
+    """frames_per_second=0 made a store stamped with 0 frames per second, which no later run could add to."""
+    for setting in ({"frames_per_second": 0}, {"seconds": 0}, {"batch_size": 0}, {"workers": -1}):
+        (name, value), = setting.items()
+        with pytest.raises(BmfnError, match=f"^ExtractOptions: {name}={value}, expected a whole number"):
+            ExtractOptions(**setting)
+
+
 def test_extract_takes_one_path_as_one_input(clips, tmp_path):
     """extract("videos/") from a notebook: the folder, not each character of its name (a "/" among them would be the
     whole file system); no input at all is said so."""

@@ -284,6 +284,20 @@ def test_checkpoints_are_written_at_intervals_and_best_is_the_selected_epoch(tmp
     assert not all(torch.equal(best["model_state"][k], last["model_state"][k]) for k in best["model_state"])
 
 
+@pytest.mark.parametrize("setting, message", [
+    ({"epochs": "2"}, "epochs='2', expected a whole number of at least 1"),
+    ({"epochs": 0}, "epochs=0, expected a whole number"),  # a run of no epoch and no checkpoint
+    ({"batch_size": 0}, "batch_size=0, expected"),
+    ({"seeds": 0}, "seeds=0, expected"),
+    ({"lr": -1.0}, "lr=-1.0, expected a number above 0"),
+    ({"milestones": "5,10"}, "milestones='5,10', expected epochs such as"),
+])
+def test_train_settings_from_python_are_checked_as_the_cli_checks_them(setting, message):
+    with pytest.raises(BmfnError, match=f"^TrainConfig: {re.escape(message)}"):
+        TrainConfig(**setting)
+    assert TrainConfig(milestones=[5, np.int64(10)], epochs=np.int64(3)).milestones == (5, 10)
+
+
 def test_provenance_difference_is_refused_unless_forced():
     trained = dict(STORE_PROVENANCE)
     other = {**trained, "visual": {**trained["visual"], "checksum": "random:1"}, "bmfn_version": "9", "dtype": "x"}
