@@ -323,7 +323,9 @@ def load_store(path: str | Path, *, annotations: str | Path | None = None,
 
     path = Path(path)
     if not path.is_file():
-        raise BmfnError(f"{path}: no such feature store (make one with `bmfn extract VIDEOS --out {path.name}`)")
+        what, name = ("a folder, not a feature store file", "feats.h5") if path.is_dir() else \
+            ("no such feature store", path.name)
+        raise BmfnError(f"{path}: {what} (make one with `bmfn extract VIDEOS --out {name}`)")
     arrays = store.load_arrays(path)
     provenance = read_provenance(path)
     clip_ids = [_text(c) for c in arrays["clip_ids"]]

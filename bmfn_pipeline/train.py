@@ -290,8 +290,9 @@ def _train(config: TrainConfig, data: FeatureData | None, log) -> TrainResult:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[BMFN, dict]:
-    """A checkpoint's model in eval mode and its metadata (config, classes, provenance, data, epoch, metrics)."""
-    state = _load_state(Path(path), device, mmap=True)  # only what is used is read: not last.pt's optimizer state
+    """A checkpoint's model in eval mode and its metadata (config, classes, provenance, data, epoch, metrics); a run
+    folder means its selected checkpoint, as for the commands."""
+    state = _load_state(resolve_checkpoint(path), device, mmap=True)  # not last.pt's optimizer state
     model = uninitialised(lambda: BMFN(BMFNConfig(**state["model_config"])))
     model.load_state_dict(state["model_state"])  # also checkpoints of bmfn before grouping
     model.to(device).eval()

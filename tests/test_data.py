@@ -258,6 +258,13 @@ def test_store_with_annotations_and_hash_split(tmp_path):
         load_store(tmp_path / "feats.h5", annotations=other)
 
 
+def test_a_store_named_by_a_folder_or_a_missing_file_is_one_line(tmp_path):
+    with pytest.raises(BmfnError, match=r"^\S+: a folder, not a feature store file \(make one with .*--out feats\.h5"):
+        load_store(tmp_path)
+    with pytest.raises(BmfnError, match=r"absent\.h5: no such feature store \(make one with .*--out absent\.h5"):
+        load_store(tmp_path / "absent.h5")
+
+
 def test_store_with_stored_labels_and_splits(tmp_path):
     one_hot = np.zeros((10, 29), np.float32)
     one_hot[:, 2] = 1

@@ -322,6 +322,7 @@ def test_seeds_report_mean_and_std(tmp_path):
         latest_checkpoint(tmp_path / "run" / "seed-3")
     # a command's --checkpoint: a run folder means its selected checkpoint, a seed folder its own, a file itself
     assert resolve_checkpoint(tmp_path / "run") == result.best_checkpoint
+    assert load_checkpoint(tmp_path / "run")[1]["epoch"] == load_checkpoint(result.best_checkpoint)[1]["epoch"]
     assert resolve_checkpoint(tmp_path / "run" / "seed-4") == tmp_path / "run" / "seed-4" / "best.pt"
     assert resolve_checkpoint(tmp_path / "run" / "seed-4" / "last.pt") == tmp_path / "run" / "seed-4" / "last.pt"
     assert resolve_checkpoint(None, tmp_path) == result.best_checkpoint
