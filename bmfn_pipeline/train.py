@@ -445,9 +445,7 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
             for number, batch in enumerate(bar, 1):
                 run_step(batch)
                 if config.progress and (number % PROGRESS_EVERY == 0 or number == bar.total):
-                    totals = sums.totals()
-                    bar.set_postfix(loss=f"{totals['loss'] / totals['clips']:.4f}",
-                                    acc=f"{100 * totals['correct'] / totals['segments']:.1f}")
+                    bar.set_postfix(sums.postfix())
             totals = sums.totals()
             if totals["bad_step"]:
                 if main:
@@ -515,6 +513,15 @@ class EpochSums:
 
     def totals(self) -> dict[str, float]:
         return dict(zip(self.NAMES, self.values.tolist()))
+
+    def postfix(self) -> dict[str, str]:
+        """This process's loss and accuracy so far, for its progress bar; none before its first clip (under torchrun
+        a global batch smaller than the world leaves a rank without clips)."""
+        totals = self.totals()
+        if not totals["clips"]:
+            return {}
+        return {"loss": f"{totals['loss'] / totals['clips']:.4f}",
+                "acc": f"{100 * totals['correct'] / totals['segments']:.1f}"}
 
 
 class _Saver:

@@ -298,6 +298,15 @@ def test_train_settings_from_python_are_checked_as_the_cli_checks_them(setting, 
     assert TrainConfig(milestones=[5, np.int64(10)], epochs=np.int64(3)).milestones == (5, 10)
 
 
+def test_progress_of_a_rank_without_clips_yet_is_empty_not_a_division_by_zero():
+    """Under torchrun a global batch smaller than the world leaves a rank's slice empty (local_batch's stand-in row
+    of weight 0): its progress bar showed loss / 0 clips, a ZeroDivisionError that killed the run."""
+    sums = train_module.EpochSums(torch.device("cpu"))
+    assert sums.postfix() == {}
+    sums.add(torch.tensor(0.5), torch.tensor(7.0), clips=1, segments=10)
+    assert sums.postfix() == {"loss": "0.5000", "acc": "70.0"}
+
+
 def test_provenance_difference_is_refused_unless_forced():
     trained = dict(STORE_PROVENANCE)
     other = {**trained, "visual": {**trained["visual"], "checksum": "random:1"}, "bmfn_version": "9", "dtype": "x"}
