@@ -2,7 +2,7 @@
 against float64 (how the official code runs) measured in the same run; ratios and fraction of peak FLOP/s.
 
     python benchmarks/model.py                     # auto device, all variants
-    python benchmarks/model.py --device cpu --iters 2 --skip compile
+    python benchmarks/model.py --device cpu --iters 2 --skip compile compile-bf16   # minutes of compiling on CPUs
     python benchmarks/model.py --peak-tflops 989   # your device's peak (dense bf16 on GPUs)
 """
 
@@ -19,7 +19,8 @@ FORWARD_GFLOP_PER_32 = 122.5  # bmfn-reference.md section 11 (FlopCounterMode, s
 TRAIN_FLOP_FACTOR = 3  # forward + backward (about twice the forward)
 # Dense bf16 tensor-core peaks (vendor data sheets, SXM parts); a CPU's is estimated per core below.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "T4": 65.0}
-CPU_PEAK_GFLOPS_PER_CORE = 70.0  # about 2 AVX2 FMA units x 8 float32 lanes x 2 FLOP x ~2.2 GHz
+CPU_PEAK_GFLOPS_PER_CORE = 70.0  # about 2 AVX2 FMA units x 8 float32 lanes x 2 FLOP x ~2.2 GHz (float32: a CPU's
+# bf16 instructions, where it has them, pass it, so bf16 rows on CPUs may show more than 100 %)
 VARIANTS = ("float64", "float32", "bf16-autocast", "compile", "compile-bf16", "cudagraphs-bf16")
 
 
@@ -117,6 +118,9 @@ def main() -> None:
     results = {}
     for variant in VARIANTS:
         if variant in args.skip:
+            continue
+        if variant == "cudagraphs-bf16" and device.type != "cuda":
+            print(f"{variant:>14}: CUDA graphs need a GPU (left out)")
             continue
         results[variant] = bench_variant(variant, args.batch_size, device, args.iters, args.warmup)
         r = results[variant]
