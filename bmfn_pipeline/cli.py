@@ -305,7 +305,8 @@ def _milestones(ctx, param, value):
               help="A bmfn feature store (bmfn extract). Default: feats.h5 in the current folder.")
 @click.option("--annotations", type=click.Path(exists=True, dir_okay=False), help="(Re)label clips from this Annotations.txt.")
 @click.option("--splits", type=click.Path(exists=True, file_okay=False),
-              help="Folder with *_order.h5 or *Set.txt. Without any split information: 80/10/10 by video id hash.")
+              help="Folder with *_order.h5 or *Set.txt (with a feature store: needs --annotations, whose rows they "
+                   "index). Without any split information: 80/10/10 by video id hash.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder. Default: runs/<mode>-<timestamp>.")
 @click.option("--epochs", type=click.IntRange(1), help="Default 200 (reference).")
 @click.option("--batch-size", type=click.IntRange(1), help="Training batch. Default 32 (reference).")
@@ -383,7 +384,8 @@ def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size,
 @click.option("--annotations", type=click.Path(exists=True, dir_okay=False),
               help="(Re)label the clips from this Annotations.txt. Default: the run's, when the data is.")
 @click.option("--splits", type=click.Path(exists=True, file_okay=False),
-              help="Folder with *_order.h5 or *Set.txt. Default: the run's, when the data is.")
+              help="Folder with *_order.h5 or *Set.txt (with a feature store: needs --annotations, whose rows they "
+                   "index). Default: the run's, when the data is.")
 @click.option("--batch-size", type=click.IntRange(1), help="Default 16 on CPU, 256 on GPU; results do not depend on it.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when present, else the CPU.")
