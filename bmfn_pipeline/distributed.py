@@ -144,16 +144,20 @@ def resolve_shard(shard: Shard | None) -> Shard | None:
 
 
 def missing_shards(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Shard files absent from `paths` among those their names announce (`*.shard-I-of-N.*`)."""
-    groups: dict[tuple[Path, str, int, str], set[int]] = {}
+    """Shard files absent from `paths` among those their names announce (`*.shard-I-of-N.*`). The shards of a run
+    are known by their names wherever each file lies (a multi-node run's shards may come from each machine's own
+    disk, in folders of their own); a missing one is named in the others' folder where they share one."""
+    groups: dict[tuple[str, int, str], tuple[set[int], set[Path]]] = {}
     for path in map(Path, paths):
         match = SHARD_NAME.match(path.name)
         if match:
-            key = (Path(os.path.abspath(path)).parent, match["stem"], int(match["count"]), match["suffix"])
-            groups.setdefault(key, set()).add(int(match["index"]))
+            present, folders = groups.setdefault((match["stem"], int(match["count"]), match["suffix"]), (set(), set()))
+            present.add(int(match["index"]))
+            folders.add(Path(os.path.abspath(path)).parent)  # absolute: however each path is spelled
     missing = []
-    for (parent, stem, count, suffix), present in groups.items():  # parent absolute: however each path is spelled
-        missing += [Shard(i, count).path(parent / f"{stem}{suffix}") for i in range(count) if i not in present]
+    for (stem, count, suffix), (present, folders) in groups.items():
+        folder = next(iter(folders)) if len(folders) == 1 else Path()
+        missing += [Shard(i, count).path(folder / f"{stem}{suffix}") for i in range(count) if i not in present]
     return missing
 
 

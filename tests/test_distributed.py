@@ -110,6 +110,10 @@ def test_missing_shards(tmp_path, monkeypatch):
                tmp_path / "d" / "feats.shard-00002-of-00003.h5"]  # one folder, however each path names it
     monkeypatch.chdir(tmp_path / "d")
     assert missing_shards(spelled) == []
+    # a multi-node run's shards, each from its machine's own disk
+    nodes = [tmp_path / f"node{i}" / f"feats.shard-0000{i}-of-00003.h5" for i in range(3)]
+    assert missing_shards(nodes) == []
+    assert missing_shards(nodes[:2]) == [Path("feats.shard-00002-of-00003.h5")]
 
 
 # ---------------------------------------------------------------------------------------------- merge
