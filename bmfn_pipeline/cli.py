@@ -5,12 +5,13 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
-from bmfn_pipeline import __version__
+from bmfn_pipeline import __version__, errors
 from bmfn_pipeline.errors import BmfnError, printable
 
 
@@ -31,6 +32,12 @@ def run() -> None:
     keep_freed_memory()
     try:
         main()
+    except SystemExit as exc:
+        if errors.hdf5_write_failed:  # HDF5 would write the failed file again at the interpreter's exit, and crash
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.code if isinstance(exc.code, int) else 1)
+        raise
     finally:
         gc.collect()
         gc.freeze()

@@ -1,11 +1,82 @@
-"""The one error type the CLI turns into a one-line message instead of a traceback, and file names made printable
-for such messages and the outputs."""
+"""The one error type the CLI turns into a one-line message instead of a traceback, writes that fail as one such
+line and keep what was there, and file names made printable for such messages and the outputs."""
 
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+from collections.abc import Iterator
 from numbers import Integral
+from pathlib import Path
+
+FULL_DISK_BYTES = 1 << 20  # free space below which a write that failed without saying why is put down to a full disk
+# HDF5 keeps a file it failed to write open and writes it again when the interpreter exits, where HDF5 2.0 crashes
+# (a segmentation fault after the command's one-line error): set when that happened; cli.run then exits at once.
+hdf5_write_failed = False
 
 
 class BmfnError(Exception):
     """A user-facing failure: bad input, missing file or weights. The message names the file and the problem."""
+
+
+class WriteError(BmfnError):
+    """A file could not be written (a full disk, a file-size limit, a read-only folder): the run stops, keeping the
+    work done; it is not one clip's failure. `what` names the file's content, `then` what became of the work."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, what: str = "", then: str = ""):
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: cannot write {what}: {reason}" if what else f"{path}: cannot write ({reason})"
+                         + (f"; {then}" if then else ""))
+
+
+@contextlib.contextmanager
+def failed_writes(path: str | os.PathLike, temporary: str | os.PathLike | None = None,
+                  hdf5: bool = False) -> Iterator[None]:
+    """A write in the block that fails (OSError; HDF5's and torch.save's RuntimeErrors) becomes one WriteError line
+    naming `path` and the system's reason; `temporary`, the file being written, is removed (whatever ends the
+    block early), so that no half-written file fills the disk."""
+    try:
+        yield
+    except BaseException as exc:
+        reason = write_failure(exc, Path(path).parent) if isinstance(exc, (OSError, RuntimeError)) else None
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                Path(temporary).unlink(missing_ok=True)
+        if reason is None:
+            raise
+        global hdf5_write_failed
+        hdf5_write_failed = hdf5_write_failed or hdf5
+        raise WriteError(path, reason) from None
+
+
+@contextlib.contextmanager
+def written(path: str | os.PathLike, temporary: str | os.PathLike | None = None,
+            hdf5: bool = False) -> Iterator[Path]:
+    """A temporary file beside `path` (`<path>.tmp` unless given) to write in the block, renamed over `path` when it
+    ends: a kill or a failure mid-write leaves the previous `path` as it was (failed_writes says why)."""
+    path = Path(path)
+    tmp = Path(temporary) if temporary is not None else path.with_name(path.name + ".tmp")
+    with failed_writes(path, tmp, hdf5):
+        yield tmp
+        os.replace(tmp, path)
+
+
+def write_failure(exc: BaseException, folder: str | os.PathLike) -> str:
+    """Why a write failed, in the system's words: HDF5 puts errno's message inside its own text; torch.save's stream
+    errors say nothing of the cause, which on a full disk is put down to it."""
+    text = str(exc)
+    found = re.search(r"error message = '([^']*)'", text)
+    if found:
+        return found.group(1)
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(folder).free < FULL_DISK_BYTES:
+            return os.strerror(errno.ENOSPC)
+    return " ".join(text.split()) or type(exc).__name__
 
 
 def check_counts(owner: str, minimum: int = 1, **values) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from bmfn_pipeline import ave
 from bmfn_pipeline.data import ClipArrays, FeatureData, batches, load_data
-from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.errors import BmfnError, WriteError, written
 
 EVAL_BATCH_SIZE = 16  # the official test batch size (bmfn-reference.md section 7), used on CPUs
 # On GPUs: in eval mode every clip's output is independent of its batch (ESA's BatchNorm uses running statistics),
@@ -71,8 +71,11 @@ def plot_confusion(matrix: np.ndarray, path: str | Path, class_names=CLASS_NAMES
     fig.colorbar(image, ax=axis, fraction=0.046, label="share of the true class's segments")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with written(path) as tmp:  # an earlier plot stays whole if this one cannot be written
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -191,9 +194,8 @@ def evaluate(checkpoint: str | Path | None = None, *, split: str = "test", ave_d
         try:
             png = str(plot_confusion(matrix, checkpoint.parent / f"confusion-{checkpoint.stem}-{split}.png",
                                      title=f"{checkpoint} on {split}"))
-        except OSError as err:  # beside a read-only checkpoint, say: the accuracy still counts
-            log(f"warning: {err.filename or checkpoint.parent}: the confusion matrix was not written "
-                f"({err.strerror or err})")
+        except WriteError as err:  # beside a read-only checkpoint, say: the accuracy still counts
+            log(f"warning: {err.path}: the confusion matrix was not written ({err.reason})")
     names = meta.get("class_names", CLASS_NAMES)
     return EvalResult(str(checkpoint), split, data.describe(), len(rows), int(target.size),
                       segment_accuracy(pred, target),

@@ -24,7 +24,7 @@ from bmfn_pipeline.ave import load_splits, read_annotations
 from bmfn_pipeline.decode import DecodedClip, decode_many, find_videos, video_hwaccel
 from bmfn_pipeline.distributed import (Shard, finish_together, rank_device, rank_env, resolve_device, resolve_shard,
                                        start_together)
-from bmfn_pipeline.errors import BmfnError, check_counts, printable
+from bmfn_pipeline.errors import BmfnError, WriteError, check_counts, printable
 from bmfn_pipeline.store import STORAGE_DTYPES, ClipLabels, FeatureStore, labels_from_annotations
 from extractors.vgg19 import SOURCES, VisualExtractor, load_visual_extractor
 from extractors.vggish import AudioExtractor, load_audio_extractor
@@ -289,6 +289,8 @@ def extract(
                     try:
                         visual_maps, embeddings = results.get()
                         store.add_clip(cid, visual_maps, embeddings, path=str(path), warnings=clip.warnings)
+                    except WriteError:  # a full disk: the run stops, keeping the clips stored
+                        raise
                     except BmfnError as exc:  # e.g. non-finite features: this clip fails, the others go on
                         clip = str(exc)
                     else:

@@ -41,7 +41,7 @@ import numpy as np
 
 from .ave import (NUM_CLASSES, SEGMENTS, AnnotationRow, read_annotations, segment_labels, video_labels,
                   video_labels_from_segments)
-from .errors import BmfnError, printable
+from .errors import BmfnError, WriteError, failed_writes, printable, written
 
 try:  # advisory single-writer lock; released by the kernel when the process dies, even by SIGKILL
     import fcntl
@@ -464,11 +464,9 @@ class FeatureStore:
         if printable(clip_id) != clip_id:
             raise BmfnError(f"{self.path}: clip id '{printable(clip_id)}' is not UTF-8 text, which a store keeps")
         final = self.parts_dir / _part_name(clip_id, kind)
-        tmp = final.with_name(final.name + ".tmp")
-        with h5py.File(tmp, "w") as f:
+        with written(final, hdf5=True) as tmp, h5py.File(tmp, "w") as f:
             f.attrs["clip_id"] = clip_id
             fill(f)
-        os.replace(tmp, final)
         return final
 
     def add_clip(self, clip_id: str, visual: np.ndarray, audio: np.ndarray, *, path: str | Path,
@@ -517,11 +515,8 @@ class FeatureStore:
             video = (video_labels_from_segments(segments[None])[0] if given.video is None
                      else np.asarray(given.video, np.float32))
             self._labels[cid] = ClipLabels(segments, given.split, video)
-        final = self.parts_dir / _LABEL_PART
-        tmp = final.with_name(final.name + ".tmp")
-        with h5py.File(tmp, "w") as f:
+        with written(self.parts_dir / _LABEL_PART, hdf5=True) as tmp, h5py.File(tmp, "w") as f:
             _write_label_table(f, self._labels)
-        os.replace(tmp, final)
         self._pending_labels = True
 
     def consolidate(self) -> None:
@@ -532,7 +527,12 @@ class FeatureStore:
         merged = [p.path for p in (*self._parts.values(), *self._failures.values())]
         if self._pending_labels:
             merged.append(self.parts_dir / _LABEL_PART)
-        self._write_main()
+        try:
+            self._write_main()
+        except WriteError as exc:
+            waiting = f"{len(self._parts)} clip{'' if len(self._parts) == 1 else 's'}"
+            raise WriteError(exc.path, exc.reason, then=f"the {waiting} not yet in it are kept in {self.parts_dir}, "
+                             "and a rerun with room on the disk goes on from them") from None
         for path in merged:
             path.unlink(missing_ok=True)
         self._load_main()
@@ -590,28 +590,29 @@ def _write_store(path: Path, provenance: Mapping, dtype: np.dtype, ids: list[str
     n = len(ids)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(tmp, "w") as out:
-        out.attrs["format_version"] = FORMAT_VERSION
-        out.attrs["provenance"] = json.dumps(provenance, sort_keys=True)
-        # maxshape: HDF5 refuses chunks larger than an empty store's shape unless the first axis may grow.
-        visual, audio = (out.create_dataset(name, (n, *shape), dtype, chunks=(1, *shape), maxshape=(None, *shape))
-                         for name, shape in (("visual", VISUAL_SHAPE), ("audio", AUDIO_SHAPE)))
-        paths, notes = fill(visual, audio)
-        out.create_dataset("clip_ids", data=ids, dtype=_STR)
-        out.create_dataset("paths", data=paths, dtype=_STR)
-        out.create_dataset("warnings", data=notes, dtype=_STR)
-        if labels:
-            given = [labels.get(cid) for cid in ids]
-            out["labels"] = _stacked([g.segments if g else None for g in given], LABEL_SHAPE)
-            out["video_labels"] = _stacked([g.video if g else None for g in given], (NUM_CLASSES,))
-            out["has_label"] = np.array([g is not None for g in given], dtype=bool)
-            out.create_dataset("split", data=[g.split if g else "" for g in given], dtype=_STR)
-            _write_label_table(out.create_group("label_table"), labels)
-        group = out.create_group("failed")
-        group.create_dataset("clip_ids", data=list(failed), dtype=_STR)
-        group.create_dataset("paths", data=[p for p, _ in failed.values()], dtype=_STR)
-        group.create_dataset("errors", data=[e for _, e in failed.values()], dtype=_STR)
-    _fsync(tmp)
+    with failed_writes(path, tmp, hdf5=True):
+        with h5py.File(tmp, "w") as out:
+            out.attrs["format_version"] = FORMAT_VERSION
+            out.attrs["provenance"] = json.dumps(provenance, sort_keys=True)
+            # maxshape: HDF5 refuses chunks larger than an empty store's shape unless the first axis may grow.
+            visual, audio = (out.create_dataset(name, (n, *shape), dtype, chunks=(1, *shape), maxshape=(None, *shape))
+                             for name, shape in (("visual", VISUAL_SHAPE), ("audio", AUDIO_SHAPE)))
+            paths, notes = fill(visual, audio)
+            out.create_dataset("clip_ids", data=ids, dtype=_STR)
+            out.create_dataset("paths", data=paths, dtype=_STR)
+            out.create_dataset("warnings", data=notes, dtype=_STR)
+            if labels:
+                given = [labels.get(cid) for cid in ids]
+                out["labels"] = _stacked([g.segments if g else None for g in given], LABEL_SHAPE)
+                out["video_labels"] = _stacked([g.video if g else None for g in given], (NUM_CLASSES,))
+                out["has_label"] = np.array([g is not None for g in given], dtype=bool)
+                out.create_dataset("split", data=[g.split if g else "" for g in given], dtype=_STR)
+                _write_label_table(out.create_group("label_table"), labels)
+            group = out.create_group("failed")
+            group.create_dataset("clip_ids", data=list(failed), dtype=_STR)
+            group.create_dataset("paths", data=[p for p, _ in failed.values()], dtype=_STR)
+            group.create_dataset("errors", data=[e for _, e in failed.values()], dtype=_STR)
+        _fsync(tmp)
     return tmp
 
 
@@ -918,6 +919,7 @@ def export_ave(store_path: str | Path, annotations_path: str | Path, out_dir: st
             remove_dead_temporaries(path)
         with contextlib.ExitStack() as held:
             tmps = [held.enter_context(locked_temporary(path)) for path, _ in targets]
+            held.enter_context(failed_writes(out_dir, hdf5=True))  # the temporary files go with their locks
             with h5py.File(tmps[0], "w", locking=False) as fv, h5py.File(tmps[1], "w", locking=False) as fa:
                 datasets = [f.create_dataset(AVE_KEY, (len(rows), *shape), dtype, chunks=(1, *shape))
                             for f, (_, shape) in zip((fv, fa), targets)]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import random
 import shlex
 import sys
@@ -37,7 +36,7 @@ from bmfn_pipeline import __version__
 from bmfn_pipeline.data import FeatureData, batches, find_default_data, load_data, num_batches
 from bmfn_pipeline.distributed import (all_sum, local_batch, process_group, rank_device, rank_env, resolve_device,
                                        seed_rank, share_from_main, wrap)
-from bmfn_pipeline.errors import BmfnError, check_counts
+from bmfn_pipeline.errors import BmfnError, WriteError, check_counts, failed_writes, written
 from bmfn_pipeline.evaluate import (CLASS_NAMES, compute_precision, predict_labels, predict_rows, segment_accuracy,
                                    to_numpy)
 from bmfn_pipeline.graphs import GraphedStep
@@ -273,7 +272,7 @@ def _train(config: TrainConfig, data: FeatureData | None, log) -> TrainResult:
             run_dir.mkdir(parents=True, exist_ok=True)
             _write_json(run_dir / RUN_FILE, {"config": config.to_dict(), "data": data.source,
                                              "split_rule": data.split_rule, "started": time.time()})
-        with open(run_dir / COMMAND, "a") as f:
+        with failed_writes(run_dir / COMMAND), open(run_dir / COMMAND, "a") as f:
             f.write((config.command or _api_command(config)) + "\n")
     log(f"run: {run_dir} ({config.mode}, device {device}, {config.precision})")
     if device.type == "cuda":
@@ -449,7 +448,7 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
             totals = sums.totals()
             if totals["bad_step"]:
                 if main:
-                    _plot_curves(history, run_dir / CURVES)
+                    _plot_curves(history, run_dir / CURVES, log)
                 kept = (f"{run_dir / LAST} (epoch {saver.saved_epoch})" if saver.saved_epoch
                         else "none (no epoch saved)")
                 raise BmfnError(f"{run_dir}: the loss became {totals['bad_loss']} at epoch {epoch}, batch "
@@ -486,7 +485,7 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
     finally:
         saver.flush_best()  # the selected weights are never lost, even when the run stops early
     if main:
-        _plot_curves(history, run_dir / CURVES)
+        _plot_curves(history, run_dir / CURVES, log)
     return RunResult(run_dir, seed, best["epoch"], selection, best["val_acc"], best["test_acc"], config.epochs,
                      history)
 
@@ -592,10 +591,9 @@ def _prepare_optimizer(optimizer: torch.optim.Optimizer, graphs: bool, device: t
 
 
 def _save(state: dict, path: Path) -> None:
-    """Written beside and renamed into place: a kill mid-save keeps the previous file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Written beside and renamed into place: a kill or a full disk mid-save keeps the previous file."""
+    with written(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _load_state(path: Path, device, mmap: bool = False) -> dict:
@@ -692,10 +690,9 @@ def _write_json(path: Path, value: dict) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Written beside and renamed into place: a kill mid-write keeps the previous file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Written beside and renamed into place: a kill or a full disk mid-write keeps the previous file."""
+    with written(path) as tmp:
+        tmp.write_text(text)
 
 
 def _load_config_data(config: TrainConfig, log) -> FeatureData:
@@ -751,7 +748,8 @@ def _read_metrics(path: Path, keep_through: int) -> list[dict]:
     return kept
 
 
-def _plot_curves(history: list[dict], path: Path) -> None:
+def _plot_curves(history: list[dict], path: Path, log) -> None:
+    """The loss and accuracy curves as a PNG; one that cannot be written is said in a line, the run goes on."""
     if not history:
         return
     import matplotlib
@@ -772,8 +770,13 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     right.set_ylabel("segment accuracy (%)")
     right.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with written(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    except WriteError as exc:
+        log(f"warning: {exc}: no training curves")
+    finally:
+        plt.close(fig)
 
 
 def _dotted(mapping: dict, key: str):

@@ -19,7 +19,7 @@ import numpy as np
 
 from .ave import BACKGROUND, CATEGORIES, NUM_CLASSES
 from .decode import SAMPLE_RATE
-from .errors import BmfnError, printable
+from .errors import BmfnError, WriteError, printable, written
 
 BACKGROUND_NAME = "background"
 # Digits kept where people read numbers (table, CSV, cue text); JSON keeps the full floats.
@@ -261,10 +261,12 @@ def get_writer(output_format: str, output_dir: str | os.PathLike | None) -> Call
         path = Path(output_dir) / f"{Path(result.path).stem}.{writer.extension}"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("w", encoding="utf-8", newline="") as file:
-                writer.write(result, file)
+            with written(path) as tmp, tmp.open("w", encoding="utf-8", newline="") as file:  # an earlier result
+                writer.write(result, file)  # stays whole if this one cannot be written
         except OSError as err:
             raise BmfnError(f"{path}: cannot write the {output_format} result: {err.strerror or err}") from None
+        except WriteError as err:
+            raise WriteError(path, err.reason, f"the {output_format} result") from None
         return path
 
     return write
@@ -319,9 +321,12 @@ def plot_timeline(result: LocalizationResult, frames: np.ndarray | None, audio: 
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
+        with written(path) as tmp:
+            fig.savefig(tmp, format="png")
     except OSError as err:
         raise BmfnError(f"{path}: cannot write the timeline plot: {err.strerror or err}") from None
+    except WriteError as err:
+        raise WriteError(path, err.reason, "the timeline plot") from None
     return path
 
 

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -449,6 +450,46 @@ def test_ctrl_c_keeps_the_clip_already_computed(clips, tmp_path, monkeypatch):
         extract(clips[:2], out, options, progress=False)
     with FeatureStore.open(out, create=False, readonly=True) as store:
         assert store.clip_ids() == [clips[0].stem]
+
+
+def _file_size_limit(limit: int):
+    """For a child process: files may not grow past `limit` bytes, and a write past it fails (EFBIG) instead of
+    killing the process (SIGXFSZ), as on a disk that has just filled up."""
+    def set_limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return set_limit
+
+
+def test_a_store_that_cannot_be_written_stops_in_one_line_and_keeps_the_clips(clips, tmp_path):
+    """Each clip's journal part (1 MB) fits, the consolidated store of two does not: one line, exit code 1 (HDF5
+    crashed at the exit of a process whose write it had failed), no temporary file left, and a rerun goes on."""
+    out = tmp_path / "feats.h5"
+    command = [sys.executable, "-m", "bmfn_pipeline", "extract", *map(str, clips[:2]), "--out", str(out), *FAST,
+               "--workers", "0"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_file_size_limit(1_500_000))
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert error_lines(done.stderr) == [
+        f"bmfn: error: {out}: cannot write (File too large); the 2 clips not yet in it are kept in {out}.parts, "
+        "and a rerun with room on the disk goes on from them"] and "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.h5", "feats.h5.parts"]  # no temporary file
+    assert len(list(Path(f"{out}.parts").glob("*.clip.h5"))) == 2
+    again = cli("extract", *clips[:2], "--out", out, *FAST, "--workers", "0")
+    assert "0 extracted, 2 already done, 0 failed" in again.stdout
+
+
+def test_an_export_that_cannot_be_written_stops_in_one_line_and_leaves_nothing(extracted, tmp_path):
+    annotations = write_annotations(tmp_path / "Annotations.txt", ROWS[:2])
+    out_dir = tmp_path / "ave"
+    command = [sys.executable, "-m", "bmfn_pipeline", "export-ave", str(extracted[0]), "--annotations",
+               str(annotations), "--out", str(out_dir)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          preexec_fn=_file_size_limit(1_000_000))  # 2 clips' visual features in float64: 4 MB
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert error_lines(done.stderr) == [f"bmfn: error: {out_dir}: cannot write (File too large)"]
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+    assert list(out_dir.iterdir()) == []
 
 
 def test_export_ave_round_trip(extracted, tmp_path):

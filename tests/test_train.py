@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import h5py
@@ -19,7 +20,7 @@ from test_data import (SMALL_MODEL, STORE_PROVENANCE, make_ave_dir, make_empty_i
 from bmfn_pipeline import ave, train as train_module
 from bmfn_pipeline.cli import main
 from bmfn_pipeline.data import compact_visual, load_store
-from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.errors import BmfnError, WriteError
 from bmfn_pipeline.evaluate import eval_batch_size, evaluate
 from bmfn_pipeline.model import BMFN, BMFNConfig
 from bmfn_pipeline.train import (REFERENCE, TrainConfig, check_provenance, latest_checkpoint, load_checkpoint,
@@ -214,6 +215,41 @@ def test_resume_keeps_the_runs_settings_and_records_the_ones_given(tmp_path):
     fewer = runner.invoke(main, ["train", "--resume", str(run), "--epochs", "1", "--quiet"])  # 2 are done
     assert fewer.exit_code == 1 and "2 epochs are done, more than --epochs 1; resume with --epochs 3" in fewer.output
     assert json.loads((run / "run.json").read_text())["config"]["epochs"] == 2
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line_keeping_the_last_ones(tmp_path, monkeypatch):
+    """A disk that fills up mid-save: torch.save's error says nothing of it (the writer's stream just fails)."""
+    directory = make_ave_dir(tmp_path / "ave", n_clips=12)
+    run = tmp_path / "run"
+    train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(run), epochs=1, checkpoint_every=0, **FAST),
+          log=quiet)
+    before = {name: (run / name).read_bytes() for name in ("best.pt", "last.pt")}
+    save = torch.save
+
+    def disk_fills_up(state, path):
+        save(state, path)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 96606080 vs 96605968")
+
+    monkeypatch.setattr(torch, "save", disk_fills_up)
+    monkeypatch.setattr("shutil.disk_usage", lambda folder: shutil._ntuple_diskusage(1 << 40, 1 << 40, 0))
+    with pytest.raises(WriteError, match=rf"^{re.escape(str(run))}/(best|last)\.pt: cannot write \(No space left on "
+                                         r"device\)$"):
+        train(TrainConfig(resume=str(run), epochs=2, progress=False), log=quiet)
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert not list(run.glob("*.tmp"))
+
+
+def test_training_curves_that_cannot_be_drawn_cost_a_warning_not_the_run(tmp_path, monkeypatch):
+    def full_disk(figure, path, **kwargs):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", full_disk)
+    logged = []
+    result = train(TrainConfig(mode="fully", ave_dir=str(make_ave_dir(tmp_path / "ave", n_clips=12)),
+                               out=str(tmp_path / "run"), epochs=1, **FAST), log=logged.append)
+    assert result.runs[0].best_epoch == 1 and (tmp_path / "run" / "best.pt").is_file()
+    assert f"warning: {tmp_path / 'run' / 'curves.png'}: cannot write (No space left on device): no training " \
+           "curves" in logged
 
 
 def test_resume_of_a_run_stopped_before_its_first_last_pt_says_it_starts_again(tmp_path):
@@ -436,10 +472,10 @@ def test_cli_chain_train_then_evaluate_on_a_store(tmp_path, monkeypatch):
     (tmp_path / "runs" / "broken").mkdir()
     (tmp_path / "runs" / "broken" / "run.json").write_text('{"started": 1')
 
-    def read_only(matrix, path, title):
+    def read_only(figure, path, **kwargs):
         raise OSError(30, "Read-only file system", str(path))
 
-    monkeypatch.setattr("bmfn_pipeline.evaluate.plot_confusion", read_only)
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", read_only)
     result = runner.invoke(main, ["evaluate", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.splitlines()[-1])["confusion_png"] is None

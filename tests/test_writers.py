@@ -18,6 +18,7 @@ from bmfn_pipeline.writers import (
     FORMATS,
     LocalizationResult,
     SecondLabel,
+    WRITERS,
     class_colour,
     format_timestamp,
     get_writer,
@@ -195,6 +196,23 @@ def test_unknown_format_and_unwritable_directory(tmp_path):
     blocker.write_text("")
     with pytest.raises(BmfnError, match="cannot write"):
         get_writer("json", blocker)(make_result(LABELS))
+
+
+def test_a_result_that_cannot_be_written_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    write = get_writer("json", tmp_path)
+    path = write(make_result(LABELS))
+    earlier = path.read_text()
+    writer = WRITERS["json"]
+
+    def disk_fills_up(self, result, file):
+        file.write(earlier[:100])
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(writer, "write", disk_fills_up)
+    with pytest.raises(BmfnError) as refused:
+        get_writer("json", tmp_path)(make_result(LABELS))
+    assert str(refused.value) == f"{path}: cannot write the json result: File too large"
+    assert path.read_text() == earlier and sorted(tmp_path.iterdir()) == [path]
 
 
 @pytest.mark.parametrize("with_frames, with_audio", [(True, True), (False, False)])
