@@ -28,8 +28,8 @@ class WriteError(BmfnError):
 
     def __init__(self, path: str | os.PathLike, reason: str, what: str = "", then: str = ""):
         self.path, self.reason = path, reason
-        super().__init__(f"{path}: cannot write {what}: {reason}" if what else f"{path}: cannot write ({reason})"
-                         + (f"; {then}" if then else ""))
+        said = f"{path}: cannot write {what}: {reason}" if what else f"{path}: cannot write ({reason})"
+        super().__init__(said + (f"; {then}" if then else ""))
 
 
 @contextlib.contextmanager

@@ -531,8 +531,8 @@ class FeatureStore:
             self._write_main()
         except WriteError as exc:
             waiting = f"{len(self._parts)} clip{'' if len(self._parts) == 1 else 's'}"
-            raise WriteError(exc.path, exc.reason, then=f"the {waiting} not yet in it are kept in {self.parts_dir}, "
-                             "and a rerun with room on the disk goes on from them") from None
+            raise WriteError(exc.path, exc.reason, then=f"{self.parts_dir} keeps the {waiting} not yet in it, and a "
+                             "rerun with room on the disk goes on from them") from None
         for path in merged:
             path.unlink(missing_ok=True)
         self._load_main()

@@ -42,6 +42,11 @@ def test_a_write_that_fails_without_saying_why_on_a_full_disk_is_put_down_to_it(
             raise RuntimeError(TORCH_SAVE)
 
 
+def test_what_was_written_and_what_became_of_the_work_join_the_line():
+    assert str(WriteError("a.json", "File too large", "the json result", "b.json was written")) == (
+        "a.json: cannot write the json result: File too large; b.json was written")
+
+
 def test_an_interrupted_write_leaves_no_temporary_file_and_is_not_a_write_error(tmp_path):
     path = tmp_path / "best.pt"
     with pytest.raises(KeyboardInterrupt):

@@ -471,8 +471,8 @@ def test_a_store_that_cannot_be_written_stops_in_one_line_and_keeps_the_clips(cl
                           preexec_fn=_file_size_limit(1_500_000))
     assert done.returncode == 1, done.stderr[-2000:]
     assert error_lines(done.stderr) == [
-        f"bmfn: error: {out}: cannot write (File too large); the 2 clips not yet in it are kept in {out}.parts, "
-        "and a rerun with room on the disk goes on from them"] and "Traceback" not in done.stderr
+        f"bmfn: error: {out}: cannot write (File too large); {out}.parts keeps the 2 clips not yet in it, and a "
+        "rerun with room on the disk goes on from them"] and "Traceback" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.h5", "feats.h5.parts"]  # no temporary file
     assert len(list(Path(f"{out}.parts").glob("*.clip.h5"))) == 2
     again = cli("extract", *clips[:2], "--out", out, *FAST, "--workers", "0")
