@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import gc
 import json
 import os
@@ -30,17 +32,49 @@ def run() -> None:
     left in reference cycles; freezing the rest lets shutdown skip it. Not inside `main`, which tests call in-process.
     """
     keep_freed_memory()
+    usable_standard_streams()
     try:
-        main()
+        try:
+            main()
+        except OSError as exc:  # outside any command: click's --version or --help writing to a full disk
+            _report(exc)
     except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+        failed = _stdout_failed()  # now, not at the interpreter's exit ("Exception ignored", exit code 120)
+        if failed is not None:
+            click.echo(f"bmfn: error: standard output: {failed.strerror or failed}", err=True)
+            code = code or 1
         if errors.hdf5_write_failed:  # HDF5 would write the failed file again at the interpreter's exit, and crash
-            sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(exc.code if isinstance(exc.code, int) else 1)
-        raise
+            os._exit(code)
+        raise SystemExit(code) from None
     finally:
         gc.collect()
         gc.freeze()
+
+
+def usable_standard_streams() -> None:
+    """Standard streams that cannot fail a command for what they are: a closed one (`2>&-`, which Python leaves as
+    None) writes to nowhere, and characters its encoding lacks (PYTHONIOENCODING=ascii and a file named in
+    Japanese) are escaped instead of raising."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, open(os.devnull, "w"))
+        elif hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def _stdout_failed() -> OSError | None:
+    """Flush standard output; where it takes no more (its reader has gone, a full disk), send the rest nowhere, so
+    that nothing fails on it again, and return why."""
+    try:
+        sys.stdout.flush()
+        return None
+    except OSError as exc:
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return exc
 
 
 def keep_freed_memory() -> bool:
@@ -103,9 +137,17 @@ class _Group(click.Group):
             click.echo(f"bmfn: error: {exc}", err=True)
             sys.exit(1)
         except OSError as exc:
-            where = f"{exc.filename}: " if exc.filename else ""
-            click.echo(f"bmfn: error: {where}{exc.strerror or exc}", err=True)
-            sys.exit(1)
+            _report(exc)
+
+
+def _report(exc: OSError) -> None:
+    """An OSError that no stage named, as one line with its file and the system's reason; exit code 1."""
+    where = exc.filename
+    if where is None and (exc.errno == errno.EPIPE or _stdout_failed() is not None):
+        where = "standard output"  # its reader has gone (`| head -1`), or the disk it goes to is full
+        _stdout_failed()
+    click.echo(f"bmfn: error: {f'{where}: ' if where else ''}{exc.strerror or exc}", err=True)
+    sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -503,13 +545,22 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
     plot_dir = (output_dir if output_dir is not None else ".") if plot else None
     if sys.stderr.isatty():  # a bar per file while VGG-19 gets through it; gone before its labels are printed
         localizer.progress = _SecondsBar()
-    failed = 0
+    failed, table_lost = 0, False
     for path, result in localizer.run(files, plot_dir=plot_dir, started=started):
         errors = [result] if isinstance(result, BmfnError) else []
         plotted = plot_dir is not None and not errors
         result = getattr(result, "result", result)  # a failed plot still has its labels
         if not isinstance(result, BmfnError):
-            to_stdout(result)
+            try:
+                if to_stdout is not None:
+                    to_stdout(result)
+            except OSError as exc:  # with files to write, a reader of the table that has gone costs the table only
+                if output_dir is None:
+                    raise
+                _stdout_failed()
+                to_stdout, table_lost = None, True
+                click.echo(f"bmfn: error: standard output: {exc.strerror or exc}: the labels go on to "
+                           f"{printable(str(output_dir))} only", err=True)
             for write in to_files:
                 try:
                     click.echo(f"wrote {printable(str(write(result)))}", err=True)
@@ -522,6 +573,8 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
         failed += bool(errors)
     if failed:
         raise BmfnError(f"{failed} of {len(files)} files failed; their errors are above")
+    if table_lost:
+        sys.exit(1)
 
 
 @main.command()

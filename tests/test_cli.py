@@ -89,6 +89,29 @@ def test_an_os_error_no_stage_named_is_one_line_with_its_file(monkeypatch):
     assert result.stderr == "bmfn: error: feats.h5.parts/clip.h5: No space left on device\n"
 
 
+REPO = Path(cli.__file__).parents[1]
+BUFFERED = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}  # as most shells run it
+
+
+@pytest.mark.parametrize("arguments", [["probe", "--json"], ["--version"]], ids=["command", "outside-a-command"])
+def test_standard_output_that_takes_nothing_more_is_one_line(video_dir, arguments):
+    """A full disk behind standard output (or a reader that has gone): one line and exit code 1, not Python's
+    'Exception ignored' at exit (code 120) or click's traceback."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "bmfn_pipeline", *arguments, *([str(video_dir)] * (
+            arguments[0] == "probe"))], stdout=full, stderr=subprocess.PIPE, text=True, cwd=REPO, env=BUFFERED)
+    assert (done.returncode, done.stderr) == (1, "bmfn: error: standard output: No space left on device\n")
+
+
+def test_a_closed_standard_error_costs_nothing_but_the_notes(video_dir, tmp_path):
+    """`2>&-` (Python then has no sys.stderr): the command still does its work."""
+    out = tmp_path / "feats.h5"
+    done = subprocess.run([sys.executable, "-m", "bmfn_pipeline", "extract", str(video_dir / "ave_0lFf-HP86Q0.mp4"),
+                           "--out", str(out), "--weights", "random", "--frames-per-second", "1", "--workers", "0"],
+                          stdout=subprocess.PIPE, text=True, cwd=REPO, preexec_fn=lambda: os.close(2))
+    assert done.returncode == 0 and f"1 extracted, 0 already done, 0 failed -> {out}" in done.stdout
+
+
 def test_every_option_of_every_command_says_what_it_does():
     """README: `bmfn <command> --help` lists every option; each with a description, not a bare name and type."""
     import click

@@ -447,6 +447,28 @@ def test_progress_reports_the_seconds_of_each_file_as_vgg19_gets_through_them(wo
     assert all(not isinstance(result, BmfnError) for result in results)
 
 
+def test_standard_output_that_cannot_take_a_name_or_any_more_costs_no_labels(workdir, video_dir, tmp_path):
+    """An ASCII standard output and a video named in Japanese: the name is escaped, the labels printed, the next file
+    labelled. A full disk behind standard output with --output-dir: the files are still written; exit code 1."""
+    checkpoint = next((workdir / "runs").glob("*/best.pt"))
+    named = tmp_path / "\u65e5\u672c.mp4"
+    os.symlink(video_dir / SHORT, named)
+    command = [sys.executable, "-m", "bmfn_pipeline", "localize", str(named), str(video_dir / SHORT), "--checkpoint",
+               str(checkpoint), "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONIOENCODING": "ascii"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"# {tmp_path}/\\u65e5\\u672c.mp4 (" in done.stdout and f"# {video_dir / SHORT} (" in done.stdout
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([*command, "--output-dir", str(tmp_path / "out")], stdout=full,
+                              stderr=subprocess.PIPE, text=True, env={**env, "PYTHONIOENCODING": "utf-8"})
+    assert done.returncode == 1
+    assert f"bmfn: error: standard output: No space left on device: the labels go on to {tmp_path / 'out'} only" \
+        in done.stderr.splitlines()
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted(["\u65e5\u672c.txt", f"{Path(SHORT).stem}.txt"])
+
+
 def test_cli_shows_a_progress_bar_on_a_terminal_only(workdir, video_dir, cli_run):
     """On a terminal, stderr shows a bar per file (cleared when done); piped or captured, none."""
     checkpoint = next((workdir / "runs").glob("*/best.pt"))
