@@ -125,7 +125,8 @@ def _save(model: nn.Module, cached: Path) -> None:
         partial.replace(cached)  # whole or absent, also with several processes calibrating at once
     # A read-only or full cache (torch.save says so with a RuntimeError): the model is calibrated all the same.
     except (OSError, RuntimeError):
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a cache "folder" that is a file: nothing to remove
+            partial.unlink(missing_ok=True)
 
 
 def _int8_layout(layout: nn.Sequential) -> nn.Module:

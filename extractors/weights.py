@@ -7,6 +7,7 @@ checksummed before it becomes visible in the cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -120,7 +121,7 @@ def use_compile_cache() -> Path:
     cache_dir()/inductor, which this sets for the process. Torch's own default is under /tmp, which a reboot or a
     clean-up empties: the next `train --compile` then compiles again (56 s of a first epoch on an H100, 6.9 s from
     the cache). Torch still keeps a few things under /tmp whatever the variable says (CPU kernels' precompiled
-    header, a GEMM-padding cache)."""
+    header, a GEMM-padding cache). Where bmfn's cache folder cannot be written, torch's default is used."""
     now = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # before the import below, which may write into it
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
@@ -128,6 +129,14 @@ def use_compile_cache() -> Path:
     torch_wrote = now != at_import and now == os.path.abspath(default_cache_dir() if at_import is None else at_import)
     given = at_import if torch_wrote else now
     directory = Path(given).expanduser() if given else cache_dir() / "inductor"
+    if not given:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            writable = os.access(directory, os.W_OK)
+        except OSError:  # a read-only cache, or BMFN_CACHE naming a file
+            writable = False
+        if not writable:
+            directory = Path(default_cache_dir())
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
     return directory
 
@@ -217,7 +226,8 @@ def _remember(key: str, stamp: list) -> None:
         partial.write_text(json.dumps(records, indent=0))
         partial.replace(target)  # whole or absent; a record lost to a concurrent writer only means hashing again
     except OSError:  # a read-only or full cache: files are hashed each time, as they would be anyway
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a cache "folder" that is a file: nothing to remove
+            partial.unlink(missing_ok=True)
 
 
 def _check(entry: WeightFile, path: Path, origin: str) -> None:

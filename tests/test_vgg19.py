@@ -371,3 +371,6 @@ def test_an_int8_cache_that_cannot_be_written_is_left_alone(tmp_path: Path, monk
     monkeypatch.setattr(int8_module.torch, "save", cannot_write)
     int8_module._save(torch.nn.Linear(1, 1), tmp_path / "int8" / "vgg19-x.pt")
     assert list((tmp_path / "int8").iterdir()) == []
+    not_a_folder = tmp_path / "cache"  # BMFN_CACHE naming a file: even the partial file cannot be made or removed
+    not_a_folder.write_text("")
+    int8_module._save(torch.nn.Linear(1, 1), not_a_folder / "int8" / "vgg19-x.pt")

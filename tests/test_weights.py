@@ -103,6 +103,17 @@ def test_compile_cache_is_in_bmfns_cache_unless_the_user_set_torchs_variable(
         assert not any((tmp_path / "cwd").iterdir())
 
 
+def test_a_compile_cache_that_cannot_be_made_in_bmfns_cache_is_torchs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("BMFN_CACHE", str(tmp_path / "a-file"))
+    monkeypatch.setattr(weights, "_COMPILE_CACHE_AT_IMPORT", None)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert use_compile_cache() == Path(default_cache_dir())
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == default_cache_dir()
+
+
 def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("BMFN_CACHE", raising=False)
     monkeypatch.delenv("TORCH_HOME", raising=False)
@@ -143,6 +154,15 @@ def test_local_file_is_verified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     with pytest.raises(BmfnError, match=re.escape(str(local))) as err:
         weight_path("vggish", local)
     assert "md5" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_cache_that_is_a_file_costs_the_record_not_the_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """BMFN_CACHE naming a file: the verification is not remembered, and the weights are used all the same."""
+    local = _served(tmp_path)
+    _fake_entry(monkeypatch, "vggish", "file:///nowhere", "sha256:" + hashlib.sha256(CONTENT).hexdigest())
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("BMFN_CACHE", str(tmp_path / "a-file"))
+    assert weight_path("vggish", local) == local
 
 
 def test_a_verified_file_is_hashed_again_only_when_it_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
