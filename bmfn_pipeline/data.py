@@ -256,7 +256,7 @@ def compact_visual(path: Path, cache_dir: str | Path | None = None, progress: bo
 
         for target in (cache, meta):
             remove_dead_temporaries(target)  # of conversions killed before (up to 2 GB each), even when one finished
-        if cache.is_file() and meta.is_file() and json.loads(meta.read_text()) == stamp:
+        if _stands_for(cache, stamp):
             return np.load(cache, mmap_mode="r")
         # Each process its own temporary file: torchrun's ranks all convert on their first run, and rename in turn.
         with locked_temporary(cache) as tmp:
@@ -277,6 +277,15 @@ def compact_visual(path: Path, cache_dir: str | Path | None = None, progress: bo
         tmp.write_text(json.dumps(stamp))
         os.replace(tmp, meta)
     return np.load(cache, mmap_mode="r")
+
+
+def _stands_for(cache: Path, stamp: dict) -> bool:
+    """Whether `cache` is a whole conversion of the source file that `stamp` describes (its .json says so)."""
+    meta = cache.with_suffix(".json")
+    try:
+        return cache.is_file() and meta.is_file() and json.loads(meta.read_text()) == stamp
+    except (OSError, ValueError):
+        return False
 
 
 def _new_cache_file(tmp: Path, shape: tuple[int, ...], source: Path) -> np.memmap:
@@ -300,15 +309,20 @@ def _new_cache_file(tmp: Path, shape: tuple[int, ...], source: Path) -> np.memma
 
 
 def _cache_file(path: Path, stamp: dict, cache_dir: str | Path | None) -> Path:
-    """Beside the source when its folder is writable, else under the bmfn cache directory (keyed by path and date)."""
-    if cache_dir is None and os.access(path.parent, os.W_OK):
-        return path.with_name(path.stem + ".f16.npy")
+    """Beside the source when its folder is writable or a cache made there still stands for it (the folder made
+    read-only since), else under the bmfn cache directory (keyed by path and date)."""
+    beside = path.with_name(path.stem + ".f16.npy")
+    if cache_dir is None and (os.access(path.parent, os.W_OK) or _stands_for(beside, stamp)):
+        return beside
     if cache_dir is None:
         from extractors.weights import cache_dir as bmfn_cache_dir
 
         cache_dir = bmfn_cache_dir() / "features"
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BmfnError(f"{cache_dir}: cannot write the float16 cache of {path}: {err.strerror or err}") from None
     key = hashlib.sha1(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:12]
     return cache_dir / f"{path.stem}-{key}.f16.npy"
 

@@ -4,6 +4,7 @@ float16 cache, bmfn stores, the hash split. `make_ave_dir` is also the synthetic
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -148,6 +149,23 @@ def test_visual_cache_in_other_folder_when_read_only(tmp_path):
     cache_dir = tmp_path / "cache"
     compact_visual(directory / "visual_feature.h5", cache_dir)
     assert len(list(cache_dir.glob("visual_feature-*.f16.npy"))) == 1
+
+
+def test_a_cache_made_beside_a_folder_made_read_only_since_is_still_used(tmp_path, monkeypatch):
+    """An AVE folder converted once, then shared read-only: its cache is used, not made again elsewhere (2 GB for
+    the release), nor refused where the bmfn cache folder cannot be written either."""
+    directory = make_ave_dir(tmp_path / "ave", n_clips=3)
+    first = compact_visual(directory / "visual_feature.h5")
+    monkeypatch.setattr("bmfn_pipeline.data.os.access", lambda path, mode: False)  # root writes to any folder
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("BMFN_CACHE", str(tmp_path / "a-file"))
+    again = compact_visual(directory / "visual_feature.h5")
+    assert Path(again.filename) == directory / "visual_feature.f16.npy" and np.array_equal(first, again)
+    with h5py.File(directory / "visual_feature.h5", "r+") as f:  # changed since: converted in the bmfn cache, which
+        f["avadataset"][0] = 7.0  # cannot be made here
+    with pytest.raises(BmfnError, match=rf"^{tmp_path / 'a-file' / 'features'}: cannot write the float16 cache of "
+                                        rf"{directory / 'visual_feature.h5'}: Not a directory$"):
+        compact_visual(directory / "visual_feature.h5")
 
 
 def test_float16_overflow_is_refused(tmp_path):
