@@ -575,7 +575,12 @@ def _decode_in_pool(todo: deque, suspects: int, decode_args: tuple, workers: int
     # spawn, not fork: the parent may hold CUDA state and threads that a fork would copy half-way.
     context = multiprocessing.get_context("spawn")
     done = 0
-    with ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=initargs) as pool:
+    try:
+        pool = ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=initargs)
+    except OSError as exc:  # the semaphores of its queues are made in /dev/shm
+        raise BmfnError(f"{SHARED_MEMORY_DIR}: decoding worker processes cannot start ({exc.strerror or exc}); decode "
+                        "in this process with --workers 0") from None
+    with pool:
         pending: deque[tuple[Path, Future]] = deque()
         try:
             while todo or pending:

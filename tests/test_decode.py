@@ -284,6 +284,18 @@ def test_a_clip_that_kills_its_worker_fails_alone(video_dir):
     assert outcomes[1] == f"{clips[1]}: the decoding worker died (killed, out of memory, or a crash inside the decoder)"
 
 
+def test_worker_processes_that_cannot_start_say_why_and_what_to_do(video_dir, monkeypatch):
+    """A read-only or absent /dev/shm (some containers): multiprocessing cannot make its queues' semaphores."""
+    def no_semaphores(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(decode, "ProcessPoolExecutor", no_semaphores)
+    with pytest.raises(BmfnError) as refused:
+        next(decode_many([video_dir / "moviepy_chaplin.mp4"], frames_per_second=1, workers=1))
+    assert str(refused.value) == (f"{decode.SHARED_MEMORY_DIR}: decoding worker processes cannot start (Read-only "
+                                  "file system); decode in this process with --workers 0")
+
+
 @pytest.mark.parametrize("hflip", [False, True], ids=["", "mirrored"])
 @pytest.mark.parametrize("rotation", [0, 90, 180, -90])
 def test_frames_stored_sideways_or_mirrored_are_shown_upright(tmp_path, rotation, hflip):
