@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from bmfn_pipeline import ave
 from bmfn_pipeline.ave import SPLITS, video_labels_from_segments
-from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.errors import BmfnError, failed_writes
 
 # File names and HDF5 key of the AVE release (bmfn-reference.md section 9).
 AVE_KEY = "avadataset"
@@ -273,7 +273,7 @@ def compact_visual(path: Path, cache_dir: str | Path | None = None, progress: bo
             out.flush()
             del out
             os.replace(tmp, cache)
-    with locked_temporary(meta) as tmp:  # whole or not at all: another rank may read it
+    with locked_temporary(meta) as tmp, failed_writes(meta):  # whole or not at all: another rank may read it
         tmp.write_text(json.dumps(stamp))
         os.replace(tmp, meta)
     return np.load(cache, mmap_mode="r")

@@ -578,6 +578,8 @@ def _decode_in_pool(todo: deque, suspects: int, decode_args: tuple, workers: int
     try:
         pool = ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=initargs)
     except OSError as exc:  # the semaphores of its queues are made in /dev/shm
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOSPC, errno.ENOSYS):
+            raise
         raise BmfnError(f"{SHARED_MEMORY_DIR}: decoding worker processes cannot start ({exc.strerror or exc}); decode "
                         "in this process with --workers 0") from None
     with pool:

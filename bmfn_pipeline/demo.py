@@ -21,7 +21,7 @@ import numpy as np
 
 from bmfn_pipeline.ave import BACKGROUND, CATEGORIES, segment_labels
 from bmfn_pipeline.data import ClipArrays, FeatureData, load_data
-from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.errors import BmfnError, written
 from bmfn_pipeline.evaluate import predict_rows, segment_accuracy
 from bmfn_pipeline.extract import ExtractOptions, extract, resolve_device
 from bmfn_pipeline.localize import localize
@@ -163,8 +163,10 @@ def run_demo(out_dir: str | os.PathLike | None = None, *, quick: bool = False, c
     result = DemoResult(out, accuracy, majority, majority_label, ablation["audio"], ablation["visual"], len(test),
                         features, checkpoint, results_dir, timings)
     report = "\n".join([_comparison([clip.row.video_id for clip in test], predicted, truth), "", result.summary()])
-    (out / REPORT_FILE).write_text(report + "\n", encoding="utf-8")
-    (out / SUMMARY_FILE).write_text(json.dumps({**result.to_dict(), "plan": asdict(plan), "seed": seed}, indent=2))
+    with written(out / REPORT_FILE) as tmp:
+        tmp.write_text(report + "\n", encoding="utf-8")
+    with written(out / SUMMARY_FILE) as tmp:
+        tmp.write_text(json.dumps({**result.to_dict(), "plan": asdict(plan), "seed": seed}, indent=2))
     log(report)
     log(f"bmfn demo: done; everything is in {out.resolve()} ({REPORT_FILE}, per-clip results and timelines in "
         f"{RESULTS_DIR}/, the run with best.pt in {RUN_DIR}/, features in {FEATURES_FILE}, videos in {DATA_DIR}/)")

@@ -146,18 +146,22 @@ def resolve_shard(shard: Shard | None) -> Shard | None:
 def missing_shards(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Shard files absent from `paths` among those their names announce (`*.shard-I-of-N.*`). The shards of a run
     are known by their names wherever each file lies (a multi-node run's shards may come from each machine's own
-    disk, in folders of their own); a missing one is named in the others' folder where they share one."""
-    groups: dict[tuple[str, int, str], tuple[set[int], set[Path]]] = {}
+    disk, in folders of their own); a missing one is named in the others' folder where they share one. Where one
+    shard name stands in several folders, they hold several runs' shards: each folder must then be whole."""
+    groups: dict[tuple[str, int, str], dict[Path, set[int]]] = {}
     for path in map(Path, paths):
         match = SHARD_NAME.match(path.name)
         if match:
-            present, folders = groups.setdefault((match["stem"], int(match["count"]), match["suffix"]), (set(), set()))
-            present.add(int(match["index"]))
-            folders.add(Path(os.path.abspath(path)).parent)  # absolute: however each path is spelled
+            folders = groups.setdefault((match["stem"], int(match["count"]), match["suffix"]), {})
+            # absolute: however each path is spelled
+            folders.setdefault(Path(os.path.abspath(path)).parent, set()).add(int(match["index"]))
     missing = []
-    for (stem, count, suffix), (present, folders) in groups.items():
-        folder = next(iter(folders)) if len(folders) == 1 else Path()
-        missing += [Shard(i, count).path(folder / f"{stem}{suffix}") for i in range(count) if i not in present]
+    for (stem, count, suffix), folders in groups.items():
+        together = sum(map(len, folders.values())) == len(set().union(*folders.values()))  # no name twice
+        sets = [(next(iter(folders)) if len(folders) == 1 else Path(), set().union(*folders.values()))] \
+            if together else list(folders.items())
+        for folder, present in sets:
+            missing += [Shard(i, count).path(folder / f"{stem}{suffix}") for i in range(count) if i not in present]
     return missing
 
 

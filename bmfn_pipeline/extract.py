@@ -321,8 +321,12 @@ def extract(
                     if previous is not None:
                         finish(*previous)
             finally:  # the last clip, or the one computed when Ctrl-C or an error came: its features are made
-                if in_flight is not None:
-                    finish(*in_flight)
+                try:
+                    if in_flight is not None:
+                        finish(*in_flight)
+                finally:  # the decoding workers end now, not when the interpreter exits (which a failed write skips)
+                    if hasattr(decoded, "close"):  # a generator's
+                        decoded.close()
         finally:
             bar.close()
             store.consolidate()

@@ -530,9 +530,11 @@ class FeatureStore:
         try:
             self._write_main()
         except WriteError as exc:
+            if not self._parts:
+                raise
             waiting = f"{len(self._parts)} clip{'' if len(self._parts) == 1 else 's'}"
             raise WriteError(exc.path, exc.reason, then=f"{self.parts_dir} keeps the {waiting} not yet in it, and a "
-                             "rerun with room on the disk goes on from them") from None
+                             "rerun goes on from them") from None
         for path in merged:
             path.unlink(missing_ok=True)
         self._load_main()
@@ -616,20 +618,34 @@ def _write_store(path: Path, provenance: Mapping, dtype: np.dtype, ids: list[str
     return tmp
 
 
+@contextlib.contextmanager
+def _reading(path: str | Path, clip_id: str | None = None) -> Iterator[None]:
+    """A read from a store that fails inside a write (a merge, an export, a consolidation) is said as the input's
+    failure, not the output's (failed_writes would take it for one)."""
+    try:
+        yield
+    except (OSError, RuntimeError, KeyError) as exc:
+        what = f"clip {clip_id!r} " if clip_id is not None else ""
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise BmfnError(f"{path}: cannot read {what}({reason}); the store is damaged") from None
+
+
 def _copy_rows(src: h5py.File, rows: list[int], visual: h5py.Dataset, audio: h5py.Dataset,
                at: int) -> tuple[list[str], list[str]]:
     """Copy ``rows`` of a consolidated file to rows ``at``.. in runs of consecutive rows, ``COPY_BLOCK`` at a time;
     return their paths and warnings."""
     old = np.array(rows)
-    old_paths, old_notes = _strings(src["paths"][()]), _strings(src["warnings"][()])
+    with _reading(src.filename):
+        old_paths, old_notes = _strings(src["paths"][()]), _strings(src["warnings"][()])
     start = 0
     while start < len(old):
         stop = start + 1
         while stop < len(old) and stop - start < COPY_BLOCK and old[stop] == old[stop - 1] + 1:
             stop += 1
         lo, hi = int(old[start]), int(old[stop - 1]) + 1
-        visual[at + start:at + stop] = src["visual"][lo:hi]
-        audio[at + start:at + stop] = src["audio"][lo:hi]
+        with _reading(src.filename):
+            block = src["visual"][lo:hi], src["audio"][lo:hi]
+        visual[at + start:at + stop], audio[at + start:at + stop] = block
         start = stop
     return [old_paths[i] for i in old], [old_notes[i] for i in old]
 
@@ -878,8 +894,9 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
                     paths += more_paths
                     notes += more_notes
                 for cid in store_ids[len(consolidated):]:
-                    visual[len(paths)], audio[len(paths)] = store.read(cid)
-                    info = store.clip_info(cid)
+                    with _reading(store.path, cid):
+                        features, info = store.read(cid), store.clip_info(cid)
+                    visual[len(paths)], audio[len(paths)] = features
                     notes.append(json.dumps(info["warnings"]))
                     paths.append(info["path"])
             return paths, notes
@@ -926,7 +943,9 @@ def export_ave(store_path: str | Path, annotations_path: str | Path, out_dir: st
                 for f in (fv, fa):
                     f.attrs["provenance"] = json.dumps(store.provenance, sort_keys=True)
                 for i, row in enumerate(rows):
-                    for dataset, array in zip(datasets, store.read(row.video_id)):
+                    with _reading(store_path, row.video_id):
+                        arrays = store.read(row.video_id)
+                    for dataset, array in zip(datasets, arrays):
                         dataset[i] = array
             for tmp, (path, _) in zip(tmps, targets):
                 os.replace(tmp, path)

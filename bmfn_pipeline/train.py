@@ -473,7 +473,7 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
                 if improved:
                     saver.keep_best(_checkpoint(model, config, data, seed, epoch, record, best, selection))
                 # The metrics line first: a kill before last.pt is saved only leaves lines that resume drops.
-                with open(run_dir / METRICS, "a") as f:
+                with failed_writes(run_dir / METRICS), open(run_dir / METRICS, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 saver.maybe_save(epoch, lambda: {
                     **_checkpoint(model, config, data, seed, epoch, record, best, selection),

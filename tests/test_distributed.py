@@ -114,6 +114,9 @@ def test_missing_shards(tmp_path, monkeypatch):
     nodes = [tmp_path / f"node{i}" / f"feats.shard-0000{i}-of-00003.h5" for i in range(3)]
     assert missing_shards(nodes) == []
     assert missing_shards(nodes[:2]) == [Path("feats.shard-00002-of-00003.h5")]
+    # two runs' shards under one name, one run short of a shard: each folder is a run of its own
+    other = [tmp_path / "e" / f"feats.shard-0000{i}-of-00003.h5" for i in range(2)]
+    assert missing_shards([*spelled, *other]) == [tmp_path / "e" / "feats.shard-00002-of-00003.h5"]
 
 
 # ---------------------------------------------------------------------------------------------- merge

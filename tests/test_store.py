@@ -437,6 +437,27 @@ def test_text_that_is_not_utf8_is_stored_escaped(tmp_path):
         assert store.failures() == {"y": ("caf\\xe9/y.mp4", "caf\\xe9/y.mp4: truncated")}
 
 
+def test_a_damaged_input_of_a_merge_or_an_export_is_named_as_the_input(tmp_path):
+    """A read that fails inside a write is not the output's write failure (failed_writes would take it for one)."""
+    paths = [tmp_path / "a.h5", tmp_path / "b.h5"]
+    for seed, path in enumerate(paths):
+        with FeatureStore.open(path, PROVENANCE) as store:
+            store.add_clip(path.stem, *clip(seed), path=f"{path.stem}.mp4")  # left in the journal
+    damaged = next(Path(f"{paths[1]}.parts").glob("*.clip.h5"))
+    with h5py.File(damaged, "r") as f:
+        offset = f["visual"].id.get_offset()
+    with open(damaged, "r+b") as f:  # cut inside the clip's features
+        f.truncate(offset + 100)
+    refusal = rf"^{paths[1]}: cannot read clip 'b' \(.*\); the store is damaged$"
+    with pytest.raises(BmfnError, match=refusal):
+        merge_stores(paths, tmp_path / "merged.h5")
+    annotations = tmp_path / "Annotations.txt"
+    annotations.write_text(f"{CATEGORIES[0]}&b&good&0&10\n")
+    with pytest.raises(BmfnError, match=refusal):
+        export_ave(paths[1], annotations, tmp_path / "ave")
+    assert not list(tmp_path.glob("merged*")) and not list((tmp_path / "ave").iterdir())
+
+
 def test_merge_reads_its_inputs_without_writing_to_them(tmp_path, monkeypatch):
     """Shards copied from other machines may be read-only: merge writes nothing beside them, not even a lock (which
     it makes where it can: test_no_writer_starts_while_merge_reads_a_store_without_a_lock_file)."""
