@@ -13,7 +13,8 @@ from pathlib import Path
 
 import click
 
-from bmfn_pipeline import __version__, errors
+import bmfn_pipeline.errors as error_state  # its hdf5_write_failed, read when the command has ended
+from bmfn_pipeline import __version__
 from bmfn_pipeline.errors import BmfnError, printable
 
 
@@ -44,7 +45,7 @@ def run() -> None:
         if failed is not None:
             click.echo(f"bmfn: error: standard output: {failed.strerror or failed}", err=True)
             code = code or 1
-        if errors.hdf5_write_failed:  # HDF5 would write the failed file again at the interpreter's exit, and crash
+        if error_state.hdf5_write_failed:  # HDF5 would write the failed file again at the interpreter's exit, and crash
             sys.stderr.flush()
             os._exit(code)
         raise SystemExit(code) from None
