@@ -157,10 +157,12 @@ def missing_shards(paths: Iterable[str | os.PathLike]) -> list[Path]:
             folders.setdefault(Path(os.path.abspath(path)).parent, set()).add(int(match["index"]))
     missing = []
     for (stem, count, suffix), folders in groups.items():
-        together = sum(map(len, folders.values())) == len(set().union(*folders.values()))  # no name twice
-        sets = [(next(iter(folders)) if len(folders) == 1 else Path(), set().union(*folders.values()))] \
-            if together else list(folders.items())
-        for folder, present in sets:
+        present = set().union(*folders.values())
+        if sum(map(len, folders.values())) == len(present):  # no shard name twice: one run, wherever its files lie
+            runs = [(next(iter(folders)) if len(folders) == 1 else Path(), present)]
+        else:
+            runs = list(folders.items())
+        for folder, present in runs:
             missing += [Shard(i, count).path(folder / f"{stem}{suffix}") for i in range(count) if i not in present]
     return missing
 
