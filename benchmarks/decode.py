@@ -2,10 +2,11 @@
 
 The naive decoder decodes every frame to full-resolution RGB and keeps them all, then picks and resizes; its audio
 goes through the same path as decode_clip, so the ratio measures the streaming frame selection. With
---video-decoders cpu cuda, decode_clip runs once per video decoder; the CPU seconds per clip (this process, all its
-threads) say how many clips/s a machine's decoding workers can reach with each.
+--video-decoders cpu cuda nvcodec, decode_clip runs once per video decoder; the CPU seconds per clip (this process,
+all its threads) say how many clips/s a machine's decoding workers can reach with each, and nvcodec's line says how
+many clips it left to the CPU decoder (decode._nvcodec_frames) and whether its frames equal the CPU decoder's.
 
-    python benchmarks/decode.py [VIDEO_DIR] [--repeats N] [--video-decoders cpu cuda]
+    python benchmarks/decode.py [VIDEO_DIR] [--repeats N] [--video-decoders cpu cuda nvcodec] [--threads 8]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import av
 import cv2
 import numpy as np
 
+from bmfn_pipeline import nvcodec
 from bmfn_pipeline.decode import (FRAME_SIZE, VIDEO_DECODERS, _decode_audio, _open, decode_clip, probe,
                                   segment_frame_indices, video_hwaccel)
 
@@ -58,7 +60,9 @@ def clips_per_second(decode, clips: list[Path], repeats: int) -> tuple[float, fl
 
 def decode_frames_only(path: Path, decoder: str, seconds: float = 10.0) -> int:
     """Frames decoded from the first `seconds` of the file, each left as the decoder gives it."""
-    frames = 0
+    frames, device = 0, nvcodec.device_of(decoder)
+    if device is not None:  # the library's own decoder, kept per thread; every frame of the file
+        return sum(1 for _ in nvcodec.frames(str(path), device))
     with _open(path, video_hwaccel(decoder)) as container:
         stream = container.streams.video[0]
         stream.codec_context.thread_count = 1
@@ -80,6 +84,19 @@ def decoding_ceiling(decoder: str, clips: list[Path], threads: int, repeats: int
             f"frames/s, {(cpu_seconds() - cpu) / len(work):.3f} CPU s per file")
 
 
+def nvcodec_report(clips: list[Path], decoder: str) -> str:
+    """How many clips nvcodec decoded itself, and whether their frames are the CPU decoder's, with its notes."""
+    own, same, notes = 0, 0, []
+    for clip in clips:
+        gpu, cpu = decode_clip(clip, video_decoder=decoder), decode_clip(clip)
+        note = next((w for w in gpu.warnings if "not by nvcodec" in w), None)
+        own += note is None
+        same += np.array_equal(gpu.frames, cpu.frames)
+        notes += [note] if note else []
+    return f"nvcodec decoded {own} of {len(clips)} clips; frames equal to the CPU decoder's in {same}" + "".join(
+        f"\n    {note}" for note in notes)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("video_dir", nargs="?", type=Path, default=DEFAULT_DIR)
@@ -97,6 +114,8 @@ def main() -> None:
         fast, fast_cpu = clips_per_second(decode, clips, args.repeats)
         print(f"  decode_clip, {decoder} video decoder: {fast:.2f} clips/s ({fast / naive:.2f}x), "
               f"{fast_cpu:.2f} CPU s per clip ({naive_cpu / fast_cpu:.2f}x less)")
+        if decoder.startswith("nvcodec"):
+            print("   ", nvcodec_report(clips, decoder))
     for decoder in args.video_decoders if args.threads else []:
         print(decoding_ceiling(decoder, clips, args.threads, max(args.repeats, 3)))
 

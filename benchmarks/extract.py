@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--frames-per-second", type=int, default=16)
     parser.add_argument("--workers", type=int, default=None, help="default: as `bmfn extract` chooses")
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
-    parser.add_argument("--video-decoder", default="cpu", choices=["cpu", "cuda"],
+    parser.add_argument("--video-decoder", default="cpu", choices=["cpu", "cuda", "nvcodec"],
                         help="as `bmfn extract --video-decoder`; decoding alone is timed with the CPU decoder too")
     parser.add_argument("--repeat-clips", type=int, default=1, help="process the clip list this many times")
     parser.add_argument("--skip-visual", action="store_true")

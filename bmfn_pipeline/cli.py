@@ -248,9 +248,11 @@ def probe(files, as_json, frames_per_second) -> None:
               help="Decoding processes running beside the networks (0: decode in the main process). Default: "
                    "1 on CPU; on a GPU one per core but one (under torchrun, per rank: its share of the cores less "
                    "one).")
-@click.option("--video-decoder", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where video is decoded: cpu (FFmpeg) or cuda (the GPU's NVDEC, through PyAV; the same frames "
-                   "for 8-bit 4:2:0 video).")
+@click.option("--video-decoder", type=click.Choice(["cpu", "cuda", "nvcodec"]), default="cpu", show_default=True,
+              help="Where video is decoded: cpu (FFmpeg), cuda (the GPU's NVDEC, through PyAV; the same frames "
+                   "for 8-bit 4:2:0 video) or nvcodec (NVDEC through NVIDIA's PyNvVideoCodec, pip install "
+                   "'bmfn[nvcodec]'; experimental: files whose frames it cannot be shown to decode as the CPU does "
+                   "are decoded on the CPU, with a note).")
 @click.option("--shard", metavar="I/N",
               help="Extract only shard I of N (0-based, by a hash of the clip id) into OUT's shard file "
                    "(feats.shard-0000I-of-0000N.h5); join the shards with `bmfn merge`. Under torchrun the ranks "

@@ -29,7 +29,9 @@ per stream, so a sound that stops before its video looks like a cut one there).
 Video on a GPU (video_decoder="cuda"): NVDEC decodes through PyAV's CUDA hwaccel and keeps the frames on the GPU;
 only the sampled ones are copied back, rearranged from NV12 into the CPU decoders' yuv420p layout and converted as
 theirs are. Video decoding is exact (the codecs specify every output bit), so the frames are the same, and the CPU
-is left with demuxing, the sampled frames and the audio.
+is left with demuxing, the sampled frames and the audio. video_decoder="nvcodec" decodes on NVDEC through NVIDIA's
+own binding instead (nvcodec.py: a decoder kept across files), where _nvcodec_frames can show that its frames are
+the CPU decoder's, and on the CPU elsewhere.
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ from av.codec.hwaccel import HWAccel
 from threadpoolctl import threadpool_limits
 
 from .ave import SEGMENTS
+from . import nvcodec
 from .errors import BmfnError
+from .nvcodec import NVDEC_LIBRARY
 from .resample import resample
 
 _T = TypeVar("_T")
@@ -101,11 +105,12 @@ MAX_WORKER_DEATHS = 3  # pools in a row whose worker died before any clip decode
 SHARED_MEMORY_DIR = "/dev/shm"
 SHARED_MEMORY_MARGIN = 2
 _SHARE_FRAMES = False
-# Where video frames are decoded: "cpu" (FFmpeg's decoders) or "cuda[:N]" (NVDEC, through PyAV's CUDA hwaccel).
-VIDEO_DECODERS = ("cpu", "cuda")
-NVDEC_LIBRARY = "libnvcuvid.so.1"  # the driver's decoding library, which FFmpeg loads when it opens a decoder
+# Where video frames are decoded: "cpu" (FFmpeg's decoders), "cuda[:N]" (NVDEC, through PyAV's CUDA hwaccel) or
+# "nvcodec[:N]" (NVDEC, through PyNvVideoCodec: nvcodec.py).
+VIDEO_DECODERS = ("cpu", "cuda", "nvcodec")
 # Per GPU, the decoding settings and the CUDA device context this process keeps (video_hwaccel).
 _HELD_DECODER_DEVICES: dict[int, tuple[HWAccel, HWAccel]] = {}
+FIELD_ORDER_PROGRESSIVE = 1  # FFmpeg's AV_FIELD_PROGRESSIVE; 0 is unknown, above are the interlaced orders
 PR_SET_PDEATHSIG = 1  # Linux prctl option: a signal for this process when its parent dies (linux/prctl.h)
 
 
@@ -277,6 +282,8 @@ def decode_clip(path: str | os.PathLike, *, seconds: int = SEGMENTS, frames_per_
     wall_clock=True always picks them by time and says nothing of the video going on past the window (for
     windows of a longer video, whose frame times must not drift from the audio's).
     video_decoder="cuda[:N]" decodes the video on that GPU's NVDEC (video_hwaccel); the frames are the same.
+    video_decoder="nvcodec[:N]" decodes it there through PyNvVideoCodec where its frames are known to be the CPU
+    decoder's (_nvcodec_frames), else on the CPU with a note in the warnings.
     Raises BmfnError for a file that cannot be used; with allow_silent=True a file without audio gives silence.
     """
     hwaccel = video_hwaccel(video_decoder)
@@ -287,7 +294,7 @@ def decode_clip(path: str | os.PathLike, *, seconds: int = SEGMENTS, frames_per_
                             "(from Python, allow_silent=True reads it as silence)")
         warnings = _header_warnings(info, window_chosen=wall_clock)
         if info.audio_index is None:
-            frames = _decode_frames(path, container, info, frames_per_second, warnings)
+            frames = _decode_frames(path, container, info, frames_per_second, warnings, video_decoder)
             audio = np.zeros(seconds * SAMPLE_RATE, np.float32)
             warnings.append(f"{path}: no audio stream, using silence")
         else:
@@ -295,7 +302,7 @@ def decode_clip(path: str | os.PathLike, *, seconds: int = SEGMENTS, frames_per_
             audio_warnings: list[str] = []
             with ThreadPoolExecutor(max_workers=1) as pool:
                 audio_future = pool.submit(_decode_audio_file, path, info, audio_warnings)
-                frames = _decode_frames(path, container, info, frames_per_second, warnings)
+                frames = _decode_frames(path, container, info, frames_per_second, warnings, video_decoder)
                 audio = audio_future.result()
             warnings += audio_warnings
     return DecodedClip(frames=frames, audio=audio, info=info, warnings=warnings)
@@ -317,12 +324,17 @@ def video_hwaccel(video_decoder: str) -> HWAccel | None:
     first NVDEC decode), FFmpeg refuses it, and the files are decoded in a context of FFmpeg's own instead, made
     per file. Raises BmfnError where NVDEC cannot be used: no NVIDIA driver or GPU, an FFmpeg without CUDA, or no
     NVDEC library (a container without the driver's video capability), where FFmpeg would quietly decode every
-    file on the CPU instead."""
+    file on the CPU instead. For "nvcodec[:N]", whose frames come from another library, None after nvcodec.check's
+    test of that library."""
     if video_decoder == "cpu":
+        return None
+    nvcodec_device = nvcodec.device_of(video_decoder)
+    if nvcodec_device is not None:
+        nvcodec.check(nvcodec_device)
         return None
     kind, _, index = video_decoder.partition(":")
     if kind != "cuda" or not (index == "" or index.isdigit()):
-        raise BmfnError(f"video decoder {video_decoder!r}: choose one of cpu, cuda or cuda:N")
+        raise BmfnError(f"video decoder {video_decoder!r}: choose one of cpu, cuda, cuda:N, nvcodec or nvcodec:N")
     device = int(index or 0)
     if device not in _HELD_DECODER_DEVICES:
         accel = HWAccel("cuda", device=str(device), allow_software_fallback=True, is_hw_owned=True)
@@ -509,11 +521,16 @@ def decode_or_error(path: Path, seconds: int, frames_per_second: int,
         return f"{path}: cannot decode ({type(exc).__name__}: {exc})"
 
 
-def _init_worker(threads: int, share_frames: bool) -> None:
+def _init_worker(threads: int, share_frames: bool, video_decoder: str = "cpu") -> None:
     """Worker initialiser: FFmpeg, OpenCV and numpy's BLAS (the resampling products) would each start a thread per
-    core in every worker; idle BLAS threads spin, which cost 15-25 % of the clips/s of 2 workers on 2 cores."""
+    core in every worker; idle BLAS threads spin, which cost 15-25 % of the clips/s of 2 workers on 2 cores.
+    `video_decoder` is the one decode_many checked in the parent."""
     global DECODER_THREADS, _SHARE_FRAMES
     _die_with_parent()
+    nvcodec_device = nvcodec.device_of(video_decoder)
+    if nvcodec_device is not None:
+        nvcodec.passed(nvcodec_device)
+    os.dup2(2, 1)  # a worker writes nothing to standard output; what libraries print there (nvcodec's) is not data
     DECODER_THREADS, _SHARE_FRAMES = threads, share_frames
     cv2.setNumThreads(1)
     threadpool_limits(threads)
@@ -558,7 +575,8 @@ def decode_many(
     todo, suspects, deaths = deque(paths), 0, 0
     while todo:
         done, suspects = yield from _decode_in_pool(todo, suspects, (seconds, frames_per_second, prepare,
-                                                                     video_decoder), workers, (threads, share))
+                                                                     video_decoder), workers,
+                                                   (threads, share, video_decoder))
         deaths = 0 if done else deaths + 1
         if deaths >= MAX_WORKER_DEATHS and todo:
             raise BmfnError(f"decoding workers died {deaths} times in a row without decoding a clip; "
@@ -740,7 +758,8 @@ def _header_warnings(info: ClipInfo, window_chosen: bool = False) -> list[str]:
     return warnings
 
 
-def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warnings: list[str]) -> np.ndarray:
+def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warnings: list[str],
+                   video_decoder: str = "cpu") -> np.ndarray:
     """Stream the video once; convert and resize only the sampled frames. Indices past the end reuse the last frame."""
     stream = next(s for s in container.streams.video if s.index == info.video_index)
     stream.codec_context.thread_type = "AUTO"
@@ -751,6 +770,13 @@ def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warn
             positions.setdefault(index, []).append((segment, sample))
     wanted_max = max(positions)
     out = np.zeros((info.seconds, frames_per_second, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
+    nvcodec_device = nvcodec.device_of(video_decoder)
+    if nvcodec_device is not None:
+        refusal = _nvcodec_frames(path, stream, info, positions, out, nvcodec_device)
+        if refusal is None:
+            out[info.segments:] = out[info.segments - 1, -1]
+            return out
+        warnings.append(f"{path}: video decoded on the CPU, not by nvcodec: {refusal}")
     index, previous, first = _seek_index(container, stream, info), None, None
     try:
         for frame in container.decode(stream):
@@ -795,6 +821,96 @@ def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warn
                 out[segment, sample] = last
     out[info.segments:] = out[info.segments - 1, -1]
     return out
+
+
+def _nvcodec_frames(path, stream, info: ClipInfo, positions: dict[int, list[tuple[int, int]]], out: np.ndarray,
+                    device: int) -> str | None:
+    """Fill `out` with the sampled frames as NVDEC decodes them through nvcodec.py: None when done, else why the CPU
+    decoder must decode this file (what was filled is then overwritten).
+
+    NVDEC's frames stand for the CPU decoder's only where both are known to give the same frames in the same order:
+    an MP4 or MOV file (the library counts frames from its header; Matroska's has no count) whose only video stream
+    is in a codec both decode exactly (nvcodec.EXACT_CODECS), as progressive 8-bit 4:2:0 pictures of even size,
+    read from its start, with a frame at every wanted index before its end. And on every file, each frame's
+    presentation time must be the one the CPU decoder gives it (the packets' times in order, from its first
+    frame's on) and the first frame must equal the CPU decoder's in every plane (the same crop, the same pixels).
+    The rest of a short or late video (its last frame repeated, its first shown early) is the CPU path's."""
+    codec, starts_at = stream.codec_context, round(Fraction(info.video_start_s) * info.frame_rate)
+    refusal = (f"a {info.container.split(',')[0]} file, not MP4 or MOV" if not info.container.startswith("mov,mp4")
+               else f"{codec.name} video (NVDEC matches FFmpeg on {', '.join(sorted(nvcodec.EXACT_CODECS))})"
+               if codec.name not in nvcodec.EXACT_CODECS else
+               f"{codec.format.name if codec.format else 'unknown'} pixels, not yuv420p"
+               if codec.format is None or codec.format.name != "yuv420p" else
+               "interlaced video" if codec.field_order > FIELD_ORDER_PROGRESSIVE else
+               f"an odd size, {info.width}x{info.height}" if info.width % 2 or info.height % 2 else
+               "a window after the file's start" if info.start_s else
+               f"{info.video_streams} video streams" if info.video_streams > 1 else
+               "the video starts after the sound" if min(positions) < starts_at else
+               f"PyNvVideoCodec failed on the last {nvcodec.MAX_FAILURES} files" if not nvcodec.usable() else None)
+    if refusal:
+        return refusal
+    try:
+        with _open(path) as container:
+            like, times = _cpu_display_times(container, info.video_index)
+    except (av.error.FFmpegError, BmfnError):
+        return "its packets cannot be read ahead"  # the CPU path says why, or reads what it can
+    if like is None or times is None:
+        return "its packets' times are unknown" if like is not None else "no frame decodes"
+    if like.interlaced_frame:
+        return "interlaced video"
+    pending, index, count = dict(positions), starts_at - 1, 0
+    decoded = nvcodec.frames(str(path), device)
+    try:
+        while pending:
+            try:  # the library's part: its errors are RuntimeErrors of many texts
+                pts, frame = next(decoded, (None, None))
+                planes = nvcodec.host_planes(frame) if frame is not None and (not count or index + 1 in pending) \
+                    else None
+            except Exception as exc:
+                nvcodec.record(False)
+                return f"PyNvVideoCodec failed ({type(exc).__name__}: {(str(exc).strip() or '?').splitlines()[0]})"
+            if frame is None:
+                break
+            if count >= len(times) or pts != times[count]:
+                return (f"NVDEC's frame {count} is at {pts}, the CPU decoder's at "
+                        f"{times[count] if count < len(times) else 'none'} (in the stream's time base)")
+            if not count and (planes.shape != (like.height * 3 // 2, like.width) or not np.array_equal(
+                    planar_from_nv12(planes, like.height, like.width), like.to_ndarray())):
+                return f"NVDEC's first frame ({planes.shape[1]}x{planes.shape[0] * 2 // 3}) is not the CPU decoder's"
+            index, count = index + 1, count + 1
+            spots = pending.pop(index, None)
+            if spots:
+                image = _resize(yuv420p_from_nv12(planes, like), shown_as=like)
+                for segment, sample in spots:
+                    out[segment, sample] = image
+    finally:
+        decoded.close()
+    nvcodec.record(True)
+    if pending:
+        return f"frame {max(pending)} is wanted and NVDEC decodes {index + 1}"
+    return None
+
+
+def _cpu_display_times(container, stream_index: int) -> tuple[av.VideoFrame | None, list[int] | None]:
+    """The CPU decoder's first frame and, from the packets, the presentation times of the frames it gives in order:
+    those of the packets it does not discard, sorted, from the first frame's on (frames before it, such as an open
+    GOP's leading pictures, it drops). None for the times where a packet's is unknown."""
+    stream = next(s for s in container.streams.video if s.index == stream_index)
+    first, times, known = None, [], True
+    for packet in container.demux(stream):
+        if packet.size == 0:  # the flush packet at the end
+            continue
+        if packet.pts is None:
+            known = False
+        elif not packet.is_discard:
+            times.append(packet.pts)
+        if first is None:
+            first = next(iter(packet.decode()), None)
+    if first is None:
+        first = next(iter(stream.decode(None)), None)
+    if first is None or first.pts is None or not known:
+        return first, None
+    return first, sorted(t for t in times if t >= first.pts)
 
 
 def _designed_end(path, container, stream_index: int) -> Fraction | None:
@@ -959,12 +1075,14 @@ def _frame_index(frame: av.VideoFrame, stream, info: ClipInfo) -> int:
     return round(seconds * info.frame_rate)
 
 
-def _resize(frame: av.VideoFrame) -> np.ndarray:
-    """features-reference.md 1.2: the uint8 RGB frame, OpenCV INTER_LINEAR to 224x224, no crop, shown upright.
+def _resize(frame: av.VideoFrame, shown_as: av.VideoFrame | None = None) -> np.ndarray:
+    """features-reference.md 1.2: the uint8 RGB frame, OpenCV INTER_LINEAR to 224x224, no crop, shown upright (as
+    `shown_as` says, for a frame rebuilt from another decoder's pixels).
 
     One swscale thread: PyAV otherwise starts a thread per core for every frame it converts, which costs more CPU
     than the conversion itself (0.5 vs 0.08 core-s per 720p clip), with the same pixels."""
-    return _upright(frame, cv2.resize(_rgb(frame), (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_LINEAR))
+    image = cv2.resize(_rgb(frame), (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_LINEAR)
+    return _upright(frame if shown_as is None else shown_as, image)
 
 
 def _rgb(frame: av.VideoFrame) -> np.ndarray:
@@ -979,12 +1097,16 @@ def yuv420p_from_nv12(planes: np.ndarray, like: av.VideoFrame) -> av.VideoFrame:
     """NV12 planes [H*3/2, W] (NVDEC's output: U and V interleaved) as the yuv420p frame FFmpeg's CPU decoders give,
     with `like`'s colour tags. swscale converts the two layouts to RGB differently (from NV12 it interpolates
     chroma: up to 25 levels apart on AVE clips), and the same from this rearrangement: the features stay the same."""
-    height, width = like.height, like.width
-    chroma = planes[height:].reshape(height // 2, width // 2, 2)
-    planar = np.concatenate([planes[:height].reshape(-1), chroma[..., 0].reshape(-1), chroma[..., 1].reshape(-1)])
-    frame = av.VideoFrame.from_ndarray(planar.reshape(height * 3 // 2, width), format="yuv420p")
+    frame = av.VideoFrame.from_ndarray(planar_from_nv12(planes, like.height, like.width), format="yuv420p")
     frame.colorspace, frame.color_range = like.colorspace, like.color_range
     return frame
+
+
+def planar_from_nv12(planes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """NV12 planes [H*3/2, W] as yuv420p's [H*3/2, W] (PyAV's array of a yuv420p frame): Y, then U, then V."""
+    chroma = planes[height:].reshape(height // 2, width // 2, 2)
+    planar = np.concatenate([planes[:height].reshape(-1), chroma[..., 0].reshape(-1), chroma[..., 1].reshape(-1)])
+    return planar.reshape(height * 3 // 2, width)
 
 
 # What FFmpeg's autorotate inserts to show a frame as its display matrix says, on an [H, W, 3] image.

@@ -53,7 +53,7 @@ class ExtractOptions:
     batch_size: int | None = None  # frames per VGG-19 forward; None: vgg19.default_batch_size of the device
     compile: bool = False  # torch.compile VGG-19: same features to float rounding, a little faster, slower start
     workers: int | None = None  # decoding processes; 0 decodes in the main process; None: decode_workers decides
-    video_decoder: str = "cpu"  # "cuda": NVDEC on the extraction GPU (decode.video_hwaccel); the same frames
+    video_decoder: str = "cpu"  # "cuda"/"nvcodec": NVDEC on the extraction GPU (decode module docstring); same frames
 
     def __post_init__(self) -> None:
         check_counts("ExtractOptions", frames_per_second=self.frames_per_second, seconds=self.seconds,
@@ -133,9 +133,10 @@ def decode_workers(requested: int | None, device: torch.device) -> int:
 
 
 def video_decoder_on(video_decoder: str, device: torch.device) -> str:
-    """decode.VIDEO_DECODERS' "cuda" as the GPU the networks run on (each torchrun rank decodes on its own)."""
-    if video_decoder == "cuda" and device.type == "cuda":
-        return f"cuda:{device.index or 0}"
+    """decode.VIDEO_DECODERS' "cuda" or "nvcodec" on the GPU the networks run on (each torchrun rank decodes on its
+    own)."""
+    if video_decoder in ("cuda", "nvcodec") and device.type == "cuda":
+        return f"{video_decoder}:{device.index or 0}"
     return video_decoder
 
 

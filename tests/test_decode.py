@@ -602,7 +602,7 @@ def test_gpu_video_decoding_without_nvdec_fails_once_in_one_line(video_dir):
     assert "\n" not in message and "NVDEC" in message and "--video-decoder cpu" in message
     with pytest.raises(BmfnError, match="NVDEC"):  # before any worker starts, not once per clip
         next(decode_many([clip, clip], frames_per_second=1, workers=2, video_decoder="cuda:1"))
-    with pytest.raises(BmfnError, match="choose one of cpu, cuda or cuda:N"):
+    with pytest.raises(BmfnError, match="choose one of cpu, cuda, cuda:N, nvcodec or nvcodec:N"):
         video_hwaccel("gpu")
     assert video_hwaccel("cpu") is None
 

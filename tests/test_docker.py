@@ -32,3 +32,5 @@ def test_dockerfile_runs_bmfn_with_a_cache_volume():
     # NVDEC's library is mounted only with the video capability (`--video-decoder cuda`)
     assert re.search(r"^\s*NVIDIA_DRIVER_CAPABILITIES=\S*\bvideo\b", text, re.M)
     assert (REPO / "docker" / "README.md").read_text().count("--gpus all") >= 1
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "nvcodec" in extras and re.search(r'pip install "\.\[nvcodec\]"', text)  # `--video-decoder nvcodec`
