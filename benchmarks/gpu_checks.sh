@@ -6,22 +6,38 @@
 #   bash benchmarks/gpu_checks.sh train    # ~5 min: a 200-epoch `bmfn train` timed whole, cold then with the
 #                                          # compile cache warm (goal: under 2 minutes)
 #
-# The lent machine has its own CUDA torch and no network; bmfn's other dependencies come from .whl/ (git-ignored),
-# filled here beforehand with wheels for the machine's Python (3.12 when last seen), for example:
-#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl \
-#       pynvvideocodec av h5py resampy==0.2.2 click opencv-python-headless threadpoolctl tqdm pytest
-# Only the modules the machine lacks are installed (into /tmp/site), so that its torch and numpy stay its own.
+# The lent machine has its own CUDA torch and numpy (Python 3.12 when last seen) and no network; bmfn's other
+# dependencies come from .whl/ (git-ignored), made here first with `bash benchmarks/gpu_checks.sh pack`: wheels for
+# Python 3.12, and PyNvVideoCodec unpacked without its samples (the carry limit is 64 MiB). On the machine only the
+# modules it lacks are installed (into /tmp/site), so that its torch and numpy stay its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = pack ]; then
+  pip=(.venv/bin/pip -q)
+  rm -rf .whl /tmp/bmfn-pynvc && mkdir -p .whl
+  "${pip[@]}" wheel --no-deps -w .whl resampy==0.2.2  # a source distribution only: built here
+  "${pip[@]}" download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl \
+    av h5py click threadpoolctl tqdm six pytest iniconfig pluggy packaging pygments
+  "${pip[@]}" download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+    -d /tmp/bmfn-pynvc pynvvideocodec
+  unzip -q /tmp/bmfn-pynvc/pynvvideocodec-*.whl 'PyNvVideoCodec/*' 'pynvvideocodec./*' -d .whl/pynvc
+  rm .whl/pynvc/PyNvVideoCodec/lib{avformat,avutil}.so{,.*.*.*}  # copies: the bindings load the .so.63/.so.61
+  du -sh .whl
+  exit
+fi
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+[ -e ../shared ] || [ ! -d shared ] || ln -s "$PWD/shared" ../shared  # the tests and benchmarks read ../shared
 declare -A package=([cv2]=opencv-python-headless [PyNvVideoCodec]=pynvvideocodec)
 missing=()
-for module in av h5py librosa resampy click cv2 threadpoolctl tqdm matplotlib pytest PyNvVideoCodec; do
+for module in av h5py resampy click cv2 threadpoolctl tqdm pytest PyNvVideoCodec; do
   python3 -c "import $module" 2>/dev/null || missing+=("${package[$module]:-$module}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing from .whl: ${missing[*]}"
-  python3 -m pip install -q --no-index --find-links .whl --target /tmp/site "${missing[@]}"
+  mkdir -p /tmp/site && cp -r .whl/pynvc/. /tmp/site/
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site \
+    $(for name in "${missing[@]}" iniconfig pluggy six packaging pygments; do ls .whl/"${name//-/_}"-*.whl .whl/"$name"-*.whl; done \
+      2>/dev/null | sort -u)
 fi
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader || true
@@ -43,7 +59,7 @@ train)
   done
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_checks.sh decode|train" >&2
+  echo "usage: bash benchmarks/gpu_checks.sh pack|decode|train" >&2
   exit 2
   ;;
 esac
