@@ -854,8 +854,8 @@ def _nvcodec_frames(path, stream, info: ClipInfo, positions: dict[int, list[tupl
             like, times = _cpu_display_times(container, info.video_index)
     except (av.error.FFmpegError, BmfnError):
         return "its packets cannot be read ahead"  # the CPU path says why, or reads what it can
-    if like is None or times is None:
-        return "its packets' times are unknown" if like is not None else "no frame decodes"
+    if isinstance(times, str):
+        return times
     if like.interlaced_frame:
         return "interlaced video"
     pending, index, count = dict(positions), starts_at - 1, 0
@@ -891,26 +891,30 @@ def _nvcodec_frames(path, stream, info: ClipInfo, positions: dict[int, list[tupl
     return None
 
 
-def _cpu_display_times(container, stream_index: int) -> tuple[av.VideoFrame | None, list[int] | None]:
+def _cpu_display_times(container, stream_index: int) -> tuple[av.VideoFrame | None, list[int] | str]:
     """The CPU decoder's first frame and, from the packets, the presentation times of the frames it gives in order:
     those of the packets it does not discard, sorted, from the first frame's on (frames before it, such as an open
-    GOP's leading pictures, it drops). None for the times where a packet's is unknown."""
+    GOP's leading pictures, it drops). Instead of the times, why they cannot stand for the CPU decoder's: a packet
+    without a time, or one of zeros, a damaged download's never-written stretch, which the CPU decoder refuses and
+    NVDEC might pass over."""
     stream = next(s for s in container.streams.video if s.index == stream_index)
-    first, times, known = None, [], True
+    first, times, problem = None, [], ""
     for packet in container.demux(stream):
         if packet.size == 0:  # the flush packet at the end
             continue
         if packet.pts is None:
-            known = False
+            problem = "its packets' times are unknown"
+        elif not np.frombuffer(packet, np.uint8).any():
+            problem = "a packet of zeros (a damaged download)"
         elif not packet.is_discard:
             times.append(packet.pts)
         if first is None:
             first = next(iter(packet.decode()), None)
     if first is None:
         first = next(iter(stream.decode(None)), None)
-    if first is None or first.pts is None or not known:
-        return first, None
-    return first, sorted(t for t in times if t >= first.pts)
+    if first is None or first.pts is None:
+        return first, "no frame decodes" if first is None else "its frames' times are unknown"
+    return first, problem or sorted(t for t in times if t >= first.pts)
 
 
 def _designed_end(path, container, stream_index: int) -> Fraction | None:

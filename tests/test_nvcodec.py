@@ -142,6 +142,32 @@ def test_files_it_cannot_match_are_not_asked_of_it(video_dir, standin, tmp_path)
     assert standin() == []
 
 
+def damaged_copy(source: Path, path: Path, payload: str) -> Path:
+    """`source` with one video packet in its middle overwritten: with zeros (a download's never-written stretch),
+    or after its first NAL unit's length with random bytes. The CPU decoder refuses either (checked here)."""
+    with av.open(str(source)) as container:
+        packets = [(p.pos, p.size) for p in container.demux(container.streams.video[0]) if p.size]
+    pos, size = packets[len(packets) // 2]
+    data = bytearray(source.read_bytes())
+    if payload == "zeros":
+        data[pos:pos + size] = bytes(size)
+    else:
+        data[pos + 4:pos + size] = np.random.default_rng(0).integers(0, 256, size - 4, np.uint8).tobytes()
+    path.write_bytes(data)
+    with pytest.raises(BmfnError, match="corrupt or truncated video"):
+        decode_clip(path, frames_per_second=1)
+    return path
+
+
+def test_a_packet_of_zeros_is_left_to_the_cpu_decoder_which_refuses_it(video_dir, standin, tmp_path):
+    """A damaged download: NVDEC might decode around a never-written stretch that the CPU decoder refuses, so such a
+    file is not asked of the library, and it is refused as it is on the CPU."""
+    path = damaged_copy(video_dir / AVE_CLIP, tmp_path / "damaged.mp4", "zeros")
+    with pytest.raises(BmfnError, match="corrupt or truncated video"):
+        decode_clip(path, frames_per_second=1, video_decoder="nvcodec")
+    assert standin() == []
+
+
 def test_a_thread_stops_asking_after_failures_in_a_row(video_dir, standin, monkeypatch):
     """The library failing on MAX_FAILURES files in a row: a broken GPU or driver, not asked again by this thread.
     Files whose frames merely differ from the CPU decoder's are not failures."""
@@ -223,3 +249,12 @@ def test_the_library_on_a_gpu_gives_the_cpu_decoders_frames(video_dir, monkeypat
     assert asked and not nvcodec_notes(gpu), nvcodec_notes(gpu)
     np.testing.assert_array_equal(gpu.frames, cpu.frames)
     assert capfd.readouterr().out == ""
+
+
+@pytest.mark.skipif(real_library_problem() is not None, reason=str(real_library_problem()))
+def test_a_damaged_stream_the_cpu_decoder_refuses_is_refused_on_the_gpu_too(video_dir, tmp_path):
+    """Random bytes in one packet: the CPU decoder stops at it; NVDEC, which conceals errors, must not yield
+    features for the file instead (a frame out of time, or the library's error, hands it to the CPU decoder)."""
+    path = damaged_copy(video_dir / AVE_CLIP, tmp_path / "damaged.mp4", "random")
+    with pytest.raises(BmfnError, match="corrupt or truncated video"):
+        decode_clip(path, frames_per_second=1, video_decoder="nvcodec")
