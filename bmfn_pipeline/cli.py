@@ -251,7 +251,7 @@ def probe(files, as_json, frames_per_second) -> None:
 @click.option("--video-decoder", type=click.Choice(["cpu", "cuda", "nvcodec"]), default="cpu", show_default=True,
               help="Where video is decoded: cpu (FFmpeg), cuda (the GPU's NVDEC, through PyAV; the same frames "
                    "for 8-bit 4:2:0 video) or nvcodec (NVDEC through NVIDIA's PyNvVideoCodec, pip install "
-                   "'bmfn[nvcodec]'; experimental: files whose frames it cannot be shown to decode as the CPU does "
+                   "pynvvideocodec; experimental: files whose frames it cannot be shown to decode as the CPU does "
                    "are decoded on the CPU, with a note).")
 @click.option("--shard", metavar="I/N",
               help="Extract only shard I of N (0-based, by a hash of the clip id) into OUT's shard file "

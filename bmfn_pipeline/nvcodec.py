@@ -74,7 +74,7 @@ def _problem(device: int) -> str | None:
     try:
         _library()
     except ImportError:
-        return f"{PACKAGE} is not installed: pip install 'bmfn[nvcodec]'"
+        return f"{PACKAGE} is not installed: pip install pynvvideocodec"  # bmfn's extra needs bmfn's own checkout
     except Exception as exc:  # the library's RuntimeError where the driver has no video codecs
         return f"{PACKAGE}: {(str(exc).strip() or type(exc).__name__).splitlines()[0]}"
     try:

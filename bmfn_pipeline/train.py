@@ -117,8 +117,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_counts("TrainConfig", epochs=self.epochs, batch_size=self.batch_size,
                      eval_batch_size=self.eval_batch_size, seeds=self.seeds)
-        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, Real) or self.lr <= 0):
-            raise BmfnError(f"TrainConfig: lr={self.lr!r}, expected a number above 0")
+        for name in ("lr", "gamma", "clip"):  # NaN and infinity pass a comparison with 0, and ruin every weight
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, Real) or not value > 0
+                                      or not math.isfinite(value)):
+                raise BmfnError(f"TrainConfig: {name}={value!r}, expected a finite number above 0")
         if self.milestones is not None:
             if isinstance(self.milestones, str) or not all(isinstance(m, Integral) and m >= 1 for m in self.milestones):
                 raise BmfnError(f"TrainConfig: milestones={self.milestones!r}, expected epochs such as (10, 20, 30)")
@@ -291,7 +294,12 @@ def _train(config: TrainConfig, data: FeatureData | None, log) -> TrainResult:
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[BMFN, dict]:
     """A checkpoint's model in eval mode and its metadata (config, classes, provenance, data, epoch, metrics); a run
     folder means its selected checkpoint, as for the commands."""
-    state = _load_state(resolve_checkpoint(path), device, mmap=True)  # not last.pt's optimizer state
+    path = resolve_checkpoint(path)
+    state = _load_state(path, device, mmap=True)  # not last.pt's optimizer state
+    weights = [v for v in state["model_state"].values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if bad := sum(int(v.numel() - torch.isfinite(v).sum()) for v in weights):  # a diverged run's: every output NaN
+        raise BmfnError(f"{path}: {bad} of its weights are not finite (NaN or infinity); the training that wrote it "
+                        "diverged: use an earlier checkpoint")
     model = uninitialised(lambda: BMFN(BMFNConfig(**state["model_config"])))
     model.load_state_dict(state["model_state"])  # also checkpoints of bmfn before grouping
     model.to(device).eval()
@@ -449,11 +457,12 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
             if totals["bad_step"]:
                 if main:
                     _plot_curves(history, run_dir / CURVES, log)
-                kept = (f"{run_dir / LAST} (epoch {saver.saved_epoch})" if saver.saved_epoch
-                        else "none (no epoch saved)")
+                kept = [f"{LAST} (epoch {saver.saved_epoch})"] * bool(saver.saved_epoch) + [
+                    f"{BEST} (epoch {best['epoch']}, the best so far)"] * bool(best["epoch"] and main)
                 raise BmfnError(f"{run_dir}: the loss became {totals['bad_loss']} at epoch {epoch}, batch "
-                                f"{int(totals['bad_step'])}; training stopped. Last good checkpoint: {kept}. "
-                                "Try a lower --lr or --clip, or float32")
+                                f"{int(totals['bad_step'])}; training stopped. Kept: {', '.join(kept) or 'nothing'}. "
+                                "Try a lower --lr or --clip" + (", or --precision float32"
+                                                                if config.precision != "float32" else ""))
             loss_sum, correct, clips, segments = all_sum(sums.values[:4]).tolist()
             # None, not NaN, for a split without clips: metrics.jsonl stays strict JSON
             accs = {split: segment_accuracy(*predict_rows(model, data.clips, data.splits[split], device,

@@ -221,7 +221,7 @@ def test_cli_without_the_library_says_how_to_get_it(video_dir, tmp_path):
     assert done.returncode != 0 and not list(tmp_path.glob("feats*"))
     error = done.stderr.strip().splitlines()[-1]  # after the line saying the weights are random
     assert error.startswith("bmfn: error: GPU video decoding (nvcodec) on cuda:0 is not available here (PyNvVideoCodec "
-                            "is not installed: pip install 'bmfn[nvcodec]')") and "Traceback" not in done.stderr
+                            "is not installed: pip install pynvvideocodec)") and "Traceback" not in done.stderr
 
 
 def real_library_problem() -> str | None:

@@ -298,6 +298,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
                           checkpoint_every=0, **FAST), log=quiet)
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+    calls.clear()  # before its first last.pt (written every hour), a float32 run: best.pt is what is kept
+    with pytest.raises(BmfnError) as stopped:
+        train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(tmp_path / "run2"), epochs=3,
+                          checkpoint_every=3600, precision="float32", **FAST), log=quiet)
+    assert str(stopped.value).endswith("training stopped. Kept: best.pt (epoch 1, the best so far). Try a lower --lr "
+                                       "or --clip")
+    assert torch.load(tmp_path / "run2" / "best.pt", weights_only=True)["epoch"] == 1
+    assert not (tmp_path / "run2" / "last.pt").exists()
+    load_checkpoint(tmp_path / "run2")
+    diverged = torch.load(tmp_path / "run2" / "best.pt", weights_only=True)  # as a run at an infinite lr wrote it
+    next(iter(diverged["model_state"].values())).view(-1)[0] = float("nan")
+    torch.save(diverged, tmp_path / "diverged.pt")
+    with pytest.raises(BmfnError, match=r"diverged.pt: 1 of its weights are not finite \(NaN or infinity\)"):
+        load_checkpoint(tmp_path / "diverged.pt")
 
 
 def test_checkpoints_are_written_at_intervals_and_best_is_the_selected_epoch(tmp_path, monkeypatch):
@@ -325,7 +339,11 @@ def test_checkpoints_are_written_at_intervals_and_best_is_the_selected_epoch(tmp
     ({"epochs": 0}, "epochs=0, expected a whole number"),  # a run of no epoch and no checkpoint
     ({"batch_size": 0}, "batch_size=0, expected"),
     ({"seeds": 0}, "seeds=0, expected"),
-    ({"lr": -1.0}, "lr=-1.0, expected a number above 0"),
+    ({"lr": -1.0}, "lr=-1.0, expected a finite number above 0"),
+    ({"lr": float("nan")}, "lr=nan, expected a finite number above 0"),  # every weight NaN after the first step
+    ({"lr": float("inf")}, "lr=inf, expected a finite number above 0"),
+    ({"clip": -1.0}, "clip=-1.0, expected a finite number above 0"),
+    ({"gamma": float("nan")}, "gamma=nan, expected a finite number above 0"),
     ({"milestones": "5,10"}, "milestones='5,10', expected epochs such as"),
 ])
 def test_train_settings_from_python_are_checked_as_the_cli_checks_them(setting, message):
