@@ -383,7 +383,8 @@ def _milestones(ctx, param, value):
               help="torch.compile the network (full batches): a graphed bf16 step takes 4.0 ms on an H100; the "
                    "first epoch takes ~56 s there, ~7 s once the kernels are in bmfn's cache.")
 @click.option("--checkpoint-every", type=click.FloatRange(0),
-              help="Seconds between writes of last.pt and best.pt (also at the end). Default 60; 0: every epoch; "
+              help="Seconds between writes of last.pt and best.pt (also after the first epoch and at the end). "
+                   "Default 60; 0: every epoch; "
                    "a resumed run keeps its own.")
 @click.option("--select-on-test", is_flag=True,
               help="The official protocol: keep the epoch with the best TEST accuracy (optimistic). "

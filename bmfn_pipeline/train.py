@@ -2,9 +2,9 @@
 
 A run directory holds `run.json` (the resolved configuration), `command.txt`, `metrics.jsonl` (one line per
 epoch), `curves.png`, `best.pt` (selected epoch) and `last.pt` (latest saved epoch plus optimiser, scheduler and RNG
-state, so `--resume` continues bit for bit on the same device). Both are written at most every
-`checkpoint_every` seconds and at the end: on a GPU an AVE epoch takes well under a second and a 320 MB last.pt
-per epoch would cost more than the training; the selected epoch's weights wait in memory until then. With
+state, so `--resume` continues bit for bit on the same device). Both are written after the first epoch, then at
+most every `checkpoint_every` seconds and at the end: on a GPU an AVE epoch takes well under a second and a 320 MB
+last.pt per epoch would cost more than the training; the selected epoch's weights wait in memory until then. With
 several seeds each has its own `seed-<n>/` folder and `summary.json` gives mean and standard deviation (its paths
 relative to the run folder). `--resume` goes on with run.json's settings; epochs, precision, CUDA graphs or the
 checkpoint interval given anew are written to it, for the next resume.
@@ -533,8 +533,10 @@ class EpochSums:
 
 
 class _Saver:
-    """Writes last.pt at most every `every` seconds (and at the end) and best.pt along with it; the newest
-    selected epoch's checkpoint waits in memory, its weights as a copy on the training device."""
+    """Writes last.pt after the run's first epoch, then at most every `every` seconds and at the end, and best.pt
+    along with it; the newest selected epoch's checkpoint waits in memory, its weights as a copy on the training
+    device. The first write makes a run stopped early resumable: without a last.pt, --resume starts from epoch 1,
+    and the new run's best.pt would replace the stopped run's."""
 
     def __init__(self, run_dir: Path, every: float, enabled: bool) -> None:
         self.run_dir, self.every, self.enabled = run_dir, every, enabled
@@ -551,7 +553,7 @@ class _Saver:
             self.best = None
 
     def maybe_save(self, epoch: int, state, final: bool) -> None:
-        if not self.enabled or not (final or time.monotonic() - self.last_time >= self.every):
+        if not self.enabled or not (final or not self.saved_epoch or time.monotonic() - self.last_time >= self.every):
             return
         self.flush_best()  # before last.pt: a resumed run never names a best epoch that has no best.pt
         _save(_on_cpu(state()), self.run_dir / LAST)

@@ -290,7 +290,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     def failing(output, labels):
         calls.append(1)
         loss = original(output, labels)
-        return loss * float("nan") if len(calls) > 1 else loss  # 8 training clips: one batch per epoch
+        return loss * float("nan") if len(calls) > nan_after else loss  # 8 training clips: one batch per epoch
+
+    nan_after = 1
 
     monkeypatch.setattr(train_module, "fully_supervised_loss", failing)
     with pytest.raises(BmfnError, match=r"loss became nan at epoch 2, batch 1.*last\.pt \(epoch 1\)"):
@@ -298,14 +300,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
                           checkpoint_every=0, **FAST), log=quiet)
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
-    calls.clear()  # before its first last.pt (written every hour), a float32 run: best.pt is what is kept
+    # last.pt written after epoch 1 only (then every hour), epoch 2 the best on val, NaN in epoch 3 of a float32 run
+    calls.clear()
+    nan_after = 2
+    accuracies = [50.0, 50.0, 55.0, 55.0]  # (val, test) per epoch
+    monkeypatch.setattr(train_module, "segment_accuracy", lambda pred, target: accuracies.pop(0))
     with pytest.raises(BmfnError) as stopped:
-        train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(tmp_path / "run2"), epochs=3,
+        train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(tmp_path / "run2"), epochs=4,
                           checkpoint_every=3600, precision="float32", **FAST), log=quiet)
-    assert str(stopped.value).endswith("training stopped. Kept: best.pt (epoch 1, the best so far). Try a lower --lr "
-                                       "or --clip")
-    assert torch.load(tmp_path / "run2" / "best.pt", weights_only=True)["epoch"] == 1
-    assert not (tmp_path / "run2" / "last.pt").exists()
+    assert str(stopped.value).endswith("training stopped. Kept: last.pt (epoch 1), best.pt (epoch 2, the best so "
+                                       "far). Try a lower --lr or --clip")
+    assert torch.load(tmp_path / "run2" / "best.pt", weights_only=True)["epoch"] == 2
+    assert torch.load(tmp_path / "run2" / "last.pt", weights_only=True)["epoch"] == 1
     load_checkpoint(tmp_path / "run2")
     diverged = torch.load(tmp_path / "run2" / "best.pt", weights_only=True)  # as a run at an infinite lr wrote it
     next(iter(diverged["model_state"].values())).view(-1)[0] = float("nan")
@@ -315,7 +321,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 
 def test_checkpoints_are_written_at_intervals_and_best_is_the_selected_epoch(tmp_path, monkeypatch):
-    """With a long interval, last.pt is written only at the end, yet best.pt holds the selected epoch's weights."""
+    """With a long interval, last.pt is written only after the first epoch (a run stopped early can resume) and at
+    the end, yet best.pt holds the selected epoch's weights."""
     directory = make_ave_dir(tmp_path / "ave", n_clips=24)
     saved = []
     original = train_module._save
@@ -327,7 +334,7 @@ def test_checkpoints_are_written_at_intervals_and_best_is_the_selected_epoch(tmp
     result = train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(tmp_path / "run"), epochs=4,
                                checkpoint_every=3600, **FAST), log=quiet)
     assert result.runs[0].best_epoch == 2
-    assert saved == [("best.pt", 2), ("last.pt", 4)]
+    assert saved == [("best.pt", 1), ("last.pt", 1), ("best.pt", 2), ("last.pt", 4)]
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert best["epoch"] == 2 and best["metrics"]["val_acc"] == 55.0 and last["best"]["epoch"] == 2
