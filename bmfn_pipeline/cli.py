@@ -305,7 +305,8 @@ def extract(inputs, out, annotations, splits, frames_per_second, visual_source, 
               help="Folder for visual_feature.h5 and audio_feature.h5.")
 @click.option("--dtype", type=click.Choice(["float64", "float32", "float16"]), default="float64", show_default=True,
               help="Float type of the written arrays (the released files are float64).")
-def export_ave(store, annotations, out_dir, dtype) -> None:
+@click.option("--force", is_flag=True, help="Replace visual_feature.h5 and audio_feature.h5 already in --out.")
+def export_ave(store, annotations, out_dir, dtype, force) -> None:
     """Write a feature store in the released AVE layout (key 'avadataset', row i = annotation line i).
 
     \b
@@ -314,7 +315,7 @@ def export_ave(store, annotations, out_dir, dtype) -> None:
     """
     from bmfn_pipeline.store import export_ave as run_export
 
-    for path in run_export(store, annotations, out_dir, dtype=dtype):
+    for path in run_export(store, annotations, out_dir, dtype=dtype, force=force):
         click.echo(f"wrote {path}")
 
 

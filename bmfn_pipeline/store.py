@@ -913,10 +913,11 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
 
 
 def export_ave(store_path: str | Path, annotations_path: str | Path, out_dir: str | Path,
-               dtype: str = "float64") -> tuple[Path, Path]:
+               dtype: str = "float64", force: bool = False) -> tuple[Path, Path]:
     """Write ``visual_feature.h5`` and ``audio_feature.h5`` in the released AVE layout (row i = annotation line i),
     each with the store's ``provenance`` attribute, so that training on them records how the features were made
-    (the release's files have none).
+    (the release's files have none). Files already there are replaced only with force=True: `out_dir` may be the
+    AVE release's own folder, whose 7.7 GiB visual file is not to be lost to a mistyped path.
 
     Rows are written one at a time, so the 7.7 GiB float64 visual file never sits in memory. Temporary files left by
     an export that was killed are removed.
@@ -925,6 +926,9 @@ def export_ave(store_path: str | Path, annotations_path: str | Path, out_dir: st
     if not rows:
         raise BmfnError(f"{annotations_path}: no annotation rows: nothing to export")
     out_dir = Path(out_dir)
+    existing = [path for path in (out_dir / AVE_VISUAL_FILE, out_dir / AVE_AUDIO_FILE) if path.exists()]
+    if existing and not force:
+        raise BmfnError(f"{existing[0]}: already exists; export into another folder, or replace it with --force")
     with FeatureStore.open(store_path, create=False, readonly=True) as store:
         missing = sorted({row.video_id for row in rows if row.video_id not in store})
         if missing:

@@ -327,6 +327,14 @@ def test_export_ave_round_trip_and_missing_clip(tmp_path):
         for row, seed in enumerate([1, 2, 1]):
             np.testing.assert_array_equal(visual[row], clip(seed)[0])
             np.testing.assert_array_equal(audio[row], clip(seed)[1])
+    before = visual_path.stat().st_mtime_ns
+    with pytest.raises(BmfnError, match=r"visual_feature\.h5: already exists; export into another folder, or "
+                                        r"replace it with --force$"):
+        export_ave(out, ann, tmp_path / "ave")  # a release's own folder is not overwritten by mistake
+    assert visual_path.stat().st_mtime_ns == before
+    assert export_ave(out, ann, tmp_path / "ave", dtype="float16", force=True) == (visual_path, audio_path)
+    with h5py.File(visual_path, "r") as fv:
+        assert fv["avadataset"].dtype == np.float16
     ann.write_text("Cat&x&good&2&5\nHorse&gone&good&0&10\nBark&lost&good&0&10\nBus&gone&good&1&2\n")
     with pytest.raises(BmfnError, match=r"2 clips of .*Annotations\.txt are missing from the store, first 'gone'"):
         export_ave(out, ann, tmp_path / "ave2")
