@@ -747,7 +747,8 @@ def _header_warnings(info: ClipInfo, window_chosen: bool = False) -> list[str]:
                         f"and are silent")
     elif info.indexing == "wall-clock" and not window_chosen and info.duration_s > end_s:
         warnings.append(f"{info.path}: {info.duration_s:.2f} s is longer than the window: only "
-                        f"{info.start_s:g}-{end_s:g} s is used (decode other windows with start_s)")
+                        f"{info.start_s:g}-{end_s:g} s is used (`bmfn localize` reads every window of a video; from "
+                        "Python, decode_clip's start_s picks another)")
     if info.variable_frame_rate:
         warnings.append(f"{info.path}: variable frame rate: frames are picked by index at the average "
                         f"{info.fps:.3f} fps, so their times are approximate")

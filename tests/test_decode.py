@@ -830,3 +830,11 @@ def test_decoding_workers_end_with_a_killed_command(video_dir):
         for pid in pids:  # what outlived it (without the fix): stopped here, not left to run forever
             if _running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_clip_longer_than_the_window_says_how_to_read_the_rest(video_dir):
+    """The note is read on the command line too, where decode_clip's start_s is nowhere to be set."""
+    clip = video_dir / "torchcodec_nasa_13013.mp4"
+    (note,) = [w for w in decode_clip(clip, frames_per_second=1).warnings if "longer than the window" in w]
+    assert note == (f"{clip}: 13.06 s is longer than the window: only 0-10 s is used (`bmfn localize` reads every "
+                    "window of a video; from Python, decode_clip's start_s picks another)")
