@@ -226,7 +226,8 @@ def find_videos(inputs: str | os.PathLike | Iterable[str | os.PathLike], *, keep
 
     A path that does not exist is an error, or with `keep_missing` kept as it is, for the caller to report in its turn.
     `on_empty` hears of each folder or list that gives no video file (one among others would go unnoticed). A list
-    that names itself, as `ls > videos.txt` writes it, or a list that names it back, is not read again.
+    that names itself, as `ls > videos.txt` writes it, or a list that names it back, is not read again. A path
+    found twice (a folder and a file in it, `a.mp4` and `./a.mp4`) is kept once, where it was first found.
     """
     found: list[Path] = []
     if isinstance(inputs, (str, os.PathLike)):  # one path, not the characters of one
@@ -251,7 +252,10 @@ def find_videos(inputs: str | os.PathLike | Iterable[str | os.PathLike], *, keep
         if not videos and on_empty is not None:
             on_empty(item)
         found.extend(videos)
-    return found
+    first: dict[str, Path] = {}
+    for path in found:  # the same name, not the same file: a link under its own name is a clip of its own
+        first.setdefault(os.path.abspath(path), path)
+    return list(first.values())
 
 
 def probe(path: str | os.PathLike, *, seconds: int = SEGMENTS, start_s: float = 0.0,

@@ -24,7 +24,7 @@ from conftest import write_rotated_clip
 
 from bmfn_pipeline import decode
 from bmfn_pipeline.decode import (FRAME_SIZE, SAMPLE_RATE, BackgroundRead, ave_frame_indices, decode_clip,
-                                  decode_many, decode_window, first_frame_filters, probe, read_for_labels,
+                                  decode_many, decode_window, find_videos, first_frame_filters, probe, read_for_labels,
                                   segment_frame_indices, video_hwaccel, yuv420p_from_nv12)
 from bmfn_pipeline.errors import BmfnError
 
@@ -838,3 +838,15 @@ def test_a_clip_longer_than_the_window_says_how_to_read_the_rest(video_dir):
     (note,) = [w for w in decode_clip(clip, frames_per_second=1).warnings if "longer than the window" in w]
     assert note == (f"{clip}: 13.06 s is longer than the window: only 0-10 s is used (`bmfn localize` reads every "
                     "window of a video; from Python, decode_clip's start_s picks another)")
+
+
+def test_a_video_named_twice_is_found_once_and_a_link_to_it_is_kept(video_dir, tmp_path, monkeypatch):
+    """`a.mp4 ./a.mp4 folder/` on a command line: one file to localize once (it was decoded twice and its outputs
+    written twice); a link under another name stays, as the clip of its own name that extract makes of it."""
+    (tmp_path / "videos").mkdir()
+    clip = tmp_path / "videos" / "a.mp4"
+    clip.symlink_to(video_dir / "ave_16eUxQwxxbs.mp4")
+    (tmp_path / "b.mp4").symlink_to(clip)
+    monkeypatch.chdir(tmp_path)
+    found = find_videos(["videos/a.mp4", "./videos/a.mp4", "videos", "b.mp4", f"{tmp_path}/videos/../b.mp4"])
+    assert found == [Path("videos/a.mp4"), Path("b.mp4")]
