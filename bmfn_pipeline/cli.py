@@ -9,6 +9,7 @@ import gc
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
@@ -52,6 +53,19 @@ def run() -> None:
     finally:
         gc.collect()
         gc.freeze()
+
+
+INTERRUPTED = 128 + 2  # a shell's exit status for a command that SIGINT (Ctrl-C) ended
+
+
+@contextlib.contextmanager
+def _interrupt_says(what_is_kept: Callable[[], str]) -> Iterator[None]:
+    """Ctrl-C in a long command: one line on what was kept and how to go on (click says only "Aborted!")."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        click.echo(f"bmfn: interrupted: {what_is_kept()}", err=True)
+        raise SystemExit(INTERRUPTED) from None
 
 
 def usable_standard_streams() -> None:
@@ -283,8 +297,9 @@ def extract(inputs, out, annotations, splits, frames_per_second, visual_source, 
     if options.random_seed is not None:
         click.echo(f"bmfn: using RANDOM network weights (seed {seed}): features are for tests and demos only, "
                    "and the store records it", err=True)
-    summary = run_extract(inputs, out, options, annotations=annotations, splits=splits,
-                          shard=Shard.parse(shard) if shard else None)
+    with _interrupt_says(lambda: "the clips finished are kept; the same command goes on from them"):
+        summary = run_extract(inputs, out, options, annotations=annotations, splits=splits,
+                              shard=Shard.parse(shard) if shard else None)
     click.echo(summary.line())
     if summary.unlabelled:
         click.echo(f"without an annotation row (kept, unlabelled): {', '.join(summary.unlabelled[:10])}"
@@ -421,7 +436,17 @@ def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size,
                          precision=precision, cuda_graphs=cuda_graphs, compile=compile_network,
                          checkpoint_every=checkpoint_every, select_on_test=select_on_test, force=force,
                          resume=resume, progress=not quiet, command=shlex.join(["bmfn", *sys.argv[1:]]))
-    result = run_train(config, log=click.echo)
+    run_dir: list[str] = []  # the folder train() names in its "run: " line
+
+    def log(line: str) -> None:
+        if line.startswith("run: "):
+            run_dir.append(line[len("run: "):].rsplit(" (", 1)[0])
+        click.echo(line)
+
+    with _interrupt_says(lambda: f"`bmfn train --resume {run_dir[0]}` goes on from its last.pt (written after the "
+                                 "first epoch, then every --checkpoint-every seconds)" if run_dir else
+                                 "no run folder was made yet"):
+        result = run_train(config, log=log)
     if rank_env().is_main:  # under torchrun, rank 0 speaks for all
         click.echo(result.summary())
         click.echo(f"best checkpoint: {result.best_checkpoint}")

@@ -452,6 +452,22 @@ def test_ctrl_c_keeps_the_clip_already_computed(clips, tmp_path, monkeypatch):
         assert store.clip_ids() == [clips[0].stem]
 
 
+def test_ctrl_c_on_the_command_line_says_the_clips_are_kept(clips, tmp_path, monkeypatch):
+    segment_maps, calls = VisualExtractor.segment_maps, []
+
+    def interrupted_on_the_second_clip(self, frames):
+        calls.append(frames.shape)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return segment_maps(self, frames)
+
+    monkeypatch.setattr(VisualExtractor, "segment_maps", interrupted_on_the_second_clip)
+    result = cli("extract", *clips[:2], "--out", tmp_path / "feats.h5", *FAST, "--workers", "0")
+    assert result.exit_code == 130  # as a shell reports a command SIGINT ended (click's own "Aborted!" is 1)
+    assert result.stderr.splitlines()[-1] == ("bmfn: interrupted: the clips finished are kept; the same command "
+                                              "goes on from them")
+
+
 def test_a_full_disk_mid_run_ends_the_decoding_workers_before_the_command_ends(clips, tmp_path, monkeypatch):
     """The error's traceback holds the decoding generator, and with it the worker pool, until the interpreter exits;
     after a failed HDF5 write the executable exits without that clean-up (multiprocessing then warned of leaked

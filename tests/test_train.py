@@ -545,3 +545,18 @@ def test_compiled_network_trains_like_eager(tmp_path, monkeypatch):
     restored, _ = load_checkpoint(compiled.runs[0].best_checkpoint)
     assert set(restored.state_dict()) == set(torch.load(eager.runs[0].best_checkpoint, weights_only=True)["model_state"])
     assert cache_calls == [1]  # the compiled run only
+
+
+def test_ctrl_c_says_how_to_go_on(tmp_path, monkeypatch):
+    """Click's own word for Ctrl-C is "Aborted!"; bmfn says what goes on from where, with a shell's exit status."""
+    directory = make_ave_dir(tmp_path / "ave", n_clips=12)
+    run = tmp_path / "my (run)"  # the folder's name is read back from the "run: " line
+    train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(run), epochs=1, **FAST), log=quiet)
+    monkeypatch.setattr(train_module, "fully_supervised_loss", lambda output, labels: (_ for _ in ()).throw(
+        KeyboardInterrupt))
+    result = CliRunner().invoke(main, ["train", "--resume", str(run), "--epochs", "3", "--quiet"])
+    assert result.exit_code == 130
+    assert result.stderr.splitlines()[-1] == (f"bmfn: interrupted: `bmfn train --resume {run}` goes on from its "
+                                              "last.pt (written after the first epoch, then every --checkpoint-every "
+                                              "seconds)")
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
