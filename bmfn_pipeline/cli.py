@@ -486,7 +486,7 @@ def evaluate(checkpoint, split, ave_dir, features, annotations, splits, batch_si
         from bmfn_pipeline.train import latest_checkpoint
 
         checkpoint = latest_checkpoint()
-        click.echo(f"no checkpoint named: using the newest run's {checkpoint}", err=as_json)
+        click.echo(f"bmfn: no checkpoint named: using the newest run's {checkpoint}", err=True)  # as localize says it
     result = run_evaluate(checkpoint, split=split, ave_dir=ave_dir, features=features, annotations=annotations,
                           splits=splits, batch_size=batch_size, device=device, precision=precision, force=force,
                           log=lambda message: click.echo(f"bmfn: {message}", err=True))
