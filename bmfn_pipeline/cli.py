@@ -414,7 +414,7 @@ def _milestones(ctx, param, value):
 def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size, eval_batch_size, lr, milestones,
           gamma, clip, seed, seeds, device, precision, cuda_graphs, compile_network, checkpoint_every, select_on_test,
           resume, force, quiet) -> None:
-    """Train BMFN on pre-extracted features; writes best.pt, last.pt, metrics.jsonl, curves.png, command.txt.
+    """Train BMFN on pre-extracted features; writes best.pt, last.pt, metrics.jsonl, curves.png, command.txt, run.json.
 
     Defaults reproduce the official hyper-parameters per mode (Adam 5e-4, MultiStepLR, 200 epochs, batch 32).
 

@@ -343,6 +343,8 @@ def load_store(path: str | Path, *, annotations: str | Path | None = None,
     arrays = store.load_arrays(path)
     provenance = read_provenance(path)
     clip_ids = [_text(c) for c in arrays["clip_ids"]]
+    if not clip_ids:  # a store whose extraction was stopped before its first clip
+        raise BmfnError(f"{path}: holds no clip yet; extract into it first (`bmfn extract VIDEOS --out {path}`)")
     labels, stored_split = arrays["labels"], arrays["split"]
     notes: list[str] = []
 

@@ -269,6 +269,10 @@ def test_store_with_annotations_and_hash_split(tmp_path):
     assert find_default_data(tmp_path) == {"features": tmp_path / "feats.h5"}
     with pytest.raises(BmfnError, match="none of its 6 clips has labels; give --annotations"):
         load_store(tmp_path / "feats.h5")
+    make_store(tmp_path / "empty.h5", n_clips=0)  # an extraction stopped before its first clip
+    with pytest.raises(BmfnError, match=r"empty\.h5: holds no clip yet; extract into it first \(`bmfn extract "
+                                        r"VIDEOS --out .*empty\.h5`\)$"):
+        load_store(tmp_path / "empty.h5", annotations=annotations)
     other = tmp_path / "other.txt"  # ids that none of the clips has: say how clips and rows are matched
     other.write_text("Bark&vid9999&good&2&5\n")
     with pytest.raises(BmfnError, match=r"none of its 6 clips has a row in .*other\.txt: a clip's id is its video "
