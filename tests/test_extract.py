@@ -432,27 +432,8 @@ def test_a_link_under_another_name_is_another_clip(tmp_path):
     assert unique_clips([real, alias, real, same, alias]) == [real, alias]
 
 
-def test_ctrl_c_keeps_the_clip_already_computed(clips, tmp_path, monkeypatch):
-    """Clip k-1 is stored while clip k is computed: an interrupt (or any error) then still stores clip k-1."""
-    segment_maps = VisualExtractor.segment_maps
-    calls = []
-
-    def interrupted_on_the_second_clip(self, frames):
-        calls.append(frames.shape)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return segment_maps(self, frames)
-
-    monkeypatch.setattr(VisualExtractor, "segment_maps", interrupted_on_the_second_clip)
-    out = tmp_path / "feats.h5"
-    options = ExtractOptions(frames_per_second=1, random_seed=0, device="cpu", workers=0)
-    with pytest.raises(KeyboardInterrupt):
-        extract(clips[:2], out, options, progress=False)
-    with FeatureStore.open(out, create=False, readonly=True) as store:
-        assert store.clip_ids() == [clips[0].stem]
-
-
-def test_ctrl_c_on_the_command_line_says_the_clips_are_kept(clips, tmp_path, monkeypatch):
+def interrupt_on_the_second_clip(monkeypatch) -> None:
+    """Ctrl-C while VGG-19 computes the second clip."""
     segment_maps, calls = VisualExtractor.segment_maps, []
 
     def interrupted_on_the_second_clip(self, frames):
@@ -462,6 +443,21 @@ def test_ctrl_c_on_the_command_line_says_the_clips_are_kept(clips, tmp_path, mon
         return segment_maps(self, frames)
 
     monkeypatch.setattr(VisualExtractor, "segment_maps", interrupted_on_the_second_clip)
+
+
+def test_ctrl_c_keeps_the_clip_already_computed(clips, tmp_path, monkeypatch):
+    """Clip k-1 is stored while clip k is computed: an interrupt (or any error) then still stores clip k-1."""
+    interrupt_on_the_second_clip(monkeypatch)
+    out = tmp_path / "feats.h5"
+    options = ExtractOptions(frames_per_second=1, random_seed=0, device="cpu", workers=0)
+    with pytest.raises(KeyboardInterrupt):
+        extract(clips[:2], out, options, progress=False)
+    with FeatureStore.open(out, create=False, readonly=True) as store:
+        assert store.clip_ids() == [clips[0].stem]
+
+
+def test_ctrl_c_on_the_command_line_says_the_clips_are_kept(clips, tmp_path, monkeypatch):
+    interrupt_on_the_second_clip(monkeypatch)
     result = cli("extract", *clips[:2], "--out", tmp_path / "feats.h5", *FAST, "--workers", "0")
     assert result.exit_code == 130  # as a shell reports a command SIGINT ended (click's own "Aborted!" is 1)
     assert result.stderr.splitlines()[-1] == ("bmfn: interrupted: the clips finished are kept; the same command "
