@@ -9,23 +9,25 @@
 # The lent machine has its own CUDA torch and numpy (Python 3.12 when last seen) and no network; bmfn's other
 # dependencies come from .whl/ (git-ignored), made here first with `bash benchmarks/gpu_checks.sh pack`: wheels for
 # Python 3.12, and PyNvVideoCodec unpacked without its samples (the carry limit is 64 MiB). On the machine only the
-# modules it lacks are installed (into /tmp/site), so that its torch and numpy stay its own.
+# modules it lacks are installed (into a temporary folder), so that its torch and numpy stay its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = pack ]; then
   pip=(.venv/bin/pip -q)
-  rm -rf .whl /tmp/bmfn-pynvc && mkdir -p .whl
+  download=$(mktemp -d)
+  rm -rf .whl && mkdir -p .whl
   "${pip[@]}" wheel --no-deps -w .whl resampy==0.2.2  # a source distribution only: built here
   "${pip[@]}" download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl \
     av h5py click threadpoolctl tqdm six pytest iniconfig pluggy packaging pygments
   "${pip[@]}" download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
-    -d /tmp/bmfn-pynvc pynvvideocodec
-  unzip -q /tmp/bmfn-pynvc/pynvvideocodec-*.whl 'PyNvVideoCodec/*' 'pynvvideocodec./*' -d .whl/pynvc
+    -d "$download" pynvvideocodec
+  unzip -q "$download"/pynvvideocodec-*.whl 'PyNvVideoCodec/*' 'pynvvideocodec./*' -d .whl/pynvc
   rm .whl/pynvc/PyNvVideoCodec/lib{avformat,avutil}.so{,.*.*.*}  # copies: the bindings load the .so.63/.so.61
   du -sh .whl
   exit
 fi
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+site=$(mktemp -d)
+export PYTHONPATH="$site:$PWD" PYTHONUNBUFFERED=1
 [ -e ../shared ] || [ ! -d shared ] || ln -s "$PWD/shared" ../shared  # the tests and benchmarks read ../shared
 declare -A package=([cv2]=opencv-python-headless [PyNvVideoCodec]=pynvvideocodec)
 missing=()
@@ -34,8 +36,8 @@ for module in av h5py resampy click cv2 threadpoolctl tqdm pytest PyNvVideoCodec
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing from .whl: ${missing[*]}"
-  mkdir -p /tmp/site && cp -r .whl/pynvc/. /tmp/site/
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site \
+  cp -r .whl/pynvc/. "$site"/
+  python3 -m pip install -q --no-index --no-deps --target "$site" \
     $(for name in "${missing[@]}" iniconfig pluggy six packaging pygments; do ls .whl/"${name//-/_}"-*.whl .whl/"$name"-*.whl; done \
       2>/dev/null | sort -u)
 fi
