@@ -16,7 +16,7 @@ import click
 
 import bmfn_pipeline.errors as error_state  # its hdf5_write_failed, read when the command has ended
 from bmfn_pipeline import __version__
-from bmfn_pipeline.errors import BmfnError, printable
+from bmfn_pipeline.errors import BmfnError, one_line, printable
 
 
 # glibc malloc settings of the executable (keep_freed_memory): blocks under MMAP_THRESHOLD come from the heap (32 MiB
@@ -115,7 +115,7 @@ def _videos(inputs: tuple[str, ...]) -> list[Path]:
     if not files:
         raise BmfnError(f"no video files found in {', '.join(inputs)}")
     for item in empty:  # among inputs that have some
-        click.echo(f"bmfn: warning: no video files in {item}", err=True)
+        click.echo(f"bmfn: warning: no video files in {one_line(str(item))}", err=True)
     return files
 
 
@@ -149,7 +149,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except BmfnError as exc:
-            click.echo(f"bmfn: error: {exc}", err=True)
+            click.echo(f"bmfn: error: {one_line(str(exc))}", err=True)
             sys.exit(1)
         except OSError as exc:
             _report(exc)
@@ -161,7 +161,7 @@ def _report(exc: OSError) -> None:
     if where is None and (exc.errno == errno.EPIPE or _stdout_failed() is not None):
         where = "standard output"  # its reader has gone (`| head -1`), or the disk it goes to is full
         _stdout_failed()
-    click.echo(f"bmfn: error: {f'{where}: ' if where else ''}{exc.strerror or exc}", err=True)
+    click.echo(one_line(f"bmfn: error: {f'{where}: ' if where else ''}{exc.strerror or exc}"), err=True)
     sys.exit(1)
 
 
@@ -204,7 +204,7 @@ def probe(files, as_json, frames_per_second) -> None:
             info = probe_clip(file)
             shown = first_frame_filters(file, info)
         except BmfnError as exc:
-            click.echo(f"bmfn: error: {exc}", err=True)
+            click.echo(f"bmfn: error: {one_line(str(exc))}", err=True)
             failed = True
             continue
         first = segment_frame_indices(info, 0, frames_per_second=frames_per_second)
@@ -215,7 +215,7 @@ def probe(files, as_json, frames_per_second) -> None:
         audio = ("none" if info.audio_index is None
                  else f"#{info.audio_index} {info.audio_codec}, {info.sample_rate} Hz, {info.channels} ch")
         display = f"\n  display    {' + '.join(shown)} (its display matrix: frames are read as shown)" if shown else ""
-        click.echo(f"{printable(info.path)}\n"
+        click.echo(f"{one_line(info.path)}\n"
                    f"  container  {info.container}, {info.duration_s:.3f} s, "
                    f"{info.video_streams} video / {info.audio_streams} audio streams\n"
                    f"  video      #{info.video_index} {info.video_codec}, {info.width}x{info.height}, "
@@ -590,16 +590,16 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
                 _stdout_failed()
                 to_stdout, table_lost = None, True
                 click.echo(f"bmfn: error: standard output: {exc.strerror or exc}: the labels go on to "
-                           f"{printable(str(output_dir))} only", err=True)
+                           f"{one_line(str(output_dir))} only", err=True)
             for write in to_files:
                 try:
-                    click.echo(f"wrote {printable(str(write(result)))}", err=True)
+                    click.echo(f"wrote {one_line(str(write(result)))}", err=True)
                 except BmfnError as exc:  # this file's error: the others go on
                     errors.append(exc)
             if plotted:
-                click.echo(f"wrote {printable(str(timeline_path(plot_dir, path)))}", err=True)
+                click.echo(f"wrote {one_line(str(timeline_path(plot_dir, path)))}", err=True)
         for error in errors:
-            click.echo(f"bmfn: error: {error}", err=True)
+            click.echo(f"bmfn: error: {one_line(str(error))}", err=True)
         failed += bool(errors)
     if failed:
         raise BmfnError(f"{failed} of {len(files)} files failed; their errors are above")

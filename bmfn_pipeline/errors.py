@@ -91,3 +91,13 @@ def printable(text: str) -> str:
     """`text` as it can be stored (HDF5 strings are UTF-8) and printed: the bytes of a file name that are not UTF-8,
     which Python keeps as surrogates, as \\xNN escapes."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+# Control characters but the tab, as Python escapes them: a file name may hold a line break.
+_CONTROL_ESCAPES = {code: repr(chr(code))[1:-1] for code in (*range(9), *range(10, 32), 127)}
+
+
+def one_line(text: str) -> str:
+    """printable(text) for a terminal: line breaks and other control characters as escapes, so that a message
+    naming a file called "a\\nb.mp4" stays one line (stores keep the name as it is)."""
+    return printable(text).translate(_CONTROL_ESCAPES)

@@ -24,7 +24,7 @@ from bmfn_pipeline.ave import load_splits, read_annotations
 from bmfn_pipeline.decode import DecodedClip, decode_many, find_videos, video_hwaccel
 from bmfn_pipeline.distributed import (Shard, finish_together, rank_device, rank_env, resolve_device, resolve_shard,
                                        start_together)
-from bmfn_pipeline.errors import BmfnError, WriteError, check_counts, printable
+from bmfn_pipeline.errors import BmfnError, WriteError, check_counts, one_line, printable
 from bmfn_pipeline.store import STORAGE_DTYPES, ClipLabels, FeatureStore, labels_from_annotations
 from extractors.vgg19 import SOURCES, VisualExtractor, load_visual_extractor
 from extractors.vggish import AudioExtractor, load_audio_extractor
@@ -245,7 +245,7 @@ def extract(
     if not paths:
         raise BmfnError(f"no video files found in {', '.join(map(str, inputs))}")
     for item in empty:  # among inputs that have some
-        tqdm.write(f"bmfn: warning: no video files in {item}", file=sys.stderr)
+        tqdm.write(f"bmfn: warning: no video files in {one_line(str(item))}", file=sys.stderr)
     shard = resolve_shard(shard)
     if shard is not None:  # an empty shard still gets its (empty) store, so `bmfn merge` sees every shard
         paths, out = [path for path in paths if shard.holds(printable(clip_id(path)))], shard.path(out)
@@ -264,7 +264,7 @@ def extract(
             error = printable(error)
             store.add_failure(cid, path, error)
             summary.failed.append((printable(str(path)), error))
-            tqdm.write(f"bmfn: error: {error}", file=sys.stderr)
+            tqdm.write(f"bmfn: error: {one_line(error)}", file=sys.stderr)
 
         todo: list[Path] = []
         for path in paths:
@@ -297,7 +297,7 @@ def extract(
                     else:
                         summary.done.append(cid)
                         for warning in clip.warnings:  # kept in the store too (its `warnings` dataset)
-                            tqdm.write(f"bmfn: note: {printable(warning)}", file=sys.stderr)
+                            tqdm.write(f"bmfn: note: {one_line(warning)}", file=sys.stderr)
                         if on_clip is not None:
                             on_clip(cid)
                 if isinstance(clip, str):

@@ -19,7 +19,7 @@ import numpy as np
 
 from .ave import BACKGROUND, CATEGORIES, NUM_CLASSES
 from .decode import SAMPLE_RATE
-from .errors import BmfnError, WriteError, printable, written
+from .errors import BmfnError, WriteError, one_line, written
 
 BACKGROUND_NAME = "background"
 # Digits kept where people read numbers (table, CSV, cue text); JSON keeps the full floats.
@@ -165,9 +165,9 @@ class TableWriter(ResultWriter):
 
     def write(self, result: LocalizationResult, file: TextIO) -> None:
         width = max([len(BACKGROUND_NAME)] + [len(second.name) for second in result.seconds])
-        print(f"# {printable(str(result.path))} ({result.duration_s:.1f} s)", file=file)  # also a name not UTF-8
+        print(f"# {one_line(str(result.path))} ({result.duration_s:.1f} s)", file=file)  # also a name not UTF-8
         for warning in result.warnings:
-            print(f"# warning: {printable(warning)}", file=file)
+            print(f"# warning: {one_line(warning)}", file=file)
         print(f"{'start':>8} {'end':>8}  {'label':<{width}}  {'event':>6}  {'class':>6}", file=file)
         for s in result.seconds:
             print(f"{s.start_s:8.1f} {s.end_s:8.1f}  {s.name:<{width}}  "
@@ -307,7 +307,7 @@ def plot_timeline(result: LocalizationResult, frames: np.ndarray | None, audio: 
     fig = Figure(figsize=(width, sum(heights[p] for p in panels) + 0.8), dpi=FIGURE_DPI, layout="constrained")
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False,
                         gridspec_kw={"height_ratios": [heights[p] for p in panels]})[:, 0]
-    fig.suptitle(f"{printable(Path(result.path).name)}: {result.summary()}", fontsize=10,
+    fig.suptitle(f"{one_line(Path(result.path).name)}: {result.summary()}", fontsize=10,
                  parse_math=False)  # '$' in names; bytes that are not UTF-8 escaped
     for ax, panel in zip(axes, panels):
         if panel == "frames":

@@ -720,3 +720,20 @@ def test_vggish_loads_beside_vgg19_unless_a_weight_file_must_be_downloaded(tmp_p
     with pytest.raises(BmfnError, match="cannot download"):
         extract_module.load_extractors(extract_module.ExtractOptions(), cpu)
     assert loaded_in == []
+
+
+def test_a_file_name_with_a_line_break_keeps_every_message_one_line(video_dir, tmp_path):
+    """A name holding a line break (or another control character) is escaped where bmfn prints it, so each note
+    and error stays one line; the store keeps the name as it is."""
+    odd = tmp_path / "new\nline.webm"
+    odd.symlink_to(video_dir / BUNNY_1S)  # 1 s: a note on the seconds it lacks
+    (tmp_path / "bad\x1b.mp4").write_bytes(b"not a video")
+    result = cli("extract", odd, tmp_path / "bad\x1b.mp4", "--out", tmp_path / "feats.h5", *FAST, "--workers", "0")
+    lines = result.stderr.splitlines()  # bmfn's lines between the progress bar's
+    assert [line for line in lines if "line.webm" in line or "x1b" in line or "\x1b" in line] == [
+        line for line in lines if line.startswith(("bmfn: note:", "bmfn: error: /"))]
+    assert any(line.startswith(f"bmfn: note: {tmp_path}/new\\nline.webm: 1.00 s from 0 s is shorter") for line in lines)
+    assert any(line.startswith(f"bmfn: error: {tmp_path}/bad\\x1b.mp4: ") for line in lines)
+    assert load_arrays(tmp_path / "feats.h5")["clip_ids"].tolist() == ["new\nline"]
+    probed = cli("probe", odd)
+    assert probed.stdout.splitlines()[0] == f"{tmp_path}/new\\nline.webm"
