@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +143,7 @@ class EvalResult:
     per_class: dict[str, float]  # percent per true class (NaN: no segment of that class)
     confusion: list[list[int]]  # [29,29], row = true, column = predicted
     confusion_png: str | None
+    forced: list[str] = field(default_factory=list)  # how the features differ from the checkpoint's (--force)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -155,6 +156,7 @@ class EvalResult:
         lines += [f"  {name:<32} {'-' if np.isnan(acc) else f'{acc:6.2f}'}" for name, acc in self.per_class.items()]
         if self.confusion_png:
             lines.append(f"confusion matrix: {self.confusion_png}")
+        lines += [f"features made differently (--force): {difference}" for difference in self.forced]
         return "\n".join(lines)
 
 
@@ -166,7 +168,7 @@ def evaluate(checkpoint: str | Path | None = None, *, split: str = "test", ave_d
              log: Callable[[str], None] = lambda message: None) -> EvalResult:
     """Accuracy of a checkpoint (a file or a run folder; default: the newest run's best.pt) on a split of its
     training data or other data; with `plot`, a confusion-matrix PNG beside the checkpoint where that folder can be
-    written (else said through `log`)."""
+    written (else said through `log`), named after the data where it is not the checkpoint's own."""
     from bmfn_pipeline.train import check_provenance, load_checkpoint, resolve_checkpoint, resolve_device
 
     if split not in ("train", "val", "test"):
@@ -183,7 +185,9 @@ def evaluate(checkpoint: str | Path | None = None, *, split: str = "test", ave_d
         else:
             data = load_data(ave_dir=ave_dir, features=features, annotations=annotations, splits=splits,
                              include_noisy=False)
-    check_provenance(meta["provenance"], data.provenance, force=force, what=data.source["path"])
+    forced = check_provenance(meta["provenance"], data.provenance, force=force, what=data.source["path"])
+    for difference in forced:
+        log(f"warning: --force: {difference}")
     rows = data.splits[split]
     if len(rows) == 0:
         raise BmfnError(f"{data.source['path']}: the {split} split is empty ({data.split_rule})")
@@ -192,12 +196,13 @@ def evaluate(checkpoint: str | Path | None = None, *, split: str = "test", ave_d
     png = None
     if plot:
         try:
-            png = str(plot_confusion(matrix, checkpoint.parent / f"confusion-{checkpoint.stem}-{split}.png",
-                                     title=f"{checkpoint} on {split}"))
+            own = Path(data.source["path"]).resolve() == Path(meta["data"].get("path") or "").resolve()
+            name = f"confusion-{checkpoint.stem}-{split}{'' if own else '-on-' + Path(data.source['path']).stem}.png"
+            png = str(plot_confusion(matrix, checkpoint.parent / name, title=f"{checkpoint} on {split}"))
         except WriteError as err:  # beside a read-only checkpoint, say: the accuracy still counts
             log(f"warning: {err.path}: the confusion matrix was not written ({err.reason})")
     names = meta.get("class_names", CLASS_NAMES)
     return EvalResult(str(checkpoint), split, data.describe(), len(rows), int(target.size),
                       segment_accuracy(pred, target),
                       {name: float(acc) for name, acc in zip(names, per_class_accuracy(pred, target))},
-                      matrix.tolist(), png)
+                      matrix.tolist(), png, forced)

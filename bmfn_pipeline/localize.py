@@ -178,8 +178,10 @@ class Localizer:
                                            what=f"localize with {self.checkpoint}"):
             self.log(f"warning: --force: {difference}")
         if self.options.random_seed is not None:
-            self.log(f"using RANDOM network weights (seed {self.options.random_seed}) as the checkpoint's features "
-                     "were made: labels are meaningful for tests and demos only")
+            same = self.provenance["visual"].get("checksum") == (provenance or {}).get("visual", {}).get("checksum")
+            self.log(f"using RANDOM network weights (seed {self.options.random_seed})"
+                     + (" as the checkpoint's features were made" if same else "")
+                     + ": labels are meaningful for tests and demos only")
         self.timings = {"decode": 0.0, "visual": 0.0, "audio": 0.0, "model": 0.0}  # seconds, summed over calls
         self.decode_ahead = DECODE_AHEAD
         # Called as VGG-19 gets through a file: (file, seconds done, seconds in all), e.g. for a progress bar.

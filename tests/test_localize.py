@@ -259,6 +259,10 @@ def test_other_extractor_weights_are_refused(workdir, video_dir):
                                   "--force", "--format", "json", "--device", "cpu"])
     assert forced.exit_code == 0, forced.output
     assert "warning: --force: frames_per_second" in forced.output
+    assert "using RANDOM network weights (seed 0) as the checkpoint's features were made" in forced.stderr
+    forced = runner.invoke(main, ["localize", clip, "--checkpoint", checkpoint, "--seed", "5", "--force",
+                                  "--format", "json", "--device", "cpu"])
+    assert forced.exit_code == 0 and "bmfn: using RANDOM network weights (seed 5): labels" in forced.stderr
 
 
 def test_int8_localization_agrees_with_the_default(workdir, video_dir, tmp_path, monkeypatch):

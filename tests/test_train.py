@@ -511,8 +511,12 @@ def test_cli_chain_train_then_evaluate_on_a_store(tmp_path, monkeypatch):
                        provenance={**STORE_PROVENANCE, "visual": {**STORE_PROVENANCE["visual"], "checksum": "random:1"}})
     result = runner.invoke(main, ["evaluate", "--features", str(other)])
     assert result.exit_code == 1 and "made differently" in result.output and "visual.checksum" in result.output
-    result = runner.invoke(main, ["evaluate", "--features", str(other), "--force", "--split", "val"])
-    assert result.exit_code == 0 and "val segment accuracy" in result.stdout
+    result = runner.invoke(main, ["evaluate", "--features", str(other), "--force", "--split", "val", "--json"])
+    assert result.exit_code == 0
+    report = json.loads(result.stdout.splitlines()[-1])  # --force is said, and recorded; the own plot is kept
+    assert report["forced"] == ["visual.checksum 'random:0' (checkpoint) vs 'random:1'"]
+    assert "bmfn: warning: --force: visual.checksum" in result.stderr
+    assert "confusion-best-val-on-other.png: the confusion matrix was not written" in result.stderr  # still read-only
     assert result.stderr.startswith("bmfn: no checkpoint named: using the newest run's ")  # as localize says it
 
 
