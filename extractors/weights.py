@@ -287,6 +287,9 @@ def weight_path(name: str, local_path: str | os.PathLike | None = None, download
         _verify(entry, cached, str(cached))
         return cached
     remedy = f"download it to {cached} or give a local copy with {_local_copy(entry)}"
+    if cached.parent.exists() and not cached.parent.is_dir():  # BMFN_CACHE naming a file, say
+        raise BmfnError(f"{cached.parent}: the weights cache folder is a file; set BMFN_CACHE to a folder, or give "
+                        f"a local copy with {_local_copy(entry)}")
     if not download:
         raise BmfnError(f"{entry.name} weights not cached at {cached} and downloads are off; {remedy} ({entry.url})")
     try:

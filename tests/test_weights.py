@@ -163,6 +163,9 @@ def test_a_cache_that_is_a_file_costs_the_record_not_the_weights(tmp_path: Path,
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("BMFN_CACHE", str(tmp_path / "a-file"))
     assert weight_path("vggish", local) == local
+    with pytest.raises(BmfnError, match=r"a-file: the weights cache folder is a file; set BMFN_CACHE to a folder, "
+                                        r"or give a local copy with --vggish-weights"):
+        weight_path("vggish")  # not "cannot download ... (File exists); download it to .../a-file/vggish..."
 
 
 def test_a_verified_file_is_hashed_again_only_when_it_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
