@@ -294,9 +294,6 @@ def extract(inputs, out, annotations, splits, frames_per_second, visual_source, 
         alignment=alignment, dtype=dtype, device=device, precision=precision, batch_size=batch_size, workers=workers,
         compile=compile_network, video_decoder=video_decoder,
     )
-    if options.random_seed is not None:
-        click.echo(f"bmfn: using RANDOM network weights (seed {seed}): features are for tests and demos only, "
-                   "and the store records it", err=True)
     with _interrupt_says(lambda: "the clips finished are kept; the same command goes on from them"):
         summary = run_extract(inputs, out, options, annotations=annotations, splits=splits,
                               shard=Shard.parse(shard) if shard else None)

@@ -59,6 +59,8 @@ class ExtractOptions:
         check_counts("ExtractOptions", frames_per_second=self.frames_per_second, seconds=self.seconds,
                      batch_size=self.batch_size)
         check_counts("ExtractOptions", minimum=0, workers=self.workers)
+        if self.random_seed is not None and (self.vgg19_weights or self.vggish_weights):
+            raise BmfnError("random weights were asked for together with weight files: choose one")
 
 
 @dataclass
@@ -141,8 +143,6 @@ def video_decoder_on(video_decoder: str, device: torch.device) -> str:
 
 
 def load_extractors(options: ExtractOptions, device: torch.device) -> tuple[VisualExtractor, AudioExtractor]:
-    if options.random_seed is not None and (options.vgg19_weights or options.vggish_weights):
-        raise BmfnError("random weights were asked for together with weight files: choose one")
     precision = options.precision
     if precision == "auto":
         precision = "bfloat16" if fast_bfloat16(device) else "float32"
@@ -253,6 +253,9 @@ def extract(
     device = rank_device(resolve_device(options.device))
     video_decoder = video_decoder_on(options.video_decoder, device)
     video_hwaccel(video_decoder)  # no NVDEC here: one line now, before the networks load
+    if options.random_seed is not None:  # said once the command is known to go ahead
+        tqdm.write(f"bmfn: using RANDOM network weights (seed {options.random_seed}): features are for tests and "
+                   "demos only, and the store records it", file=sys.stderr)
     visual, audio = load_extractors(options, device)
     provenance = features_provenance(options, visual, audio)
     summary = ExtractSummary(Path(out))

@@ -730,6 +730,8 @@ def test_a_file_name_with_a_line_break_keeps_every_message_one_line(video_dir, t
     (tmp_path / "bad\x1b.mp4").write_bytes(b"not a video")
     result = cli("extract", odd, tmp_path / "bad\x1b.mp4", "--out", tmp_path / "feats.h5", *FAST, "--workers", "0")
     lines = result.stderr.splitlines()  # bmfn's lines between the progress bar's
+    assert lines[0] == ("bmfn: using RANDOM network weights (seed 0): features are for tests and demos only, and the "
+                        "store records it")
     assert [line for line in lines if "line.webm" in line or "x1b" in line or "\x1b" in line] == [
         line for line in lines if line.startswith(("bmfn: note:", "bmfn: error: /"))]
     assert any(line.startswith(f"bmfn: note: {tmp_path}/new\\nline.webm: 1.00 s from 0 s is shorter") for line in lines)
@@ -737,3 +739,11 @@ def test_a_file_name_with_a_line_break_keeps_every_message_one_line(video_dir, t
     assert load_arrays(tmp_path / "feats.h5")["clip_ids"].tolist() == ["new\nline"]
     probed = cli("probe", odd)
     assert probed.stdout.splitlines()[0] == f"{tmp_path}/new\\nline.webm"
+
+
+def test_random_weights_with_weight_files_are_refused_before_anything_is_said(clips, tmp_path):
+    with pytest.raises(BmfnError, match="random weights were asked for together with weight files: choose one"):
+        ExtractOptions(random_seed=0, vggish_weights=str(clips[0]))
+    result = cli("extract", clips[0], "--out", tmp_path / "feats.h5", *FAST, "--vggish-weights", clips[0])
+    assert result.exit_code == 1 and "RANDOM" not in result.stderr  # the line about random weights: never used
+    assert not (tmp_path / "feats.h5").exists()

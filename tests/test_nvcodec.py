@@ -219,7 +219,7 @@ def test_cli_without_the_library_says_how_to_get_it(video_dir, tmp_path):
                            str(tmp_path / "feats.h5"), "--video-decoder", "nvcodec", "--weights", "random"],
                           capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert done.returncode != 0 and not list(tmp_path.glob("feats*"))
-    error = done.stderr.strip().splitlines()[-1]  # after the line saying the weights are random
+    (error,) = done.stderr.strip().splitlines()  # not preceded by "using RANDOM network weights": nothing is done
     assert error.startswith("bmfn: error: GPU video decoding (nvcodec) on cuda:0 is not available here (PyNvVideoCodec "
                             "is not installed: pip install pynvvideocodec)") and "Traceback" not in done.stderr
 
