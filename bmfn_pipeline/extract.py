@@ -150,9 +150,13 @@ def load_extractors(options: ExtractOptions, device: torch.device) -> tuple[Visu
                                    alignment=options.alignment, device=device)
     # VGGish loads in a second thread: most of each loader's time is single-threaded work outside the GIL (hashing
     # the weight file, initialising or copying tensors), so the two overlap on two cores. Not when a file must be
-    # downloaded: two progress bars would interleave, and a failing VGG-19 download would wait for VGGish's.
+    # downloaded: two progress bars would interleave, and a failing VGG-19 download would wait for VGGish's. Then
+    # VGGish's file, where it is at hand, is checked first: a damaged one is said before VGG-19's download.
     with ThreadPoolExecutor(1) as pool:
-        audio = None if _downloads(options) else pool.submit(load_audio)
+        downloads = _downloads(options)
+        audio = pool.submit(load_audio) if not downloads or weight_available("vggish", options.vggish_weights) else None
+        if downloads and audio is not None:
+            audio.result()
         visual = load_visual_extractor(
             options.visual_source,
             options.vgg19_weights,

@@ -32,7 +32,7 @@ from bmfn_pipeline.data import load_ave_dir, load_store
 from bmfn_pipeline.decode import SAMPLE_RATE, decode_clip
 from bmfn_pipeline.errors import BmfnError, WriteError
 from bmfn_pipeline.extract import (FEATURES_REVISION, ExtractOptions, decode_workers, extract, find_videos,
-                                   unique_clips)
+                                   load_extractors, unique_clips)
 from bmfn_pipeline.store import AVE_AUDIO_FILE, AVE_KEY, AVE_VISUAL_FILE, FeatureStore, load_arrays
 from extractors.vgg19 import VisualExtractor, load_visual_extractor
 from extractors.vggish import load_audio_extractor
@@ -747,3 +747,20 @@ def test_random_weights_with_weight_files_are_refused_before_anything_is_said(cl
     result = cli("extract", clips[0], "--out", tmp_path / "feats.h5", *FAST, "--vggish-weights", clips[0])
     assert result.exit_code == 1 and "RANDOM" not in result.stderr  # the line about random weights: never used
     assert not (tmp_path / "feats.h5").exists()
+
+
+def test_a_damaged_local_vggish_file_is_said_before_vgg19s_download(tmp_path, monkeypatch):
+    """Offline, the VGG-19 download's failure used to be the only error: the user mended it, then met this one."""
+    import urllib.error
+
+    import extractors.weights as weights
+
+    monkeypatch.setenv("BMFN_CACHE", str(tmp_path / "cache"))  # no VGG-19 cached: it would be downloaded
+    asked = []
+    monkeypatch.setattr(weights.urllib.request, "urlopen", lambda *a, **k: asked.append(a) or (_ for _ in ()).throw(
+        urllib.error.URLError("offline")))
+    damaged = tmp_path / "vggish-10086976.pth"
+    damaged.write_bytes(b"not the weights")
+    with pytest.raises(BmfnError, match=str(damaged)):
+        load_extractors(ExtractOptions(vggish_weights=str(damaged), device="cpu"), torch.device("cpu"))
+    assert asked == []
