@@ -177,6 +177,17 @@ def _described(differ: list[str], a: Mapping, b: Mapping, a_name: str, b_name: s
     return "; ".join(f"{key} {value(a, key)!r} ({a_name}) vs {value(b, key)!r} ({b_name})" for key in differ)
 
 
+def _precisions(value: str | None) -> set[str]:
+    """The VGG-19 precisions in a ``precision`` record: several are joined by '+'."""
+    return set(str(value).split("+")) if value else set()
+
+
+def _with_precisions(provenance: Mapping, precisions: set[str]) -> dict:
+    """``provenance`` recording the precisions its clips were made in (a store appended to in float32 and bfloat16
+    says 'bfloat16+float32'); unchanged where none is known."""
+    return {**provenance, "precision": "+".join(sorted(precisions))} if precisions else dict(provenance)
+
+
 def _storage_dtype(provenance: Mapping, where: Path) -> np.dtype:
     name = str(provenance.get("dtype", "float32"))
     if name not in STORAGE_DTYPES:
@@ -230,6 +241,7 @@ class FeatureStore:
         self._labels: dict[str, ClipLabels] = {}
         self._pending_labels = False
         self.provenance: dict = {}
+        self._precision: str | None = None  # this writer's, recorded with each clip it journals
         self.dtype = np.dtype("float32")
 
     # -- opening -----------------------------------------------------------------------------------
@@ -281,6 +293,7 @@ class FeatureStore:
             self._write_main()  # an empty but valid store, so the provenance is fixed from the start
         self._load_main()
         if provenance is not None:
+            self._precision = provenance.get("precision")
             differ = _differences(_defining(self.provenance), _defining(provenance))
             if differ:
                 raise BmfnError(f"{self.path}: features were made differently: "
@@ -440,15 +453,18 @@ class FeatureStore:
         return self._reopened_if_moved(read)
 
     def clip_info(self, clip_id: str) -> dict:
-        """The source path and decode warnings recorded with a clip."""
+        """The source path and decode warnings recorded with a clip, and the precision it was made in (for a
+        consolidated clip, the store's: the precisions of all its clips)."""
         def read() -> dict:
             if clip_id in self._parts:
                 with h5py.File(self._parts[clip_id].path, "r") as f:
-                    return {"path": str(f.attrs["path"]), "warnings": json.loads(f.attrs["warnings"])}
+                    return {"path": str(f.attrs["path"]), "warnings": json.loads(f.attrs["warnings"]),
+                            "precision": self._part_precision(f)}
             if clip_id in self._main_index:
                 i = self._main_index[clip_id]
                 return {"path": _strings([self._main["paths"][i]])[0],
-                        "warnings": json.loads(_strings([self._main["warnings"][i]])[0])}
+                        "warnings": json.loads(_strings([self._main["warnings"][i]])[0]),
+                        "precision": self.provenance.get("precision")}
             raise BmfnError(f"{self.path}: no clip {clip_id!r}")
 
         return self._reopened_if_moved(read)
@@ -484,6 +500,8 @@ class FeatureStore:
             f["audio"] = audio.astype(self.dtype)
             f.attrs["path"] = printable(str(path))
             f.attrs["warnings"] = json.dumps(list(warnings))
+            if self._precision:
+                f.attrs["precision"] = str(self._precision)
 
         final = self._write_part(clip_id, _CLIP_PART, fill)
         self._parts[clip_id] = _Part(final, _CLIP_PART, final.stat().st_mtime_ns)
@@ -540,24 +558,30 @@ class FeatureStore:
         self._load_main()
         self._parts, self._failures, self._pending_labels = {}, {}, False
 
+    def _part_precision(self, part: h5py.File) -> str | None:
+        """The precision a journaled clip was made in (parts written before bmfn recorded it: the store's)."""
+        return str(part.attrs["precision"]) if "precision" in part.attrs else self.provenance.get("precision")
+
     def _write_main(self) -> None:
         """Write main file + parts to ``<out>.tmp-<pid>``, fsync, and swap it in."""
         keep = [(cid, i) for cid, i in self._main_index.items() if cid not in self._parts]
         new = list(self._parts.items())
         ids = [cid for cid, _ in keep] + [cid for cid, _ in new]
 
-        def fill(visual: h5py.Dataset, audio: h5py.Dataset) -> tuple[list[str], list[str]]:
+        def fill(visual: h5py.Dataset, audio: h5py.Dataset) -> tuple[list[str], list[str], set[str]]:
             paths, notes = _copy_rows(self._main, [i for _, i in keep], visual, audio, 0) if keep else ([], [])
+            precisions = _precisions(self.provenance.get("precision")) if keep else set()
             for row, (cid, part) in enumerate(new, start=len(keep)):
                 try:
                     with h5py.File(part.path, "r") as f:
                         visual[row], audio[row] = f["visual"][()], f["audio"][()]
                         paths.append(str(f.attrs["path"]))
                         notes.append(str(f.attrs["warnings"]))
+                        precisions |= _precisions(self._part_precision(f))
                 except (OSError, KeyError) as err:  # only a power loss can leave a renamed part incomplete
                     raise BmfnError(f"{part.path}: unreadable journal part ({err}); delete it and rerun "
                                     "to extract that clip again") from None
-            return paths, notes
+            return paths, notes, precisions
 
         tmp = _write_store(self.path, self.provenance, self.dtype, ids, fill, self._labels, self.failures())
         if self._main is not None:
@@ -587,7 +611,8 @@ def _write_store(path: Path, provenance: Mapping, dtype: np.dtype, ids: list[str
                  labels: Mapping[str, ClipLabels], failed: Mapping[str, tuple[str, str]]) -> Path:
     """Write the consolidated layout (module docstring) to ``<path>.tmp-<pid>`` and fsync it; the caller swaps it in.
 
-    ``fill(visual, audio)`` writes the feature rows of ``ids`` and returns their paths and warnings (JSON).
+    ``fill(visual, audio)`` writes the feature rows of ``ids`` and returns their paths, warnings (JSON) and the
+    precisions they were made in, which replace ``provenance``'s where any is known.
     """
     n = len(ids)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -595,11 +620,11 @@ def _write_store(path: Path, provenance: Mapping, dtype: np.dtype, ids: list[str
     with failed_writes(path, tmp, hdf5=True):
         with h5py.File(tmp, "w") as out:
             out.attrs["format_version"] = FORMAT_VERSION
-            out.attrs["provenance"] = json.dumps(provenance, sort_keys=True)
             # maxshape: HDF5 refuses chunks larger than an empty store's shape unless the first axis may grow.
             visual, audio = (out.create_dataset(name, (n, *shape), dtype, chunks=(1, *shape), maxshape=(None, *shape))
                              for name, shape in (("visual", VISUAL_SHAPE), ("audio", AUDIO_SHAPE)))
-            paths, notes = fill(visual, audio)
+            paths, notes, precisions = fill(visual, audio)
+            out.attrs["provenance"] = json.dumps(_with_precisions(provenance, precisions), sort_keys=True)
             out.create_dataset("clip_ids", data=ids, dtype=_STR)
             out.create_dataset("paths", data=paths, dtype=_STR)
             out.create_dataset("warnings", data=notes, dtype=_STR)
@@ -885,21 +910,23 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
                     failed.setdefault(cid, failure)
         ids = [cid for _, store_ids in taken for cid in store_ids]
 
-        def fill(visual: h5py.Dataset, audio: h5py.Dataset) -> tuple[list[str], list[str]]:
-            paths, notes = [], []
+        def fill(visual: h5py.Dataset, audio: h5py.Dataset) -> tuple[list[str], list[str], set[str]]:
+            paths, notes, precisions = [], [], set()
             for store, store_ids in taken:
                 consolidated = [store._main_index[cid] for cid in store_ids if cid not in store._parts]
                 if consolidated:
                     more_paths, more_notes = _copy_rows(store._main, consolidated, visual, audio, len(paths))
                     paths += more_paths
                     notes += more_notes
+                    precisions |= _precisions(store.provenance.get("precision"))
                 for cid in store_ids[len(consolidated):]:
                     with _reading(store.path, cid):
                         features, info = store.read(cid), store.clip_info(cid)
+                    precisions |= _precisions(info["precision"])
                     visual[len(paths)], audio[len(paths)] = features
                     notes.append(json.dumps(info["warnings"]))
                     paths.append(info["path"])
-            return paths, notes
+            return paths, notes, precisions
 
         tmp = _write_store(out, first.provenance, first.dtype, ids, fill, labels, failed)
         for store in stores:  # Windows cannot replace an open file; the locks are held until the swap is done

@@ -155,7 +155,8 @@ def test_merge_joins_clips_labels_and_failures(tmp_path):
     with FeatureStore.open(tmp_path / "merged.h5", create=False, readonly=True) as store:
         assert store.failures() == {"broken": ("broken.mp4", "broken.mp4: cannot decode")}
         assert "never_extracted" in store.labels()
-        assert store.clip_info("vid0100") == {"path": "vid0100.mp4", "warnings": ["a warning"]}
+        assert store.clip_info("vid0100") == {"path": "vid0100.mp4", "warnings": ["a warning"],
+                                                "precision": None}
         assert store.provenance == json.loads(json.dumps(STORE_PROVENANCE))
     assert not list(tmp_path.glob("merged.h5.tmp-*"))
 

@@ -72,7 +72,7 @@ def test_round_trip_before_and_after_consolidate(tmp_path):
         assert store.clip_ids() == ids + ["late"] and len(store) == 5
         for seed, cid in enumerate(ids):
             assert_clip(store, cid, seed)
-        assert store.clip_info(ids[2]) == {"path": f"videos/{ids[2]}.mp4", "warnings": ["w2"]}
+        assert store.clip_info(ids[2]) == {"path": f"videos/{ids[2]}.mp4", "warnings": ["w2"], "precision": None}
         assert store.provenance == PROVENANCE
     with h5py.File(out, "r") as f:  # the documented layout
         assert f["visual"].chunks == (1, *VISUAL_SHAPE) and f["audio"].chunks == (1, *AUDIO_SHAPE)
@@ -234,6 +234,41 @@ def test_verified_weights_under_another_file_name_make_the_same_features(tmp_pat
     assert merge_stores([a, b], tmp_path / "merged.h5").clips == 2  # shards of machines that named them apart
     with pytest.raises(BmfnError, match=r"visual\.checksum 'sha256:v' \(the store\) vs 'sha256:w'"):
         FeatureStore.open(a, made_with("vgg19_notop.h5", "pca.npz", checksum="sha256:w"))
+
+
+def test_a_store_made_in_two_precisions_says_so(tmp_path):
+    """The precision describes the run, so a store may be appended to in another; its provenance then names both,
+    also when the appending run was killed before consolidating and a run in the first precision finished it."""
+    bf16, fp32 = ({**PROVENANCE, "precision": p} for p in ("bfloat16", "float32"))
+    out = tmp_path / "feats.h5"
+    with FeatureStore.open(out, bf16) as store:
+        store.add_clip("a", *clip(0), path="a.mp4")
+        store.consolidate()
+    with FeatureStore.open(out, fp32) as store:
+        store.add_clip("b", *clip(1), path="b.mp4")  # killed here: journaled, not consolidated
+        assert [store.clip_info(c)["precision"] for c in "ab"] == ["bfloat16", "float32"]
+    with FeatureStore.open(out, bf16) as store:
+        store.consolidate()
+        assert store.provenance["precision"] == "bfloat16+float32"
+        assert store.clip_info("b")["precision"] == "bfloat16+float32"  # no longer told apart per clip
+    with FeatureStore.open(out, create=False, readonly=True) as store:
+        assert store.provenance == {**PROVENANCE, "precision": "bfloat16+float32"}
+
+    # A store whose every clip is made again in one precision says that one; a merge names its inputs' precisions.
+    with FeatureStore.open(out, fp32) as store:
+        for seed, cid in enumerate("ab"):
+            store.add_clip(cid, *clip(seed), path=f"{cid}.mp4")
+        store.consolidate()
+        assert store.provenance["precision"] == "float32"
+    other = tmp_path / "other.h5"
+    with FeatureStore.open(other, bf16) as store:
+        store.add_clip("c", *clip(2), path="c.mp4")  # journaled only
+    merge_stores([out, other], tmp_path / "merged.h5")
+    with FeatureStore.open(tmp_path / "merged.h5", create=False, readonly=True) as store:
+        assert store.provenance["precision"] == "bfloat16+float32"
+    merge_stores([out], tmp_path / "alone.h5")
+    with FeatureStore.open(tmp_path / "alone.h5", create=False, readonly=True) as store:
+        assert store.provenance["precision"] == "float32"
 
 
 def test_failures_recorded_and_cleared(tmp_path):
@@ -411,7 +446,7 @@ def test_a_reader_goes_on_while_the_writer_consolidates(tmp_path, monkeypatch):
     with FeatureStore.open(out, create=False, readonly=True) as reader:
         writer.consolidate()
         assert_clip(reader, "c0", 0)
-        assert reader.clip_info("c1") == {"path": "c1.mp4", "warnings": ["w1"]}
+        assert reader.clip_info("c1") == {"path": "c1.mp4", "warnings": ["w1"], "precision": None}
         assert reader.failures() == {"bad": ("bad.mp4", "bad.mp4: truncated")}
     for seed in range(3, 5):
         writer.add_clip(f"c{seed}", *clip(seed), path=f"c{seed}.mp4")
