@@ -173,9 +173,22 @@ def merge_shards(inputs: Iterable[str | os.PathLike], out: str | os.PathLike,
     inputs = list(inputs)
     missing = missing_shards(inputs)
     if missing and not allow_missing:
-        raise BmfnError(f"{missing[0]}: shard file not given ({len(missing)} of the shards missing); "
-                        "extract it first, or --allow-missing")
+        raise BmfnError(f"{missing[0]}: shard file not given ({len(missing)} of the shards missing"
+                        f"{_mixed_counts(inputs)}); extract it first, or --allow-missing")
     return merge_stores(inputs, out)
+
+
+def _mixed_counts(paths: Iterable[str | os.PathLike]) -> str:
+    """', the shards given are of runs in 2 and 4 shards' where shards of one name come in several counts (a
+    glob that took two runs' shards), else ''."""
+    counts: dict[tuple[str, str], set[int]] = {}
+    for path in map(Path, paths):
+        match = SHARD_NAME.match(path.name)
+        if match:
+            counts.setdefault((match["stem"], match["suffix"]), set()).add(int(match["count"]))
+    mixed = next((sorted(c) for c in counts.values() if len(c) > 1), None)
+    return f"; the shards given are of runs in {', '.join(map(str, mixed[:-1]))} and {mixed[-1]} shards" \
+        if mixed else ""
 
 
 def start_together() -> None:

@@ -31,8 +31,8 @@ from test_data import SMALL_AUDIO, SMALL_MODEL, SMALL_VISUAL, STORE_PROVENANCE, 
 
 from bmfn_pipeline.ave import CATEGORIES
 from bmfn_pipeline.cli import main
-from bmfn_pipeline.distributed import (Shard, local_batch, missing_shards, process_group, resolve_shard, shard_of,
-                                       share_from_main, wrap)
+from bmfn_pipeline.distributed import (Shard, local_batch, merge_shards, missing_shards, process_group, resolve_shard,
+                                       shard_of, share_from_main, wrap)
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.model import BMFN, BMFNConfig, fully_supervised_loss
 from bmfn_pipeline.store import FeatureStore, load_arrays, merge_stores
@@ -117,6 +117,19 @@ def test_missing_shards(tmp_path, monkeypatch):
     # two runs' shards under one name, one run short of a shard: each folder is a run of its own
     other = [tmp_path / "e" / f"feats.shard-0000{i}-of-00003.h5" for i in range(2)]
     assert missing_shards([*spelled, *other]) == [tmp_path / "e" / "feats.shard-00002-of-00003.h5"]
+
+
+def test_a_merge_of_two_runs_shards_says_so(tmp_path):
+    """A glob that took the shards of a 2-shard and a 4-shard run names the mix-up, not just a missing shard."""
+    two = [Shard(i, 2).path(tmp_path / "feats.h5") for i in range(2)]
+    four = [Shard(i, 4).path(tmp_path / "feats.h5") for i in (0, 1)]
+    for path in (*two, *four):
+        path.touch()
+    with pytest.raises(BmfnError, match=r"shard-00002-of-00004\.h5: shard file not given \(2 of the shards missing; "
+                                        r"the shards given are of runs in 2 and 4 shards\)"):
+        merge_shards([*two, *four], tmp_path / "out.h5")
+    with pytest.raises(BmfnError, match=r"\(1 of the shards missing\); extract"):
+        merge_shards(two[:1], tmp_path / "out.h5")
 
 
 # ---------------------------------------------------------------------------------------------- merge
