@@ -609,7 +609,7 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
               help="A new or empty folder for everything the demo writes. Default: ./bmfn-demo (-2, -3, ... if taken).")
 @click.option("--quick", is_flag=True, help="A much smaller run (about 1.5 minutes on 2 free cores), as the tests use.")
 @click.option("--clips", type=click.IntRange(6), help="Synthetic clips to make (default 96; 24 with --quick).")
-@click.option("--epochs", type=click.IntRange(1), help="Training epochs (default 12).")
+@click.option("--epochs", type=click.IntRange(1), help="Training epochs (default 20; 12 with --quick).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0),
               help="Seed of the dataset, the random networks and training.")
 def demo(out, quick, clips, epochs, seed) -> None:
