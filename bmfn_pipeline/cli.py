@@ -450,9 +450,10 @@ def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size,
 
 
 @main.command()
+@click.argument("named", metavar="[CHECKPOINT]", required=False, type=click.Path(exists=True))
 @click.option("--checkpoint", type=click.Path(exists=True),
-              help="A best.pt or last.pt, or a run folder (its best.pt). Default: the newest run's best.pt under "
-                   "runs/.")
+              help="A best.pt or last.pt, or a run folder (its best.pt); also given as the argument. Default: the "
+                   "newest run's best.pt under runs/.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True,
               help="The split whose clips are scored.")
 @click.option("--ave-dir", type=click.Path(exists=True, file_okay=False), help="Default: the data the run trained on.")
@@ -469,16 +470,20 @@ def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size,
               help="tf32: float32 with TF32 tensor-core matmuls (CUDA); bfloat16: autocast (mixed precision).")
 @click.option("--force", is_flag=True, help="Evaluate on features whose provenance differs from the checkpoint's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def evaluate(checkpoint, split, ave_dir, features, annotations, splits, batch_size, device, precision, force,
+def evaluate(named, checkpoint, split, ave_dir, features, annotations, splits, batch_size, device, precision, force,
              as_json) -> None:
     """Segment accuracy (all segments, background included), per-class accuracy and a confusion-matrix PNG.
 
     \b
-    Example:
+    Examples:
+      bmfn evaluate runs/fully-20250101-120000 --split val
       bmfn evaluate --checkpoint runs/fully-20250101-120000/best.pt --split test
     """
     from bmfn_pipeline.evaluate import evaluate as run_evaluate
 
+    if named is not None and checkpoint is not None:
+        raise click.UsageError(f"two checkpoints named, {named} and --checkpoint {checkpoint}: give one")
+    checkpoint = named if checkpoint is None else checkpoint
     if checkpoint is None:
         from bmfn_pipeline.train import latest_checkpoint
 

@@ -491,6 +491,15 @@ def test_cli_chain_train_then_evaluate_on_a_store(tmp_path, monkeypatch):
     assert report["split"] == "test" and report["segments"] == 10 and report["clips"] == 1
     assert Path(report["checkpoint"]).resolve() == (run_dirs[0] / "best.pt").resolve()
     assert np.array(report["confusion"]).sum() == 10 and os.path.isfile(report["confusion_png"])
+    # the checkpoint as the argument, as localize's files are given: a run folder, or a file of it
+    for named in (run_dirs[0], run_dirs[0] / "last.pt"):
+        result = runner.invoke(main, ["evaluate", str(named), "--json"])
+        assert result.exit_code == 0, result.output
+        given = json.loads(result.stdout.splitlines()[-1])
+        assert Path(given["checkpoint"]).name == Path(named / "best.pt" if named.is_dir() else named).name
+        assert given["accuracy"] == report["accuracy"] and "no checkpoint named" not in result.stderr
+    result = runner.invoke(main, ["evaluate", str(run_dirs[0]), "--checkpoint", str(run_dirs[0] / "last.pt")])
+    assert result.exit_code == 2 and "two checkpoints named" in result.output
 
     # A folder the confusion PNG cannot go to (a read-only checkpoint folder) costs the PNG, not the result; a
     # damaged run.json beside the run does not stop the search for the newest one.
