@@ -153,7 +153,11 @@ class EvalResult:
     def summary(self) -> str:
         lines = [f"{self.split} segment accuracy: {self.accuracy:.2f} % ({self.clips} clips, {self.segments} segments)",
                  f"checkpoint: {self.checkpoint}", f"data: {self.data}", "per class:"]
-        lines += [f"  {name:<32} {'-' if np.isnan(acc) else f'{acc:6.2f}'}" for name, acc in self.per_class.items()]
+        scored = {name: acc for name, acc in self.per_class.items() if not np.isnan(acc)}
+        lines += [f"  {name:<32} {acc:6.2f}" for name, acc in scored.items()]
+        if len(scored) < len(self.per_class):
+            unscored = len(self.per_class) - len(scored)
+            lines.append(f"  ({unscored} {'class has' if unscored == 1 else 'classes have'} no {self.split} segments)")
         if self.confusion_png:
             lines.append(f"confusion matrix: {self.confusion_png}")
         lines += [f"features made differently (--force): {difference}" for difference in self.forced]

@@ -8,8 +8,8 @@ import torch
 
 from bmfn_pipeline.ave import BACKGROUND, NUM_CLASSES
 from bmfn_pipeline.errors import BmfnError
-from bmfn_pipeline.evaluate import (compute_precision, confusion_matrix, per_class_accuracy, plot_confusion,
-                                    segment_accuracy)
+from bmfn_pipeline.evaluate import (EvalResult, compute_precision, confusion_matrix, per_class_accuracy,
+                                    plot_confusion, segment_accuracy)
 
 
 def test_accuracy_pools_all_segments_background_included():
@@ -49,6 +49,18 @@ def test_confusion_and_per_class():
     assert np.isnan(per_class[2])  # no segment of class 2
     # the pooled accuracy is the trace over the total
     assert segment_accuracy(pred, target) == pytest.approx(100 * np.trace(matrix) / matrix.sum())
+
+
+def test_summary_lists_the_classes_scored_and_counts_the_others():
+    """Data of a few classes (one's own, the demo's) lists those, not 25 lines of dashes."""
+    per_class = {"Church bell": 100.0, "Bark": 75.0, "Flute": float("nan"), "background": 81.43}
+    result = EvalResult("run/best.pt", "val", "feats.h5", 2, 20, 85.0, per_class, [], None)
+    lines = result.summary().splitlines()
+    assert lines[lines.index("per class:") + 1:] == ["  Church bell                      100.00",
+                                                     "  Bark                              75.00",
+                                                     "  background                        81.43",
+                                                     "  (1 class has no val segments)"]
+    assert result.to_dict()["per_class"]["Flute"] is None  # --json keeps every class
 
 
 def test_confusion_png(tmp_path):
