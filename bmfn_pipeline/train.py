@@ -260,8 +260,10 @@ def _train(config: TrainConfig, data: FeatureData | None, log) -> TrainResult:
         raise BmfnError(f"{data.source['path']}: the train split is empty ({data.split_rule})")
     selection = "test" if config.select_on_test else "val"
     if len(data.splits[selection]) == 0:
+        other = "" if config.select_on_test or not len(data.splits["test"]) else \
+            " (--select-on-test selects on the test split instead, as the official code does)"
         raise BmfnError(f"{data.source['path']}: the {selection} split is empty ({data.split_rule}); "
-                        "model selection needs it")
+                        f"model selection needs it{other}")
     for split in ("val", "test"):
         if len(data.splits[split]) == 0:
             log(f"note: no {split} clips ({data.split_rule}): no {split} accuracy is reported")

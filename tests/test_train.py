@@ -111,6 +111,24 @@ def test_weakly_supervised_learns_from_video_labels(tmp_path, monkeypatch):
     assert run.test_acc >= 50 and run.test_acc >= always_background + 15
 
 
+def test_an_empty_val_split_stops_training_and_names_the_way_on(tmp_path):
+    directory = make_ave_dir(tmp_path / "ave", n_clips=12)
+    with h5py.File(directory / "val_order.h5", "r") as f:
+        val = f["order"][()]
+    with h5py.File(directory / "train_order.h5", "a") as f:  # the val clips go to train: val is empty
+        train_rows = np.concatenate([f["order"][()], val])
+        del f["order"]
+        f["order"] = train_rows
+    with h5py.File(directory / "val_order.h5", "w") as f:
+        f["order"] = np.zeros(0, np.int64)
+    config = dict(mode="fully", ave_dir=str(directory), epochs=1, **FAST)
+    with pytest.raises(BmfnError, match=r"val split is empty .*; model selection needs it \(--select-on-test"):
+        train(TrainConfig(out=str(tmp_path / "run"), **config), log=quiet)
+    assert not (tmp_path / "run").exists()
+    result = train(TrainConfig(out=str(tmp_path / "run"), select_on_test=True, **config), log=quiet)
+    assert result.runs[0].best_epoch == 1 and (tmp_path / "run" / "best.pt").is_file()
+
+
 def test_resume_continues_where_the_run_stopped(tmp_path):
     directory = make_ave_dir(tmp_path / "ave", n_clips=24)
     # A milestone after the resume point: the resumed run must halve the rate where the straight one does.
