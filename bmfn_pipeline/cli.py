@@ -178,6 +178,7 @@ def main() -> None:
       bmfn train
       bmfn evaluate --json
       bmfn localize clip.mp4 --format srt --output-dir subs/
+      bmfn info feats.h5
     """
 
 
@@ -350,6 +351,37 @@ def merge(stores, out, allow_missing) -> None:
     from bmfn_pipeline.distributed import merge_shards
 
     click.echo(merge_shards(stores, out, allow_missing=allow_missing).line())
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per path, one per line, listing every clip.")
+def info(paths, as_json) -> None:
+    """Show what a feature store or a checkpoint holds: clips, labels and splits, failures, decode notes, clips a
+    stopped run left in the journal, how the features were made; a checkpoint's mode, epoch, accuracies and data.
+
+    PATHS are feature stores (.h5), checkpoints (.pt) or run folders. A store may be read while `bmfn extract`
+    writes to it. A path that cannot be read gives a one-line error; the others are still shown and the exit
+    code is 1.
+
+    \b
+    Examples:
+      bmfn info feats.h5
+      bmfn info runs/fully-20250101-120000 --json
+    """
+    from bmfn_pipeline.info import info as describe, to_json
+
+    failed = False
+    for path in paths:
+        try:
+            result = describe(path)
+        except BmfnError as exc:
+            click.echo(f"bmfn: error: {one_line(str(exc))}", err=True)
+            failed = True
+            continue
+        click.echo(to_json(result) if as_json else "\n".join(result.lines()))
+    if failed:
+        sys.exit(1)
 
 
 def _milestones(ctx, param, value):

@@ -431,6 +431,38 @@ class FeatureStore:
 
         return self._reopened_if_moved(read)
 
+    def journaled(self) -> list[str]:
+        """Complete clips held only in the journal, not yet consolidated (a run was stopped before its end)."""
+        return [cid for cid in self._parts if cid not in self._main_index]
+
+    def being_written(self) -> bool:
+        """Whether a process holds the writer's lock now (extracting into, or merging, this store)."""
+        if fcntl is None or self._lock_fd is not None:
+            return False
+        try:
+            fd = os.open(self.parts_dir / ".lock", os.O_RDONLY)
+        except OSError:  # no lock file: never written by a process that locks
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # releases the shared lock, if taken
+
+    def notes(self) -> dict[str, list[str]]:
+        """Clip id -> the decode notes recorded with it, for the clips that have any."""
+        def read() -> dict[str, list[str]]:
+            main = zip(self._main_index, _strings(self._main["warnings"][()]))
+            out = {cid: json.loads(text) for cid, text in main if cid not in self._parts}
+            for cid, part in self._parts.items():
+                with h5py.File(part.path, "r") as f:
+                    out[cid] = json.loads(f.attrs["warnings"])
+            return {cid: notes for cid, notes in out.items() if notes}
+
+        return self._reopened_if_moved(read)
+
     def labels(self) -> dict[str, ClipLabels]:
         """Every label given, keyed by clip id (also for clips not extracted yet)."""
         return dict(self._labels)

@@ -302,7 +302,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     model = uninitialised(lambda: BMFN(BMFNConfig(**state["model_config"])))
     model.load_state_dict(state["model_state"])  # also checkpoints of bmfn before grouping
     model.to(device).eval()
-    return model, {k: v for k, v in state.items() if k not in ("model_state", "optimizer", "scheduler", "rng")}
+    return model, _metadata(state)
+
+
+def load_checkpoint_metadata(path: str | Path) -> dict:
+    """A checkpoint's metadata as load_checkpoint gives it, without its model: the weights are mapped, never read."""
+    return _metadata(_load_state(resolve_checkpoint(path), "cpu", mmap=True))
+
+
+def _metadata(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k not in ("model_state", "optimizer", "scheduler", "rng")}
 
 
 def _check_finite(path: Path, weights: dict) -> None:
