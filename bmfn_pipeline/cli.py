@@ -8,6 +8,7 @@ import errno
 import gc
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -307,7 +308,8 @@ def extract(inputs, out, annotations, splits, frames_per_second, visual_source, 
                    "without extension and must be the annotation's video id", err=True)
     if summary.failed:
         raise BmfnError(f"{len(summary.failed)} of {len(summary.failed) + len(summary.done) + len(summary.skipped)} "
-                        f"clips failed; their errors are above and recorded in {summary.out}")
+                        f"clips failed; their errors are above and recorded in {summary.out} "
+                        f"(`bmfn info {shlex.quote(str(summary.out))}` lists them)")
 
 
 @main.command("export-ave")

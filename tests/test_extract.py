@@ -348,7 +348,10 @@ def test_corrupt_files_among_good_ones(extracted, clips, tmp_path):
     for bad in (truncated, text, videos / "caf\\xe9.webm"):
         assert len([line for line in errors if str(bad) in line]) == 1
     assert "1 extracted, 0 already done, 3 failed" in result.stdout
-    assert "3 of 4 clips failed" in errors[-1] and str(out) in errors[-1]
+    assert "3 of 4 clips failed" in errors[-1]
+    assert errors[-1].endswith(f"recorded in {out} (`bmfn info {out}` lists them)")
+    listed = cli("info", out)
+    assert listed.exit_code == 0 and "  failed    3 clips" in listed.stdout
     with FeatureStore.open(out, create=False, readonly=True) as store:
         assert store.clip_ids() == [Path(BUNNY_1S).stem]
         failures = store.failures()
