@@ -432,7 +432,7 @@ class FeatureStore:
         return self._reopened_if_moved(read)
 
     def journaled(self) -> list[str]:
-        """Complete clips held only in the journal, not yet consolidated (a run was stopped before its end)."""
+        """Complete clips held only in the journal, not yet consolidated (by a run writing now, or one stopped)."""
         return [cid for cid in self._parts if cid not in self._main_index]
 
     def being_written(self) -> bool:
