@@ -37,6 +37,7 @@ SHARD_NAME = re.compile(r"^(?P<stem>.+)\.shard-(?P<index>\d+)-of-(?P<count>\d+)(
 FINISH_TIMEOUT = timedelta(hours=48)
 JOIN_TIMEOUT = timedelta(minutes=30)
 _extracting_together = False  # start_together joined a process group that finish_together ends
+_running_stand_in = False  # this rank runs local_batch's stand-in row now (see stand_in)
 
 T = TypeVar("T")
 
@@ -288,7 +289,8 @@ def local_batch(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
     DDP averages gradients over ranks; scaling each rank's mean loss by n_rank * world / n_global makes that
     average the gradient of the global batch's mean loss, also when the slices differ in size. A rank whose
     slice is empty (a last batch smaller than the world) runs one stand-in row with weight 0, because every
-    rank must take part in each backward pass; that row then only enters the BatchNorm statistics.
+    rank must take part in each backward pass; its forward runs under `stand_in(True)`, so that the row stays
+    out of the BatchNorm statistics too (weight 0).
     """
     world = _world()
     if world == 1:
@@ -300,6 +302,18 @@ def local_batch(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
     if hi == lo:
         lo, hi = 0, 1
     return {name: value[lo:hi] for name, value in batch.items()}, weight
+
+
+@contextlib.contextmanager
+def stand_in(active: bool) -> Iterator[None]:
+    """While this rank runs local_batch's stand-in row (`active`: its weight is 0), SyncBatchNorm2d adds nothing
+    of it to the global batch's sums and count: the statistics are those of the real rows, as in one process."""
+    global _running_stand_in
+    _running_stand_in = active
+    try:
+        yield
+    finally:
+        _running_stand_in = False
 
 
 def all_sum(values: torch.Tensor) -> torch.Tensor:
@@ -346,10 +360,11 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
 
         x = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics at least in float32, as BatchNorm
         dims = (0, 2, 3)
-        count = total(torch.tensor(float(x.numel() // x.shape[1]), dtype=x.dtype, device=x.device))
-        mean = total(x.sum(dims)) / count
+        share = 0.0 if _running_stand_in else 1.0  # a stand-in row (see stand_in) counts for nothing
+        count = total(torch.tensor(share * (x.numel() // x.shape[1]), dtype=x.dtype, device=x.device))
+        mean = total(x.sum(dims) * share) / count
         centred = x - mean[None, :, None, None]
-        var = total(centred.pow(2).sum(dims)) / count  # biased, as BatchNorm normalises with
+        var = total(centred.pow(2).sum(dims) * share) / count  # biased, as BatchNorm normalises with
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1

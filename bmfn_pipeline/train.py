@@ -35,7 +35,7 @@ from tqdm import tqdm
 from bmfn_pipeline import __version__
 from bmfn_pipeline.data import FeatureData, batches, find_default_data, load_data, num_batches
 from bmfn_pipeline.distributed import (all_sum, local_batch, process_group, rank_device, rank_env, resolve_device,
-                                       seed_rank, share_from_main, wrap)
+                                       seed_rank, share_from_main, stand_in, wrap)
 from bmfn_pipeline.errors import BmfnError, WriteError, check_counts, failed_writes, written
 from bmfn_pipeline.evaluate import (CLASS_NAMES, compute_precision, predict_labels, predict_rows, segment_accuracy,
                                    to_numpy)
@@ -437,7 +437,7 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
         """One optimisation step, tensor work only (it may be captured as a CUDA graph)."""
         network = compiled if len(batch["audio"]) == config.batch_size else replica
         batch, weight = local_batch(batch)  # the whole batch and 1.0 in a single process
-        with compute_precision(device, config.precision):
+        with compute_precision(device, config.precision), stand_in(weight == 0):
             output = network(batch["visual"], batch["audio"])
         output = BMFNOutput(*(None if t is None else t.float() for t in output))
         loss = loss_fn(output, batch[target_key])

@@ -3,7 +3,8 @@
 The torchrun runs start `python -m torch.distributed.run --standalone --nproc-per-node 2` as a subprocess, as a
 user would. For training this file is also the worker script (`_worker`, at the bottom): it checks DDP gradients
 against one process in float64, then trains through the Python API with a small model and dropout off (dropout
-masks are drawn per rank and cannot match a single process).
+masks are drawn per rank and cannot match a single process). One gradient check runs 3 ranks, so that a batch
+can be smaller than the world and larger than one clip.
 
 How close "matches" is: in float64 the DDP gradient of a global batch equals the single-process one to 1e-9
 (relative), so the arithmetic is the same. In float32 the summation order differs (gradients all-reduced,
@@ -32,14 +33,14 @@ from test_data import SMALL_AUDIO, SMALL_MODEL, SMALL_VISUAL, STORE_PROVENANCE, 
 from bmfn_pipeline.ave import CATEGORIES
 from bmfn_pipeline.cli import main
 from bmfn_pipeline.distributed import (Shard, local_batch, merge_shards, missing_shards, process_group, resolve_shard,
-                                       shard_of, share_from_main, wrap)
+                                       shard_of, share_from_main, stand_in, wrap)
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.model import BMFN, BMFNConfig, fully_supervised_loss
 from bmfn_pipeline.store import FeatureStore, load_arrays, merge_stores
 from bmfn_pipeline.train import TrainConfig, load_checkpoint, train
 
 REPO = Path(__file__).resolve().parents[1]
-TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node")
 # Three short clips; by the SHA-1 of their ids the first two fall in shard 0 of 2, the chaplin clip in shard 1.
 CLIPS = ("moviepy_big_buck_bunny_432_433.webm", "ave_0lFf-HP86Q0.mp4", "moviepy_chaplin.mp4")
 FAST = ("--weights", "random", "--seed", "0", "--frames-per-second", "1", "--device", "cpu", "--workers", "0")
@@ -60,13 +61,13 @@ def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-def torchrun(*args, cwd: Path) -> subprocess.CompletedProcess:
+def torchrun(*args, cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    return subprocess.run([*TORCHRUN, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([*TORCHRUN, str(processes), *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
 # ---------------------------------------------------------------------------------------------- shards
@@ -374,11 +375,23 @@ def test_ddp_training_matches_one_process(tmp_path):
     assert [Path(f"{report}.ddp{rank}").read_text() for rank in (0, 1)] == ["0", "0"]
 
 
+def test_a_batch_smaller_than_the_world_keeps_its_stand_ins_out_of_batchnorm(tmp_path):
+    """3 ranks: batches of 2 and 1 clips leave one and two ranks a zero-weight stand-in row (local_batch), which
+    must not enter the synchronised BatchNorm's statistics (with 2 ranks a stand-in is alone, and harmless)."""
+    report = tmp_path / "gradients.json"
+    run = torchrun(__file__, "gradients", report, cwd=tmp_path, processes=3)
+    assert run.returncode == 0, run.stderr[-3000:]
+    errors = json.loads(report.read_text())
+    assert {"batch of 2", "running statistics, batch of 1"} <= set(errors)
+    for case, error in errors.items():
+        assert error < GRADIENT_RTOL, case
+
+
 def _worker(config: str, report: str) -> None:
     """One rank of test_ddp_training_matches_one_process: the float64 gradient check, then the float32 run."""
     gc.disable()  # as when no automatic collection comes before the end: process_group must free DDP itself
     with process_group(torch.device("cpu")) as env:
-        errors = _gradient_errors()
+        errors = _gradient_errors((7, 1))  # split 3 + 4 between the ranks; 1: a zero-weight stand-in
         if env.is_main:
             Path(report).write_text(json.dumps(errors))
         train(TrainConfig(**json.loads(config)))  # in the same process group
@@ -391,14 +404,23 @@ def _worker(config: str, report: str) -> None:
     Path(f"{report}.ddp{env.rank}").write_text(str(alive))
 
 
-def _gradient_errors() -> dict[str, float]:
-    """DDP's gradients against one process's, in float64, relative to the largest; its DDP wrappers are garbage
-    once it returns (process_group collects them before the group goes)."""
+def _gradient_worker(report: str) -> None:
+    """One rank of test_a_batch_smaller_than_the_world_keeps_its_stand_ins_out_of_batchnorm."""
+    with process_group(torch.device("cpu")) as env:
+        errors = _gradient_errors((5, 2, 1))
+        if env.is_main:
+            Path(report).write_text(json.dumps(errors))
+
+
+def _gradient_errors(sizes: tuple[int, ...]) -> dict[str, float]:
+    """DDP's gradients and BatchNorm running statistics after one step on a global batch of each size, against one
+    process's, in float64, relative to the largest; its DDP wrappers are garbage once it returns (process_group
+    collects them before the group goes)."""
     model_config = BMFNConfig(mode="fully", **DDP_CONFIG["model"])
     torch.set_default_dtype(torch.float64)
     errors = {}
     try:
-        for n in (7, 1):  # split 3 + 4 between the ranks; a batch smaller than the world (a zero-weight stand-in)
+        for n in sizes:
             generator = torch.Generator().manual_seed(n)
             batch = {"visual": torch.rand(n, 10, *SMALL_VISUAL, generator=generator),
                      "audio": torch.rand(n, 10, SMALL_AUDIO, generator=generator),
@@ -410,14 +432,23 @@ def _gradient_errors() -> dict[str, float]:
             replica = wrap(model, torch.device("cpu"))
             local, weight = local_batch(batch)
             fully_supervised_loss(reference(batch["visual"], batch["audio"]), batch["labels"]).backward()
-            (fully_supervised_loss(replica(local["visual"], local["audio"]), local["labels"]) * weight).backward()
+            with stand_in(weight == 0):  # as train's step
+                output = replica(local["visual"], local["audio"])
+            (fully_supervised_loss(output, local["labels"]) * weight).backward()
             want, got = dict(reference.named_parameters()), dict(model.named_parameters())
             errors[f"batch of {n}"] = max(float((got[k].grad - p.grad).abs().max() / p.grad.abs().max())
                                           for k, p in want.items())
+            got = dict(model.named_buffers())
+            errors[f"running statistics, batch of {n}"] = max(
+                float((got[k] - b).abs().max() / b.abs().max()) for k, b in reference.named_buffers()
+                if b.is_floating_point())
     finally:
         torch.set_default_dtype(torch.float32)
     return errors
 
 
 if __name__ == "__main__":
-    _worker(*sys.argv[1:])
+    if sys.argv[1] == "gradients":
+        _gradient_worker(*sys.argv[2:])
+    else:
+        _worker(*sys.argv[1:])
