@@ -270,7 +270,8 @@ def _train(config: TrainConfig, data: FeatureData | None, log) -> TrainResult:
     if config.select_on_test:
         log("--select-on-test: keeping the epoch with the best TEST accuracy (the official protocol); "
             "the reported test accuracy is then optimistic")
-    if rank_env().is_main:
+    main = rank_env().is_main  # rank 0 writes the run folder; under torchrun the others write nothing
+    if main:
         if config.resume:
             _record_resume_settings(run_dir, config)
         else:
@@ -288,7 +289,7 @@ def _train(config: TrainConfig, data: FeatureData | None, log) -> TrainResult:
         seed_dir = run_dir if config.seeds == 1 else run_dir / f"seed-{seed}"
         runs.append(_train_seed(config, seed, data, seed_dir, device, log))
     result = TrainResult(run_dir, runs, data.describe())
-    if config.seeds > 1:
+    if config.seeds > 1 and main:
         _write_json(run_dir / SUMMARY, result.to_dict())
     return result
 
@@ -391,7 +392,9 @@ def check_provenance(trained: dict, given: dict, *, force: bool = False, what: s
 
 def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path, device: torch.device,
                 log) -> RunResult:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    main = rank_env().is_main
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     _seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)  # the shuffling order, saved with the rest of the RNG state
     model = BMFN(BMFNConfig(mode=config.mode, **config.model)).to(device)
@@ -402,7 +405,6 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
     if config.compile:
         use_compile_cache()
     compiled = torch.compile(replica, options=COMPILE_OPTIONS) if config.compile else replica
-    main = rank_env().is_main
     graphs = config.cuda_graphs and device.type == "cuda" and replica is model
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, capturable=graphs, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), config.gamma)

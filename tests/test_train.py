@@ -420,6 +420,19 @@ def test_seeds_report_mean_and_std(tmp_path):
         resolve_checkpoint(tmp_path)  # holds a run, but is none: not a checkpoint found somewhere below it
 
 
+def test_a_rank_other_than_0_writes_nothing_into_the_run_folder(tmp_path, monkeypatch):
+    """Under torchrun rank 0 writes the run folder; another rank writing too (summary.json of several seeds) raced
+    it for the same temporary file. Here one process plays rank 1 of 2, with the folder rank 0 would have made."""
+    from bmfn_pipeline.distributed import RankEnv
+
+    directory = make_ave_dir(tmp_path / "ave", n_clips=12)
+    monkeypatch.setattr(train_module, "rank_env", lambda: RankEnv(rank=1, world_size=2))
+    (tmp_path / "run").mkdir()
+    result = train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(tmp_path / "run"), epochs=1, seeds=2,
+                               **FAST), log=quiet)
+    assert len(result.runs) == 2 and list((tmp_path / "run").iterdir()) == []
+
+
 def test_summary_finds_the_best_checkpoint_from_any_folder_and_after_a_move(tmp_path, monkeypatch):
     directory = make_ave_dir(tmp_path / "ave", n_clips=12)
     (tmp_path / "work").mkdir()
