@@ -269,6 +269,15 @@ def share_from_main(make: Callable[[], T]) -> T:
     return shared[0]
 
 
+def gathered(value: T) -> list[T]:
+    """`value` of every rank, in rank order, on every rank; [value] with one process."""
+    if _world() == 1:
+        return [value]
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """In a process group: `model` with synchronised BatchNorm, in DistributedDataParallel. Else `model` itself.
 

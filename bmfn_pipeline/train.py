@@ -17,6 +17,7 @@ for: there, --resume continues the run faithfully but not bit for bit.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import random
@@ -34,8 +35,8 @@ from tqdm import tqdm
 
 from bmfn_pipeline import __version__
 from bmfn_pipeline.data import FeatureData, batches, find_default_data, load_data, num_batches
-from bmfn_pipeline.distributed import (all_sum, local_batch, process_group, rank_device, rank_env, resolve_device,
-                                       seed_rank, share_from_main, stand_in, wrap)
+from bmfn_pipeline.distributed import (all_sum, gathered, local_batch, process_group, rank_device, rank_env,
+                                       resolve_device, seed_rank, share_from_main, stand_in, wrap)
 from bmfn_pipeline.errors import BmfnError, WriteError, check_counts, failed_writes, written
 from bmfn_pipeline.evaluate import (CLASS_NAMES, compute_precision, predict_labels, predict_rows, segment_accuracy,
                                    to_numpy)
@@ -248,6 +249,7 @@ def _train(config: TrainConfig, data: FeatureData | None, log) -> TrainResult:
     device = rank_device(resolve_device(config.device))
     if data is None:
         data = _load_config_data(config, log)
+    _check_same_data_on_every_rank(data)
     # Absolute paths of what was loaded, so --resume and `bmfn evaluate` find it from any folder.
     config = replace(config, **{"ave_dir" if data.source["kind"] == "ave-dir" else "features": data.source["path"],
                                 "annotations": data.source["annotations"], "splits": data.source["splits"]})
@@ -734,6 +736,19 @@ def _load_config_data(config: TrainConfig, log) -> FeatureData:
         log(f"no data named: using {next(iter(sources.values()))} found in the current folder")
     return load_data(**sources, annotations=config.annotations, splits=config.splits,
                      include_noisy=config.include_noisy and config.mode == "weakly", progress=config.progress)
+
+
+def _check_same_data_on_every_rank(data: FeatureData) -> None:
+    """Under torchrun each rank loads the data itself; ranks that read different clips (a store that `bmfn extract`
+    was still writing) would wait for each other's batches for ever: all of them stop with one line instead."""
+    digest = hashlib.sha1("\n".join(data.clip_ids).encode("utf-8", "surrogateescape"))
+    for name in sorted(data.splits):
+        digest.update(f"\n{name}:".encode() + np.asarray(data.splits[name], np.int64).tobytes())
+    counts = gathered((digest.hexdigest(), len(data.clip_ids)))
+    if len({value for value, _ in counts}) > 1:
+        raise BmfnError(f"{data.source['path']}: the ranks read different clips or splits ("
+                        f"{', '.join(str(n) for _, n in counts)} clips on ranks 0-{len(counts) - 1}): it changed "
+                        "while they read it (is `bmfn extract` still writing to it?); train once it no longer does")
 
 
 def _with_video_classes(data: FeatureData, log) -> FeatureData:

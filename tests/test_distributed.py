@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ import torch
 from click.testing import CliRunner
 from test_data import SMALL_AUDIO, SMALL_MODEL, SMALL_VISUAL, STORE_PROVENANCE, make_ave_dir, make_store
 
+import bmfn_pipeline.train as train_module
 from bmfn_pipeline.ave import CATEGORIES
 from bmfn_pipeline.cli import main
 from bmfn_pipeline.distributed import (Shard, local_batch, merge_shards, missing_shards, process_group, resolve_shard,
@@ -387,6 +389,32 @@ def test_a_batch_smaller_than_the_world_keeps_its_stand_ins_out_of_batchnorm(tmp
         assert error < GRADIENT_RTOL, case
 
 
+def test_ranks_that_read_different_clips_stop_with_one_line(tmp_path):
+    """Each rank loads the data itself: a store still being extracted into can show them different clips, whose
+    batches would never match (a hang). Here rank 1 is given a folder of 14 clips where rank 0 reads 12."""
+    for name, n_clips in (("ave", 12), ("grown", 14)):
+        make_ave_dir(tmp_path / name, n_clips=n_clips)
+    config = {**DDP_CONFIG, "ave_dir": str(tmp_path / "ave"), "out": str(tmp_path / "run"), "epochs": 1}
+    report = tmp_path / "refusal"
+    run = torchrun(__file__, "differing", json.dumps(config), tmp_path / "grown", report, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for rank, name in enumerate(("ave", "grown")):
+        assert Path(f"{report}.rank{rank}").read_text() == (
+            f"{tmp_path / name}: the ranks read different clips or splits (12, 14 clips on ranks 0-1): it changed "
+            "while they read it (is `bmfn extract` still writing to it?); train once it no longer does")
+
+
+def _differing_worker(config: str, other: str, report: str) -> None:
+    """One rank of test_ranks_that_read_different_clips_stop_with_one_line."""
+    with process_group(torch.device("cpu")) as env:
+        load = train_module._load_config_data
+        train_module._load_config_data = lambda c, log: load(replace(c, ave_dir=other) if env.rank else c, log)
+        try:
+            train(TrainConfig(**json.loads(config)), log=lambda *_: None)
+        except BmfnError as exc:
+            Path(f"{report}.rank{env.rank}").write_text(str(exc))
+
+
 def _worker(config: str, report: str) -> None:
     """One rank of test_ddp_training_matches_one_process: the float64 gradient check, then the float32 run."""
     gc.disable()  # as when no automatic collection comes before the end: process_group must free DDP itself
@@ -448,7 +476,8 @@ def _gradient_errors(sizes: tuple[int, ...]) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "gradients":
-        _gradient_worker(*sys.argv[2:])
+    workers = {"gradients": _gradient_worker, "differing": _differing_worker}
+    if sys.argv[1] in workers:
+        workers[sys.argv[1]](*sys.argv[2:])
     else:
         _worker(*sys.argv[1:])
