@@ -199,7 +199,7 @@ def start_together() -> None:
     global _extracting_together
     if rank_env().world_size == 1 or dist.is_initialized():
         return
-    dist.init_process_group("gloo", timeout=JOIN_TIMEOUT)
+    _join_group("gloo", JOIN_TIMEOUT)
     _extracting_together = True
 
 
@@ -237,7 +237,7 @@ def process_group(device: torch.device) -> Iterator[RankEnv]:
         return
     if device.type == "cuda":
         torch.cuda.set_device(rank_device(device))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _join_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield env
     finally:
@@ -246,6 +246,18 @@ def process_group(device: torch.device) -> Iterator[RankEnv]:
         # called without an active exception", seen once in CI after a finished run). Freed now, while all is alive.
         gc.collect()
         dist.destroy_process_group()
+
+
+def _join_group(backend: str, timeout: timedelta | None = None) -> None:
+    """init_process_group, its failures in one line: RANK and WORLD_SIZE set without torchrun (no MASTER_ADDR), or
+    a rendezvous that cannot be reached."""
+    env = rank_env()
+    try:
+        dist.init_process_group(backend, timeout=timeout)
+    except (ValueError, RuntimeError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise BmfnError(f"rank {env.rank} of {env.world_size} ({RANK_VAR} and {WORLD_SIZE_VAR} are set) cannot join "
+                        f"the other ranks: {reason}; start bmfn with torchrun, or unset them") from None
 
 
 def _world() -> int:

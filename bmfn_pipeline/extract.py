@@ -227,6 +227,7 @@ def extract(
     clips of that shard are extracted, into the shard's own store beside `out` (`Shard.path`).
     """
     options = options or ExtractOptions()
+    shard = resolve_shard(shard)
     start_together()  # under torchrun: every rank is alive now; one that dies later is then seen at once
     if splits is not None and annotations is None:
         raise BmfnError(f"split files in {splits} need the annotations they index (--annotations)")
@@ -250,7 +251,6 @@ def extract(
         raise BmfnError(f"no video files found in {', '.join(map(str, inputs))}")
     for item in empty:  # among inputs that have some
         tqdm.write(f"bmfn: warning: no video files in {one_line(str(item))}", file=sys.stderr)
-    shard = resolve_shard(shard)
     if shard is not None:  # an empty shard still gets its (empty) store, so `bmfn merge` sees every shard
         paths, out = [path for path in paths if shard.holds(printable(clip_id(path)))], shard.path(out)
         progress = progress and rank_env().local_rank == 0  # one bar per machine under torchrun

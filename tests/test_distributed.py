@@ -103,6 +103,27 @@ def test_torchrun_environment_picks_the_shard(monkeypatch):
         resolve_shard(Shard(0, 2))
 
 
+def test_rank_variables_set_without_torchrun_are_one_line(tmp_path, video_dir, monkeypatch):
+    """RANK and WORLD_SIZE left in the environment (a cluster job's, a copied line) without torchrun's MASTER_ADDR:
+    extract and train stop with one line saying so, and --shard's conflict is said before any rendezvous."""
+    for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    data = make_ave_dir(tmp_path / "ave", n_clips=12)
+    for command in (["extract", video_dir / CLIPS[0], "--out", tmp_path / "feats.h5", *FAST],
+                    ["train", "--ave-dir", data, "--out", tmp_path / "run", "--epochs", "1", "--quiet"]):
+        result = CliRunner().invoke(main, [str(a) for a in command])
+        assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+        assert result.stderr.startswith("bmfn: error: rank 0 of 2 (RANK and WORLD_SIZE are set) cannot join the other "
+                                        "ranks: ") and "MASTER_ADDR" in result.stderr
+        assert result.stderr.endswith("; start bmfn with torchrun, or unset them\n")
+    result = CliRunner().invoke(main, ["extract", str(video_dir / CLIPS[0]), "--out", str(tmp_path / "feats.h5"),
+                                       "--shard", "1/4", *FAST])
+    assert result.exit_code == 1 and "--shard 1/4 under torchrun (WORLD_SIZE=2)" in result.stderr
+    assert not (tmp_path / "feats.h5").exists() and not list(tmp_path.glob("feats.shard-*"))
+
+
 def test_missing_shards(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d").mkdir()
