@@ -476,17 +476,19 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
                 run_step(batch)
                 if config.progress and (number % PROGRESS_EVERY == 0 or number == bar.total):
                     bar.set_postfix(sums.postfix())
-            totals = sums.totals()
-            if totals["bad_step"]:
+            # Summed over ranks (under torchrun), with the steps whose loss was not finite: every rank stops together.
+            loss_sum, correct, clips, segments, _, any_bad = all_sum(sums.values[:6]).tolist()
+            if any_bad:
                 if main:
                     _plot_curves(history, run_dir / CURVES, log)
-                kept = [f"{LAST} (epoch {saver.saved_epoch})"] * bool(saver.saved_epoch) + [
-                    f"{BEST} (epoch {best['epoch']}, the best so far)"] * bool(best["epoch"] and main)
-                raise BmfnError(f"{run_dir}: the loss became {totals['bad_loss']} at epoch {epoch}, batch "
-                                f"{int(totals['bad_step'])}; training stopped. Kept: {', '.join(kept) or 'nothing'}. "
-                                "Try a lower --lr or --clip" + (", or --precision float32"
-                                                                if config.precision != "float32" else ""))
-            loss_sum, correct, clips, segments = all_sum(sums.values[:4]).tolist()
+                # the first rank whose loss was not finite, and what rank 0 kept
+                bad_step, bad_loss = next((step, loss) for step, loss in gathered(
+                    (sums.totals()["bad_step"], sums.totals()["bad_loss"])) if step)
+                kept = share_from_main(lambda: [f"{LAST} (epoch {saver.saved_epoch})"] * bool(saver.saved_epoch) + [
+                    f"{BEST} (epoch {best['epoch']}, the best so far)"] * bool(best["epoch"]))
+                raise BmfnError(f"{run_dir}: the loss became {bad_loss} at epoch {epoch}, batch {int(bad_step)}; "
+                                f"training stopped. Kept: {', '.join(kept) or 'nothing'}. Try a lower --lr or --clip"
+                                + (", or --precision float32" if config.precision != "float32" else ""))
             # None, not NaN, for a split without clips: metrics.jsonl stays strict JSON
             accs = {split: segment_accuracy(*predict_rows(model, data.clips, data.splits[split], device,
                                                           config.eval_batch_size, config.precision, predict))

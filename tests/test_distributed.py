@@ -425,6 +425,38 @@ def test_ranks_that_read_different_clips_stop_with_one_line(tmp_path):
             "while they read it (is `bmfn extract` still writing to it?); train once it no longer does")
 
 
+def test_a_loss_that_is_not_finite_on_one_rank_stops_every_rank(tmp_path):
+    """Rank 1's loss becomes NaN in the last batch of the last epoch, where rank 0's is still finite (the NaN reaches
+    its weights only through that step's gradients): both stop with rank 0's line, none waits for the other."""
+    make_ave_dir(tmp_path / "ave", n_clips=15)
+    config = {**DDP_CONFIG, "ave_dir": str(tmp_path / "ave"), "out": str(tmp_path / "run"), "checkpoint_every": 0}
+    report = tmp_path / "refusal"
+    run = torchrun(__file__, "nan", json.dumps(config), report, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [Path(f"{report}.rank{rank}").read_text() for rank in (0, 1)]
+    assert lines[0] == lines[1]
+    assert lines[0].startswith(f"{tmp_path / 'run'}: the loss became nan at epoch 2, batch 3; training stopped. Kept: "
+                               "last.pt (epoch 1), best.pt (epoch 1, the best so far).")
+
+
+def _nan_worker(config: str, report: str) -> None:
+    """One rank of test_a_loss_that_is_not_finite_on_one_rank_stops_every_rank: 11 training clips in batches of 4,
+    4 and 3, so each rank computes 3 losses an epoch; rank 1's sixth is NaN."""
+    with process_group(torch.device("cpu")) as env:
+        calls = []
+        loss = train_module.fully_supervised_loss
+
+        def failing(output, labels):
+            calls.append(1)
+            return loss(output, labels) * (float("nan") if env.rank == 1 and len(calls) == 6 else 1)
+
+        train_module.fully_supervised_loss = failing
+        try:
+            train(TrainConfig(**json.loads(config)), log=lambda *_: None)
+        except BmfnError as exc:
+            Path(f"{report}.rank{env.rank}").write_text(str(exc))
+
+
 def _differing_worker(config: str, other: str, report: str) -> None:
     """One rank of test_ranks_that_read_different_clips_stop_with_one_line."""
     with process_group(torch.device("cpu")) as env:
@@ -497,7 +529,7 @@ def _gradient_errors(sizes: tuple[int, ...]) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    workers = {"gradients": _gradient_worker, "differing": _differing_worker}
+    workers = {"gradients": _gradient_worker, "differing": _differing_worker, "nan": _nan_worker}
     if sys.argv[1] in workers:
         workers[sys.argv[1]](*sys.argv[2:])
     else:
