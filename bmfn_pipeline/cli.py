@@ -357,14 +357,16 @@ def merge(stores, out, allow_missing) -> None:
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per path, one per line, listing every clip.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per path, one per line (a store's: every clip id, failure and note).")
 def info(paths, as_json) -> None:
-    """Show what a feature store or a checkpoint holds: clips, labels and splits, failures, decode notes, clips a
-    stopped run left in the journal, how the features were made; a checkpoint's mode, epoch, accuracies and data.
+    """Show what a feature store, a training run or a checkpoint holds.
 
-    PATHS are feature stores (.h5), checkpoints (.pt) or run folders. A store may be read while `bmfn extract`
-    writes to it. A path that cannot be read gives a one-line error; the others are still shown and the exit
-    code is 1.
+    A store (.h5): its clips, how they were made, labels per split, the clips that failed and why, decode notes,
+    clips a stopped run left in the journal; it may be read while `bmfn extract` writes to it. A run folder: epochs
+    done of those asked for, each seed's selected epoch and accuracies, and whether it stopped (`--resume` goes on
+    from its last.pt). A checkpoint (.pt): its mode, epoch, accuracies, data and features. A path that cannot be
+    read gives a one-line error; the others are still shown and the exit code is 1.
 
     \b
     Examples:

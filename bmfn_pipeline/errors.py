@@ -87,6 +87,11 @@ def check_counts(owner: str, minimum: int = 1, **values) -> None:
             raise BmfnError(f"{owner}: {name}={value!r}, expected a whole number of at least {minimum}")
 
 
+def counted(n, noun: str) -> str:
+    """'1 clip', '2 clips': a count and its noun, in the plural unless it is one."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def printable(text: str) -> str:
     """`text` as it can be stored (HDF5 strings are UTF-8) and printed: the bytes of a file name that are not UTF-8,
     which Python keeps as surrogates, as \\xNN escapes."""

@@ -1,8 +1,9 @@
-"""`bmfn info`: what a feature store or a checkpoint holds, read without loading features or building a model.
+"""`bmfn info`: what a feature store, a training run or a checkpoint holds, read without loading features or a model.
 
 A store weeks after its run: how many clips, made how (weights, precision, frames per second), labelled into which
 splits, which clips failed and why, which carry decode notes, and whether a stopped run left clips in its journal.
-A checkpoint: its mode, epoch and accuracies, the data it was trained on and how those features were made.
+A run folder: its epochs done of those asked for, each seed's selected epoch and accuracies, whether it stopped and
+how it goes on. A checkpoint: its mode, epoch, accuracies, the data it was trained on and how those features were made.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import h5py
 
-from bmfn_pipeline.errors import BmfnError, one_line
-from bmfn_pipeline.store import FeatureStore
+from bmfn_pipeline.errors import BmfnError, counted, one_line
+from bmfn_pipeline.store import AVE_KEY, FeatureStore
 
 SPLITS = ("train", "val", "test")
 SHOWN = 3  # clips named per list in the text form; --json lists them all
@@ -28,13 +29,13 @@ class StoreInfo:
     """A feature store's contents (`FeatureStore` read-only: safe while `bmfn extract` writes to it)."""
 
     path: str
-    clips: int
+    clip_ids: list[str]
     dtype: str
     size_bytes: int  # the file and its journal
     provenance: dict
     splits: dict[str, int]  # labelled clips per split that has any ('': labelled, no split stored)
     unlabelled: list[str]
-    failed: dict[str, str]  # clip id -> "path: error"
+    failed: dict[str, dict]  # clip id -> {"path", "error"}
     notes: dict[str, list[str]]  # clip id -> decode notes
     journaled: list[str]  # clips not consolidated yet
     writing: bool  # a process is writing to the store now
@@ -45,23 +46,23 @@ class StoreInfo:
         if not labelled:
             labels = "none (`bmfn extract --annotations` adds them)"
         elif set(self.splits) == {""}:
-            labels = f"{_count(labelled, 'clip')}, no split stored (training splits them 80/10/10 by video id)"
+            labels = f"{counted(labelled, 'clip')}, no split stored (training splits them 80/10/10 by video id)"
         else:
-            labels = f"{_count(labelled, 'clip')}: " + ", ".join(
+            labels = f"{counted(labelled, 'clip')}: " + ", ".join(
                 [f"{name} {self.splits.get(name, 0)}" for name in SPLITS]
                 + ([f"no split {self.splits['']}"] if "" in self.splits else []))
         if self.unlabelled and labelled:
             labels += f"; {len(self.unlabelled)} without an annotation row ({_some(self.unlabelled)})"
         writing = ", being written now" if self.writing else ""
-        lines = [f"{one_line(self.path)}: feature store, {_count(self.clips, 'clip')}, {self.dtype}, "
+        lines = [f"{one_line(self.path)}: feature store, {counted(len(self.clip_ids), 'clip')}, {self.dtype}, "
                  f"{_size(self.size_bytes)}{writing}", *features_lines(self.provenance), f"  labels    {labels}"]
         if self.journaled:
-            journaled = _count(len(self.journaled), "clip")
+            journaled = counted(len(self.journaled), "clip")
             lines.append(f"  journal   {journaled} of the run writing now, which consolidates them at its end"
                          if self.writing else f"  journal   {journaled} not consolidated yet (a run was stopped): "
                          "the next `bmfn extract` to this store folds them in")
         lines += _listed("notes", {cid: "; ".join(notes) for cid, notes in self.notes.items()})
-        lines += _listed("failed", self.failed)
+        lines += _listed("failed", {cid: failure["error"] for cid, failure in self.failed.items()})  # names the file
         return lines
 
     def to_dict(self) -> dict:
@@ -77,7 +78,7 @@ class CheckpointInfo:
     epoch: int
     epochs: int
     selected_on: str
-    metrics: dict  # this epoch's: loss, train_acc, val_acc, test_acc, ...
+    metrics: dict  # this epoch's: loss, train_acc (running, during the epoch), val_acc, test_acc, ...
     best: dict  # the selected epoch so far: epoch, val_acc, test_acc
     data: dict
     provenance: dict
@@ -88,12 +89,14 @@ class CheckpointInfo:
     def lines(self) -> list[str]:
         best = self.best.get("epoch")
         selected = "selected" if best == self.epoch else f"best so far: epoch {best}"
-        split_rule = f" ({self.data['split_rule']})" if self.data.get("split_rule") else ""
-        accuracy = ", ".join(f"{split} {_percent(self.metrics.get(f'{split}_acc'))}" for split in SPLITS)
         return [f"{one_line(self.path)}: BMFN checkpoint, {self.mode} supervised, epoch {self.epoch} of "
                 f"{self.epochs} ({selected} on {self.selected_on})",
-                f"  accuracy  {accuracy}",
-                f"  data      {self.data.get('kind', '?')} {one_line(str(self.data.get('path', '?')))}{split_rule}",
+                f"  accuracy  {_accuracies(self.metrics)}", *self.trained_lines()]
+
+    def trained_lines(self) -> list[str]:
+        """What it was trained on and how; shared by a run's lines."""
+        split_rule = f" ({self.data['split_rule']})" if self.data.get("split_rule") else ""
+        return [f"  data      {self.data.get('kind', '?')} {one_line(str(self.data.get('path', '?')))}{split_rule}",
                 *features_lines(self.provenance),
                 f"  command   {one_line(self.command)}" if self.command else f"  bmfn      {self.bmfn_version}"]
 
@@ -101,28 +104,88 @@ class CheckpointInfo:
         return asdict(self)
 
 
-def info(path: str | Path) -> StoreInfo | CheckpointInfo:
-    """What `path` holds: a feature store (HDF5), a checkpoint (a torch zip file) or a run folder's checkpoint."""
+@dataclass
+class SeedInfo:
+    """One seed of a run: its folder, the epochs it finished, its best.pt and last.pt."""
+
+    seed: int
+    folder: str
+    epochs_done: int  # finished epochs, by metrics.jsonl
+    best: CheckpointInfo | None
+    last: CheckpointInfo | None  # where --resume goes on from
+
+
+@dataclass
+class RunInfo:
+    """A `bmfn train` run folder: its settings, each seed's progress and selected checkpoint, the seeds' summary."""
+
+    path: str
+    mode: str
+    epochs: int
+    seeds: list[SeedInfo]
+    summary: dict | None  # summary.json of a finished run of several seeds
+    kind: str = field(default="run", init=False)
+
+    @property
+    def finished(self) -> bool:
+        return all(seed.epochs_done >= self.epochs for seed in self.seeds) and bool(self.seeds)
+
+    def lines(self) -> list[str]:
+        seeds = f"{len(self.seeds)} seeds of {counted(self.epochs, 'epoch')}" if len(self.seeds) > 1 else \
+            f"{min((s.epochs_done for s in self.seeds), default=0)} of {counted(self.epochs, 'epoch')}"
+        state = "finished" if self.finished else f"stopped: `bmfn train --resume {one_line(self.path)}` goes on"
+        lines = [f"{one_line(self.path)}: training run, {self.mode} supervised, {seeds}, {state}"]
+        selected = self.summary["best_checkpoint"] if self.summary else None
+        for seed in self.seeds:
+            name = f"seed {seed.seed}" if len(self.seeds) > 1 else "best.pt"
+            done = f"{seed.epochs_done} of {self.epochs} epochs; " if len(self.seeds) > 1 else ""
+            if seed.best is None:
+                lines.append(f"  {name:<9} {done}no best.pt" if done else f"  {name:<9} none")
+            else:
+                mark = "  <- selected" if selected and Path(self.path, selected) == Path(seed.best.path) else ""
+                lines.append(f"  {name:<9} {done}epoch {seed.best.epoch} selected on {seed.best.selected_on}: "
+                             f"{_accuracies(seed.best.metrics)}{mark}")
+            if seed.epochs_done < self.epochs or seed.best is None:
+                lines.append(f"  {'':<9} last.pt: epoch {seed.last.epoch}, where --resume goes on" if seed.last else
+                             f"  {'':<9} no last.pt: --resume starts from epoch 1")
+        if self.summary:
+            lines.append(f"  mean      val {_spread(self.summary, 'val')}, test {_spread(self.summary, 'test')}")
+        known = next((c for seed in self.seeds for c in (seed.best, seed.last) if c is not None), None)
+        return lines + (known.trained_lines() if known else [])
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "finished": self.finished}
+
+
+def info(path: str | Path) -> StoreInfo | RunInfo | CheckpointInfo:
+    """What `path` holds: a feature store (HDF5), a run folder, or a checkpoint (a torch zip file)."""
     path = Path(path)
     if not path.exists():
         raise BmfnError(f"{path}: no such file or folder")
-    if path.is_file() and h5py.is_hdf5(path):
+    if path.is_dir():
+        from bmfn_pipeline.train import RUN_FILE  # torch: not for a store's info
+
+        return run_info(path) if (path / RUN_FILE).is_file() else checkpoint_info(path)  # a seed folder: its best.pt
+    if h5py.is_hdf5(path):
         return store_info(path)
-    if path.is_dir() or zipfile.is_zipfile(path):
+    if zipfile.is_zipfile(path) and _holds_pickle(path):
         return checkpoint_info(path)
-    hint = "" if path.suffix.lower() in (".h5", ".hdf5", ".pt", ".pth") else "; `bmfn probe` shows what a video holds"
-    raise BmfnError(f"{path}: neither a feature store (HDF5) nor a checkpoint{hint}")
+    from bmfn_pipeline.decode import VIDEO_EXTENSIONS
+
+    hint = "; `bmfn probe` shows what a video holds" if path.suffix.lower() in VIDEO_EXTENSIONS else ""
+    raise BmfnError(f"{path}: neither a feature store (HDF5), a run folder nor a checkpoint{hint}")
 
 
 def store_info(path: str | Path) -> StoreInfo:
+    _refuse_ave_layout(Path(path))
     with FeatureStore.open(path, readonly=True) as store:
         clip_ids = store.clip_ids()
         labels = store.labels()
         counts = Counter(labels[cid].split for cid in clip_ids if cid in labels)
         splits = {name: counts[name] for name in (*SPLITS, "") if counts[name]}
         size = sum(_file_size(p) for p in [store.path, *store.parts_dir.glob("*")])
-        failed = {cid: f"{where}: {error}" for cid, (where, error) in store.failures().items()}
-        return StoreInfo(str(path), len(clip_ids), str(store.dtype), size, store.provenance, splits,
+        failed = {cid: {"path": where, "error": error} for cid, (where, error) in store.failures().items()}
+        return StoreInfo(str(path), clip_ids, str(store.dtype), size, store.provenance, splits,
                          store.unlabelled(), failed, store.notes(), store.journaled(), store.being_written())
 
 
@@ -138,6 +201,25 @@ def checkpoint_info(path: str | Path) -> CheckpointInfo:
                           meta.get("bmfn_version", "?"))
 
 
+def run_info(path: str | Path) -> RunInfo:
+    """A run folder by its own files: run.json, each seed's metrics.jsonl, best.pt and last.pt, summary.json."""
+    from bmfn_pipeline.train import BEST, LAST, METRICS, RUN_FILE, SUMMARY
+
+    path = Path(path)
+    try:
+        config = json.loads((path / RUN_FILE).read_text())["config"]
+        seed, count = int(config["seed"]), int(config.get("seeds", 1))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BmfnError(f"{path / RUN_FILE}: not a run's record ({exc})") from None
+    seeds = []
+    for number in range(seed, seed + count):
+        folder = path if count == 1 else path / f"seed-{number}"
+        best, last = (checkpoint_info(folder / name) if (folder / name).is_file() else None for name in (BEST, LAST))
+        seeds.append(SeedInfo(number, str(folder), _epochs_done(folder / METRICS), best, last))
+    summary = json.loads((path / SUMMARY).read_text()) if (path / SUMMARY).is_file() else None
+    return RunInfo(str(path), config.get("mode", "?"), int(config.get("epochs", 0)), seeds, summary)
+
+
 def features_lines(provenance: Mapping) -> list[str]:
     """How features were made: each network's weights, VGG-19's precision, the sampling, the alignment; and a
     warning line where weights were random."""
@@ -149,7 +231,7 @@ def features_lines(provenance: Mapping) -> list[str]:
     precision = f", {provenance['precision']}" if provenance.get("precision") else ""
     revision = provenance.get("features_revision")
     made = f"; revision {revision} (bmfn {provenance.get('bmfn_version', '?')})" if revision else ""
-    frames = _count(provenance.get("frames_per_second", "?"), "frame")
+    frames = counted(provenance.get("frames_per_second", "?"), "frame")
     lines = [f"  features  VGG-19 {_weights(visual)}{precision}, {frames}/s; "
              f"VGGish {_weights(audio)}, alignment {provenance.get('alignment', '?')}{made}"]
     if any(str(record.get("checksum", "")).startswith("random:") for record in (visual, audio)):
@@ -164,10 +246,49 @@ def _weights(record: Mapping) -> str:
     return f"{record.get('weights', '?')} ({checksum[:12] or 'no checksum'})"
 
 
+def _refuse_ave_layout(path: Path) -> None:
+    """A file of the AVE release's layout (or `bmfn export-ave`'s) is no store: say what reads it."""
+    with h5py.File(path, "r") as f:
+        if AVE_KEY in f and "clip_ids" not in f:
+            raise BmfnError(f"{path}: a feature file of the AVE release's layout (key {AVE_KEY!r}), not a bmfn "
+                            f"feature store; `bmfn train --ave-dir {path.parent}` reads such a folder")
+
+
+def _holds_pickle(path: Path) -> bool:
+    """Whether a zip file is torch.save's (a data.pkl inside), not any zip (an .npz)."""
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("data.pkl") for name in archive.namelist())
+
+
+def _epochs_done(metrics: Path) -> int:
+    """The last finished epoch recorded in a metrics.jsonl (0 without one); a line torn by a kill is not one."""
+    done = 0
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                done = max(done, int(json.loads(line)["epoch"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return done
+
+
+def _accuracies(metrics: Mapping) -> str:
+    """val and test of an epoch, then its train accuracy, which is the running one during the epoch (dropout on,
+    weights changing), not `bmfn evaluate --split train`'s."""
+    train = metrics.get("train_acc")
+    during = f" (train {_percent(train)} while training)" if train is not None else ""
+    return f"val {_percent(metrics.get('val_acc'))}, test {_percent(metrics.get('test_acc'))}{during}"
+
+
+def _spread(summary: Mapping, split: str) -> str:
+    mean, std = summary.get(f"{split}_mean"), summary.get(f"{split}_std")
+    return "-" if mean is None else f"{mean:.2f} ± {std or 0:.2f} %"
+
+
 def _listed(title: str, items: Mapping[str, str]) -> list[str]:
     if not items:
         return []
-    lines = [f"  {title:<9} {_count(len(items), 'clip')}"]
+    lines = [f"  {title:<9} {counted(len(items), 'clip')}"]
     lines += [f"    {one_line(cid)}: {one_line(text)}" for cid, text in list(items.items())[:SHOWN]]
     if len(items) > SHOWN:
         lines.append(f"    ... and {len(items) - SHOWN} more (--json lists them all)")
@@ -187,10 +308,6 @@ def _file_size(path: Path) -> int:
         return 0
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def _percent(value) -> str:
     return "-" if value is None else f"{value:.2f} %"
 
@@ -203,5 +320,5 @@ def _size(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def to_json(result: StoreInfo | CheckpointInfo) -> str:
+def to_json(result: StoreInfo | RunInfo | CheckpointInfo) -> str:
     return json.dumps(result.to_dict(), default=str)

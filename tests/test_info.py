@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -11,7 +12,8 @@ from test_data import SMALL_MODEL, STORE_PROVENANCE, make_ave_dir, make_store
 
 from bmfn_pipeline import ave
 from bmfn_pipeline.cli import main
-from bmfn_pipeline.info import CheckpointInfo, StoreInfo, info
+from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.info import CheckpointInfo, RunInfo, StoreInfo, info
 from bmfn_pipeline.store import FeatureStore
 from bmfn_pipeline.train import TrainConfig, train
 from extractors.weights import WEIGHTS
@@ -33,24 +35,25 @@ def store_with_everything(path):
         rng = np.random.default_rng(1)
         store.add_clip("short", rng.random((10, 7, 7, 512)), rng.random((10, 128)), path="short.mp4",
                        warnings=["short.mp4: 5.31 s from 0 s is shorter than 10 s"])
-        store.add_failure("broken", "broken.mp4", "not a media file")
+        store.add_failure("broken", "broken.mp4", "broken.mp4: not a media file")  # an error names its file
         store.set_labels({"vid0000": (one_hot(2, 5, 3), "train"), "vid0001": (one_hot(0, 10, 4), "train"),
                           "short": (one_hot(0, 5, 4), "test")})
         store.consolidate()
     with FeatureStore.open(path, STORE_PROVENANCE) as store:
         rng = np.random.default_rng(2)
         store.add_clip("late", rng.random((10, 7, 7, 512)), rng.random((10, 128)), path="late.mp4")
-        store.add_failure("empty", "empty.mp4", "no video stream")
+        store.add_failure("empty", "empty.mp4", "empty.mp4: no video stream")
     return path
 
 
 def test_a_store_says_its_clips_labels_journal_failures_and_notes(tmp_path):
     result = info(store_with_everything(tmp_path / "feats.h5"))
     assert isinstance(result, StoreInfo)
-    assert (result.clips, result.dtype, result.journaled, result.writing) == (6, "float16", ["late"], False)
+    assert (len(result.clip_ids), result.dtype, result.journaled, result.writing) == (6, "float16", ["late"], False)
     assert result.splits == {"train": 2, "test": 1}
     assert sorted(result.unlabelled) == ["late", "vid0002", "vid0003"]
-    assert result.failed == {"broken": "broken.mp4: not a media file", "empty": "empty.mp4: no video stream"}
+    assert result.failed == {"broken": {"path": "broken.mp4", "error": "broken.mp4: not a media file"},
+                             "empty": {"path": "empty.mp4", "error": "empty.mp4: no video stream"}}
     assert result.notes == {"short": ["short.mp4: 5.31 s from 0 s is shorter than 10 s"]}
     assert result.size_bytes > (tmp_path / "feats.h5").stat().st_size  # the journal counts too
     text = "\n".join(result.lines())
@@ -68,7 +71,7 @@ def test_a_store_being_written_says_so_and_its_journal_is_no_stopped_run(tmp_pat
     assert "a run was stopped" in "\n".join(info(path).lines())
     with FeatureStore.open(path, STORE_PROVENANCE):  # a writer's lock, as `bmfn extract` holds it
         result = info(path)
-        assert result.writing and result.clips == 2
+        assert result.writing and len(result.clip_ids) == 2
         assert result.lines()[0].endswith(", being written now")
         assert "  journal   2 clips of the run writing now, which consolidates them at its end" in result.lines()
     assert not info(path).writing
@@ -87,22 +90,65 @@ def test_a_store_of_real_weights_names_them_and_warns_of_nothing(tmp_path):
     assert "  labels    none (`bmfn extract --annotations` adds them)" in lines
 
 
-def test_a_checkpoint_says_its_run(tmp_path):
+def small_run(tmp_path, **config):
     directory = make_ave_dir(tmp_path / "ave", n_clips=12)
-    train(TrainConfig(ave_dir=str(directory), out=str(tmp_path / "run"), epochs=2, batch_size=8, model=SMALL_MODEL,
-                      progress=False, command="bmfn train --epochs 2"), log=lambda *_: None)
-    result = info(tmp_path / "run")  # a run folder: its best.pt
+    train(TrainConfig(ave_dir=str(directory), out=str(tmp_path / "run"), batch_size=8, model=SMALL_MODEL,
+                      progress=False, checkpoint_every=0, command="bmfn train --epochs 2", **config),
+          log=lambda *_: None)
+    return tmp_path / "run"
+
+
+def test_a_checkpoint_says_its_epoch_accuracies_and_data(tmp_path):
+    run = small_run(tmp_path, epochs=2)
+    result = info(run / "best.pt")
     assert isinstance(result, CheckpointInfo)
-    assert result.path == str(tmp_path / "run" / "best.pt")
     assert (result.mode, result.epochs, result.selected_on) == ("fully", 2, "val")
     assert result.best["epoch"] == result.epoch and result.data["kind"] == "ave-dir"
     lines = result.lines()
     assert lines[0].endswith(f"BMFN checkpoint, fully supervised, epoch {result.epoch} of 2 (selected on val)")
-    assert lines[1] == (f"  accuracy  train {result.metrics['train_acc']:.2f} %, val {result.best['val_acc']:.2f} %, "
-                        f"test {result.best['test_acc']:.2f} %")
+    # the train figure is the running one of the epoch, said as such (not `bmfn evaluate --split train`'s)
+    assert lines[1] == (f"  accuracy  val {result.best['val_acc']:.2f} %, test {result.best['test_acc']:.2f} % "
+                        f"(train {result.metrics['train_acc']:.2f} % while training)")
     assert "  features  the AVE release's" in lines[3] and lines[-1] == "  command   bmfn train --epochs 2"
-    last = info(tmp_path / "run" / "last.pt")
+    last = info(run / "last.pt")
     assert last.epoch == 2 and ("selected on val" in last.lines()[0]) == (last.best["epoch"] == 2)
+
+
+def test_a_run_folder_says_how_far_it_got_and_how_it_goes_on(tmp_path):
+    run = small_run(tmp_path, epochs=2)
+    best = info(run / "best.pt")
+    result = info(run)
+    assert isinstance(result, RunInfo) and result.finished and result.seeds[0].epochs_done == 2
+    lines = result.lines()
+    assert lines[0] == f"{run}: training run, fully supervised, 2 of 2 epochs, finished"
+    assert lines[1] == f"  best.pt   epoch {best.epoch} selected on val: {best.lines()[1].split('accuracy  ')[1]}"
+    assert lines[2:] == best.lines()[2:]  # data, features, command
+
+    # asked for 5 epochs and stopped after 2 (a kill): --resume goes on from last.pt
+    record = json.loads((run / "run.json").read_text())
+    record["config"]["epochs"] = 5
+    (run / "run.json").write_text(json.dumps(record))
+    lines = info(run).lines()
+    assert lines[0] == (f"{run}: training run, fully supervised, 2 of 5 epochs, stopped: `bmfn train --resume {run}` "
+                        "goes on")
+    assert lines[2] == "            last.pt: epoch 2, where --resume goes on"
+    (run / "best.pt").unlink()  # as a full disk can leave it, or a kill in the first epoch
+    (run / "last.pt").unlink()
+    assert info(run).lines()[1:3] == ["  best.pt   none", "            no last.pt: --resume starts from epoch 1"]
+    assert not info(run).finished and info(run).to_dict()["finished"] is False
+
+
+def test_a_run_of_several_seeds_shows_each_and_their_mean(tmp_path):
+    run = small_run(tmp_path, epochs=1, seeds=2)
+    result = info(run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert [seed.seed for seed in result.seeds] == [890, 891] and result.summary == summary
+    lines = result.lines()
+    assert lines[0] == f"{run}: training run, fully supervised, 2 seeds of 1 epoch, finished"
+    selected = [line for line in lines if line.endswith("<- selected")]
+    assert len(selected) == 1 and selected[0].startswith(f"  seed {summary['best_checkpoint'][5:8]}  1 of 1 epochs; ")
+    spread = {split: f"{summary[f'{split}_mean']:.2f} ± {summary[f'{split}_std']:.2f} %" for split in ("val", "test")}
+    assert f"  mean      val {spread['val']}, test {spread['test']}" in lines
 
 
 def test_the_command_shows_each_path_and_one_line_for_each_it_cannot_read(tmp_path):
@@ -113,16 +159,29 @@ def test_the_command_shows_each_path_and_one_line_for_each_it_cannot_read(tmp_pa
     assert result.exit_code == 1
     errors = [line for line in result.stderr.splitlines() if line]
     assert errors == [f"bmfn: error: {tmp_path / 'missing.h5'}: no such file or folder",
-                      f"bmfn: error: {video}: neither a feature store (HDF5) nor a checkpoint; `bmfn probe` shows what "
-                      "a video holds"]
+                      f"bmfn: error: {video}: neither a feature store (HDF5), a run folder nor a checkpoint; "
+                      "`bmfn probe` shows what a video holds"]
     shown = json.loads(result.stdout)
     assert shown["kind"] == "feature store" and shown["journaled"] == ["late"] and len(shown["failed"]) == 2
+    assert sorted(shown["clip_ids"]) == ["late", "short", "vid0000", "vid0001", "vid0002", "vid0003"]
 
 
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 a zip file of something else"])
-def test_a_file_that_is_no_checkpoint_is_one_line(tmp_path, content):
-    path = tmp_path / "model.pt"
-    path.write_bytes(content)
+@pytest.mark.parametrize("name", ["model.pt", "arrays.npz", "metrics.jsonl"])
+def test_a_file_that_is_no_checkpoint_is_one_line(tmp_path, name):
+    path = tmp_path / name
+    if name.endswith(".npz"):
+        np.savez(path, a=np.zeros(3))  # a zip file, not torch.save's
+    else:
+        path.write_bytes(b"" if name.endswith(".pt") else b'{"epoch": 1}\n')
     result = CliRunner().invoke(main, ["info", str(path)])
-    assert result.exit_code == 1 and result.stderr.count("\n") == 1 and str(path) in result.stderr
-    assert "probe" not in result.stderr  # the hint is for videos
+    assert result.exit_code == 1
+    assert result.stderr == f"bmfn: error: {path}: neither a feature store (HDF5), a run folder nor a checkpoint\n"
+
+
+def test_a_file_of_the_ave_layout_says_what_reads_it(tmp_path):
+    path = tmp_path / "visual_feature.h5"
+    with h5py.File(path, "w") as f:
+        f["avadataset"] = np.zeros((2, 10, 7, 7, 512), np.float32)
+    with pytest.raises(BmfnError, match=rf"^{path}: a feature file of the AVE release's layout \(key 'avadataset'\), "
+                       rf"not a bmfn feature store; `bmfn train --ave-dir {tmp_path}` reads such a folder$"):
+        info(path)
