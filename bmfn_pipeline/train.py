@@ -354,6 +354,11 @@ def resolve_checkpoint(checkpoint: str | Path | None, runs_dir: str | Path = RUN
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
         found = _run_best(checkpoint)
+        if found is None and (checkpoint / RUN_FILE).is_file():
+            last = [str(p) for p in (checkpoint / LAST, *checkpoint.glob(f"seed-*/{LAST}")) if p.is_file()]
+            raise BmfnError(f"{checkpoint}: a training run without a {BEST} (stopped, or its disk full?); "
+                            + (f"name its {last[0]}, or " if last else "")
+                            + f"go on with `bmfn train --resume {checkpoint}`")
         if found is None:
             raise BmfnError(f"{checkpoint}: a folder without a {BEST}; name a checkpoint file or a `bmfn train` run "
                             "folder")

@@ -433,6 +433,19 @@ def test_a_rank_other_than_0_writes_nothing_into_the_run_folder(tmp_path, monkey
     assert len(result.runs) == 2 and list((tmp_path / "run").iterdir()) == []
 
 
+def test_a_run_without_best_pt_says_how_to_go_on(tmp_path):
+    directory = make_ave_dir(tmp_path / "ave", n_clips=12)
+    run = tmp_path / "run"
+    train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(run), epochs=1, **FAST), log=quiet)
+    (run / "best.pt").unlink()  # a disk that filled up, say
+    with pytest.raises(BmfnError, match=f"^{re.escape(str(run))}: a training run without a best.pt .*; name its "
+                                        f"{re.escape(str(run / 'last.pt'))}, or go on with `bmfn train --resume "):
+        resolve_checkpoint(run)
+    (run / "last.pt").unlink()
+    with pytest.raises(BmfnError, match=r"without a best.pt \(stopped, or its disk full\?\); go on with `bmfn train"):
+        resolve_checkpoint(run)
+
+
 def test_summary_finds_the_best_checkpoint_from_any_folder_and_after_a_move(tmp_path, monkeypatch):
     directory = make_ave_dir(tmp_path / "ave", n_clips=12)
     (tmp_path / "work").mkdir()
