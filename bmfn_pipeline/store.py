@@ -849,6 +849,18 @@ class MergeSummary:
                        if self.identical else "")
 
 
+def _label_difference(there: ClipLabels, here: ClipLabels) -> str | None:
+    """How two inputs' labels of one clip differ, None where they agree; a split or video class that one of them
+    lacks is no difference."""
+    if there.split and here.split and there.split != here.split:
+        return f"split {there.split!r} there, {here.split!r} here"
+    if not np.array_equal(there.segments, here.segments):
+        return "other per-second labels"
+    if there.video.any() and here.video.any() and not np.array_equal(there.video, here.video):
+        return "another video class"
+    return None
+
+
 def _same_features(a: np.ndarray, b: np.ndarray) -> bool:
     """Equal but for float rounding: no element further apart than SAME_FEATURES_RTOL, or two rounding steps of the
     storage dtype, times the arrays' largest magnitude."""
@@ -922,6 +934,9 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
                 identical.append(cid)
             # consolidated clips first (copied in blocks), then journaled ones, which replace a consolidated copy
             taken.append((store, [c for c in ids if c not in store._parts] + [c for c in ids if c in store._parts]))
+        # Labels: a store keeps the rows of every annotated id, also of clips it never extracted. Two inputs must
+        # agree on the clips they hold; for the others the first input's row is kept. What one input lacks (a split,
+        # a video class of a store labelled before they were kept) the other gives.
         labels: dict[str, ClipLabels] = {}
         label_owner: dict[str, Path] = {}
         for store in stores:
@@ -929,12 +944,15 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
                 if cid not in labels:
                     labels[cid], label_owner[cid] = given, store.path
                     continue
-                known, video_classes = labels[cid], (labels[cid].video.any(), given.video.any())
-                if (known.split != given.split or not np.array_equal(known.segments, given.segments)
-                        or all(video_classes) and not np.array_equal(known.video, given.video)):
-                    raise BmfnError(f"{store.path}: clip {cid!r} is labelled differently in {label_owner[cid]}")
-                if not video_classes[0]:  # labelled before video classes were kept: none for an empty interval
-                    labels[cid], label_owner[cid] = given, store.path
+                known = labels[cid]
+                difference = _label_difference(known, given)
+                if difference and cid in owner:
+                    raise BmfnError(f"{store.path}: clip {cid!r} is labelled differently in {label_owner[cid]} "
+                                    f"({difference})")
+                if not difference:
+                    labels[cid] = known._replace(split=known.split or given.split)
+                    if not known.video.any() and given.video.any():  # named as the class's input from now on
+                        labels[cid], label_owner[cid] = labels[cid]._replace(video=given.video), store.path
         failed: dict[str, tuple[str, str]] = {}
         for store in stores:
             for cid, failure in store.failures().items():

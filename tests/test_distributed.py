@@ -219,6 +219,22 @@ def test_merge_keeps_one_video_class_and_refuses_two(tmp_path):
             merge_stores([stores[name] for name in inputs], tmp_path / "out.h5")
 
 
+def test_merge_takes_a_split_one_input_lacks_and_checks_only_the_clips_held(tmp_path):
+    """A store extracted with --splits and one without: the clip they share takes the given split; annotation rows of
+    clips that neither holds (every store keeps all rows) do not stop the merge; a clip held in two splits does."""
+    rows = {**labels_for(["vid0000"], "train"), **labels_for(["not_here"], "val")}
+    with_splits = make_store(tmp_path / "a.h5", n_clips=1, labels=rows)
+    without = make_store(tmp_path / "b.h5", n_clips=1, labels={**labels_for(["vid0000"], ""),
+                                                                 **labels_for(["not_here"], "test")})
+    merge_stores([without, with_splits], tmp_path / "out.h5")
+    with FeatureStore.open(tmp_path / "out.h5", create=False, readonly=True) as store:
+        assert {cid: given.split for cid, given in store.labels().items()} == {"vid0000": "train", "not_here": "test"}
+    elsewhere = make_store(tmp_path / "c.h5", n_clips=1, labels=labels_for(["vid0000"], "val"))
+    with pytest.raises(BmfnError, match=r"c\.h5: clip 'vid0000' is labelled differently in .*a\.h5 \(split 'train' "
+                                         r"there, 'val' here\)$"):
+        merge_stores([with_splits, elsewhere], tmp_path / "out2.h5")
+
+
 def test_merge_refusals(tmp_path):
     a = make_store(tmp_path / "a.h5", n_clips=2)
     other = {**STORE_PROVENANCE, "visual": {**STORE_PROVENANCE["visual"], "checksum": "random:1"}}
