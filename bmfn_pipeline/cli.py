@@ -17,7 +17,7 @@ import click
 
 import bmfn_pipeline.errors as error_state  # its hdf5_write_failed, read when the command has ended
 from bmfn_pipeline import __version__
-from bmfn_pipeline.errors import BmfnError, one_line, printable
+from bmfn_pipeline.errors import BmfnError, counted, one_line, printable
 
 
 # glibc malloc settings of the executable (keep_freed_memory): blocks under MMAP_THRESHOLD come from the heap (32 MiB
@@ -307,8 +307,8 @@ def extract(inputs, out, annotations, splits, frames_per_second, visual_source, 
         click.echo(f"bmfn: warning: no clip matches a row of {annotations}: a clip's id is its video file name "
                    "without extension and must be the annotation's video id", err=True)
     if summary.failed:
-        raise BmfnError(f"{len(summary.failed)} of {len(summary.failed) + len(summary.done) + len(summary.skipped)} "
-                        f"clips failed; their errors are above and recorded in {summary.out} "
+        total = len(summary.failed) + len(summary.done) + len(summary.skipped)
+        raise BmfnError(f"{len(summary.failed)} of {counted(total, 'clip')} failed; their errors are above and recorded in {summary.out} "
                         f"(`bmfn info {shlex.quote(str(summary.out))}` lists them)")
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from bmfn_pipeline import ave
 from bmfn_pipeline.ave import SPLITS, video_labels_from_segments
-from bmfn_pipeline.errors import BmfnError, failed_writes
+from bmfn_pipeline.errors import BmfnError, counted, failed_writes
 
 # File names and HDF5 key of the AVE release (bmfn-reference.md section 9).
 AVE_KEY = "avadataset"
@@ -362,7 +362,7 @@ def load_store(path: str | Path, *, annotations: str | Path | None = None,
                             f"video file name without extension (here e.g. {clip_ids[0]!r}) and must be the "
                             "annotation's video id")
         if not known.all():
-            notes.append(f"{(~known).sum()} clips have no row in {annotations} and are left out")
+            notes.append(f"{counted(int((~known).sum()), 'clip')} without a row in {annotations} left out")
     elif not np.asarray(arrays["has_label"]).any():
         raise BmfnError(f"{path}: none of its {len(clip_ids)} clips has labels; give --annotations Annotations.txt "
                         "(or extract with `bmfn extract ... --annotations`), whose video ids are the clips' file "
@@ -371,7 +371,7 @@ def load_store(path: str | Path, *, annotations: str | Path | None = None,
         labels, video_labels = np.asarray(labels, np.float32), np.asarray(arrays["video_labels"], np.float32)
         known = np.asarray(arrays["has_label"], bool)
         if not known.all():
-            notes.append(f"{(~known).sum()} clips have no labels in {path.name} and are left out")
+            notes.append(f"{counted(int((~known).sum()), 'clip')} without labels in {path.name} left out")
 
     if splits is not None:
         names = given_split

@@ -12,7 +12,7 @@ import torch
 
 from bmfn_pipeline import ave
 from bmfn_pipeline.data import ClipArrays, FeatureData, batches, load_data
-from bmfn_pipeline.errors import BmfnError, WriteError, written
+from bmfn_pipeline.errors import BmfnError, WriteError, counted, written
 
 EVAL_BATCH_SIZE = 16  # the official test batch size (bmfn-reference.md section 7), used on CPUs
 # On GPUs: in eval mode every clip's output is independent of its batch (ESA's BatchNorm uses running statistics),
@@ -151,7 +151,7 @@ class EvalResult:
         return out
 
     def summary(self) -> str:
-        lines = [f"{self.split} segment accuracy: {self.accuracy:.2f} % ({self.clips} clips, {self.segments} segments)",
+        lines = [f"{self.split} segment accuracy: {self.accuracy:.2f} % ({counted(self.clips, 'clip')}, {counted(self.segments, 'segment')})",
                  f"checkpoint: {self.checkpoint}", f"data: {self.data}", "per class:"]
         scored = {name: acc for name, acc in self.per_class.items() if not np.isnan(acc)}
         lines += [f"  {name:<32} {acc:6.2f}" for name, acc in scored.items()]

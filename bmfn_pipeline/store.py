@@ -41,7 +41,7 @@ import numpy as np
 
 from .ave import (NUM_CLASSES, SEGMENTS, AnnotationRow, read_annotations, segment_labels, video_labels,
                   video_labels_from_segments)
-from .errors import BmfnError, WriteError, failed_writes, printable, written
+from .errors import BmfnError, WriteError, counted, failed_writes, printable, written
 
 try:  # advisory single-writer lock; released by the kernel when the process dies, even by SIGKILL
     import fcntl
@@ -843,10 +843,10 @@ class MergeSummary:
     failed: int
 
     def line(self) -> str:
-        text = (f"{self.clips} clips from {len(self.per_input)} stores, {self.failed} failed clips recorded "
-                f"-> {self.out}")
-        return text + (f" ({len(self.identical)} clips found in two stores, the same to float rounding, kept once)"
-                       if self.identical else "")
+        text = (f"{counted(self.clips, 'clip')} from {counted(len(self.per_input), 'store')}, "
+                f"{counted(self.failed, 'failed clip')} recorded -> {self.out}")
+        return text + (f" ({counted(len(self.identical), 'clip')} found in two stores, the same to float rounding, "
+                       "kept once)" if self.identical else "")
 
 
 def _label_difference(there: ClipLabels, here: ClipLabels) -> str | None:

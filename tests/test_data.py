@@ -260,7 +260,7 @@ def test_store_with_annotations_and_hash_split(tmp_path):
                            "Goat&vid0003&good&1&9\nBus&vid0004&good&0&10\nBus&vid0004&good&0&10\n")
     data = load_store(tmp_path / "feats.h5", annotations=annotations)
     assert data.provenance["frames_per_second"] == 2
-    assert any("1 clips have no row" in n for n in data.notes)
+    assert any("1 clip without a row in" in n for n in data.notes)
     labelled = np.concatenate(list(data.splits.values()))
     assert sorted(labelled) == [0, 1, 2, 3, 4]  # vid0005 has no annotation row and is left out
     assert data.clips.labels[0, :, ave.CATEGORIES.index("Bark")].tolist() == [0, 0, 1, 1, 1, 0, 0, 0, 0, 0]

@@ -226,7 +226,9 @@ def test_merge_takes_a_split_one_input_lacks_and_checks_only_the_clips_held(tmp_
     with_splits = make_store(tmp_path / "a.h5", n_clips=1, labels=rows)
     without = make_store(tmp_path / "b.h5", n_clips=1, labels={**labels_for(["vid0000"], ""),
                                                                  **labels_for(["not_here"], "test")})
-    merge_stores([without, with_splits], tmp_path / "out.h5")
+    assert merge_stores([without, with_splits], tmp_path / "out.h5").line() == (
+        f"1 clip from 2 stores, 0 failed clips recorded -> {tmp_path / 'out.h5'} (1 clip found in two stores, the same "
+        "to float rounding, kept once)")
     with FeatureStore.open(tmp_path / "out.h5", create=False, readonly=True) as store:
         assert {cid: given.split for cid, given in store.labels().items()} == {"vid0000": "train", "not_here": "test"}
     elsewhere = make_store(tmp_path / "c.h5", n_clips=1, labels=labels_for(["vid0000"], "val"))
