@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -321,7 +322,10 @@ def plot_timeline(result: LocalizationResult, frames: np.ndarray | None, audio: 
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with written(path) as tmp:
+        # A name in a script the plot's font lacks (Chinese, say) shows boxes; matplotlib's warning for each glyph
+        # would reach the terminal with its source line.
+        with written(path) as tmp, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
             fig.savefig(tmp, format="png")
     except OSError as err:
         raise BmfnError(f"{path}: cannot write the timeline plot: {err.strerror or err}") from None

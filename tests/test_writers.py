@@ -171,6 +171,12 @@ def test_a_file_name_that_is_not_utf8_is_written_escaped(tmp_path):
     assert plot_timeline(result, None, None, tmp_path / "clip.png").read_bytes()[:4] == b"\x89PNG"  # its title too
 
 
+def test_a_name_in_a_script_the_font_lacks_plots_without_a_warning(tmp_path, recwarn):
+    result = make_result(LABELS, path="videos/bunny 短.mp4")  # DejaVu Sans has no CJK glyphs
+    assert plot_timeline(result, None, None, tmp_path / "clip.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [str(w.message) for w in recwarn if "Glyph" in str(w.message)]
+
+
 def test_table_has_a_row_per_second_and_the_summary(tmp_path, capsys):
     result = make_result(LABELS)
     assert get_writer("table", None)(result) is None
