@@ -9,6 +9,7 @@ how it goes on. A checkpoint: its mode, epoch, accuracies, the data it was train
 from __future__ import annotations
 
 import json
+import shlex
 import zipfile
 from collections import Counter
 from collections.abc import Mapping
@@ -39,11 +40,15 @@ class StoreInfo:
     notes: dict[str, list[str]]  # clip id -> decode notes
     journaled: list[str]  # clips not consolidated yet
     writing: bool  # a process is writing to the store now
+    annotation_rows: int  # the labels it keeps, also of clips it has not extracted
     kind: str = field(default="feature store", init=False)
 
     def lines(self) -> list[str]:
         labelled = sum(self.splits.values())
-        if not labelled:
+        if not labelled and self.annotation_rows:
+            labels = (f"none: no clip has one of its {counted(self.annotation_rows, 'annotation row')} (a clip's id, "
+                      "its file name without extension, must be the annotation's video id)")
+        elif not labelled:
             labels = "none (`bmfn extract --annotations` adds them)"
         elif set(self.splits) == {""}:
             labels = f"{counted(labelled, 'clip')}, no split stored (training splits them 80/10/10 by video id)"
@@ -124,37 +129,47 @@ class RunInfo:
     epochs: int
     seeds: list[SeedInfo]
     summary: dict | None  # summary.json of a finished run of several seeds
+    selected: str | None  # the checkpoint the commands take for the run (of its best seed)
     kind: str = field(default="run", init=False)
 
     @property
     def finished(self) -> bool:
         return all(seed.epochs_done >= self.epochs for seed in self.seeds) and bool(self.seeds)
 
+    @property
+    def current_summary(self) -> dict | None:
+        """summary.json where it is of the run as it stands (a run resumed for more epochs keeps its old one)."""
+        if not self.summary or not self.finished:
+            return None
+        return self.summary if all(run.get("epochs") == self.epochs for run in self.summary.get("runs", [])) else None
+
     def lines(self) -> list[str]:
         seeds = f"{len(self.seeds)} seeds of {counted(self.epochs, 'epoch')}" if len(self.seeds) > 1 else \
             f"{min((s.epochs_done for s in self.seeds), default=0)} of {counted(self.epochs, 'epoch')}"
-        state = "finished" if self.finished else f"stopped: `bmfn train --resume {one_line(self.path)}` goes on"
+        # A run folder has no lock: one that is not finished may still be training in another process.
+        state = "finished" if self.finished else (f"not finished (stopped, or still training): once stopped, "
+                                                  f"`bmfn train --resume {shlex.quote(one_line(self.path))}` goes on")
         lines = [f"{one_line(self.path)}: training run, {self.mode} supervised, {seeds}, {state}"]
-        selected = self.summary["best_checkpoint"] if self.summary else None
+        summary = self.current_summary
         for seed in self.seeds:
             name = f"seed {seed.seed}" if len(self.seeds) > 1 else "best.pt"
-            done = f"{seed.epochs_done} of {self.epochs} epochs; " if len(self.seeds) > 1 else ""
+            done = f"{seed.epochs_done} of {counted(self.epochs, 'epoch')}; " if len(self.seeds) > 1 else ""
             if seed.best is None:
                 lines.append(f"  {name:<9} {done}no best.pt" if done else f"  {name:<9} none")
             else:
-                mark = "  <- selected" if selected and Path(self.path, selected) == Path(seed.best.path) else ""
+                mark = "  <- selected" if summary and _same_file(seed.best.path, self.selected) else ""
                 lines.append(f"  {name:<9} {done}epoch {seed.best.epoch} selected on {seed.best.selected_on}: "
                              f"{_accuracies(seed.best.metrics)}{mark}")
             if seed.epochs_done < self.epochs or seed.best is None:
                 lines.append(f"  {'':<9} last.pt: epoch {seed.last.epoch}, where --resume goes on" if seed.last else
                              f"  {'':<9} no last.pt: --resume starts from epoch 1")
-        if self.summary:
-            lines.append(f"  mean      val {_spread(self.summary, 'val')}, test {_spread(self.summary, 'test')}")
+        if summary:
+            lines.append(f"  mean      val {_spread(summary, 'val')}, test {_spread(summary, 'test')}")
         known = next((c for seed in self.seeds for c in (seed.best, seed.last) if c is not None), None)
         return lines + (known.trained_lines() if known else [])
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "finished": self.finished}
+        return {**asdict(self), "finished": self.finished, "summary_current": self.current_summary is not None}
 
 
 def info(path: str | Path) -> StoreInfo | RunInfo | CheckpointInfo:
@@ -162,6 +177,14 @@ def info(path: str | Path) -> StoreInfo | RunInfo | CheckpointInfo:
     path = Path(path)
     if not path.exists():
         raise BmfnError(f"{path}: no such file or folder")
+    try:
+        return _described(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged file: HDF5's, JSON's or zip's words
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise BmfnError(f"{path}: cannot be read ({reason})") from None
+
+
+def _described(path: Path) -> StoreInfo | RunInfo | CheckpointInfo:
     if path.is_dir():
         from bmfn_pipeline.train import RUN_FILE  # torch: not for a store's info
 
@@ -186,7 +209,8 @@ def store_info(path: str | Path) -> StoreInfo:
         size = sum(_file_size(p) for p in [store.path, *store.parts_dir.glob("*")])
         failed = {cid: {"path": where, "error": error} for cid, (where, error) in store.failures().items()}
         return StoreInfo(str(path), clip_ids, str(store.dtype), size, store.provenance, splits,
-                         store.unlabelled(), failed, store.notes(), store.journaled(), store.being_written())
+                         store.unlabelled(), failed, store.notes(), store.journaled(), store.being_written(),
+                         len(labels))
 
 
 def checkpoint_info(path: str | Path) -> CheckpointInfo:
@@ -203,7 +227,7 @@ def checkpoint_info(path: str | Path) -> CheckpointInfo:
 
 def run_info(path: str | Path) -> RunInfo:
     """A run folder by its own files: run.json, each seed's metrics.jsonl, best.pt and last.pt, summary.json."""
-    from bmfn_pipeline.train import BEST, LAST, METRICS, RUN_FILE, SUMMARY
+    from bmfn_pipeline.train import BEST, LAST, METRICS, RUN_FILE, SUMMARY, _run_best
 
     path = Path(path)
     try:
@@ -216,8 +240,14 @@ def run_info(path: str | Path) -> RunInfo:
         folder = path if count == 1 else path / f"seed-{number}"
         best, last = (checkpoint_info(folder / name) if (folder / name).is_file() else None for name in (BEST, LAST))
         seeds.append(SeedInfo(number, str(folder), _epochs_done(folder / METRICS), best, last))
+    selected = _run_best(path)  # first: it says what is wrong with a summary.json that cannot be read
     summary = json.loads((path / SUMMARY).read_text()) if (path / SUMMARY).is_file() else None
-    return RunInfo(str(path), config.get("mode", "?"), int(config.get("epochs", 0)), seeds, summary)
+    for seed in seeds:  # the run's own epochs, where a checkpoint of a resumed run holds those asked for before
+        for checkpoint in (seed.best, seed.last):
+            if checkpoint is not None:
+                checkpoint.epochs = int(config.get("epochs", checkpoint.epochs))
+    return RunInfo(str(path), config.get("mode", "?"), int(config.get("epochs", 0)), seeds, summary,
+                   str(selected) if selected else None)
 
 
 def features_lines(provenance: Mapping) -> list[str]:
@@ -250,8 +280,12 @@ def _refuse_ave_layout(path: Path) -> None:
     """A file of the AVE release's layout (or `bmfn export-ave`'s) is no store: say what reads it."""
     with h5py.File(path, "r") as f:
         if AVE_KEY in f and "clip_ids" not in f:
-            raise BmfnError(f"{path}: a feature file of the AVE release's layout (key {AVE_KEY!r}), not a bmfn "
-                            f"feature store; `bmfn train --ave-dir {path.parent}` reads such a folder")
+            raise BmfnError(f"{path}: a file of the AVE release's layout (key {AVE_KEY!r}), not a bmfn feature "
+                            f"store; `bmfn train --ave-dir {shlex.quote(str(path.parent))}` reads such a folder")
+
+
+def _same_file(a: str, b: str | None) -> bool:
+    return b is not None and Path(a).resolve() == Path(b).resolve()
 
 
 def _holds_pickle(path: Path) -> bool:

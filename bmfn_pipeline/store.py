@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import secrets
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,8 @@ _ID_CHARS = 80  # the readable part of a journal file name; the hash keeps names
 _FILE_KEYS = {"file": "checksum", "pca_file": "pca_checksum"}
 # Times a read-only store is opened again when the journal part it looks for was consolidated away meanwhile.
 REOPEN_TRIES = 5
+# Tries to take a store's lock, LOCK_RETRY_S apart, before another process is said to hold it.
+LOCK_TRIES, LOCK_RETRY_S = 3, 0.02
 _T = TypeVar("_T")
 
 
@@ -332,10 +335,13 @@ class FeatureStore:
         self._flock(fcntl.LOCK_SH, "another process is writing to this feature store")
 
     def _flock(self, kind: int, refusal: str) -> None:
-        try:
-            fcntl.flock(self._lock_fd, kind | fcntl.LOCK_NB)
-        except OSError:
-            raise BmfnError(f"{self.path}: {refusal}") from None
+        for attempt in range(LOCK_TRIES):  # tried again shortly: `bmfn info` probes the lock for an instant
+            try:
+                fcntl.flock(self._lock_fd, kind | fcntl.LOCK_NB)
+                return
+            except OSError:
+                time.sleep(LOCK_RETRY_S)
+        raise BmfnError(f"{self.path}: {refusal}")
 
     def _load_main(self) -> None:
         try:
@@ -949,10 +955,12 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
                 if difference and cid in owner:
                     raise BmfnError(f"{store.path}: clip {cid!r} is labelled differently in {label_owner[cid]} "
                                     f"({difference})")
-                if not difference:
-                    labels[cid] = known._replace(split=known.split or given.split)
-                    if not known.video.any() and given.video.any():  # named as the class's input from now on
-                        labels[cid], label_owner[cid] = labels[cid]._replace(video=given.video), store.path
+                if not difference:  # what `given` adds, named as its input's from now on
+                    if not known.split and given.split:
+                        known, label_owner[cid] = known._replace(split=given.split), store.path
+                    if not known.video.any() and given.video.any():
+                        known, label_owner[cid] = known._replace(video=given.video), store.path
+                    labels[cid] = known
         failed: dict[str, tuple[str, str]] = {}
         for store in stores:
             for cid, failure in store.failures().items():

@@ -358,7 +358,7 @@ def resolve_checkpoint(checkpoint: str | Path | None, runs_dir: str | Path = RUN
             last = [str(p) for p in (checkpoint / LAST, *checkpoint.glob(f"seed-*/{LAST}")) if p.is_file()]
             raise BmfnError(f"{checkpoint}: a training run without a {BEST} (stopped, or its disk full?); "
                             + (f"name its {last[0]}, or " if last else "")
-                            + f"go on with `bmfn train --resume {checkpoint}`")
+                            + f"go on with `bmfn train --resume {shlex.quote(str(checkpoint))}`")
         if found is None:
             raise BmfnError(f"{checkpoint}: a folder without a {BEST}; name a checkpoint file or a `bmfn train` run "
                             "folder")
@@ -370,7 +370,10 @@ def _run_best(run: Path) -> Path | None:
     """A run folder's selected checkpoint: its summary's, else the newest best.pt in it or its seed folders (not
     deeper: a folder holding runs, or any folder, is no run, and an unrelated checkpoint must not be taken for it)."""
     if (run / SUMMARY).is_file():
-        named = Path(json.loads((run / SUMMARY).read_text())["best_checkpoint"])
+        try:
+            named = Path(json.loads((run / SUMMARY).read_text())["best_checkpoint"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise BmfnError(f"{run / SUMMARY}: not a run's summary ({exc})") from None
         # Relative to the run folder; summaries of earlier versions hold an absolute path or one relative to the
         # folder training ran in (e.g. runs/x/seed-891/best.pt), whose seed folder and file name still tell it.
         for path in (run / named, named, run / named.parent.name / named.name):

@@ -235,6 +235,8 @@ def test_merge_takes_a_split_one_input_lacks_and_checks_only_the_clips_held(tmp_
     with pytest.raises(BmfnError, match=r"c\.h5: clip 'vid0000' is labelled differently in .*a\.h5 \(split 'train' "
                                          r"there, 'val' here\)$"):
         merge_stores([with_splits, elsewhere], tmp_path / "out2.h5")
+    with pytest.raises(BmfnError, match=r"c\.h5: clip 'vid0000' is labelled differently in .*/a\.h5 "):
+        merge_stores([without, with_splits, elsewhere], tmp_path / "out3.h5")  # the split came from a.h5, not b.h5
 
 
 def test_merge_refusals(tmp_path):

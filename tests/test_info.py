@@ -129,8 +129,9 @@ def test_a_run_folder_says_how_far_it_got_and_how_it_goes_on(tmp_path):
     record["config"]["epochs"] = 5
     (run / "run.json").write_text(json.dumps(record))
     lines = info(run).lines()
-    assert lines[0] == (f"{run}: training run, fully supervised, 2 of 5 epochs, stopped: `bmfn train --resume {run}` "
-                        "goes on")
+    assert lines[0] == (f"{run}: training run, fully supervised, 2 of 5 epochs, not finished (stopped, or still "
+                        f"training): once stopped, `bmfn train --resume {run}` goes on")
+    assert info(run / "best.pt").epochs == 2 and info(run).seeds[0].best.epochs == 5  # the run's, not the checkpoint's
     assert lines[2] == "            last.pt: epoch 2, where --resume goes on"
     (run / "best.pt").unlink()  # as a full disk can leave it, or a kill in the first epoch
     (run / "last.pt").unlink()
@@ -146,9 +147,20 @@ def test_a_run_of_several_seeds_shows_each_and_their_mean(tmp_path):
     lines = result.lines()
     assert lines[0] == f"{run}: training run, fully supervised, 2 seeds of 1 epoch, finished"
     selected = [line for line in lines if line.endswith("<- selected")]
-    assert len(selected) == 1 and selected[0].startswith(f"  seed {summary['best_checkpoint'][5:8]}  1 of 1 epochs; ")
+    assert len(selected) == 1 and selected[0].startswith(f"  seed {summary['best_checkpoint'][5:8]}  1 of 1 epoch; ")
     spread = {split: f"{summary[f'{split}_mean']:.2f} ± {summary[f'{split}_std']:.2f} %" for split in ("val", "test")}
     assert f"  mean      val {spread['val']}, test {spread['test']}" in lines
+    # summaries of earlier bmfn versions name the checkpoint by an absolute path
+    (run / "summary.json").write_text(json.dumps({**summary, "best_checkpoint": str(run / summary["best_checkpoint"])}))
+    assert info(run).lines() == lines
+    # resumed for more epochs and stopped: the summary is of the run before, so neither mean nor choice is shown
+    record = json.loads((run / "run.json").read_text())
+    record["config"]["epochs"] = 3
+    (run / "run.json").write_text(json.dumps(record))
+    assert not [line for line in info(run).lines() if "selected" in line.split(":")[-1] or "mean" in line]
+    (run / "summary.json").write_text("{")  # torn
+    with pytest.raises(BmfnError, match=rf"^{run / 'summary.json'}: not a run's summary"):
+        info(run)
 
 
 def test_the_command_shows_each_path_and_one_line_for_each_it_cannot_read(tmp_path):
@@ -164,6 +176,24 @@ def test_the_command_shows_each_path_and_one_line_for_each_it_cannot_read(tmp_pa
     shown = json.loads(result.stdout)
     assert shown["kind"] == "feature store" and shown["journaled"] == ["late"] and len(shown["failed"]) == 2
     assert sorted(shown["clip_ids"]) == ["late", "short", "vid0000", "vid0001", "vid0002", "vid0003"]
+
+
+def test_a_damaged_store_is_one_line_and_the_others_are_still_shown(tmp_path):
+    good = make_store(tmp_path / "good.h5", n_clips=2)
+    FeatureStore.open(good, STORE_PROVENANCE).consolidate()
+    damaged = tmp_path / "damaged.h5"
+    damaged.write_bytes(good.read_bytes()[:100_000])  # a copy cut short
+    result = CliRunner().invoke(main, ["info", str(damaged), str(good)])
+    assert result.exit_code == 1 and result.stdout.startswith(f"{good}: feature store, 2 clips")
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"bmfn: error: {damaged}: ")
+
+
+def test_a_store_whose_annotation_rows_match_none_of_its_clips_says_so(tmp_path):
+    path = make_store(tmp_path / "feats.h5", n_clips=2)
+    with FeatureStore.open(path, STORE_PROVENANCE) as store:  # rows of other videos: ids that are not file names
+        store.set_labels({"other0": (one_hot(0, 10, 1), "train"), "other1": (one_hot(0, 10, 2), "test")})
+    assert "  labels    none: no clip has one of its 2 annotation rows (a clip's id, its file name without " \
+        "extension, must be the annotation's video id)" in info(path).lines()
 
 
 @pytest.mark.parametrize("name", ["model.pt", "arrays.npz", "metrics.jsonl"])
@@ -182,6 +212,6 @@ def test_a_file_of_the_ave_layout_says_what_reads_it(tmp_path):
     path = tmp_path / "visual_feature.h5"
     with h5py.File(path, "w") as f:
         f["avadataset"] = np.zeros((2, 10, 7, 7, 512), np.float32)
-    with pytest.raises(BmfnError, match=rf"^{path}: a feature file of the AVE release's layout \(key 'avadataset'\), "
+    with pytest.raises(BmfnError, match=rf"^{path}: a file of the AVE release's layout \(key 'avadataset'\), "
                        rf"not a bmfn feature store; `bmfn train --ave-dir {tmp_path}` reads such a folder$"):
         info(path)
