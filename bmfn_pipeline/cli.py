@@ -308,8 +308,8 @@ def extract(inputs, out, annotations, splits, frames_per_second, visual_source, 
                    "without extension and must be the annotation's video id", err=True)
     if summary.failed:
         total = len(summary.failed) + len(summary.done) + len(summary.skipped)
-        raise BmfnError(f"{len(summary.failed)} of {counted(total, 'clip')} failed; their errors are above and recorded in {summary.out} "
-                        f"(`bmfn info {shlex.quote(str(summary.out))}` lists them)")
+        raise BmfnError(f"{len(summary.failed)} of {counted(total, 'clip')} failed; their errors are above and recorded "
+                        f"in {summary.out} (`bmfn info {shlex.quote(str(summary.out))}` lists them)")
 
 
 @main.command("export-ave")

@@ -151,7 +151,8 @@ class EvalResult:
         return out
 
     def summary(self) -> str:
-        lines = [f"{self.split} segment accuracy: {self.accuracy:.2f} % ({counted(self.clips, 'clip')}, {counted(self.segments, 'segment')})",
+        counts = f"{counted(self.clips, 'clip')}, {counted(self.segments, 'segment')}"
+        lines = [f"{self.split} segment accuracy: {self.accuracy:.2f} % ({counts})",
                  f"checkpoint: {self.checkpoint}", f"data: {self.data}", "per class:"]
         scored = {name: acc for name, acc in self.per_class.items() if not np.isnan(acc)}
         lines += [f"  {name:<32} {acc:6.2f}" for name, acc in scored.items()]

@@ -340,7 +340,8 @@ class FeatureStore:
                 fcntl.flock(self._lock_fd, kind | fcntl.LOCK_NB)
                 return
             except OSError:
-                time.sleep(LOCK_RETRY_S)
+                if attempt < LOCK_TRIES - 1:
+                    time.sleep(LOCK_RETRY_S)
         raise BmfnError(f"{self.path}: {refusal}")
 
     def _load_main(self) -> None:

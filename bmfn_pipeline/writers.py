@@ -323,9 +323,9 @@ def plot_timeline(result: LocalizationResult, frames: np.ndarray | None, audio: 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # A name in a script the plot's font lacks (Chinese, say) shows boxes; matplotlib's warning for each glyph
-        # would reach the terminal with its source line.
+        # would reach the terminal with its source line ("current font" before matplotlib 3.10).
         with written(path) as tmp, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from (current )?font")  # (matplotlib < 3.10)
+            warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from (current )?font")
             fig.savefig(tmp, format="png")
     except OSError as err:
         raise BmfnError(f"{path}: cannot write the timeline plot: {err.strerror or err}") from None
