@@ -364,8 +364,8 @@ def info(paths, as_json) -> None:
 
     A store (.h5): its clips, how they were made, labels per split, the clips that failed and why, decode notes,
     clips a stopped run left in the journal; it may be read while `bmfn extract` writes to it. A run folder: epochs
-    done of those asked for, each seed's selected epoch and accuracies, and whether it stopped (`--resume` goes on
-    from its last.pt). A checkpoint (.pt): its mode, epoch, accuracies, data and features. A path that cannot be
+    done of those asked for, each seed's selected epoch and accuracies, and whether it is being trained now or
+    stopped (`--resume` goes on from its last.pt). A checkpoint (.pt): its mode, epoch, accuracies, data and features. A path that cannot be
     read gives a one-line error; the others are still shown and the exit code is 1.
 
     \b

@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 
 from bmfn_pipeline.errors import BmfnError, counted, one_line
-from bmfn_pipeline.store import AVE_KEY, FeatureStore
+from bmfn_pipeline.store import AVE_KEY, FeatureStore, locked_by_another
 
 SPLITS = ("train", "val", "test")
 SHOWN = 3  # clips named per list in the text form; --json lists them all
@@ -130,6 +130,7 @@ class RunInfo:
     seeds: list[SeedInfo]
     summary: dict | None  # summary.json of a finished run of several seeds
     selected: str | None  # the checkpoint the commands take for the run (of its best seed)
+    training: bool  # a process is training it now (it holds the run's lock)
     kind: str = field(default="run", init=False)
 
     @property
@@ -146,9 +147,8 @@ class RunInfo:
     def lines(self) -> list[str]:
         seeds = f"{len(self.seeds)} seeds of {counted(self.epochs, 'epoch')}" if len(self.seeds) > 1 else \
             f"{min((s.epochs_done for s in self.seeds), default=0)} of {counted(self.epochs, 'epoch')}"
-        # A run folder has no lock: one that is not finished may still be training in another process.
-        state = "finished" if self.finished else (f"not finished (stopped, or still training): once stopped, "
-                                                  f"`bmfn train --resume {shlex.quote(one_line(self.path))}` goes on")
+        state = "being trained now" if self.training else "finished" if self.finished else \
+            f"stopped: `bmfn train --resume {shlex.quote(one_line(self.path))}` goes on"
         lines = [f"{one_line(self.path)}: training run, {self.mode} supervised, {seeds}, {state}"]
         summary = self.current_summary
         for seed in self.seeds:
@@ -160,7 +160,7 @@ class RunInfo:
                 mark = "  <- selected" if summary and _same_file(seed.best.path, self.selected) else ""
                 lines.append(f"  {name:<9} {done}epoch {seed.best.epoch} selected on {seed.best.selected_on}: "
                              f"{_accuracies(seed.best.metrics)}{mark}")
-            if seed.epochs_done < self.epochs or seed.best is None:
+            if not self.training and (seed.epochs_done < self.epochs or seed.best is None):
                 lines.append(f"  {'':<9} last.pt: epoch {seed.last.epoch}, where --resume goes on" if seed.last else
                              f"  {'':<9} no last.pt: --resume starts from epoch 1")
         if summary:
@@ -227,7 +227,7 @@ def checkpoint_info(path: str | Path) -> CheckpointInfo:
 
 def run_info(path: str | Path) -> RunInfo:
     """A run folder by its own files: run.json, each seed's metrics.jsonl, best.pt and last.pt, summary.json."""
-    from bmfn_pipeline.train import BEST, LAST, METRICS, RUN_FILE, SUMMARY, _run_best
+    from bmfn_pipeline.train import BEST, LAST, METRICS, RUN_FILE, RUN_LOCK, SUMMARY, _run_best
 
     path = Path(path)
     try:
@@ -247,7 +247,7 @@ def run_info(path: str | Path) -> RunInfo:
             if checkpoint is not None:
                 checkpoint.epochs = int(config.get("epochs", checkpoint.epochs))
     return RunInfo(str(path), config.get("mode", "?"), int(config.get("epochs", 0)), seeds, summary,
-                   str(selected) if selected else None)
+                   str(selected) if selected else None, locked_by_another(path / RUN_LOCK))
 
 
 def features_lines(provenance: Mapping) -> list[str]:

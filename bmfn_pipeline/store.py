@@ -335,14 +335,8 @@ class FeatureStore:
         self._flock(fcntl.LOCK_SH, "another process is writing to this feature store")
 
     def _flock(self, kind: int, refusal: str) -> None:
-        for attempt in range(LOCK_TRIES):  # tried again shortly: `bmfn info` probes the lock for an instant
-            try:
-                fcntl.flock(self._lock_fd, kind | fcntl.LOCK_NB)
-                return
-            except OSError:
-                if attempt < LOCK_TRIES - 1:
-                    time.sleep(LOCK_RETRY_S)
-        raise BmfnError(f"{self.path}: {refusal}")
+        if not try_flock(self._lock_fd, kind):
+            raise BmfnError(f"{self.path}: {refusal}")
 
     def _load_main(self) -> None:
         try:
@@ -444,19 +438,7 @@ class FeatureStore:
 
     def being_written(self) -> bool:
         """Whether a process holds the writer's lock now (extracting into, or merging, this store)."""
-        if fcntl is None or self._lock_fd is not None:
-            return False
-        try:
-            fd = os.open(self.parts_dir / ".lock", os.O_RDONLY)
-        except OSError:  # no lock file: never written by a process that locks
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return False
-        except OSError:
-            return True
-        finally:
-            os.close(fd)  # releases the shared lock, if taken
+        return self._lock_fd is None and locked_by_another(self.parts_dir / ".lock")
 
     def notes(self) -> dict[str, list[str]]:
         """Clip id -> the decode notes recorded with it, for the clips that have any."""
@@ -644,6 +626,50 @@ class FeatureStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def try_flock(fd: int, kind: int) -> bool:
+    """flock(fd, kind) without waiting, tried again shortly (`locked_by_another` holds a lock for an instant): whether
+    it was taken."""
+    for attempt in range(LOCK_TRIES):
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if attempt < LOCK_TRIES - 1:
+                time.sleep(LOCK_RETRY_S)
+    return False
+
+
+def exclusive_lock(lock_file: Path) -> int | None:
+    """An exclusive lock on `lock_file` (made where missing), held until the descriptor returned is closed or the
+    process dies; None where there are no locks. OSError where the file cannot be made, BlockingIOError where another
+    process holds the lock."""
+    if fcntl is None:
+        return None
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    if not try_flock(fd, fcntl.LOCK_EX):
+        os.close(fd)
+        raise BlockingIOError(errno.EWOULDBLOCK, "locked by another process", str(lock_file))
+    return fd
+
+
+def locked_by_another(lock_file: Path) -> bool:
+    """Whether a process holds an exclusive lock on `lock_file` now (a store's writer, a training run); False where
+    the file is missing or there are no locks."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # releases the shared lock, if taken
 
 
 def _write_store(path: Path, provenance: Mapping, dtype: np.dtype, ids: list[str], fill,

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import random
 import shlex
 import sys
@@ -41,6 +42,7 @@ from bmfn_pipeline.errors import BmfnError, WriteError, check_counts, failed_wri
 from bmfn_pipeline.evaluate import (CLASS_NAMES, compute_precision, predict_labels, predict_rows, segment_accuracy,
                                    to_numpy)
 from bmfn_pipeline.graphs import GraphedStep
+from bmfn_pipeline.store import exclusive_lock
 from bmfn_pipeline.model import (BMFN, BMFNConfig, BMFNOutput, fully_supervised_loss, group_state_dict,
                                  predict_segments, weakly_supervised_loss)
 from extractors.weights import read_torch_file, uninitialised, use_compile_cache
@@ -63,8 +65,8 @@ REFERENCE = {
     "weakly": Hyper(lr=5e-4, milestones=(5, 20, 40), gamma=0.5, epochs=200, batch_size=32, clip=0.5, seed=550),
 }
 CHECKPOINT_FORMAT = "bmfn-checkpoint-1"
-BEST, LAST, METRICS, CURVES, COMMAND, RUN_FILE, SUMMARY = (
-    "best.pt", "last.pt", "metrics.jsonl", "curves.png", "command.txt", "run.json", "summary.json")
+BEST, LAST, METRICS, CURVES, COMMAND, RUN_FILE, SUMMARY, RUN_LOCK = (
+    "best.pt", "last.pt", "metrics.jsonl", "curves.png", "command.txt", "run.json", "summary.json", ".lock")
 RUNS_DIR = "runs"
 CHECKPOINT_EVERY = 60.0  # seconds between writes of last.pt and best.pt (0: after every epoch)
 # How a run runs, for a new run when not given; a resumed run keeps its own (run.json) unless given. With epochs,
@@ -273,27 +275,51 @@ def _train(config: TrainConfig, data: FeatureData | None, log) -> TrainResult:
         log("--select-on-test: keeping the epoch with the best TEST accuracy (the official protocol); "
             "the reported test accuracy is then optimistic")
     main = rank_env().is_main  # rank 0 writes the run folder; under torchrun the others write nothing
-    if main:
+    held: list[int] = []  # rank 0's lock on the run folder, kept while it trains
+
+    def open_run_folder() -> None:
+        if not main:  # under torchrun rank 0 alone runs it
+            return
+        if not config.resume:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        held.extend(_locked_run(run_dir))  # before anything is written: a run being trained is refused
         if config.resume:
             _record_resume_settings(run_dir, config)
         else:
-            run_dir.mkdir(parents=True, exist_ok=True)
             _write_json(run_dir / RUN_FILE, {"config": config.to_dict(), "data": data.source,
                                              "split_rule": data.split_rule, "started": time.time()})
         with failed_writes(run_dir / COMMAND), open(run_dir / COMMAND, "a") as f:
             f.write((config.command or _api_command(config)) + "\n")
-    log(f"run: {run_dir} ({config.mode}, device {device}, {config.precision})")
-    if device.type == "cuda":
-        data = data.to(device)  # AVE fits on any current GPU (2.1 GB as float16): no host reads per batch
-    seeds = [config.seed + i for i in range(config.seeds)]
-    runs = []
-    for seed in seeds:
-        seed_dir = run_dir if config.seeds == 1 else run_dir / f"seed-{seed}"
-        runs.append(_train_seed(config, seed, data, seed_dir, device, log))
-    result = TrainResult(run_dir, runs, data.describe())
-    if config.seeds > 1 and main:
-        _write_json(run_dir / SUMMARY, result.to_dict())
-    return result
+
+    share_from_main(open_run_folder)  # a refusal reaches every rank
+    try:
+        log(f"run: {run_dir} ({config.mode}, device {device}, {config.precision})")
+        if device.type == "cuda":
+            data = data.to(device)  # AVE fits on any current GPU (2.1 GB as float16): no host reads per batch
+        seeds = [config.seed + i for i in range(config.seeds)]
+        runs = []
+        for seed in seeds:
+            seed_dir = run_dir if config.seeds == 1 else run_dir / f"seed-{seed}"
+            runs.append(_train_seed(config, seed, data, seed_dir, device, log))
+        result = TrainResult(run_dir, runs, data.describe())
+        if config.seeds > 1 and main:
+            _write_json(run_dir / SUMMARY, result.to_dict())
+        return result
+    finally:
+        for fd in held:
+            os.close(fd)  # releases the lock
+
+
+def _locked_run(run_dir: Path) -> list[int]:
+    """An exclusive lock on the run folder (its RUN_LOCK file), as [its descriptor]; [] where there are no locks.
+    Two processes training one run (a second --resume) would write each other's checkpoints."""
+    try:
+        fd = exclusive_lock(run_dir / RUN_LOCK)
+    except BlockingIOError:
+        raise BmfnError(f"{run_dir}: another process is training this run now") from None
+    except OSError as exc:
+        raise BmfnError(f"{run_dir / RUN_LOCK}: cannot write ({exc.strerror or exc})") from None
+    return [] if fd is None else [fd]
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[BMFN, dict]:

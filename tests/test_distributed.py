@@ -399,7 +399,7 @@ def test_ddp_training_matches_one_process(tmp_path):
         assert error < GRADIENT_RTOL, case
     (run_dir,) = runs.iterdir()  # one folder, named by rank 0 for both ranks
     assert run.stdout.count("epoch 2/2") == 1  # rank 0 alone logs
-    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "command.txt", "curves.png", "last.pt",
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "best.pt", "command.txt", "curves.png", "last.pt",
                                                          "metrics.jsonl", "run.json"]
 
     def metrics(path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 
 import h5py
@@ -129,8 +130,14 @@ def test_a_run_folder_says_how_far_it_got_and_how_it_goes_on(tmp_path):
     record["config"]["epochs"] = 5
     (run / "run.json").write_text(json.dumps(record))
     lines = info(run).lines()
-    assert lines[0] == (f"{run}: training run, fully supervised, 2 of 5 epochs, not finished (stopped, or still "
-                        f"training): once stopped, `bmfn train --resume {run}` goes on")
+    assert lines[0] == (f"{run}: training run, fully supervised, 2 of 5 epochs, stopped: `bmfn train --resume {run}` "
+                        "goes on")
+    with open(run / ".lock") as lock:  # as a process training it holds it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert info(run).lines()[0] == f"{run}: training run, fully supervised, 2 of 5 epochs, being trained now"
+        assert info(run).training and "--resume" not in "\n".join(info(run).lines())
+        with pytest.raises(BmfnError, match=f"^{run}: another process is training this run now$"):
+            train(TrainConfig(resume=str(run), progress=False), log=lambda *_: None)
     assert info(run / "best.pt").epochs == 2 and info(run).seeds[0].best.epochs == 5  # the run's, not the checkpoint's
     assert lines[2] == "            last.pt: epoch 2, where --resume goes on"
     (run / "best.pt").unlink()  # as a full disk can leave it, or a kill in the first epoch
