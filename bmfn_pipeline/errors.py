@@ -92,6 +92,13 @@ def counted(n, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def percent(value: float | None, std: float | None = None) -> str:
+    """An accuracy as printed, with its standard deviation where given; '-' where a split has no clips."""
+    if value is None:
+        return "-"
+    return f"{value:.2f} %" if std is None else f"{value:.2f} ± {std:.2f} %"
+
+
 def printable(text: str) -> str:
     """`text` as it can be stored (HDF5 strings are UTF-8) and printed: the bytes of a file name that are not UTF-8,
     which Python keeps as surrogates, as \\xNN escapes."""

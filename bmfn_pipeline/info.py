@@ -18,7 +18,7 @@ from pathlib import Path
 
 import h5py
 
-from bmfn_pipeline.errors import BmfnError, counted, one_line
+from bmfn_pipeline.errors import BmfnError, counted, one_line, percent
 from bmfn_pipeline.store import AVE_KEY, FeatureStore, locked_by_another
 
 SPLITS = ("train", "val", "test")
@@ -164,7 +164,9 @@ class RunInfo:
                 lines.append(f"  {'':<9} last.pt: epoch {seed.last.epoch}, where --resume goes on" if seed.last else
                              f"  {'':<9} no last.pt: --resume starts from epoch 1")
         if summary:
-            lines.append(f"  mean      val {_spread(summary, 'val')}, test {_spread(summary, 'test')}")
+            spread = {split: percent(summary.get(f"{split}_mean"), summary.get(f"{split}_std") or 0.0)
+                      for split in ("val", "test")}
+            lines.append(f"  mean      val {spread['val']}, test {spread['test']}")
         known = next((c for seed in self.seeds for c in (seed.best, seed.last) if c is not None), None)
         return lines + (known.trained_lines() if known else [])
 
@@ -310,13 +312,8 @@ def _accuracies(metrics: Mapping) -> str:
     """val and test of an epoch, then its train accuracy, which is the running one during the epoch (dropout on,
     weights changing), not `bmfn evaluate --split train`'s."""
     train = metrics.get("train_acc")
-    during = f" (train {_percent(train)} while training)" if train is not None else ""
-    return f"val {_percent(metrics.get('val_acc'))}, test {_percent(metrics.get('test_acc'))}{during}"
-
-
-def _spread(summary: Mapping, split: str) -> str:
-    mean, std = summary.get(f"{split}_mean"), summary.get(f"{split}_std")
-    return "-" if mean is None else f"{mean:.2f} ± {std or 0:.2f} %"
+    during = f" (train {percent(train)} while training)" if train is not None else ""
+    return f"val {percent(metrics.get('val_acc'))}, test {percent(metrics.get('test_acc'))}{during}"
 
 
 def _listed(title: str, items: Mapping[str, str]) -> list[str]:
@@ -340,10 +337,6 @@ def _file_size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
-
-
-def _percent(value) -> str:
-    return "-" if value is None else f"{value:.2f} %"
 
 
 def _size(n: float) -> str:

@@ -38,7 +38,7 @@ from bmfn_pipeline import __version__
 from bmfn_pipeline.data import FeatureData, batches, find_default_data, load_data, num_batches
 from bmfn_pipeline.distributed import (all_sum, gathered, local_batch, process_group, rank_device, rank_env,
                                        resolve_device, seed_rank, share_from_main, stand_in, wrap)
-from bmfn_pipeline.errors import BmfnError, WriteError, check_counts, failed_writes, written
+from bmfn_pipeline.errors import BmfnError, WriteError, check_counts, failed_writes, percent, written
 from bmfn_pipeline.evaluate import (CLASS_NAMES, compute_precision, predict_labels, predict_rows, segment_accuracy,
                                    to_numpy)
 from bmfn_pipeline.graphs import GraphedStep
@@ -195,13 +195,13 @@ class TrainResult:
         lines = []
         for r in self.runs:
             lines.append(f"seed {r.seed}: best epoch {r.best_epoch}/{r.epochs} (selected on {r.selected_on}): "
-                         f"val {_percent(r.val_acc)}, test {_percent(r.test_acc)}  [{r.best_checkpoint}]")
+                         f"val {percent(r.val_acc)}, test {percent(r.test_acc)}  [{r.best_checkpoint}]")
         if self.runs[0].selected_on == "test":
             lines.append("note: --select-on-test picked the epoch with the best TEST accuracy (the official "
                          "protocol); the test figure is optimistic, not a held-out estimate")
         if len(self.runs) > 1:
             (vm, vs), (tm, ts) = self.val_mean_std, self.test_mean_std
-            lines.append(f"{len(self.runs)} seeds: val {_percent(vm, vs)}, test {_percent(tm, ts)} (mean ± std)")
+            lines.append(f"{len(self.runs)} seeds: val {percent(vm, vs)}, test {percent(tm, ts)} (mean ± std)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -214,13 +214,6 @@ class TrainResult:
                 "runs": [{"seed": r.seed, "run_dir": r.run_dir.relative_to(self.run_dir).as_posix(),
                           "best_epoch": r.best_epoch, "selected_on": r.selected_on, "val_acc": r.val_acc,
                           "test_acc": r.test_acc, "epochs": r.epochs} for r in self.runs]}
-
-
-def _percent(value: float | None, std: float | None = None) -> str:
-    """An accuracy as printed; '-' where a split has no clips."""
-    if value is None:
-        return "-"
-    return f"{value:.2f} %" if std is None else f"{value:.2f} ± {std:.2f} %"
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -516,8 +509,9 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
                 if main:
                     _plot_curves(history, run_dir / CURVES, log)
                 # the first rank whose loss was not finite, and what rank 0 kept
+                totals = sums.totals()
                 bad_step, bad_loss = next((step, loss) for step, loss in gathered(
-                    (sums.totals()["bad_step"], sums.totals()["bad_loss"])) if step)
+                    (totals["bad_step"], totals["bad_loss"])) if step)
                 kept = share_from_main(lambda: [f"{LAST} (epoch {saver.saved_epoch})"] * bool(saver.saved_epoch) + [
                     f"{BEST} (epoch {best['epoch']}, the best so far)"] * bool(best["epoch"]))
                 raise BmfnError(f"{run_dir}: the loss became {bad_loss} at epoch {epoch}, batch {int(bad_step)}; "
@@ -548,7 +542,7 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
                     "optimizer": optimizer.state_dict(), "scheduler": _scheduler_state(scheduler),
                     "rng": _rng_state(generator)}, final=epoch == config.epochs)
             log(f"seed {seed} epoch {epoch}/{config.epochs}: loss {record['loss']:.4f}, "
-                f"train {record['train_acc']:.2f} %, val {_percent(accs['val'])}, test {_percent(accs['test'])}, "
+                f"train {record['train_acc']:.2f} %, val {percent(accs['val'])}, test {percent(accs['test'])}, "
                 f"lr {lr:.3g}, {record['time']:.2f} s" + ("  * best" if improved else ""))
     finally:
         saver.flush_best()  # the selected weights are never lost, even when the run stops early
