@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--full", choices=["float32", "tf32", "bfloat16"], default=None,
                         help="then train the reference 200 epochs with CUDA graphs in this precision")
     parser.add_argument("--full-compile", action="store_true", help="... with train --compile")
+    parser.add_argument("--full-only", action="store_true", help="only the full run, without the comparison")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -87,7 +88,7 @@ def main() -> None:
         variants += [(f"{'cuda graphs + ' if graphs else ''}compiled", precision, graphs, 60.0, True)
                      for precision in ("tf32", "bfloat16")]
     base = None
-    for label, precision, graphs, every, compiled in variants:
+    for label, precision, graphs, every, compiled in [] if args.full and args.full_only else variants:
         times, wall = run(data, device, args.epochs, precision, graphs, every, compiled)
         steady = statistics.median(times[1:]) if len(times) > 1 else times[0]
         base = base or steady

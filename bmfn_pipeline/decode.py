@@ -838,7 +838,11 @@ def _nvcodec_frames(path, stream, info: ClipInfo, positions: dict[int, list[tupl
     is in a codec both decode exactly (nvcodec.EXACT_CODECS), as progressive 8-bit 4:2:0 pictures of even size,
     read from its start, with a frame at every wanted index before its end. And on every file, each frame's
     presentation time must be the one the CPU decoder gives it (the packets' times in order, from its first
-    frame's on) and the first frame must equal the CPU decoder's in every plane (the same crop, the same pixels).
+    frame's on), up to one shift for the whole file, and the first frame must equal the CPU decoder's in every plane
+    (the same crop, the same pixels): the same pictures, in the same order and spacing. On an H100 the library gave
+    MP4s with B-frames times moved by their reordering delay (ave_22olCB3wQaA: first frame at -1024, FFmpeg's at 0;
+    its frames then equal the CPU decoder's to the bit); in other files only the first few frames were moved
+    (ave_16eUxQwxxbs: frames 0-10 by 768, then the true times), which this refuses until a GPU shows why.
     The rest of a short or late video (its last frame repeated, its first shown early) is the CPU path's."""
     codec, starts_at = stream.codec_context, round(Fraction(info.video_start_s) * info.frame_rate)
     refusal = (f"a {info.container.split(',')[0]} file, not MP4 or MOV" if not info.container.startswith("mov,mp4")
@@ -876,9 +880,12 @@ def _nvcodec_frames(path, stream, info: ClipInfo, positions: dict[int, list[tupl
                 return f"PyNvVideoCodec failed ({type(exc).__name__}: {(str(exc).strip() or '?').splitlines()[0]})"
             if frame is None:
                 break
-            if count >= len(times) or pts != times[count]:
-                return (f"NVDEC's frame {count} is at {pts}, the CPU decoder's at "
-                        f"{times[count] if count < len(times) else 'none'} (in the stream's time base)")
+            if not count:  # the library does not apply an MP4 edit list, which FFmpeg applies as a shift in time
+                shift = times[0] - pts
+            if count >= len(times) or pts + shift != times[count]:
+                return (f"NVDEC's frame {count} is at {pts + shift}, the CPU decoder's at "
+                        f"{times[count] if count < len(times) else 'none'} (in the stream's time base"
+                        f"{f', NVDEC moved by {shift} to start with it' if shift else ''})")
             if not count and (planes.shape != (like.height * 3 // 2, like.width) or not np.array_equal(
                     planar_from_nv12(planes, like.height, like.width), like.to_ndarray())):
                 return f"NVDEC's first frame ({planes.shape[1]}x{planes.shape[0] * 2 // 3}) is not the CPU decoder's"
@@ -1132,10 +1139,10 @@ DISPLAY_FILTERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 def display_filters(frame: av.VideoFrame) -> list[str]:
     """The DISPLAY_FILTERS that FFmpeg's autorotate (fftools) applies to show `frame` upright: none without a
     display matrix; quarter turns and flips from it (other angles are left as they are)."""
-    matrix = next((np.frombuffer(memoryview(data), np.int32) for data in frame.side_data.keys()
-                   if data.type == av.sidedata.sidedata.Type.DISPLAYMATRIX), None)
-    if matrix is None:
+    data = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)  # by type: PyAV 19 iterates types, 18 data
+    if data is None:
         return []
+    matrix = np.frombuffer(memoryview(data), np.int32)
     turn = -round(frame.rotation) % 360  # clockwise degrees, FFmpeg's get_rotation
     a, c, d = matrix[0], matrix[3], matrix[4]  # 16.16 fixed point, [a b u; c d v; x y w]
     if turn == 90:

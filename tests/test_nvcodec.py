@@ -86,8 +86,20 @@ def test_one_decoder_per_thread_reconfigured_for_each_file(video_dir, standin):
         ("create", AVE_CLIP), ("reconfigure", "ave_0lFf-HP86Q0.mp4"), ("reconfigure", AVE_CLIP), ("create", AVE_CLIP)]
 
 
+def test_times_shifted_as_a_whole_are_the_same_frames(video_dir, standin, monkeypatch):
+    """The library leaves out an MP4's edit list (on an H100, every AVE clip's first frame came at -1024 or -1536,
+    FFmpeg's at 0): one shift for the whole file, with the first frame's pixels equal, is the same pictures."""
+    monkeypatch.setenv("STANDIN_NVC_FAULT", "shifted")
+    gpu = decode_clip(video_dir / AVE_CLIP, frames_per_second=4, video_decoder="nvcodec")
+    cpu = decode_clip(video_dir / AVE_CLIP, frames_per_second=4)
+    assert standin() and not nvcodec_notes(gpu)
+    np.testing.assert_array_equal(gpu.frames, cpu.frames)
+
+
 @pytest.mark.parametrize("fault, note", [
     ("late", "NVDEC's frame 5 is at {late}, the CPU decoder's at {pts} (in the stream's time base)"),
+    ("shifted,late", "NVDEC's frame 5 is at {late}, the CPU decoder's at {pts} (in the stream's time base, NVDEC "
+                     "moved by 1024 to start with it)"),
     ("crop", "NVDEC's first frame (640x358) is not the CPU decoder's"),
     ("raise", "PyNvVideoCodec failed (RuntimeError: stand-in decoder failure)"),
     ("short", "frame 298 is wanted and NVDEC decodes 40")])

@@ -4,9 +4,10 @@ library or a GPU. Frames come as NV12 arrays behind DLPack, with their presentat
 SimpleDecoder gives them.
 
 Environment, read at each call (decoding workers inherit it): STANDIN_NVC_LOG names a file that gets a JSON line
-per decoder made or reconfigured; STANDIN_NVC_FAULT makes it misbehave: "raise" (every file fails), "late" (frame
-5's time is one tick late), "crop" (frames lose their last two rows), "short" (only 40 frames). A decoder made
-prints a line on standard output, as libraries of this kind do.
+per decoder made or reconfigured; STANDIN_NVC_FAULT, a comma-separated list, makes it misbehave: "raise" (every file
+fails), "late" (frame 5's time is one tick late), "shifted" (every time 1024 ticks early, as the library gives an
+MP4 with an edit list), "crop" (frames lose their last two rows), "short" (only 40 frames). A decoder made prints a
+line on standard output, as libraries of this kind do.
 """
 
 import itertools
@@ -14,6 +15,10 @@ import json
 import os
 
 import av
+
+
+def faults() -> set[str]:
+    return set(filter(None, os.environ.get("STANDIN_NVC_FAULT", "").split(",")))
 
 
 class OutputColorType:
@@ -50,19 +55,20 @@ class SimpleDecoder:
         if log:
             with open(log, "a") as f:
                 f.write(json.dumps({"call": what, "path": str(path), "gpu": self.gpu_id, "pid": os.getpid()}) + "\n")
-        if os.environ.get("STANDIN_NVC_FAULT") == "raise":
+        if "raise" in faults():
             raise RuntimeError("stand-in decoder failure\nsecond line")
         container = av.open(str(path))
         self._frames = enumerate(container.decode(container.streams.video[0]))
 
     def get_batch_frames(self, batch_size):
-        fault, batch = os.environ.get("STANDIN_NVC_FAULT"), []
+        fault, batch = faults(), []
         for number, frame in itertools.islice(self._frames, batch_size):
-            if fault == "short" and number >= 40:
+            if "short" in fault and number >= 40:
                 self._frames = iter(())
                 break
             planes = frame.reformat(format="nv12").to_ndarray()
-            if fault == "crop":
+            if "crop" in fault:
                 planes = planes[:-2]
-            batch.append(DecodedFrame(planes, frame.pts + (fault == "late" and number == 5)))
+            pts = frame.pts + ("late" in fault and number == 5) - 1024 * ("shifted" in fault)
+            batch.append(DecodedFrame(planes, pts))
         return batch
