@@ -1,5 +1,5 @@
 """resampy's band-limited resampling (features-reference.md 2.1: resampy 0.2.2, kaiser_best), computed as matrix
-products: the same output to about 1e-15, 5-10x faster, and without importing numba in every decode worker.
+products: the same output to about 1e-15, 5-10x faster, and without numba.
 
 resampy walks the output samples one by one: output t reads the input around n = int(r_t), where the time register
 r_t adds 1/ratio per sample in float64, and weighs it with the filter table interpolated at frac(r_t). With the
@@ -8,24 +8,33 @@ weights are shared by every block m, so one product of strided input windows wit
 them all. The float register drifts from the exact one, which moves each output's interpolation point a little;
 its weights are linear in that point, so two more products (the filter's differences, per wing) times each
 output's drift reproduce resampy's values. The few outputs whose drift moves them to another table entry or input
-sample are computed one by one, as resampy does.
+sample are computed one by one, as resampy does; so is every output of a rate pair whose bank would be too large.
+
+The filter table is made here from kaiser_best's parameters, as resampy 0.2.2 made the one it ships (a Kaiser-
+windowed sinc): its entries equal the shipped ones or are one rounding step off (2.2e-16). resampy 0.2.2 itself
+cannot be installed on Python 3.12 or later (its setup.py imports the removed `imp`), and later resampy versions
+regenerated the table with other values (features-reference.md 2.1); the tests hold this module to resampy 0.2.2
+where it installs.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from functools import lru_cache
 from math import gcd
-from pathlib import Path
 
 import numpy as np
 
-FILTER = "kaiser_best"  # resampy's default, used for the AVE features
+# kaiser_best, resampy's default filter, used for the AVE features: a sinc of 64 zero crossings per wing, tabulated
+# at 2**9 points per crossing, its band edge at ROLLOFF of Nyquist, under a Kaiser window of shape KAISER_BETA.
+NUM_ZEROS = 64
+TABLE_PRECISION = 9
+ROLLOFF = 0.9475937167399596
+KAISER_BETA = 14.769656459379492
 # Input periods per block when the rate ratio has few phases (48 kHz -> 16 kHz has one), so products stay wide.
 MIN_PHASES = 128
-# Rate pairs with more phases (11025 -> 16000 has 640) go to resampy itself: the bank grows with the phases and
-# ever more outputs sit on table-entry boundaries, so the products stop paying off.
-MAX_PHASES = 512
+# Weights a bank may hold (phases x taps of a block's window, three such arrays of float64: 48 MiB): rate pairs of
+# many phases and a long block (44056 -> 16000 has 2000 phases of 5,637 taps) are computed output by output instead.
+MAX_BANK_ENTRIES = 2**21
 DIRECT_CHUNK = 4096  # outputs per vectorised batch of the one-by-one path
 
 
@@ -34,14 +43,14 @@ def resample(x: np.ndarray, sr_orig: int, sr_new: int) -> np.ndarray:
     x = np.asarray(x, np.float64)
     if sr_orig <= 0 or sr_new <= 0:
         raise ValueError(f"invalid sample rates {sr_orig} -> {sr_new} Hz")
-    if sr_new // gcd(sr_orig, sr_new) > MAX_PHASES:
-        import resampy
-
-        return resampy.resample(x, sr_orig, sr_new, filter=FILTER)
     ratio = float(sr_new) / sr_orig
     n_out = int(x.shape[0] * ratio)
     if n_out < 1:
         raise ValueError(f"input of {x.shape[0]} samples is too short to resample from {sr_orig} to {sr_new} Hz")
+    register = np.zeros(n_out)
+    np.cumsum(np.full(n_out - 1, 1.0 / ratio), out=register[1:])  # resampy's running sum, added in the same order
+    if _bank_entries(sr_orig, sr_new) > MAX_BANK_ENTRIES:
+        return _Taps(ratio).direct_all(x, register)
     bank = _bank(sr_orig, sr_new)
     blocks = -(-n_out // bank.phases)
     # Zero padding on both sides stands for resampy's wings stopping at the signal's ends.
@@ -53,25 +62,19 @@ def resample(x: np.ndarray, sr_orig: int, sr_new: int) -> np.ndarray:
                                               (bank.hop * padded.itemsize, padded.itemsize), writeable=False)
     base, left, right = (np.asarray(windows @ w).reshape(-1)[:n_out] for w in (bank.base, bank.left, bank.right))
 
-    register = np.zeros(n_out)
-    np.cumsum(np.full(n_out - 1, 1.0 / ratio), out=register[1:])  # resampy's running sum, added in the same order
     n, left_off, left_eta, right_off, right_eta = bank.point(register)
     phase = np.arange(n_out) % bank.phases
     exact_n = (np.arange(n_out) // bank.phases) * bank.hop + bank.phase_n[phase]
     y = base + (left_eta - bank.left_eta[phase]) * left + (right_eta - bank.right_eta[phase]) * right
     moved = (n != exact_n) | (left_off != bank.left_off[phase]) | (right_off != bank.right_off[phase])
-    moved = np.flatnonzero(moved)
-    for first in range(0, moved.shape[0], DIRECT_CHUNK):
-        chunk = moved[first:first + DIRECT_CHUNK]
-        y[chunk] = bank.direct(x, n[chunk], left_off[chunk], left_eta[chunk], right_off[chunk], right_eta[chunk])
+    bank.direct(x, y, np.flatnonzero(moved), n, left_off, left_eta, right_off, right_eta)
     return y
 
 
-class _Bank:
-    """The weights of every phase of one rate pair, as columns over the taps of a block's input window."""
+class _Taps:
+    """The filter table scaled for one rate ratio, and resampy's arithmetic for one output."""
 
-    def __init__(self, sr_orig: int, sr_new: int) -> None:
-        ratio = float(sr_new) / sr_orig
+    def __init__(self, ratio: float) -> None:
         window, self.num_table = _filter()
         if ratio < 1:
             window = window * ratio
@@ -80,10 +83,52 @@ class _Bank:
         self.delta[:-1] = np.diff(window)
         self.scale = min(1.0, ratio)
         self.step = int(self.scale * self.num_table)
-        g = gcd(sr_orig, sr_new)
-        up, down = sr_new // g, sr_orig // g
-        periods = -(-MIN_PHASES // up)
-        self.phases, self.hop = up * periods, down * periods
+
+    def point(self, register: np.ndarray):
+        """resampy's per-output quantities: input index, and table offset and interpolation factor per wing."""
+        n = register.astype(np.int64)
+        frac = self.scale * (register - n)
+        left = frac * self.num_table
+        left_off = left.astype(np.int64)
+        right = (self.scale - frac) * self.num_table
+        right_off = right.astype(np.int64)
+        return n, left_off, left - left_off, right_off, right - right_off
+
+    def direct_all(self, x: np.ndarray, register: np.ndarray) -> np.ndarray:
+        """Every output computed from its own register, as resampy's loop does."""
+        y = np.empty(register.shape[0])
+        self.direct(x, y, np.arange(register.shape[0]), *self.point(register))
+        return y
+
+    def direct(self, x: np.ndarray, y: np.ndarray, outputs: np.ndarray, n: np.ndarray, left_off: np.ndarray,
+               left_eta: np.ndarray, right_off: np.ndarray, right_eta: np.ndarray) -> None:
+        """y[outputs] computed one by one (in vectorised batches) from the per-output quantities of point()."""
+        for first in range(0, outputs.shape[0], DIRECT_CHUNK):
+            t = outputs[first:first + DIRECT_CHUNK]
+            y[t] = (self._wing(x, n[t], left_off[t], left_eta[t], -1, n[t] + 1)
+                    + self._wing(x, n[t] + 1, right_off[t], right_eta[t], 1, x.shape[0] - n[t] - 1))
+
+    def _wing(self, x, first, offset, eta, direction, available) -> np.ndarray:
+        """Sum over i < min(available, taps(offset)) of (window + eta * delta)[offset + i*step] * x[first + direction*i]."""
+        i = np.arange(self.window.shape[0] // self.step + 1)
+        count = np.minimum(available, (self.window.shape[0] - offset) // self.step)
+        valid = i < count[:, None]
+        table = np.where(valid, offset[:, None] + i * self.step, 0)
+        weights = np.where(valid, self.window[table] + eta[:, None] * self.delta[table], 0.0)
+        samples = x[np.where(valid, first[:, None] + direction * i, 0)]
+        return (weights * samples).sum(axis=1)
+
+    def _taps(self, offset: int) -> np.ndarray:
+        return offset + np.arange((self.window.shape[0] - offset) // self.step) * self.step
+
+
+class _Bank(_Taps):
+    """The weights of every phase of one rate pair, as columns over the taps of a block's input window."""
+
+    def __init__(self, sr_orig: int, sr_new: int) -> None:
+        super().__init__(float(sr_new) / sr_orig)
+        self.phases, self.hop = _phases_and_hop(sr_orig, sr_new)
+        up, down = sr_new // gcd(sr_orig, sr_new), sr_orig // gcd(sr_orig, sr_new)
         # Exact registers of the phases: integer part and fraction p*down/up.
         p = np.arange(self.phases)
         self.phase_n = (p * down) // up
@@ -102,34 +147,19 @@ class _Bank:
             self.left[rows_left, col] = self.delta[lt]
             self.right[rows_right, col] = self.delta[rt]
 
-    def point(self, register: np.ndarray):
-        """resampy's per-output quantities: input index, and table offset and interpolation factor per wing."""
-        n = register.astype(np.int64)
-        frac = self.scale * (register - n)
-        left = frac * self.num_table
-        left_off = left.astype(np.int64)
-        right = (self.scale - frac) * self.num_table
-        right_off = right.astype(np.int64)
-        return n, left_off, left - left_off, right_off, right - right_off
 
-    def _taps(self, offset: int) -> np.ndarray:
-        return offset + np.arange((self.window.shape[0] - offset) // self.step) * self.step
+def _phases_and_hop(sr_orig: int, sr_new: int) -> tuple[int, int]:
+    """A block's outputs (whole periods of the phases, at least MIN_PHASES) and the input samples it advances."""
+    g = gcd(sr_orig, sr_new)
+    periods = -(-MIN_PHASES // (sr_new // g))
+    return sr_new // g * periods, sr_orig // g * periods
 
-    def direct(self, x: np.ndarray, n: np.ndarray, left_off: np.ndarray, left_eta: np.ndarray,
-               right_off: np.ndarray, right_eta: np.ndarray) -> np.ndarray:
-        """Outputs computed one by one from their own register, as resampy's loop does."""
-        return (self._wing(x, n, left_off, left_eta, -1, n + 1)
-                + self._wing(x, n + 1, right_off, right_eta, 1, x.shape[0] - n - 1))
 
-    def _wing(self, x, first, offset, eta, direction, available) -> np.ndarray:
-        """Sum over i < min(available, taps(offset)) of (window + eta * delta)[offset + i*step] * x[first + direction*i]."""
-        i = np.arange(self.window.shape[0] // self.step + 1)
-        count = np.minimum(available, (self.window.shape[0] - offset) // self.step)
-        valid = i < count[:, None]
-        table = np.where(valid, offset[:, None] + i * self.step, 0)
-        weights = np.where(valid, self.window[table] + eta[:, None] * self.delta[table], 0.0)
-        samples = x[np.where(valid, first[:, None] + direction * i, 0)]
-        return (weights * samples).sum(axis=1)
+def _bank_entries(sr_orig: int, sr_new: int) -> int:
+    """About phases x width of the bank of a rate pair: a block's input plus both wings of the filter."""
+    phases, hop = _phases_and_hop(sr_orig, sr_new)
+    wing = (NUM_ZEROS + 1) * max(1.0, sr_orig / sr_new) + 1
+    return int(phases * (hop + 2 * wing))
 
 
 @lru_cache(maxsize=8)
@@ -139,9 +169,11 @@ def _bank(sr_orig: int, sr_new: int) -> _Bank:
 
 @lru_cache(maxsize=1)
 def _filter() -> tuple[np.ndarray, int]:
-    """resampy's kaiser_best table, read from its package data without importing resampy (and so numba)."""
-    spec = importlib.util.find_spec("resampy")
-    if spec is None or spec.origin is None:
-        raise ImportError("resampy is not installed; its filter table defines the AVE audio resampling")
-    data = np.load(Path(spec.origin).parent / "data" / f"{FILTER}.npz")
-    return data["half_window"].astype(np.float64), int(data["precision"])
+    """kaiser_best's table (one wing, from the centre out) and its entries per zero crossing, made as resampy 0.2.2
+    made the one it ships: the sinc sampled at every table point, times the matching half of a Kaiser window."""
+    num_table = 2**TABLE_PRECISION
+    n = num_table * NUM_ZEROS
+    sinc = ROLLOFF * np.sinc(ROLLOFF * np.linspace(0, NUM_ZEROS, num=n + 1))
+    k = np.arange(n, 2 * n + 1)
+    kaiser = np.i0(KAISER_BETA * np.sqrt(1 - ((k - n) / n) ** 2)) / np.i0(KAISER_BETA)
+    return kaiser * sinc, num_table

@@ -29,6 +29,13 @@ def video_dir(media_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def resampy():
+    """resampy 0.2.2, the reference bmfn_pipeline/resample.py is held to (pyproject's test extra)."""
+    return pytest.importorskip("resampy", reason="resampy 0.2.2, the reference of bmfn_pipeline/resample.py, "
+                               "installs only on Python < 3.12 (its setup.py imports `imp`)")
+
+
+@pytest.fixture(scope="session")
 def ave_dir() -> Path:
     """../shared/ave: the AVE annotation, split and label files."""
     return _shared_dir("ave")
