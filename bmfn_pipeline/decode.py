@@ -836,13 +836,12 @@ def _nvcodec_frames(path, stream, info: ClipInfo, positions: dict[int, list[tupl
     NVDEC's frames stand for the CPU decoder's only where both are known to give the same frames in the same order:
     an MP4 or MOV file (the library counts frames from its header; Matroska's has no count) whose only video stream
     is in a codec both decode exactly (nvcodec.EXACT_CODECS), as progressive 8-bit 4:2:0 pictures of even size,
-    read from its start, with a frame at every wanted index before its end. And on every file, each frame's
-    presentation time must be the one the CPU decoder gives it (the packets' times in order, from its first
-    frame's on), up to one shift for the whole file, and the first frame must equal the CPU decoder's in every plane
-    (the same crop, the same pixels): the same pictures, in the same order and spacing. On an H100 the library gave
-    MP4s with B-frames times moved by their reordering delay (ave_22olCB3wQaA: first frame at -1024, FFmpeg's at 0;
-    its frames then equal the CPU decoder's to the bit); in other files only the first few frames were moved
-    (ave_16eUxQwxxbs: frames 0-10 by 768, then the true times), which this refuses until a GPU shows why.
+    read from its start, with a frame at every wanted index before its end. And on every file, each frame's time
+    must be the one the CPU decoder gives it (the packets' times in order, from its first frame's on), and the
+    first frame must equal the CPU decoder's in every plane (the same crop, the same pixels). The library's
+    getPTS() gives a frame's packet's decoding time, not its presentation time (seen on an H100: every time it gave
+    for four files of B-frames was that), so a file's frames may match the packets' decoding times instead, all of
+    them: the same pictures in the same order either way.
     The rest of a short or late video (its last frame repeated, its first shown early) is the CPU path's."""
     codec, starts_at = stream.codec_context, round(Fraction(info.video_start_s) * info.frame_rate)
     refusal = (f"a {info.container.split(',')[0]} file, not MP4 or MOV" if not info.container.startswith("mov,mp4")
@@ -860,7 +859,7 @@ def _nvcodec_frames(path, stream, info: ClipInfo, positions: dict[int, list[tupl
         return refusal
     try:
         with _open(path) as container:
-            like, times = _cpu_display_times(container, info.video_index)
+            like, times, decode_times = _cpu_display_times(container, info.video_index)
     except (av.error.FFmpegError, BmfnError):
         return "its packets cannot be read ahead"  # the CPU path says why, or reads what it can
     if isinstance(times, str):
@@ -868,6 +867,7 @@ def _nvcodec_frames(path, stream, info: ClipInfo, positions: dict[int, list[tupl
     if like.interlaced_frame:
         return "interlaced video"
     pending, index, count = dict(positions), starts_at - 1, 0
+    as_shown = as_decoded = True  # NVDEC's times so far are the frames' presentation times, their decoding times
     decoded = nvcodec.frames(str(path), device)
     try:
         while pending:
@@ -880,12 +880,12 @@ def _nvcodec_frames(path, stream, info: ClipInfo, positions: dict[int, list[tupl
                 return f"PyNvVideoCodec failed ({type(exc).__name__}: {(str(exc).strip() or '?').splitlines()[0]})"
             if frame is None:
                 break
-            if not count:  # the library does not apply an MP4 edit list, which FFmpeg applies as a shift in time
-                shift = times[0] - pts
-            if count >= len(times) or pts + shift != times[count]:
-                return (f"NVDEC's frame {count} is at {pts + shift}, the CPU decoder's at "
-                        f"{times[count] if count < len(times) else 'none'} (in the stream's time base"
-                        f"{f', NVDEC moved by {shift} to start with it' if shift else ''})")
+            as_shown = as_shown and count < len(times) and pts == times[count]
+            as_decoded = as_decoded and count < len(times) and pts == decode_times[count]
+            if not (as_shown or as_decoded):
+                return (f"NVDEC's frame {count} is at {pts}, the CPU decoder's at "
+                        f"{f'{times[count]} (decoded at {decode_times[count]})' if count < len(times) else 'none'}"
+                        " (in the stream's time base)")
             if not count and (planes.shape != (like.height * 3 // 2, like.width) or not np.array_equal(
                     planar_from_nv12(planes, like.height, like.width), like.to_ndarray())):
                 return f"NVDEC's first frame ({planes.shape[1]}x{planes.shape[0] * 2 // 3}) is not the CPU decoder's"
@@ -903,14 +903,14 @@ def _nvcodec_frames(path, stream, info: ClipInfo, positions: dict[int, list[tupl
     return None
 
 
-def _cpu_display_times(container, stream_index: int) -> tuple[av.VideoFrame | None, list[int] | str]:
-    """The CPU decoder's first frame and, from the packets, the presentation times of the frames it gives in order:
-    those of the packets it does not discard, sorted, from the first frame's on (frames before it, such as an open
-    GOP's leading pictures, it drops). Instead of the times, why they cannot stand for the CPU decoder's: a packet
-    without a time, or one of zeros, a damaged download's never-written stretch, which the CPU decoder refuses and
-    NVDEC might pass over."""
+def _cpu_display_times(container, stream_index: int) -> tuple[av.VideoFrame | None, list[int] | str, list[int]]:
+    """The CPU decoder's first frame, from the packets the presentation times of the frames it gives in order, and
+    each one's packet's decoding time: those of the packets it does not discard, sorted, from the first frame's on
+    (frames before it, such as an open GOP's leading pictures, it drops). Instead of the times, why they cannot
+    stand for the CPU decoder's: a packet without a time, or one of zeros, a damaged download's never-written
+    stretch, which the CPU decoder refuses and NVDEC might pass over."""
     stream = next(s for s in container.streams.video if s.index == stream_index)
-    first, times, problem = None, [], ""
+    first, packets, problem = None, [], ""
     for packet in container.demux(stream):
         if packet.size == 0:  # the flush packet at the end
             continue
@@ -919,14 +919,15 @@ def _cpu_display_times(container, stream_index: int) -> tuple[av.VideoFrame | No
         elif not np.frombuffer(packet, np.uint8).any():
             problem = "a packet of zeros (a damaged download)"
         elif not packet.is_discard:
-            times.append(packet.pts)
+            packets.append((packet.pts, packet.dts))
         if first is None:
             first = next(iter(packet.decode()), None)
     if first is None:
         first = next(iter(stream.decode(None)), None)
     if first is None or first.pts is None:
-        return first, "no frame decodes" if first is None else "its frames' times are unknown"
-    return first, problem or sorted(t for t in times if t >= first.pts)
+        return first, "no frame decodes" if first is None else "its frames' times are unknown", []
+    shown = sorted((pts, dts) for pts, dts in packets if pts >= first.pts)
+    return first, problem or [pts for pts, _ in shown], [dts for _, dts in shown]
 
 
 def _designed_end(path, container, stream_index: int) -> Fraction | None:

@@ -9,10 +9,11 @@ This module speaks to the library; decode._nvcodec_frames decides when its frame
 (video decoding is exact, so what can differ is which frames come out, not their pixels) and falls back to the CPU
 decoder, with a note, wherever they might not.
 
-Tested on CPUs against a stand-in with the library's interface (tests/test_nvcodec.py), and once on an H100: where
-the rules let it decode a file its frames were the CPU decoder's to the bit, a damaged file was refused, and standard
-output stayed clean; but 2 of the 3 AVE clips were refused for their frames' times (decode._nvcodec_frames), so
-on AVE it mostly falls back to the CPU decoder: treat it as experimental.
+Tested on CPUs against a stand-in with the library's interface (tests/test_nvcodec.py), and on an H100 (twice, in
+one session): where the rules let it decode a file its frames were the CPU decoder's to the bit, a damaged file was
+refused, and standard output stayed clean; but files with B-frames were refused for their frames' times, which the
+library gives as each frame's packet's decoding time. decode._nvcodec_frames takes those times since; that has not
+run on a GPU yet: treat this path as experimental until it has.
 """
 
 from __future__ import annotations

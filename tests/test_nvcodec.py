@@ -86,20 +86,22 @@ def test_one_decoder_per_thread_reconfigured_for_each_file(video_dir, standin):
         ("create", AVE_CLIP), ("reconfigure", "ave_0lFf-HP86Q0.mp4"), ("reconfigure", AVE_CLIP), ("create", AVE_CLIP)]
 
 
-def test_times_shifted_as_a_whole_are_the_same_frames(video_dir, standin, monkeypatch):
-    """The library leaves out an MP4's edit list (on an H100, every AVE clip's first frame came at -1024 or -1536,
-    FFmpeg's at 0): one shift for the whole file, with the first frame's pixels equal, is the same pictures."""
-    monkeypatch.setenv("STANDIN_NVC_FAULT", "shifted")
-    gpu = decode_clip(video_dir / AVE_CLIP, frames_per_second=4, video_decoder="nvcodec")
-    cpu = decode_clip(video_dir / AVE_CLIP, frames_per_second=4)
+@pytest.mark.parametrize("name", [AVE_CLIP, "moviepy_chaplin.mp4"])
+def test_frames_timed_by_their_packets_decoding_times_are_taken(video_dir, standin, monkeypatch, name):
+    """The library's getPTS() is a frame's packet's decoding time (on an H100, every time it gave for the AVE clips
+    and moviepy_chaplin.mp4, whose B-frames make the two differ, was that): such a file is NVDEC's to decode."""
+    monkeypatch.setenv("STANDIN_NVC_FAULT", "dts")
+    gpu = decode_clip(video_dir / name, frames_per_second=4, video_decoder="nvcodec")
+    cpu = decode_clip(video_dir / name, frames_per_second=4)
     assert standin() and not nvcodec_notes(gpu)
     np.testing.assert_array_equal(gpu.frames, cpu.frames)
 
 
 @pytest.mark.parametrize("fault, note", [
-    ("late", "NVDEC's frame 5 is at {late}, the CPU decoder's at {pts} (in the stream's time base)"),
-    ("shifted,late", "NVDEC's frame 5 is at {late}, the CPU decoder's at {pts} (in the stream's time base, NVDEC "
-                     "moved by 1024 to start with it)"),
+    ("late", "NVDEC's frame 5 is at {late}, the CPU decoder's at {pts} (decoded at {dts}) (in the stream's time "
+             "base)"),
+    ("dts,late", "NVDEC's frame 5 is at {late_dts}, the CPU decoder's at {pts} (decoded at {dts}) (in the stream's "
+                 "time base)"),
     ("crop", "NVDEC's first frame (640x358) is not the CPU decoder's"),
     ("raise", "PyNvVideoCodec failed (RuntimeError: stand-in decoder failure)"),
     ("short", "frame 298 is wanted and NVDEC decodes 40")])
@@ -110,7 +112,9 @@ def test_a_file_nvdec_may_decode_otherwise_is_the_cpu_decoders(video_dir, standi
     path = video_dir / AVE_CLIP
     with av.open(str(path)) as container:
         pts = next(frame.pts for number, frame in enumerate(container.decode(video=0)) if number == 5)
-    note = note.format(pts=pts, late=pts + 1)
+    with av.open(str(path)) as container:
+        dts = next(packet.dts for packet in container.demux(video=0) if packet.pts == pts)
+    note = note.format(pts=pts, late=pts + 1, dts=dts, late_dts=dts + 1)
     gpu = decode_clip(path, frames_per_second=16, video_decoder="nvcodec")
     cpu = decode_clip(path, frames_per_second=16)
     np.testing.assert_array_equal(gpu.frames, cpu.frames)

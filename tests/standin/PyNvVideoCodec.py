@@ -5,8 +5,8 @@ SimpleDecoder gives them.
 
 Environment, read at each call (decoding workers inherit it): STANDIN_NVC_LOG names a file that gets a JSON line
 per decoder made or reconfigured; STANDIN_NVC_FAULT, a comma-separated list, makes it misbehave: "raise" (every file
-fails), "late" (frame 5's time is one tick late), "shifted" (every time 1024 ticks early, as the library gives an
-MP4 with an edit list), "crop" (frames lose their last two rows), "short" (only 40 frames). A decoder made prints a
+fails), "late" (frame 5's time is one tick late), "dts" (each frame's time is its packet's decoding time, as the
+library gives it), "crop" (frames lose their last two rows), "short" (only 40 frames). A decoder made prints a
 line on standard output, as libraries of this kind do.
 """
 
@@ -57,6 +57,8 @@ class SimpleDecoder:
                 f.write(json.dumps({"call": what, "path": str(path), "gpu": self.gpu_id, "pid": os.getpid()}) + "\n")
         if "raise" in faults():
             raise RuntimeError("stand-in decoder failure\nsecond line")
+        with av.open(str(path)) as container:
+            self._decoded_at = {p.pts: p.dts for p in container.demux(container.streams.video[0]) if p.size}
         container = av.open(str(path))
         self._frames = enumerate(container.decode(container.streams.video[0]))
 
@@ -69,6 +71,6 @@ class SimpleDecoder:
             planes = frame.reformat(format="nv12").to_ndarray()
             if "crop" in fault:
                 planes = planes[:-2]
-            pts = frame.pts + ("late" in fault and number == 5) - 1024 * ("shifted" in fault)
+            pts = (self._decoded_at[frame.pts] if "dts" in fault else frame.pts) + ("late" in fault and number == 5)
             batch.append(DecodedFrame(planes, pts))
         return batch
