@@ -31,7 +31,7 @@ def test_run_keeps_the_exit_code_and_frees_cycles_before_freezing_the_rest(monke
     monkeypatch.setattr(cli, "main", command)
     tuned = []
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: tuned.append(True))  # not in the test process
-    assert gc.get_freeze_count() == 0
+    frozen_before = gc.get_freeze_count()  # some Pythons start with objects frozen (375 in a pyenv 3.12.1)
     gc.disable()  # no automatic collection in between: run() must do it
     try:
         with pytest.raises(SystemExit) as exit_:
@@ -42,7 +42,7 @@ def test_run_keeps_the_exit_code_and_frees_cycles_before_freezing_the_rest(monke
         gc.enable()
     assert exit_.value.code == code
     assert Cycle.finalised
-    assert frozen > 0  # what is left is skipped by shutdown's collections
+    assert frozen > frozen_before  # what is left is skipped by shutdown's collections
     assert tuned == [True]
 
 
