@@ -3,7 +3,8 @@
 Extraction needs no communication: each rank (or each `--shard I/N` job of a cluster scheduler) extracts the
 clips whose id hashes to its shard into its own store file, and `bmfn merge` joins the files. Training wraps
 the model in DistributedDataParallel; every rank takes a disjoint slice of each global batch, so the result
-matches single-process training with the same `--batch-size` (see `local_batch` and `SyncBatchNorm2d`).
+matches single-process training with the same `--batch-size` (see `local_batch` and `SyncBatchNorm2d`), and
+predicts its share of val and test after each epoch (`rank_share`, `summed`).
 Multi-node runs use torchrun's usual rendezvous; nothing here depends on how the ranks were started.
 """
 
@@ -20,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -345,6 +347,20 @@ def all_sum(values: torch.Tensor) -> torch.Tensor:
     totals = values.clone()
     dist.all_reduce(totals)
     return totals
+
+
+def rank_share(rows: np.ndarray) -> np.ndarray:
+    """This rank's contiguous share of `rows` (evaluation: each rank predicts its share, then the counts are
+    summed); all of them with one process."""
+    world = _world()
+    return rows if world == 1 else np.array_split(rows, world)[dist.get_rank()]
+
+
+def summed(values: list[float], device: torch.device) -> list[float]:
+    """Each number summed over ranks (exactly, in float64); the numbers themselves with one process."""
+    if _world() == 1:
+        return values
+    return all_sum(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
 def seed_rank(seed: int, epoch: int) -> None:

@@ -37,10 +37,9 @@ from tqdm import tqdm
 from bmfn_pipeline import __version__
 from bmfn_pipeline.data import FeatureData, batches, find_default_data, load_data, num_batches
 from bmfn_pipeline.distributed import (all_sum, gathered, local_batch, process_group, rank_device, rank_env,
-                                       resolve_device, seed_rank, share_from_main, stand_in, wrap)
+                                       rank_share, resolve_device, seed_rank, share_from_main, stand_in, summed, wrap)
 from bmfn_pipeline.errors import BmfnError, WriteError, check_counts, failed_writes, percent, written
-from bmfn_pipeline.evaluate import (CLASS_NAMES, compute_precision, predict_labels, predict_rows, segment_accuracy,
-                                   to_numpy)
+from bmfn_pipeline.evaluate import CLASS_NAMES, compute_precision, predict_labels, predict_rows, to_numpy
 from bmfn_pipeline.graphs import GraphedStep
 from bmfn_pipeline.store import exclusive_lock
 from bmfn_pipeline.model import (BMFN, BMFNConfig, BMFNOutput, fully_supervised_loss, group_state_dict,
@@ -517,10 +516,8 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
                 raise BmfnError(f"{run_dir}: the loss became {bad_loss} at epoch {epoch}, batch {int(bad_step)}; "
                                 f"training stopped. Kept: {', '.join(kept) or 'nothing'}. Try a lower --lr or --clip"
                                 + (", or --precision float32" if config.precision != "float32" else ""))
-            # None, not NaN, for a split without clips: metrics.jsonl stays strict JSON
-            accs = {split: segment_accuracy(*predict_rows(model, data.clips, data.splits[split], device,
-                                                          config.eval_batch_size, config.precision, predict))
-                    if len(data.splits[split]) else None for split in ("val", "test")}
+            accs = {split: _split_accuracy(model, data.clips, data.splits[split], device, config, predict)
+                    for split in ("val", "test")}
             scheduler.step()
             record = {"epoch": epoch, "loss": loss_sum / clips, "train_acc": 100 * correct / segments,
                       "val_acc": accs["val"], "test_acc": accs["test"], "lr": lr,
@@ -550,6 +547,18 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
         _plot_curves(history, run_dir / CURVES, log)
     return RunResult(run_dir, seed, best["epoch"], selection, best["val_acc"], best["test_acc"], config.epochs,
                      history)
+
+
+def _split_accuracy(model: BMFN, clips, rows: np.ndarray, device: torch.device, config: TrainConfig,
+                    predict) -> float | None:
+    """Segment accuracy on `rows`, each rank predicting its share (under torchrun); None, not NaN, for a split
+    without clips: metrics.jsonl stays strict JSON."""
+    if not len(rows):
+        return None
+    preds, targets = predict_rows(model, clips, rank_share(np.sort(rows)), device, config.eval_batch_size,
+                                  config.precision, predict)
+    correct, segments = summed([float((preds == targets).sum()), float(targets.size)], device)
+    return 100.0 * correct / segments  # as evaluate.segment_accuracy: pooled over every clip and second
 
 
 class EpochSums:

@@ -36,7 +36,9 @@ from bmfn_pipeline.ave import CATEGORIES
 from bmfn_pipeline.cli import main
 from bmfn_pipeline.distributed import (Shard, local_batch, merge_shards, missing_shards, process_group, resolve_shard,
                                        shard_of, share_from_main, stand_in, wrap)
+from bmfn_pipeline.data import load_data
 from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.evaluate import predict_rows, segment_accuracy
 from bmfn_pipeline.model import BMFN, BMFNConfig, fully_supervised_loss
 from bmfn_pipeline.store import FeatureStore, load_arrays, merge_stores
 from bmfn_pipeline.train import TrainConfig, load_checkpoint, train
@@ -413,6 +415,18 @@ def test_ddp_training_matches_one_process(tmp_path):
     for name, value in alone_state["model_state"].items():  # BatchNorm running statistics included
         torch.testing.assert_close(ddp_state["model_state"][name], value, rtol=0, atol=WEIGHT_ATOL, msg=name)
     load_checkpoint(run_dir / "best.pt")  # the synchronised BatchNorm saves a plain BMFN checkpoint
+    # Each rank predicted its own share of val and test after each epoch, and the summed counts are the accuracy of
+    # the weights on the whole split, as one process evaluates them.
+    loaded = load_data(ave_dir=data, progress=False)
+    shares = [json.loads(Path(f"{report}.rows{rank}").read_text()) for rank in (0, 1)]
+    assert len(shares[0]) == len(shares[1]) == 4  # val and test, twice
+    for number, (mine, theirs) in enumerate(zip(*shares)):
+        split = loaded.splits[("val", "test")[number % 2]]
+        assert mine and theirs and not set(mine) & set(theirs) and sorted(mine + theirs) == sorted(split)
+    last, (model, _) = metrics(run_dir)[-1], load_checkpoint(run_dir / "last.pt")  # the weights evaluated last
+    for split in ("val", "test"):
+        alone = segment_accuracy(*predict_rows(model, loaded.clips, loaded.splits[split], torch.device("cpu")))
+        assert last[f"{split}_acc"] == alone, split
     # rank 0's refusal (say, a run folder already taken) reaches the other rank as the same one line
     assert [Path(f"{report}.rank{rank}").read_text() for rank in (0, 1)] == ["run folder taken"] * 2
     assert [Path(f"{report}.ddp{rank}").read_text() for rank in (0, 1)] == ["0", "0"]
@@ -495,7 +509,15 @@ def _worker(config: str, report: str) -> None:
         errors = _gradient_errors((7, 1))  # split 3 + 4 between the ranks; 1: a zero-weight stand-in
         if env.is_main:
             Path(report).write_text(json.dumps(errors))
-        train(TrainConfig(**json.loads(config)))  # in the same process group
+        shares = []  # the rows this rank predicts in each evaluation
+        predict_rows_of_train = train_module.predict_rows
+        train_module.predict_rows = lambda model, clips, rows, *args: shares.append(rows.tolist()) or \
+            predict_rows_of_train(model, clips, rows, *args)
+        try:
+            train(TrainConfig(**json.loads(config)))  # in the same process group
+        finally:
+            train_module.predict_rows = predict_rows_of_train
+        Path(f"{report}.rows{env.rank}").write_text(json.dumps(shares))
         try:
             share_from_main(lambda: (_ for _ in ()).throw(BmfnError("run folder taken")))
         except BmfnError as exc:

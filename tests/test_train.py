@@ -171,7 +171,7 @@ def test_resume_keeps_the_epoch_selected_before_the_stop(tmp_path, monkeypatch):
     better) leave epoch 1 selected, in the result, the metrics and best.pt."""
     directory = make_ave_dir(tmp_path / "ave", n_clips=12)
     accuracies = [60.0, 60.0, 50.0, 50.0]  # (val, test) per epoch: epoch 1 best on val
-    monkeypatch.setattr(train_module, "segment_accuracy", lambda pred, target: accuracies.pop(0))
+    monkeypatch.setattr(train_module, "_split_accuracy", lambda *_: accuracies.pop(0))
     train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(tmp_path / "run"), epochs=2, **FAST), log=quiet)
     accuracies += [55.0, 55.0, 40.0, 40.0]
     result = train(TrainConfig(resume=str(tmp_path / "run"), epochs=4, progress=False), log=quiet)
@@ -322,7 +322,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     calls.clear()
     nan_after = 2
     accuracies = [50.0, 50.0, 55.0, 55.0]  # (val, test) per epoch
-    monkeypatch.setattr(train_module, "segment_accuracy", lambda pred, target: accuracies.pop(0))
+    monkeypatch.setattr(train_module, "_split_accuracy", lambda *_: accuracies.pop(0))
     with pytest.raises(BmfnError) as stopped:
         train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(tmp_path / "run2"), epochs=4,
                           checkpoint_every=3600, precision="float32", **FAST), log=quiet)
@@ -347,7 +347,7 @@ def test_checkpoints_are_written_at_intervals_and_best_is_the_selected_epoch(tmp
     monkeypatch.setattr(train_module, "_save", lambda state, path: (saved.append((path.name, state["epoch"])),
                                                                      original(state, path)))
     # Selection on val is made to prefer epoch 2 of 4, so best.pt must not be the last epoch's weights.
-    monkeypatch.setattr(train_module, "segment_accuracy", lambda pred, target: 50.0 + (calls.pop(0) if calls else 0))
+    monkeypatch.setattr(train_module, "_split_accuracy", lambda *_: 50.0 + (calls.pop(0) if calls else 0))
     calls = [0, 0, 5, 5, 1, 1, 2, 2]  # (val, test) per epoch: epoch 2 is best on val
     result = train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(tmp_path / "run"), epochs=4,
                                checkpoint_every=3600, **FAST), log=quiet)
