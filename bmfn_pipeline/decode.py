@@ -837,11 +837,12 @@ def _nvcodec_frames(path, stream, info: ClipInfo, positions: dict[int, list[tupl
     an MP4 or MOV file (the library counts frames from its header; Matroska's has no count) whose only video stream
     is in a codec both decode exactly (nvcodec.EXACT_CODECS), as progressive 8-bit 4:2:0 pictures of even size,
     read from its start, with a frame at every wanted index before its end. And on every file, each frame's time
-    must be the one the CPU decoder gives it (the packets' times in order, from its first frame's on), and the
-    first frame must equal the CPU decoder's in every plane (the same crop, the same pixels). The library's
-    getPTS() gives a frame's packet's decoding time, not its presentation time (seen on an H100: every time it gave
-    for four files of B-frames was that), so a file's frames may match the packets' decoding times instead, all of
-    them: the same pictures in the same order either way.
+    must be the one the CPU decoder's frame at its place has, and the first frame must equal the CPU decoder's in
+    every plane (the same crop, the same pixels). The library's getPTS() gives a frame's packet's decoding time, not
+    its presentation time (seen on an H100: every time it gave for four files with B-frames was that), so the
+    decoding times are compared, and only they: a file whose decoding times are its presentation times moved by
+    whole frames would otherwise take NVDEC's frames shifted by as many (a still opening passes the first frame's
+    check); a library that gave presentation times would have such files refused, not misread.
     The rest of a short or late video (its last frame repeated, its first shown early) is the CPU path's."""
     codec, starts_at = stream.codec_context, round(Fraction(info.video_start_s) * info.frame_rate)
     refusal = (f"a {info.container.split(',')[0]} file, not MP4 or MOV" if not info.container.startswith("mov,mp4")
@@ -867,7 +868,6 @@ def _nvcodec_frames(path, stream, info: ClipInfo, positions: dict[int, list[tupl
     if like.interlaced_frame:
         return "interlaced video"
     pending, index, count = dict(positions), starts_at - 1, 0
-    as_shown = as_decoded = True  # NVDEC's times so far are the frames' presentation times, their decoding times
     decoded = nvcodec.frames(str(path), device)
     try:
         while pending:
@@ -880,12 +880,10 @@ def _nvcodec_frames(path, stream, info: ClipInfo, positions: dict[int, list[tupl
                 return f"PyNvVideoCodec failed ({type(exc).__name__}: {(str(exc).strip() or '?').splitlines()[0]})"
             if frame is None:
                 break
-            as_shown = as_shown and count < len(times) and pts == times[count]
-            as_decoded = as_decoded and count < len(times) and pts == decode_times[count]
-            if not (as_shown or as_decoded):
-                return (f"NVDEC's frame {count} is at {pts}, the CPU decoder's at "
-                        f"{f'{times[count]} (decoded at {decode_times[count]})' if count < len(times) else 'none'}"
-                        " (in the stream's time base)")
+            if count >= len(times) or pts != decode_times[count]:
+                return (f"NVDEC's frame {count} is at {pts}, the CPU decoder's is decoded at "
+                        f"{decode_times[count] if count < len(times) else 'none'} (the decoding times NVDEC gives, "
+                        "in the stream's time base)")
             if not count and (planes.shape != (like.height * 3 // 2, like.width) or not np.array_equal(
                     planar_from_nv12(planes, like.height, like.width), like.to_ndarray())):
                 return f"NVDEC's first frame ({planes.shape[1]}x{planes.shape[0] * 2 // 3}) is not the CPU decoder's"

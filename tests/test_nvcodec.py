@@ -86,27 +86,51 @@ def test_one_decoder_per_thread_reconfigured_for_each_file(video_dir, standin):
         ("create", AVE_CLIP), ("reconfigure", "ave_0lFf-HP86Q0.mp4"), ("reconfigure", AVE_CLIP), ("create", AVE_CLIP)]
 
 
-@pytest.mark.parametrize("name", [AVE_CLIP, "moviepy_chaplin.mp4"])
-def test_frames_timed_by_their_packets_decoding_times_are_taken(video_dir, standin, monkeypatch, name):
-    """The library's getPTS() is a frame's packet's decoding time (on an H100, every time it gave for the AVE clips
-    and moviepy_chaplin.mp4, whose B-frames make the two differ, was that): such a file is NVDEC's to decode."""
-    monkeypatch.setenv("STANDIN_NVC_FAULT", "dts")
-    gpu = decode_clip(video_dir / name, frames_per_second=4, video_decoder="nvcodec")
-    cpu = decode_clip(video_dir / name, frames_per_second=4)
-    assert standin() and not nvcodec_notes(gpu)
+def test_frames_late_by_the_decoding_delay_are_refused(standin, monkeypatch, tmp_path):
+    """A file whose decoding times run two frames before its presentation times, and a still opening: NVDEC's frames
+    two late would have the CPU decoder's presentation times (and an equal first frame), so only decoding times are
+    compared."""
+    path = still_opening_video(tmp_path / "still.mp4")
+    monkeypatch.setenv("STANDIN_NVC_FAULT", "drop2")
+    gpu = decode_clip(path, seconds=3, frames_per_second=10, allow_silent=True, video_decoder="nvcodec")
+    cpu = decode_clip(path, seconds=3, frames_per_second=10, allow_silent=True)
     np.testing.assert_array_equal(gpu.frames, cpu.frames)
+    assert nvcodec_notes(gpu) == [f"{path}: video decoded on the CPU, not by nvcodec: NVDEC's frame 0 is at 0, the "
+                                  "CPU decoder's is decoded at -2048 (the decoding times NVDEC gives, in the stream's "
+                                  "time base)"]
+
+
+def still_opening_video(path: Path) -> Path:
+    """4 s at 10 frames/s without B-frames, the first three frames black, each packet's decoding time two frames
+    before its presentation time (as encoders with a reordering delay write them)."""
+    raw = path.with_name(f"raw-{path.name}")
+    with av.open(str(raw), "w") as container:
+        stream = container.add_stream("libx264", rate=10, options={"x264-params": "bframes=0"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(40):
+            image = np.full((48, 64, 3), 0 if i < 3 else 6 * i, np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode(None))
+    with av.open(str(raw)) as source, av.open(str(path), "w") as container:
+        stream = container.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(video=0):
+            if packet.size:
+                packet.dts, packet.stream = packet.pts - 2 * packet.duration, stream
+                container.mux(packet)
+    return path
 
 
 @pytest.mark.parametrize("fault, note", [
-    ("late", "NVDEC's frame 5 is at {late}, the CPU decoder's at {pts} (decoded at {dts}) (in the stream's time "
-             "base)"),
-    ("dts,late", "NVDEC's frame 5 is at {late_dts}, the CPU decoder's at {pts} (decoded at {dts}) (in the stream's "
-                 "time base)"),
+    ("late", "NVDEC's frame 5 is at {late}, the CPU decoder's is decoded at {dts} (the decoding times NVDEC gives, "
+             "in the stream's time base)"),
+    ("pts", "NVDEC's frame 0 is at 0, the CPU decoder's is decoded at -768 (the decoding times NVDEC gives, in the "
+            "stream's time base)"),
     ("crop", "NVDEC's first frame (640x358) is not the CPU decoder's"),
     ("raise", "PyNvVideoCodec failed (RuntimeError: stand-in decoder failure)"),
     ("short", "frame 298 is wanted and NVDEC decodes 40")])
 def test_a_file_nvdec_may_decode_otherwise_is_the_cpu_decoders(video_dir, standin, monkeypatch, fault, note):
-    """Each check that a file's frames are the CPU decoder's: a frame out of time, a first frame that differs (here
+    """Each check that a file's frames are the CPU decoder's: a frame out of time, a library giving presentation
+    times (on B-frames, which this clip has: its times could not be checked), a first frame that differs (here
     cropped), the library failing, a video that ends early. The file is decoded on the CPU with one note naming it."""
     monkeypatch.setenv("STANDIN_NVC_FAULT", fault)
     path = video_dir / AVE_CLIP
@@ -114,7 +138,7 @@ def test_a_file_nvdec_may_decode_otherwise_is_the_cpu_decoders(video_dir, standi
         pts = next(frame.pts for number, frame in enumerate(container.decode(video=0)) if number == 5)
     with av.open(str(path)) as container:
         dts = next(packet.dts for packet in container.demux(video=0) if packet.pts == pts)
-    note = note.format(pts=pts, late=pts + 1, dts=dts, late_dts=dts + 1)
+    note = note.format(late=dts + 1, dts=dts)
     gpu = decode_clip(path, frames_per_second=16, video_decoder="nvcodec")
     cpu = decode_clip(path, frames_per_second=16)
     np.testing.assert_array_equal(gpu.frames, cpu.frames)

@@ -1,12 +1,13 @@
 """A stand-in for the decoding interface of PyNvVideoCodec (NVIDIA's Video Codec SDK binding) that bmfn uses, made
 of FFmpeg's CPU decoders through PyAV: tests of bmfn_pipeline.nvcodec and decode._nvcodec_frames run without the
 library or a GPU. Frames come as NV12 arrays behind DLPack, with their presentation times, in display order, as
-SimpleDecoder gives them.
+SimpleDecoder gives them: each with its packet's decoding time, which is what the library's getPTS() returned on
+an H100.
 
 Environment, read at each call (decoding workers inherit it): STANDIN_NVC_LOG names a file that gets a JSON line
 per decoder made or reconfigured; STANDIN_NVC_FAULT, a comma-separated list, makes it misbehave: "raise" (every file
-fails), "late" (frame 5's time is one tick late), "dts" (each frame's time is its packet's decoding time, as the
-library gives it), "crop" (frames lose their last two rows), "short" (only 40 frames). A decoder made prints a
+fails), "late" (frame 5's time is one tick late), "pts" (frames come with their presentation times instead),
+"drop2" (the first two frames are missing), "crop" (frames lose their last two rows), "short" (only 40 frames). A decoder made prints a
 line on standard output, as libraries of this kind do.
 """
 
@@ -71,6 +72,8 @@ class SimpleDecoder:
             planes = frame.reformat(format="nv12").to_ndarray()
             if "crop" in fault:
                 planes = planes[:-2]
-            pts = (self._decoded_at[frame.pts] if "dts" in fault else frame.pts) + ("late" in fault and number == 5)
+            if "drop2" in fault and number < 2:
+                continue
+            pts = (frame.pts if "pts" in fault else self._decoded_at[frame.pts]) + ("late" in fault and number == 5)
             batch.append(DecodedFrame(planes, pts))
         return batch
