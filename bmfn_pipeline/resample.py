@@ -11,7 +11,7 @@ output's drift reproduce resampy's values. The few outputs whose drift moves the
 sample are computed one by one, as resampy does; so is every output of a rate pair whose bank would be too large.
 
 The filter table is made here from kaiser_best's parameters, as resampy 0.2.2 made the one it ships (a Kaiser-
-windowed sinc): its entries equal the shipped ones or are one rounding step off (2.2e-16). resampy 0.2.2 itself
+windowed sinc): its entries equal the shipped ones to 2.3e-16 (99.8 % of them exactly). resampy 0.2.2 itself
 cannot be installed on Python 3.12 or later (its setup.py imports the removed `imp`), and later resampy versions
 regenerated the table with other values (features-reference.md 2.1); the tests hold this module to resampy 0.2.2
 where it installs.
@@ -35,7 +35,7 @@ MIN_PHASES = 128
 # Weights a bank may hold (phases x taps of a block's window, three such arrays of float64: 48 MiB): rate pairs of
 # many phases and a long block (44056 -> 16000 has 2000 phases of 5,637 taps) are computed output by output instead.
 MAX_BANK_ENTRIES = 2**21
-DIRECT_CHUNK = 4096  # outputs per vectorised batch of the one-by-one path
+DIRECT_BATCH_TAPS = 2**18  # outputs x taps per vectorised batch of the one-by-one path (a few arrays of 2 MiB)
 
 
 def resample(x: np.ndarray, sr_orig: int, sr_new: int) -> np.ndarray:
@@ -44,6 +44,8 @@ def resample(x: np.ndarray, sr_orig: int, sr_new: int) -> np.ndarray:
     if sr_orig <= 0 or sr_new <= 0:
         raise ValueError(f"invalid sample rates {sr_orig} -> {sr_new} Hz")
     ratio = float(sr_new) / sr_orig
+    if not _table_step(ratio):
+        raise ValueError(f"{sr_orig} -> {sr_new} Hz: the filter table cannot resolve a rate ratio below 1/512")
     n_out = int(x.shape[0] * ratio)
     if n_out < 1:
         raise ValueError(f"input of {x.shape[0]} samples is too short to resample from {sr_orig} to {sr_new} Hz")
@@ -82,7 +84,7 @@ class _Taps:
         self.delta = np.zeros_like(window)
         self.delta[:-1] = np.diff(window)
         self.scale = min(1.0, ratio)
-        self.step = int(self.scale * self.num_table)
+        self.step = _table_step(ratio)
 
     def point(self, register: np.ndarray):
         """resampy's per-output quantities: input index, and table offset and interpolation factor per wing."""
@@ -103,14 +105,15 @@ class _Taps:
     def direct(self, x: np.ndarray, y: np.ndarray, outputs: np.ndarray, n: np.ndarray, left_off: np.ndarray,
                left_eta: np.ndarray, right_off: np.ndarray, right_eta: np.ndarray) -> None:
         """y[outputs] computed one by one (in vectorised batches) from the per-output quantities of point()."""
-        for first in range(0, outputs.shape[0], DIRECT_CHUNK):
-            t = outputs[first:first + DIRECT_CHUNK]
+        chunk = max(1, DIRECT_BATCH_TAPS // _wing_taps(self.step))  # heavy downsampling has thousands of taps
+        for first in range(0, outputs.shape[0], chunk):
+            t = outputs[first:first + chunk]
             y[t] = (self._wing(x, n[t], left_off[t], left_eta[t], -1, n[t] + 1)
                     + self._wing(x, n[t] + 1, right_off[t], right_eta[t], 1, x.shape[0] - n[t] - 1))
 
     def _wing(self, x, first, offset, eta, direction, available) -> np.ndarray:
         """Sum over i < min(available, taps(offset)) of (window + eta * delta)[offset + i*step] * x[first + direction*i]."""
-        i = np.arange(self.window.shape[0] // self.step + 1)
+        i = np.arange(_wing_taps(self.step))
         count = np.minimum(available, (self.window.shape[0] - offset) // self.step)
         valid = i < count[:, None]
         table = np.where(valid, offset[:, None] + i * self.step, 0)
@@ -155,11 +158,20 @@ def _phases_and_hop(sr_orig: int, sr_new: int) -> tuple[int, int]:
     return sr_new // g * periods, sr_orig // g * periods
 
 
+def _table_step(ratio: float) -> int:
+    """Table entries between a wing's taps: the table's resolution, scaled down when downsampling (resampy's)."""
+    return int(min(1.0, ratio) * 2**TABLE_PRECISION)
+
+
+def _wing_taps(step: int) -> int:
+    """The most taps one wing of an output reads (from table offset 0)."""
+    return (NUM_ZEROS * 2**TABLE_PRECISION + 1) // step + 1
+
+
 def _bank_entries(sr_orig: int, sr_new: int) -> int:
-    """About phases x width of the bank of a rate pair: a block's input plus both wings of the filter."""
+    """A bound on phases x width of the bank of a rate pair: a block's input plus both wings of the filter."""
     phases, hop = _phases_and_hop(sr_orig, sr_new)
-    wing = (NUM_ZEROS + 1) * max(1.0, sr_orig / sr_new) + 1
-    return int(phases * (hop + 2 * wing))
+    return phases * (hop + 2 * _wing_taps(_table_step(float(sr_new) / sr_orig)))
 
 
 @lru_cache(maxsize=8)
