@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
-import tomllib
 
+import pytest
 from conftest import REPO
+
+tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
 
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 
