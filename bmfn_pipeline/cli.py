@@ -476,9 +476,17 @@ def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size,
             run_dir.append(line[len("run: "):].rsplit(" (", 1)[0])
         click.echo(line)
 
-    with _interrupt_says(lambda: f"`bmfn train --resume {run_dir[0]}` goes on from its last.pt (written after the "
-                                 "first epoch, then every --checkpoint-every seconds)" if run_dir else
-                                 "no run folder was made yet"):
+    def kept() -> str:
+        if not run_dir:
+            return "no run folder was made yet"
+        folder = Path(run_dir[0])
+        if not any(folder.glob("last.pt")) and not any(folder.glob("seed-*/last.pt")):
+            return f"nothing was saved in {folder} yet (its first last.pt comes after epoch 1): " \
+                   f"`bmfn train --resume {folder}` starts it again"
+        return f"`bmfn train --resume {folder}` goes on from its last.pt (written after the first epoch, then every " \
+               "--checkpoint-every seconds)"
+
+    with _interrupt_says(kept):
         result = run_train(config, log=log)
     if rank_env().is_main:  # under torchrun, rank 0 speaks for all
         click.echo(result.summary())

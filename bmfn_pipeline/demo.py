@@ -21,7 +21,7 @@ import numpy as np
 
 from bmfn_pipeline.ave import BACKGROUND, CATEGORIES, segment_labels
 from bmfn_pipeline.data import ClipArrays, FeatureData, load_data
-from bmfn_pipeline.errors import BmfnError, written
+from bmfn_pipeline.errors import BmfnError, counted, written
 from bmfn_pipeline.evaluate import predict_rows, segment_accuracy
 from bmfn_pipeline.extract import ExtractOptions, extract, resolve_device
 from bmfn_pipeline.localize import localize
@@ -80,12 +80,12 @@ class DemoResult:
 
     def summary(self) -> str:
         return "\n".join([
-            f"test segment accuracy ({self.test_clips} held-out clips, {10 * self.test_clips} seconds):",
+            f"test segment accuracy ({counted(self.test_clips, 'held-out clip')}, {10 * self.test_clips} seconds):",
             f"  BMFN, audio + visual          {self.accuracy:6.2f} %",
             f"  audio only (visual zeroed)    {self.audio_only:6.2f} %",
             f"  visual only (audio zeroed)    {self.visual_only:6.2f} %",
             f"  majority baseline             {self.majority:6.2f} %  (always '{label_name(self.majority_label)}')",
-            *([f"note: one modality alone reaches BMFN's accuracy here: on these {self.test_clips} clips the model "
+            *([f"note: one modality alone reaches BMFN's accuracy here: on {'these ' + counted(self.test_clips, 'clip') if self.test_clips > 1 else 'this clip'} the model "
                "has not shown that an event must be both heard and seen (more clips, --clips, give it more to "
                "learn from)"] if max(self.audio_only, self.visual_only) >= self.accuracy else []),
             "time: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in self.timings.items()),

@@ -283,7 +283,7 @@ def extract(
                 summary.skipped.append(cid)
             else:
                 todo.append(path)
-        bar = tqdm(total=len(todo), unit="clip", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=len(todo), unit="clip", disable=not (progress and todo), dynamic_ncols=True)
         try:
             # The log-mel examples are made in the decoding workers (CPU work off the device loop; no torch there).
             prepare = functools.partial(with_examples, alignment=options.alignment)

@@ -93,7 +93,10 @@ def test_summary_says_when_one_modality_alone_does_as_well():
                         Path("results"))
     assert "one modality alone" not in result.summary()
     result.audio_only = 80.0
-    assert "note: one modality alone reaches BMFN's accuracy" in result.summary()
+    assert "note: one modality alone reaches BMFN's accuracy here: on these 4 clips" in result.summary()
+    result.test_clips = 1  # `--clips 6`
+    assert result.summary().startswith("test segment accuracy (1 held-out clip, 10 seconds):")
+    assert "here: on this clip the model" in result.summary()
 
 
 def test_help_states_the_plans_sizes():

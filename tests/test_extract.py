@@ -206,6 +206,7 @@ def test_rerun_skips_done_clips(extracted, clips, monkeypatch):
     result = cli("extract", *clips, "--out", out, *FAST, "--workers", "0")
     assert result.exit_code == 0, result.output
     assert "0 extracted, 3 already done, 0 failed" in result.stdout
+    assert "0clip" not in result.stderr  # no empty progress bar
     assert file_digest(out) == before
     assert not list(Path(f"{out}.parts").glob("*.h5"))
     assert load_arrays(out)["has_label"].sum() == 2  # labels survive a rerun without --annotations
