@@ -111,6 +111,10 @@ VIDEO_DECODERS = ("cpu", "cuda", "nvcodec")
 # Per GPU, the decoding settings and the CUDA device context this process keeps (video_hwaccel).
 _HELD_DECODER_DEVICES: dict[int, tuple[HWAccel, HWAccel]] = {}
 FIELD_ORDER_PROGRESSIVE = 1  # FFmpeg's AV_FIELD_PROGRESSIVE; 0 is unknown, above are the interlaced orders
+# What the GPU decoders read that PyAV has since version 18 (the last for Python 3.10 is 17): a hardware frame's
+# layout, and whether a stream is interlaced.
+GPU_DECODING_PYAV = hasattr(av.VideoFrame, "sw_format") and hasattr(av.video.codeccontext.VideoCodecContext,
+                                                                     "field_order")
 PR_SET_PDEATHSIG = 1  # Linux prctl option: a signal for this process when its parent dies (linux/prctl.h)
 
 
@@ -332,6 +336,10 @@ def video_hwaccel(video_decoder: str) -> HWAccel | None:
     test of that library."""
     if video_decoder == "cpu":
         return None
+    if not GPU_DECODING_PYAV:
+        raise BmfnError(f"GPU video decoding (--video-decoder {video_decoder}) needs PyAV 18 or later, which needs "
+                        f"Python 3.11 or later; this is PyAV {av.__version__}: decode on the CPU instead "
+                        "(--video-decoder cpu)")
     nvcodec_device = nvcodec.device_of(video_decoder)
     if nvcodec_device is not None:
         nvcodec.check(nvcodec_device)
@@ -1102,7 +1110,8 @@ def _resize(frame: av.VideoFrame, shown_as: av.VideoFrame | None = None) -> np.n
 
 def _rgb(frame: av.VideoFrame) -> np.ndarray:
     """The frame as uint8 RGB [H, W, 3]. A frame that NVDEC left on the GPU is copied back first."""
-    if frame.sw_format is not None and frame.sw_format.name == "nv12" and frame.width % 2 == 0 == frame.height % 2:
+    layout = getattr(frame, "sw_format", None)  # None for a CPU frame; PyAV before 18 has no GPU frames here
+    if layout is not None and layout.name == "nv12" and frame.width % 2 == 0 == frame.height % 2:
         return yuv420p_from_nv12(frame.to_ndarray(), frame).to_ndarray(format="rgb24", threads=1)
     # CPU frames; NVDEC's other layouts (10-bit p010) as they come, not checked against the CPU decoder's pixels
     return frame.to_ndarray(format="rgb24", threads=1)

@@ -593,6 +593,23 @@ def test_nvdec_planes_convert_to_the_cpu_decoders_pixels(video_dir, name):
         assert not np.array_equal(nv12.to_ndarray(format="rgb24", threads=1), expected)
 
 
+# What the GPU decoders need of PyAV (18+, so Python 3.11+): with an older PyAV they are refused up front.
+needs_gpu_pyav = pytest.mark.skipif(not decode.GPU_DECODING_PYAV, reason=f"PyAV {av.__version__}: GPU decoding "
+                                    "needs PyAV 18 or later")
+
+
+@pytest.mark.parametrize("decoder", ["cuda", "nvcodec:1"])
+def test_gpu_decoding_with_a_pyav_before_18_is_one_line(monkeypatch, decoder):
+    monkeypatch.setattr(decode, "GPU_DECODING_PYAV", False)
+    with pytest.raises(BmfnError) as refused:
+        video_hwaccel(decoder)
+    assert str(refused.value) == (f"GPU video decoding (--video-decoder {decoder}) needs PyAV 18 or later, which "
+                                  f"needs Python 3.11 or later; this is PyAV {av.__version__}: decode on the CPU "
+                                  "instead (--video-decoder cpu)")
+    assert video_hwaccel("cpu") is None
+
+
+@needs_gpu_pyav
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine may have NVDEC")
 def test_gpu_video_decoding_without_nvdec_fails_once_in_one_line(video_dir):
     clip = video_dir / "torchcodec_nasa_13013.mp4"
@@ -607,6 +624,7 @@ def test_gpu_video_decoding_without_nvdec_fails_once_in_one_line(video_dir):
     assert video_hwaccel("cpu") is None
 
 
+@needs_gpu_pyav
 def test_gpu_video_decoding_without_the_nvdec_library_fails_in_one_line(video_dir, monkeypatch):
     """A GPU without the driver's NVDEC library (a container without the video capability): FFmpeg would decode
     every file on the CPU without a word, so bmfn stops instead."""
@@ -625,6 +643,7 @@ def test_gpu_video_decoding_without_the_nvdec_library_fails_in_one_line(video_di
     assert decode._HELD_DECODER_DEVICES == {}
 
 
+@needs_gpu_pyav
 def test_nvdec_takes_a_context_of_its_own_where_torch_made_cudas_first(monkeypatch):
     """FFmpeg refuses CUDA's primary context when another library made it with other flags (ENOTSUP: torch, in a
     process that used the GPU first); the decoder then runs in a context of FFmpeg's own, and says nothing."""

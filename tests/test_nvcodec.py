@@ -19,13 +19,15 @@ import numpy as np
 import pytest
 import torch
 
-from bmfn_pipeline import nvcodec
+from bmfn_pipeline import decode, nvcodec
 from bmfn_pipeline.decode import decode_clip, decode_many
 from bmfn_pipeline.errors import BmfnError
 
 from conftest import REPO
 
 STANDIN = Path(__file__).resolve().parent / "standin"
+pytestmark = pytest.mark.skipif(not decode.GPU_DECODING_PYAV, reason=f"PyAV {av.__version__}: GPU decoding needs "
+                                "PyAV 18 or later")
 AVE_CLIP = "ave_16eUxQwxxbs.mp4"
 
 
