@@ -78,6 +78,9 @@ class DemoResult:
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))
 
+    def _these_clips(self) -> str:
+        return f"these {self.test_clips} clips" if self.test_clips != 1 else "this clip"
+
     def summary(self) -> str:
         return "\n".join([
             f"test segment accuracy ({counted(self.test_clips, 'held-out clip')}, {10 * self.test_clips} seconds):",
@@ -85,7 +88,7 @@ class DemoResult:
             f"  audio only (visual zeroed)    {self.audio_only:6.2f} %",
             f"  visual only (audio zeroed)    {self.visual_only:6.2f} %",
             f"  majority baseline             {self.majority:6.2f} %  (always '{label_name(self.majority_label)}')",
-            *([f"note: one modality alone reaches BMFN's accuracy here: on {'these ' + counted(self.test_clips, 'clip') if self.test_clips > 1 else 'this clip'} the model "
+            *([f"note: one modality alone reaches BMFN's accuracy here: on {self._these_clips()} the model "
                "has not shown that an event must be both heard and seen (more clips, --clips, give it more to "
                "learn from)"] if max(self.audio_only, self.visual_only) >= self.accuracy else []),
             "time: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in self.timings.items()),

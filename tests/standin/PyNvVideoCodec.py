@@ -7,8 +7,8 @@ an H100.
 Environment, read at each call (decoding workers inherit it): STANDIN_NVC_LOG names a file that gets a JSON line
 per decoder made or reconfigured; STANDIN_NVC_FAULT, a comma-separated list, makes it misbehave: "raise" (every file
 fails), "late" (frame 5's time is one tick late), "pts" (frames come with their presentation times instead),
-"drop2" (the first two frames are missing), "crop" (frames lose their last two rows), "short" (only 40 frames). A decoder made prints a
-line on standard output, as libraries of this kind do.
+"drop2" (the first two frames are missing), "crop" (frames lose their last two rows), "short" (only 40 frames).
+A decoder made prints a line on standard output, as libraries of this kind do.
 """
 
 import itertools
