@@ -10,8 +10,11 @@
 #
 # The lent machine has its own CUDA torch and numpy (Python 3.12 when last seen) and no network; bmfn's other
 # dependencies come from .whl/ (git-ignored), made here first with `bash benchmarks/gpu_checks.sh pack`: wheels for
-# Python 3.12 (PyAV the version .venv has, as CI tests it), and PyNvVideoCodec unpacked without its samples (the carry limit is 64 MiB). On the machine only the
-# modules it lacks are installed (into a temporary folder), so that its torch and numpy stay its own.
+# Python 3.12 (PyAV the version .venv has, as CI tests it), and PyNvVideoCodec unpacked without its samples (the
+# carry limit is 64 MiB). On the machine only the modules it lacks are installed (into a temporary folder), so that
+# its torch and numpy stay its own. The test videos travel too: ../shared does not, so `pack` copies its
+# media/video into shared/ (git-ignored; the device tool sends a checkout's shared/), which is linked as ../shared
+# there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = pack ]; then
@@ -25,7 +28,8 @@ if [ "${1:-}" = pack ]; then
     -d "$download" pynvvideocodec
   unzip -q "$download"/pynvvideocodec-*.whl 'PyNvVideoCodec/*' 'pynvvideocodec./*' -d .whl/pynvc
   rm .whl/pynvc/PyNvVideoCodec/lib{avformat,avutil}.so{,.*.*.*}  # copies: the bindings load the .so.63/.so.61
-  du -sh .whl
+  rm -rf shared && mkdir -p shared/media && cp -rL ../shared/media/video shared/media/
+  du -sh .whl shared
   exit
 fi
 site=$(mktemp -d)
