@@ -131,7 +131,8 @@ class _Bank(_Taps):
     def __init__(self, sr_orig: int, sr_new: int) -> None:
         super().__init__(float(sr_new) / sr_orig)
         self.phases, self.hop = _phases_and_hop(sr_orig, sr_new)
-        up, down = sr_new // gcd(sr_orig, sr_new), sr_orig // gcd(sr_orig, sr_new)
+        g = gcd(sr_orig, sr_new)
+        up, down = sr_new // g, sr_orig // g
         # Exact registers of the phases: integer part and fraction p*down/up.
         p = np.arange(self.phases)
         self.phase_n = (p * down) // up
