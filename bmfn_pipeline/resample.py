@@ -1,5 +1,5 @@
 """resampy's band-limited resampling (features-reference.md 2.1: resampy 0.2.2, kaiser_best), computed as matrix
-products: the same output to about 1e-15, 5-10x faster, and without numba.
+products: the same output to about 2e-15, 1.5-15x faster (benchmarks/resample.py), and without numba.
 
 resampy walks the output samples one by one: output t reads the input around n = int(r_t), where the time register
 r_t adds 1/ratio per sample in float64, and weighs it with the filter table interpolated at frac(r_t). With the
@@ -104,25 +104,26 @@ class _Taps:
 
     def direct(self, x: np.ndarray, y: np.ndarray, outputs: np.ndarray, n: np.ndarray, left_off: np.ndarray,
                left_eta: np.ndarray, right_off: np.ndarray, right_eta: np.ndarray) -> None:
-        """y[outputs] computed one by one (in vectorised batches) from the per-output quantities of point()."""
-        chunk = max(1, DIRECT_BATCH_TAPS // _wing_taps(self.step))  # heavy downsampling has thousands of taps
+        """y[outputs] computed one by one (in vectorised batches) from the per-output quantities of point(). A wing
+        at table offset r reads window[r + i*step] for i < (len(window) - r) // step (resampy's count, which leaves
+        out a last entry short of a whole step): row r of the arrays below, zero after; its input samples run from
+        the output's sample outwards, zero past the signal's ends (where resampy's loops stop)."""
+        if not len(outputs):
+            return
+        taps = _wing_taps(self.step)
+        offsets, i = np.arange(self.step + 1)[:, None], np.arange(taps)
+        kept = i < (self.window.shape[0] - offsets) // self.step
+        index = np.where(kept, offsets + i * self.step, 0)
+        window, delta = np.where(kept, self.window[index], 0.0), np.where(kept, self.delta[index], 0.0)
+        padded = np.concatenate([np.zeros(taps), x, np.zeros(taps)])
+        spans = np.lib.stride_tricks.sliding_window_view(padded, taps)  # spans[j] = padded[j:j + taps]
+        chunk = max(1, DIRECT_BATCH_TAPS // taps)  # heavy downsampling has thousands of taps
         for first in range(0, outputs.shape[0], chunk):
             t = outputs[first:first + chunk]
-            y[t] = (self._wing(x, n[t], left_off[t], left_eta[t], -1, n[t] + 1)
-                    + self._wing(x, n[t] + 1, right_off[t], right_eta[t], 1, x.shape[0] - n[t] - 1))
-
-    def _wing(self, x, first, offset, eta, direction, available) -> np.ndarray:
-        """Sum over i < min(available, taps(offset)) of (window + eta * delta)[offset + i*step] * x[first + direction*i]."""
-        i = np.arange(_wing_taps(self.step))
-        count = np.minimum(available, (self.window.shape[0] - offset) // self.step)
-        valid = i < count[:, None]
-        table = np.where(valid, offset[:, None] + i * self.step, 0)
-        weights = np.where(valid, self.window[table] + eta[:, None] * self.delta[table], 0.0)
-        samples = x[np.where(valid, first[:, None] + direction * i, 0)]
-        return (weights * samples).sum(axis=1)
-
-    def _taps(self, offset: int) -> np.ndarray:
-        return offset + np.arange((self.window.shape[0] - offset) // self.step) * self.step
+            left = window[left_off[t]] + left_eta[t, None] * delta[left_off[t]]
+            right = window[right_off[t]] + right_eta[t, None] * delta[right_off[t]]
+            y[t] = (np.einsum("ij,ij->i", left, spans[n[t] + 1, ::-1])  # x[n], x[n-1], ...
+                    + np.einsum("ij,ij->i", right, spans[n[t] + taps + 1]))  # x[n+1], x[n+2], ...
 
 
 class _Bank(_Taps):
@@ -138,7 +139,7 @@ class _Bank(_Taps):
         self.phase_n = (p * down) // up
         exact = (p * down % up) / up  # the fraction resampy would see without rounding
         _, self.left_off, self.left_eta, self.right_off, self.right_eta = self.point(self.phase_n + exact)
-        taps = [(self._taps(int(lo)), self._taps(int(ro))) for lo, ro in zip(self.left_off, self.right_off)]
+        taps = [(self._wing(int(lo)), self._wing(int(ro))) for lo, ro in zip(self.left_off, self.right_off)]
         self.first = min(int(n) - len(lt) + 1 for n, (lt, _) in zip(self.phase_n, taps))
         last = max(int(n) + len(rt) for n, (_, rt) in zip(self.phase_n, taps))
         self.width = last - self.first + 1
@@ -150,6 +151,10 @@ class _Bank(_Taps):
             self.base[rows_right, col] = self.window[rt] + self.right_eta[col] * self.delta[rt]
             self.left[rows_left, col] = self.delta[lt]
             self.right[rows_right, col] = self.delta[rt]
+
+    def _wing(self, offset: int) -> np.ndarray:
+        """The table entries one wing at `offset` reads (as many as resampy's loop takes)."""
+        return offset + np.arange((self.window.shape[0] - offset) // self.step) * self.step
 
 
 def _phases_and_hop(sr_orig: int, sr_new: int) -> tuple[int, int]:
