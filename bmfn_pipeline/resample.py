@@ -19,7 +19,7 @@ where it installs.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from math import gcd
 
 import numpy as np
@@ -102,19 +102,25 @@ class _Taps:
         self.direct(x, y, np.arange(register.shape[0]), *self.point(register))
         return y
 
+    @cached_property
+    def _wing_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The window's and its differences' entries a wing reads at each table offset, [step + 1, taps]: made once
+        per rate pair (a bank is kept across calls), not per call."""
+        offsets, i = np.arange(self.step + 1)[:, None], np.arange(_wing_taps(self.step))
+        kept = i < (self.window.shape[0] - offsets) // self.step
+        index = np.where(kept, offsets + i * self.step, 0)
+        return np.where(kept, self.window[index], 0.0), np.where(kept, self.delta[index], 0.0)
+
     def direct(self, x: np.ndarray, y: np.ndarray, outputs: np.ndarray, n: np.ndarray, left_off: np.ndarray,
                left_eta: np.ndarray, right_off: np.ndarray, right_eta: np.ndarray) -> None:
         """y[outputs] computed one by one (in vectorised batches) from the per-output quantities of point(). A wing
         at table offset r reads window[r + i*step] for i < (len(window) - r) // step (resampy's count, which leaves
-        out a last entry short of a whole step): row r of the arrays below, zero after; its input samples run from
+        out a last entry short of a whole step): row r of _wing_rows, zero after; its input samples run from
         the output's sample outwards, zero past the signal's ends (where resampy's loops stop)."""
         if not len(outputs):
             return
-        taps = _wing_taps(self.step)
-        offsets, i = np.arange(self.step + 1)[:, None], np.arange(taps)
-        kept = i < (self.window.shape[0] - offsets) // self.step
-        index = np.where(kept, offsets + i * self.step, 0)
-        window, delta = np.where(kept, self.window[index], 0.0), np.where(kept, self.delta[index], 0.0)
+        window, delta = self._wing_rows
+        taps = window.shape[1]
         padded = np.concatenate([np.zeros(taps), x, np.zeros(taps)])
         spans = np.lib.stride_tricks.sliding_window_view(padded, taps)  # spans[j] = padded[j:j + taps]
         chunk = max(1, DIRECT_BATCH_TAPS // taps)  # heavy downsampling has thousands of taps
