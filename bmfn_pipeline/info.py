@@ -221,7 +221,8 @@ def checkpoint_info(path: str | Path) -> CheckpointInfo:
     path = resolve_checkpoint(path)
     meta = load_checkpoint_metadata(path)
     config = meta.get("train_config", {})
-    return CheckpointInfo(str(path), meta["model_config"]["mode"], meta["epoch"], config.get("epochs", meta["epoch"]),
+    epochs = _run_epochs(path) or config.get("epochs", meta["epoch"])
+    return CheckpointInfo(str(path), meta["model_config"]["mode"], meta["epoch"], epochs,
                           meta.get("selected_on", "val"), meta.get("metrics", {}), meta.get("best", {}),
                           meta.get("data", {}), meta.get("provenance", {}), config.get("command") or "",
                           meta.get("bmfn_version", "?"))
@@ -244,12 +245,22 @@ def run_info(path: str | Path) -> RunInfo:
         seeds.append(SeedInfo(number, str(folder), _epochs_done(folder / METRICS), best, last))
     selected = _run_best(path)  # first: it says what is wrong with a summary.json that cannot be read
     summary = json.loads((path / SUMMARY).read_text()) if (path / SUMMARY).is_file() else None
-    for seed in seeds:  # the run's own epochs, where a checkpoint of a resumed run holds those asked for before
-        for checkpoint in (seed.best, seed.last):
-            if checkpoint is not None:
-                checkpoint.epochs = int(config.get("epochs", checkpoint.epochs))
     return RunInfo(str(path), config.get("mode", "?"), int(config.get("epochs", 0)), seeds, summary,
                    str(selected) if selected else None, locked_by_another(path / RUN_LOCK))
+
+
+def _run_epochs(checkpoint: Path) -> int | None:
+    """The epochs asked of the run folder a checkpoint lies in (its own, or its seed folder's parent), by run.json: a
+    resumed run's checkpoints hold the epochs asked for when they were written. None where it lies in no run."""
+    from bmfn_pipeline.train import RUN_FILE
+
+    folder = checkpoint.parent
+    for run in (folder, folder.parent) if folder.name.startswith("seed-") else (folder,):
+        try:
+            return int(json.loads((run / RUN_FILE).read_text())["config"]["epochs"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def features_lines(provenance: Mapping) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -138,7 +139,10 @@ def test_a_run_folder_says_how_far_it_got_and_how_it_goes_on(tmp_path):
         assert info(run).training and "--resume" not in "\n".join(info(run).lines())
         with pytest.raises(BmfnError, match=f"^{run}: another process is training this run now$"):
             train(TrainConfig(resume=str(run), progress=False), log=lambda *_: None)
-    assert info(run / "best.pt").epochs == 2 and info(run).seeds[0].best.epochs == 5  # the run's, not the checkpoint's
+    # the run's, not the 2 the checkpoint was written with, also when the checkpoint is read alone; not a copy's
+    assert info(run / "best.pt").epochs == 5 and info(run).seeds[0].best.epochs == 5
+    shutil.copy(run / "best.pt", tmp_path / "copy.pt")
+    assert info(tmp_path / "copy.pt").epochs == 2
     assert lines[2] == "            last.pt: epoch 2, where --resume goes on"
     (run / "best.pt").unlink()  # as a full disk can leave it, or a kill in the first epoch
     (run / "last.pt").unlink()
@@ -165,6 +169,7 @@ def test_a_run_of_several_seeds_shows_each_and_their_mean(tmp_path):
     record["config"]["epochs"] = 3
     (run / "run.json").write_text(json.dumps(record))
     assert not [line for line in info(run).lines() if "selected" in line.split(":")[-1] or "mean" in line]
+    assert info(run / "seed-891" / "best.pt").epochs == 3  # a seed's checkpoint read alone: its run's epochs
     (run / "summary.json").write_text("{")  # torn
     with pytest.raises(BmfnError, match=rf"^{run / 'summary.json'}: not a run's summary"):
         info(run)
