@@ -18,9 +18,10 @@ journal directory ``<out>.parts/``, one small file per clip, each written to ``*
 place, so a part either exists whole or not at all. ``consolidate()`` merges file and parts into a new
 file, swaps it in, then deletes the parts; a kill at any point leaves either the old file plus the parts
 or the new file plus (redundant) parts. Parts are not fsynced (a SIGKILL cannot lose the page cache);
-the consolidated file is, so it also survives a power loss. The journal directory also holds the writer's lock
-file (``.lock``); a writer that closes a store whose journal is empty removes both, so a finished store leaves
-nothing beside it.
+the consolidated file is, so it also survives a power loss. The journal directory also holds the writers' lock
+file (``.lock``), which stays when the store is finished: another user who may not write the store's folder can
+still take a reader's lock on it (``merge``), and a lock file made anew by a reader killed meanwhile would be that
+user's, refusing the owner's next writer.
 """
 
 from __future__ import annotations
@@ -89,9 +90,6 @@ _FILE_KEYS = {"file": "checksum", "pca_file": "pca_checksum"}
 REOPEN_TRIES = 5
 # Tries to take a store's lock, LOCK_RETRY_S apart, before another process is said to hold it.
 LOCK_TRIES, LOCK_RETRY_S = 3, 0.02
-LOCK_FILE = ".lock"  # in the journal directory
-# Times a lock is taken again when the file it was taken on was removed meanwhile (FeatureStore.close).
-LOCK_REOPEN_TRIES = 10
 _T = TypeVar("_T")
 
 
@@ -313,11 +311,12 @@ class FeatureStore:
     def _take_lock(self) -> None:
         try:
             self.parts_dir.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = take_lock(self.parts_dir / LOCK_FILE)
-        except BlockingIOError:
-            raise BmfnError(f"{self.path}: another process is writing to (or merging) this feature store") from None
+            if fcntl is None:
+                return
+            self._lock_fd = os.open(self.parts_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise BmfnError(f"{self.path}: cannot write a feature store there ({exc.strerror or exc})") from None
+        self._flock(fcntl.LOCK_EX, "another process is writing to (or merging) this feature store")
 
     def _take_shared_lock(self) -> None:
         """A reader's lock: held beside other readers, refused while a writer holds its lock, and the other way round.
@@ -326,15 +325,21 @@ class FeatureStore:
         or a writer starting meanwhile would not be refused. Where none can be made (a store that is read-only to
         this user), it is read without one.
         """
-        lock = self.parts_dir / LOCK_FILE
+        if fcntl is None:
+            return
+        lock = self.parts_dir / ".lock"
         try:
-            self._lock_fd = take_lock(lock, shared=True)
-        except BlockingIOError:
-            raise BmfnError(f"{self.path}: another process is writing to this feature store") from None
+            self.parts_dir.mkdir(exist_ok=True)
+            self._lock_fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)
         except OSError as exc:
             if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and not os.path.exists(lock):
                 return
             raise BmfnError(f"{self.path}: cannot read its lock file ({exc.strerror or exc})") from None
+        self._flock(fcntl.LOCK_SH, "another process is writing to this feature store")
+
+    def _flock(self, kind: int, refusal: str) -> None:
+        if not try_flock(self._lock_fd, kind):
+            raise BmfnError(f"{self.path}: {refusal}")
 
     def _load_main(self) -> None:
         try:
@@ -436,7 +441,7 @@ class FeatureStore:
 
     def being_written(self) -> bool:
         """Whether a process holds the writer's lock now (extracting into, or merging, this store)."""
-        return self._lock_fd is None and locked_by_another(self.parts_dir / LOCK_FILE)
+        return self._lock_fd is None and locked_by_another(self.parts_dir / ".lock")
 
     def notes(self) -> dict[str, list[str]]:
         """Clip id -> the decode notes recorded with it, for the clips that have any."""
@@ -616,24 +621,8 @@ class FeatureStore:
             self._main.close()
             self._main = None
         if self._lock_fd is not None:
-            self._remove_empty_journal()
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
-
-    def _remove_empty_journal(self) -> None:
-        """Remove the journal directory when it holds nothing but the lock file (every clip consolidated), under
-        an exclusive lock (a reader's is one only where no other process holds the file). The lock file goes
-        first, while still locked: a process that opened it meanwhile locks the removed file, sees that and takes a
-        new one (take_lock)."""
-        if self.readonly:
-            try:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                return
-        with contextlib.suppress(OSError):
-            if os.listdir(self.parts_dir) == [LOCK_FILE] and _same_file(self.parts_dir / LOCK_FILE, self._lock_fd):
-                os.unlink(self.parts_dir / LOCK_FILE)
-                os.rmdir(self.parts_dir)  # fails, harmlessly, where a process has made it anew meanwhile
 
     def __enter__(self) -> FeatureStore:
         return self
@@ -655,35 +644,17 @@ def try_flock(fd: int, kind: int) -> bool:
     return False
 
 
-def take_lock(lock_file: Path, shared: bool = False) -> int | None:
-    """An exclusive (or shared) lock on `lock_file`, made where missing, held until the descriptor returned is closed
-    or the process dies; None where there are no locks. OSError where the file cannot be made, BlockingIOError where
-    another process holds the lock. A lock file may be removed by the process holding it (a store's journal, see
-    FeatureStore._remove_empty_journal): a lock that lands on a removed file is taken again on the file now there."""
+def exclusive_lock(lock_file: Path) -> int | None:
+    """An exclusive lock on `lock_file` (made where missing), held until the descriptor returned is closed or the
+    process dies; None where there are no locks. OSError where the file cannot be made, BlockingIOError where another
+    process holds the lock."""
     if fcntl is None:
         return None
-    for _ in range(LOCK_REOPEN_TRIES):
-        try:
-            fd = os.open(lock_file, (os.O_RDONLY if shared else os.O_RDWR) | os.O_CREAT, 0o644)
-        except FileNotFoundError:  # its folder removed meanwhile, with the file
-            lock_file.parent.mkdir(parents=True, exist_ok=True)
-            continue
-        if not try_flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX):
-            os.close(fd)
-            raise BlockingIOError(errno.EWOULDBLOCK, "locked by another process", str(lock_file))
-        if _same_file(lock_file, fd):
-            return fd
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    if not try_flock(fd, fcntl.LOCK_EX):
         os.close(fd)
-    raise BlockingIOError(errno.EWOULDBLOCK, "removed and made again while being locked", str(lock_file))
-
-
-def _same_file(path: Path, fd: int) -> bool:
-    """Whether `path` names the file open as `fd` (not removed or replaced since it was opened)."""
-    try:
-        found, held = os.stat(path), os.fstat(fd)
-    except FileNotFoundError:
-        return False
-    return (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino)
+        raise BlockingIOError(errno.EWOULDBLOCK, "locked by another process", str(lock_file))
+    return fd
 
 
 def locked_by_another(lock_file: Path) -> bool:

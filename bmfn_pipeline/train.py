@@ -41,7 +41,7 @@ from bmfn_pipeline.distributed import (all_sum, gathered, local_batch, process_g
 from bmfn_pipeline.errors import BmfnError, WriteError, check_counts, failed_writes, percent, written
 from bmfn_pipeline.evaluate import CLASS_NAMES, compute_precision, predict_labels, predict_rows, to_numpy
 from bmfn_pipeline.graphs import GraphedStep
-from bmfn_pipeline.store import take_lock
+from bmfn_pipeline.store import exclusive_lock
 from bmfn_pipeline.model import (BMFN, BMFNConfig, BMFNOutput, fully_supervised_loss, group_state_dict,
                                  predict_segments, weakly_supervised_loss)
 from extractors.weights import read_torch_file, uninitialised, use_compile_cache
@@ -306,7 +306,7 @@ def _locked_run(run_dir: Path) -> list[int]:
     """An exclusive lock on the run folder (its RUN_LOCK file), as [its descriptor]; [] where there are no locks.
     Two processes training one run (a second --resume) would write each other's checkpoints."""
     try:
-        fd = take_lock(run_dir / RUN_LOCK)
+        fd = exclusive_lock(run_dir / RUN_LOCK)
     except BlockingIOError:
         raise BmfnError(f"{run_dir}: another process is training this run now") from None
     except OSError as exc:
