@@ -245,6 +245,7 @@ class FeatureStore:
         self._parts: dict[str, _Part] = {}
         self._failures: dict[str, _Part] = {}
         self._labels: dict[str, ClipLabels] = {}
+        self._journal_labels: dict[str, ClipLabels] = {}  # the journal's label table, which replaces the file's
         self._pending_labels = False
         self.provenance: dict = {}
         self._precision: str | None = None  # this writer's, recorded with each clip it journals
@@ -297,7 +298,7 @@ class FeatureStore:
             self.provenance = json.loads(json.dumps(dict(provenance), default=str))
             self.dtype = _storage_dtype(self.provenance, self.path)
             self._write_main()  # an empty but valid store, so the provenance is fixed from the start
-        self._load_main()
+        self._reopened_if_moved(self._load)
         if provenance is not None:
             self._precision = provenance.get("precision")
             differ = _differences(_defining(self.provenance), _defining(provenance))
@@ -306,7 +307,6 @@ class FeatureStore:
                                 f"{_described(differ, self.provenance, provenance, 'the store', 'this run')}"
                                 f"{_revision_note(differ, self.provenance, provenance, 'the store', 'this run')}"
                                 "; use another output file")
-        self._reopened_if_moved(self._scan_parts)
 
     def _take_lock(self) -> None:
         try:
@@ -357,7 +357,17 @@ class FeatureStore:
         self._main_failures = dict(zip(_strings(failed["clip_ids"][()]),
                                        zip(_strings(failed["paths"][()]), _strings(failed["errors"][()]))))
         table = f.get("label_table")
-        self._labels = {} if table is None else _read_label_table(table)
+        self._labels = {**({} if table is None else _read_label_table(table)), **self._journal_labels}
+
+    def _load(self) -> None:
+        """Read the journal, then the main file. A writer swaps its consolidated file in before it deletes the parts
+        merged into it, so each clip is found in one or the other; read the other way round, a consolidation in
+        between would hide the clips it merged from a reader."""
+        if self._main is not None:
+            self._main.close()
+            self._main = None
+        self._scan_parts()
+        self._load_main()
 
     def _reopened_if_moved(self, read: Callable[[], _T]) -> _T:
         """read(), opening the store again if a journal part it opens is gone. Another process consolidated it: its
@@ -366,11 +376,7 @@ class FeatureStore:
         for attempt in range(REOPEN_TRIES):
             try:
                 if attempt:
-                    if self._main is not None:
-                        self._main.close()
-                        self._main = None
-                    self._load_main()
-                    self._scan_parts()
+                    self._load()
                 return read()
             except FileNotFoundError as exc:
                 if not self.readonly:
@@ -380,7 +386,7 @@ class FeatureStore:
                         "try again once the process writing it has finished")
 
     def _scan_parts(self) -> None:
-        self._parts, self._failures = {}, {}
+        self._parts, self._failures, self._journal_labels, self._pending_labels = {}, {}, {}, False
         entries = []
         if self.parts_dir.is_dir():
             with os.scandir(self.parts_dir) as it:
@@ -408,7 +414,8 @@ class FeatureStore:
 
     def _read_label_part(self, path: Path) -> None:
         with h5py.File(path, "r") as f:
-            self._labels.update(_read_label_table(f))
+            self._journal_labels = _read_label_table(f)
+        self._labels.update(self._journal_labels)
         self._pending_labels = True
 
     # -- queries -----------------------------------------------------------------------------------
@@ -579,8 +586,8 @@ class FeatureStore:
                              "rerun goes on from them") from None
         for path in merged:
             path.unlink(missing_ok=True)
+        self._parts, self._failures, self._journal_labels, self._pending_labels = {}, {}, {}, False
         self._load_main()
-        self._parts, self._failures, self._pending_labels = {}, {}, False
 
     def _part_precision(self, part: h5py.File) -> str | None:
         """The precision a journaled clip was made in (parts written before bmfn recorded it: the store's)."""

@@ -465,6 +465,41 @@ def test_a_reader_goes_on_while_the_writer_consolidates(tmp_path, monkeypatch):
         np.testing.assert_array_equal(arrays["visual"][seed], clip(seed)[0])
 
 
+def test_a_reader_opening_while_the_writer_consolidates_sees_every_clip(tmp_path, monkeypatch):
+    """A reader reads the store's main file and its journal one after the other; a consolidation between the two
+    moves clips (and labels) from the journal into a new main file, and the reader must find them in one of them."""
+    out = tmp_path / "feats.h5"
+    writer = FeatureStore.open(out, PROVENANCE)
+    writer.add_clip("old", *clip(0), path="old.mp4")
+    writer.consolidate()
+    for seed in (1, 2):
+        writer.add_clip(f"c{seed}", *clip(seed), path=f"c{seed}.mp4")
+    segments = np.zeros((10, len(CATEGORIES) + 1), np.float32)
+    segments[:, BACKGROUND] = 1
+    writer.set_labels({"c1": (segments, "train")})
+    reads = []
+
+    def consolidated_between_the_reads(method):
+        original = getattr(FeatureStore, method)
+
+        def read(self):
+            if self.readonly:
+                reads.append(method)
+                if len(reads) == 2:
+                    writer.consolidate()
+            return original(self)
+
+        monkeypatch.setattr(FeatureStore, method, read)
+
+    consolidated_between_the_reads("_load_main")
+    consolidated_between_the_reads("_scan_parts")
+    with FeatureStore.open(out, create=False, readonly=True) as reader:
+        assert sorted(reader.clip_ids()) == ["c1", "c2", "old"] and list(reader.labels()) == ["c1"]
+        assert_clip(reader, "c2", 2)
+    assert not writer.journaled()
+    writer.close()
+
+
 def test_text_that_is_not_utf8_is_stored_escaped(tmp_path):
     """A path with bytes that are not UTF-8 (kept by Python as surrogates) is stored with them escaped; such an id
     cannot be stored, and says so in one line."""
