@@ -592,61 +592,64 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
     """
     from bmfn_pipeline.decode import FRAMES_PER_SEGMENT, BackgroundRead
 
-    if output_format == "all" and output_dir is None:
-        raise BmfnError("--format all writes one file per format: give --output-dir")
-    files = _videos(files)
-    # The first file is read in a process of its own while torch is imported and the networks load (at the frame
-    # rate of AVE's features, which a checkpoint of other features turns down).
-    try:
-        started = [BackgroundRead(files[0], frames_per_second=frames_per_second or FRAMES_PER_SEGMENT)] \
-            if video_decoder == "cpu" else []
-    except OSError:  # no process to spare: the file is read in its turn
-        started = []
-    from bmfn_pipeline.localize import Localizer, check_result_names, timeline_path
-    from bmfn_pipeline.writers import FORMATS, WRITERS, get_writer
+    done = 0  # files labelled (or failed), for the line Ctrl-C prints
+    with _interrupt_says(lambda: f"{counted(done, 'file')} done, above; the others were not labelled"):
+        if output_format == "all" and output_dir is None:
+            raise BmfnError("--format all writes one file per format: give --output-dir")
+        files = _videos(files)
+        # The first file is read in a process of its own while torch is imported and the networks load (at the frame
+        # rate of AVE's features, which a checkpoint of other features turns down).
+        try:
+            started = [BackgroundRead(files[0], frames_per_second=frames_per_second or FRAMES_PER_SEGMENT)] \
+                if video_decoder == "cpu" else []
+        except OSError:  # no process to spare: the file is read in its turn
+            started = []
+        from bmfn_pipeline.localize import Localizer, check_result_names, timeline_path
+        from bmfn_pipeline.writers import FORMATS, WRITERS, get_writer
 
-    if len(files) > 1 and output_dir is None and not WRITERS[output_format].streams:
-        raise BmfnError(f"--format {output_format} describes one video per file: with {len(files)} videos give "
-                        "--output-dir (a file each)")
-    if output_dir is not None or plot:
-        check_result_names(files)
-    formats = FORMATS if output_format == "all" else (output_format,)
-    to_files = [get_writer(name, output_dir) for name in formats] if output_dir is not None else []
-    to_stdout = get_writer("table" if output_dir is not None else output_format, None)
-    localizer = Localizer.from_checkpoint(
-        checkpoint, device=device, stride=stride, batch_size=batch_size, frames_per_second=frames_per_second,
-        weights=weights_kind, vgg19_weights=vgg19_weights, vggish_weights=vggish_weights, seed=seed,
-        precision=precision, force=force, video_decoder=video_decoder,
-        log=lambda message: click.echo(f"bmfn: {message}", err=True))
-    plot_dir = (output_dir if output_dir is not None else ".") if plot else None
-    if sys.stderr.isatty():  # a bar per file while VGG-19 gets through it; gone before its labels are printed
-        localizer.progress = _SecondsBar()
-    failed, table_lost = 0, False
-    for path, result in localizer.run(files, plot_dir=plot_dir, started=started):
-        errors = [result] if isinstance(result, BmfnError) else []
-        plotted = plot_dir is not None and not errors
-        result = getattr(result, "result", result)  # a failed plot still has its labels
-        if not isinstance(result, BmfnError):
-            try:
-                if to_stdout is not None:
-                    to_stdout(result)
-            except OSError as exc:  # with files to write, a reader of the table that has gone costs the table only
-                if output_dir is None:
-                    raise
-                _stdout_failed()
-                to_stdout, table_lost = None, True
-                click.echo(f"bmfn: error: standard output: {exc.strerror or exc}: the labels go on to "
-                           f"{one_line(str(output_dir))} only", err=True)
-            for write in to_files:
+        if len(files) > 1 and output_dir is None and not WRITERS[output_format].streams:
+            raise BmfnError(f"--format {output_format} describes one video per file: with {len(files)} videos give "
+                            "--output-dir (a file each)")
+        if output_dir is not None or plot:
+            check_result_names(files)
+        formats = FORMATS if output_format == "all" else (output_format,)
+        to_files = [get_writer(name, output_dir) for name in formats] if output_dir is not None else []
+        to_stdout = get_writer("table" if output_dir is not None else output_format, None)
+        localizer = Localizer.from_checkpoint(
+            checkpoint, device=device, stride=stride, batch_size=batch_size, frames_per_second=frames_per_second,
+            weights=weights_kind, vgg19_weights=vgg19_weights, vggish_weights=vggish_weights, seed=seed,
+            precision=precision, force=force, video_decoder=video_decoder,
+            log=lambda message: click.echo(f"bmfn: {message}", err=True))
+        plot_dir = (output_dir if output_dir is not None else ".") if plot else None
+        if sys.stderr.isatty():  # a bar per file while VGG-19 gets through it; gone before its labels are printed
+            localizer.progress = _SecondsBar()
+        failed, table_lost = 0, False
+        for path, result in localizer.run(files, plot_dir=plot_dir, started=started):
+            errors = [result] if isinstance(result, BmfnError) else []
+            plotted = plot_dir is not None and not errors
+            result = getattr(result, "result", result)  # a failed plot still has its labels
+            if not isinstance(result, BmfnError):
                 try:
-                    click.echo(f"wrote {one_line(str(write(result)))}", err=True)
-                except BmfnError as exc:  # this file's error: the others go on
-                    errors.append(exc)
-            if plotted:
-                click.echo(f"wrote {one_line(str(timeline_path(plot_dir, path)))}", err=True)
-        for error in errors:
-            click.echo(f"bmfn: error: {one_line(str(error))}", err=True)
-        failed += bool(errors)
+                    if to_stdout is not None:
+                        to_stdout(result)
+                except OSError as exc:  # with files to write, a reader of the table that has gone costs the table only
+                    if output_dir is None:
+                        raise
+                    _stdout_failed()
+                    to_stdout, table_lost = None, True
+                    click.echo(f"bmfn: error: standard output: {exc.strerror or exc}: the labels go on to "
+                               f"{one_line(str(output_dir))} only", err=True)
+                for write in to_files:
+                    try:
+                        click.echo(f"wrote {one_line(str(write(result)))}", err=True)
+                    except BmfnError as exc:  # this file's error: the others go on
+                        errors.append(exc)
+                if plotted:
+                    click.echo(f"wrote {one_line(str(timeline_path(plot_dir, path)))}", err=True)
+            for error in errors:
+                click.echo(f"bmfn: error: {one_line(str(error))}", err=True)
+            failed += bool(errors)
+            done += 1
     if failed:
         raise BmfnError(f"{failed} of {len(files)} files failed; their errors are above")
     if table_lost:

@@ -362,6 +362,27 @@ def test_cli_reads_the_first_file_while_it_loads(workdir, video_dir, monkeypatch
     assert json.loads(result.stdout) == reference
 
 
+def test_ctrl_c_says_which_files_are_done(workdir, video_dir, monkeypatch):
+    """Ctrl-C while the second file is labelled: the first file's labels are printed, then one line (not click's
+    "Aborted!") and a shell's status for a command SIGINT ended."""
+    checkpoint = next((workdir / "runs").glob("*/best.pt"))
+    run = Localizer.run
+
+    def interrupted_in_the_second_file(self, *args, **kwargs):
+        for number, labelled in enumerate(run(self, *args, **kwargs)):
+            if number == 1:
+                raise KeyboardInterrupt
+            yield labelled
+
+    monkeypatch.setattr(Localizer, "run", interrupted_in_the_second_file)
+    result = CliRunner().invoke(main, ["localize", str(video_dir / ONE_SECOND), str(video_dir / SHORT),
+                                       "--checkpoint", str(checkpoint), "--device", "cpu"])
+    assert result.exit_code == 130
+    assert str(video_dir / ONE_SECOND) in result.stdout and str(video_dir / SHORT) not in result.stdout
+    assert "0.0-1.0 s" in result.stdout  # its one labelled second
+    assert result.stderr.splitlines()[-1] == "bmfn: interrupted: 1 file done, above; the others were not labelled"
+
+
 def test_files_decoded_ahead_get_the_labels_of_files_decoded_in_turn(workdir, video_dir):
     """`run` probes and decodes the next files in threads while it featurises one; results, errors and their order
     are those of decoding each file in its turn."""
