@@ -180,7 +180,14 @@ def _described(differ: list[str], a: Mapping, b: Mapping, a_name: str, b_name: s
             record = record.get(part, "missing") if isinstance(record, Mapping) else "missing"
         return record
 
-    return "; ".join(f"{key} {value(a, key)!r} ({a_name}) vs {value(b, key)!r} ({b_name})" for key in differ)
+    def described(key: str, record: Mapping, name: str) -> str:
+        if key == "visual.calibration":  # the int8 network's record: its values alone do not say what they mean
+            found = value(record, key)
+            return f"{'float (not int8)' if found == 'missing' else f'int8 (calibration {found})'} ({name})"
+        return f"{value(record, key)!r} ({name})"
+
+    return "; ".join(f"{'VGG-19' if key == 'visual.calibration' else key} {described(key, a, a_name)} vs "
+                     f"{described(key, b, b_name)}" for key in differ)
 
 
 def _precisions(value: str | None) -> set[str]:
@@ -950,7 +957,7 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
         for store in stores[1:]:
             differ = _differences(_defining(first.provenance), _defining(store.provenance))
             if differ:
-                names = store.path.name, first.path.name
+                names = str(store.path), str(first.path)
                 described = _described(differ, store.provenance, first.provenance, *names)
                 raise BmfnError(f"{store.path}: features were made differently from {first.path}'s: {described}"
                                 f"{_revision_note(differ, store.provenance, first.provenance, *names)}; they cannot be "

@@ -231,6 +231,8 @@ def test_append_with_other_settings_is_refused(extracted, clips, tmp_path, monke
     assert str(out) in line and "made differently" in line
     if changed[0] == "--frames-per-second":  # each difference with both values
         assert "frames_per_second 1 (the store) vs 2 (this run)" in line
+    if changed[0] == "--precision":  # in words, not as a missing calibration record
+        assert "VGG-19 float (not int8) (the store) vs int8 (calibration pink-noise-v1:8@0) (this run)" in line
     assert file_digest(out) == before
 
 
