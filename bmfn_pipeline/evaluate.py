@@ -102,6 +102,13 @@ def compute_precision(device: torch.device, precision: str):
         torch.set_float32_matmul_precision(matmul)
 
 
+def precision_note(device: torch.device, precision: str) -> str | None:
+    """A line for a precision that means something else on `device`: TF32 is a mode of CUDA's matmuls only."""
+    if precision == "tf32" and device.type != "cuda":
+        return f"note: tf32 is a CUDA matmul mode: on the {device.type.upper()} this computes in float32"
+    return None
+
+
 def predict_labels(model: torch.nn.Module, inputs: dict[str, torch.Tensor], device: torch.device,
                    precision: str = "float32") -> torch.Tensor:
     """Segment labels [B,10] of a batch's visual and audio features, in the model's current mode."""
@@ -196,6 +203,8 @@ def evaluate(checkpoint: str | Path | None = None, *, split: str = "test", ave_d
     rows = data.splits[split]
     if len(rows) == 0:
         raise BmfnError(f"{data.source['path']}: the {split} split is empty ({data.split_rule})")
+    if note := precision_note(torch_device, precision):
+        log(note)
     pred, target = predict_rows(model, data.clips, rows, torch_device, batch_size, precision)
     matrix = confusion_matrix(pred, target)
     png = None

@@ -39,7 +39,8 @@ from bmfn_pipeline.data import FeatureData, batches, find_default_data, load_dat
 from bmfn_pipeline.distributed import (all_sum, gathered, local_batch, process_group, rank_device, rank_env,
                                        rank_share, resolve_device, seed_rank, share_from_main, stand_in, summed, wrap)
 from bmfn_pipeline.errors import BmfnError, WriteError, check_counts, failed_writes, percent, written
-from bmfn_pipeline.evaluate import CLASS_NAMES, compute_precision, predict_labels, predict_rows, to_numpy
+from bmfn_pipeline.evaluate import (CLASS_NAMES, compute_precision, precision_note, predict_labels, predict_rows,
+                                     to_numpy)
 from bmfn_pipeline.graphs import GraphedStep
 from bmfn_pipeline.store import exclusive_lock
 from bmfn_pipeline.model import (BMFN, BMFNConfig, BMFNOutput, fully_supervised_loss, group_state_dict,
@@ -286,6 +287,8 @@ def _train(config: TrainConfig, data: FeatureData | None, log) -> TrainResult:
     share_from_main(open_run_folder)  # a refusal reaches every rank
     try:
         log(f"run: {run_dir} ({config.mode}, device {device}, {config.precision})")
+        if note := precision_note(device, config.precision):
+            log(note)
         if device.type == "cuda":
             data = data.to(device)  # AVE fits on any current GPU (2.1 GB as float16): no host reads per batch
         seeds = [config.seed + i for i in range(config.seeds)]

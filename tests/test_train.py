@@ -233,6 +233,14 @@ def test_resume_keeps_the_runs_settings_and_records_the_ones_given(tmp_path):
     fewer = runner.invoke(main, ["train", "--resume", str(run), "--epochs", "1", "--quiet"])  # 2 are done
     assert fewer.exit_code == 1 and "2 epochs are done, more than --epochs 1; resume with --epochs 3" in fewer.output
     assert json.loads((run / "run.json").read_text())["config"]["epochs"] == 2
+    # TF32 is CUDA's: on the CPU a run (and an evaluation) in tf32 says it computes in float32
+    note = "note: tf32 is a CUDA matmul mode: on the CPU this computes in float32"
+    tf32 = runner.invoke(main, ["train", "--resume", str(run), "--epochs", "3", "--precision", "tf32", "--device",
+                                "cpu", "--quiet"])
+    assert tf32.exit_code == 0 and re.search(rf"^run: .*, tf32\)\n{note}$", tf32.output, re.M), tf32.output
+    logged = []
+    evaluate(run, split="val", device="cpu", precision="tf32", plot=False, log=logged.append)
+    assert logged == [note]
 
 
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line_keeping_the_last_ones(tmp_path, monkeypatch):
