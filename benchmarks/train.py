@@ -1,11 +1,13 @@
 """`bmfn train` speed on AVE-sized data resident on the device: seconds per epoch (training plus val and test
 evaluation, as `train` runs it) for the eager step against whole-step CUDA graphs, in float32, tf32 and bf16,
-measured in the same run; then, with --full, a complete 200-epoch run timed from the call to its return.
+measured in the same run; then, with --full, a complete 200-epoch run timed from the call to its return, and
+where the time outside its epochs goes (set-up, between epochs, after the last; checkpoint writes and curves).
 
     python benchmarks/train.py                    # CUDA: eager vs graphs, 4 epochs each
     python benchmarks/train.py --full tf32        # ... and a full 200-epoch run in tf32
     python benchmarks/train.py --compile --full bfloat16 --full-compile   # with torch.compile variants
     python benchmarks/train.py --device cpu --clips 64 --epochs 1
+    python benchmarks/train.py --device cpu --clips 32 --eval-clips 16 --full float32 --full-only --full-epochs 3
 
 The features are random (float16, like a bmfn store): speed does not depend on their values.
 """
@@ -13,6 +15,7 @@ The features are random (float16, like a bmfn store): speed does not depend on t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -20,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from bmfn_pipeline import ave
+from bmfn_pipeline import ave, train as train_module
 from bmfn_pipeline.data import ClipArrays, FeatureData
 from bmfn_pipeline.train import REFERENCE, TrainConfig, train
 
@@ -46,16 +49,60 @@ def make_data(clips_per_split: dict[str, int], device: torch.device) -> FeatureD
                        {"kind": "benchmark", "path": "random", "annotations": None, "splits": None})
 
 
+class Outside:
+    """Where a run's time outside its epochs goes, by wrapping three of train()'s steps while it runs: each epoch's
+    batches (an epoch's start), checkpoint writes and the curves."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+        self.saving = self.curves = 0.0
+
+    @contextlib.contextmanager
+    def watching(self):
+        original = train_module.batches, train_module._save, train_module._plot_curves
+
+        def batches(*args, **kwargs):
+            self.starts.append(time.perf_counter())
+            return original[0](*args, **kwargs)
+
+        def timed(name, step):
+            def call(*args, **kwargs):
+                began = time.perf_counter()
+                try:
+                    return step(*args, **kwargs)
+                finally:
+                    setattr(self, name, getattr(self, name) + time.perf_counter() - began)
+            return call
+
+        train_module.batches, train_module._save, train_module._plot_curves = \
+            batches, timed("saving", original[1]), timed("curves", original[2])
+        try:
+            yield self
+        finally:
+            train_module.batches, train_module._save, train_module._plot_curves = original
+
+    def line(self, called: float, returned: float, times: list[float]) -> str:
+        """Set-up (the call to the first epoch), between epochs and after the last: they sum to the wall time with
+        the epochs' own."""
+        between = sum(b - a - t for a, b, t in zip(self.starts, self.starts[1:], times))
+        return (f"outside the epochs: set-up {self.starts[0] - called:.1f} s, between epochs {between:.1f} s, after the "
+                f"last {returned - self.starts[-1] - times[-1]:.1f} s; of these, checkpoint writes {self.saving:.1f} s "
+                f"and curves {self.curves:.1f} s")
+
+
 def run(data: FeatureData, device: torch.device, epochs: int, precision: str, graphs: bool,
-        checkpoint_every: float, compiled: bool = False) -> tuple[list[float], float]:
-    """Per-epoch seconds as train() records them, and the call's wall time."""
-    with tempfile.TemporaryDirectory() as out:
+        checkpoint_every: float, compiled: bool = False, outside: Outside | None = None) -> tuple[list[float], float]:
+    """Per-epoch seconds as train() records them, and the call's wall time; with `outside`, a line on the rest."""
+    with tempfile.TemporaryDirectory() as out, outside.watching() if outside else contextlib.nullcontext():
         config = TrainConfig(out=f"{out}/run", epochs=epochs, device=device.type, precision=precision,
                              cuda_graphs=graphs, compile=compiled, checkpoint_every=checkpoint_every, progress=False)
         began = time.perf_counter()
         result = train(config, data=data, log=lambda line: line.startswith("warning") and print(line))
-        wall = time.perf_counter() - began
-    return [h["time"] for h in result.runs[0].history], wall
+        returned = time.perf_counter()
+    times = [h["time"] for h in result.runs[0].history]
+    if outside:
+        print(outside.line(began, returned, times))
+    return times, returned - began
 
 
 def main() -> None:
@@ -63,6 +110,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--epochs", type=int, default=4, help="epochs per variant (the first includes capture)")
     parser.add_argument("--clips", type=int, default=None, help="training clips (default: AVE's 3339)")
+    parser.add_argument("--eval-clips", type=int, default=None, help="val and test clips each (default: AVE's 402)")
     parser.add_argument("--every-epoch", action="store_true",
                         help="first the eager step writing last.pt after every epoch (before checkpoint intervals)")
     parser.add_argument("--compile", action="store_true",
@@ -71,10 +119,13 @@ def main() -> None:
                         help="then train the reference 200 epochs with CUDA graphs in this precision")
     parser.add_argument("--full-compile", action="store_true", help="... with train --compile")
     parser.add_argument("--full-only", action="store_true", help="only the full run, without the comparison")
+    parser.add_argument("--full-epochs", type=int, default=REFERENCE["fully"].epochs,
+                        help="epochs of the full run (the reference 200; fewer to try the script on a CPU)")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    sizes = dict(AVE_SPLITS, **({"train": args.clips} if args.clips else {}))
+    sizes = dict(AVE_SPLITS, **({"train": args.clips} if args.clips else {}),
+                 **({"val": args.eval_clips, "test": args.eval_clips} if args.eval_clips else {}))
     data = make_data(sizes, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; {sizes} clips, batch {REFERENCE['fully'].batch_size}, fully supervised")
@@ -95,7 +146,7 @@ def main() -> None:
         print(f"{label:>36} {precision:>8}: first epoch {times[0]:6.2f} s, then {steady:6.3f} s/epoch "
               f"({base / steady:5.1f}x), 200 epochs ~ {times[0] + 199 * steady:7.1f} s", flush=True)
     if args.full:
-        times, wall = run(data, device, REFERENCE["fully"].epochs, args.full, True, 60.0, args.full_compile)
+        times, wall = run(data, device, args.full_epochs, args.full, True, 60.0, args.full_compile, Outside())
         print(f"full run, cuda graphs {args.full}{', compiled' if args.full_compile else ''}: {len(times)} epochs in "
               f"{wall:.1f} s from the call: the first epoch {times[0]:.1f} s (compiling, captures), the others "
               f"{sum(times[1:]):.1f} s (median {statistics.median(times):.3f} s), outside the epochs "
