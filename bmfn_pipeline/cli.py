@@ -593,7 +593,8 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
     from bmfn_pipeline.decode import FRAMES_PER_SEGMENT, BackgroundRead
 
     done = 0  # files labelled (or failed), for the line Ctrl-C prints
-    with _interrupt_says(lambda: f"{counted(done, 'file')} done, above; the others were not labelled"):
+    with _interrupt_says(lambda: f"{counted(done, 'file')} done, above; the others were not labelled" if done else
+                         "no file was labelled"):
         if output_format == "all" and output_dir is None:
             raise BmfnError("--format all writes one file per format: give --output-dir")
         files = _videos(files)

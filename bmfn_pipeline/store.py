@@ -420,9 +420,10 @@ class FeatureStore:
             return str(f.attrs["clip_id"])
 
     def _read_label_part(self, path: Path) -> None:
+        """The journal's label table (every label given, also those consolidated before), which _load_main lays over
+        the file's."""
         with h5py.File(path, "r") as f:
             self._journal_labels = _read_label_table(f)
-        self._labels.update(self._journal_labels)
         self._pending_labels = True
 
     # -- queries -----------------------------------------------------------------------------------

@@ -364,23 +364,29 @@ def test_cli_reads_the_first_file_while_it_loads(workdir, video_dir, monkeypatch
 
 def test_ctrl_c_says_which_files_are_done(workdir, video_dir, monkeypatch):
     """Ctrl-C while the second file is labelled: the first file's labels are printed, then one line (not click's
-    "Aborted!") and a shell's status for a command SIGINT ended."""
+    "Aborted!") and a shell's status for a command SIGINT ended; Ctrl-C in the first file says no file was done."""
     checkpoint = next((workdir / "runs").glob("*/best.pt"))
-    run = Localizer.run
+    run, interrupted_at = Localizer.run, []
 
-    def interrupted_in_the_second_file(self, *args, **kwargs):
+    def interrupted(self, *args, **kwargs):
         for number, labelled in enumerate(run(self, *args, **kwargs)):
-            if number == 1:
+            if number == interrupted_at[-1]:
                 raise KeyboardInterrupt
             yield labelled
 
-    monkeypatch.setattr(Localizer, "run", interrupted_in_the_second_file)
-    result = CliRunner().invoke(main, ["localize", str(video_dir / ONE_SECOND), str(video_dir / SHORT),
-                                       "--checkpoint", str(checkpoint), "--device", "cpu"])
+    monkeypatch.setattr(Localizer, "run", interrupted)
+    command = ["localize", str(video_dir / ONE_SECOND), str(video_dir / SHORT), "--checkpoint", str(checkpoint),
+               "--device", "cpu"]
+    interrupted_at.append(1)
+    result = CliRunner().invoke(main, command)
     assert result.exit_code == 130
     assert str(video_dir / ONE_SECOND) in result.stdout and str(video_dir / SHORT) not in result.stdout
     assert "0.0-1.0 s" in result.stdout  # its one labelled second
     assert result.stderr.splitlines()[-1] == "bmfn: interrupted: 1 file done, above; the others were not labelled"
+    interrupted_at.append(0)
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 130 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == "bmfn: interrupted: no file was labelled"
 
 
 def test_files_decoded_ahead_get_the_labels_of_files_decoded_in_turn(workdir, video_dir):
