@@ -229,6 +229,20 @@ def _strings(values: Iterable) -> list[str]:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
 
 
+def _open_part(path: Path) -> h5py.File:
+    """A journal part opened for reading. HDF5 looks the name up again after opening it: a part that a writer's
+    consolidation removes in between fails with a plain OSError naming no file, raised here as FileNotFoundError, so
+    that a reader takes it as consolidated and reads the store again (FeatureStore._reopened_if_moved)."""
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise
+    except OSError:
+        if not os.path.lexists(path):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path)) from None
+        raise
+
+
 @dataclass
 class _Part:
     """One journal file: a complete clip or a failure."""
@@ -305,7 +319,7 @@ class FeatureStore:
             self.provenance = json.loads(json.dumps(dict(provenance), default=str))
             self.dtype = _storage_dtype(self.provenance, self.path)
             self._write_main()  # an empty but valid store, so the provenance is fixed from the start
-        self._reopened_if_moved(self._load)
+        self._reopened_if_moved(lambda: None, loaded=False)
         if provenance is not None:
             self._precision = provenance.get("precision")
             differ = _differences(_defining(self.provenance), _defining(provenance))
@@ -376,13 +390,14 @@ class FeatureStore:
         self._scan_parts()
         self._load_main()
 
-    def _reopened_if_moved(self, read: Callable[[], _T]) -> _T:
-        """read(), opening the store again if a journal part it opens is gone. Another process consolidated it: its
-        clip is in the main file swapped in before the parts are deleted. Only a read-only store can find that; a
-        writer that does has lost a part to something else, which is an error."""
+    def _reopened_if_moved(self, read: Callable[[], _T], loaded: bool = True) -> _T:
+        """read(), after reading the store where it is not `loaded` yet, and again whenever a journal part it opens
+        is gone: another process consolidated it, and its clip is in the main file swapped in before the parts were
+        deleted. Only a read-only store can find that; a writer that does has lost a part to something else, which
+        is an error."""
         for attempt in range(REOPEN_TRIES):
             try:
-                if attempt:
+                if attempt or not loaded:
                     self._load()
                 return read()
             except FileNotFoundError as exc:
@@ -416,13 +431,13 @@ class FeatureStore:
         clip_id = unquote(quoted)
         if _digest(clip_id) == digest:
             return clip_id
-        with h5py.File(part.path, "r") as f:  # the name was shortened: the id is inside
+        with _open_part(part.path) as f:  # the name was shortened: the id is inside
             return str(f.attrs["clip_id"])
 
     def _read_label_part(self, path: Path) -> None:
         """The journal's label table (every label given, also those consolidated before), which _load_main lays over
         the file's."""
-        with h5py.File(path, "r") as f:
+        with _open_part(path) as f:
             self._journal_labels = _read_label_table(f)
         self._pending_labels = True
 
@@ -444,7 +459,7 @@ class FeatureStore:
             out = {cid: v for cid, v in self._main_failures.items() if cid not in self}
             for cid, part in self._failures.items():
                 if cid not in self:
-                    with h5py.File(part.path, "r") as f:
+                    with _open_part(part.path) as f:
                         out[cid] = (str(f.attrs["path"]), str(f.attrs["error"]))
             return out
 
@@ -464,7 +479,7 @@ class FeatureStore:
             main = zip(self._main_index, _strings(self._main["warnings"][()]))
             out = {cid: json.loads(text) for cid, text in main if cid not in self._parts}
             for cid, part in self._parts.items():
-                with h5py.File(part.path, "r") as f:
+                with _open_part(part.path) as f:
                     out[cid] = json.loads(f.attrs["warnings"])
             return {cid: notes for cid, notes in out.items() if notes}
 
@@ -482,7 +497,7 @@ class FeatureStore:
         """(visual [10,7,7,512], audio [10,128]) of one clip, in the storage dtype."""
         def read() -> tuple[np.ndarray, np.ndarray]:
             if clip_id in self._parts:
-                with h5py.File(self._parts[clip_id].path, "r") as f:
+                with _open_part(self._parts[clip_id].path) as f:
                     return f["visual"][()], f["audio"][()]
             if clip_id in self._main_index:
                 i = self._main_index[clip_id]
@@ -496,7 +511,7 @@ class FeatureStore:
         consolidated clip, the store's: the precisions of all its clips)."""
         def read() -> dict:
             if clip_id in self._parts:
-                with h5py.File(self._parts[clip_id].path, "r") as f:
+                with _open_part(self._parts[clip_id].path) as f:
                     return {"path": str(f.attrs["path"]), "warnings": json.loads(f.attrs["warnings"]),
                             "precision": self._part_precision(f)}
             if clip_id in self._main_index:
@@ -612,7 +627,7 @@ class FeatureStore:
             precisions = _precisions(self.provenance.get("precision")) if keep else set()
             for row, (cid, part) in enumerate(new, start=len(keep)):
                 try:
-                    with h5py.File(part.path, "r") as f:
+                    with _open_part(part.path) as f:
                         visual[row], audio[row] = f["visual"][()], f["audio"][()]
                         paths.append(str(f.attrs["path"]))
                         notes.append(str(f.attrs["warnings"]))

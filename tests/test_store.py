@@ -500,6 +500,29 @@ def test_a_reader_opening_while_the_writer_consolidates_sees_every_clip(tmp_path
     writer.close()
 
 
+def test_a_part_removed_while_hdf5_opens_it_is_read_from_the_new_main_file(tmp_path, monkeypatch):
+    """HDF5 opens a file, then looks its name up again: a part that a consolidation removes in between fails with a
+    plain OSError naming no file, which a reader takes as the part consolidated: it reads the store again."""
+    out = tmp_path / "feats.h5"
+    writer = FeatureStore.open(out, PROVENANCE)
+    writer.add_clip("c", *clip(3), path="c.mp4")
+    reader = FeatureStore.open(out, create=False, readonly=True)
+    File, removed = h5py.File, []
+
+    def removed_while_opening(name, *args, **kwargs):
+        if str(name).endswith(".clip.h5") and not removed:
+            removed.append(name)
+            writer.consolidate()
+            raise OSError("Unable to synchronously open file (can't retrieve stat info for file)")
+        return File(name, *args, **kwargs)
+
+    monkeypatch.setattr(h5py, "File", removed_while_opening)
+    assert_clip(reader, "c", 3)
+    assert removed and reader.clip_ids() == ["c"] and not reader.journaled()
+    reader.close()
+    writer.close()
+
+
 def test_text_that_is_not_utf8_is_stored_escaped(tmp_path):
     """A path with bytes that are not UTF-8 (kept by Python as surrogates) is stored with them escaped; such an id
     cannot be stored, and says so in one line."""
