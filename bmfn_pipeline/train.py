@@ -277,6 +277,7 @@ def _train(config: TrainConfig, data: FeatureData | None, log) -> TrainResult:
             run_dir.mkdir(parents=True, exist_ok=True)
         held.extend(_locked_run(run_dir))  # before anything is written: a run being trained is refused
         if config.resume:
+            _remove_unfinished_writes(run_dir)
             _record_resume_settings(run_dir, config)
         else:
             _write_json(run_dir / RUN_FILE, {"config": config.to_dict(), "data": data.source,
@@ -729,6 +730,15 @@ def _new_run_dir(config: TrainConfig) -> Path:
         n += 1
         out = stem.with_name(f"{stem.name}-{n}")
     return out
+
+
+def _remove_unfinished_writes(run_dir: Path) -> None:
+    """Remove what a run killed while writing left of its files (`last.pt.tmp`, as large as last.pt): under the run's
+    lock no other process writes them, and each is written anew as a whole."""
+    names = {f"{name}.tmp" for name in (BEST, LAST, METRICS, CURVES, RUN_FILE, SUMMARY)}
+    for tmp in [*run_dir.glob("*.tmp"), *run_dir.glob("seed-*/*.tmp")]:
+        if tmp.name in names:
+            tmp.unlink(missing_ok=True)
 
 
 def _resume_config(given: TrainConfig) -> tuple[TrainConfig, Path]:

@@ -283,10 +283,13 @@ def test_resume_of_a_run_stopped_before_its_first_last_pt_says_it_starts_again(t
     run = tmp_path / "run"
     train(TrainConfig(mode="fully", ave_dir=str(directory), out=str(run), epochs=1, **FAST), log=quiet)
     (run / "last.pt").unlink()  # as a run stopped in its first minute leaves it: best.pt only
+    (run / "summary.json.tmp").write_text("{")  # as a kill while writing a file of the run leaves it
+    (run / "notes.tmp").write_text("the user's")
     lines = []
     result = train(TrainConfig(resume=str(run), epochs=2, progress=False), log=lines.append)
     assert f"seed 890: no last.pt in {run} yet: starting from epoch 1" in lines
     assert [record["epoch"] for record in result.runs[0].history] == [1, 2]
+    assert not (run / "summary.json.tmp").exists() and (run / "notes.tmp").read_text() == "the user's"
 
 
 def test_checkpoints_of_bmfn_before_grouping_load_and_refuse_to_resume(tmp_path):
