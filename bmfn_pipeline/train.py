@@ -16,6 +16,7 @@ for: there, --resume continues the run faithfully but not bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -734,11 +735,13 @@ def _new_run_dir(config: TrainConfig) -> Path:
 
 def _remove_unfinished_writes(run_dir: Path) -> None:
     """Remove what a run killed while writing left of its files (`last.pt.tmp`, as large as last.pt): under the run's
-    lock no other process writes them, and each is written anew as a whole."""
+    lock no other process writes them, and each is written anew as a whole. One that cannot be removed stays: the
+    run's own writes say what is wrong with its folder, if anything."""
     names = {f"{name}.tmp" for name in (BEST, LAST, METRICS, CURVES, RUN_FILE, SUMMARY)}
     for tmp in [*run_dir.glob("*.tmp"), *run_dir.glob("seed-*/*.tmp")]:
         if tmp.name in names:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
 def _resume_config(given: TrainConfig) -> tuple[TrainConfig, Path]:
