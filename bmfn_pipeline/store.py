@@ -90,6 +90,9 @@ _FILE_KEYS = {"file": "checksum", "pca_file": "pca_checksum"}
 REOPEN_TRIES = 5
 # Tries to take a store's lock, LOCK_RETRY_S apart, before another process is said to hold it.
 LOCK_TRIES, LOCK_RETRY_S = 3, 0.02
+# Lock files are made as any file a user makes (the umask decides): in a folder a group shares (umask 002) the
+# group's users can then lock what one of them made.
+LOCK_FILE_MODE = 0o666
 _T = TypeVar("_T")
 
 
@@ -334,7 +337,7 @@ class FeatureStore:
             self.parts_dir.mkdir(parents=True, exist_ok=True)
             if fcntl is None:
                 return
-            self._lock_fd = os.open(self.parts_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            self._lock_fd = open_lock_file(self.parts_dir / ".lock")
         except OSError as exc:
             raise BmfnError(f"{self.path}: cannot write a feature store there ({exc.strerror or exc})") from None
         self._flock(fcntl.LOCK_EX, "another process is writing to (or merging) this feature store")
@@ -351,7 +354,7 @@ class FeatureStore:
         lock = self.parts_dir / ".lock"
         try:
             self.parts_dir.mkdir(exist_ok=True)
-            self._lock_fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)
+            self._lock_fd = os.open(lock, os.O_RDONLY | os.O_CREAT, LOCK_FILE_MODE)
         except OSError as exc:
             if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and not os.path.exists(lock):
                 return
@@ -674,13 +677,27 @@ def try_flock(fd: int, kind: int) -> bool:
     return False
 
 
+def open_lock_file(lock_file: Path) -> int:
+    """A descriptor to take a writer's lock on `lock_file`, made where missing. flock needs no write access: a lock
+    file that another user made (a reader's, say, whose process was killed) is opened read-only, so that it does not
+    refuse this user's writer. OSError where it can be neither made nor read."""
+    try:
+        return os.open(lock_file, os.O_RDWR | os.O_CREAT, LOCK_FILE_MODE)
+    except PermissionError:
+        try:
+            return os.open(lock_file, os.O_RDONLY)
+        except OSError:
+            pass
+        raise
+
+
 def exclusive_lock(lock_file: Path) -> int | None:
     """An exclusive lock on `lock_file` (made where missing), held until the descriptor returned is closed or the
     process dies; None where there are no locks. OSError where the file cannot be made, BlockingIOError where another
     process holds the lock."""
     if fcntl is None:
         return None
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock_file(lock_file)
     if not try_flock(fd, fcntl.LOCK_EX):
         os.close(fd)
         raise BlockingIOError(errno.EWOULDBLOCK, "locked by another process", str(lock_file))

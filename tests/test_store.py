@@ -609,6 +609,33 @@ def test_no_writer_starts_while_merge_reads_a_store_without_a_lock_file(tmp_path
     assert sorted(p.name for p in Path(f"{merged}.parts").iterdir()) == [".lock"]
 
 
+def test_a_lock_file_of_another_user_does_not_refuse_the_owners_writer(tmp_path, monkeypatch):
+    """A killed merge by another user leaves the lock file it made in a store without one: the owner, who may not
+    write that file, still extracts into the store (the lock is taken on a read-only descriptor), and that lock
+    still refuses a second writer."""
+    with FeatureStore.open(tmp_path / "a.h5", PROVENANCE) as store:
+        store.add_clip("a", *clip(0), path="a.mp4")
+    merged = tmp_path / "merged.h5"
+    merge_stores([tmp_path / "a.h5"], merged)
+    with FeatureStore.open(merged, readonly=True, refuse_writers=True):  # another user's reader makes the lock file
+        pass
+    lock = Path(f"{merged}.parts") / ".lock"
+    real_open = os.open
+
+    def not_ours(path, flags, *args):  # root writes past file modes: refused as another user's 0644 file is
+        if Path(path) == lock and flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", not_ours)
+    with FeatureStore.open(merged, PROVENANCE) as store:
+        store.add_clip("b", *clip(1), path="b.mp4")
+        with pytest.raises(BmfnError, match=r"another process is writing to \(or merging\) this feature store"):
+            FeatureStore.open(merged, PROVENANCE)
+    with FeatureStore.open(merged, readonly=True) as store:
+        assert sorted(store.clip_ids()) == ["a", "b"]
+
+
 def test_labels_from_the_real_annotations(ave_dir):
     rows = read_annotations(ave_dir / "Annotations.txt")
     labels, repeated = labels_from_annotations(rows, load_splits(ave_dir, len(rows)))
