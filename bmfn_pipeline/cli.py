@@ -215,7 +215,9 @@ def probe(files, as_json, frames_per_second) -> None:
                                    "first_segment_frames": first}))
             continue
         audio = ("none" if info.audio_index is None
-                 else f"#{info.audio_index} {info.audio_codec}, {info.sample_rate} Hz, {info.channels} ch")
+                 else f"#{info.audio_index} {info.audio_codec}, " + (
+                     f"{info.sample_rate} Hz, {info.channels} ch" if info.sample_rate else
+                     "rate and channels read from its first packet (its header does not say)"))
         display = f"\n  display    {' + '.join(shown)} (its display matrix: frames are read as shown)" if shown else ""
         click.echo(f"{one_line(info.path)}\n"
                    f"  container  {info.container}, {info.duration_s:.3f} s, "

@@ -11,7 +11,10 @@ Two frame-index rules (documented choice):
   [start_s + l, start_s + l + 1) s and sample i is frame floor((start_s + l + i/frames_per_second) x fps). Stretching
   a 30 s clip into ten 3 s "segments" would not give per-second labels, so longer clips are cut (decode later windows
   with `start_s`) and shorter ones padded.
-For integer frame rates the two rules give the same indices on a clip of exactly `seconds` seconds.
+For integer frame rates the two rules give the same indices on a clip of exactly `seconds` seconds. Frame i is the
+i-th frame decoded, as a frame-counting reader (the released features') takes it, while the frames' times keep
+within VFR_DRIFT_S of i / fps; in a video whose rate varies more, frame i is from there on the one on screen at
+i / fps.
 
 Segments that exist: a trailing part second counts as a segment when it is at least half a second long, so a 5.31 s
 clip has 5 segments, a 1 s clip 1, a 9.64 s clip 10 (never fewer than 1). Segments beyond the end repeat the last frame
@@ -85,6 +88,9 @@ TRUNCATION_TOLERANCE_S = 0.5  # a stream ending this much earlier than its heade
 STREAM_START_TOLERANCE_S = 0.5  # video and sound starting this far apart are read on one timeline (module docstring)
 AUDIO_MARGIN_S = 1.0  # audio decoded either side of a window so the resampling filter sees real context at its edges
 VFR_TOLERANCE = 0.01  # relative gap between average and base frame rate above which the stream is variable-rate
+# Frames are counted (as the released features' were) while their times stay this close to a steady rate's; a video
+# whose frames drift further (a variable rate) has them picked by their times from there on.
+VFR_DRIFT_S = 0.1
 # A Matroska/WebM file: an EBML header, then a Segment whose elements follow each other, each an ID and a size: its
 # Info (holding the MuxingApp) after a SeekHead and some Void, Tracks, the Clusters of blocks, Cues, Tags...
 EBML_HEADER_ID, MATROSKA_SEGMENT_ID, MATROSKA_INFO_ID = 0x1A45DFA3, 0x18538067, 0x1549A966
@@ -706,8 +712,9 @@ def _clip_info(path, container, seconds: int, start_s: float, wall_clock: bool =
         variable_frame_rate=abs(frame_rate / base_rate - 1) > VFR_TOLERANCE,
         audio_index=None if audio is None else audio.index,
         audio_codec=None if audio is None else audio.codec_context.name,
-        sample_rate=None if audio is None else audio.codec_context.sample_rate,
-        channels=None if audio is None else audio.codec_context.channels,
+        # None where the header does not say (MPEG-TS's MP2 until its first packet is read): the frames tell
+        sample_rate=None if audio is None else audio.codec_context.sample_rate or None,
+        channels=None if audio is None else audio.codec_context.channels or None,
         video_streams=len(container.streams.video), audio_streams=len(container.streams.audio),
         seconds=seconds, start_s=start_s, indexing="ave" if ave else "wall-clock", segments=segments,
         video_start_s=video_start_s, audio_start_s=audio_start_s,
@@ -750,6 +757,18 @@ def _duration_is_an_end(path, container) -> bool:
     return _per_file(_matroska_muxing_app, path).startswith("Lavf")
 
 
+def _declared_end_s(path, container, stream, start_s: float, otherwise: float) -> float:
+    """Where a stream starting at `start_s` on the clip's timeline says it ends: after its duration, except in
+    FFmpeg's Matroska, where a stream's duration is, as the file's (_duration_is_an_end), where it ends on the
+    file's timeline; `otherwise` where it declares none."""
+    if not stream.duration:
+        return otherwise
+    duration_s = float(stream.duration * stream.time_base)
+    if _duration_is_an_end(path, container):
+        duration_s -= float((stream.start_time or 0) * stream.time_base)
+    return start_s + duration_s
+
+
 def _header_warnings(info: ClipInfo, window_chosen: bool = False) -> list[str]:
     warnings = []
     end_s = info.start_s + info.seconds
@@ -761,11 +780,9 @@ def _header_warnings(info: ClipInfo, window_chosen: bool = False) -> list[str]:
         warnings.append(f"{info.path}: {info.duration_s:.2f} s is longer than the window: only "
                         f"{info.start_s:g}-{end_s:g} s is used (`bmfn localize` reads every window of a video; from "
                         "Python, decode_clip's start_s picks another)")
-    if info.variable_frame_rate:
-        warnings.append(f"{info.path}: variable frame rate: frames are picked by index at the average "
-                        f"{info.fps:.3f} fps, so their times are approximate")
     if info.video_streams > 1 or info.audio_streams > 1:
-        audio = "none" if info.audio_index is None else f"#{info.audio_index} ({info.audio_codec} {info.sample_rate} Hz)"
+        audio = "none" if info.audio_index is None else f"#{info.audio_index} ({info.audio_codec}" + (
+            f" {info.sample_rate} Hz)" if info.sample_rate else ")")
         warnings.append(f"{info.path}: {info.video_streams} video and {info.audio_streams} audio streams: using video "
                         f"#{info.video_index} ({info.video_codec} {info.width}x{info.height}) and audio {audio}")
     return warnings
@@ -790,10 +807,26 @@ def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warn
             out[info.segments:] = out[info.segments - 1, -1]
             return out
         warnings.append(f"{path}: video decoded on the CPU, not by nvcodec: {refusal}")
-    index, previous, first = _seek_index(container, stream, info), None, None
+    index, previous, first, by_time = _seek_index(container, stream, info), None, None, False
+    drift_limit = _drift_limit(info)
     try:
         for frame in container.decode(stream):
-            index = index + 1 if index is not None else _frame_index(frame, stream, info)
+            if index is None:
+                index = _frame_index(frame.pts, stream, info)
+            else:
+                shown = None if frame.pts is None else _frame_index(frame.pts, stream, info)
+                if shown is not None and not by_time and abs(shown - (index + 1)) > drift_limit:
+                    by_time = True
+                    warnings.append(f"{path}: a variable frame rate: at {float(shown / info.frame_rate):.2f} s "
+                                    f"the frames are {float(abs(shown - index - 1) / info.frame_rate):.2f} s off a steady "
+                                    f"{info.fps:.3f} fps, so from there on frames are picked by their times")
+                slot = max(shown, index) if by_time and shown is not None else index + 1
+                if slot > index + 1:  # a frame held on screen for several slots: they show it
+                    held = [spot for j in range(index + 1, slot) for spot in positions.pop(j, [])]
+                    image = _resize(previous) if held else None
+                    for segment, sample in held:
+                        out[segment, sample] = image
+                index = slot
             if first is None:
                 first = index, frame
             previous = frame
@@ -820,8 +853,8 @@ def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warn
                 out[segment, sample] = image
     if positions:
         decoded_s = float((index + 1) / info.frame_rate)
-        declared_s = (info.video_start_s + float(stream.duration * stream.time_base) if stream.duration
-                      else info.duration_s)  # where the video says it ends; the sound may go on after it
+        declared_s = _declared_end_s(path, container, stream, info.video_start_s, info.duration_s)  # the sound
+        # may go on after it
         cover = bool(stream.disposition & av.stream.Disposition.attached_pic)  # one picture for the whole file
         if (not cover and decoded_s < min(declared_s, info.start_s + info.segments) - TRUNCATION_TOLERANCE_S
                 and (stream.duration or _designed_end(path, container, stream.index) is None)):
@@ -875,6 +908,9 @@ def _nvcodec_frames(path, stream, info: ClipInfo, positions: dict[int, list[tupl
         return times
     if like.interlaced_frame:
         return "interlaced video"
+    drift_limit = _drift_limit(info)
+    if any(abs(_frame_index(pts, stream, info) - starts_at - count) > drift_limit for count, pts in enumerate(times)):
+        return "a variable frame rate (the CPU path picks its frames by their times)"
     pending, index, count = dict(positions), starts_at - 1, 0
     decoded = nvcodec.frames(str(path), device)
     try:
@@ -1092,9 +1128,15 @@ def _seek_index(container, stream, info: ClipInfo) -> int | None:
     return None
 
 
-def _frame_index(frame: av.VideoFrame, stream, info: ClipInfo) -> int:
-    """Frame index at the nominal rate on the clip's timeline from the presentation time, after a seek."""
-    seconds = (frame.pts - (stream.start_time or 0)) * stream.time_base + Fraction(info.video_start_s)
+def _drift_limit(info: ClipInfo) -> float:
+    """How many frames a frame's time may be off its count before the video counts as one of a variable rate."""
+    return max(1.0, VFR_DRIFT_S * info.frame_rate)
+
+
+def _frame_index(pts: int, stream, info: ClipInfo) -> int:
+    """Frame index at the nominal rate on the clip's timeline from a presentation time: where a seek lands, and in
+    a video of a variable rate."""
+    seconds = (pts - (stream.start_time or 0)) * stream.time_base + Fraction(info.video_start_s)
     return round(seconds * info.frame_rate)
 
 
@@ -1173,6 +1215,12 @@ def _upright(frame: av.VideoFrame, image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image) if filters else image
 
 
+def _channels(frame: av.AudioFrame) -> np.ndarray:
+    """A packed s16 frame's samples as [channels, samples]. Packed, not planar: PyAV 18 gives a planar frame of 8
+    channels a ninth plane, and its to_ndarray() then crashes the process."""
+    return frame.to_ndarray().reshape(-1, len(frame.layout.channels)).T
+
+
 def _decode_audio(path, container, info: ClipInfo, warnings: list[str] | None = None) -> np.ndarray:
     """features-reference.md 2.1: native rate and layout quantised to s16, / 32768, channel mean, resampy's kaiser_best
     to 16 kHz (bmfn_pipeline.resample).
@@ -1181,7 +1229,7 @@ def _decode_audio(path, container, info: ClipInfo, warnings: list[str] | None = 
     `seconds` long from its start this is the whole clip, as for the released features.
     """
     stream = next(s for s in container.streams.audio if s.index == info.audio_index)
-    rate = info.sample_rate
+    rate = None  # the first frame's: a header may say 0 Hz (MPEG-TS's MP2 before its first packet is read)
     begin_s = max(0.0, info.start_s - AUDIO_MARGIN_S)
     end_s = info.start_s + info.seconds + AUDIO_MARGIN_S
     # Times below are on the clip's timeline, where the audio stream starts at info.audio_start_s.
@@ -1191,20 +1239,26 @@ def _decode_audio(path, container, info: ClipInfo, warnings: list[str] | None = 
     # whole clip (features-reference.md 2.1; up to 0.036 at 16 kHz on an AVE clip). The container is fresh here.
     if begin_s > info.audio_start_s:
         container.seek(int((Fraction(begin_s) + stream_start) / stream.time_base), stream=stream, backward=True)
-    chunks, first_s, resampler, decoded = [], None, None, 0
+    chunks, first_s, resampler, layout, source, decoded = [], None, None, None, None, 0
     try:
         for frame in container.decode(stream):
             if resampler is None:
-                # format conversion only: native rate and layout, as ffmpeg writing a 16-bit wav would
-                resampler = av.AudioResampler(format="s16p", layout=frame.layout.name, rate=frame.sample_rate)
+                rate, layout = frame.sample_rate, frame.layout.name
                 first_s = float(frame.pts * stream.time_base - stream_start) if frame.pts is not None else 0.0
+            if (frame.format.name, frame.layout.name, frame.sample_rate) != source:
+                # Format conversion only: the first frame's rate and layout, as ffmpeg writing a 16-bit wav would;
+                # a track whose rate or layout changes (joined recordings) is converted to them from there on.
+                if resampler is not None:
+                    chunks.extend(_channels(f) for f in resampler.resample(None))
+                resampler = av.AudioResampler(format="s16", layout=layout, rate=rate)
+                source = frame.format.name, frame.layout.name, frame.sample_rate
             for converted in resampler.resample(frame):
-                chunks.append(converted.to_ndarray())
+                chunks.append(_channels(converted))
                 decoded += converted.samples
             if first_s + decoded / rate >= end_s:
                 break
         if resampler is not None:
-            chunks.extend(f.to_ndarray() for f in resampler.resample(None))
+            chunks.extend(_channels(f) for f in resampler.resample(None))
     except av.error.FFmpegError as exc:
         raise BmfnError(f"{path}: corrupt or truncated audio ({_reason(exc)})") from None
     if not chunks:  # a window after the sound has ended (Matroska's seek lands past its last packet), or a bad file
@@ -1216,8 +1270,7 @@ def _decode_audio(path, container, info: ClipInfo, warnings: list[str] | None = 
         return np.zeros(info.seconds * SAMPLE_RATE, np.float32)
     samples = np.concatenate(chunks, axis=1)
     decoded_end_s = first_s + samples.shape[1] / rate
-    declared_s = (info.audio_start_s + float(stream.duration * stream.time_base) if stream.duration
-                  else info.duration_s)
+    declared_s = _declared_end_s(path, container, stream, info.audio_start_s, info.duration_s)
     if (decoded_end_s < min(declared_s, end_s) - TRUNCATION_TOLERANCE_S
             and (stream.duration or _designed_end(path, container, stream.index) is None)):
         raise BmfnError(f"{path}: truncated or corrupt: audio stops at {decoded_end_s:.2f} s of {declared_s:.2f} s")

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -101,6 +102,106 @@ def test_six_channel_audio_is_the_mean_of_s16_channels(video_dir):
     np.testing.assert_allclose(decoded.audio[:n], expected[:n], atol=1e-4)
     front_left = resample(s16[0], 48000, SAMPLE_RATE)[:n]
     assert np.abs(decoded.audio[:n] - front_left).max() > 1e-2
+
+
+def _write_sound(path: Path, rate: int, layout: str, codec: str, seconds: float = 10, container_format=None) -> Path:
+    """`seconds` of 25 fps MPEG-2 video and of a 440 Hz tone whose channel c has amplitude 0.05 (c + 1) (as s16)."""
+    with av.open(str(path), "w", format=container_format) as out:
+        video = out.add_stream("mpeg2video", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        sound = out.add_stream(codec, rate=rate, layout=layout)
+        for i in range(round(25 * seconds)):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i % 256, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            out.mux(video.encode(frame))
+        out.mux(video.encode())
+        channels = len(av.AudioLayout(layout).channels)
+        t = np.arange(round(rate * seconds)) / rate
+        tone = np.round(0.05 * np.arange(1, channels + 1) * np.sin(2 * np.pi * 440 * t)[:, None] * 32768)
+        for at in range(0, len(t), 1152):  # packed frames: PyAV 18 crashes on planar frames of 8 channels
+            frame = av.AudioFrame.from_ndarray(tone[at:at + 1152].astype(np.int16).reshape(1, -1), format="s16",
+                                               layout=layout)
+            frame.sample_rate, frame.time_base, frame.pts = rate, Fraction(1, rate), at
+            out.mux(sound.encode(frame))
+        out.mux(sound.encode())
+    return path
+
+
+def test_eight_channel_sound_is_the_mean_of_its_channels(tmp_path):
+    """7.1 sound (planar 8-channel frames crash PyAV 18's to_ndarray, and with it the process)."""
+    path = _write_sound(tmp_path / "surround.mkv", 48000, "7.1", "pcm_s16le")
+    decoded = decode_clip(path, frames_per_second=1)
+    t = np.arange(10 * 48000) / 48000
+    mean = np.round(0.05 * np.arange(1, 9)[:, None] * np.sin(2 * np.pi * 440 * t) * 32768).mean(axis=0) / 32768
+    np.testing.assert_allclose(decoded.audio, resample(mean, 48000, SAMPLE_RATE)[:10 * SAMPLE_RATE], atol=1e-4)
+
+
+def test_an_mpeg_ts_sound_whose_header_gives_no_rate_is_read_at_its_frames_rate(tmp_path):
+    """MP2 in MPEG-TS, muxed after the video: FFmpeg's header reading stops before its first packet and gives
+    0 Hz; the frames give the rate."""
+    path = _write_sound(tmp_path / "broadcast.ts", 48000, "mono", "mp2", seconds=30, container_format="mpegts")
+    info = probe(path)
+    assert info.sample_rate is None and info.channels is None
+    decoded = decode_clip(path, frames_per_second=1)
+    loud = np.abs(decoded.audio.reshape(10, SAMPLE_RATE)).mean(axis=1)
+    np.testing.assert_allclose(loud, 0.05 * 2 / np.pi, rtol=0.05)
+
+
+def test_a_sound_whose_rate_and_layout_change_midway_is_read_in_its_first(tmp_path):
+    """Two recordings joined into one MPEG-TS: 44.1 kHz stereo, then 48 kHz mono, converted to the first format
+    (as ffmpeg writing one wav does: the mono channel is spread over both at -3 dB)."""
+    path = tmp_path / "joined.ts"
+    first, second = (_write_sound(tmp_path / f"{n}.ts", rate, layout, "aac", seconds=5, container_format="mpegts")
+                     for n, rate, layout in (("a", 44100, "stereo"), ("b", 48000, "mono")))
+    path.write_bytes(first.read_bytes() + second.read_bytes())
+    decoded = decode_clip(path, frames_per_second=1, allow_silent=True)
+    loud = np.abs(decoded.audio.reshape(10, SAMPLE_RATE)).mean(axis=1)
+    np.testing.assert_allclose(loud[:4], 0.075 * 2 / np.pi, rtol=0.05)  # the mean of 0.05 and 0.1
+    np.testing.assert_allclose(loud[6:], 0.05 * 2 / np.pi / np.sqrt(2), rtol=0.05)
+
+
+@pytest.mark.parametrize("suffix", ["mp4", "mkv"])  # MP4's header shows the variable rate; Matroska's does not
+def test_a_variable_frame_rate_video_shows_each_second_its_own_frames(tmp_path, suffix):
+    """5 s at 30 fps, then 5 s at 5 fps (frame k's number in the greys of its halves): each sample is the frame on
+    screen at its index's time (counting frames would show seconds 5-9 frames from 10 s and later, i.e. the last
+    one)."""
+    times = [k / 30 for k in range(150)] + [5 + k / 5 for k in range(25)]
+    path = tmp_path / f"vfr.{suffix}"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=30)
+        stream.width, stream.height, stream.pix_fmt, stream.time_base = 64, 48, "yuv420p", Fraction(1, 1000)
+        for k, t in enumerate(times):
+            image = np.repeat(np.array([k // 16, k % 16], np.uint8) * 16 + 8, 32)[None, :, None].repeat(48, 0)
+            frame = av.VideoFrame.from_ndarray(image.repeat(3, 2), format="rgb24")
+            frame.pts, frame.time_base = round(1000 * t), Fraction(1, 1000)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    for start in (0.0, 4.0):  # from the start (frames counted until they drift), and a window (found by a seek)
+        clip = decode_clip(path, frames_per_second=4, allow_silent=True, start_s=start, seconds=10 - int(start),
+                           wall_clock=bool(start))
+        assert any("variable frame rate" in w for w in clip.warnings), clip.warnings
+        for segment in range(clip.info.segments):
+            wanted = segment_frame_indices(clip.info, segment, frames_per_second=4)
+            for sample, index in enumerate(wanted):
+                high, low = (round((clip.frames[segment, sample, :, half, 0].mean() - 8) / 16)
+                             for half in (slice(0, 100), slice(124, 224)))
+                shown = times[16 * high + low]
+                assert abs(shown - index / clip.info.frame_rate) <= 0.2 + 1 / clip.info.frame_rate, (
+                    start, segment, sample, shown)
+
+
+def test_a_matroska_streams_duration_is_where_it_ends_on_the_files_timeline(tmp_path):
+    """FFmpeg's Matroska gives a long stream a duration, which (as the file's) is where the stream ends on the
+    file's timeline: 20 s from 1 s say 21 s. Read as a length it made the last window's sound 'truncated'; a file
+    cut short is still refused."""
+    path = _write_av_clip(tmp_path / "late.mkv", video_start=1.0, audio_start=1.0, video_frames=500, audio_seconds=20)
+    with av.open(str(path)) as container:
+        assert float(container.streams.audio[0].duration * container.streams.audio[0].time_base) > 21
+    window = decode_clip(path, frames_per_second=1, seconds=10, start_s=10.0, wall_clock=True)
+    assert not window.warnings and np.abs(window.audio).mean() > 0.1
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(path.read_bytes()[:path.stat().st_size * 7 // 10])
+    assert "truncated or corrupt" in _error(cut, seconds=10, start_s=10.0, wall_clock=True)
 
 
 def test_audio_of_a_clip_from_its_start_is_the_whole_streams_decode(video_dir):
