@@ -656,13 +656,16 @@ def _open(path: str | os.PathLike, hwaccel: HWAccel | None = None) -> av.contain
     if file.is_dir():
         raise BmfnError(f"{path}: a folder, not a video file")
     if not file.is_file():
-        raise BmfnError(f"{path}: no such file")
+        raise BmfnError(f"{path}: " + ("a link to nothing (or a loop of links)" if file.is_symlink() and not
+                                       file.exists() else "not a regular file" if file.exists() else "no such file"))
     if file.stat().st_size == 0:
         raise BmfnError(f"{path}: empty file")
     try:
         return av.open(str(file), hwaccel=hwaccel)
     except av.error.EOFError:
         raise BmfnError(f"{path}: no media data (zero duration)") from None
+    except av.error.PermissionError as exc:
+        raise BmfnError(f"{path}: cannot read it ({_reason(exc)})") from None
     except av.error.FFmpegError as exc:
         raise BmfnError(f"{path}: not a media file, or truncated or corrupt ({_reason(exc)})") from None
 
@@ -1124,7 +1127,10 @@ def _seek_index(container, stream, info: ClipInfo) -> int | None:
         return round(Fraction(info.video_start_s) * info.frame_rate) - 1
     within = max(Fraction(0), Fraction(info.start_s) - Fraction(info.video_start_s))  # time into the video stream
     target = int((within + (stream.start_time or 0) * stream.time_base) / stream.time_base)
-    container.seek(target, stream=stream, backward=True, any_frame=False)
+    try:
+        container.seek(target, stream=stream, backward=True, any_frame=False)
+    except av.error.FFmpegError as exc:  # e.g. a Matroska video whose packets have no times
+        raise BmfnError(f"{info.path}: cannot seek to {info.start_s:g} s ({_reason(exc)})") from None
     return None
 
 
@@ -1238,7 +1244,10 @@ def _decode_audio(path, container, info: ClipInfo, warnings: list[str] | None = 
     # which a seek to 0 s skips, and the decoder's state, hence every later sample, would differ from decoding the
     # whole clip (features-reference.md 2.1; up to 0.036 at 16 kHz on an AVE clip). The container is fresh here.
     if begin_s > info.audio_start_s:
-        container.seek(int((Fraction(begin_s) + stream_start) / stream.time_base), stream=stream, backward=True)
+        try:
+            container.seek(int((Fraction(begin_s) + stream_start) / stream.time_base), stream=stream, backward=True)
+        except av.error.FFmpegError as exc:
+            raise BmfnError(f"{path}: cannot seek to {begin_s:g} s in its sound ({_reason(exc)})") from None
     chunks, first_s, resampler, layout, source, decoded = [], None, None, None, None, 0
     try:
         for frame in container.decode(stream):
@@ -1275,6 +1284,9 @@ def _decode_audio(path, container, info: ClipInfo, warnings: list[str] | None = 
             and (stream.duration or _designed_end(path, container, stream.index) is None)):
         raise BmfnError(f"{path}: truncated or corrupt: audio stops at {decoded_end_s:.2f} s of {declared_s:.2f} s")
     content_end_s = min(info.duration_s, info.start_s + info.segments)
+    if warnings is not None and info.audio_start_s > info.start_s:
+        warnings.append(f"{path}: the sound starts {info.audio_start_s:.2f} s after the video: the seconds before "
+                        "are silent")
     if warnings is not None and decoded_end_s < content_end_s - TRUNCATION_TOLERANCE_S:
         warnings.append(f"{path}: the sound ends at {decoded_end_s:.2f} s: the seconds after are silent")
     mono = (samples / INT16_SCALE).mean(axis=0)

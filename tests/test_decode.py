@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import mmap
 import multiprocessing
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -294,8 +296,14 @@ def test_video_without_audio_fails_unless_silence_is_asked_for(tmp_path):
     np.testing.assert_allclose(decoded.frames[:2, :, 0, 0, 0], [[0, 50], [100, 150]], atol=4)
 
 
-def test_broken_files_fail_with_one_line_naming_the_file(tmp_path, video_dir):
+def test_broken_files_fail_with_one_line_naming_the_file(tmp_path, video_dir, monkeypatch):
     assert "no such file" in _error(tmp_path / "missing.mp4")
+    (tmp_path / "loop.mp4").symlink_to(tmp_path / "loop.mp4")
+    (tmp_path / "dangling.mp4").symlink_to(tmp_path / "gone.mp4")
+    assert all("a link to nothing (or a loop of links)" in _error(tmp_path / name) for name in ("loop.mp4",
+                                                                                                "dangling.mp4"))
+    os.mkfifo(tmp_path / "pipe.mp4")
+    assert "not a regular file" in _error(tmp_path / "pipe.mp4")
     (tmp_path / "empty.mp4").write_bytes(b"")
     assert "empty" in _error(tmp_path / "empty.mp4")
     (tmp_path / "text.mp4").write_text("not a video\n" * 50)
@@ -307,6 +315,26 @@ def test_broken_files_fail_with_one_line_naming_the_file(tmp_path, video_dir):
     data = (video_dir / "moviepy_big_buck_bunny_0_30.webm").read_bytes()  # streamable: stops part-way
     (tmp_path / "cut.webm").write_bytes(data[: len(data) * 3 // 10])
     assert "truncated" in _error(tmp_path / "cut.webm")
+
+
+def test_a_file_that_cannot_be_read_or_sought_says_so(tmp_path, video_dir, monkeypatch):
+    """Root reads past file modes, so FFmpeg's refusals are raised here as it raises them."""
+    clip = video_dir / "ave_16eUxQwxxbs.mp4"
+
+    class Unseekable:
+        def seek(self, *args, **kwargs):  # as FFmpeg's Matroska demuxer refuses a video whose packets have no times
+            raise av.error.PermissionError(errno.EPERM, "Operation not permitted")
+
+    with av.open(str(clip)) as container:
+        info = probe(clip)
+        with pytest.raises(BmfnError, match=r"ave_16eUxQwxxbs.mp4: cannot seek to 4 s \(Operation not permitted\)"):
+            decode._seek_index(Unseekable(), container.streams.video[0], dataclasses.replace(info, start_s=4.0))
+
+    def unreadable(*args, **kwargs):
+        raise av.error.PermissionError(errno.EACCES, "Permission denied", str(clip))
+
+    monkeypatch.setattr(av, "open", unreadable)
+    assert _error(clip).endswith("ave_16eUxQwxxbs.mp4: cannot read it (Permission denied)")
 
 
 def test_zero_duration_fails(tmp_path):
@@ -460,6 +488,8 @@ def test_streams_starting_seconds_apart_are_read_on_one_timeline(tmp_path, late,
     loud = [float(np.abs(clip.audio[s * SAMPLE_RATE:(s + 1) * SAMPLE_RATE]).mean()) > 0.1 for s in range(5)]
     assert loud == [starts["audio"] <= s < starts["audio"] + 3 for s in range(5)]
     assert any("after the sound" in w for w in clip.warnings) == (late == "video")
+    late_sound = [w for w in clip.warnings if re.search(r"the sound starts (1.94|2.00) s after the video", w)]
+    assert bool(late_sound) == (late == "audio")  # MP4 moves the sound 1024 samples earlier, for AAC's priming
     assert any("the sound ends at 3.0" in w for w in clip.warnings) == (late == "video")  # 0-3 s of a 5 s clip
     window = decode_clip(path, frames_per_second=2, allow_silent=True, seconds=3, start_s=1.0, wall_clock=True)
     np.testing.assert_array_equal(window.frames, clip.frames[1:4])  # a window of a longer video: the same timeline
