@@ -12,9 +12,8 @@ Two frame-index rules (documented choice):
   a 30 s clip into ten 3 s "segments" would not give per-second labels, so longer clips are cut (decode later windows
   with `start_s`) and shorter ones padded.
 For integer frame rates the two rules give the same indices on a clip of exactly `seconds` seconds. Frame i is the
-i-th frame decoded, as a frame-counting reader (the released features') takes it, while the frames' times keep
-within VFR_DRIFT_S of i / fps; in a video whose rate varies more, frame i is from there on the one on screen at
-i / fps.
+i-th frame decoded, as a frame-counting reader (the released features') takes it, where the frames' times keep
+within VFR_DRIFT_S of i / fps; in a video whose rate varies more, frame i is the one on screen at i / fps.
 
 Segments that exist: a trailing part second counts as a segment when it is at least half a second long, so a 5.31 s
 clip has 5 segments, a 1 s clip 1, a 9.64 s clip 10 (never fewer than 1). Segments beyond the end repeat the last frame
@@ -810,26 +809,35 @@ def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warn
             out[info.segments:] = out[info.segments - 1, -1]
             return out
         warnings.append(f"{path}: video decoded on the CPU, not by nvcodec: {refusal}")
-    index, previous, first, by_time = _seek_index(container, stream, info), None, None, False
-    drift_limit = _drift_limit(info)
+    drift = _frame_time_drift(path, stream, info)
+    by_time = drift > _drift_limit(info)  # a variable frame rate: frames picked by their times (module docstring)
+    if by_time:
+        warnings.append(f"{path}: a variable frame rate (its frames' times stray up to {drift / info.fps:.2f} s "
+                        f"from a steady {info.fps:.3f} fps): frames are picked by their times")
+    index, previous, first = _seek_index(container, stream, info), None, None
     try:
         for frame in container.decode(stream):
-            if index is None:
-                index = _frame_index(frame.pts, stream, info)
-            else:
-                shown = None if frame.pts is None else _frame_index(frame.pts, stream, info)
-                if shown is not None and not by_time and abs(shown - (index + 1)) > drift_limit:
-                    by_time = True
-                    warnings.append(f"{path}: a variable frame rate: at {float(shown / info.frame_rate):.2f} s "
-                                    f"the frames are {float(abs(shown - index - 1) / info.frame_rate):.2f} s off a steady "
-                                    f"{info.fps:.3f} fps, so from there on frames are picked by their times")
-                slot = max(shown, index) if by_time and shown is not None else index + 1
-                if slot > index + 1:  # a frame held on screen for several slots: they show it
+            if by_time and (frame.pts is None or previous is not None and frame.pts <= previous.pts):
+                by_time = False  # times that go back (files joined, each from 0) are no timeline: count from here
+            if previous is None and index is not None and frame.pts is not None:
+                # A recording cut mid-GOP: the pictures before its first keyframe are dropped, so its first frame
+                # comes seconds after its stream's start, and is counted from its time.
+                timed = _frame_index(frame.pts, stream, info)
+                if timed - (index + 1) > _drift_limit(info):
+                    index = timed - 1
+            if index is None or by_time:
+                slot = _frame_index(frame.pts, stream, info)
+                if previous is not None and slot <= index:  # within the slot of the frame before: later on screen
+                    previous = frame
+                    continue
+                if previous is not None:  # the frame before stayed on screen for the slots in between
                     held = [spot for j in range(index + 1, slot) for spot in positions.pop(j, [])]
                     image = _resize(previous) if held else None
                     for segment, sample in held:
                         out[segment, sample] = image
                 index = slot
+            else:
+                index += 1
             if first is None:
                 first = index, frame
             previous = frame
@@ -856,14 +864,22 @@ def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warn
                 out[segment, sample] = image
     if positions:
         decoded_s = float((index + 1) / info.frame_rate)
+        if by_time and previous.pts is not None and previous.duration:  # a last frame held for seconds
+            decoded_s = max(decoded_s, _frame_seconds(previous.pts + previous.duration, stream, info))
         declared_s = _declared_end_s(path, container, stream, info.video_start_s, info.duration_s)  # the sound
         # may go on after it
         cover = bool(stream.disposition & av.stream.Disposition.attached_pic)  # one picture for the whole file
         if (not cover and decoded_s < min(declared_s, info.start_s + info.segments) - TRUNCATION_TOLERANCE_S
                 and (stream.duration or _designed_end(path, container, stream.index) is None)):
             raise BmfnError(f"{path}: truncated or corrupt: video stops at {decoded_s:.2f} s of {declared_s:.2f} s")
-        warnings.append(f"{path}: a cover picture, shown throughout" if cover else
-                        f"{path}: frame {wanted_max} wanted but only {index + 1} frames decode: the last is repeated")
+        if cover:
+            warnings.append(f"{path}: a cover picture, shown throughout")
+        elif not by_time:
+            warnings.append(f"{path}: frame {wanted_max} wanted but only {index + 1} frames decode: the last is "
+                            "repeated")
+        elif wanted_max / info.frame_rate >= decoded_s + TRUNCATION_TOLERANCE_S:
+            warnings.append(f"{path}: frames are wanted until {float(wanted_max / info.frame_rate):.2f} s and the "
+                            f"video ends at {decoded_s:.2f} s: its last frame is repeated")
         last = _resize(previous)
         for spots in positions.values():
             for segment, sample in spots:
@@ -911,8 +927,7 @@ def _nvcodec_frames(path, stream, info: ClipInfo, positions: dict[int, list[tupl
         return times
     if like.interlaced_frame:
         return "interlaced video"
-    drift_limit = _drift_limit(info)
-    if any(abs(_frame_index(pts, stream, info) - starts_at - count) > drift_limit for count, pts in enumerate(times)):
+    if _frame_time_drift(path, stream, info) > _drift_limit(info):
         return "a variable frame rate (the CPU path picks its frames by their times)"
     pending, index, count = dict(positions), starts_at - 1, 0
     decoded = nvcodec.frames(str(path), device)
@@ -1001,10 +1016,10 @@ def _designed_end(path, container, stream_index: int) -> Fraction | None:
     return own if (reaches or captioned) and _per_file(_matroska_intact, path) else None
 
 
-def _per_file(read: Callable[[str, int, int], _T], path) -> _T:
-    """read(path, size, mtime_ns): a per-file cache's key, so that a changed file is read again."""
+def _per_file(read: Callable[..., _T], path, *args) -> _T:
+    """read(path, size, mtime_ns, *args): a per-file cache's key, so that a changed file is read again."""
     stat = os.stat(path)
-    return read(os.fspath(path), stat.st_size, stat.st_mtime_ns)
+    return read(os.fspath(path), stat.st_size, stat.st_mtime_ns, *args)
 
 
 @functools.lru_cache(maxsize=4)
@@ -1139,11 +1154,39 @@ def _drift_limit(info: ClipInfo) -> float:
     return max(1.0, VFR_DRIFT_S * info.frame_rate)
 
 
+def _frame_time_drift(path, stream, info: ClipInfo) -> float:
+    """The most, in frames at the nominal rate, that a video frame's presentation time strays from its count (from
+    the first frame's): its packets' times, sorted (frames come out of a decoder in that order; files without
+    presentation times, such as AVI, give their packets' decoding order, which is steady)."""
+    times = _per_file(_video_packet_times, path, stream.index)
+    if len(times) < 2:
+        return 0.0
+    offsets = (times - times[0]) * stream.time_base.numerator / stream.time_base.denominator * float(info.frame_rate)
+    return float(np.abs(offsets - np.arange(len(times))).max())
+
+
+@functools.lru_cache(maxsize=4)
+def _video_packet_times(path: str, size: int, mtime_ns: int, stream_index: int) -> np.ndarray:
+    """A video stream's packet presentation times, sorted (int64, its time base), demuxing the whole file without
+    decoding: once per file, not once per window of a long video."""
+    try:
+        with _open(path) as container:
+            stream = next(s for s in container.streams.video if s.index == stream_index)
+            times = [packet.pts for packet in container.demux(stream) if packet.pts is not None and packet.size]
+    except (av.error.FFmpegError, BmfnError):
+        return np.zeros(0, np.int64)
+    return np.sort(np.array(times, np.int64))
+
+
+def _frame_seconds(pts: int, stream, info: ClipInfo) -> Fraction:
+    """A presentation time as seconds on the clip's timeline."""
+    return (pts - (stream.start_time or 0)) * stream.time_base + Fraction(info.video_start_s)
+
+
 def _frame_index(pts: int, stream, info: ClipInfo) -> int:
     """Frame index at the nominal rate on the clip's timeline from a presentation time: where a seek lands, and in
     a video of a variable rate."""
-    seconds = (pts - (stream.start_time or 0)) * stream.time_base + Fraction(info.video_start_s)
-    return round(seconds * info.frame_rate)
+    return round(_frame_seconds(pts, stream, info) * info.frame_rate)
 
 
 def _resize(frame: av.VideoFrame, shown_as: av.VideoFrame | None = None) -> np.ndarray:
@@ -1221,10 +1264,10 @@ def _upright(frame: av.VideoFrame, image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image) if filters else image
 
 
-def _channels(frame: av.AudioFrame) -> np.ndarray:
-    """A packed s16 frame's samples as [channels, samples]. Packed, not planar: PyAV 18 gives a planar frame of 8
-    channels a ninth plane, and its to_ndarray() then crashes the process."""
-    return frame.to_ndarray().reshape(-1, len(frame.layout.channels)).T
+def _channel_mean(frame: av.AudioFrame) -> np.ndarray:
+    """A packed s16 frame's channel mean, [samples] in [-1, 1]. Packed, not planar: PyAV 18 gives a planar frame of
+    8 channels a ninth plane, and its to_ndarray() then crashes the process."""
+    return (frame.to_ndarray().reshape(-1, len(frame.layout.channels)) / INT16_SCALE).mean(axis=1)
 
 
 def _decode_audio(path, container, info: ClipInfo, warnings: list[str] | None = None) -> np.ndarray:
@@ -1248,26 +1291,27 @@ def _decode_audio(path, container, info: ClipInfo, warnings: list[str] | None = 
             container.seek(int((Fraction(begin_s) + stream_start) / stream.time_base), stream=stream, backward=True)
         except av.error.FFmpegError as exc:
             raise BmfnError(f"{path}: cannot seek to {begin_s:g} s in its sound ({_reason(exc)})") from None
-    chunks, first_s, resampler, layout, source, decoded = [], None, None, None, None, 0
+    chunks, first_s, resampler, source, decoded = [], None, None, None, 0
     try:
         for frame in container.decode(stream):
             if resampler is None:
-                rate, layout = frame.sample_rate, frame.layout.name
+                rate = frame.sample_rate
                 first_s = float(frame.pts * stream.time_base - stream_start) if frame.pts is not None else 0.0
             if (frame.format.name, frame.layout.name, frame.sample_rate) != source:
-                # Format conversion only: the first frame's rate and layout, as ffmpeg writing a 16-bit wav would;
-                # a track whose rate or layout changes (joined recordings) is converted to them from there on.
+                # Format conversion only, at the first frame's rate, as ffmpeg writing a 16-bit wav would. A track
+                # whose rate or layout changes (joined recordings) is converted to that rate from there on, each
+                # part averaged over its own channels.
                 if resampler is not None:
-                    chunks.extend(_channels(f) for f in resampler.resample(None))
-                resampler = av.AudioResampler(format="s16", layout=layout, rate=rate)
+                    chunks.extend(_channel_mean(f) for f in resampler.resample(None))
+                resampler = av.AudioResampler(format="s16", layout=frame.layout.name, rate=rate)
                 source = frame.format.name, frame.layout.name, frame.sample_rate
             for converted in resampler.resample(frame):
-                chunks.append(_channels(converted))
+                chunks.append(_channel_mean(converted))
                 decoded += converted.samples
             if first_s + decoded / rate >= end_s:
                 break
         if resampler is not None:
-            chunks.extend(_channels(f) for f in resampler.resample(None))
+            chunks.extend(_channel_mean(f) for f in resampler.resample(None))
     except av.error.FFmpegError as exc:
         raise BmfnError(f"{path}: corrupt or truncated audio ({_reason(exc)})") from None
     if not chunks:  # a window after the sound has ended (Matroska's seek lands past its last packet), or a bad file
@@ -1277,8 +1321,8 @@ def _decode_audio(path, container, info: ClipInfo, warnings: list[str] | None = 
         if warnings is not None:
             warnings.append(f"{path}: the sound ends at {float(end - stream_start):.2f} s: the seconds after are silent")
         return np.zeros(info.seconds * SAMPLE_RATE, np.float32)
-    samples = np.concatenate(chunks, axis=1)
-    decoded_end_s = first_s + samples.shape[1] / rate
+    mono = np.concatenate(chunks)
+    decoded_end_s = first_s + mono.shape[0] / rate
     declared_s = _declared_end_s(path, container, stream, info.audio_start_s, info.duration_s)
     if (decoded_end_s < min(declared_s, end_s) - TRUNCATION_TOLERANCE_S
             and (stream.duration or _designed_end(path, container, stream.index) is None)):
@@ -1289,7 +1333,6 @@ def _decode_audio(path, container, info: ClipInfo, warnings: list[str] | None = 
                         "are silent")
     if warnings is not None and decoded_end_s < content_end_s - TRUNCATION_TOLERANCE_S:
         warnings.append(f"{path}: the sound ends at {decoded_end_s:.2f} s: the seconds after are silent")
-    mono = (samples / INT16_SCALE).mean(axis=0)
     if rate != SAMPLE_RATE:
         mono = resample(mono, rate, SAMPLE_RATE)
     offset = round((info.start_s - first_s) * SAMPLE_RATE)
