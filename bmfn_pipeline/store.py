@@ -313,8 +313,9 @@ class FeatureStore:
             self._take_shared_lock()
         if not self.readonly:
             self._take_lock()
-            for stale in [*self.parts_dir.glob("*.tmp"), *self.path.parent.glob(f"{glob.escape(self.path.name)}.tmp-*")]:
+            for stale in self.parts_dir.glob("*.tmp"):
                 stale.unlink(missing_ok=True)
+            remove_dead_temporaries(self.path)  # a killed consolidation's or merge's
         if not self.path.exists():
             if any(self.parts_dir.glob("*.h5")):
                 raise BmfnError(f"{self.parts_dir}: journal of a feature store whose file is gone; "
@@ -620,7 +621,7 @@ class FeatureStore:
         return str(part.attrs["precision"]) if "precision" in part.attrs else self.provenance.get("precision")
 
     def _write_main(self) -> None:
-        """Write main file + parts to ``<out>.tmp-<pid>``, fsync, and swap it in."""
+        """Write main file + parts to a temporary file beside it, fsync, and swap it in."""
         keep = [(cid, i) for cid, i in self._main_index.items() if cid not in self._parts]
         new = list(self._parts.items())
         ids = [cid for cid, _ in keep] + [cid for cid, _ in new]
@@ -640,11 +641,12 @@ class FeatureStore:
                                     "to extract that clip again") from None
             return paths, notes, precisions
 
-        tmp = _write_store(self.path, self.provenance, self.dtype, ids, fill, self._labels, self.failures())
-        if self._main is not None:
-            self._main.close()  # Windows cannot replace an open file
-            self._main = None
-        os.replace(tmp, self.path)
+        with locked_temporary(self.path) as tmp:
+            _write_store(tmp, self.path, self.provenance, self.dtype, ids, fill, self._labels, self.failures())
+            if self._main is not None:
+                self._main.close()  # Windows cannot replace an open file
+                self._main = None
+            os.replace(tmp, self.path)
         _fsync(self.path.parent)
 
     # -- closing -----------------------------------------------------------------------------------
@@ -722,18 +724,17 @@ def locked_by_another(lock_file: Path) -> bool:
         os.close(fd)  # releases the shared lock, if taken
 
 
-def _write_store(path: Path, provenance: Mapping, dtype: np.dtype, ids: list[str], fill,
-                 labels: Mapping[str, ClipLabels], failed: Mapping[str, tuple[str, str]]) -> Path:
-    """Write the consolidated layout (module docstring) to ``<path>.tmp-<pid>`` and fsync it; the caller swaps it in.
+def _write_store(tmp: Path, path: Path, provenance: Mapping, dtype: np.dtype, ids: list[str], fill,
+                 labels: Mapping[str, ClipLabels], failed: Mapping[str, tuple[str, str]]) -> None:
+    """Write the consolidated layout (module docstring) of the store `path` to `tmp` (its locked_temporary) and
+    fsync it; the caller swaps it in.
 
     ``fill(visual, audio)`` writes the feature rows of ``ids`` and returns their paths, warnings (JSON) and the
     precisions they were made in, which replace ``provenance``'s where any is known.
     """
     n = len(ids)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     with failed_writes(path, tmp, hdf5=True):
-        with h5py.File(tmp, "w") as out:
+        with h5py.File(tmp, "w", locking=False) as out:
             out.attrs["format_version"] = FORMAT_VERSION
             # maxshape: HDF5 refuses chunks larger than an empty store's shape unless the first axis may grow.
             visual, audio = (out.create_dataset(name, (n, *shape), dtype, chunks=(1, *shape), maxshape=(None, *shape))
@@ -755,7 +756,6 @@ def _write_store(path: Path, provenance: Mapping, dtype: np.dtype, ids: list[str
             group.create_dataset("paths", data=[p for p, _ in failed.values()], dtype=_STR)
             group.create_dataset("errors", data=[e for _, e in failed.values()], dtype=_STR)
         _fsync(tmp)
-    return tmp
 
 
 @contextlib.contextmanager
@@ -791,7 +791,8 @@ def _copy_rows(src: h5py.File, rows: list[int], visual: h5py.Dataset, audio: h5p
 
 
 def remove_dead_temporaries(path: Path) -> None:
-    """Remove the ``<path>.tmp-*`` files of writers (an export, a float16 feature cache) killed while writing them.
+    """Remove the ``<path>.tmp-*`` files of writers (a consolidation, a merge, an export, a float16 feature cache)
+    killed while writing them.
 
     A running writer holds a lock on its own (``locked_temporary``), which the kernel drops when the process dies: a
     file whose lock is held stays, whichever machine or container writes it (a process id could not tell: another
@@ -1063,12 +1064,15 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
                     paths.append(info["path"])
             return paths, notes, precisions
 
-        tmp = _write_store(out, first.provenance, first.dtype, ids, fill, labels, failed)
-        for store in stores:  # Windows cannot replace an open file; the locks are held until the swap is done
-            if store._main is not None:
-                store._main.close()
-                store._main = None
-        os.replace(tmp, out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temporaries(out)  # a killed merge's
+        with locked_temporary(out) as tmp:
+            _write_store(tmp, out, first.provenance, first.dtype, ids, fill, labels, failed)
+            for store in stores:  # Windows cannot replace an open file; the locks are held until the swap is done
+                if store._main is not None:
+                    store._main.close()
+                    store._main = None
+            os.replace(tmp, out)
         _fsync(out.parent)
     return MergeSummary(out, len(ids), {str(store.path): len(store_ids) for store, store_ids in taken}, identical,
                         len(failed))

@@ -589,6 +589,29 @@ def test_merge_reads_its_inputs_without_writing_to_them(tmp_path, monkeypatch):
     assert summary.clips == 2 and sorted(shards.iterdir()) == paths
 
 
+def test_merge_removes_what_a_killed_merge_left(tmp_path):
+    """A merge killed while writing leaves its temporary file, as large as the merged store: the next merge into
+    the same file (or a writer of it) removes it, but not one a running merge holds locked."""
+    with FeatureStore.open(tmp_path / "a.h5", PROVENANCE) as store:
+        store.add_clip("a", *clip(0), path="a.mp4")
+    dead, running = tmp_path / "merged.h5.tmp-dead", tmp_path / "merged.h5.tmp-running"
+    for path in (dead, running):
+        path.write_bytes(b"\x89HDF half written")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print(flush=True); sys.stdin.read()", running],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()  # locked
+        assert merge_stores([tmp_path / "a.h5"], tmp_path / "merged.h5").clips == 1
+    finally:
+        holder.communicate()
+    assert sorted(p.name for p in tmp_path.glob("merged.h5*")) == ["merged.h5", running.name]
+    dead.write_bytes(b"\x89HDF half written")
+    with FeatureStore.open(tmp_path / "merged.h5", PROVENANCE):  # a writer of the merged store
+        pass
+    assert sorted(p.name for p in tmp_path.glob("merged.h5*")) == ["merged.h5", "merged.h5.parts"]
+
+
 def test_no_writer_starts_while_merge_reads_a_store_without_a_lock_file(tmp_path, monkeypatch):
     """A store that merge wrote (or one copied without its journal folder) has no lock file; merge makes one to hold
     while it reads the store, so that `bmfn extract` cannot add to it meanwhile."""
