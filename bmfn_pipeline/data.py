@@ -152,6 +152,7 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
     for path in (visual_path, audio_path):
         if not path.is_file():
             raise BmfnError(f"{path}: missing; an AVE directory holds {VISUAL_FILE} and {AUDIO_FILE}")
+    provenance = _ave_dir_provenance(visual_path, audio_path)
     audio = _read_h5(audio_path, AVE_KEY).astype(np.float32)
     _check_features(audio_path, audio, 3)
     n = len(audio)
@@ -215,7 +216,7 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
               "annotations": str(annotations.resolve()) if relabel else None,  # the folder's own: found again
               "splits": str(split_dir.resolve()) if splits else None}
     return FeatureData(ClipArrays(visual, audio, labels, video_labels), clip_ids,
-                       split_rows, split_rule, _ave_dir_provenance(visual_path, audio_path), source, noisy)
+                       split_rows, split_rule, provenance, source, noisy)
 
 
 def _ave_dir_provenance(visual_path: Path, audio_path: Path) -> dict:
@@ -225,6 +226,11 @@ def _ave_dir_provenance(visual_path: Path, audio_path: Path) -> dict:
     if visual != audio:
         raise BmfnError(f"{visual_path}: made differently from {audio_path.name} (their provenance attributes "
                         "differ); export both from one store")
+    from bmfn_pipeline.store import export_mark
+
+    if export_mark(visual_path) != export_mark(audio_path):
+        raise BmfnError(f"{visual_path.parent}: {VISUAL_FILE} and {AUDIO_FILE} are of two exports (one stopped "
+                        "between writing them?); run `bmfn export-ave` again")
     return visual or ave_release_provenance()
 
 

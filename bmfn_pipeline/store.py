@@ -80,6 +80,7 @@ REVISION_CHANGES = {
 AVE_KEY = "avadataset"
 AVE_VISUAL_FILE = "visual_feature.h5"
 AVE_AUDIO_FILE = "audio_feature.h5"
+AVE_EXPORT_ATTR = "bmfn_export"  # the same random mark in both files of one export
 
 _STR = h5py.string_dtype("utf-8")
 _CLIP_PART, _FAIL_PART, _LABEL_PART = "clip", "fail", "labels.h5"
@@ -1093,7 +1094,7 @@ def export_ave(store_path: str | Path, annotations_path: str | Path, out_dir: st
         raise BmfnError(f"{annotations_path}: no annotation rows: nothing to export")
     out_dir = Path(out_dir)
     existing = [path for path in (out_dir / AVE_VISUAL_FILE, out_dir / AVE_AUDIO_FILE) if path.exists()]
-    if existing and not force:
+    if existing and not force and not _half_export(existing):
         raise BmfnError(f"{existing[0]}: already exists; export into another folder, or replace it with --force")
     with FeatureStore.open(store_path, create=False, readonly=True) as store:
         missing = sorted({row.video_id for row in rows if row.video_id not in store})
@@ -1110,8 +1111,10 @@ def export_ave(store_path: str | Path, annotations_path: str | Path, out_dir: st
             with h5py.File(tmps[0], "w", locking=False) as fv, h5py.File(tmps[1], "w", locking=False) as fa:
                 datasets = [f.create_dataset(AVE_KEY, (len(rows), *shape), dtype, chunks=(1, *shape))
                             for f, (_, shape) in zip((fv, fa), targets)]
+                export = secrets.token_hex(8)  # the pair's mark: a kill between the two renames leaves two marks
                 for f in (fv, fa):
                     f.attrs["provenance"] = json.dumps(store.provenance, sort_keys=True)
+                    f.attrs[AVE_EXPORT_ATTR] = export
                 for i, row in enumerate(rows):
                     with _reading(store_path, row.video_id):
                         arrays = store.read(row.video_id)
@@ -1120,4 +1123,21 @@ def export_ave(store_path: str | Path, annotations_path: str | Path, out_dir: st
             for tmp, (path, _) in zip(tmps, targets):
                 os.replace(tmp, path)
     return targets[0][0], targets[1][0]
+
+
+def export_mark(path: Path) -> str | None:
+    """The mark `export_ave` gives both files of a pair; None for a file without one (the AVE release's)."""
+    try:
+        with h5py.File(path, "r") as f:
+            mark = f.attrs.get(AVE_EXPORT_ATTR)
+    except OSError:
+        return None
+    return None if mark is None else str(mark)
+
+
+def _half_export(existing: list[Path]) -> bool:
+    """Whether the AVE files in a folder are what an export killed between its two renames left: bmfn's, but not a
+    pair (one file, or two of different exports). They are replaced without --force."""
+    marks = [export_mark(path) for path in existing]
+    return None not in marks and (len(marks) == 1 or marks[0] != marks[1])
 

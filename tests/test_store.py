@@ -420,6 +420,56 @@ def test_export_ave_removes_what_a_killed_export_left(tmp_path):
     assert sorted(p.name for p in ave.iterdir()) == sorted(["audio_feature.h5", "visual_feature.h5", running.name])
 
 
+def test_an_export_killed_between_its_two_files_is_neither_trained_on_nor_in_the_way(tmp_path, monkeypatch):
+    """A kill after visual_feature.h5 is renamed into place, before audio_feature.h5: the folder holds one new file
+    beside an old one (or none). Training refuses the pair; the next export replaces it without --force."""
+    from bmfn_pipeline.data import load_ave_dir
+
+    out, ann = one_clip_to_export(tmp_path)
+    ave = tmp_path / "ave"
+    export_ave(out, ann, ave)
+    replace = os.replace
+
+    def killed_after_the_first(src, dst):
+        replace(src, dst)
+        if Path(dst).name == "visual_feature.h5":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_module.os, "replace", killed_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        export_ave(out, ann, ave, force=True)
+    monkeypatch.setattr(store_module.os, "replace", replace)
+    with pytest.raises(BmfnError, match=r"ave: visual_feature\.h5 and audio_feature\.h5 are of two exports"):
+        load_ave_dir(ave)
+    (ave / "audio_feature.h5").unlink()  # killed in the first export into a folder: the visual file alone
+    export_ave(out, ann, ave)  # no --force needed
+    assert len(load_ave_dir(ave, annotations=ann).clip_ids) == 1
+    with pytest.raises(BmfnError, match="already exists"):  # a whole pair still needs --force
+        export_ave(out, ann, ave)
+
+
+def test_ctrl_c_in_merge_or_export_is_one_line(tmp_path, monkeypatch):
+    """As in extract and train: what became of the output, and the shell's status for SIGINT (click: 'Aborted!', 1)."""
+    from click.testing import CliRunner
+
+    from bmfn_pipeline.cli import main
+
+    out, ann = one_clip_to_export(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_module, "_write_store", interrupted)
+    monkeypatch.setattr(FeatureStore, "read", interrupted)
+    for args, said in ((["merge", out, "--out", tmp_path / "merged.h5"],
+                        f"the merge did not finish; {tmp_path / 'merged.h5'} is as it was"),
+                       (["export-ave", out, "--annotations", ann, "--out", tmp_path / "ave"],
+                        "the export did not finish; run the same command again")):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 130 and result.stderr.splitlines()[-1] == f"bmfn: interrupted: {said}"
+    assert not (tmp_path / "merged.h5").exists() and not list((tmp_path / "ave").iterdir())
+
+
 def test_two_exports_to_one_folder_at_once(tmp_path, monkeypatch):
     """An export locks its temporary files while it writes them: one started meanwhile leaves them."""
     out, ann = one_clip_to_export(tmp_path)
