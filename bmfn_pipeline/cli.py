@@ -9,6 +9,7 @@ import gc
 import json
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +37,7 @@ def run() -> None:
     """
     keep_freed_memory()
     usable_standard_streams()
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         try:
             main()
@@ -56,17 +58,29 @@ def run() -> None:
         gc.freeze()
 
 
-INTERRUPTED = 128 + 2  # a shell's exit status for a command that SIGINT (Ctrl-C) ended
+INTERRUPTED = 128 + signal.SIGINT  # a shell's exit status for a command that SIGINT (Ctrl-C) ended
+TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, docker stop, a scheduler cancelling a job) stops a command as Ctrl-C does: what is done is
+    kept (a training run's selected weights written), decoding workers end, and one line says so."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
 
 
 @contextlib.contextmanager
 def _interrupt_says(what_is_kept: Callable[[], str]) -> Iterator[None]:
-    """Ctrl-C in a long command: one line on what was kept and how to go on (click says only "Aborted!")."""
+    """Ctrl-C or SIGTERM in a long command: one line on what was kept and how to go on (click says only
+    "Aborted!"), and the exit status a shell gives a command that signal ended."""
     try:
         yield
-    except KeyboardInterrupt:
-        click.echo(f"bmfn: interrupted: {what_is_kept()}", err=True)
-        raise SystemExit(INTERRUPTED) from None
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        click.echo(f"bmfn: {'terminated' if terminated else 'interrupted'}: {what_is_kept()}", err=True)
+        raise SystemExit(TERMINATED if terminated else INTERRUPTED) from None
 
 
 def usable_standard_streams() -> None:
@@ -332,7 +346,9 @@ def export_ave(store, annotations, out_dir, dtype, force) -> None:
     """
     from bmfn_pipeline.store import export_ave as run_export
 
-    for path in run_export(store, annotations, out_dir, dtype=dtype, force=force):
+    with _interrupt_says(lambda: "the export did not finish; run the same command again"):
+        written_files = run_export(store, annotations, out_dir, dtype=dtype, force=force)
+    for path in written_files:
         click.echo(f"wrote {path}")
 
 
@@ -354,7 +370,9 @@ def merge(stores, out, allow_missing) -> None:
     """
     from bmfn_pipeline.distributed import merge_shards
 
-    click.echo(merge_shards(stores, out, allow_missing=allow_missing).line())
+    with _interrupt_says(lambda: f"the merge did not finish; {printable(out)} is as it was"):
+        summary = merge_shards(stores, out, allow_missing=allow_missing)
+    click.echo(summary.line())
 
 
 @main.command()

@@ -470,6 +470,32 @@ def test_ctrl_c_on_the_command_line_says_the_clips_are_kept(clips, tmp_path, mon
                                               "goes on from them")
 
 
+def test_sigterm_stops_the_command_as_ctrl_c_does(clips, tmp_path):
+    """timeout, docker stop and schedulers send SIGTERM: the executable keeps what is done and says so in one line,
+    with the status a shell gives a command SIGTERM ended (it died of the signal before, saying nothing)."""
+    script = ("import os, signal, sys\n"
+              "from bmfn_pipeline.extract import VisualExtractor\n"
+              "from bmfn_pipeline.cli import run\n"
+              "maps, calls = VisualExtractor.segment_maps, []\n"
+              "def terminated_on_the_second_clip(self, frames):\n"
+              "    calls.append(1)\n"
+              "    if len(calls) == 2:\n"
+              "        os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    return maps(self, frames)\n"
+              "VisualExtractor.segment_maps = terminated_on_the_second_clip\n"
+              "sys.argv = ['bmfn', *sys.argv[1:]]\n"
+              "run()\n")
+    out = tmp_path / "feats.h5"
+    result = subprocess.run([sys.executable, "-c", script, "extract", *map(str, clips[:2]), "--out", str(out), *FAST,
+                             "--workers", "0"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert result.stderr.splitlines()[-1] == ("bmfn: terminated: the clips finished are kept; the same command goes "
+                                              "on from them")
+    with FeatureStore.open(out, create=False, readonly=True) as store:
+        assert store.clip_ids() == [clips[0].stem]
+
+
 def test_a_full_disk_mid_run_ends_the_decoding_workers_before_the_command_ends(clips, tmp_path, monkeypatch):
     """The error's traceback holds the decoding generator, and with it the worker pool, until the interpreter exits;
     after a failed HDF5 write the executable exits without that clean-up (multiprocessing then warned of leaked
