@@ -87,8 +87,8 @@ TRUNCATION_TOLERANCE_S = 0.5  # a stream ending this much earlier than its heade
 STREAM_START_TOLERANCE_S = 0.5  # video and sound starting this far apart are read on one timeline (module docstring)
 AUDIO_MARGIN_S = 1.0  # audio decoded either side of a window so the resampling filter sees real context at its edges
 VFR_TOLERANCE = 0.01  # relative gap between average and base frame rate above which the stream is variable-rate
-# Frames are counted (as the released features' were) while their times stay this close to a steady rate's; a video
-# whose frames drift further (a variable rate) has them picked by their times from there on.
+# Frames are counted (as the released features' were) where their times all stay this close (at least one frame) to a
+# steady rate's; a video whose frames stray further (a variable rate) has them picked by their times.
 VFR_DRIFT_S = 0.1
 # A Matroska/WebM file: an EBML header, then a Segment whose elements follow each other, each an ID and a size: its
 # Info (holding the MuxingApp) after a SeekHead and some Void, Tracks, the Clusters of blocks, Cues, Tags...
