@@ -818,15 +818,19 @@ def remove_dead_temporaries(path: Path) -> None:
 
 @contextlib.contextmanager
 def locked_temporary(path: Path) -> Iterator[Path]:
-    """A new ``<path>.tmp-*`` file to write and rename over `path`, exclusively locked until the block ends (see
+    """A new ``<path>.tmp-*`` file to write and rename over `path`, locked until the block ends (see
     ``remove_dead_temporaries``) and removed then if it is still there. Open it with h5py's own file locking off,
-    which this lock would refuse. Its name is random: process ids repeat across containers and hosts."""
+    which this lock would refuse. Its name is random: process ids repeat across containers and hosts.
+
+    The lock is shared: it goes with the file when it is renamed, and HDF5 takes a shared lock of its own to read a
+    file, which an exclusive one would refuse (a reader opening the store in the instant after a consolidation's
+    rename); the exclusive lock that ``remove_dead_temporaries`` tries is refused all the same."""
     while True:
         tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(8)}")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         if fcntl is None:
             break
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_SH)
         try:  # a remove_dead_temporaries between the open and the lock may have removed it: take another name
             if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
                 break

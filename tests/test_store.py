@@ -639,6 +639,24 @@ def test_merge_reads_its_inputs_without_writing_to_them(tmp_path, monkeypatch):
     assert summary.clips == 2 and sorted(shards.iterdir()) == paths
 
 
+def test_a_reader_opens_the_store_in_the_instant_after_a_consolidation(tmp_path, monkeypatch):
+    """The new main file is renamed into place while its writer still holds the temporary file's lock: a reader's
+    HDF5 (which locks a file it reads, shared) opens it all the same."""
+    out = tmp_path / "feats.h5"
+    replace, opened = os.replace, []
+
+    def read_right_after(src, dst):
+        replace(src, dst)
+        with h5py.File(dst, "r") as f:  # HDF5's own file locking, as every reader has it
+            opened.append(len(f["clip_ids"]))
+
+    with FeatureStore.open(out, PROVENANCE) as store:
+        store.add_clip("a", *clip(0), path="a.mp4")
+        monkeypatch.setattr(store_module.os, "replace", read_right_after)
+        store.consolidate()
+    assert opened == [1]
+
+
 def test_merge_removes_what_a_killed_merge_left(tmp_path):
     """A merge killed while writing leaves its temporary file, as large as the merged store: the next merge into
     the same file (or a writer of it) removes it, but not one a running merge holds locked."""
