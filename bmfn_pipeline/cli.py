@@ -37,7 +37,7 @@ def run() -> None:
     """
     keep_freed_memory()
     usable_standard_streams()
-    signal.signal(signal.SIGTERM, _terminate)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         try:
             main()
@@ -54,6 +54,7 @@ def run() -> None:
             os._exit(code)
         raise SystemExit(code) from None
     finally:
+        signal.signal(signal.SIGTERM, previous)  # for a caller that goes on (tests)
         gc.collect()
         gc.freeze()
 
@@ -72,14 +73,17 @@ def _terminate(signum, frame) -> None:
 
 
 @contextlib.contextmanager
-def _interrupt_says(what_is_kept: Callable[[], str]) -> Iterator[None]:
-    """Ctrl-C or SIGTERM in a long command: one line on what was kept and how to go on (click says only
-    "Aborted!"), and the exit status a shell gives a command that signal ended."""
+def _interrupt_says(what_is_kept: Callable[[], str] | None = None) -> Iterator[None]:
+    """Ctrl-C or SIGTERM in a command: one line, with what was kept and how to go on where the command says (click
+    says only "Aborted!"), and the exit status a shell gives a command that signal ended. Under torchrun, rank 0
+    speaks for all: the signal reaches every rank."""
     try:
         yield
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, Terminated)
-        click.echo(f"bmfn: {'terminated' if terminated else 'interrupted'}: {what_is_kept()}", err=True)
+        if os.environ.get("RANK", "0") == "0":  # torchrun's variable (bmfn_pipeline.distributed: not imported here)
+            said = f": {what_is_kept()}" if what_is_kept else ""
+            click.echo(f"bmfn: {'terminated' if terminated else 'interrupted'}{said}", err=True)
         raise SystemExit(TERMINATED if terminated else INTERRUPTED) from None
 
 
@@ -158,11 +162,13 @@ class _SecondsBar:
 
 class _Group(click.Group):
     """Turns a BmfnError into one line on stderr and exit code 1, never a traceback; so too an OSError that no
-    stage named (a full disk, a folder that cannot be written), with its file and the system's reason."""
+    stage named (a full disk, a folder that cannot be written), with its file and the system's reason; and Ctrl-C
+    or SIGTERM into one line and the exit status a shell gives for that signal."""
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with _interrupt_says():  # commands that say more on an interrupt say it inside
+                return super().invoke(ctx)
         except BmfnError as exc:
             click.echo(f"bmfn: error: {one_line(str(exc))}", err=True)
             sys.exit(1)
@@ -233,11 +239,13 @@ def probe(files, as_json, frames_per_second) -> None:
                      f"{info.sample_rate} Hz, {info.channels} ch" if info.sample_rate else
                      "rate and channels read from its first packet (its header does not say)"))
         display = f"\n  display    {' + '.join(shown)} (its display matrix: frames are read as shown)" if shown else ""
+        variable = (f" (variable: frames stray up to {info.frame_time_drift_s:.2f} s from it, so they are picked by "
+                    "their times)" if info.variable_frame_rate else "")
         click.echo(f"{one_line(info.path)}\n"
                    f"  container  {info.container}, {info.duration_s:.3f} s, "
                    f"{info.video_streams} video / {info.audio_streams} audio streams\n"
                    f"  video      #{info.video_index} {info.video_codec}, {info.width}x{info.height}, "
-                   f"{info.fps:.3f} fps{' (variable)' if info.variable_frame_rate else ''}, ~{info.n_frames} frames"
+                   f"{info.fps:.3f} fps{variable}, ~{info.n_frames} frames"
                    f"{display}\n"
                    f"  audio      {audio}\n"
                    f"  segments   {info.segments} of {info.seconds} ({info.indexing} frame indices)\n"

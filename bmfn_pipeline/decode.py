@@ -86,7 +86,6 @@ AVE_TOLERANCE_S = 0.5  # clips this close to `seconds` use AVE indexing; also th
 TRUNCATION_TOLERANCE_S = 0.5  # a stream ending this much earlier than its header says is truncated, not just rounding
 STREAM_START_TOLERANCE_S = 0.5  # video and sound starting this far apart are read on one timeline (module docstring)
 AUDIO_MARGIN_S = 1.0  # audio decoded either side of a window so the resampling filter sees real context at its edges
-VFR_TOLERANCE = 0.01  # relative gap between average and base frame rate above which the stream is variable-rate
 # Frames are counted (as the released features' were) where their times all stay this close (at least one frame) to a
 # steady rate's; a video whose frames stray further (a variable rate) has them picked by their times.
 VFR_DRIFT_S = 0.1
@@ -136,7 +135,9 @@ class ClipInfo:
     height: int
     frame_rate: Fraction  # nominal (average) frame rate
     n_frames: int  # round(duration_s * fps): the frame-count estimate of features-reference.md 1.1
-    variable_frame_rate: bool
+    # The most a frame's time strays from a steady frame_rate (seconds, from its packets' times); beyond VFR_DRIFT_S
+    # (at least a frame) the rate is variable and frames are picked by their times (module docstring).
+    frame_time_drift_s: float
     audio_index: int | None
     audio_codec: str | None
     sample_rate: int | None
@@ -155,11 +156,16 @@ class ClipInfo:
     def fps(self) -> float:
         return float(self.frame_rate)
 
+    @property
+    def variable_frame_rate(self) -> bool:
+        return self.frame_time_drift_s * self.fps > _drift_limit(self.frame_rate)
+
     def to_dict(self) -> dict:
         """JSON-ready facts: the exact frame rate as a string, plus `fps` as a float."""
         facts = asdict(self)
         facts["frame_rate"] = str(self.frame_rate)
         facts["fps"] = self.fps
+        facts["variable_frame_rate"] = self.variable_frame_rate
         return facts
 
 
@@ -701,7 +707,6 @@ def _clip_info(path, container, seconds: int, start_s: float, wall_clock: bool =
     frame_rate = video.average_rate or video.base_rate or video.guessed_rate
     if not frame_rate:
         raise BmfnError(f"{path}: video stream {video.index} has no frame rate")
-    base_rate = video.base_rate or frame_rate
     video_start_s, audio_start_s = _stream_starts(video, audio)
     ave = not wall_clock and start_s == 0 and abs(duration_s - seconds) < AVE_TOLERANCE_S
     remaining = duration_s - start_s
@@ -711,7 +716,7 @@ def _clip_info(path, container, seconds: int, start_s: float, wall_clock: bool =
         video_index=video.index, video_codec=video.codec_context.name,
         width=video.codec_context.width, height=video.codec_context.height,
         frame_rate=Fraction(frame_rate), n_frames=round(duration_s * frame_rate),
-        variable_frame_rate=abs(frame_rate / base_rate - 1) > VFR_TOLERANCE,
+        frame_time_drift_s=_frame_time_drift(path, video, Fraction(frame_rate)) / float(frame_rate),
         audio_index=None if audio is None else audio.index,
         audio_codec=None if audio is None else audio.codec_context.name,
         # None where the header does not say (MPEG-TS's MP2 until its first packet is read): the frames tell
@@ -809,11 +814,10 @@ def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warn
             out[info.segments:] = out[info.segments - 1, -1]
             return out
         warnings.append(f"{path}: video decoded on the CPU, not by nvcodec: {refusal}")
-    drift = _frame_time_drift(path, stream, info)
-    by_time = drift > _drift_limit(info)  # a variable frame rate: frames picked by their times (module docstring)
+    by_time = info.variable_frame_rate  # frames picked by their times (module docstring)
     if by_time:
-        warnings.append(f"{path}: a variable frame rate (its frames' times stray up to {drift / info.fps:.2f} s "
-                        f"from a steady {info.fps:.3f} fps): frames are picked by their times")
+        warnings.append(f"{path}: a variable frame rate (its frames' times stray up to {info.frame_time_drift_s:.2f} "
+                        f"s from a steady {info.fps:.3f} fps): frames are picked by their times")
     index, previous, first = _seek_index(container, stream, info), None, None
     try:
         for frame in container.decode(stream):
@@ -823,7 +827,7 @@ def _decode_frames(path, container, info: ClipInfo, frames_per_second: int, warn
                 # A recording cut mid-GOP: the pictures before its first keyframe are dropped, so its first frame
                 # comes seconds after its stream's start, and is counted from its time.
                 timed = _frame_index(frame.pts, stream, info)
-                if timed - (index + 1) > _drift_limit(info):
+                if timed - (index + 1) > _drift_limit(info.frame_rate):
                     index = timed - 1
             if index is None or by_time:
                 slot = _frame_index(frame.pts, stream, info)
@@ -927,7 +931,7 @@ def _nvcodec_frames(path, stream, info: ClipInfo, positions: dict[int, list[tupl
         return times
     if like.interlaced_frame:
         return "interlaced video"
-    if _frame_time_drift(path, stream, info) > _drift_limit(info):
+    if info.variable_frame_rate:
         return "a variable frame rate (the CPU path picks its frames by their times)"
     pending, index, count = dict(positions), starts_at - 1, 0
     decoded = nvcodec.frames(str(path), device)
@@ -1149,19 +1153,19 @@ def _seek_index(container, stream, info: ClipInfo) -> int | None:
     return None
 
 
-def _drift_limit(info: ClipInfo) -> float:
+def _drift_limit(frame_rate: Fraction) -> float:
     """How many frames a frame's time may be off its count before the video counts as one of a variable rate."""
-    return max(1.0, VFR_DRIFT_S * info.frame_rate)
+    return max(1.0, VFR_DRIFT_S * float(frame_rate))
 
 
-def _frame_time_drift(path, stream, info: ClipInfo) -> float:
-    """The most, in frames at the nominal rate, that a video frame's presentation time strays from its count (from
-    the first frame's): its packets' times, sorted (frames come out of a decoder in that order; files without
+def _frame_time_drift(path, stream, frame_rate: Fraction) -> float:
+    """The most, in frames at `frame_rate`, that a video frame's presentation time strays from its count (from the
+    first frame's): its packets' times, sorted (frames come out of a decoder in that order; files without
     presentation times, such as AVI, give their packets' decoding order, which is steady)."""
     times = _per_file(_video_packet_times, path, stream.index)
-    if len(times) < 2:
+    if len(times) < 2 or not stream.time_base:
         return 0.0
-    offsets = (times - times[0]) * stream.time_base.numerator / stream.time_base.denominator * float(info.frame_rate)
+    offsets = (times - times[0]) * (float(stream.time_base) * float(frame_rate))
     return float(np.abs(offsets - np.arange(len(times))).max())
 
 

@@ -3,6 +3,7 @@
 import errno
 import gc
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,34 @@ def test_run_keeps_the_exit_code_and_frees_cycles_before_freezing_the_rest(monke
     assert Cycle.finalised
     assert frozen > frozen_before  # what is left is skipped by shutdown's collections
     assert tuned == [True]
+
+
+@pytest.mark.parametrize("rank", [None, "1"])
+def test_an_interrupt_in_any_command_is_one_line_with_the_signals_status(tmp_path, monkeypatch, rank):
+    """A command with nothing of its own to say on Ctrl-C or SIGTERM still ends in one line (not click's 'Aborted!'
+    and status 1); under torchrun rank 0 alone says it."""
+    import bmfn_pipeline.info as info_module
+
+    def terminated(*args, **kwargs):
+        raise cli.Terminated
+
+    monkeypatch.setattr(info_module, "info", terminated)
+    if rank:
+        monkeypatch.setenv("RANK", rank)
+    result = CliRunner().invoke(cli.main, ["info", str(tmp_path)])
+    assert result.exit_code == 128 + 15 and result.stderr == ("" if rank else "bmfn: terminated\n")
+
+
+def test_the_executable_stops_on_sigterm_and_gives_the_handler_back(monkeypatch):
+    def command():
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(cli, "main", command)
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: None)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(cli.Terminated):  # main's own commands turn it into their line (above)
+        cli.run()
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 # The layer outputs (MB) that a batch of 4 frames through VGG-19 allocates and frees, each allocated before the
