@@ -13,7 +13,8 @@ Two frame-index rules (documented choice):
   with `start_s`) and shorter ones padded.
 For integer frame rates the two rules give the same indices on a clip of exactly `seconds` seconds. Frame i is the
 i-th frame decoded, as a frame-counting reader (the released features') takes it, where the frames' times keep
-within VFR_DRIFT_S of i / fps; in a video whose rate varies more, frame i is the one on screen at i / fps.
+within VFR_DRIFT_S of i / fps; in a video whose rate varies more, frame i is the one shown at i / fps (to half a
+frame at fps: the first whose time rounds to i, else the one on screen then).
 
 Segments that exist: a trailing part second counts as a segment when it is at least half a second long, so a 5.31 s
 clip has 5 segments, a 1 s clip 1, a 9.64 s clip 10 (never fewer than 1). Segments beyond the end repeat the last frame
