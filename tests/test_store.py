@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -398,6 +399,19 @@ def one_clip_to_export(tmp_path: Path) -> tuple[Path, Path]:
     return out, ann
 
 
+@contextlib.contextmanager
+def held_as_a_running_writer_holds_it(path: Path):
+    """`path` locked by another process as locked_temporary locks a file it writes (shared), until the block ends."""
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+                               "fcntl.flock(fd, fcntl.LOCK_SH); print(flush=True); sys.stdin.read()", path],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()  # locked
+        yield
+    finally:
+        holder.communicate()
+
+
 def test_export_ave_removes_what_a_killed_export_left(tmp_path):
     """Files of a killed export go; those of an export still writing stay, whatever process id they are named after
     (from another container or host, that of a dead process here): it holds a lock on them, as a second process does."""
@@ -409,14 +423,8 @@ def test_export_ave_removes_what_a_killed_export_left(tmp_path):
     left, running = ave / f"visual_feature.h5.tmp-{dead}", ave / f"audio_feature.h5.tmp-{dead}"
     for path in (left, running):
         path.write_bytes(b"\x89HDF half written")
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
-                               "fcntl.flock(fd, fcntl.LOCK_EX); print(flush=True); sys.stdin.read()", running],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        holder.stdout.readline()  # locked
+    with held_as_a_running_writer_holds_it(running):
         export_ave(out, ann, ave)
-    finally:
-        holder.communicate()
     assert sorted(p.name for p in ave.iterdir()) == sorted(["audio_feature.h5", "visual_feature.h5", running.name])
 
 
@@ -665,14 +673,8 @@ def test_merge_removes_what_a_killed_merge_left(tmp_path):
     dead, running = tmp_path / "merged.h5.tmp-dead", tmp_path / "merged.h5.tmp-running"
     for path in (dead, running):
         path.write_bytes(b"\x89HDF half written")
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
-                               "fcntl.flock(fd, fcntl.LOCK_EX); print(flush=True); sys.stdin.read()", running],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        holder.stdout.readline()  # locked
+    with held_as_a_running_writer_holds_it(running):
         assert merge_stores([tmp_path / "a.h5"], tmp_path / "merged.h5").clips == 1
-    finally:
-        holder.communicate()
     assert sorted(p.name for p in tmp_path.glob("merged.h5*")) == ["merged.h5", running.name]
     dead.write_bytes(b"\x89HDF half written")
     with FeatureStore.open(tmp_path / "merged.h5", PROVENANCE):  # a writer of the merged store
