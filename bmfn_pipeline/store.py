@@ -725,6 +725,37 @@ def locked_by_another(lock_file: Path) -> bool:
         os.close(fd)  # releases the shared lock, if taken
 
 
+@contextlib.contextmanager
+def _new_store_locked(out: Path) -> Iterator[None]:
+    """The lock of a store `merge_stores` makes, held while it writes it: a second merge into it, or an extract, is
+    refused meanwhile (both found it missing and went on: one's work was lost). Where the merge makes no store, the
+    journal folder it made for the lock goes again."""
+    parts = Path(f"{out}.parts")
+    made = not parts.exists()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parts.mkdir(exist_ok=True)
+    try:
+        try:
+            fd = exclusive_lock(parts / ".lock")
+        except BlockingIOError:
+            raise BmfnError(f"{out}: another process is writing to (or merging into) this feature store") from None
+        try:
+            if out.exists():
+                raise BmfnError(f"{out}: already exists; name it among the inputs to extend it, or choose another "
+                                "--out")
+            if any(parts.glob("*.h5")):
+                raise BmfnError(f"{parts}: journal of an unfinished store; delete it or choose another --out")
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)
+    finally:
+        if made and not out.exists():
+            with contextlib.suppress(OSError):
+                (parts / ".lock").unlink(missing_ok=True)
+                parts.rmdir()
+
+
 def _write_store(tmp: Path, path: Path, provenance: Mapping, dtype: np.dtype, ids: list[str], fill,
                  labels: Mapping[str, ClipLabels], failed: Mapping[str, tuple[str, str]]) -> None:
     """Write the consolidated layout (module docstring) of the store `path` to `tmp` (its locked_temporary) and
@@ -980,11 +1011,9 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
             raise BmfnError(f"{path}: named twice (also as {seen_files[path.resolve()]})")
         seen_files[path.resolve()] = path
     extending = out.resolve() in seen_files
-    if not extending and out.exists():
-        raise BmfnError(f"{out}: already exists; name it among the inputs to extend it, or choose another --out")
-    if not extending and any(Path(f"{out}.parts").glob("*.h5")):
-        raise BmfnError(f"{out}.parts: journal of an unfinished store; delete it or choose another --out")
     with contextlib.ExitStack() as stack:
+        if not extending:  # an extended store is locked as an input; a new one is locked here, as its writer would
+            stack.enter_context(_new_store_locked(out))
         stores = []
         for path in inputs:
             if not path.is_file():
@@ -1069,7 +1098,6 @@ def merge_stores(inputs: Iterable[str | Path], out: str | Path) -> MergeSummary:
                     paths.append(info["path"])
             return paths, notes, precisions
 
-        out.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_temporaries(out)  # a killed merge's
         with locked_temporary(out) as tmp:
             _write_store(tmp, out, first.provenance, first.dtype, ids, fill, labels, failed)
@@ -1097,19 +1125,19 @@ def export_ave(store_path: str | Path, annotations_path: str | Path, out_dir: st
     if not rows:
         raise BmfnError(f"{annotations_path}: no annotation rows: nothing to export")
     out_dir = Path(out_dir)
-    existing = [path for path in (out_dir / AVE_VISUAL_FILE, out_dir / AVE_AUDIO_FILE) if path.exists()]
-    if existing and not force and not _half_export(existing):
-        raise BmfnError(f"{existing[0]}: already exists; export into another folder, or replace it with --force")
+    targets = [(out_dir / AVE_VISUAL_FILE, VISUAL_SHAPE), (out_dir / AVE_AUDIO_FILE, AUDIO_SHAPE)]
+    for path, _ in targets:
+        remove_dead_temporaries(path)  # a killed export's (gigabytes each), also where this one is refused
+    _refuse_to_replace(out_dir, force)
     with FeatureStore.open(store_path, create=False, readonly=True) as store:
         missing = sorted({row.video_id for row in rows if row.video_id not in store})
         if missing:
             raise BmfnError(f"{store_path}: {len(missing)} clips of {annotations_path} are missing from the store, "
                             f"first {missing[0]!r}")
         out_dir.mkdir(parents=True, exist_ok=True)
-        targets = [(out_dir / AVE_VISUAL_FILE, VISUAL_SHAPE), (out_dir / AVE_AUDIO_FILE, AUDIO_SHAPE)]
-        for path, _ in targets:
-            remove_dead_temporaries(path)
         with contextlib.ExitStack() as held:
+            held.enter_context(_folder_locked(out_dir, f"{out_dir}: another export is writing into this folder now"))
+            _refuse_to_replace(out_dir, force)  # again, now that no other export can write the pair meanwhile
             tmps = [held.enter_context(locked_temporary(path)) for path, _ in targets]
             held.enter_context(failed_writes(out_dir, hdf5=True))  # the temporary files go with their locks
             with h5py.File(tmps[0], "w", locking=False) as fv, h5py.File(tmps[1], "w", locking=False) as fa:
@@ -1127,6 +1155,37 @@ def export_ave(store_path: str | Path, annotations_path: str | Path, out_dir: st
             for tmp, (path, _) in zip(tmps, targets):
                 os.replace(tmp, path)
     return targets[0][0], targets[1][0]
+
+
+def _refuse_to_replace(out_dir: Path, force: bool) -> None:
+    existing = [path for path in (out_dir / AVE_VISUAL_FILE, out_dir / AVE_AUDIO_FILE) if path.exists()]
+    if existing and not force and not _half_export(existing):
+        raise BmfnError(f"{existing[0]}: already exists; export into another folder, or replace it with --force")
+
+
+@contextlib.contextmanager
+def _folder_locked(folder: Path, refusal: str) -> Iterator[None]:
+    """An exclusive lock on `folder` itself while the block runs (BmfnError `refusal` where another process holds
+    it): two exports into one folder would leave one's visual file beside the other's audio file. Where the file
+    system has no locks on folders (NFS), none is taken."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        for attempt in range(LOCK_TRIES):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == LOCK_TRIES - 1:
+                    raise BmfnError(refusal) from None
+                time.sleep(LOCK_RETRY_S)
+            except OSError:  # no locks here
+                break
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def export_mark(path: Path) -> str | None:

@@ -364,10 +364,12 @@ def test_export_ave_round_trip_and_missing_clip(tmp_path):
             np.testing.assert_array_equal(visual[row], clip(seed)[0])
             np.testing.assert_array_equal(audio[row], clip(seed)[1])
     before = visual_path.stat().st_mtime_ns
+    dead = visual_path.with_name(f"{visual_path.name}.tmp-dead")  # a killed export's, gigabytes for AVE
+    dead.write_bytes(b"\x89HDF half written")
     with pytest.raises(BmfnError, match=r"visual_feature\.h5: already exists; export into another folder, or "
                                         r"replace it with --force$"):
         export_ave(out, ann, tmp_path / "ave")  # a release's own folder is not overwritten by mistake
-    assert visual_path.stat().st_mtime_ns == before
+    assert visual_path.stat().st_mtime_ns == before and not dead.exists()
     assert export_ave(out, ann, tmp_path / "ave", dtype="float16", force=True) == (visual_path, audio_path)
     with h5py.File(visual_path, "r") as fv:
         assert fv["avadataset"].dtype == np.float16
@@ -479,13 +481,15 @@ def test_ctrl_c_in_merge_or_export_is_one_line(tmp_path, monkeypatch):
 
 
 def test_two_exports_to_one_folder_at_once(tmp_path, monkeypatch):
-    """An export locks its temporary files while it writes them: one started meanwhile leaves them."""
+    """An export locks the folder while it writes its pair: one started meanwhile is refused (both went on, and the
+    folder could end with one's visual file beside the other's audio file), and leaves the first one's files."""
     out, ann = one_clip_to_export(tmp_path)
     read = FeatureStore.read
 
     def another_export_meanwhile(self, clip_id):
         monkeypatch.setattr(FeatureStore, "read", read)
-        export_ave(out, ann, tmp_path / "ave")
+        with pytest.raises(BmfnError, match=r"ave: another export is writing into this folder now$"):
+            export_ave(out, ann, tmp_path / "ave", force=True)
         return read(self, clip_id)
 
     monkeypatch.setattr(FeatureStore, "read", another_export_meanwhile)
@@ -665,6 +669,13 @@ def test_a_reader_opens_the_store_in_the_instant_after_a_consolidation(tmp_path,
     assert opened == [1]
 
 
+def test_a_refused_merge_leaves_no_journal_folder_behind(tmp_path):
+    """The new store's lock lives in its journal folder; a merge that makes no store takes the folder away again."""
+    with pytest.raises(BmfnError, match="missing.h5: no such feature store"):
+        merge_stores([tmp_path / "missing.h5"], tmp_path / "merged.h5")
+    assert not list(tmp_path.iterdir())
+
+
 def test_merge_removes_what_a_killed_merge_left(tmp_path):
     """A merge killed while writing leaves its temporary file, as large as the merged store: the next merge into
     the same file (or a writer of it) removes it, but not one a running merge holds locked."""
@@ -675,7 +686,7 @@ def test_merge_removes_what_a_killed_merge_left(tmp_path):
         path.write_bytes(b"\x89HDF half written")
     with held_as_a_running_writer_holds_it(running):
         assert merge_stores([tmp_path / "a.h5"], tmp_path / "merged.h5").clips == 1
-    assert sorted(p.name for p in tmp_path.glob("merged.h5*")) == ["merged.h5", running.name]
+    assert sorted(p.name for p in tmp_path.glob("merged.h5*")) == ["merged.h5", "merged.h5.parts", running.name]
     dead.write_bytes(b"\x89HDF half written")
     with FeatureStore.open(tmp_path / "merged.h5", PROVENANCE):  # a writer of the merged store
         pass
@@ -683,22 +694,26 @@ def test_merge_removes_what_a_killed_merge_left(tmp_path):
 
 
 def test_no_writer_starts_while_merge_reads_a_store_without_a_lock_file(tmp_path, monkeypatch):
-    """A store that merge wrote (or one copied without its journal folder) has no lock file; merge makes one to hold
-    while it reads the store, so that `bmfn extract` cannot add to it meanwhile."""
+    """A store copied without its journal folder has no lock file; merge makes one to hold while it reads the store,
+    so that `bmfn extract` cannot add to it meanwhile. The store merge writes is locked as its writer would lock it:
+    an extract into it, or a second merge into it, is refused meanwhile (both went on, and one's work was lost)."""
     with FeatureStore.open(tmp_path / "a.h5", PROVENANCE) as store:
         store.add_clip("a", *clip(0), path="a.mp4")
-    merged = tmp_path / "merged.h5"
+    merged, again = tmp_path / "merged.h5", tmp_path / "again.h5"
     merge_stores([tmp_path / "a.h5"], merged)
-    assert not Path(f"{merged}.parts").exists()
+    shutil.rmtree(f"{merged}.parts")  # copied without it
     write_store = store_module._write_store
 
-    def writer_meanwhile(*args, **kwargs):
-        with pytest.raises(BmfnError, match=r"another process is writing to \(or merging\) this feature store"):
-            FeatureStore.open(merged, PROVENANCE)
+    def writers_meanwhile(*args, **kwargs):
+        for writer in (lambda: FeatureStore.open(merged, PROVENANCE), lambda: FeatureStore.open(again, PROVENANCE),
+                       lambda: merge_stores([tmp_path / "a.h5"], again)):
+            with pytest.raises(BmfnError, match=r"another process is writing to \(or merging( into)?\) this feature "
+                                                r"store"):
+                writer()
         return write_store(*args, **kwargs)
 
-    monkeypatch.setattr(store_module, "_write_store", writer_meanwhile)
-    assert merge_stores([merged], tmp_path / "again.h5").clips == 1
+    monkeypatch.setattr(store_module, "_write_store", writers_meanwhile)
+    assert merge_stores([merged], again).clips == 1
     assert sorted(p.name for p in Path(f"{merged}.parts").iterdir()) == [".lock"]
 
 
