@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import gc
 import json
 import os
@@ -28,16 +29,23 @@ MALLOC_TRIM_THRESHOLD = 1 << 30
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
 
-def run() -> None:
+def run(exiting: bool = True) -> None:
     """The `bmfn` executable (and `python -m bmfn_pipeline`): the CLI, then a quick exit.
 
     Python's shutdown runs several full garbage collections over every object alive, and torch's import alone
     leaves about 200,000: 0.3-0.45 s of every command on 2 cores. One collection here finalises what the command
     left in reference cycles; freezing the rest lets shutdown skip it. Not inside `main`, which tests call in-process.
+
+    SIGTERM stops a command as Ctrl-C does (Terminated). Once the command has ended, the process only exits: Ctrl-C
+    and SIGTERM are then ignored, so that neither turns a finished command into a killed one; `exiting=False` (a
+    caller that goes on, such as a test) gets its handlers back instead.
     """
     keep_freed_memory()
     usable_standard_streams()
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    handlers = {signum: signal.getsignal(signum) for signum in _STOPPING_SIGNALS}
+    hook = sys.unraisablehook
+    signal.signal(signal.SIGTERM, _terminate)
+    sys.unraisablehook = functools.partial(_signal_again, hook)
     try:
         try:
             main()
@@ -54,13 +62,24 @@ def run() -> None:
             os._exit(code)
         raise SystemExit(code) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)  # for a caller that goes on (tests)
+        for signum in _STOPPING_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        if hasattr(signal, "setitimer"):
+            signal.setitimer(signal.ITIMER_REAL, 0)  # _signal_again's, where the command ended meanwhile
         gc.collect()
         gc.freeze()
+        if not exiting:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            sys.unraisablehook = hook
 
 
 INTERRUPTED = 128 + signal.SIGINT  # a shell's exit status for a command that SIGINT (Ctrl-C) ended
 TERMINATED = 128 + signal.SIGTERM
+SIGNAL_AGAIN_S = 0.01  # after which a signal whose exception a finaliser dropped is raised again (_signal_again)
+# The signals run() sets up: SIGTERM stops a command, SIGALRM raises a dropped signal again; all three (Ctrl-C's too)
+# are ignored once the command has ended.
+_STOPPING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGALRM") if hasattr(signal, name))
 
 
 class Terminated(KeyboardInterrupt):
@@ -70,6 +89,22 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum, frame) -> None:
     raise Terminated
+
+
+def _signal_again(otherwise: Callable, unraisable) -> None:
+    """sys.unraisablehook: Ctrl-C's or SIGTERM's exception raised inside a finaliser (a weakref callback, a __del__)
+    is dropped there by Python (with a traceback), and the command went on as if no signal came; the signal is
+    raised again instead, for the code the finaliser interrupted. Anything else goes to `otherwise`."""
+    dropped = unraisable.exc_value
+    if isinstance(dropped, KeyboardInterrupt) and hasattr(signal, "setitimer"):
+        # Raised by a timer's signal, not here: whatever this hook calls would run the handler inside the hook.
+        def raise_again(signum, frame) -> None:
+            raise type(dropped)
+
+        signal.signal(signal.SIGALRM, raise_again)
+        signal.setitimer(signal.ITIMER_REAL, SIGNAL_AGAIN_S)
+        return
+    otherwise(unraisable)
 
 
 @contextlib.contextmanager
@@ -509,7 +544,7 @@ def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size,
             return "no run folder was made yet"
         folder = Path(run_dir[0])
         if not any(folder.glob("last.pt")) and not any(folder.glob("seed-*/last.pt")):
-            return f"nothing was saved in {folder} yet (its first last.pt comes after epoch 1): " \
+            return f"no last.pt in {folder} yet (the first comes after epoch 1): " \
                    f"`bmfn train --resume {folder}` starts it again"
         return f"`bmfn train --resume {folder}` goes on from its last.pt (written after the first epoch, then every " \
                "--checkpoint-every seconds)"

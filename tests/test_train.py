@@ -632,6 +632,5 @@ def test_ctrl_c_says_how_to_go_on(tmp_path, monkeypatch):
     (run / "last.pt").unlink()  # as a run stopped in its first epoch: nothing to go on from
     result = CliRunner().invoke(main, ["train", "--resume", str(run), "--epochs", "3", "--quiet"])
     assert result.exit_code == 130
-    assert result.stderr.splitlines()[-1] == (f"bmfn: interrupted: nothing was saved in {run} yet (its first "
-                                              f"last.pt comes after epoch 1): `bmfn train --resume {run}` starts "
-                                              "it again")
+    assert result.stderr.splitlines()[-1] == (f"bmfn: interrupted: no last.pt in {run} yet (the first comes after "
+                                              f"epoch 1): `bmfn train --resume {run}` starts it again")
