@@ -347,7 +347,7 @@ class FeatureStore:
     def _take_shared_lock(self) -> None:
         """A reader's lock: held beside other readers, refused while a writer holds its lock, and the other way round.
 
-        A store without a lock file (one that ``merge`` wrote, or a file copied without its journal folder) gets one,
+        A store without a lock file (a file copied without its journal folder, or one an earlier bmfn merged) gets one,
         or a writer starting meanwhile would not be refused. Where none can be made (a store that is read-only to
         this user), it is read without one.
         """
