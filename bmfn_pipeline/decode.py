@@ -249,8 +249,9 @@ def find_videos(inputs: str | os.PathLike | Iterable[str | os.PathLike], *, keep
     if isinstance(inputs, (str, os.PathLike)):  # one path, not the characters of one
         inputs = [inputs]
     for item in map(Path, inputs):
-        if item.is_dir():
-            videos = sorted(p for p in item.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+        if item.is_dir():  # a link to nothing is kept, to fail as its clip in one line, not be passed over unsaid
+            videos = sorted(p for p in item.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS
+                            and (p.is_file() or p.is_symlink() and not p.exists()))
         elif item.suffix.lower() == ".txt" and item.is_file():
             if item.resolve() in _reading:
                 continue

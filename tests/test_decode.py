@@ -1066,3 +1066,7 @@ def test_a_video_named_twice_is_found_once_and_a_link_to_it_is_kept(video_dir, t
     monkeypatch.chdir(tmp_path)
     found = find_videos(["videos/a.mp4", "./videos/a.mp4", "videos", "b.mp4", f"{tmp_path}/videos/../b.mp4"])
     assert found == [Path("videos/a.mp4"), Path("b.mp4")]
+    (tmp_path / "videos" / "gone.mp4").symlink_to(tmp_path / "moved.mp4")  # a folder's link to nothing: a clip that
+    assert find_videos("videos") == [Path("videos/a.mp4"), Path("videos/gone.mp4")]  # fails in one line, not unsaid
+    with pytest.raises(BmfnError, match=r"^videos/gone\.mp4: a link to nothing \(or a loop of links\)$"):
+        decode_clip("videos/gone.mp4")
