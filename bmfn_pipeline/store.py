@@ -20,8 +20,8 @@ file, swaps it in, then deletes the parts; a kill at any point leaves either the
 or the new file plus (redundant) parts. Parts are not fsynced (a SIGKILL cannot lose the page cache);
 the consolidated file is, so it also survives a power loss. The journal directory also holds the writers' lock
 file (``.lock``), which stays when the store is finished: another user who may not write the store's folder can
-still take a reader's lock on it (``merge``), and a lock file made anew by a reader killed meanwhile would be that
-user's, refusing the owner's next writer.
+still take a reader's lock on it (``merge``). A lock file another user made is locked through a read-only
+descriptor (``open_lock_file``), so it does not refuse the owner's writer.
 """
 
 from __future__ import annotations
