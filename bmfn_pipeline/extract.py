@@ -287,9 +287,9 @@ def extract(
         try:
             # The log-mel examples are made in the decoding workers (CPU work off the device loop; no torch there).
             prepare = functools.partial(with_examples, alignment=options.alignment)
+            workers = decode_workers(options.workers, device)
             decoded = decode_many(todo, seconds=options.seconds, frames_per_second=options.frames_per_second,
-                                  workers=decode_workers(options.workers, device), prepare=prepare,
-                                  video_decoder=video_decoder)
+                                  workers=workers, prepare=prepare, video_decoder=video_decoder)
 
             def finish(path: Path, clip: DecodedClip | str, results: _DeviceResults | None) -> None:
                 cid = clip_id(path)
@@ -314,7 +314,9 @@ def extract(
 
             # One clip in flight: the device computes clip k while this loop stores clip k-1 and takes clip k+1.
             # Clips are not batched together: a clip's features must not depend on which clips shared its batch
-            # (float rounding does), so that reruns, shards and merges find identical features.
+            # (float rounding does), so that reruns, shards and merges find identical features. Decoding in this
+            # process (--workers 0), each clip is stored before the next is decoded: a crash inside the decoder
+            # (which no worker then absorbs) must not take a finished clip with it.
             in_flight = None
             try:
                 for path, prepared in decoded:
@@ -328,6 +330,9 @@ def extract(
                     previous, in_flight = in_flight, (path, clip, results)
                     if previous is not None:
                         finish(*previous)
+                    if workers == 0:
+                        current, in_flight = in_flight, None
+                        finish(*current)
             finally:  # the last clip, or the one computed when Ctrl-C or an error came: its features are made
                 try:
                     if in_flight is not None:

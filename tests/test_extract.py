@@ -287,6 +287,40 @@ def _remove_orphaned(names: set[str]) -> None:
                 os.unlink(f"/dev/shm/{name}")
 
 
+# Extraction with a decoder that crashes the process on one clip, as a bug inside FFmpeg would (SIGSEGV).
+CRASH_ON = """
+import os, signal, sys
+from pathlib import Path
+import bmfn_pipeline.extract as extract
+from bmfn_pipeline.cli import main
+
+def crashing(clip, **kwargs):
+    if Path(clip.info.path).name == sys.argv[1]:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return original(clip, **kwargs)
+
+original, extract.with_examples = extract.with_examples, crashing
+main(sys.argv[2:])
+"""
+
+
+def test_a_crash_decoding_in_process_keeps_the_clips_before_it(extracted, clips, tmp_path):
+    """With --workers 0 no worker absorbs a crash inside the decoder: the clip made before the one that crashes is
+    stored before that one is decoded, not lost with the process, and equals the uninterrupted run's."""
+    out = tmp_path / "feats.h5"
+    command = [sys.executable, "-c", CRASH_ON, Path(clips[1]).name, "extract", *map(str, clips), "--out", str(out),
+               *FAST, "--workers", "0"]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGSEGV, proc.stderr[-2000:]
+    with FeatureStore.open(out, create=False, readonly=True) as store:
+        assert store.clip_ids() == [Path(clips[0]).stem]
+        visual, audio = store.read(Path(clips[0]).stem)
+    reference = load_arrays(extracted[0])
+    row = list(reference["clip_ids"]).index(Path(clips[0]).stem)
+    np.testing.assert_array_equal(visual, reference["visual"][row])
+    np.testing.assert_array_equal(audio, reference["audio"][row])
+
+
 def test_sigkill_then_resume_matches_uninterrupted_run(extracted, clips, tmp_path):
     """Kill a run (and its decode worker) once a clip is journaled; the store keeps it and a rerun completes."""
     listing = tmp_path / "clips.txt"  # also covers a .txt list of paths, with a comment line
