@@ -57,6 +57,7 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
+from numbers import Real
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any, NamedTuple, TypeVar
 from pathlib import Path
@@ -69,7 +70,7 @@ from threadpoolctl import threadpool_limits
 
 from .ave import SEGMENTS
 from . import nvcodec
-from .errors import BmfnError
+from .errors import BmfnError, check_counts
 from .nvcodec import NVDEC_LIBRARY
 from .resample import resample
 
@@ -307,6 +308,9 @@ def decode_clip(path: str | os.PathLike, *, seconds: int = SEGMENTS, frames_per_
     decoder's (_nvcodec_frames), else on the CPU with a note in the warnings.
     Raises BmfnError for a file that cannot be used; with allow_silent=True a file without audio gives silence.
     """
+    check_counts("decode_clip", seconds=seconds, frames_per_second=frames_per_second)
+    if isinstance(start_s, bool) or not isinstance(start_s, Real) or not 0 <= start_s < math.inf:
+        raise BmfnError(f"decode_clip: start_s={start_s!r}, expected seconds, 0 or more")
     hwaccel = video_hwaccel(video_decoder)
     with _open(path, hwaccel) as container:
         info = _clip_info(path, container, seconds, start_s, wall_clock)
@@ -559,6 +563,17 @@ def _init_worker(threads: int, share_frames: bool, video_decoder: str = "cpu") -
     DECODER_THREADS, _SHARE_FRAMES = threads, share_frames
     cv2.setNumThreads(1)
     threadpool_limits(threads)
+
+
+def refuse_in_starting_worker(call: str) -> None:
+    """A worker process starts by running the calling script's top level again (spawn imports the main module):
+    in a script without `if __name__ == "__main__":` that is a second `call` in every worker, which would fail on
+    the store's lock and leave each clip failed as "the decoding worker died". multiprocessing refuses a process
+    started there; this refuses the call first, saying why (in the worker's output)."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):  # set while a spawned child starts
+        raise RuntimeError(f"{call}() was called again in a decoding worker as it started: worker processes run the "
+                           f"calling script's top level again, so call {call}() under "
+                           "`if __name__ == \"__main__\":` in a script")
 
 
 def _die_with_parent() -> None:

@@ -12,7 +12,7 @@ import torch
 
 from bmfn_pipeline import ave
 from bmfn_pipeline.data import ClipArrays, FeatureData, batches, load_data
-from bmfn_pipeline.errors import BmfnError, WriteError, counted, written
+from bmfn_pipeline.errors import BmfnError, WriteError, check_counts, counted, written
 
 EVAL_BATCH_SIZE = 16  # the official test batch size (bmfn-reference.md section 7), used on CPUs
 # On GPUs: in eval mode every clip's output is independent of its batch (ESA's BatchNorm uses running statistics),
@@ -54,14 +54,12 @@ def per_class_accuracy(pred, target, num_classes: int = ave.NUM_CLASSES) -> np.n
 
 def plot_confusion(matrix: np.ndarray, path: str | Path, class_names=CLASS_NAMES, title: str = "") -> Path:
     """A row-normalised confusion matrix as PNG (rows: true class, columns: predicted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook's backend and figures stay as they were
 
     rows = matrix.sum(axis=1, keepdims=True)
     shares = np.divide(matrix, rows, out=np.zeros(matrix.shape), where=rows > 0)
-    fig, axis = plt.subplots(figsize=(11, 10))
+    fig = Figure(figsize=(11, 10))
+    axis = fig.subplots()
     image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     axis.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
     axis.set_yticks(range(len(class_names)), class_names, fontsize=7)
@@ -71,11 +69,8 @@ def plot_confusion(matrix: np.ndarray, path: str | Path, class_names=CLASS_NAMES
     fig.colorbar(image, ax=axis, fraction=0.046, label="share of the true class's segments")
     fig.tight_layout()
     path = Path(path)
-    try:
-        with written(path) as tmp:  # an earlier plot stays whole if this one cannot be written
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
+    with written(path) as tmp:  # an earlier plot stays whole if this one cannot be written
+        fig.savefig(tmp, dpi=100, format="png")
     return path
 
 
@@ -185,6 +180,7 @@ def evaluate(checkpoint: str | Path | None = None, *, split: str = "test", ave_d
 
     if split not in ("train", "val", "test"):
         raise BmfnError(f"split {split!r}: use train, val or test")
+    check_counts("evaluate", batch_size=batch_size)
     checkpoint = resolve_checkpoint(checkpoint, runs_dir)
     torch_device = resolve_device(device)
     model, meta = load_checkpoint(checkpoint, device=torch_device)

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from bmfn_pipeline import __version__
 from bmfn_pipeline.ave import load_splits, read_annotations
-from bmfn_pipeline.decode import DecodedClip, decode_many, find_videos, video_hwaccel
+from bmfn_pipeline.decode import DecodedClip, decode_many, find_videos, refuse_in_starting_worker, video_hwaccel
 from bmfn_pipeline.distributed import (Shard, finish_together, rank_device, rank_env, resolve_device, resolve_shard,
                                        start_together)
 from bmfn_pipeline.errors import BmfnError, WriteError, check_counts, one_line, printable
@@ -65,6 +65,8 @@ class ExtractOptions:
 
 @dataclass
 class ExtractSummary:
+    """What one extract() call did, by clip id; each clip's notes (a short clip, a late sound) are in the store."""
+
     out: Path
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -77,6 +79,9 @@ class ExtractSummary:
         if self.unlabelled:
             text += f" ({len(self.unlabelled)} without an annotation row)"
         return text
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "out": str(self.out), "failed": [{"path": p, "error": e} for p, e in self.failed]}
 
 
 def fast_bfloat16(device: torch.device) -> bool:
@@ -219,14 +224,21 @@ def extract(
     progress: bool = True,
     on_clip: Callable[[str], None] | None = None,
     shard: Shard | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> ExtractSummary:
     """Extract every video under `inputs` (a path, or several) into the store `out`, skipping clips it already holds.
+
+    Warnings, each clip's notes and each failed clip's error go to `log` (default: standard error, above the
+    progress bar); the store keeps the notes and the failures, the summary returned the failures, so
+    `log=lambda line: None` loses nothing.
 
     With `annotations` (and `splits`), each clip's labels and split are stored beside its features, matched by
     video id, so that `bmfn train` needs nothing else. With `shard` (or RANK/WORLD_SIZE under torchrun) only the
     clips of that shard are extracted, into the shard's own store beside `out` (`Shard.path`).
     """
+    refuse_in_starting_worker("extract")
     options = options or ExtractOptions()
+    log = log or _on_stderr
     shard = resolve_shard(shard)
     start_together()  # under torchrun: every rank is alive now; one that dies later is then seen at once
     if splits is not None and annotations is None:
@@ -250,7 +262,7 @@ def extract(
     if not paths:
         raise BmfnError(f"no video files found in {', '.join(map(str, inputs))}")
     for item in empty:  # among inputs that have some
-        tqdm.write(f"bmfn: warning: no video files in {one_line(str(item))}", file=sys.stderr)
+        log(f"warning: no video files in {one_line(str(item))}")
     if shard is not None:  # an empty shard still gets its (empty) store, so `bmfn merge` sees every shard
         paths, out = [path for path in paths if shard.holds(printable(clip_id(path)))], shard.path(out)
         progress = progress and rank_env().local_rank == 0  # one bar per machine under torchrun
@@ -258,8 +270,8 @@ def extract(
     video_decoder = video_decoder_on(options.video_decoder, device)
     video_hwaccel(video_decoder)  # no NVDEC here: one line now, before the networks load
     if options.random_seed is not None:  # said once the command is known to go ahead
-        tqdm.write(f"bmfn: using RANDOM network weights (seed {options.random_seed}): features are for tests and "
-                   "demos only, and the store records it", file=sys.stderr)
+        log(f"using RANDOM network weights (seed {options.random_seed}): features are for tests and demos only, "
+            "and the store records it")
     visual, audio = load_extractors(options, device)
     provenance = features_provenance(options, visual, audio)
     summary = ExtractSummary(Path(out))
@@ -271,7 +283,7 @@ def extract(
             error = printable(error)
             store.add_failure(cid, path, error)
             summary.failed.append((printable(str(path)), error))
-            tqdm.write(f"bmfn: error: {one_line(error)}", file=sys.stderr)
+            log(f"error: {one_line(error)}")
 
         todo: list[Path] = []
         for path in paths:
@@ -304,7 +316,7 @@ def extract(
                     else:
                         summary.done.append(cid)
                         for warning in clip.warnings:  # kept in the store too (its `warnings` dataset)
-                            tqdm.write(f"bmfn: note: {one_line(warning)}", file=sys.stderr)
+                            log(f"note: {one_line(warning)}")
                         if on_clip is not None:
                             on_clip(cid)
                 if isinstance(clip, str):
@@ -349,6 +361,11 @@ def extract(
             summary.unmatched_annotations = bool(ran) and not any(cid in labels for cid in ran)
     finish_together()
     return summary
+
+
+def _on_stderr(message: str) -> None:
+    """extract's default `log`: a line on standard error, written above the progress bar."""
+    tqdm.write(f"bmfn: {message}", file=sys.stderr)
 
 
 class _DeviceResults:

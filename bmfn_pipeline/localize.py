@@ -35,8 +35,8 @@ import torch
 
 from bmfn_pipeline.ave import BACKGROUND, SEGMENTS
 from bmfn_pipeline.decode import (FRAME_SIZE, SAMPLE_RATE, BackgroundRead, ClipInfo, DecodedClip, decode_window,
-                                  find_videos, read_for_labels, video_hwaccel)
-from bmfn_pipeline.errors import BmfnError
+                                  find_videos, read_for_labels, refuse_in_starting_worker, video_hwaccel)
+from bmfn_pipeline.errors import BmfnError, check_counts
 from bmfn_pipeline.evaluate import EVAL_BATCH_SIZE
 from bmfn_pipeline.extract import (FRAMES_PER_SECOND, ExtractOptions, features_provenance, load_extractors,
                                    resolve_device, video_decoder_on)
@@ -163,10 +163,9 @@ class Localizer:
         video_hwaccel(self.video_decoder)  # no NVDEC here: one line now, before the networks load
         self.model = model.to(self.device).eval()
         check_stride(stride)
-        if batch_size < 1:
-            raise BmfnError(f"batch size {batch_size}: give 1 or more windows")
+        check_counts("localize", batch_size=batch_size, frames_per_second=frames_per_second)
         self.stride = int(stride)  # a numpy integer would reach the JSON result as text
-        self.batch_size = batch_size
+        self.batch_size = int(batch_size)
         self.checkpoint = checkpoint or "(model given in Python)"
         self.epoch = epoch
         self.trained = provenance
@@ -423,6 +422,7 @@ def localize(paths: str | os.PathLike | Iterable[str | os.PathLike], checkpoint:
     or int8 on CPUs); `video_decoder` "cuda" decodes on the GPU's NVDEC; see the module docstring for windows and
     labels.
     """
+    refuse_in_starting_worker("localize")
     single = isinstance(paths, (str, os.PathLike))
     files = find_videos([paths] if single else paths, keep_missing=True)
     if not files:

@@ -27,6 +27,7 @@ import shlex
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from numbers import Integral, Real
 from pathlib import Path
@@ -121,6 +122,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_counts("TrainConfig", epochs=self.epochs, batch_size=self.batch_size,
                      eval_batch_size=self.eval_batch_size, seeds=self.seeds)
+        check_counts("TrainConfig", minimum=0, seed=self.seed)
         for name in ("lr", "gamma", "clip"):  # NaN and infinity pass a comparison with 0, and ruin every weight
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, Real) or not value > 0
@@ -130,6 +132,17 @@ class TrainConfig:
             if isinstance(self.milestones, str) or not all(isinstance(m, Integral) and m >= 1 for m in self.milestones):
                 raise BmfnError(f"TrainConfig: milestones={self.milestones!r}, expected epochs such as (10, 20, 30)")
             self.milestones = tuple(int(m) for m in self.milestones)
+        if self.checkpoint_every is not None and (isinstance(self.checkpoint_every, bool) or not isinstance(
+                self.checkpoint_every, Real) or not 0 <= self.checkpoint_every < math.inf):
+            raise BmfnError(f"TrainConfig: checkpoint_every={self.checkpoint_every!r}, expected seconds, 0 or more")
+        # Plain str, int and float, as run.json holds them: a notebook's Path or numpy number is taken as such.
+        for name, kind in PLAIN_FIELDS.items():
+            if (value := getattr(self, name)) is not None:
+                try:
+                    setattr(self, name, kind(value))
+                except TypeError:
+                    raise BmfnError(f"TrainConfig: {name}={value!r}, expected a path") from None
+        self.model = _model_overrides(self.model)
 
     def resolved(self) -> "TrainConfig":
         if self.mode not in REFERENCE:
@@ -143,6 +156,31 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
+
+
+# TrainConfig's fields whose values are converted to these types (a Path to str, numpy's numbers to Python's).
+PLAIN_FIELDS = {**dict.fromkeys(("ave_dir", "features", "annotations", "splits", "out", "runs_dir", "resume"),
+                                os.fspath),
+                **dict.fromkeys(("epochs", "batch_size", "eval_batch_size", "seed", "seeds"), int),
+                **dict.fromkeys(("lr", "gamma", "clip", "checkpoint_every"), float)}
+
+
+def _model_overrides(model: dict) -> dict:
+    """TrainConfig.model checked by building the network's config from it (before a run folder is written), its
+    numbers as Python's own."""
+    names = {f.name for f in fields(BMFNConfig)} - {"mode"}
+    if not isinstance(model, dict) or not all(isinstance(name, str) for name in model):
+        raise BmfnError(f"TrainConfig: model={model!r}, expected a dict of BMFNConfig fields")
+    if unknown := sorted(set(model) - names):
+        raise BmfnError(f"TrainConfig: model has {', '.join(map(repr, unknown))}, not a BMFNConfig field"
+                        + (" (set TrainConfig.mode instead)" if "mode" in unknown else "")
+                        + f"; the fields are {', '.join(sorted(names))}")
+    plain = {name: value.item() if isinstance(value, np.generic) else value for name, value in model.items()}
+    try:
+        BMFNConfig(**plain)  # its own refusals are BmfnErrors
+    except TypeError as exc:  # a value of another type, such as d_model="256"
+        raise BmfnError(f"TrainConfig: model={model!r}: {exc}") from None
+    return plain
 
 
 @dataclass
@@ -220,16 +258,37 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------- public API
 
 
-def train(config: TrainConfig, data: FeatureData | None = None, log=print) -> TrainResult:
+def train(config: TrainConfig, data: FeatureData | None = None,
+          log: Callable[[str], None] | None = print) -> TrainResult:
     """Train one model per seed, selecting epochs on val (or test with select_on_test); see the module docstring.
+
+    `data` is already loaded features (bmfn_pipeline.data.load_data), else the config's files are loaded. Each
+    line of progress goes to `log` (None: nowhere). Python's, NumPy's and torch's global random generators are
+    seeded for the run and given back their state when it ends, so a notebook's own draws go on as before.
 
     Under torchrun, every rank trains a DistributedDataParallel replica on its slice of each global batch
     (bmfn_pipeline.distributed); rank 0 alone writes the run folder and logs.
     """
-    with process_group(resolve_device(config.device)) as env:
+    log = log or _silent
+    with process_group(resolve_device(config.device)) as env, _global_rng_kept():
         if not env.is_main:
             config, log = replace(config, progress=False), _silent
         return _train(config, data, log)
+
+
+@contextlib.contextmanager
+def _global_rng_kept():
+    """The global generators' states before the block, restored after it."""
+    state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def _silent(*_) -> None:
@@ -286,8 +345,8 @@ def _train(config: TrainConfig, data: FeatureData | None, log) -> TrainResult:
         with failed_writes(run_dir / COMMAND), open(run_dir / COMMAND, "a") as f:
             f.write((config.command or _api_command(config)) + "\n")
 
-    share_from_main(open_run_folder)  # a refusal reaches every rank
     try:
+        share_from_main(open_run_folder)  # a refusal reaches every rank; a lock taken is released below
         log(f"run: {run_dir} ({config.mode}, device {device}, {config.precision})")
         if note := precision_note(device, config.precision):
             log(note)
@@ -854,13 +913,11 @@ def _plot_curves(history: list[dict], path: Path, log) -> None:
     """The loss and accuracy curves as a PNG; one that cannot be written is said in a line, the run goes on."""
     if not history:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook's backend and figures stay as they were
 
     epochs = [h["epoch"] for h in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    left, right = fig.subplots(1, 2)
     left.plot(epochs, [h["loss"] for h in history])
     left.set_xlabel("epoch")
     left.set_ylabel("training loss")
@@ -877,8 +934,6 @@ def _plot_curves(history: list[dict], path: Path, log) -> None:
             fig.savefig(tmp, dpi=100, format="png")
     except WriteError as exc:
         log(f"warning: {exc}: no training curves")
-    finally:
-        plt.close(fig)
 
 
 def _dotted(mapping: dict, key: str):

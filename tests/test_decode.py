@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import write_rotated_clip
+from conftest import REPO, write_rotated_clip
 
 from bmfn_pipeline import decode
 from bmfn_pipeline.decode import (FRAME_SIZE, SAMPLE_RATE, BackgroundRead, ave_frame_indices, decode_clip,
@@ -456,6 +456,42 @@ def test_decoding_workers_hand_over_the_same_clips(video_dir, tmp_path, monkeypa
         assert clip.warnings == expected.warnings
     del handed, clip
     assert _shared_blocks() <= before
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ({"seconds": 0}, "seconds=0, expected a whole number of at least 1"),  # an IndexError deep inside
+    ({"frames_per_second": 0}, "frames_per_second=0, expected a whole number of at least 1"),
+    ({"seconds": 2.5}, "seconds=2.5, expected a whole number of at least 1"),
+    ({"start_s": -1.0}, "start_s=-1.0, expected seconds, 0 or more"),
+    ({"start_s": float("nan")}, "start_s=nan, expected seconds, 0 or more"),
+])
+def test_decode_clip_settings_are_checked_before_the_file_is_read(video_dir, setting, expected):
+    with pytest.raises(BmfnError, match=f"^decode_clip: {re.escape(expected)}$"):
+        decode_clip(video_dir / "moviepy_chaplin.mp4", **setting)
+
+
+# A script calling extract() at its top level, without `if __name__ == "__main__":`.
+UNGUARDED_SCRIPT = """
+import sys
+from bmfn_pipeline.extract import ExtractOptions, extract
+extract(sys.argv[1], sys.argv[2], ExtractOptions(frames_per_second=1, random_seed=0, device="cpu", workers=1),
+        progress=False, log=lambda line: None)
+"""
+
+
+def test_a_script_without_a_main_guard_is_told_why_its_workers_fail(video_dir, tmp_path):
+    """Each decoding worker runs such a script's top level again as it starts; its extract() is refused there with
+    the reason, instead of a second extraction that failed on the store's lock (each clip then failed as "the
+    decoding worker died", with no word of why)."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(video_dir / "moviepy_chaplin.mp4"),
+                           str(tmp_path / "feats.h5")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert ("RuntimeError: extract() was called again in a decoding worker as it started: worker processes run "
+            "the calling script's top level again, so call extract() under `if __name__ == \"__main__\":` in a "
+            "script") in proc.stderr
+    assert "another process is writing" not in proc.stderr
 
 
 def _kill_own_worker_on(name: str, clip):

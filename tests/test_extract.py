@@ -444,6 +444,23 @@ def test_extract_takes_one_path_as_one_input(clips, tmp_path):
         extract([], tmp_path / "none.h5", options, progress=False)
 
 
+def test_extract_from_python_says_its_lines_to_log_and_nothing_on_stderr(clips, tmp_path, capfd):
+    """A notebook chooses where extract's warnings, notes and errors go (they went to stderr whatever it asked); the
+    summary holds the failures, the store the notes."""
+    lines: list[str] = []
+    options = ExtractOptions(frames_per_second=1, random_seed=0, device="cpu", workers=0)
+    summary = extract([clips[0], tmp_path / "gone.mp4"], tmp_path / "feats.h5", options, progress=False,
+                      log=lines.append)
+    assert capfd.readouterr().err == ""
+    assert lines[0].startswith("using RANDOM network weights (seed 0)")
+    assert f"note: {clips[0]}: " in lines[1] and "shorter than" in lines[1]
+    assert lines[2:] == [f"error: {tmp_path / 'gone.mp4'}: no such file"]
+    assert json.loads(json.dumps(summary.to_dict())) == {
+        "out": str(tmp_path / "feats.h5"), "done": [clips[0].stem], "skipped": [], "unlabelled": [],
+        "failed": [{"path": str(tmp_path / "gone.mp4"), "error": f"{tmp_path / 'gone.mp4'}: no such file"}],
+        "unmatched_annotations": False}
+
+
 def test_two_files_with_one_clip_id_are_refused_before_any_clip_is_extracted(clips, tmp_path, monkeypatch):
     """A store holds one clip per id, and either file could be the one meant: the run stops at once, before any
     work it could lose; it is not a clip failure, which the store would record."""

@@ -572,5 +572,7 @@ def test_formats_of_one_video_per_file_need_an_output_dir_for_several(workdir, v
         assert result.exit_code == 1 and not result.stdout
         assert result.stderr.strip() == (f"bmfn: error: --format {output_format} describes one video per file: "
                                          "with 2 videos give --output-dir (a file each)")
-    with pytest.raises(BmfnError, match="batch size 0: give 1 or more"):
-        localize(video_dir / ONE_SECOND, checkpoint, device="cpu", batch_size=0)
+    for setting in ({"batch_size": 0}, {"batch_size": 2.5}, {"frames_per_second": 0}):  # 0 was the checkpoint's
+        name, value = next(iter(setting.items()))
+        with pytest.raises(BmfnError, match=f"^localize: {name}={value}, expected a whole number of at least 1$"):
+            localize(video_dir / ONE_SECOND, checkpoint, device="cpu", **setting)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -381,11 +383,64 @@ def test_checkpoints_are_written_at_intervals_and_best_is_the_selected_epoch(tmp
     ({"clip": -1.0}, "clip=-1.0, expected a finite number above 0"),
     ({"gamma": float("nan")}, "gamma=nan, expected a finite number above 0"),
     ({"milestones": "5,10"}, "milestones='5,10', expected epochs such as"),
+    ({"seed": -1}, "seed=-1, expected a whole number of at least 0"),  # numpy's global seed refused it mid-run
+    ({"checkpoint_every": -1.0}, "checkpoint_every=-1.0, expected seconds, 0 or more"),
+    ({"out": 3}, "out=3, expected a path"),
+    # the network's settings are checked before a run folder is written (they made it unusable, then)
+    ({"model": {"dropuot": 0.1}}, "model has 'dropuot', not a BMFNConfig field; the fields are"),
+    ({"model": {"mode": "weakly"}}, "model has 'mode', not a BMFNConfig field (set TrainConfig.mode instead)"),
+    ({"model": {"d_model": 250}}, ""),  # BMFNConfig's own: not divisible by its heads
+    ({"model": {"d_model": "256"}}, "model={'d_model': '256'}: "),
 ])
 def test_train_settings_from_python_are_checked_as_the_cli_checks_them(setting, message):
-    with pytest.raises(BmfnError, match=f"^TrainConfig: {re.escape(message)}"):
+    with pytest.raises(BmfnError, match=f"^{'TrainConfig: ' if message else 'BMFN config: '}{re.escape(message)}"):
         TrainConfig(**setting)
     assert TrainConfig(milestones=[5, np.int64(10)], epochs=np.int64(3)).milestones == (5, 10)
+
+
+def test_a_notebooks_paths_and_numpy_numbers_train_and_a_failed_start_leaves_no_lock(tmp_path, monkeypatch):
+    """Path and numpy values are what a notebook has at hand: run.json gets them as plain JSON (json.dumps failed
+    on them after the run folder's lock was taken, and the lock stayed held by the process: its next call was
+    refused as "another process is training this run now")."""
+    directory = make_ave_dir(tmp_path / "ave", n_clips=20)
+    config = TrainConfig(ave_dir=directory, out=tmp_path / "run", epochs=np.int64(1),
+                         **{**FAST, "lr": np.float32(2e-3)})
+    assert (config.ave_dir, config.out, type(config.epochs), type(config.lr)) == (str(directory),
+                                                                                   str(tmp_path / "run"), int, float)
+
+    def fails(*_):
+        raise WriteError(tmp_path / "run" / "command.txt", "No space left on device")
+
+    with monkeypatch.context() as patched:  # a failure after the lock is taken, before training
+        patched.setattr(train_module, "_api_command", fails)
+        with pytest.raises(WriteError):
+            train(config, log=None)
+    result = train(TrainConfig(ave_dir=directory, out=tmp_path / "run2", epochs=1, **FAST), log=None)
+    assert json.loads((result.run_dir / "run.json").read_text())["config"]["out"] == str(tmp_path / "run2")
+    assert train(replace(config, resume=tmp_path / "run"), log=None).runs[0].epochs == 1  # not refused as locked
+    with pytest.raises(BmfnError, match=r"^evaluate: batch_size=-1, expected a whole number of at least 1$"):
+        evaluate(result.run_dir, batch_size=-1, plot=False)  # was an accuracy of NaN over no segment
+
+
+def test_training_keeps_a_notebooks_random_state_and_plot_backend(tmp_path):
+    """train() seeds the global generators for its run and gives them back their state; its curves are drawn
+    without pyplot, which would switch a notebook's backend to Agg (its inline plots then stop showing)."""
+    import matplotlib
+
+    directory = make_ave_dir(tmp_path / "ave", n_clips=20)
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        random.seed(5), np.random.seed(5), torch.manual_seed(5)
+        expected = random.random(), np.random.rand(), torch.rand(1)
+        random.seed(5), np.random.seed(5), torch.manual_seed(5)
+        train(TrainConfig(ave_dir=str(directory), out=str(tmp_path / "run"), epochs=1, **FAST), log=None)
+        evaluate(tmp_path / "run", plot=True)
+        assert (tmp_path / "run" / "curves.png").is_file() and list((tmp_path / "run").glob("confusion-*.png"))
+        assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(backend)
 
 
 def test_progress_of_a_rank_without_clips_yet_is_empty_not_a_division_by_zero():
