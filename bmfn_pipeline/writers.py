@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import sys
 import warnings
@@ -279,6 +280,10 @@ TAB20_GREYS = slice(14, 16)  # tab20's grey pair, left out so that no class look
 STRIP_HEIGHT_PX = 64  # keyframes are subsampled to about this height, so a long video's strip stays small
 FIGURE_DPI = 100
 WAVEFORM_BINS = 4000  # about one per pixel column of the widest figure
+PLOT_SHARE = 0.8  # of the figure's width, the time axis (the legend takes the rest)
+TITLE_CHARS_PER_INCH = 14  # 10 pt title characters: the summary is cut after the events that fit on its line
+NAME_PX_PER_CHAR = 5  # 8 pt event names: one is left out where it would print over the one before
+EDGE_MIN_PX = 6  # a second drawn narrower gets no white edge (an hour's edges would cover its colours)
 
 
 def class_colour(label: int) -> tuple[float, ...]:
@@ -308,7 +313,7 @@ def plot_timeline(result: LocalizationResult, frames: np.ndarray | None, audio: 
     fig = Figure(figsize=(width, sum(heights[p] for p in panels) + 0.8), dpi=FIGURE_DPI, layout="constrained")
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False,
                         gridspec_kw={"height_ratios": [heights[p] for p in panels]})[:, 0]
-    fig.suptitle(f"{one_line(Path(result.path).name)}: {result.summary()}", fontsize=10,
+    fig.suptitle(_title(result, int(width * TITLE_CHARS_PER_INCH)), fontsize=10,
                  parse_math=False)  # '$' in names; bytes that are not UTF-8 escaped
     for ax, panel in zip(axes, panels):
         if panel == "frames":
@@ -316,7 +321,7 @@ def plot_timeline(result: LocalizationResult, frames: np.ndarray | None, audio: 
         elif panel == "audio":
             _plot_audio(ax, np.asarray(audio, dtype=np.float32))
         else:
-            _plot_labels(ax, result)
+            _plot_labels(ax, result, px_per_second=width * FIGURE_DPI * PLOT_SHARE / max(duration, 1e-9))
     axes[-1].set_xlim(0, duration)
     axes[-1].set_xlabel("time (s)")
     path = Path(path)
@@ -332,6 +337,18 @@ def plot_timeline(result: LocalizationResult, frames: np.ndarray | None, audio: 
     except WriteError as err:
         raise WriteError(path, err.reason, "the timeline plot") from None
     return path
+
+
+def _title(result: LocalizationResult, chars: int) -> str:
+    """The file's name and summary, cut after the events that fit in `chars` (a long video's summary is a page)."""
+    name = one_line(Path(result.path).name)
+    parts = result.summary().split("; ")
+    for kept in range(len(parts), 0, -1):
+        left = len(parts) - kept
+        title = f"{name}: {'; '.join(parts[:kept])}" + (f"; ... and {left} more events" if left else "")
+        if len(title) <= chars:
+            return title
+    return f"{name}: {len(parts)} events"
 
 
 def _plot_frames(ax, frames: np.ndarray) -> None:
@@ -356,7 +373,8 @@ def _plot_audio(ax, audio: np.ndarray) -> None:
     ax.set_ylabel("audio")
 
 
-def _plot_labels(ax, result: LocalizationResult) -> None:
+def _plot_labels(ax, result: LocalizationResult, px_per_second: float) -> None:
+    """Bars per second, and the events' names where they do not print over each other."""
     from matplotlib.patches import Patch
 
     seconds = result.seconds
@@ -365,13 +383,17 @@ def _plot_labels(ax, result: LocalizationResult) -> None:
     if seconds:
         starts = [s.start_s for s in seconds]
         ax.bar(starts, [s.event_prob for s in seconds], width=[s.end_s - s.start_s for s in seconds], align="edge",
-               color=[class_colour(s.label) for s in seconds], edgecolor="white", linewidth=0.5)
+               color=[class_colour(s.label) for s in seconds], edgecolor="white",
+               linewidth=0.5 if px_per_second >= EDGE_MIN_PX else 0)
         class_probs = [s.class_prob for s in seconds]
         handles += ax.step([*starts, seconds[-1].end_s], [*class_probs, class_probs[-1]], where="post",
                            color="black", linewidth=0.8, label="class prob")
+    drawn_to = -math.inf  # where the last name drawn ends, in pixels: a name that would print over it is left out
     for interval in merge_seconds(seconds):
-        if interval.label != BACKGROUND:
-            ax.text((interval.start_s + interval.end_s) / 2, 1.02, interval.name, ha="center", va="bottom",
+        centre, half = (interval.start_s + interval.end_s) / 2, NAME_PX_PER_CHAR * len(interval.name) / 2
+        if interval.label != BACKGROUND and centre * px_per_second - half >= drawn_to + NAME_PX_PER_CHAR:
+            drawn_to = centre * px_per_second + half
+            ax.text(centre, 1.02, interval.name, ha="center", va="bottom",
                     fontsize=8, clip_on=False)
     ax.axhline(0.5, color="0.5", linestyle=":", linewidth=0.8)
     ax.set_ylim(0, 1)

@@ -240,6 +240,32 @@ def test_timeline_png(tmp_path, with_frames, with_audio):
         assert height > bare.shape[0]
 
 
+def test_an_hours_timeline_stays_readable(tmp_path):
+    """An hour of events every other second: the title lists the events that fit on its line and counts the rest
+    (it held all 900, 20,000 characters, cut off at both ends), names that would print over each other are left out
+    (they made a black smear), and bars a pixel wide have no white edges (which washed out their colours)."""
+    from matplotlib.figure import Figure
+
+    from bmfn_pipeline.writers import TITLE_CHARS_PER_INCH, _plot_labels, _title
+
+    result = make_result(([BACKGROUND] + [BARK, BARK, BACKGROUND, FLUTE]) * 720)
+    title = _title(result, 40 * TITLE_CHARS_PER_INCH)
+    assert len(title) <= 40 * TITLE_CHARS_PER_INCH and title.startswith("clip one.mp4: Bark: 1.0-3.0 s; Flute: ")
+    assert title.endswith(f"; ... and {1440 - title.count(';')} more events")
+    assert _title(make_result(LABELS), 8 * TITLE_CHARS_PER_INCH) == \
+        "clip one.mp4: Bark: 3.0-8.0 s; Flute: 9.0-10.0 s"  # a short one whole
+    ax = Figure().subplots()
+    _plot_labels(ax, result, px_per_second=40 * 100 * 0.8 / 3600)
+    assert 100 <= len(ax.texts) <= 3200 / (5 * len("Bark ")) and ax.patches[0].get_linewidth() == 0
+    ends = [(t.get_position()[0] * 3200 / 3600 - 2.5 * len(t.get_text()),
+             t.get_position()[0] * 3200 / 3600 + 2.5 * len(t.get_text())) for t in ax.texts]
+    assert all(left >= right for (_, right), (left, _) in zip(ends, ends[1:]))  # apart, in pixels
+    ax = Figure().subplots()
+    _plot_labels(ax, make_result(LABELS), px_per_second=64)  # a 10 s clip: each event named, bars edged
+    assert [t.get_text() for t in ax.texts] == ["Bark", "Flute"] and ax.patches[0].get_linewidth() == 0.5
+    assert plot_timeline(result, None, None, tmp_path / "hour.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_class_colours_are_distinct_and_none_is_grey():
     colours = [class_colour(label)[:3] for label in range(NUM_CLASSES)]
     assert len(set(colours)) == NUM_CLASSES
