@@ -17,8 +17,8 @@ within VFR_DRIFT_S of i / fps; in a video whose rate varies more, frame i is the
 frame at fps: the first whose time rounds to i, else the one on screen then).
 
 Segments that exist: a trailing part second counts as a segment when it is at least half a second long, so a 5.31 s
-clip has 5 segments, a 1 s clip 1, a 9.64 s clip 10 (never fewer than 1). Segments beyond the end repeat the last frame
-and have silent audio.
+clip has 5 segments, a 1 s clip 1, a 9.64 s clip 10 (never fewer than 1). Segments beyond them repeat the last frame,
+and their audio is what sound is left (the 0.31 s of a 5.31 s clip), then silence.
 
 Stream starts: video and audio are each read from their own start, as the released features were, unless they start
 half a second or more apart (a video that begins seconds after its sound); then both are placed on one timeline from
@@ -798,8 +798,8 @@ def _header_warnings(info: ClipInfo, window_chosen: bool = False) -> list[str]:
     end_s = info.start_s + info.seconds
     if info.segments < info.seconds:
         warnings.append(f"{info.path}: {info.duration_s - info.start_s:.2f} s from {info.start_s:g} s is shorter "
-                        f"than {info.seconds} s: segments {info.segments}..{info.seconds - 1} repeat the last frame "
-                        f"and are silent")
+                        f"than {info.seconds} s: segments {info.segments}..{info.seconds - 1} repeat the last frame, "
+                        f"with silence after {info.duration_s:.2f} s")
     elif info.indexing == "wall-clock" and not window_chosen and info.duration_s > end_s:
         warnings.append(f"{info.path}: {info.duration_s:.2f} s is longer than the window: only "
                         f"{info.start_s:g}-{end_s:g} s is used (`bmfn localize` reads every window of a video; from "

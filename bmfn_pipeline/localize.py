@@ -10,7 +10,10 @@ softmax(class logits) is averaged and its argmax is the class. A second is an ev
 probability exceeds 0.5 (as model.predict_segments), labelled with that class; otherwise background (28). Its
 `class_prob` is always the mean probability of the top class, so a background second still says which event it
 most resembled and how strongly. A video of at most 10 seconds is one window, decoded and padded exactly as
-`bmfn extract` does, and gets labels only for the seconds it has (decode.py decides how many: 5 for 5.3 s).
+`bmfn extract` does, and gets labels only for the seconds it has (decode.py decides how many: 5 for 5.3 s); its
+frames are counted at AVE's indices where it is about 10 s long (9.5 to 10.5 s), as the training clips' were, so
+its last seconds' frames may be up to half a second off their times (0.36 s early in a 9.64 s video). A last part second of any video is labelled where it
+is half a second or more; a shorter one is not, and a note says so.
 
 Speed: a long video is decoded once, in chunks; VGG-19 runs once per second of video (its per-second maps do not
 depend on the window); VGGish runs per window because the AVE framing (0.96 s hops) is relative to a window's
@@ -49,6 +52,9 @@ DEFAULT_STRIDE = 5  # seconds between window starts: each second of a long video
 # Files probed and (up to 10 s) decoded in threads ahead of the one being featurised: decoding overlaps VGG-19 on a
 # CPU and keeps a GPU fed; PyAV, OpenCV and FFmpeg's decoder threads do their work outside the GIL.
 DECODE_AHEAD = 2
+# A last part second under half a second is not labelled (decode.py's rule); one this long or longer is said in a
+# note (headers are off by hundredths: an AVE clip of 10.03 s says nothing).
+UNLABELLED_NOTE_S = 0.1
 CHUNK_SECONDS = 60  # seconds of a long video decoded at once: 60 x 16 frames x 150 kB bounds frames to ~150 MB
 KEYFRAME_STEP = max(1, FRAME_SIZE // STRIP_HEIGHT_PX)  # keyframes kept for the plot at its strip's resolution
 RANDOM_PREFIX = "random:"  # how a provenance records seeded random weights (extractors.weights.random_provenance)
@@ -322,6 +328,9 @@ class Localizer:
             visual, waveform, keyframes, warnings = self._short_video(path, clip, seconds, keep_media)
         else:
             visual, waveform, keyframes, warnings = self._long_video(path, seconds, keep_media)
+        if (tail := info.duration_s - seconds) >= UNLABELLED_NOTE_S:
+            warnings.append(f"{path}: its last {tail:.2f} s (from {seconds} s) are less than half a second: not "
+                            "labelled")
         began = time.perf_counter()
         audio = self.audio.batch([waveform[s * SAMPLE_RATE:(s + WINDOW) * SAMPLE_RATE] for s in starts], WINDOW)
         self.timings["audio"] += time.perf_counter() - began
@@ -413,8 +422,9 @@ def localize(paths: str | os.PathLike | Iterable[str | os.PathLike], checkpoint:
              plot_dir: str | os.PathLike | None = None, runs_dir: str | os.PathLike = RUNS_DIR,
              log: Callable[[str], None] | None = None) -> LocalizationResult | list[LocalizationResult | BmfnError]:
     """Per-second labels of one video (a LocalizationResult; a failure raises BmfnError) or of several: a list of
-    paths, a folder (searched recursively for video files) or a .txt list give a list in their order, where a file
-    that failed holds its BmfnError so the others' results are kept. A file whose labels were made but whose plot
+    paths, a folder (searched recursively for video files) or a .txt list give a list in their order, each file once
+    (one named twice is labelled once), where a file that failed holds its BmfnError so the others' results are
+    kept; the error's `.video` is its file, as a result's `.path` is. A file whose labels were made but whose plot
     failed gives a PlotFailed, a BmfnError that holds them as `.result`.
 
     `checkpoint` defaults to the newest run's best.pt under `runs_dir`; `frames_per_second` and the weights
@@ -435,7 +445,11 @@ def localize(paths: str | os.PathLike | Iterable[str | os.PathLike], checkpoint:
         frames_per_second=frames_per_second, weights=weights, vgg19_weights=vgg19_weights,
         vggish_weights=vggish_weights, seed=seed, precision=precision, force=force, video_decoder=video_decoder,
         log=log)
-    outcomes = [outcome for _, outcome in localizer.run(files, plot_dir=plot_dir)]
+    outcomes = []
+    for path, outcome in localizer.run(files, plot_dir=plot_dir):
+        if isinstance(outcome, BmfnError):
+            outcome.video = str(path)
+        outcomes.append(outcome)
     if single:
         if isinstance(outcomes[0], BmfnError):
             raise outcomes[0]

@@ -143,6 +143,13 @@ def test_cli_labels_every_second_of_each_clip(cli_run):
         assert [r["start_s"] for r in rows] == list(range(seconds))
         assert [r["end_s"] for r in rows[:-1]] == list(range(1, seconds))
         assert rows[-1]["end_s"] == pytest.approx(min(seconds, data["duration_s"]))
+        # a last part second under half a second (SHORT's 0.31 s) is not labelled, and said
+        tail = [w for w in data["warnings"] if "less than half a second" in w]
+        assert tail == ([f"{data['path']}: its last 0.31 s (from 5 s) are less than half a second: not labelled"]
+                        if name == SHORT else [])
+        if name == SHORT:  # its sound goes on into second 5: not "silent", as this said
+            assert (f"{data['path']}: 5.31 s from 0 s is shorter than 10 s: segments 5..9 repeat the last frame, "
+                    "with silence after 5.31 s") in data["warnings"]
         for r in rows:
             assert 0 <= r["label"] <= ave.BACKGROUND and 0 <= r["event_prob"] <= 1 and 0 < r["class_prob"] <= 1
             assert (r["label"] == ave.BACKGROUND) == (r["event_prob"] <= 0.5)
@@ -438,6 +445,10 @@ def test_folders_and_lists_are_searched_for_videos(workdir, video_dir, tmp_path)
     assert paths == [str(folder / "nested" / ONE_SECOND), str(video_dir / ONE_SECOND)]
     (from_api,) = localize(folder, checkpoint, device="cpu")  # a folder gives a list, as a list of paths does
     assert from_api.path == paths[0] and len(from_api.seconds) == SECONDS[ONE_SECOND]
+    # each file once, a failure naming its file as a result does
+    missing, labelled = localize([tmp_path / "missing.mp4", video_dir / ONE_SECOND, video_dir / ".." / "video" /
+                                  ONE_SECOND], checkpoint, device="cpu")
+    assert (missing.video, labelled.path) == (str(tmp_path / "missing.mp4"), str(video_dir / ONE_SECOND))
 
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["localize", str(folder), str(video_dir / ONE_SECOND), "--checkpoint",
