@@ -501,6 +501,9 @@ def _milestones(ctx, param, value):
 @click.option("--select-on-test", is_flag=True,
               help="The official protocol: keep the epoch with the best TEST accuracy (optimistic). "
                    "Default: select on val, report test for that epoch.")
+@click.option("--esa-activation", type=click.Choice(["sigmoid", "relu6"]),
+              help="The expansion self-attention's activation: sigmoid, the paper's (default), or relu6, the "
+                   "official code's.")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False),
               help="Continue an interrupted run from its last.pt with its own settings (--epochs may extend it; "
                    "--precision, --cuda-graphs, --checkpoint-every may change; what is given is kept for later "
@@ -509,7 +512,7 @@ def _milestones(ctx, param, value):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size, eval_batch_size, lr, milestones,
           gamma, clip, seed, seeds, device, precision, cuda_graphs, compile_network, checkpoint_every, select_on_test,
-          resume, force, quiet) -> None:
+          esa_activation, resume, force, quiet) -> None:
     """Train BMFN on pre-extracted features; writes best.pt, last.pt, metrics.jsonl, curves.png, command.txt, run.json.
 
     Defaults reproduce the official hyper-parameters per mode (Adam 5e-4, MultiStepLR, 200 epochs, batch 32).
@@ -531,7 +534,7 @@ def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size,
                          milestones=milestones, gamma=gamma, clip=clip, seed=seed, seeds=seeds, device=device,
                          precision=precision, cuda_graphs=cuda_graphs, compile=compile_network,
                          checkpoint_every=checkpoint_every, select_on_test=select_on_test, force=force,
-                         resume=resume, progress=not quiet, command=shlex.join(["bmfn", *sys.argv[1:]]))
+                         model={"esa_activation": esa_activation} if esa_activation else {}, resume=resume, progress=not quiet, command=shlex.join(["bmfn", *sys.argv[1:]]))
     run_dir: list[str] = []  # the folder train() names in its "run: " line
 
     def log(line: str) -> None:

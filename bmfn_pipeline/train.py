@@ -37,7 +37,8 @@ import torch
 from tqdm import tqdm
 
 from bmfn_pipeline import __version__
-from bmfn_pipeline.data import FeatureData, batches, find_default_data, load_data, num_batches
+from bmfn_pipeline.data import (NOISY_AUDIO_FILE, NOISY_VISUAL_FILE, FeatureData, batches, find_default_data,
+                                load_data, num_batches)
 from bmfn_pipeline.distributed import (all_sum, gathered, local_batch, process_group, rank_device, rank_env,
                                        rank_share, resolve_device, seed_rank, share_from_main, stand_in, summed, wrap)
 from bmfn_pipeline.errors import BmfnError, WriteError, check_counts, failed_writes, percent, written
@@ -313,6 +314,10 @@ def _train(config: TrainConfig, data: FeatureData | None, log) -> TrainResult:
         log(f"note: {note}")
     if config.mode == "weakly":
         data = _with_video_classes(data, log)
+        if config.include_noisy and data.noisy is None:
+            log(f"note: no background-only clips beside {data.source['path']} (the AVE release's 178, in "
+                f"{NOISY_VISUAL_FILE} and {NOISY_AUDIO_FILE}): unlike the official weakly supervised training, no "
+                "training video has background as its target")
     if len(data.splits["train"]) == 0:
         raise BmfnError(f"{data.source['path']}: the train split is empty ({data.split_rule})")
     selection = "test" if config.select_on_test else "val"

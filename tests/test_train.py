@@ -102,6 +102,7 @@ def test_weakly_supervised_learns_from_video_labels(tmp_path, monkeypatch):
     result = train(TrainConfig(mode="weakly", ave_dir=str(directory), out=str(tmp_path / "run"), epochs=6,
                                **{**FAST, "lr": 5e-3}), log=logged.append)
     assert any("+ 20 background clips" in line for line in logged)
+    assert not any("no background-only clips" in line for line in logged)
     # every epoch trains on the 40 training clips' video classes and the 20 background clips
     targets = torch.cat(targets)
     assert len(targets) == 6 * 60 and (targets == ave.BACKGROUND).sum() == 6 * 20
@@ -561,6 +562,18 @@ def test_empty_test_split_reports_no_test_accuracy(tmp_path):
     assert resumed.runs[1].history[-1]["test_acc"] is None
 
 
+def test_weak_training_without_background_clips_says_it_departs_from_the_official_training(tmp_path):
+    """The official weak training always has the 178 background-only clips, the only videos whose target is
+    background; a store (or a folder without the *_noisy.h5 files) has none, which was said nowhere."""
+    directory = make_ave_dir(tmp_path / "ave", n_clips=20)
+    logged = []
+    train(TrainConfig(mode="weakly", ave_dir=str(directory), out=str(tmp_path / "run"), epochs=1, **FAST),
+          log=logged.append)
+    assert (f"note: no background-only clips beside {directory.resolve()} (the AVE release's 178, in "
+            "visual_feature_noisy.h5 and audio_feature_noisy.h5): unlike the official weakly supervised training, no "
+            "training video has background as its target") in logged
+
+
 def test_weak_training_leaves_out_clips_without_a_video_class(tmp_path):
     """bmfn-reference.md section 9: a weak target is never background; a clip whose labels give no class (an empty
     event interval in a store that kept segment labels only) is left out of weak training, and said so."""
@@ -585,7 +598,7 @@ def test_cli_chain_train_then_evaluate_on_a_store(tmp_path, monkeypatch):
     make_store(tmp_path / "feats.h5", n_clips=6, labels={f"vid{i:04d}": (one_hot[i], splits[i]) for i in range(6)})
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
-    argv = ["train", "--epochs", "1", "--batch-size", "4", "--quiet"]
+    argv = ["train", "--epochs", "1", "--batch-size", "4", "--quiet", "--esa-activation", "relu6"]
     monkeypatch.setattr("sys.argv", ["/somewhere/bin/bmfn", *argv])
     result = runner.invoke(main, argv)
     assert result.exit_code == 0, result.output
@@ -593,7 +606,9 @@ def test_cli_chain_train_then_evaluate_on_a_store(tmp_path, monkeypatch):
     assert "splits stored in feats.h5" in result.output
     run_dirs = list((tmp_path / "runs").iterdir())
     assert len(run_dirs) == 1 and run_dirs[0].name.startswith("fully-")
-    assert (run_dirs[0] / "command.txt").read_text() == "bmfn train --epochs 1 --batch-size 4 --quiet\n"
+    assert (run_dirs[0] / "command.txt").read_text() == f"bmfn {' '.join(argv)}\n"
+    model, _ = load_checkpoint(run_dirs[0] / "best.pt")  # the official code's activation, from the command line
+    assert model.config.esa_activation == "relu6"
 
     result = runner.invoke(main, ["evaluate", "--json"])
     assert result.exit_code == 0, result.output
