@@ -507,7 +507,7 @@ def _milestones(ctx, param, value):
 @click.option("--resume", type=click.Path(exists=True, file_okay=False),
               help="Continue an interrupted run from its last.pt with its own settings (--epochs may extend it; "
                    "--precision, --cuda-graphs, --checkpoint-every may change; what is given is kept for later "
-                   "resumes).")
+                   "resumes; another --lr, --batch-size or such is refused).")
 @click.option("--force", is_flag=True, help="Resume even if the features' provenance differs.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size, eval_batch_size, lr, milestones,
@@ -534,7 +534,8 @@ def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size,
                          milestones=milestones, gamma=gamma, clip=clip, seed=seed, seeds=seeds, device=device,
                          precision=precision, cuda_graphs=cuda_graphs, compile=compile_network,
                          checkpoint_every=checkpoint_every, select_on_test=select_on_test, force=force,
-                         model={"esa_activation": esa_activation} if esa_activation else {}, resume=resume, progress=not quiet, command=shlex.join(["bmfn", *sys.argv[1:]]))
+                         model={"esa_activation": esa_activation} if esa_activation else {}, resume=resume,
+                         progress=not quiet, command=shlex.join(["bmfn", *sys.argv[1:]]))
     run_dir: list[str] = []  # the folder train() names in its "run: " line
 
     def log(line: str) -> None:

@@ -76,6 +76,9 @@ CHECKPOINT_EVERY = 60.0  # seconds between writes of last.pt and best.pt (0: aft
 # what --resume may change; a change is written to run.json, so that a later plain --resume goes on alike.
 RUN_DEFAULTS = {"precision": "float32", "cuda_graphs": True, "checkpoint_every": CHECKPOINT_EVERY}
 RESUME_SETTINGS = ("epochs", *RUN_DEFAULTS)
+# What shapes what a run learns: a resumed run keeps its own, and refuses another given (it went unused, unsaid).
+FIXED_ON_RESUME = ("mode", "batch_size", "lr", "milestones", "gamma", "clip", "seed", "seeds", "select_on_test",
+                   "include_noisy", "model")
 PROGRESS_EVERY = 10  # steps between progress-bar figures (reading them waits for the GPU)
 # --compile's inductor settings. Combo kernels fuse independent small kernels (such as the weights' bf16 casts) into
 # one launch: a graphed bf16 step on an H100 went from 863 to 661 kernels, 5.07 to 4.70 ms.
@@ -810,7 +813,8 @@ def _remove_unfinished_writes(run_dir: Path) -> None:
 
 def _resume_config(given: TrainConfig) -> tuple[TrainConfig, Path]:
     """The interrupted run's own configuration; only epochs and how it runs (device, precision, progress, CUDA
-    graphs, checkpoint interval) may change, and RESUME_SETTINGS not given stay the run's."""
+    graphs, checkpoint interval) may change, RESUME_SETTINGS not given stay the run's, and FIXED_ON_RESUME given
+    otherwise are refused."""
     run_dir = Path(given.resume)
     if not (run_dir / RUN_FILE).is_file():
         raise BmfnError(f"{run_dir}: no {RUN_FILE}; not a bmfn run directory")
@@ -819,6 +823,12 @@ def _resume_config(given: TrainConfig) -> tuple[TrainConfig, Path]:
     changed = {name: getattr(given, name) for name in RESUME_SETTINGS if getattr(given, name) is not None}
     config = TrainConfig(**{**saved, **changed, "resume": str(run_dir), "device": given.device,
                             "progress": given.progress, "force": given.force, "command": given.command})
+    unset = TrainConfig()  # a field at its default was not given
+    for name in FIXED_ON_RESUME:
+        value = getattr(given, name)
+        if value != getattr(unset, name) and value != getattr(config, name):
+            raise BmfnError(f"{run_dir}: a resumed run keeps its own {name} ({getattr(config, name)!r}), not "
+                            f"{value!r}; train a new run for another")
     for seed in range(config.seed, config.seed + config.seeds):  # fewer epochs than done would train none
         last = (run_dir if config.seeds == 1 else run_dir / f"seed-{seed}") / LAST
         done = _load_state(last, "cpu", mmap=True)["epoch"] if last.is_file() else 0

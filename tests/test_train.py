@@ -233,6 +233,12 @@ def test_resume_keeps_the_runs_settings_and_records_the_ones_given(tmp_path):
     saved = json.loads((run / "run.json").read_text())["config"]
     assert (saved["epochs"], saved["precision"]) == (2, "float32")
     assert train(TrainConfig(resume=str(run), progress=False), log=quiet).runs[0].epochs == 2
+    # what shapes the learning stays the run's: another value given was dropped without a word
+    other = runner.invoke(main, ["train", "--resume", str(run), "--lr", "0.01", "--epochs", "3", "--quiet"])
+    assert other.exit_code == 1 and other.output == (f"bmfn: error: {run}: a resumed run keeps its own lr (0.002), "
+                                                     "not 0.01; train a new run for another\n")
+    same = runner.invoke(main, ["train", "--resume", str(run), "--lr", "0.002", "--batch-size", "8", "--quiet"])
+    assert same.exit_code == 0, same.output
     fewer = runner.invoke(main, ["train", "--resume", str(run), "--epochs", "1", "--quiet"])  # 2 are done
     assert fewer.exit_code == 1 and "2 epochs are done, more than --epochs 1; resume with --epochs 3" in fewer.output
     assert json.loads((run / "run.json").read_text())["config"]["epochs"] == 2
