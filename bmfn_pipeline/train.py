@@ -821,6 +821,8 @@ def _resume_config(given: TrainConfig) -> tuple[TrainConfig, Path]:
     saved = json.loads((run_dir / RUN_FILE).read_text())["config"]
     saved["milestones"] = tuple(saved["milestones"])
     changed = {name: getattr(given, name) for name in RESUME_SETTINGS if getattr(given, name) is not None}
+    if given.compile:  # how it runs, as precision: --compile given compiles this part of the run
+        changed["compile"] = True
     config = TrainConfig(**{**saved, **changed, "resume": str(run_dir), "device": given.device,
                             "progress": given.progress, "force": given.force, "command": given.command})
     unset = TrainConfig()  # a field at its default was not given

@@ -239,6 +239,9 @@ def test_resume_keeps_the_runs_settings_and_records_the_ones_given(tmp_path):
                                                      "not 0.01; train a new run for another\n")
     same = runner.invoke(main, ["train", "--resume", str(run), "--lr", "0.002", "--batch-size", "8", "--quiet"])
     assert same.exit_code == 0, same.output
+    # --compile is how the run goes on, as --precision is (it was dropped, the run's own False kept)
+    assert train_module._resume_config(TrainConfig(resume=str(run), compile=True))[0].compile
+    assert not train_module._resume_config(TrainConfig(resume=str(run)))[0].compile
     fewer = runner.invoke(main, ["train", "--resume", str(run), "--epochs", "1", "--quiet"])  # 2 are done
     assert fewer.exit_code == 1 and "2 epochs are done, more than --epochs 1; resume with --epochs 3" in fewer.output
     assert json.loads((run / "run.json").read_text())["config"]["epochs"] == 2
