@@ -320,7 +320,8 @@ def probe(files, as_json, frames_per_second) -> None:
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage dtype of the features.")
 @click.option("--workers", type=click.IntRange(0),
-              help="Decoding processes running beside the networks (0: decode in the main process). Default: "
+              help="Decoding processes running beside the networks (0: decode in the main process, each clip "
+                   "stored before the next is decoded, without overlap). Default: "
                    "1 on CPU; on a GPU one per core but one (under torchrun, per rank: its share of the cores less "
                    "one).")
 @click.option("--video-decoder", type=click.Choice(["cpu", "cuda", "nvcodec"]), default="cpu", show_default=True,

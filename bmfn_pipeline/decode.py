@@ -46,8 +46,10 @@ import math
 import mmap
 import multiprocessing
 import os
+import secrets
 import signal
 import sys
+import tempfile
 import threading
 import weakref
 from collections import deque
@@ -106,6 +108,9 @@ MATROSKA_HEAD_BYTES = 64 * 1024  # read for the MuxingApp (mkvmerge reserves a f
 DECODER_THREADS = 0
 IN_FLIGHT_PER_WORKER = 2  # decoded clips queued per worker: bounds memory, keeps every worker busy
 MAX_WORKER_DEATHS = 3  # pools in a row whose worker died before any clip decoded: decoding itself is broken
+# Names, in a decoding worker's environment, the file it writes when it finds a bmfn call at its script's top level
+# (refuse_in_starting_worker).
+WORKER_MARK_ENV = "BMFN_DECODING_WORKER_MARK"
 # Decoding workers hand frames over in shared memory when SHARED_MEMORY_DIR has this many times the room that the
 # clips in flight can take; else through the result pipe. Set in workers by _init_worker.
 SHARED_MEMORY_DIR = "/dev/shm"
@@ -566,14 +571,28 @@ def _init_worker(threads: int, share_frames: bool, video_decoder: str = "cpu") -
 
 
 def refuse_in_starting_worker(call: str) -> None:
-    """A worker process starts by running the calling script's top level again (spawn imports the main module):
-    in a script without `if __name__ == "__main__":` that is a second `call` in every worker, which would fail on
-    the store's lock and leave each clip failed as "the decoding worker died". multiprocessing refuses a process
-    started there; this refuses the call first, saying why (in the worker's output)."""
-    if getattr(multiprocessing.current_process(), "_inheriting", False):  # set while a spawned child starts
-        raise RuntimeError(f"{call}() was called again in a decoding worker as it started: worker processes run the "
-                           f"calling script's top level again, so call {call}() under "
-                           "`if __name__ == \"__main__\":` in a script")
+    """A decoding worker starts by running the calling script's top level again (spawn imports the main module):
+    in a script without `if __name__ == "__main__":` that is a second `call` in every worker, which failed on the
+    store's lock, each clip then failed as "the decoding worker died". Called there, this leaves `call`'s name in
+    the file WORKER_MARK_ENV names and ends the worker; decode_many, seeing the pool broken, stops the run saying
+    why. Anywhere else (another process's start, even a user's own pool while bmfn decodes) it does nothing."""
+    mark = os.environ.get(WORKER_MARK_ENV)
+    if not mark or not getattr(multiprocessing.current_process(), "_inheriting", False):  # a spawned child starting
+        return
+    try:
+        Path(mark).write_text(call)
+    except OSError:  # the parent cannot be told: the worker's own error says it
+        raise RuntimeError(f"{call}() was called again in a decoding worker as it started: call it under "
+                           "`if __name__ == \"__main__\":` in a script") from None
+    raise SystemExit(1)
+
+
+def _unguarded_call(mark: Path) -> str | None:
+    """The call a decoding worker found at its script's top level (refuse_in_starting_worker), if one did."""
+    try:
+        return mark.read_text() or "bmfn"
+    except OSError:
+        return None
 
 
 def _die_with_parent() -> None:
@@ -640,7 +659,8 @@ def _decode_in_pool(todo: deque, suspects: int, decode_args: tuple, workers: int
             raise
         raise BmfnError(f"{SHARED_MEMORY_DIR}: decoding worker processes cannot start ({exc.strerror or exc}); decode "
                         "in this process with --workers 0") from None
-    with pool:
+    mark = Path(tempfile.gettempdir()) / f"bmfn-worker-{os.getpid()}-{secrets.token_hex(4)}"
+    with pool, _environment(WORKER_MARK_ENV, str(mark)):  # the workers inherit it as they start
         pending: deque[tuple[Path, Future]] = deque()
         try:
             while todo or pending:
@@ -653,6 +673,10 @@ def _decode_in_pool(todo: deque, suspects: int, decode_args: tuple, workers: int
                 done, suspects = done + 1, max(0, suspects - 1)
                 yield path, result
         except BrokenProcessPool:
+            if (call := _unguarded_call(mark)) is not None:
+                mark.unlink(missing_ok=True)
+                raise BmfnError(f"decoding workers run the calling script's top level again as they start, and "
+                                f"found its {call}() there: call it under `if __name__ == \"__main__\":`") from None
             if suspects and pending:  # alone in flight: this clip killed its worker
                 path = pending.popleft()[0]
                 done, suspects = done + 1, suspects - 1
@@ -661,6 +685,20 @@ def _decode_in_pool(todo: deque, suspects: int, decode_args: tuple, workers: int
                 suspects = len(pending)
             todo.extendleft(reversed([waiting for waiting, _ in pending]))
     return done, suspects
+
+
+@contextmanager
+def _environment(name: str, value: str):
+    """os.environ[name] = value in the block, as it was after it."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def _shared_memory_free() -> int:

@@ -12,8 +12,9 @@ probability exceeds 0.5 (as model.predict_segments), labelled with that class; o
 most resembled and how strongly. A video of at most 10 seconds is one window, decoded and padded exactly as
 `bmfn extract` does, and gets labels only for the seconds it has (decode.py decides how many: 5 for 5.3 s); its
 frames are counted at AVE's indices where it is about 10 s long (9.5 to 10.5 s), as the training clips' were, so
-its last seconds' frames may be up to half a second off their times (0.36 s early in a 9.64 s video). A last part second of any video is labelled where it
-is half a second or more; a shorter one is not, and a note says so.
+its last seconds' frames may be up to half a second off their times (0.36 s early in a 9.64 s video). A last part
+second is labelled where it is half a second or more; a shorter one is not, and a note says so (except at AVE's
+indices, whose frames spread over the whole video).
 
 Speed: a long video is decoded once, in chunks; VGG-19 runs once per second of video (its per-second maps do not
 depend on the window); VGGish runs per window because the AVE framing (0.96 s hops) is relative to a window's
@@ -38,7 +39,7 @@ import torch
 
 from bmfn_pipeline.ave import BACKGROUND, SEGMENTS
 from bmfn_pipeline.decode import (FRAME_SIZE, SAMPLE_RATE, BackgroundRead, ClipInfo, DecodedClip, decode_window,
-                                  find_videos, read_for_labels, refuse_in_starting_worker, video_hwaccel)
+                                  find_videos, read_for_labels, video_hwaccel)
 from bmfn_pipeline.errors import BmfnError, check_counts
 from bmfn_pipeline.evaluate import EVAL_BATCH_SIZE
 from bmfn_pipeline.extract import (FRAMES_PER_SECOND, ExtractOptions, features_provenance, load_extractors,
@@ -328,7 +329,8 @@ class Localizer:
             visual, waveform, keyframes, warnings = self._short_video(path, clip, seconds, keep_media)
         else:
             visual, waveform, keyframes, warnings = self._long_video(path, seconds, keep_media)
-        if (tail := info.duration_s - seconds) >= UNLABELLED_NOTE_S:
+        # (at AVE's indices, a 10.4 s video's frames spread over all of it: only its sound past 10 s goes unheard)
+        if (tail := info.duration_s - seconds) >= UNLABELLED_NOTE_S and info.indexing != "ave":
             warnings.append(f"{path}: its last {tail:.2f} s (from {seconds} s) are less than half a second: not "
                             "labelled")
         began = time.perf_counter()
@@ -432,7 +434,6 @@ def localize(paths: str | os.PathLike | Iterable[str | os.PathLike], checkpoint:
     or int8 on CPUs); `video_decoder` "cuda" decodes on the GPU's NVDEC; see the module docstring for windows and
     labels.
     """
-    refuse_in_starting_worker("localize")
     single = isinstance(paths, (str, os.PathLike))
     files = find_videos([paths] if single else paths, keep_missing=True)
     if not files:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from numbers import Integral, Real
 from typing import Literal, NamedTuple
 
 import torch
@@ -74,6 +75,17 @@ class BMFNConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("fully", "weakly"):
             raise BmfnError(f"BMFN config: mode must be 'fully' or 'weakly', got {self.mode!r}")
+        for item in fields(self):  # sizes are whole numbers (layer counts may be 0), dropouts rates below 1
+            value, default = getattr(self, item.name), item.default
+            if isinstance(default, int):
+                least = 0 if item.name.endswith("_layers") else 1
+                if isinstance(value, bool) or not isinstance(value, Integral) or value < least:
+                    raise BmfnError(f"BMFN config: {item.name}={value!r}, expected a whole number of at least {least}")
+                object.__setattr__(self, item.name, int(value))  # numpy's too: a checkpoint holds plain numbers
+            elif isinstance(default, float):
+                if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value < 1:
+                    raise BmfnError(f"BMFN config: {item.name}={value!r}, expected a rate from 0 to below 1")
+                object.__setattr__(self, item.name, float(value))
         if self.esa_activation not in _ESA_ACTIVATIONS:
             raise BmfnError(f"BMFN config: esa_activation must be one of {sorted(_ESA_ACTIVATIONS)}, "
                             f"got {self.esa_activation!r}")

@@ -127,6 +127,8 @@ class TrainConfig:
         check_counts("TrainConfig", epochs=self.epochs, batch_size=self.batch_size,
                      eval_batch_size=self.eval_batch_size, seeds=self.seeds)
         check_counts("TrainConfig", minimum=0, seed=self.seed)
+        if self.seed is not None and self.seed + self.seeds > 2 ** 32:  # numpy's global seed takes 32 bits
+            raise BmfnError(f"TrainConfig: seed={self.seed!r} with seeds={self.seeds}, expected seeds below 2**32")
         for name in ("lr", "gamma", "clip"):  # NaN and infinity pass a comparison with 0, and ruin every weight
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, Real) or not value > 0
@@ -137,7 +139,7 @@ class TrainConfig:
                 raise BmfnError(f"TrainConfig: milestones={self.milestones!r}, expected epochs such as (10, 20, 30)")
             self.milestones = tuple(int(m) for m in self.milestones)
         if self.checkpoint_every is not None and (isinstance(self.checkpoint_every, bool) or not isinstance(
-                self.checkpoint_every, Real) or not 0 <= self.checkpoint_every < math.inf):
+                self.checkpoint_every, Real) or not self.checkpoint_every >= 0):  # inf: after epoch 1 and the end
             raise BmfnError(f"TrainConfig: checkpoint_every={self.checkpoint_every!r}, expected seconds, 0 or more")
         # Plain str, int and float, as run.json holds them: a notebook's Path or numpy number is taken as such.
         for name, kind in PLAIN_FIELDS.items():
@@ -164,7 +166,7 @@ class TrainConfig:
 
 # TrainConfig's fields whose values are converted to these types (a Path to str, numpy's numbers to Python's).
 PLAIN_FIELDS = {**dict.fromkeys(("ave_dir", "features", "annotations", "splits", "out", "runs_dir", "resume"),
-                                os.fspath),
+                                os.fsdecode),
                 **dict.fromkeys(("epochs", "batch_size", "eval_batch_size", "seed", "seeds"), int),
                 **dict.fromkeys(("lr", "gamma", "clip", "checkpoint_every"), float)}
 
@@ -179,12 +181,13 @@ def _model_overrides(model: dict) -> dict:
         raise BmfnError(f"TrainConfig: model has {', '.join(map(repr, unknown))}, not a BMFNConfig field"
                         + (" (set TrainConfig.mode instead)" if "mode" in unknown else "")
                         + f"; the fields are {', '.join(sorted(names))}")
-    plain = {name: value.item() if isinstance(value, np.generic) else value for name, value in model.items()}
+    plain = {name: value.item() if isinstance(value, (np.generic, np.ndarray)) and np.ndim(value) == 0 else value
+             for name, value in model.items()}
     try:
-        BMFNConfig(**plain)  # its own refusals are BmfnErrors
-    except TypeError as exc:  # a value of another type, such as d_model="256"
+        checked = BMFNConfig(**plain)  # its own checks are BmfnErrors; it keeps plain numbers
+    except TypeError as exc:  # e.g. an unhashable esa_activation
         raise BmfnError(f"TrainConfig: model={model!r}: {exc}") from None
-    return plain
+    return {name: getattr(checked, name) for name in plain}
 
 
 @dataclass
@@ -268,7 +271,8 @@ def train(config: TrainConfig, data: FeatureData | None = None,
 
     `data` is already loaded features (bmfn_pipeline.data.load_data), else the config's files are loaded. Each
     line of progress goes to `log` (None: nowhere). Python's, NumPy's and torch's global random generators are
-    seeded for the run and given back their state when it ends, so a notebook's own draws go on as before.
+    seeded for the run and given back their state when it ends, so a notebook's own draws go on as before (CUDA's
+    where CUDA was in use before the call; one started by the call keeps the run's seeds).
 
     Under torchrun, every rank trains a DistributedDataParallel replica on its slice of each global batch
     (bmfn_pipeline.distributed); rank 0 alone writes the run folder and logs.

@@ -21,7 +21,7 @@ import numpy as np
 
 from .ave import BACKGROUND, CATEGORIES, NUM_CLASSES
 from .decode import SAMPLE_RATE
-from .errors import BmfnError, WriteError, one_line, written
+from .errors import BmfnError, WriteError, counted, one_line, written
 
 BACKGROUND_NAME = "background"
 # Digits kept where people read numbers (table, CSV, cue text); JSON keeps the full floats.
@@ -340,15 +340,18 @@ def plot_timeline(result: LocalizationResult, frames: np.ndarray | None, audio: 
 
 
 def _title(result: LocalizationResult, chars: int) -> str:
-    """The file's name and summary, cut after the events that fit in `chars` (a long video's summary is a page)."""
+    """The file's name and summary in `chars`: a long name shortened, a long summary (an hour's is a page) cut after
+    the events that fit, the rest counted."""
     name = one_line(Path(result.path).name)
+    if len(name) > chars // 2:
+        name = name[:chars // 2 - 3] + "..."
     parts = result.summary().split("; ")
     for kept in range(len(parts), 0, -1):
         left = len(parts) - kept
-        title = f"{name}: {'; '.join(parts[:kept])}" + (f"; ... and {left} more events" if left else "")
+        title = f"{name}: {'; '.join(parts[:kept])}" + (f"; ... and {counted(left, 'more event')}" if left else "")
         if len(title) <= chars:
             return title
-    return f"{name}: {len(parts)} events"
+    return f"{name}: {counted(len(parts), 'event')}"
 
 
 def _plot_frames(ax, frames: np.ndarray) -> None:

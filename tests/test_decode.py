@@ -29,6 +29,8 @@ from bmfn_pipeline.decode import (FRAME_SIZE, SAMPLE_RATE, BackgroundRead, ave_f
                                   decode_many, decode_window, find_videos, first_frame_filters, probe, read_for_labels,
                                   segment_frame_indices, video_hwaccel, yuv420p_from_nv12)
 from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.extract import ExtractOptions, extract
+from bmfn_pipeline.store import FeatureStore
 from bmfn_pipeline.resample import resample  # held to resampy 0.2.2 by test_resample.py
 
 # features-reference.md 1.1: offsets of the 16 samples within a segment of fi frames
@@ -470,28 +472,39 @@ def test_decode_clip_settings_are_checked_before_the_file_is_read(video_dir, set
         decode_clip(video_dir / "moviepy_chaplin.mp4", **setting)
 
 
-# A script calling extract() at its top level, without `if __name__ == "__main__":`.
+# A script calling extract() at its top level, without `if __name__ == "__main__":`, then (guarded) a pool of its own.
 UNGUARDED_SCRIPT = """
-import sys
+import concurrent.futures, multiprocessing, sys
 from bmfn_pipeline.extract import ExtractOptions, extract
-extract(sys.argv[1], sys.argv[2], ExtractOptions(frames_per_second=1, random_seed=0, device="cpu", workers=1),
-        progress=False, log=lambda line: None)
+summary = extract(sys.argv[1], sys.argv[2], ExtractOptions(frames_per_second=1, random_seed=0, device="cpu",
+                  workers=1), progress=False, log=lambda line: None)
+if __name__ == "__main__":
+    with concurrent.futures.ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
+        print("pool:", list(pool.map(abs, [-1])), "done:", summary.done)
 """
 
 
-def test_a_script_without_a_main_guard_is_told_why_its_workers_fail(video_dir, tmp_path):
-    """Each decoding worker runs such a script's top level again as it starts; its extract() is refused there with
-    the reason, instead of a second extraction that failed on the store's lock (each clip then failed as "the
-    decoding worker died", with no word of why)."""
-    script = tmp_path / "unguarded.py"
+def test_a_script_without_a_main_guard_stops_at_once_and_says_why(video_dir, tmp_path):
+    """Each decoding worker runs such a script's top level again as it starts: its extract() failed on the store's
+    lock, and every clip was failed as "the decoding worker died" with no word of why. The run now stops at once
+    with the reason, the store holding no failure; the script's own processes, started when bmfn decodes nothing,
+    run its top level as before."""
+    script, clip, out = tmp_path / "unguarded.py", video_dir / "moviepy_chaplin.mp4", tmp_path / "feats.h5"
     script.write_text(UNGUARDED_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(video_dir / "moviepy_chaplin.mp4"),
-                           str(tmp_path / "feats.h5")], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert ("RuntimeError: extract() was called again in a decoding worker as it started: worker processes run "
-            "the calling script's top level again, so call extract() under `if __name__ == \"__main__\":` in a "
-            "script") in proc.stderr
-    assert "another process is writing" not in proc.stderr
+    run = functools.partial(subprocess.run, [sys.executable, str(script), str(clip), str(out)], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = run()
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1] == (
+        "bmfn_pipeline.errors.BmfnError: decoding workers run the calling script's top level again as they start, "
+        "and found its extract() there: call it under `if __name__ == \"__main__\":`")
+    with FeatureStore.open(out, create=False, readonly=True) as store:
+        assert store.clip_ids() == [] and not store.failures()
+    extract(clip, out, ExtractOptions(frames_per_second=1, random_seed=0, device="cpu", workers=0), progress=False,
+            log=lambda line: None)
+    proc = run()  # the clip is stored: no decoding worker starts, and the script's pool works
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "pool: [1] done: []\n"
 
 
 def _kill_own_worker_on(name: str, clip):

@@ -21,6 +21,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from test_decode import _write_av_clip
+
 from bmfn_pipeline import ave
 from bmfn_pipeline.cli import main
 from bmfn_pipeline.data import ClipArrays, FeatureData, video_labels_from_segments
@@ -161,6 +163,20 @@ def test_cli_labels_every_second_of_each_clip(cli_run):
         block = result.stdout.split(f"# {data['path']}")[1].split("summary: ")
         assert len(re.findall(r"^\s+\d+\.\d\s+\d+\.\d\s", block[0], re.M)) == seconds
         assert block[1].splitlines()[0] == LocalizationResult.from_dict(data).summary()
+
+
+def test_an_unlabelled_last_part_second_is_said_where_its_frames_go_unseen(workdir, tmp_path):
+    """20.4 s: 20 seconds labelled, and a note for the 0.4 s left (it had none); 10.4 s, decoded at AVE's indices
+    (frames spread over all of it), gets no such note (the first version of the note said it wrongly)."""
+    checkpoint = next((workdir / "runs").glob("*/best.pt"))
+    notes = {}
+    for seconds in (10.4, 20.4):
+        path = _write_av_clip(tmp_path / f"clip{seconds}.mp4", video_frames=round(25 * seconds), audio_seconds=seconds)
+        result = localize(path, checkpoint, device="cpu")
+        assert len(result.seconds) == int(seconds)
+        notes[seconds] = [w for w in result.warnings if "less than half a second" in w]
+    assert notes == {10.4: [], 20.4: [f"{tmp_path / 'clip20.4.mp4'}: its last 0.40 s (from 20 s) are less than "
+                                      "half a second: not labelled"]}
 
 
 def test_every_format_parses_and_agrees(cli_run):

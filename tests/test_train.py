@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -394,18 +395,30 @@ def test_checkpoints_are_written_at_intervals_and_best_is_the_selected_epoch(tmp
     ({"gamma": float("nan")}, "gamma=nan, expected a finite number above 0"),
     ({"milestones": "5,10"}, "milestones='5,10', expected epochs such as"),
     ({"seed": -1}, "seed=-1, expected a whole number of at least 0"),  # numpy's global seed refused it mid-run
+    ({"seed": 2 ** 32 - 1, "seeds": 2}, "seed=4294967295 with seeds=2, expected seeds below 2**32"),
     ({"checkpoint_every": -1.0}, "checkpoint_every=-1.0, expected seconds, 0 or more"),
+    ({"checkpoint_every": float("nan")}, "checkpoint_every=nan, expected seconds, 0 or more"),
     ({"out": 3}, "out=3, expected a path"),
     # the network's settings are checked before a run folder is written (they made it unusable, then)
     ({"model": {"dropuot": 0.1}}, "model has 'dropuot', not a BMFNConfig field; the fields are"),
     ({"model": {"mode": "weakly"}}, "model has 'mode', not a BMFNConfig field (set TrainConfig.mode instead)"),
-    ({"model": {"d_model": 250}}, ""),  # BMFNConfig's own: not divisible by its heads
-    ({"model": {"d_model": "256"}}, "model={'d_model': '256'}: "),
+    ({"model": None}, "model=None, expected a dict of BMFNConfig fields"),
+    ({"model": {"d_model": 250}}, "BMFN config: d_model 250 is not divisible by heads 4"),
+    ({"model": {"d_model": "256"}}, "BMFN config: d_model='256', expected a whole number of at least 1"),
+    ({"model": {"heads": 0}}, "BMFN config: heads=0, expected a whole number of at least 1"),  # ZeroDivisionError
+    ({"model": {"d_model": 32.0}}, "BMFN config: d_model=32.0, expected a whole number of at least 1"),
+    ({"model": {"dropout": 1.5}}, "BMFN config: dropout=1.5, expected a rate from 0 to below 1"),
+    ({"model": {"esa_activation": ["relu6"]}}, "model={'esa_activation': ['relu6']}: "),
 ])
 def test_train_settings_from_python_are_checked_as_the_cli_checks_them(setting, message):
-    with pytest.raises(BmfnError, match=f"^{'TrainConfig: ' if message else 'BMFN config: '}{re.escape(message)}"):
+    owner = "" if message.startswith("BMFN config: ") else "TrainConfig: "
+    with pytest.raises(BmfnError, match=f"^{owner}{re.escape(message)}"):
         TrainConfig(**setting)
     assert TrainConfig(milestones=[5, np.int64(10)], epochs=np.int64(3)).milestones == (5, 10)
+    plain = TrainConfig(checkpoint_every=math.inf, out=b"runs/a", model={"dropout": np.array(0.2), "heads": np.int8(2)})
+    assert (plain.checkpoint_every, plain.out) == (math.inf, "runs/a")  # inf: after the first epoch and the end
+    assert plain.model == {"dropout": 0.2, "heads": 2} and json.dumps(plain.to_dict())
+    assert [type(value) for value in plain.model.values()] == [float, int]
 
 
 def test_a_notebooks_paths_and_numpy_numbers_train_and_a_failed_start_leaves_no_lock(tmp_path, monkeypatch):
