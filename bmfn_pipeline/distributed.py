@@ -272,12 +272,16 @@ def share_from_main(make: Callable[[], T]) -> T:
     if _world() == 1:
         return make()
     shared: list = [None, None]  # the result, or rank 0's error, which every rank then raises
+    failure = None
     if dist.get_rank() == 0:
         try:
             shared[0] = make()
-        except BmfnError as exc:
-            shared[1] = str(exc)
+        except Exception as exc:  # any: the other ranks wait for rank 0's word
+            failure = exc
+            shared[1] = str(exc) if isinstance(exc, BmfnError) else f"rank 0 failed ({type(exc).__name__}: {exc})"
     dist.broadcast_object_list(shared, src=0)
+    if failure is not None:
+        raise failure
     if shared[1] is not None:
         raise BmfnError(shared[1])
     return shared[0]

@@ -430,6 +430,9 @@ def test_ddp_training_matches_one_process(tmp_path):
         assert last[f"{split}_acc"] == alone, split
     # rank 0's refusal (say, a run folder already taken) reaches the other rank as the same one line
     assert [Path(f"{report}.rank{rank}").read_text() for rank in (0, 1)] == ["run folder taken"] * 2
+    assert [Path(f"{report}.other{rank}").read_text() for rank in (0, 1)] == [
+        "PermissionError: [Errno 13] Permission denied",
+        "BmfnError: rank 0 failed (PermissionError: [Errno 13] Permission denied)"]
     assert [Path(f"{report}.ddp{rank}").read_text() for rank in (0, 1)] == ["0", "0"]
 
 
@@ -523,6 +526,10 @@ def _worker(config: str, report: str) -> None:
             share_from_main(lambda: (_ for _ in ()).throw(BmfnError("run folder taken")))
         except BmfnError as exc:
             Path(f"{report}.rank{env.rank}").write_text(str(exc))
+        try:  # another error: rank 0 raises it, the others (waiting for its word) a BmfnError naming it
+            share_from_main(lambda: (_ for _ in ()).throw(OSError(13, "Permission denied")))
+        except Exception as exc:
+            Path(f"{report}.other{env.rank}").write_text(f"{type(exc).__name__}: {exc}")
     # no DDP wrapper outlived the group (one left to the interpreter's exit can abort the process there)
     alive = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
     Path(f"{report}.ddp{env.rank}").write_text(str(alive))
