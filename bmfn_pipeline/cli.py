@@ -462,8 +462,9 @@ def _milestones(ctx, param, value):
 
 
 @main.command()
-@click.option("--mode", type=click.Choice(["fully", "weakly"]), default="fully", show_default=True,
-              help="fully: segment labels; weakly: video labels only (the 178 noisy background clips join when present).")
+@click.option("--mode", type=click.Choice(["fully", "weakly"]),
+              help="fully (default): segment labels; weakly: video labels only (the 178 noisy background clips of an "
+                   "AVE folder join when present).")
 @click.option("--ave-dir", type=click.Path(exists=True, file_okay=False),
               help="The AVE release: visual_feature.h5, audio_feature.h5, labels.h5 or Annotations.txt, *_order.h5.")
 @click.option("--features", type=click.Path(exists=True, dir_okay=False),
@@ -482,8 +483,8 @@ def _milestones(ctx, param, value):
 @click.option("--gamma", type=float, help="MultiStepLR factor. Default 0.5.")
 @click.option("--clip", type=float, help="Gradient-norm clip. Default 0.1 fully, 0.5 weakly.")
 @click.option("--seed", type=int, help="Default 890 fully, 550 weakly (reference).")
-@click.option("--seeds", default=1, show_default=True, type=click.IntRange(1),
-              help="Train N models (seed, seed+1, ...) and report mean and standard deviation.")
+@click.option("--seeds", type=click.IntRange(1),
+              help="Train N models (seed, seed+1, ...) and report mean and standard deviation. Default 1.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when present, else the CPU (under torchrun, each rank its own GPU).")
 @click.option("--precision", type=click.Choice(["float32", "tf32", "bfloat16"]),
@@ -492,9 +493,10 @@ def _milestones(ctx, param, value):
 @click.option("--cuda-graphs/--no-cuda-graphs", default=None,
               help="On one CUDA device, replay each training step as a CUDA graph (same arithmetic, no launch cost). "
                    "Default on; a resumed run keeps its own.")
-@click.option("--compile", "compile_network", is_flag=True,
+@click.option("--compile/--no-compile", "compile_network", default=None,
               help="torch.compile the network (full batches): a graphed bf16 step takes 4.0 ms on an H100; the "
-                   "first epoch takes ~56 s there, ~7 s once the kernels are in bmfn's cache.")
+                   "first epoch takes ~56 s there, ~7 s once the kernels are in bmfn's cache. Default off; a "
+                   "resumed run keeps its own.")
 @click.option("--checkpoint-every", type=click.FloatRange(0),
               help="Seconds between writes of last.pt and best.pt (also after the first epoch and at the end). "
                    "Default 60; 0: every epoch; "
@@ -507,8 +509,8 @@ def _milestones(ctx, param, value):
                    "official code's.")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False),
               help="Continue an interrupted run from its last.pt with its own settings (--epochs may extend it; "
-                   "--precision, --cuda-graphs, --checkpoint-every may change; what is given is kept for later "
-                   "resumes; another --lr, --batch-size or such is refused).")
+                   "--precision, --cuda-graphs, --compile, --checkpoint-every, --eval-batch-size may change; what is "
+                   "given is kept for later resumes; another --lr, --batch-size, --features or such is refused).")
 @click.option("--force", is_flag=True, help="Resume even if the features' provenance differs.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size, eval_batch_size, lr, milestones,

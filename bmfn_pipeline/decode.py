@@ -575,7 +575,7 @@ def refuse_in_starting_worker(call: str) -> None:
     in a script without `if __name__ == "__main__":` that is a second `call` in every worker, which failed on the
     store's lock, each clip then failed as "the decoding worker died". Called there, this leaves `call`'s name in
     the file WORKER_MARK_ENV names and ends the worker; decode_many, seeing the pool broken, stops the run saying
-    why. Anywhere else (another process's start, even a user's own pool while bmfn decodes) it does nothing."""
+    why. It does nothing elsewhere, but in another process of that script started while bmfn decodes."""
     mark = os.environ.get(WORKER_MARK_ENV)
     if not mark or not getattr(multiprocessing.current_process(), "_inheriting", False):  # a spawned child starting
         return
@@ -659,8 +659,7 @@ def _decode_in_pool(todo: deque, suspects: int, decode_args: tuple, workers: int
             raise
         raise BmfnError(f"{SHARED_MEMORY_DIR}: decoding worker processes cannot start ({exc.strerror or exc}); decode "
                         "in this process with --workers 0") from None
-    mark = Path(tempfile.gettempdir()) / f"bmfn-worker-{os.getpid()}-{secrets.token_hex(4)}"
-    with pool, _environment(WORKER_MARK_ENV, str(mark)):  # the workers inherit it as they start
+    with pool, _worker_mark() as mark:  # the workers inherit it as they start
         pending: deque[tuple[Path, Future]] = deque()
         try:
             while todo or pending:
@@ -687,18 +686,25 @@ def _decode_in_pool(todo: deque, suspects: int, decode_args: tuple, workers: int
     return done, suspects
 
 
+_marks = {"users": 0, "lock": threading.Lock()}
+
+
 @contextmanager
-def _environment(name: str, value: str):
-    """os.environ[name] = value in the block, as it was after it."""
-    before = os.environ.get(name)
-    os.environ[name] = value
+def _worker_mark() -> Iterator[Path]:
+    """This process's mark file (refuse_in_starting_worker), named in os.environ[WORKER_MARK_ENV] while any of its
+    decoding pools (a call's, or concurrent calls') lives: the workers they start inherit it, no other process."""
+    with _marks["lock"]:
+        if "path" not in _marks:
+            _marks["path"] = Path(tempfile.gettempdir()) / f"bmfn-worker-{os.getpid()}-{secrets.token_hex(8)}"
+        _marks["users"] += 1
+        os.environ[WORKER_MARK_ENV] = str(_marks["path"])
     try:
-        yield
+        yield _marks["path"]
     finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
+        with _marks["lock"]:
+            _marks["users"] -= 1
+            if not _marks["users"]:
+                os.environ.pop(WORKER_MARK_ENV, None)
 
 
 def _shared_memory_free() -> int:

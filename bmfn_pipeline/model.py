@@ -79,7 +79,8 @@ class BMFNConfig:
             value, default = getattr(self, item.name), item.default
             if isinstance(default, int):
                 least = 0 if item.name.endswith("_layers") else 1
-                if isinstance(value, bool) or not isinstance(value, Integral) or value < least:
+                whole = isinstance(value, Integral) or isinstance(value, float) and value.is_integer()
+                if isinstance(value, bool) or not whole or value < least:  # 10.0 passed before these checks
                     raise BmfnError(f"BMFN config: {item.name}={value!r}, expected a whole number of at least {least}")
                 object.__setattr__(self, item.name, int(value))  # numpy's too: a checkpoint holds plain numbers
             elif isinstance(default, float):

@@ -74,11 +74,11 @@ RUNS_DIR = "runs"
 CHECKPOINT_EVERY = 60.0  # seconds between writes of last.pt and best.pt (0: after every epoch)
 # How a run runs, for a new run when not given; a resumed run keeps its own (run.json) unless given. With epochs,
 # what --resume may change; a change is written to run.json, so that a later plain --resume goes on alike.
-RUN_DEFAULTS = {"precision": "float32", "cuda_graphs": True, "checkpoint_every": CHECKPOINT_EVERY}
-RESUME_SETTINGS = ("epochs", *RUN_DEFAULTS)
-# What shapes what a run learns: a resumed run keeps its own, and refuses another given (it went unused, unsaid).
-FIXED_ON_RESUME = ("mode", "batch_size", "lr", "milestones", "gamma", "clip", "seed", "seeds", "select_on_test",
-                   "include_noisy", "model")
+RUN_DEFAULTS = {"precision": "float32", "cuda_graphs": True, "compile": False, "checkpoint_every": CHECKPOINT_EVERY}
+RESUME_SETTINGS = ("epochs", "eval_batch_size", *RUN_DEFAULTS)  # how a run goes on: given anew on resume, kept
+# What a run learns from, and how: a resumed run keeps its own, and refuses another given (it went unused, unsaid).
+FIXED_ON_RESUME = ("mode", "ave_dir", "features", "annotations", "splits", "batch_size", "lr", "milestones", "gamma",
+                   "clip", "seed", "seeds", "select_on_test", "include_noisy", "model")
 PROGRESS_EVERY = 10  # steps between progress-bar figures (reading them waits for the GPU)
 # --compile's inductor settings. Combo kernels fuse independent small kernels (such as the weights' bf16 casts) into
 # one launch: a graphed bf16 step on an H100 went from 863 to 661 kernels, 5.07 to 4.70 ms.
@@ -91,9 +91,10 @@ FEATURE_KEYS = ("visual.source", "visual.weights", "visual.checksum", "visual.pr
 
 @dataclass
 class TrainConfig:
-    """One `bmfn train` invocation. Hyper-parameters left None take the reference value for the mode."""
+    """One `bmfn train` invocation. Settings left None take the reference value for the mode (fully, by default) in
+    a new run, and the run's own in a resumed one."""
 
-    mode: str = "fully"
+    mode: str | None = None  # fully or weakly
     ave_dir: str | None = None
     features: str | None = None
     annotations: str | None = None
@@ -108,12 +109,12 @@ class TrainConfig:
     gamma: float | None = None
     clip: float | None = None
     seed: int | None = None
-    seeds: int = 1  # run seed, seed+1, ... and report mean and std
+    seeds: int | None = None  # run seed, seed+1, ... and report mean and std (1)
     device: str = "auto"
-    # These three left None take RUN_DEFAULTS in a new run, the run's own values on resume.
+    # These four left None take RUN_DEFAULTS in a new run, the run's own values on resume.
     precision: str | None = None  # float32, tf32 or bfloat16 (bmfn_pipeline.evaluate.PRECISIONS)
     cuda_graphs: bool | None = None  # replay each step as a CUDA graph on a single CUDA device (ignored elsewhere)
-    compile: bool = False  # torch.compile the network for full training batches
+    compile: bool | None = None  # torch.compile the network for full training batches
     checkpoint_every: float | None = None  # seconds (CHECKPOINT_EVERY)
     select_on_test: bool = False  # the official protocol: keep the epoch with the best TEST accuracy
     include_noisy: bool = True  # weakly: the 178 background clips join the training set when present
@@ -127,8 +128,6 @@ class TrainConfig:
         check_counts("TrainConfig", epochs=self.epochs, batch_size=self.batch_size,
                      eval_batch_size=self.eval_batch_size, seeds=self.seeds)
         check_counts("TrainConfig", minimum=0, seed=self.seed)
-        if self.seed is not None and self.seed + self.seeds > 2 ** 32:  # numpy's global seed takes 32 bits
-            raise BmfnError(f"TrainConfig: seed={self.seed!r} with seeds={self.seeds}, expected seeds below 2**32")
         for name in ("lr", "gamma", "clip"):  # NaN and infinity pass a comparison with 0, and ruin every weight
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, Real) or not value > 0
@@ -148,13 +147,17 @@ class TrainConfig:
                     setattr(self, name, kind(value))
                 except TypeError:
                     raise BmfnError(f"TrainConfig: {name}={value!r}, expected a path") from None
+        if self.seed is not None and self.seed + (self.seeds or 1) > 2 ** 32:  # numpy's global seed takes 32 bits
+            raise BmfnError(f"TrainConfig: seed={self.seed!r} with seeds={self.seeds or 1}, expected seeds below "
+                            "2**32")
         self.model = _model_overrides(self.model)
 
     def resolved(self) -> "TrainConfig":
-        if self.mode not in REFERENCE:
+        mode = self.mode or "fully"
+        if mode not in REFERENCE:
             raise BmfnError(f"mode {self.mode!r}: use fully or weakly")
-        ref = REFERENCE[self.mode]
-        defaults = {**{f.name: getattr(ref, f.name) for f in fields(Hyper)}, **RUN_DEFAULTS}
+        ref = REFERENCE[mode]
+        defaults = {**{f.name: getattr(ref, f.name) for f in fields(Hyper)}, **RUN_DEFAULTS, "mode": mode, "seeds": 1}
         filled = {name: value if getattr(self, name) is None else getattr(self, name)
                   for name, value in defaults.items()}
         filled["milestones"] = tuple(int(m) for m in filled["milestones"])
@@ -322,9 +325,7 @@ def _train(config: TrainConfig, data: FeatureData | None, log) -> TrainResult:
     if config.mode == "weakly":
         data = _with_video_classes(data, log)
         if config.include_noisy and data.noisy is None:
-            log(f"note: no background-only clips beside {data.source['path']} (the AVE release's 178, in "
-                f"{NOISY_VISUAL_FILE} and {NOISY_AUDIO_FILE}): unlike the official weakly supervised training, no "
-                "training video has background as its target")
+            log(_no_background_note(data))
     if len(data.splits["train"]) == 0:
         raise BmfnError(f"{data.source['path']}: the train split is empty ({data.split_rule})")
     selection = "test" if config.select_on_test else "val"
@@ -396,7 +397,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     path = resolve_checkpoint(path)
     state = _load_state(path, device, mmap=True)  # not last.pt's optimizer state
     _check_finite(path, state["model_state"])
-    model = uninitialised(lambda: BMFN(BMFNConfig(**state["model_config"])))
+    try:
+        config = BMFNConfig(**state["model_config"])
+    except (BmfnError, TypeError) as exc:
+        raise BmfnError(f"{path}: its model_config cannot be used ({exc})") from None
+    model = uninitialised(lambda: BMFN(config))
     model.load_state_dict(state["model_state"])  # also checkpoints of bmfn before grouping
     model.to(device).eval()
     return model, _metadata(state)
@@ -825,16 +830,14 @@ def _resume_config(given: TrainConfig) -> tuple[TrainConfig, Path]:
     saved = json.loads((run_dir / RUN_FILE).read_text())["config"]
     saved["milestones"] = tuple(saved["milestones"])
     changed = {name: getattr(given, name) for name in RESUME_SETTINGS if getattr(given, name) is not None}
-    if given.compile:  # how it runs, as precision: --compile given compiles this part of the run
-        changed["compile"] = True
     config = TrainConfig(**{**saved, **changed, "resume": str(run_dir), "device": given.device,
                             "progress": given.progress, "force": given.force, "command": given.command})
     unset = TrainConfig()  # a field at its default was not given
     for name in FIXED_ON_RESUME:
-        value = getattr(given, name)
-        if value != getattr(unset, name) and value != getattr(config, name):
-            raise BmfnError(f"{run_dir}: a resumed run keeps its own {name} ({getattr(config, name)!r}), not "
-                            f"{value!r}; train a new run for another")
+        value, own = getattr(given, name), getattr(config, name)
+        if value != getattr(unset, name) and _differs(name, value, own, config):
+            raise BmfnError(f"{run_dir}: a resumed run keeps its own {name} ({own!r}), not {value!r}; train a new "
+                            "run for another")
     for seed in range(config.seed, config.seed + config.seeds):  # fewer epochs than done would train none
         last = (run_dir if config.seeds == 1 else run_dir / f"seed-{seed}") / LAST
         done = _load_state(last, "cpu", mmap=True)["epoch"] if last.is_file() else 0
@@ -842,6 +845,17 @@ def _resume_config(given: TrainConfig) -> tuple[TrainConfig, Path]:
             raise BmfnError(f"{last}: {done} epochs are done, more than --epochs {config.epochs}; resume with "
                             f"--epochs {done + 1} or more to train on")
     return config.resolved(), run_dir  # resolved: a run.json of a bmfn before RUN_DEFAULTS may lack one
+
+
+def _differs(name: str, given, own, config: TrainConfig) -> bool:
+    """Whether a FIXED_ON_RESUME value given differs from the run's own in what it does: paths as the files they
+    name, each model override as the run's network has it."""
+    if name in ("ave_dir", "features", "annotations", "splits"):
+        return own is None or Path(given).resolve() != Path(own).resolve()
+    if name == "model":
+        network = BMFNConfig(mode=config.mode or "fully", **own)
+        return any(getattr(network, key) != value for key, value in given.items())
+    return given != own
 
 
 def _record_resume_settings(run_dir: Path, config: TrainConfig) -> None:
@@ -898,6 +912,15 @@ def _with_video_classes(data: FeatureData, log) -> FeatureData:
     log(f"note: {int((~known).sum())} training clips have no event second in their labels, hence no video class: "
         "weakly supervised training leaves them out (--annotations Annotations.txt gives their classes)")
     return replace(data, splits={**data.splits, "train": rows[known]})
+
+
+def _no_background_note(data: FeatureData) -> str:
+    """What weak training lacks without the AVE release's 178 background-only clips, and where they would be."""
+    where = (f"beside {data.source['path']} ({NOISY_VISUAL_FILE} and {NOISY_AUDIO_FILE})"
+             if data.source["kind"] == "ave-dir" else
+             "in a feature store (the AVE release's 178 come with its folder, --ave-dir)")
+    return (f"note: no background-only clips {where}: unlike the official weakly supervised training, no training "
+            "video has background as its target")
 
 
 def _api_command(config: TrainConfig) -> str:

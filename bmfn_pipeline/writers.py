@@ -340,18 +340,17 @@ def plot_timeline(result: LocalizationResult, frames: np.ndarray | None, audio: 
 
 
 def _title(result: LocalizationResult, chars: int) -> str:
-    """The file's name and summary in `chars`: a long name shortened, a long summary (an hour's is a page) cut after
-    the events that fit, the rest counted."""
+    """The file's name and summary in `chars`: a long summary (an hour's is a page) cut after the events that fit,
+    the rest counted; the name shortened only where even that does not fit."""
     name = one_line(Path(result.path).name)
-    if len(name) > chars // 2:
-        name = name[:chars // 2 - 3] + "..."
     parts = result.summary().split("; ")
-    for kept in range(len(parts), 0, -1):
-        left = len(parts) - kept
-        title = f"{name}: {'; '.join(parts[:kept])}" + (f"; ... and {counted(left, 'more event')}" if left else "")
-        if len(title) <= chars:
-            return title
-    return f"{name}: {counted(len(parts), 'event')}"
+    for shown in (name, name[:max(1, chars // 2 - 3)] + "..."):
+        for kept in range(len(parts), 0, -1):
+            left = len(parts) - kept
+            title = f"{shown}: {'; '.join(parts[:kept])}" + (f"; ... and {counted(left, 'more event')}" if left else "")
+            if len(title) <= chars:
+                return title
+    return f"{shown}: {counted(len(parts), 'event')}"
 
 
 def _plot_frames(ax, frames: np.ndarray) -> None:

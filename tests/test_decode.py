@@ -507,6 +507,20 @@ def test_a_script_without_a_main_guard_stops_at_once_and_says_why(video_dir, tmp
     assert proc.stdout == "pool: [1] done: []\n"
 
 
+def test_the_worker_mark_is_in_the_environment_while_any_decoding_pool_lives(video_dir):
+    """Two pools alive at once (two extractions in threads), ended in either order: the variable their workers
+    inherit stays while one lives and goes with the last (a second call's value was left, or the first's removed
+    while the second still started workers)."""
+    clips = [video_dir / "moviepy_chaplin.mp4"] * 2
+    first, second = (decode_many(clips, frames_per_second=1, workers=1) for _ in range(2))
+    next(first), next(second)
+    mark = os.environ[decode.WORKER_MARK_ENV]
+    first.close()
+    assert os.environ.get(decode.WORKER_MARK_ENV) == mark
+    second.close()
+    assert decode.WORKER_MARK_ENV not in os.environ
+
+
 def _kill_own_worker_on(name: str, clip):
     """A `prepare` for decode_many that dies, as a decoder crash would, on the clip called `name`."""
     if Path(clip.info.path).name == name:

@@ -240,8 +240,17 @@ def test_resume_keeps_the_runs_settings_and_records_the_ones_given(tmp_path):
                                                      "not 0.01; train a new run for another\n")
     same = runner.invoke(main, ["train", "--resume", str(run), "--lr", "0.002", "--batch-size", "8", "--quiet"])
     assert same.exit_code == 0, same.output
-    # --compile is how the run goes on, as --precision is (it was dropped, the run's own False kept)
-    assert train_module._resume_config(TrainConfig(resume=str(run), compile=True))[0].compile
+    (tmp_path / "other.h5").touch()
+    for given in (["--mode", "weakly"], ["--features", str(tmp_path / "other.h5")], ["--seeds", "2"]):
+        other = runner.invoke(main, ["train", "--resume", str(run), *given, "--quiet"])
+        assert other.exit_code == 1 and f"a resumed run keeps its own {given[0][2:]} " in other.output, other.output
+    # ... judged by what it makes: the default activation given is the run's network, as its data folder is
+    for given in ({"model": {"esa_activation": "sigmoid"}}, {"mode": "fully", "seeds": 1}, {"ave_dir": directory}):
+        train_module._resume_config(TrainConfig(resume=str(run), **given))  # not refused
+    # --compile and --eval-batch-size are how the run goes on, as --precision is: kept for later resumes (they
+    # were dropped, the run's own kept)
+    resumed, _ = train_module._resume_config(TrainConfig(resume=str(run), compile=True, eval_batch_size=4))
+    assert (resumed.compile, resumed.eval_batch_size) == (True, 4)
     assert not train_module._resume_config(TrainConfig(resume=str(run)))[0].compile
     fewer = runner.invoke(main, ["train", "--resume", str(run), "--epochs", "1", "--quiet"])  # 2 are done
     assert fewer.exit_code == 1 and "2 epochs are done, more than --epochs 1; resume with --epochs 3" in fewer.output
@@ -406,7 +415,7 @@ def test_checkpoints_are_written_at_intervals_and_best_is_the_selected_epoch(tmp
     ({"model": {"d_model": 250}}, "BMFN config: d_model 250 is not divisible by heads 4"),
     ({"model": {"d_model": "256"}}, "BMFN config: d_model='256', expected a whole number of at least 1"),
     ({"model": {"heads": 0}}, "BMFN config: heads=0, expected a whole number of at least 1"),  # ZeroDivisionError
-    ({"model": {"d_model": 32.0}}, "BMFN config: d_model=32.0, expected a whole number of at least 1"),
+    ({"model": {"d_model": 32.5}}, "BMFN config: d_model=32.5, expected a whole number of at least 1"),
     ({"model": {"dropout": 1.5}}, "BMFN config: dropout=1.5, expected a rate from 0 to below 1"),
     ({"model": {"esa_activation": ["relu6"]}}, "model={'esa_activation': ['relu6']}: "),
 ])
@@ -591,9 +600,12 @@ def test_weak_training_without_background_clips_says_it_departs_from_the_officia
     logged = []
     train(TrainConfig(mode="weakly", ave_dir=str(directory), out=str(tmp_path / "run"), epochs=1, **FAST),
           log=logged.append)
-    assert (f"note: no background-only clips beside {directory.resolve()} (the AVE release's 178, in "
-            "visual_feature_noisy.h5 and audio_feature_noisy.h5): unlike the official weakly supervised training, no "
-            "training video has background as its target") in logged
+    assert (f"note: no background-only clips beside {directory.resolve()} (visual_feature_noisy.h5 and "
+            "audio_feature_noisy.h5): unlike the official weakly supervised training, no training video has "
+            "background as its target") in logged
+    path, _ = make_empty_interval_store(tmp_path)  # a store: the files beside it would not be read
+    assert train_module._no_background_note(load_store(path)).startswith(
+        "note: no background-only clips in a feature store (the AVE release's 178 come with its folder, --ave-dir): ")
 
 
 def test_weak_training_leaves_out_clips_without_a_video_class(tmp_path):

@@ -256,6 +256,7 @@ def test_an_hours_timeline_stays_readable(tmp_path):
         "clip one.mp4: Bark: 3.0-8.0 s; Flute: 9.0-10.0 s"  # a short one whole
     long_name = make_result([BACKGROUND] * 10, path="x" * 97 + ".mp4")  # said "1 events"
     assert _title(long_name, 112) == "x" * 53 + "...: background only"
+    assert _title(make_result([BACKGROUND] * 10, path="y" * 63 + ".mp4"), 112) == "y" * 63 + ".mp4: background only"
     ax = Figure().subplots()
     _plot_labels(ax, result, px_per_second=40 * 100 * 0.8 / 3600)
     assert 100 <= len(ax.texts) <= 3200 / (5 * len("Bark ")) and ax.patches[0].get_linewidth() == 0
