@@ -330,6 +330,17 @@ def test_checkpoints_of_bmfn_before_grouping_load_and_refuse_to_resume(tmp_path)
         assert torch.equal(model(visual, audio).event_logits, old(visual, audio).event_logits)
     with pytest.raises(BmfnError, match="earlier bmfn with one module per block"):
         train(TrainConfig(resume=str(run), epochs=2, progress=False), log=quiet)
+    # sizes written as whole floats (an earlier bmfn took model={"segments": 10.0}) load; a config that cannot be
+    # used is named with its file
+    state = torch.load(run / "best.pt", weights_only=True)
+    state["model_config"]["segments"] = 10.0
+    torch.save(state, run / "best.pt")
+    assert load_checkpoint(run / "best.pt")[0].config.segments == 10
+    state["model_config"]["heads"] = 0
+    torch.save(state, run / "best.pt")
+    with pytest.raises(BmfnError, match=f"^{re.escape(str(run / 'best.pt'))}: its model_config cannot be used "
+                                        r"\(BMFN config: heads=0, expected a whole number of at least 1\)$"):
+        load_checkpoint(run / "best.pt")
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
