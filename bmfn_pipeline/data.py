@@ -13,7 +13,7 @@ import errno
 import hashlib
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -45,6 +45,7 @@ STORE_FILE = "feats.h5"  # what `bmfn extract --out feats.h5` writes and a plain
 HASH_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 # float16 holds pool5 maps (non-negative, far below 65504) to ~3 significant digits at a quarter of float64's size.
 CACHE_DTYPE = np.float16
+NUMBER_KINDS = "biuf"  # numpy dtype kinds read as features or labels: bool, integers, floats
 # 16 frames averaged per segment in the released features (features-reference.md 1.1; decode.FRAMES_PER_SEGMENT,
 # not imported so that training needs no video decoder installed).
 AVE_FRAMES_PER_SEGMENT = 16
@@ -153,12 +154,13 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
         if not path.is_file():
             raise BmfnError(f"{path}: missing; an AVE directory holds {VISUAL_FILE} and {AUDIO_FILE}")
     provenance = _ave_dir_provenance(visual_path, audio_path)
-    audio = _read_h5(audio_path, AVE_KEY).astype(np.float32)
+    audio = _read_numbers(audio_path, AVE_KEY)
     _check_features(audio_path, audio, 3)
     n = len(audio)
+    with _open_h5(visual_path) as f:  # its shape before a conversion of gigabytes
+        _check_features(visual_path, _dataset(f, visual_path, AVE_KEY), 5)
+        _check_rows(visual_path, f[AVE_KEY], audio, audio_path.name)
     visual = compact_visual(visual_path, cache_dir, progress)
-    _check_features(visual_path, visual, 5)
-    _check_rows(visual_path, visual, audio, audio_path.name)
 
     # Annotations given by the user relabel the clips, whatever labels.h5 and mil_labels.h5 say; the folder's own
     # Annotations.txt does not (runs of earlier versions recorded it, and resume or evaluation would name it).
@@ -169,9 +171,9 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
     if rows is not None and len(rows) != n:
         raise BmfnError(f"{annotations}: {len(rows)} rows but the features have {n}; row i must be line i")
     if rows is not None and (relabel or not (directory / LABELS_FILE).is_file()):
-        labels = ave.segment_labels(rows)
+        labels, labels_from = ave.segment_labels(rows), annotations
     elif (directory / LABELS_FILE).is_file():
-        labels = _read_h5(directory / LABELS_FILE, AVE_KEY).astype(np.float32)
+        labels, labels_from = _read_numbers(directory / LABELS_FILE, AVE_KEY), directory / LABELS_FILE
     else:
         raise BmfnError(f"{directory}: neither {LABELS_FILE} nor {ANNOTATIONS_FILE}; one of them gives the labels")
     if labels.shape != (n, ave.SEGMENTS, ave.NUM_CLASSES):
@@ -179,10 +181,12 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
     if rows is not None and (relabel or not (directory / VIDEO_LABELS_FILE).is_file()):
         video_labels = ave.video_labels(rows)
     elif (directory / VIDEO_LABELS_FILE).is_file():
-        video_labels = _read_h5(directory / VIDEO_LABELS_FILE, AVE_KEY).astype(np.float32)
+        video_labels = _read_numbers(directory / VIDEO_LABELS_FILE, AVE_KEY)
         _check_shape(directory / VIDEO_LABELS_FILE, video_labels, (n, ave.NUM_CLASSES), AUDIO_FILE)
+        ave.check_labels(str(directory / VIDEO_LABELS_FILE), labels[:0], video_labels)
     else:
         video_labels = video_labels_from_segments(labels)
+    ave.check_labels(str(labels_from), labels)
     clip_ids = [row.video_id for row in rows] if rows is not None else [f"row-{i}" for i in range(n)]
 
     # Given split files must be whole (load_splits names what is missing); so must any in the AVE folder.
@@ -196,14 +200,14 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
 
     noisy = None
     if include_noisy and (directory / NOISY_VISUAL_FILE).is_file() and (directory / NOISY_AUDIO_FILE).is_file():
-        noisy_audio = _read_h5(directory / NOISY_AUDIO_FILE, AVE_KEY).astype(np.float32)
+        noisy_audio = _read_numbers(directory / NOISY_AUDIO_FILE, AVE_KEY)
         _check_features(directory / NOISY_AUDIO_FILE, noisy_audio, 3, like=audio)
         # Video labels as the official code reads them, from labels_noisy.h5 (all background in the release,
         # bmfn-reference.md section 9); without the file, all background. Their segments are background only.
         noisy_video = np.zeros((len(noisy_audio), ave.NUM_CLASSES), np.float32)
         noisy_video[:, ave.BACKGROUND] = 1
         if (directory / NOISY_LABELS_FILE).is_file():
-            noisy_video = _read_h5(directory / NOISY_LABELS_FILE, AVE_KEY).astype(np.float32)
+            noisy_video = _read_numbers(directory / NOISY_LABELS_FILE, AVE_KEY)
             _check_shape(directory / NOISY_LABELS_FILE, noisy_video, (len(noisy_audio), ave.NUM_CLASSES),
                          NOISY_AUDIO_FILE)
         noisy_labels = np.zeros((len(noisy_audio), ave.SEGMENTS, ave.NUM_CLASSES), np.float32)
@@ -265,16 +269,20 @@ def compact_visual(path: Path, cache_dir: str | Path | None = None, progress: bo
         for target in (cache, meta):
             remove_dead_temporaries(target)  # of conversions killed before (up to 2 GB each), even when one finished
         if _stands_for(cache, stamp):
-            return np.load(cache, mmap_mode="r")
+            with suppress(ValueError, OSError):  # else damaged (cut short, say): converted again
+                return np.load(cache, mmap_mode="r")
+        if dataset.dtype.kind not in NUMBER_KINDS:
+            raise BmfnError(f"{path}: '{AVE_KEY}' holds {dataset.dtype}, not numbers")
         # Each process its own temporary file: torchrun's ranks all convert on their first run, and rename in turn.
         with locked_temporary(cache) as tmp:
             out = _new_cache_file(tmp, dataset.shape, path)
             for start in tqdm(range(0, dataset.shape[0], CONVERT_ROWS), desc=f"{path.name} -> float16 cache (once)",
                               unit="slice", leave=False, disable=not progress):
                 block = dataset[start:start + CONVERT_ROWS]
+                _check_finite(path, block, first_row=start)
                 with np.errstate(over="ignore"):
                     converted = block.astype(CACHE_DTYPE)
-                if not np.isfinite(converted).all() and np.isfinite(block).all():
+                if not np.isfinite(converted).all():
                     raise BmfnError(f"{path}: values beyond float16's range (max {np.abs(block).max():.4g}) in "
                                     f"rows {start}+")
                 out[start:start + len(block)] = converted
@@ -378,6 +386,7 @@ def load_store(path: str | Path, *, annotations: str | Path | None = None,
     else:
         labels, video_labels = np.asarray(labels, np.float32), np.asarray(arrays["video_labels"], np.float32)
         known = np.asarray(arrays["has_label"], bool)
+        ave.check_labels(f"{path}: its labels", labels[known], video_labels[known])  # a store of an older bmfn
         if not known.all():
             notes.append(f"{counted(int((~known).sum()), 'clip')} without labels in {path.name} left out")
 
@@ -387,6 +396,9 @@ def load_store(path: str | Path, *, annotations: str | Path | None = None,
     elif any(_text(s) in SPLITS for s in stored_split):
         names = np.array([_text(s) for s in stored_split])
         split_rule = f"splits stored in {path.name}"
+        if unsplit := int((known & ~np.isin(names, SPLITS)).sum()):  # e.g. a merge of stores with and without
+            notes.append(f"{counted(unsplit, 'labelled clip')} without a split in {path.name} left out (the other "
+                         "clips have splits; --annotations with --splits gives every clip one)")
     else:
         names = np.full(len(clip_ids), "", dtype=object)
         for name, idx in hash_split(clip_ids).items():
@@ -457,6 +469,24 @@ def batches(parts: list[tuple[ClipArrays, np.ndarray]], batch_size: int, device:
 
 def num_batches(parts: list[tuple[ClipArrays, np.ndarray]], batch_size: int) -> int:
     return -(-sum(len(rows) for _, rows in parts) // batch_size)
+
+
+def _read_numbers(path: Path, key: str) -> np.ndarray:
+    """A dataset of numbers as float32, every one finite."""
+    array = _read_h5(path, key)
+    if array.dtype.kind not in NUMBER_KINDS:
+        raise BmfnError(f"{path}: '{key}' holds {array.dtype}, not numbers")
+    _check_finite(path, array)
+    return array.astype(np.float32)
+
+
+def _check_finite(path: Path, array: np.ndarray, first_row: int = 0) -> None:
+    """NaN or infinity in features or labels gave NaN losses blamed on the learning rate, or accuracies computed on
+    garbage: refused, naming the rows."""
+    bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad) + first_row
+        raise BmfnError(f"{path}: NaN or infinity in {counted(len(rows), 'row')} (the first: row {rows[0]})")
 
 
 def _read_h5(path: Path, key: str) -> np.ndarray:

@@ -59,8 +59,8 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
-from numbers import Real
 from multiprocessing import resource_tracker, shared_memory
+from numbers import Real
 from typing import Any, NamedTuple, TypeVar
 from pathlib import Path
 

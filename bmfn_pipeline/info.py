@@ -18,10 +18,9 @@ from pathlib import Path
 
 import h5py
 
+from bmfn_pipeline.ave import SPLITS
 from bmfn_pipeline.errors import BmfnError, counted, one_line, percent
 from bmfn_pipeline.store import AVE_KEY, FeatureStore, locked_by_another
-
-SPLITS = ("train", "val", "test")
 SHOWN = 3  # clips named per list in the text form; --json lists them all
 
 

@@ -96,6 +96,16 @@ class BMFNConfig:
             raise BmfnError(f"BMFN config: d_model {self.d_model} is not divisible by heads {self.heads}")
 
 
+    def check_inputs(self, what: str, visual: tuple[int, ...], audio: tuple[int, ...]) -> None:
+        """Refuse input shapes (visual [B,T,H,W,C], audio [B,T,D]: a batch, or [1,...] for per-clip shapes) that this
+        network does not take, in one line beginning with `what`."""
+        side = math.isqrt(self.cells)
+        if (len(visual) != 5 or visual[-1] != self.visual_dim or visual[2] * visual[3] != self.cells
+                or tuple(audio) != (visual[0], visual[1], self.audio_dim)):
+            raise BmfnError(f"{what}: expected visual [B,T,{side},{side},{self.visual_dim}] and audio "
+                            f"[B,T,{self.audio_dim}], got {list(visual)} and {list(audio)}")
+
+
 class BMFNOutput(NamedTuple):
     """event_logits [B,T] (the pre-sigmoid s of eq. 8); class_logits [B,28] fully or the raw 29-way r weakly;
     event_scores [B,29], the weak head's softmax over the MIL-pooled joint scores, None when fully supervised."""
@@ -417,11 +427,8 @@ class BMFN(nn.Module):
 
     def forward(self, visual: Tensor, audio: Tensor) -> BMFNOutput:
         """visual [B,T,7,7,512] pool5 maps (channels last), audio [B,T,128] VGGish vectors."""
+        self.config.check_inputs("BMFN input", visual.shape, audio.shape)
         c = self.config
-        if (visual.ndim != 5 or visual.shape[-1] != c.visual_dim or visual.shape[2] * visual.shape[3] != c.cells
-                or tuple(audio.shape) != (visual.shape[0], visual.shape[1], c.audio_dim)):
-            raise BmfnError(f"BMFN input: expected visual [B,T,7,7,{c.visual_dim}] and audio [B,T,{c.audio_dim}], "
-                            f"got {list(visual.shape)} and {list(audio.shape)}")
         batch, segments = audio.shape[:2]
         cells = self.visual_dropout(F.relu(self.v_fc(visual))).flatten(0, 1).flatten(1, 2)  # [B*T,49,512]
         frames = audio.flatten(0, 1)  # [B*T,128]

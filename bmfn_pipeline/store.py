@@ -43,8 +43,8 @@ from urllib.parse import quote, unquote
 import h5py
 import numpy as np
 
-from .ave import (NUM_CLASSES, SEGMENTS, AnnotationRow, read_annotations, segment_labels, video_labels,
-                  video_labels_from_segments)
+from .ave import (NUM_CLASSES, SEGMENTS, SPLITS, AnnotationRow, check_labels, read_annotations, segment_labels,
+                  video_labels, video_labels_from_segments)
 from .errors import BmfnError, WriteError, counted, failed_writes, printable, written
 
 try:  # advisory single-writer lock; released by the kernel when the process dies, even by SIGKILL
@@ -588,9 +588,13 @@ class FeatureStore:
             for name, (values, shape) in shapes.items():
                 if values is not None and np.shape(values) != shape:
                     raise BmfnError(f"{self.path}: {name} of {cid!r} have shape {np.shape(values)}, expected {shape}")
+            if given.split not in (*SPLITS, ""):  # '': none (labels without split files)
+                raise BmfnError(f"{self.path}: split {given.split!r} of {cid!r}, expected one of "
+                                f"{', '.join(map(repr, SPLITS))} or '' (none)")
             segments = np.asarray(given.segments, np.float32)
             video = (video_labels_from_segments(segments[None])[0] if given.video is None
                      else np.asarray(given.video, np.float32))
+            check_labels(f"{self.path}: labels of {cid!r}", segments[None], video[None])
             self._labels[cid] = ClipLabels(segments, given.split, video)
         with written(self.parts_dir / _LABEL_PART, hdf5=True) as tmp, h5py.File(tmp, "w") as f:
             _write_label_table(f, self._labels)

@@ -328,6 +328,10 @@ def _train(config: TrainConfig, data: FeatureData | None, log) -> TrainResult:
             log(_no_background_note(data))
     if len(data.splits["train"]) == 0:
         raise BmfnError(f"{data.source['path']}: the train split is empty ({data.split_rule})")
+    # Features the network does not take fail now, naming their file, not in the first step of a new run folder.
+    BMFNConfig(mode=config.mode, **config.model).check_inputs(
+        f"{data.source['path']}: features the network does not take",
+        (1, *data.clips.visual.shape[1:]), (1, *data.clips.audio.shape[1:]))
     selection = "test" if config.select_on_test else "val"
     if len(data.splits[selection]) == 0:
         other = "" if config.select_on_test or not len(data.splits["test"]) else \

@@ -4,6 +4,7 @@ float16 cache, bmfn stores, the hash split. `make_ave_dir` is also the synthetic
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import h5py
@@ -298,6 +299,34 @@ def test_store_with_stored_labels_and_splits(tmp_path):
     assert data.clips.video_labels[0].tolist() == [0, 0, 1] + [0] * 26
 
 
+def test_store_labels_are_checked_and_labelled_clips_without_a_split_are_counted(tmp_path):
+    """A merge of stores labelled with and without split files: the clips without one were left out without a
+    word. set_labels took any split name ('validation' was never used) and any labels (zeros, background as a
+    video class)."""
+    from bmfn_pipeline.store import FeatureStore
+
+    one_hot = np.zeros((10, 29), np.float32)
+    one_hot[:, 2] = 1
+    path = make_store(tmp_path / "feats.h5", n_clips=4, labels={
+        "vid0000": (one_hot, "train"), "vid0001": (one_hot, "val"), "vid0002": (one_hot, "test"),
+        "vid0003": (one_hot, "")})
+    data = load_store(path)
+    assert {k: v.tolist() for k, v in data.splits.items()} == {"train": [0], "val": [1], "test": [2]}
+    assert data.notes == ["1 labelled clip without a split in feats.h5 left out (the other clips have splits; "
+                          "--annotations with --splits gives every clip one)"]
+    background = np.eye(29, dtype=np.float32)[28]
+    with FeatureStore.open(path, create=False) as store:
+        for given, message in [
+            ((one_hot, "validation"), "split 'validation' of 'vid0000', expected one of 'train', 'val', 'test' or "
+                                      "'' (none)"),
+            ((np.zeros((10, 29)), "train"), "labels of 'vid0000': 10 seconds without a class from 0 to 1"),
+            ((one_hot, "train", background), "labels of 'vid0000': 1 video class row with values outside 0 to 1 or "
+                                             "on background"),
+        ]:
+            with pytest.raises(BmfnError, match=f"^{re.escape(f'{path}: {message}')}"):
+                store.set_labels({"vid0000": given})
+
+
 def make_empty_interval_store(directory):
     """A store labelled as `bmfn extract --annotations` labels it, whose first clip's event interval is empty
     (AVE row 26, VWi2ENBuTbw 0&0); returns it and its Annotations.txt."""
@@ -415,6 +444,66 @@ def test_malformed_arrays_in_release_files_are_named(tmp_path):
         f["avadataset"] = np.zeros((6, ave.SEGMENTS))
     with pytest.raises(BmfnError, match=r"audio_feature\.h5: shape \[6, 10\], expected 3 dims"):
         load_ave_dir(directory)
+
+
+def _rewrite(path, change) -> None:
+    """An AVE file's 'avadataset' replaced by change(its values)."""
+    with h5py.File(path, "r+") as f:
+        values = change(f["avadataset"][()])
+        del f["avadataset"]
+        f["avadataset"] = values
+
+
+def test_values_the_losses_would_take_wrongly_are_refused(tmp_path):
+    """NaN in a val clip's audio gave an accuracy computed on garbage, in a training clip a NaN loss blamed on the
+    learning rate; a second labelled all zeros trained as background and was scored as class 0; text failed with
+    a traceback. Each is one line naming the file (the visual file before any conversion)."""
+    directory = make_ave_dir(tmp_path / "ave", n_clips=6)
+    original = {name: (directory / name).read_bytes() for name in ("audio_feature.h5", "visual_feature.h5")}
+
+    def nan_in_row_4(values):
+        values[4, 3] = np.nan
+        return values
+
+    for name, change, message in [
+        ("audio_feature.h5", nan_in_row_4, "NaN or infinity in 1 row (the first: row 4)"),
+        ("visual_feature.h5", lambda v: np.where(np.arange(6)[:, None, None, None, None] >= 2, np.inf, v),
+         "NaN or infinity in 4 rows (the first: row 2)"),
+        ("audio_feature.h5", lambda v: np.full(v.shape, b"x"), "'avadataset' holds |S1, not numbers"),
+        ("visual_feature.h5", lambda v: v[:, :9], "shape [6, 9, 2, 2, 16], expected 5 dims"),  # before converting
+    ]:
+        _rewrite(directory / name, change)
+        with pytest.raises(BmfnError, match=f"^{re.escape(str(directory / name))}: {re.escape(message)}"):
+            load_ave_dir(directory)
+        (directory / name).write_bytes(original[name])
+        assert not list(directory.glob("*.npy")) or name == "audio_feature.h5"
+    labels = ave.segment_labels(ave.read_annotations(directory / "Annotations.txt"))
+    (directory / "Annotations.txt").unlink()
+    for name, values, message in [
+        ("labels.h5", np.where(np.arange(10)[None, :, None] == 7, 0, labels),
+         "6 seconds without a class from 0 to 1, the first row 0 second 7; each second's label is one-hot"),
+        ("labels.h5", labels * 2, "60 seconds without a class from 0 to 1, the first row 0 second 0"),
+        ("mil_labels.h5", np.eye(ave.NUM_CLASSES, dtype=np.float32)[[0, 1, 2, 3, 4, ave.BACKGROUND]],
+         "1 video class row with values outside 0 to 1 or on background, the first row 5"),
+    ]:
+        with h5py.File(directory / "labels.h5", "w") as f:
+            f["avadataset"] = labels
+        with h5py.File(directory / name, "w") as f:
+            f["avadataset"] = values
+        with pytest.raises(BmfnError, match=f"^{re.escape(str(directory / name))}: {re.escape(message)}"):
+            load_ave_dir(directory)
+        (directory / "mil_labels.h5").unlink(missing_ok=True)
+    with h5py.File(directory / "labels.h5", "w") as f:
+        f["avadataset"] = labels
+    assert np.array_equal(load_ave_dir(directory).clips.labels, labels)
+
+
+def test_a_damaged_visual_cache_is_converted_again(tmp_path):
+    directory = make_ave_dir(tmp_path / "ave", n_clips=4)
+    first = np.array(compact_visual(directory / "visual_feature.h5"))
+    cache = directory / "visual_feature.f16.npy"
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])  # a copy cut short: np.load failed
+    assert np.array_equal(compact_visual(directory / "visual_feature.h5"), first)
 
 
 def test_float16_cache_refuses_a_full_disk_and_removes_dead_conversions(tmp_path, monkeypatch):

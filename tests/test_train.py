@@ -619,6 +619,17 @@ def test_weak_training_without_background_clips_says_it_departs_from_the_officia
         "note: no background-only clips in a feature store (the AVE release's 178 come with its folder, --ave-dir): ")
 
 
+def test_features_the_network_does_not_take_fail_before_a_run_folder_is_made(tmp_path):
+    """They failed in the first step, naming no file, after run.json was written: the folder then said to resume a
+    run that could never go on."""
+    directory = make_ave_dir(tmp_path / "ave", n_clips=12)  # 2x2x16 maps, 8-d audio: not the real network's
+    with pytest.raises(BmfnError, match=re.escape(f"{directory.resolve()}: features the network does not take: "
+                                                  "expected visual [B,T,7,7,512] and audio [B,T,128], got "
+                                                  "[1, 10, 2, 2, 16] and [1, 10, 8]")):
+        train(TrainConfig(ave_dir=str(directory), out=str(tmp_path / "run"), epochs=1, progress=False), log=quiet)
+    assert not (tmp_path / "run").exists()
+
+
 def test_weak_training_leaves_out_clips_without_a_video_class(tmp_path):
     """bmfn-reference.md section 9: a weak target is never background; a clip whose labels give no class (an empty
     event interval in a store that kept segment labels only) is left out of weak training, and said so."""
