@@ -257,7 +257,8 @@ class _Part:
 
 
 class FeatureStore:
-    """A feature file plus its journal of parts. Open with ``FeatureStore.open``; one writer at a time."""
+    """A feature file plus its journal of parts. Open with ``FeatureStore.open``; one writer at a time. Clips added
+    stay in the journal (`<path>.parts/`, read with the file) until ``consolidate()`` merges them into the file."""
 
     def __init__(self, path: Path, readonly: bool):
         self.path = path
@@ -373,17 +374,25 @@ class FeatureStore:
             f = self._main
             self.provenance = json.loads(f.attrs["provenance"])
             version = int(f.attrs["format_version"])
+            if not isinstance(self.provenance, dict):
+                raise ValueError(f"its provenance is {type(self.provenance).__name__}, not a mapping")
         except (OSError, KeyError, ValueError) as err:
             raise BmfnError(f"{self.path}: not a bmfn feature store ({err})") from None
         if version != FORMAT_VERSION:
             raise BmfnError(f"{self.path}: feature store format {version}, this bmfn reads {FORMAT_VERSION}")
         self.dtype = _storage_dtype(self.provenance, self.path)
-        self._main_index = {cid: i for i, cid in enumerate(_strings(f["clip_ids"][()]))}
-        failed = f["failed"]
-        self._main_failures = dict(zip(_strings(failed["clip_ids"][()]),
-                                       zip(_strings(failed["paths"][()]), _strings(failed["errors"][()]))))
-        table = f.get("label_table")
-        self._labels = {**({} if table is None else _read_label_table(table)), **self._journal_labels}
+        try:  # its layout, as _write_main makes it: a damaged or hand-edited file is one line, not a traceback
+            self._main_index = {cid: i for i, cid in enumerate(_strings(f["clip_ids"][()]))}
+            for name, shape in (("visual", VISUAL_SHAPE), ("audio", AUDIO_SHAPE)):
+                if f[name].shape != (len(self._main_index), *shape):
+                    raise ValueError(f"'{name}' has shape {list(f[name].shape)} for {len(self._main_index)} clips")
+            failed = f["failed"]
+            self._main_failures = dict(zip(_strings(failed["clip_ids"][()]),
+                                           zip(_strings(failed["paths"][()]), _strings(failed["errors"][()]))))
+            table = f.get("label_table")
+            self._labels = {**({} if table is None else _read_label_table(table)), **self._journal_labels}
+        except (OSError, KeyError, ValueError, TypeError, AttributeError) as err:
+            raise BmfnError(f"{self.path}: a damaged feature store ({' '.join(str(err).split())})") from None
 
     def _load(self) -> None:
         """Read the journal, then the main file. A writer swaps its consolidated file in before it deletes the parts

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -598,6 +599,39 @@ def test_text_that_is_not_utf8_is_stored_escaped(tmp_path):
         store.consolidate()
         assert store.clip_info("x")["path"] == "caf\\xe9/x.mp4"
         assert store.failures() == {"y": ("caf\\xe9/y.mp4", "caf\\xe9/y.mp4: truncated")}
+
+
+def test_a_store_whose_layout_is_damaged_is_one_line(tmp_path):
+    """A dataset removed or cut, a provenance that is not a mapping: tracebacks (KeyError, AttributeError, a
+    broadcast ValueError while loading) before."""
+    path = tmp_path / "feats.h5"
+    with FeatureStore.open(path, PROVENANCE) as store:
+        store.add_clip("a", *clip(0), path="a.mp4")
+        store.consolidate()
+    original = path.read_bytes()
+
+    def drop(name):
+        def change(f):
+            del f[name]
+        return change
+
+    def cut_visual(f):
+        values = f["visual"][()]
+        del f["visual"]
+        f["visual"] = values[:, :5]
+
+    def provenance_list(f):
+        f.attrs["provenance"] = "[1, 2]"
+
+    for change, message in [(drop("clip_ids"), "a damaged feature store (\"Unable to synchronously open object "),
+                            (drop("failed"), "a damaged feature store ("),
+                            (cut_visual, "a damaged feature store ('visual' has shape [1, 5, 7, 7, 512] for 1 clips)"),
+                            (provenance_list, "not a bmfn feature store (its provenance is list, not a mapping)")]:
+        path.write_bytes(original)
+        with h5py.File(path, "r+") as f:
+            change(f)
+        with pytest.raises(BmfnError, match=f"^{re.escape(f'{path}: {message}')}"):
+            load_arrays(path)
 
 
 def test_a_damaged_input_of_a_merge_or_an_export_is_named_as_the_input(tmp_path):
