@@ -199,7 +199,12 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
         split_rule = "no split files: deterministic 80/10/10 split by video id hash"
 
     noisy = None
-    if include_noisy and (directory / NOISY_VISUAL_FILE).is_file() and (directory / NOISY_AUDIO_FILE).is_file():
+    halves = [(directory / name).is_file() for name in (NOISY_VISUAL_FILE, NOISY_AUDIO_FILE)]
+    if include_noisy and halves[0] != halves[1]:
+        found, missing = (NOISY_VISUAL_FILE, NOISY_AUDIO_FILE)[::1 if halves[0] else -1]
+        raise BmfnError(f"{directory / found}: without {missing} beside it; the background clips need both (or "
+                        "neither)")
+    if include_noisy and all(halves):
         noisy_audio = _read_numbers(directory / NOISY_AUDIO_FILE, AVE_KEY)
         _check_features(directory / NOISY_AUDIO_FILE, noisy_audio, 3, like=audio)
         # Video labels as the official code reads them, from labels_noisy.h5 (all background in the release,

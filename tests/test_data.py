@@ -107,6 +107,10 @@ def test_malformed_release_files_are_named(tmp_path):
     with pytest.raises(BmfnError, match=r"visual_feature_noisy\.h5: 2 rows but audio_feature_noisy\.h5 has 3"):
         load_ave_dir(directory)
     assert load_ave_dir(directory, include_noisy=False).noisy is None
+    (directory / "audio_feature_noisy.h5").unlink()  # one half: the clips were left out without a word
+    with pytest.raises(BmfnError, match=rf"^{re.escape(str(directory / 'visual_feature_noisy.h5'))}: without "
+                                        r"audio_feature_noisy\.h5 beside it; the background clips need both"):
+        load_ave_dir(directory)
     for name in ("labels.h5", "visual_feature.h5"):
         (directory / name).write_bytes(b"not an hdf5 file")
         with pytest.raises(BmfnError, match=rf"{directory / name}: cannot read as HDF5: .*signature"):
