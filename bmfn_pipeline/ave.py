@@ -155,24 +155,29 @@ def video_labels_from_segments(labels: np.ndarray) -> np.ndarray:
     return video
 
 
-def check_labels(where: str, segments: np.ndarray, videos: np.ndarray | None = None) -> None:
+def check_labels(where: str, segments: np.ndarray, videos: np.ndarray | None = None,
+                 names: list[str] | None = None) -> None:
     """Refuse labels the losses would take wrongly: each second [N,10,29] needs a class (an all-zero second trained
     as background and was scored as class 0), values from 0 to 1; video classes [N,29] are 0 to 1 and never
-    background (bmfn-reference.md section 9: weak targets are video classes)."""
+    background (bmfn-reference.md section 9: weak targets are video classes). `names` name the N clips (default:
+    their rows)."""
+    def named(index: int) -> str:
+        return f"clip {names[index]!r}" if names is not None else f"row {index}"
+
     with np.errstate(invalid="ignore"):
         off = ~((segments >= 0) & (segments <= 1)).all(axis=-1) | ~(segments > 0).any(axis=-1)
     if off.any():
         clip, second = np.argwhere(off)[0]
-        raise BmfnError(f"{where}: {counted(int(off.sum()), 'second')} without a class from 0 to 1, the first row "
-                        f"{clip} second {second}; each second's label is one-hot over the {NUM_CLASSES} classes, "
-                        "background the last")
+        raise BmfnError(f"{where}: {counted(int(off.sum()), 'second')} without a class or with values outside 0 to "
+                        f"1 (the first: {named(clip)}, second {second}); each second's label is one-hot over the "
+                        f"{NUM_CLASSES} classes, background the last")
     if videos is None:
         return
     with np.errstate(invalid="ignore"):
         off = ~((videos >= 0) & (videos <= 1)).all(axis=-1) | (videos[..., BACKGROUND] != 0)
     if off.any():
-        raise BmfnError(f"{where}: {counted(int(off.sum()), 'video class row')} with values outside 0 to 1 or on "
-                        f"background, the first row {np.flatnonzero(off)[0]}; a video's classes are its events")
+        raise BmfnError(f"{where}: {counted(int(off.sum()), 'video class')} with values outside 0 to 1 or on "
+                        f"background (the first: {named(np.flatnonzero(off)[0])}); a video's classes are its events")
 
 
 def video_id_rows(rows: list[AnnotationRow]) -> dict[str, list[int]]:

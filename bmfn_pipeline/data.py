@@ -198,12 +198,11 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
         split_rows = hash_split(clip_ids)
         split_rule = "no split files: deterministic 80/10/10 split by video id hash"
 
-    noisy = None
+    noisy, notes = None, []
     halves = [(directory / name).is_file() for name in (NOISY_VISUAL_FILE, NOISY_AUDIO_FILE)]
-    if include_noisy and halves[0] != halves[1]:
+    if include_noisy and halves[0] != halves[1]:  # the authors' data/ folder has the audio half, not the visual
         found, missing = (NOISY_VISUAL_FILE, NOISY_AUDIO_FILE)[::1 if halves[0] else -1]
-        raise BmfnError(f"{directory / found}: without {missing} beside it; the background clips need both (or "
-                        "neither)")
+        notes.append(f"{found} without {missing} in {directory}: the background clips are left out")
     if include_noisy and all(halves):
         noisy_audio = _read_numbers(directory / NOISY_AUDIO_FILE, AVE_KEY)
         _check_features(directory / NOISY_AUDIO_FILE, noisy_audio, 3, like=audio)
@@ -217,15 +216,17 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
                          NOISY_AUDIO_FILE)
         noisy_labels = np.zeros((len(noisy_audio), ave.SEGMENTS, ave.NUM_CLASSES), np.float32)
         noisy_labels[..., ave.BACKGROUND] = 1
+        with _open_h5(directory / NOISY_VISUAL_FILE) as f:  # before its conversion, as the main file
+            noisy_shape = _dataset(f, directory / NOISY_VISUAL_FILE, AVE_KEY)
+            _check_features(directory / NOISY_VISUAL_FILE, noisy_shape, 5, like=visual)
+            _check_rows(directory / NOISY_VISUAL_FILE, noisy_shape, noisy_audio, NOISY_AUDIO_FILE)
         noisy_visual = compact_visual(directory / NOISY_VISUAL_FILE, cache_dir, progress)
-        _check_features(directory / NOISY_VISUAL_FILE, noisy_visual, 5, like=visual)
-        _check_rows(directory / NOISY_VISUAL_FILE, noisy_visual, noisy_audio, NOISY_AUDIO_FILE)
         noisy = ClipArrays(noisy_visual, noisy_audio, noisy_labels, noisy_video)
     source = {"kind": "ave-dir", "path": str(directory.resolve()),
               "annotations": str(annotations.resolve()) if relabel else None,  # the folder's own: found again
               "splits": str(split_dir.resolve()) if splits else None}
     return FeatureData(ClipArrays(visual, audio, labels, video_labels), clip_ids,
-                       split_rows, split_rule, provenance, source, noisy)
+                       split_rows, split_rule, provenance, source, noisy, notes)
 
 
 def _ave_dir_provenance(visual_path: Path, audio_path: Path) -> dict:
@@ -391,7 +392,8 @@ def load_store(path: str | Path, *, annotations: str | Path | None = None,
     else:
         labels, video_labels = np.asarray(labels, np.float32), np.asarray(arrays["video_labels"], np.float32)
         known = np.asarray(arrays["has_label"], bool)
-        ave.check_labels(f"{path}: its labels", labels[known], video_labels[known])  # a store of an older bmfn
+        ave.check_labels(f"{path}: its labels (--annotations relabels it)", labels[known], video_labels[known],
+                         names=[cid for cid, k in zip(clip_ids, known) if k])  # a store of an older bmfn
         if not known.all():
             notes.append(f"{counted(int((~known).sum()), 'clip')} without labels in {path.name} left out")
 

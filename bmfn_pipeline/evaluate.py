@@ -193,7 +193,7 @@ def evaluate(checkpoint: str | Path | None = None, *, split: str = "test", ave_d
         else:
             data = load_data(ave_dir=ave_dir, features=features, annotations=annotations, splits=splits,
                              include_noisy=False)
-    model.config.check_inputs(f"{data.source['path']}: features {checkpoint} does not take",
+    model.config.check_inputs(f"{data.source['path']}: features that {checkpoint} does not take",
                               (1, *data.clips.visual.shape[1:]), (1, *data.clips.audio.shape[1:]))
     forced = check_provenance(meta["provenance"], data.provenance, force=force, what=data.source["path"])
     for difference in forced:

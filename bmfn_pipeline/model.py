@@ -100,9 +100,10 @@ class BMFNConfig:
         """Refuse input shapes (visual [B,T,H,W,C], audio [B,T,D]: a batch, or [1,...] for per-clip shapes) that this
         network does not take, in one line beginning with `what`."""
         side = math.isqrt(self.cells)
+        grid = f"{side},{side}" if side * side == self.cells else f"H,W (H*W = {self.cells})"
         if (len(visual) != 5 or visual[-1] != self.visual_dim or visual[2] * visual[3] != self.cells
                 or tuple(audio) != (visual[0], visual[1], self.audio_dim)):
-            raise BmfnError(f"{what}: expected visual [B,T,{side},{side},{self.visual_dim}] and audio "
+            raise BmfnError(f"{what}: expected visual [B,T,{grid},{self.visual_dim}] and audio "
                             f"[B,T,{self.audio_dim}], got {list(visual)} and {list(audio)}")
 
 

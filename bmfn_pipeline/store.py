@@ -603,7 +603,7 @@ class FeatureStore:
             segments = np.asarray(given.segments, np.float32)
             video = (video_labels_from_segments(segments[None])[0] if given.video is None
                      else np.asarray(given.video, np.float32))
-            check_labels(f"{self.path}: labels of {cid!r}", segments[None], video[None])
+            check_labels(f"{self.path}: labels", segments[None], video[None], names=[cid])
             self._labels[cid] = ClipLabels(segments, given.split, video)
         with written(self.parts_dir / _LABEL_PART, hdf5=True) as tmp, h5py.File(tmp, "w") as f:
             _write_label_table(f, self._labels)

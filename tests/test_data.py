@@ -107,10 +107,9 @@ def test_malformed_release_files_are_named(tmp_path):
     with pytest.raises(BmfnError, match=r"visual_feature_noisy\.h5: 2 rows but audio_feature_noisy\.h5 has 3"):
         load_ave_dir(directory)
     assert load_ave_dir(directory, include_noisy=False).noisy is None
-    (directory / "audio_feature_noisy.h5").unlink()  # one half: the clips were left out without a word
-    with pytest.raises(BmfnError, match=rf"^{re.escape(str(directory / 'visual_feature_noisy.h5'))}: without "
-                                        r"audio_feature_noisy\.h5 beside it; the background clips need both"):
-        load_ave_dir(directory)
+    (directory / "visual_feature_noisy.h5").unlink()  # the authors' data/ folder: the audio half only
+    assert load_ave_dir(directory).notes == [f"audio_feature_noisy.h5 without visual_feature_noisy.h5 in "
+                                             f"{directory}: the background clips are left out"]
     for name in ("labels.h5", "visual_feature.h5"):
         (directory / name).write_bytes(b"not an hdf5 file")
         with pytest.raises(BmfnError, match=rf"{directory / name}: cannot read as HDF5: .*signature"):
@@ -318,14 +317,23 @@ def test_store_labels_are_checked_and_labelled_clips_without_a_split_are_counted
     assert {k: v.tolist() for k, v in data.splits.items()} == {"train": [0], "val": [1], "test": [2]}
     assert data.notes == ["1 labelled clip without a split in feats.h5 left out (the other clips have splits; "
                           "--annotations with --splits gives every clip one)"]
+    with FeatureStore.open(path, create=False) as store:  # labels a bmfn before these checks stored
+        store.consolidate()
+    with h5py.File(path, "r+") as f:
+        f["label_table/labels"][2, 4] = 0
+    with pytest.raises(BmfnError, match=re.escape(f"{path}: its labels (--annotations relabels it): 1 second without a "
+                                                  "class or with values outside 0 to 1 (the first: clip 'vid0002', "
+                                                  "second 4)")):
+        load_store(path)
     background = np.eye(29, dtype=np.float32)[28]
     with FeatureStore.open(path, create=False) as store:
         for given, message in [
             ((one_hot, "validation"), "split 'validation' of 'vid0000', expected one of 'train', 'val', 'test' or "
                                       "'' (none)"),
-            ((np.zeros((10, 29)), "train"), "labels of 'vid0000': 10 seconds without a class from 0 to 1"),
-            ((one_hot, "train", background), "labels of 'vid0000': 1 video class row with values outside 0 to 1 or "
-                                             "on background"),
+            ((np.zeros((10, 29)), "train"), "labels: 10 seconds without a class or with values outside 0 to 1 (the "
+                                            "first: clip 'vid0000', second 0)"),
+            ((one_hot, "train", background), "labels: 1 video class with values outside 0 to 1 or on background (the "
+                                             "first: clip 'vid0000')"),
         ]:
             with pytest.raises(BmfnError, match=f"^{re.escape(f'{path}: {message}')}"):
                 store.set_labels({"vid0000": given})
@@ -485,10 +493,11 @@ def test_values_the_losses_would_take_wrongly_are_refused(tmp_path):
     (directory / "Annotations.txt").unlink()
     for name, values, message in [
         ("labels.h5", np.where(np.arange(10)[None, :, None] == 7, 0, labels),
-         "6 seconds without a class from 0 to 1, the first row 0 second 7; each second's label is one-hot"),
-        ("labels.h5", labels * 2, "60 seconds without a class from 0 to 1, the first row 0 second 0"),
+         "6 seconds without a class or with values outside 0 to 1 (the first: row 0, second 7); each second's "
+         "label is one-hot"),
+        ("labels.h5", labels * 2, "60 seconds without a class or with values outside 0 to 1 (the first: row 0, "),
         ("mil_labels.h5", np.eye(ave.NUM_CLASSES, dtype=np.float32)[[0, 1, 2, 3, 4, ave.BACKGROUND]],
-         "1 video class row with values outside 0 to 1 or on background, the first row 5"),
+         "1 video class with values outside 0 to 1 or on background (the first: row 5)"),
     ]:
         with h5py.File(directory / "labels.h5", "w") as f:
             f["avadataset"] = labels
