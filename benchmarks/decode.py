@@ -97,13 +97,22 @@ def nvcodec_report(clips: list[Path], decoder: str) -> str:
         f"\n    {note}" for note in notes)
 
 
+def positive(text: str) -> int:
+    """argparse's type for a count of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least 1")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("video_dir", nargs="?", type=Path, default=DEFAULT_DIR)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=positive, default=1)
     parser.add_argument("--video-decoders", nargs="+", default=["cpu"], choices=VIDEO_DECODERS)
     parser.add_argument("--threads", type=int, default=0, help="then time decoding alone in this many threads")
     args = parser.parse_args()
+    if not args.video_dir.is_dir():
+        parser.error(f"{args.video_dir}: no such folder (give a folder of videos; the default is ../shared's)")
     clips = sorted(p for p in args.video_dir.iterdir() if p.is_file())
     decode_clip(clips[0], frames_per_second=2)  # warm up: the resampling filter bank, page cache
     naive, naive_cpu = clips_per_second(naive_decode, clips, args.repeats)

@@ -104,6 +104,8 @@ def main() -> None:
                         help="peak of the device in TFLOP/s (default: dense bf16 from a table on GPUs, "
                              f"{CPU_PEAK_GFLOPS_PER_CORE:.0f} GFLOP/s per thread on CPUs)")
     args = parser.parse_args()
+    if args.iters < 1 or args.batch_size < 1:
+        parser.error("--iters and --batch-size: at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -124,10 +126,11 @@ def main() -> None:
             continue
         results[variant] = bench_variant(variant, args.batch_size, device, args.iters, args.warmup)
         r = results[variant]
-        base = results.get("float64", r)
-        print(f"{variant:>14}: train {r['train']:8.1f} samples/s ({r['train'] / base['train']:5.2f}x float64, "
+        base_name = next(iter(results))  # float64 unless skipped: the first variant measured
+        base = results[base_name]
+        print(f"{variant:>14}: train {r['train']:8.1f} samples/s ({r['train'] / base['train']:5.2f}x {base_name}, "
               f"{100 * r['train'] * flop_per_sample * TRAIN_FLOP_FACTOR / peak:5.1f} % of peak)   "
-              f"infer {r['infer']:8.1f} samples/s ({r['infer'] / base['infer']:5.2f}x float64, "
+              f"infer {r['infer']:8.1f} samples/s ({r['infer'] / base['infer']:5.2f}x {base_name}, "
               f"{100 * r['infer'] * flop_per_sample / peak:5.1f} % of peak)", flush=True)
     if "float32" in results:
         epoch = 3339 / results["float32"]["train"]

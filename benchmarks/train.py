@@ -147,8 +147,9 @@ def main() -> None:
               f"({base / steady:5.1f}x), 200 epochs ~ {times[0] + 199 * steady:7.1f} s", flush=True)
     if args.full:
         times, wall = run(data, device, args.full_epochs, args.full, True, 60.0, args.full_compile, Outside())
-        print(f"full run, cuda graphs {args.full}{', compiled' if args.full_compile else ''}: {len(times)} epochs in "
-              f"{wall:.1f} s from the call: the first epoch {times[0]:.1f} s (compiling, captures), the others "
+        how = f"{'cuda graphs ' if device.type == 'cuda' else ''}{args.full}{', compiled' if args.full_compile else ''}"
+        print(f"full run, {how}: {len(times)} epochs in {wall:.1f} s from the call: the first epoch {times[0]:.1f} s "
+              f"({'compiling, captures' if device.type == 'cuda' or args.full_compile else 'warming up'}), the others "
               f"{sum(times[1:]):.1f} s (median {statistics.median(times):.3f} s), outside the epochs "
               f"{wall - sum(times):.1f} s (set-up, checkpoints, curves)")
 
