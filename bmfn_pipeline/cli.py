@@ -484,7 +484,7 @@ def _milestones(ctx, param, value):
 @click.option("--clip", type=float, help="Gradient-norm clip. Default 0.1 fully, 0.5 weakly.")
 @click.option("--seed", type=int, help="Default 890 fully, 550 weakly (reference).")
 @click.option("--seeds", type=click.IntRange(1),
-              help="Train N models (seed, seed+1, ...) and report mean and standard deviation. Default 1.")
+              help="Train N models (seed, seed+1, ...) and report mean and sample standard deviation. Default 1.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when present, else the CPU (under torchrun, each rank its own GPU).")
 @click.option("--precision", type=click.Choice(["float32", "tf32", "bfloat16"]),
@@ -580,8 +580,9 @@ def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size,
 @click.option("--batch-size", type=click.IntRange(1), help="Default 16 on CPU, 256 on GPU; results do not depend on it.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when present, else the CPU.")
-@click.option("--precision", type=click.Choice(["float32", "tf32", "bfloat16"]), default="float32", show_default=True,
-              help="tf32: float32 with TF32 tensor-core matmuls (CUDA); bfloat16: autocast (mixed precision).")
+@click.option("--precision", type=click.Choice(["float32", "tf32", "bfloat16"]),
+              help="tf32: float32 with TF32 tensor-core matmuls (CUDA); bfloat16: autocast (mixed precision). "
+                   "Default: the run's, in which its recorded accuracies were computed.")
 @click.option("--force", is_flag=True, help="Evaluate on features whose provenance differs from the checkpoint's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def evaluate(named, checkpoint, split, ave_dir, features, annotations, splits, batch_size, device, precision, force,

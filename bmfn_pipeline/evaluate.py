@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -170,12 +171,14 @@ class EvalResult:
 def evaluate(checkpoint: str | Path | None = None, *, split: str = "test", ave_dir: str | Path | None = None,
              features: str | Path | None = None, annotations: str | Path | None = None,
              splits: str | Path | None = None, batch_size: int | None = None, device: str = "auto",
-             precision: str = "float32", force: bool = False, plot: bool = True,
+             precision: str | None = None, force: bool = False, plot: bool = True,
              runs_dir: str | Path = "runs", data: FeatureData | None = None,
              log: Callable[[str], None] = lambda message: None) -> EvalResult:
     """Accuracy of a checkpoint (a file or a run folder; default: the newest run's best.pt) on a split of its
     training data or other data; with `plot`, a confusion-matrix PNG beside the checkpoint where that folder can be
-    written (else said through `log`), named after the data where it is not the checkpoint's own."""
+    written (else said through `log`), named after the data where it is not the checkpoint's own. `precision`
+    defaults to the run's, in which its recorded accuracies were computed; the run's own data (named or not) keeps
+    its annotations and splits unless others are given."""
     from bmfn_pipeline.train import check_provenance, load_checkpoint, resolve_checkpoint, resolve_device
 
     if split not in ("train", "val", "test"):
@@ -184,15 +187,17 @@ def evaluate(checkpoint: str | Path | None = None, *, split: str = "test", ave_d
     checkpoint = resolve_checkpoint(checkpoint, runs_dir)
     torch_device = resolve_device(device)
     model, meta = load_checkpoint(checkpoint, device=torch_device)
+    trained_on = meta["data"]
+    precision = precision or meta.get("train_config", {}).get("precision") or "float32"  # as its accuracies were
     if data is None:
         if ave_dir is None and features is None:
-            trained_on = meta["data"]
-            key = "ave_dir" if trained_on["kind"] == "ave-dir" else "features"
-            data = load_data(**{key: trained_on["path"]}, annotations=annotations or trained_on.get("annotations"),
-                             splits=splits or trained_on.get("splits"), include_noisy=False)
-        else:
-            data = load_data(ave_dir=ave_dir, features=features, annotations=annotations, splits=splits,
-                             include_noisy=False)
+            ave_dir, features = (trained_on["path"], None) if trained_on["kind"] == "ave-dir" else \
+                (None, trained_on["path"])
+        if Path(ave_dir or features).resolve() == Path(trained_on.get("path") or "").resolve():  # the run's data:
+            annotations = annotations or trained_on.get("annotations")  # its labels and splits, unless given
+            splits = splits or trained_on.get("splits")
+        data = load_data(ave_dir=ave_dir, features=features, annotations=annotations, splits=splits,
+                         include_noisy=False)
     model.config.check_inputs(f"{data.source['path']}: features that {checkpoint} does not take",
                               (1, *data.clips.visual.shape[1:]), (1, *data.clips.audio.shape[1:]))
     forced = check_provenance(meta["provenance"], data.provenance, force=force, what=data.source["path"])
@@ -208,8 +213,11 @@ def evaluate(checkpoint: str | Path | None = None, *, split: str = "test", ave_d
     png = None
     if plot:
         try:
-            own = Path(data.source["path"]).resolve() == Path(meta["data"].get("path") or "").resolve()
-            name = f"confusion-{checkpoint.stem}-{split}{'' if own else '-on-' + Path(data.source['path']).stem}.png"
+            source = Path(data.source["path"]).resolve()
+            own = source == Path(trained_on.get("path") or "").resolve()
+            # other data: its name and a digest of its path (two folders called ave/ would share one file)
+            other = f"-on-{source.stem}-{hashlib.sha1(str(source).encode()).hexdigest()[:6]}"
+            name = f"confusion-{checkpoint.stem}-{split}{'' if own else other}.png"
             png = str(plot_confusion(matrix, checkpoint.parent / name, title=f"{checkpoint} on {split}"))
         except WriteError as err:  # beside a read-only checkpoint, say: the accuracy still counts
             log(f"warning: {err.path}: the confusion matrix was not written ({err.reason})")

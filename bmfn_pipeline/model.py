@@ -486,7 +486,8 @@ def group_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def predict_segments(output: BMFNOutput) -> Tensor:
     """Per-segment labels [B,T] in 0..28 (§6): the video's argmax class where sigmoid(event logit) > 0.5, else
     background (28). Weakly, the argmax is over the 29-way raw r, so a positive segment may still be 28."""
-    positive = torch.sigmoid(output.event_logits) > EVENT_THRESHOLD
+    # In float32: in bfloat16 (autocast's logits) sigmoid rounds to exactly 0.5 for logits up to 0.0078.
+    positive = torch.sigmoid(output.event_logits.float()) > EVENT_THRESHOLD
     video_class = output.class_logits.argmax(dim=-1, keepdim=True)
     return torch.where(positive, video_class, torch.full_like(video_class, BACKGROUND))
 

@@ -398,6 +398,9 @@ def test_predict_segments_thresholds_event_logits() -> None:
     # sigmoid(0) = 0.5 is not > 0.5, so a zero logit is background.
     assert pred[0].tolist() == [5, 28, 28, 5, 28, 5, 5, 28, 5, 5]
     assert pred[1].tolist() == [BACKGROUND] * 10
+    # bfloat16 logits (autocast): sigmoid in bf16 is exactly 0.5 up to 0.0078, which scored these as background
+    small = _output([[0.005, 0.0078, -0.005] + [1.0] * 7], classes[:1].tolist())
+    assert predict_segments(small._replace(event_logits=small.event_logits.bfloat16()))[0, :3].tolist() == [5, 5, 28]
 
 
 def test_predict_segments_weak_uses_29_way_class() -> None:
