@@ -114,6 +114,8 @@ def main() -> None:
     if not args.video_dir.is_dir():
         parser.error(f"{args.video_dir}: no such folder (give a folder of videos; the default is ../shared's)")
     clips = sorted(p for p in args.video_dir.iterdir() if p.is_file())
+    if not clips:
+        parser.error(f"{args.video_dir}: no files in it")
     decode_clip(clips[0], frames_per_second=2)  # warm up: the resampling filter bank, page cache
     naive, naive_cpu = clips_per_second(naive_decode, clips, args.repeats)
     print(f"{len(clips)} clips x {args.repeats}: naive {naive:.2f} clips/s, {naive_cpu:.2f} CPU s per clip")

@@ -198,12 +198,9 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
         split_rows = hash_split(clip_ids)
         split_rule = "no split files: deterministic 80/10/10 split by video id hash"
 
-    noisy, notes = None, []
-    halves = [(directory / name).is_file() for name in (NOISY_VISUAL_FILE, NOISY_AUDIO_FILE)]
-    if include_noisy and halves[0] != halves[1]:  # the authors' data/ folder has the audio half, not the visual
-        found, missing = (NOISY_VISUAL_FILE, NOISY_AUDIO_FILE)[::1 if halves[0] else -1]
-        notes.append(f"{found} without {missing} in {directory}: the background clips are left out")
-    if include_noisy and all(halves):
+    noisy = None
+    # Both halves, or none (the authors' data/ folder has the audio half only): weak training says so.
+    if include_noisy and (directory / NOISY_VISUAL_FILE).is_file() and (directory / NOISY_AUDIO_FILE).is_file():
         noisy_audio = _read_numbers(directory / NOISY_AUDIO_FILE, AVE_KEY)
         _check_features(directory / NOISY_AUDIO_FILE, noisy_audio, 3, like=audio)
         # Video labels as the official code reads them, from labels_noisy.h5 (all background in the release,
@@ -226,7 +223,7 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
               "annotations": str(annotations.resolve()) if relabel else None,  # the folder's own: found again
               "splits": str(split_dir.resolve()) if splits else None}
     return FeatureData(ClipArrays(visual, audio, labels, video_labels), clip_ids,
-                       split_rows, split_rule, provenance, source, noisy, notes)
+                       split_rows, split_rule, provenance, source, noisy)
 
 
 def _ave_dir_provenance(visual_path: Path, audio_path: Path) -> dict:

@@ -383,13 +383,19 @@ class FeatureStore:
         self.dtype = _storage_dtype(self.provenance, self.path)
         try:  # its layout, as _write_main makes it: a damaged or hand-edited file is one line, not a traceback
             self._main_index = {cid: i for i, cid in enumerate(_strings(f["clip_ids"][()]))}
-            for name, shape in (("visual", VISUAL_SHAPE), ("audio", AUDIO_SHAPE)):
-                if f[name].shape != (len(self._main_index), *shape):
-                    raise ValueError(f"'{name}' has shape {list(f[name].shape)} for {len(self._main_index)} clips")
+            clips = len(self._main_index)
+            for name, shape in (("visual", VISUAL_SHAPE), ("audio", AUDIO_SHAPE), ("paths", ()), ("warnings", ())):
+                if f[name].shape != (clips, *shape):
+                    raise ValueError(f"'{name}' has shape {list(f[name].shape)} for {counted(clips, 'clip')}")
             failed = f["failed"]
+            table = f.get("label_table")
+            for group, names in ((failed, ("clip_ids", "paths", "errors")),
+                                 (table, ("clip_ids", "labels", "video_labels", "split"))):
+                lengths = {len(group[name]) for name in names if group is not None and name in group}
+                if len(lengths) > 1:
+                    raise ValueError(f"the datasets of '{group.name}' have {sorted(lengths)} rows")
             self._main_failures = dict(zip(_strings(failed["clip_ids"][()]),
                                            zip(_strings(failed["paths"][()]), _strings(failed["errors"][()]))))
-            table = f.get("label_table")
             self._labels = {**({} if table is None else _read_label_table(table)), **self._journal_labels}
         except (OSError, KeyError, ValueError, TypeError, AttributeError) as err:
             raise BmfnError(f"{self.path}: a damaged feature store ({' '.join(str(err).split())})") from None

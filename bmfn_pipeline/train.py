@@ -836,12 +836,15 @@ def _resume_config(given: TrainConfig) -> tuple[TrainConfig, Path]:
     changed = {name: getattr(given, name) for name in RESUME_SETTINGS if getattr(given, name) is not None}
     config = TrainConfig(**{**saved, **changed, "resume": str(run_dir), "device": given.device,
                             "progress": given.progress, "force": given.force, "command": given.command})
+    if given.out is not None and Path(given.out).resolve() != run_dir.resolve():
+        raise BmfnError(f"{run_dir}: a resumed run goes on in its own folder, not --out {given.out}")
     unset = TrainConfig()  # a field at its default was not given
     for name in FIXED_ON_RESUME:
         value, own = getattr(given, name), getattr(config, name)
-        if value != getattr(unset, name) and _differs(name, value, own, config):
-            raise BmfnError(f"{run_dir}: a resumed run keeps its own {name} ({own!r}), not {value!r}; train a new "
-                            "run for another")
+        if value != getattr(unset, name) and (differing := _differs(name, value, own, config)):
+            option, own, value = differing
+            raise BmfnError(f"{run_dir}: a resumed run keeps its own --{option.replace('_', '-')} "
+                            f"({'none' if own is None else own}), not {value}; train a new run for another")
     for seed in range(config.seed, config.seed + config.seeds):  # fewer epochs than done would train none
         last = (run_dir if config.seeds == 1 else run_dir / f"seed-{seed}") / LAST
         done = _load_state(last, "cpu", mmap=True)["epoch"] if last.is_file() else 0
@@ -851,15 +854,16 @@ def _resume_config(given: TrainConfig) -> tuple[TrainConfig, Path]:
     return config.resolved(), run_dir  # resolved: a run.json of a bmfn before RUN_DEFAULTS may lack one
 
 
-def _differs(name: str, given, own, config: TrainConfig) -> bool:
-    """Whether a FIXED_ON_RESUME value given differs from the run's own in what it does: paths as the files they
-    name, each model override as the run's network has it."""
+def _differs(name: str, given, own, config: TrainConfig) -> tuple[str, object, object] | None:
+    """(the setting, the run's value, the value given) where a FIXED_ON_RESUME value given differs from the run's in
+    what it does: paths as the files they name, each model override as the run's network has it; else None."""
     if name in ("ave_dir", "features", "annotations", "splits"):
-        return own is None or Path(given).resolve() != Path(own).resolve()
+        return None if own is not None and Path(given).resolve() == Path(own).resolve() else (name, own, given)
     if name == "model":
         network = BMFNConfig(mode=config.mode or "fully", **own)
-        return any(getattr(network, key) != value for key, value in given.items())
-    return given != own
+        return next(((key, getattr(network, key), value) for key, value in given.items()
+                     if getattr(network, key) != value), None)
+    return None if given == own else (name, own, given)
 
 
 def _record_resume_settings(run_dir: Path, config: TrainConfig) -> None:

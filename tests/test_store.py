@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import bmfn_pipeline.store as store_module
-from bmfn_pipeline.ave import BACKGROUND, CATEGORIES, load_splits, read_annotations
+from bmfn_pipeline.ave import BACKGROUND, CATEGORIES, NUM_CLASSES, load_splits, read_annotations
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.store import (
     AUDIO_SHAPE,
@@ -607,6 +607,7 @@ def test_a_store_whose_layout_is_damaged_is_one_line(tmp_path):
     path = tmp_path / "feats.h5"
     with FeatureStore.open(path, PROVENANCE) as store:
         store.add_clip("a", *clip(0), path="a.mp4")
+        store.set_labels({"a": (np.eye(NUM_CLASSES, dtype=np.float32)[[BACKGROUND] * 10], "train")})
         store.consolidate()
     original = path.read_bytes()
 
@@ -623,9 +624,19 @@ def test_a_store_whose_layout_is_damaged_is_one_line(tmp_path):
     def provenance_list(f):
         f.attrs["provenance"] = "[1, 2]"
 
+    def short(name):  # consolidation and merge failed with an IndexError, labels were dropped by zip()
+        def change(f):
+            values = f[name][()]
+            del f[name]
+            f.create_dataset(name, data=values[:0], dtype=h5py.string_dtype() if values.dtype == object else None)
+        return change
+
     for change, message in [(drop("clip_ids"), "a damaged feature store (\"Unable to synchronously open object "),
                             (drop("failed"), "a damaged feature store ("),
-                            (cut_visual, "a damaged feature store ('visual' has shape [1, 5, 7, 7, 512] for 1 clips)"),
+                            (cut_visual, "a damaged feature store ('visual' has shape [1, 5, 7, 7, 512] for 1 clip)"),
+                            (short("paths"), "a damaged feature store ('paths' has shape [0] for 1 clip)"),
+                            (short("label_table/split"), "a damaged feature store (the datasets of '/label_table' have "
+                                                         "[0, 1] rows)"),
                             (provenance_list, "not a bmfn feature store (its provenance is list, not a mapping)")]:
         path.write_bytes(original)
         with h5py.File(path, "r+") as f:

@@ -236,14 +236,18 @@ def test_resume_keeps_the_runs_settings_and_records_the_ones_given(tmp_path):
     assert train(TrainConfig(resume=str(run), progress=False), log=quiet).runs[0].epochs == 2
     # what shapes the learning stays the run's: another value given was dropped without a word
     other = runner.invoke(main, ["train", "--resume", str(run), "--lr", "0.01", "--epochs", "3", "--quiet"])
-    assert other.exit_code == 1 and other.output == (f"bmfn: error: {run}: a resumed run keeps its own lr (0.002), "
+    assert other.exit_code == 1 and other.output == (f"bmfn: error: {run}: a resumed run keeps its own --lr (0.002), "
                                                      "not 0.01; train a new run for another\n")
     same = runner.invoke(main, ["train", "--resume", str(run), "--lr", "0.002", "--batch-size", "8", "--quiet"])
     assert same.exit_code == 0, same.output
     (tmp_path / "other.h5").touch()
-    for given in (["--mode", "weakly"], ["--features", str(tmp_path / "other.h5")], ["--seeds", "2"]):
+    for given, own in ((["--mode", "weakly"], "fully"), (["--features", str(tmp_path / "other.h5")], "none"),
+                       (["--seeds", "2"], "1"), (["--esa-activation", "relu6"], "sigmoid")):
         other = runner.invoke(main, ["train", "--resume", str(run), *given, "--quiet"])
-        assert other.exit_code == 1 and f"a resumed run keeps its own {given[0][2:]} " in other.output, other.output
+        assert other.exit_code == 1, other.output
+        assert f"a resumed run keeps its own {given[0]} ({own}), not {given[1]}; " in other.output, other.output
+    other = runner.invoke(main, ["train", "--resume", str(run), "--out", str(tmp_path / "elsewhere"), "--quiet"])
+    assert other.exit_code == 1 and f"goes on in its own folder, not --out {tmp_path / 'elsewhere'}" in other.output
     # ... judged by what it makes: the default activation given is the run's network, as its data folder is
     for given in ({"model": {"esa_activation": "sigmoid"}}, {"mode": "fully", "seeds": 1}, {"ave_dir": directory}):
         train_module._resume_config(TrainConfig(resume=str(run), **given))  # not refused
