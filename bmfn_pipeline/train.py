@@ -6,8 +6,9 @@ state, so `--resume` continues bit for bit on the same device). Both are written
 most every `checkpoint_every` seconds and at the end: on a GPU an AVE epoch takes well under a second and a 320 MB
 last.pt per epoch would cost more than the training; the selected epoch's weights wait in memory until then. With
 several seeds each has its own `seed-<n>/` folder and `summary.json` gives mean and standard deviation (its paths
-relative to the run folder). `--resume` goes on with run.json's settings; epochs, precision, CUDA graphs or the
-checkpoint interval given anew are written to it, for the next resume.
+relative to the run folder). `--resume` goes on with run.json's settings; epochs, precision, CUDA graphs,
+compilation, the evaluation batch or the checkpoint interval given anew are written to it, for the next resume, and
+another value of what the run learns from or how (FIXED_ON_RESUME) is refused.
 
 On a single CUDA device each training step is replayed as a CUDA graph (bmfn_pipeline.graphs). A resumed run
 captures its graphs anew, and its first steps, run eagerly, draw other dropout masks than the replays they stand
