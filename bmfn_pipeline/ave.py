@@ -155,7 +155,7 @@ def video_labels_from_segments(labels: np.ndarray) -> np.ndarray:
     return video
 
 
-def check_labels(where: str, segments: np.ndarray, videos: np.ndarray | None = None,
+def check_labels(where: str, segments: np.ndarray | None, videos: np.ndarray | None = None,
                  names: list[str] | None = None) -> None:
     """Refuse labels the losses would take wrongly: each second [N,10,29] needs a class (an all-zero second trained
     as background and was scored as class 0), values from 0 to 1; video classes [N,29] are 0 to 1 and never
@@ -164,13 +164,14 @@ def check_labels(where: str, segments: np.ndarray, videos: np.ndarray | None = N
     def named(index: int) -> str:
         return f"clip {names[index]!r}" if names is not None else f"row {index}"
 
-    with np.errstate(invalid="ignore"):
-        off = ~((segments >= 0) & (segments <= 1)).all(axis=-1) | ~(segments > 0).any(axis=-1)
-    if off.any():
-        clip, second = np.argwhere(off)[0]
-        raise BmfnError(f"{where}: {counted(int(off.sum()), 'second')} without a class or with values outside 0 to "
-                        f"1 (the first: {named(clip)}, second {second}); each second's label is one-hot over the "
-                        f"{NUM_CLASSES} classes, background the last")
+    if segments is not None:
+        with np.errstate(invalid="ignore"):
+            off = ~((segments >= 0) & (segments <= 1)).all(axis=-1) | ~(segments > 0).any(axis=-1)
+        if off.any():
+            clip, second = np.argwhere(off)[0]
+            raise BmfnError(f"{where}: {counted(int(off.sum()), 'second')} without a class or with values outside 0 "
+                            f"to 1 (the first: {named(clip)}, second {second}); each second's label is one-hot over "
+                            f"the {NUM_CLASSES} classes, background the last")
     if videos is None:
         return
     with np.errstate(invalid="ignore"):

@@ -183,7 +183,7 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
     elif (directory / VIDEO_LABELS_FILE).is_file():
         video_labels = _read_numbers(directory / VIDEO_LABELS_FILE, AVE_KEY)
         _check_shape(directory / VIDEO_LABELS_FILE, video_labels, (n, ave.NUM_CLASSES), AUDIO_FILE)
-        ave.check_labels(str(directory / VIDEO_LABELS_FILE), labels[:0], video_labels)
+        ave.check_labels(str(directory / VIDEO_LABELS_FILE), None, video_labels)
     else:
         video_labels = video_labels_from_segments(labels)
     ave.check_labels(str(labels_from), labels)
