@@ -534,7 +534,8 @@ def _train_seed(config: TrainConfig, seed: int, data: FeatureData, run_dir: Path
         scheduler.load_state_dict({**state["scheduler"], "milestones": Counter(state["scheduler"]["milestones"])})
         _set_rng_state(state["rng"], generator)
         start, best = state["epoch"], state["best"]
-        log(f"seed {seed}: resuming after epoch {start} from {run_dir / LAST}")
+        log(f"seed {seed}: resuming after epoch {start} from {run_dir / LAST}" if start < config.epochs else
+            f"seed {seed}: all {start} epochs are done ({run_dir / LAST}); --epochs {start + 1} or more trains on")
     elif config.resume:
         log(f"seed {seed}: no {LAST} in {run_dir} yet: starting from epoch 1")
     _prepare_optimizer(optimizer, graphs, device)

@@ -233,7 +233,10 @@ def test_resume_keeps_the_runs_settings_and_records_the_ones_given(tmp_path):
     assert result.exit_code == 0 and re.search(r"^run: .*, float32\)$", result.output, re.M)
     saved = json.loads((run / "run.json").read_text())["config"]
     assert (saved["epochs"], saved["precision"]) == (2, "float32")
-    assert train(TrainConfig(resume=str(run), progress=False), log=quiet).runs[0].epochs == 2
+    lines = []
+    assert train(TrainConfig(resume=str(run), progress=False), log=lines.append).runs[0].epochs == 2
+    assert f"seed 890: all 2 epochs are done ({run / 'last.pt'}); --epochs 3 or more trains on" in lines  # not
+    # "resuming after epoch 2", then nothing
     # what shapes the learning stays the run's: another value given was dropped without a word
     other = runner.invoke(main, ["train", "--resume", str(run), "--lr", "0.01", "--epochs", "3", "--quiet"])
     assert other.exit_code == 1 and other.output == (f"bmfn: error: {run}: a resumed run keeps its own --lr (0.002), "
