@@ -178,6 +178,12 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
         raise BmfnError(f"{directory}: neither {LABELS_FILE} nor {ANNOTATIONS_FILE}; one of them gives the labels")
     if labels.shape != (n, ave.SEGMENTS, ave.NUM_CLASSES):
         raise BmfnError(f"{directory / LABELS_FILE}: shape {labels.shape}, expected ({n}, {ave.SEGMENTS}, {ave.NUM_CLASSES})")
+    notes = []
+    if rows is not None and labels_from != annotations:  # labels.h5 used while the folder's Annotations.txt is there
+        differ = int((labels.argmax(-1) != ave.segment_labels(rows).argmax(-1)).any(axis=1).sum())
+        if differ:  # the release's own: AVEL issue #10 reports two such rows
+            notes.append(f"{counted(differ, 'clip')} labelled otherwise in {LABELS_FILE} than in {annotations.name}; "
+                         f"{LABELS_FILE} is used (--annotations {annotations} uses the annotations)")
     if rows is not None and (relabel or not (directory / VIDEO_LABELS_FILE).is_file()):
         video_labels = ave.video_labels(rows)
     elif (directory / VIDEO_LABELS_FILE).is_file():
@@ -223,7 +229,7 @@ def load_ave_dir(directory: str | Path, *, annotations: str | Path | None = None
               "annotations": str(annotations.resolve()) if relabel else None,  # the folder's own: found again
               "splits": str(split_dir.resolve()) if splits else None}
     return FeatureData(ClipArrays(visual, audio, labels, video_labels), clip_ids,
-                       split_rows, split_rule, provenance, source, noisy)
+                       split_rows, split_rule, provenance, source, noisy, notes)
 
 
 def _ave_dir_provenance(visual_path: Path, audio_path: Path) -> dict:

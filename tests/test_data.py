@@ -489,6 +489,7 @@ def test_values_the_losses_would_take_wrongly_are_refused(tmp_path):
         (directory / name).write_bytes(original[name])
         assert not list(directory.glob("*.npy")) or name == "audio_feature.h5"
     labels = ave.segment_labels(ave.read_annotations(directory / "Annotations.txt"))
+    annotations_text = (directory / "Annotations.txt").read_text()
     (directory / "Annotations.txt").unlink()
     for name, values, message in [
         ("labels.h5", np.where(np.arange(10)[None, :, None] == 7, 0, labels),
@@ -508,6 +509,13 @@ def test_values_the_losses_would_take_wrongly_are_refused(tmp_path):
     with h5py.File(directory / "labels.h5", "w") as f:
         f["avadataset"] = labels
     assert np.array_equal(load_ave_dir(directory).clips.labels, labels)
+    (directory / "Annotations.txt").write_text(annotations_text)  # beside labels.h5, which wins: said where they differ
+    assert load_ave_dir(directory).notes == []
+    with h5py.File(directory / "labels.h5", "w") as f:
+        f["avadataset"] = np.where(np.arange(6)[:, None, None] == 2, np.eye(29, dtype=np.float32)[28], labels)
+    assert load_ave_dir(directory).notes == [
+        f"1 clip labelled otherwise in labels.h5 than in Annotations.txt; labels.h5 is used (--annotations "
+        f"{directory / 'Annotations.txt'} uses the annotations)"]
 
 
 def test_a_damaged_visual_cache_is_converted_again(tmp_path):
