@@ -536,7 +536,7 @@ def train(mode, ave_dir, features, annotations, splits, out, epochs, batch_size,
                          out=out, epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size, lr=lr,
                          milestones=milestones, gamma=gamma, clip=clip, seed=seed, seeds=seeds, device=device,
                          precision=precision, cuda_graphs=cuda_graphs, compile=compile_network,
-                         checkpoint_every=checkpoint_every, select_on_test=select_on_test, force=force,
+                         checkpoint_every=checkpoint_every, select_on_test=select_on_test or None, force=force,
                          model={"esa_activation": esa_activation} if esa_activation else {}, resume=resume,
                          progress=not quiet, command=shlex.join(["bmfn", *sys.argv[1:]]))
     run_dir: list[str] = []  # the folder train() names in its "run: " line

@@ -80,6 +80,7 @@ RESUME_SETTINGS = ("epochs", "eval_batch_size", *RUN_DEFAULTS)  # how a run goes
 # What a run learns from, and how: a resumed run keeps its own, and refuses another given (it went unused, unsaid).
 FIXED_ON_RESUME = ("mode", "ave_dir", "features", "annotations", "splits", "batch_size", "lr", "milestones", "gamma",
                    "clip", "seed", "seeds", "select_on_test", "include_noisy", "model")
+CLI_FIXED = {*FIXED_ON_RESUME, "esa_activation"} - {"include_noisy", "model"}  # those `bmfn train` has options for
 PROGRESS_EVERY = 10  # steps between progress-bar figures (reading them waits for the GPU)
 # --compile's inductor settings. Combo kernels fuse independent small kernels (such as the weights' bf16 casts) into
 # one launch: a graphed bf16 step on an H100 went from 863 to 661 kernels, 5.07 to 4.70 ms.
@@ -117,8 +118,8 @@ class TrainConfig:
     cuda_graphs: bool | None = None  # replay each step as a CUDA graph on a single CUDA device (ignored elsewhere)
     compile: bool | None = None  # torch.compile the network for full training batches
     checkpoint_every: float | None = None  # seconds (CHECKPOINT_EVERY)
-    select_on_test: bool = False  # the official protocol: keep the epoch with the best TEST accuracy
-    include_noisy: bool = True  # weakly: the 178 background clips join the training set when present
+    select_on_test: bool | None = None  # the official protocol: keep the epoch with the best TEST accuracy (False)
+    include_noisy: bool | None = None  # weakly: the 178 background clips join the training set when present (True)
     force: bool = False  # resume on features whose provenance differs
     model: dict = field(default_factory=dict)  # BMFNConfig overrides (e.g. a smaller model for experiments)
     resume: str | None = None  # a run directory to continue from its last.pt
@@ -158,7 +159,8 @@ class TrainConfig:
         if mode not in REFERENCE:
             raise BmfnError(f"mode {self.mode!r}: use fully or weakly")
         ref = REFERENCE[mode]
-        defaults = {**{f.name: getattr(ref, f.name) for f in fields(Hyper)}, **RUN_DEFAULTS, "mode": mode, "seeds": 1}
+        defaults = {**{f.name: getattr(ref, f.name) for f in fields(Hyper)}, **RUN_DEFAULTS, "mode": mode, "seeds": 1,
+                    "select_on_test": False, "include_noisy": True}
         filled = {name: value if getattr(self, name) is None else getattr(self, name)
                   for name, value in defaults.items()}
         filled["milestones"] = tuple(int(m) for m in filled["milestones"])
@@ -845,7 +847,8 @@ def _resume_config(given: TrainConfig) -> tuple[TrainConfig, Path]:
         value, own = getattr(given, name), getattr(config, name)
         if value != getattr(unset, name) and (differing := _differs(name, value, own, config)):
             option, own, value = differing
-            raise BmfnError(f"{run_dir}: a resumed run keeps its own --{option.replace('_', '-')} "
+            option = f"--{option.replace('_', '-')}" if option in CLI_FIXED else option  # else the API's field
+            raise BmfnError(f"{run_dir}: a resumed run keeps its own {option} "
                             f"({'none' if own is None else own}), not {value}; train a new run for another")
     for seed in range(config.seed, config.seed + config.seeds):  # fewer epochs than done would train none
         last = (run_dir if config.seeds == 1 else run_dir / f"seed-{seed}") / LAST

@@ -272,6 +272,24 @@ def test_resume_keeps_the_runs_settings_and_records_the_ones_given(tmp_path):
     assert logged == [note]
 
 
+def test_resume_sees_the_apis_explicit_selection_and_background_clips(tmp_path):
+    """select_on_test=False and include_noisy=True given to the Python API on a run made otherwise were taken as not
+    given (they were the fields' defaults) and dropped without a word; a plain resume keeps the run's own."""
+    run = tmp_path / "run"
+    train(TrainConfig(mode="weakly", ave_dir=str(make_ave_dir(tmp_path / "ave", n_clips=12)), out=str(run),
+                      epochs=1, select_on_test=True, include_noisy=False, **FAST), log=quiet)
+    for given, option, own in (({"select_on_test": False}, "--select-on-test", True),
+                               ({"include_noisy": True}, "include_noisy", False)):
+        with pytest.raises(BmfnError, match=f"a resumed run keeps its own {option} \\({own}\\), not {not own}; "):
+            train_module._resume_config(TrainConfig(resume=str(run), **given))
+    with pytest.raises(BmfnError, match=r"keeps its own esa_layers \(2\), not 1; "):  # an API-only model field
+        train_module._resume_config(TrainConfig(resume=str(run), model={**SMALL_MODEL, "esa_layers": 1}))
+    resumed, _ = train_module._resume_config(TrainConfig(resume=str(run), select_on_test=True))
+    assert (resumed.select_on_test, resumed.include_noisy) == (True, False)
+    new = TrainConfig().resolved()  # a new run's defaults
+    assert (new.select_on_test, new.include_noisy) == (False, True)
+
+
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line_keeping_the_last_ones(tmp_path, monkeypatch):
     """A disk that fills up mid-save: torch.save's error says nothing of it (the writer's stream just fails)."""
     directory = make_ave_dir(tmp_path / "ave", n_clips=12)
