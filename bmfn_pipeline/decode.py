@@ -72,7 +72,7 @@ from threadpoolctl import threadpool_limits
 
 from .ave import SEGMENTS
 from . import nvcodec
-from .errors import BmfnError, check_counts
+from .errors import BmfnError, check_counts, counted
 from .nvcodec import NVDEC_LIBRARY
 from .resample import resample
 
@@ -85,6 +85,7 @@ VIDEO_EXTENSIONS = frozenset(
 SAMPLE_RATE = 16000  # VGGish input rate (features-reference.md 2.2)
 FRAME_SIZE = 224  # VGG-19 input side; plain resize, no crop (features-reference.md 1.2)
 FRAMES_PER_SEGMENT = 16  # frames averaged per segment in the released AVE features (features-reference.md 1.1)
+FLOAT_SAMPLES = {"flt": np.float32, "fltp": np.float32, "dbl": np.float64, "dblp": np.float64}  # sample formats
 INT16_SCALE = 32768.0  # wav int16 -> float, as vggish wavfile_to_examples (features-reference.md 2.1)
 AVE_TOLERANCE_S = 0.5  # clips this close to `seconds` use AVE indexing; also the part second that counts as a segment
 TRUNCATION_TOLERANCE_S = 0.5  # a stream ending this much earlier than its header says is truncated, not just rounding
@@ -1335,6 +1336,30 @@ def _channel_mean(frame: av.AudioFrame) -> np.ndarray:
     return (frame.to_ndarray().reshape(-1, len(frame.layout.channels)) / INT16_SCALE).mean(axis=1)
 
 
+def _finite(frame: av.AudioFrame) -> tuple[av.AudioFrame, int]:
+    """A float frame with its NaN and infinite samples made silent, and how many there were. FFmpeg's conversion to
+    s16 makes each of them full scale (NaN and +inf alike become -1): a damaged float track clicked in VGGish's
+    input. Other frames, and clean ones (all of a healthy file's), are returned as they are."""
+    dtype = FLOAT_SAMPLES.get(frame.format.name)
+    if dtype is None:
+        return frame, 0
+    channels = len(frame.layout.channels)
+    # Planar: one plane per channel (PyAV 18 may list a ninth for 8 channels); packed: the channels interleaved.
+    planes = [np.frombuffer(plane, dtype, count=frame.samples) for plane in frame.planes[:channels]] \
+        if frame.format.is_planar else [np.frombuffer(frame.planes[0], dtype, count=frame.samples * channels)]
+    if all(np.isfinite(plane.sum()) for plane in planes):  # NaN and infinity carry into a sum: a quicker check
+        return frame, 0
+    bad = sum(int(np.count_nonzero(~np.isfinite(plane))) for plane in planes)
+    if not bad:  # finite samples whose sum overflowed
+        return frame, 0
+    clean = av.AudioFrame.from_ndarray(np.nan_to_num(np.stack(planes), nan=0.0, posinf=0.0, neginf=0.0),
+                                       format=frame.format.name, layout=frame.layout.name)
+    clean.sample_rate, clean.pts = frame.sample_rate, frame.pts
+    if frame.time_base is not None:
+        clean.time_base = frame.time_base
+    return clean, bad
+
+
 def _decode_audio(path, container, info: ClipInfo, warnings: list[str] | None = None) -> np.ndarray:
     """features-reference.md 2.1: native rate and layout quantised to s16, / 32768, channel mean, resampy's kaiser_best
     to 16 kHz (bmfn_pipeline.resample).
@@ -1356,9 +1381,11 @@ def _decode_audio(path, container, info: ClipInfo, warnings: list[str] | None = 
             container.seek(int((Fraction(begin_s) + stream_start) / stream.time_base), stream=stream, backward=True)
         except av.error.FFmpegError as exc:
             raise BmfnError(f"{path}: cannot seek to {begin_s:g} s in its sound ({_reason(exc)})") from None
-    chunks, first_s, resampler, source, decoded = [], None, None, None, 0
+    chunks, first_s, resampler, source, decoded, non_finite = [], None, None, None, 0, 0
     try:
         for frame in container.decode(stream):
+            frame, bad = _finite(frame)
+            non_finite += bad
             if resampler is None:
                 rate = frame.sample_rate
                 first_s = float(frame.pts * stream.time_base - stream_start) if frame.pts is not None else 0.0
@@ -1386,6 +1413,9 @@ def _decode_audio(path, container, info: ClipInfo, warnings: list[str] | None = 
         if warnings is not None:
             warnings.append(f"{path}: the sound ends at {float(end - stream_start):.2f} s: the seconds after are silent")
         return np.zeros(info.seconds * SAMPLE_RATE, np.float32)
+    if warnings is not None and non_finite:
+        warnings.append(f"{path}: NaN or infinity in {counted(non_finite, 'sound sample')} (a damaged float track): "
+                        "silent there")
     mono = np.concatenate(chunks)
     decoded_end_s = first_s + mono.shape[0] / rate
     declared_s = _declared_end_s(path, container, stream, info.audio_start_s, info.duration_s)

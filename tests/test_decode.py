@@ -25,7 +25,7 @@ import torch
 from conftest import REPO, write_rotated_clip
 
 from bmfn_pipeline import decode
-from bmfn_pipeline.decode import (FRAME_SIZE, SAMPLE_RATE, BackgroundRead, ave_frame_indices, decode_clip,
+from bmfn_pipeline.decode import (FRAME_SIZE, INT16_SCALE, SAMPLE_RATE, BackgroundRead, ave_frame_indices, decode_clip,
                                   decode_many, decode_window, find_videos, first_frame_filters, probe, read_for_labels,
                                   segment_frame_indices, video_hwaccel, yuv420p_from_nv12)
 from bmfn_pipeline.errors import BmfnError
@@ -595,6 +595,37 @@ def _mux_tone(container, stream, seconds: float, start: float = 0) -> None:
     frame.sample_rate, frame.pts = 16000, round(16000 * start)
     container.mux(stream.encode(frame))
     container.mux(stream.encode())
+
+
+@pytest.mark.parametrize("codec", ["pcm_f32le", "pcm_f64le"])
+def test_nan_and_infinite_float_sound_samples_are_silent_and_said(tmp_path, codec):
+    """FFmpeg's conversion to 16 bits made NaN and +inf alike -1 (full scale, a click in VGGish's input)."""
+    path = tmp_path / f"{codec}.mkv"
+    tone = 0.2 * np.sin(np.arange(3 * 16000) / 10)
+    sound = np.stack([tone, -tone])
+    sound[0, 1000:1100], sound[1, 2000:2010], sound[1, 3000:3005] = np.nan, np.inf, -np.inf
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("mpeg4", rate=10)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = container.add_stream(codec, rate=16000, layout="stereo")
+        for i in range(30):
+            container.mux(video.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), i, np.uint8), format="rgb24")))
+        container.mux(video.encode())
+        frame = av.AudioFrame.from_ndarray(sound.astype(np.float32 if "32" in codec else np.float64), layout="stereo",
+                                           format="fltp" if "32" in codec else "dblp")
+        frame.sample_rate = 16000
+        container.mux(audio.encode(frame))
+        container.mux(audio.encode())
+    clip = decode_clip(path, seconds=3, frames_per_second=1)
+    # the channel mean, each channel quantised to 16 bits, the damaged samples silent
+    expected = (np.round(np.nan_to_num(sound, nan=0, posinf=0, neginf=0) * INT16_SCALE) / INT16_SCALE).mean(axis=0)
+    np.testing.assert_allclose(clip.audio, expected, atol=1e-4)
+    assert f"{path}: NaN or infinity in 115 sound samples (a damaged float track): silent there" in clip.warnings
+    planar = av.AudioFrame.from_ndarray(sound[:, :2500].astype(np.float32), format="fltp", layout="stereo")
+    clean, bad = decode._finite(planar)
+    assert bad == 110 and np.array_equal(clean.to_ndarray(), np.nan_to_num(sound[:, :2500].astype(np.float32),
+                                                                            nan=0, posinf=0, neginf=0))
+    assert decode._finite(clean) == (clean, 0)
 
 
 @pytest.mark.parametrize("suffix", ["mp4", "mkv"])  # a Matroska stream declares no duration: the file's is the longest
