@@ -59,8 +59,9 @@ def test_graphed_training_with_dropout_learns_and_resumes_on_cpu(tmp_path, compi
                                compile=compiled, **CONFIG), log=logged.append)
     assert not [line for line in logged if line.startswith("warning")]  # captured (with compiled kernels), no fallback
     assert result.runs[0].test_acc >= 90
-    # last.pt (capturable optimiser, learning rate as a CUDA tensor) continues on the CPU.
-    resumed = train(TrainConfig(resume=str(tmp_path / "run"), epochs=9, device="cpu", progress=False),
+    # last.pt (capturable optimiser, learning rate as a CUDA tensor) continues on the CPU (not compiled there: a
+    # resumed run keeps --compile, and inductor on the CPU would take minutes).
+    resumed = train(TrainConfig(resume=str(tmp_path / "run"), epochs=9, device="cpu", compile=False, progress=False),
                     log=lambda *_: None)
     assert resumed.runs[0].epochs == 9 and _metrics(tmp_path / "run")[-1]["epoch"] == 9
 
