@@ -230,6 +230,9 @@ def test_batches_cover_parts_once_and_shuffle_deterministically():
     assert sorted(sum(seen, [])) == [1, 3, 5, 100, 101, 102, 103]
     again = [b["audio"][:, 0, 0].tolist() for b in batches(parts, 3, torch.device("cpu"), torch.Generator().manual_seed(1))]
     assert seen == again
+    assert sum(seen, []) != [1, 3, 5, 100, 101, 102, 103]  # shuffled, not in row order
+    assert [b["audio"][:, 0, 0].tolist() for b in batches(parts, 3, torch.device("cpu"))] == [[1, 3, 5],
+                                                                                          [100, 101, 102], [103]]
 
 
 STORE_PROVENANCE = {"visual": {"source": "ave", "weights": "random", "checksum": "random:0"},

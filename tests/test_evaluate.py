@@ -73,8 +73,9 @@ def test_compute_precision_sets_and_restores_the_matmul_mode():
     before = torch.get_float32_matmul_precision()
     with compute_precision(torch.device("cuda"), "tf32"):
         assert torch.get_float32_matmul_precision() == "high"
-    with compute_precision(torch.device("cpu"), "tf32"):  # no reduced-precision products on CPUs
-        assert torch.get_float32_matmul_precision() == before
+    for precision in ("tf32", "float32"):  # no reduced-precision products on CPUs, and no bf16 autocast
+        with compute_precision(torch.device("cpu"), precision):
+            assert torch.get_float32_matmul_precision() == before and not torch.is_autocast_enabled("cpu")
     with compute_precision(torch.device("cpu"), "bfloat16"):
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
     assert torch.get_float32_matmul_precision() == before and not torch.is_autocast_enabled("cpu")
