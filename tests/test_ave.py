@@ -113,6 +113,14 @@ def test_overlapping_or_incomplete_splits_refused(tmp_path):
     assert load_splits(tmp_path)["val"].tolist() == [3]
     with pytest.raises(BmfnError, match=r"val split has row indices outside 0\.\.2"):
         load_splits(tmp_path, n_rows=3)
+    # numpy would wrap a negative index round to the last clips; a row twice would count twice in the accuracy;
+    # float indices would be truncated
+    for order, message in (([-1], r"val split has row indices outside 0\.\.N"), ([3, 3], "row 3 is twice in the val"),
+                           (np.array([3.0]), "a 1-D integer array, got float64")):
+        with h5py.File(tmp_path / "val_order.h5", "w") as f:
+            f["order"] = np.asarray(order)
+        with pytest.raises(BmfnError, match=message):
+            load_splits(tmp_path)
     for bad, found in ((b"3,4", "a 1-D integer array, got"), (None, "is a group")):  # one line, not a traceback
         with h5py.File(tmp_path / "val_order.h5", "w") as f:
             f.create_group("order") if bad is None else f.create_dataset("order", data=bad)
