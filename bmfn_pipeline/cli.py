@@ -704,6 +704,7 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
                 try:
                     if to_stdout is not None:
                         to_stdout(result)
+                        sys.stdout.flush()  # each file's labels as it is done, also through a pipe
                 except OSError as exc:  # with files to write, a reader of the table that has gone costs the table only
                     if output_dir is None:
                         raise

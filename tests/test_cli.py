@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import BUFFERED
 
 from bmfn_pipeline import cli
 
@@ -170,7 +171,6 @@ def test_an_os_error_no_stage_named_is_one_line_with_its_file(monkeypatch):
 
 
 REPO = Path(cli.__file__).parents[1]
-BUFFERED = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}  # as most shells run it
 
 
 @pytest.mark.parametrize("arguments", [["probe", "--json"], ["--version"]], ids=["command", "outside-a-command"])

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
+from conftest import BUFFERED
 from test_decode import _write_av_clip
 
 from bmfn_pipeline import ave
@@ -513,14 +513,14 @@ def test_standard_output_that_cannot_take_a_name_or_any_more_costs_no_labels(wor
     os.symlink(video_dir / SHORT, named)
     command = [sys.executable, "-m", "bmfn_pipeline", "localize", str(named), str(video_dir / SHORT), "--checkpoint",
                str(checkpoint), "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONIOENCODING": "ascii"}
+    env = {**BUFFERED, "OMP_NUM_THREADS": "2", "PYTHONIOENCODING": "ascii"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"# {tmp_path}/\\u65e5\\u672c.mp4 (" in done.stdout and f"# {video_dir / SHORT} (" in done.stdout
     with open("/dev/full", "w") as full:
         done = subprocess.run([*command, "--output-dir", str(tmp_path / "out")], stdout=full,
                               stderr=subprocess.PIPE, text=True, env={**env, "PYTHONIOENCODING": "utf-8"})
-    assert done.returncode == 1
+    assert done.returncode == 1  # standard output block-buffered (no PYTHONUNBUFFERED): the error still comes per file
     assert f"bmfn: error: standard output: No space left on device: the labels go on to {tmp_path / 'out'} only" \
         in done.stderr.splitlines()
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
