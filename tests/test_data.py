@@ -13,7 +13,7 @@ import pytest
 
 from bmfn_pipeline import ave
 from bmfn_pipeline.data import (ClipArrays, batches, compact_visual, find_default_data, hash_split, load_ave_dir,
-                                load_store, video_labels_from_segments)
+                                load_store, num_batches, video_labels_from_segments)
 from bmfn_pipeline.errors import BmfnError
 
 SMALL_VISUAL = (2, 2, 16)  # cells and channels of the tiny synthetic maps (the real ones are 7x7x512)
@@ -228,6 +228,7 @@ def test_batches_cover_parts_once_and_shuffle_deterministically():
     parts = [(clips(7, 0), np.array([1, 3, 5])), (clips(4, 100), np.arange(4))]
     seen = [b["audio"][:, 0, 0].tolist() for b in batches(parts, 3, torch.device("cpu"), torch.Generator().manual_seed(1))]
     assert sorted(sum(seen, [])) == [1, 3, 5, 100, 101, 102, 103]
+    assert num_batches(parts, 3) == len(seen) == 3  # 7 rows: two full batches and a short one (the bar's total)
     again = [b["audio"][:, 0, 0].tolist() for b in batches(parts, 3, torch.device("cpu"), torch.Generator().manual_seed(1))]
     assert seen == again
     assert sum(seen, []) != [1, 3, 5, 100, 101, 102, 103]  # shuffled, not in row order

@@ -38,6 +38,11 @@ def test_shape_mismatch_is_an_error():
         segment_accuracy(np.zeros((2, 10)), np.zeros((1, 10)))
 
 
+def test_accuracy_over_no_segment_is_nan_not_zero():
+    """No segment has no accuracy: NaN, not 0 % (which would read as a model that got every segment wrong)."""
+    assert np.isnan(segment_accuracy(np.zeros((0, 10)), np.zeros((0, 10))))
+
+
 def test_confusion_and_per_class():
     target = np.array([[0, 0, 0, 0, BACKGROUND, BACKGROUND, 1, 1, 1, 1]])
     pred = np.array([[0, 0, 0, 1, BACKGROUND, 0, 1, 1, 1, 1]])

@@ -82,6 +82,8 @@ def test_fully_supervised_learns_and_writes_the_run(tmp_path):
         np.testing.assert_array_equal(np.array(report.confusion).sum(axis=1),
                                       np.bincount(labels[rows].ravel(), minlength=ave.NUM_CLASSES))
     assert evaluate(tmp_path / "run" / "best.pt", split="val", plot=False).accuracy == pytest.approx(run.val_acc)
+    with pytest.raises(BmfnError, match=r"^split 'dev': use train, val or test$"):  # not a KeyError
+        evaluate(tmp_path / "run" / "best.pt", split="dev", plot=False)
 
 
 def test_quiet_training_shows_no_bar_while_converting_the_visual_file(tmp_path, capsys):
@@ -272,9 +274,11 @@ def test_resume_keeps_the_runs_settings_and_records_the_ones_given(tmp_path):
     assert logged == [note]
 
 
-def test_resume_sees_the_apis_explicit_selection_and_background_clips(tmp_path):
+def test_resume_sees_the_apis_explicit_selection_and_background_clips(tmp_path, monkeypatch):
     """select_on_test=False and include_noisy=True given to the Python API on a run made otherwise were taken as not
-    given (they were the fields' defaults) and dropped without a word; a plain resume keeps the run's own."""
+    given (they were the fields' defaults) and dropped without a word; a plain resume keeps the run's own. Every
+    other setting of what the run learns from, and how, given otherwise is refused too, naming the run's value;
+    checkpoint_every=0 and cuda_graphs=False given (false, yet given) are taken."""
     run = tmp_path / "run"
     train(TrainConfig(mode="weakly", ave_dir=str(make_ave_dir(tmp_path / "ave", n_clips=12)), out=str(run),
                       epochs=1, select_on_test=True, include_noisy=False, **FAST), log=quiet)
@@ -282,6 +286,21 @@ def test_resume_sees_the_apis_explicit_selection_and_background_clips(tmp_path):
                                ({"include_noisy": True}, "include_noisy", False)):
         with pytest.raises(BmfnError, match=f"a resumed run keeps its own {option} \\({own}\\), not {not own}; "):
             train_module._resume_config(TrainConfig(resume=str(run), **given))
+    folder = (tmp_path / "ave").resolve()
+    for name, value, own in (("mode", "fully", "weakly"), ("ave_dir", str(tmp_path / "other"), folder),
+                             ("annotations", str(tmp_path / "alt.txt"), "none"),
+                             ("splits", str(tmp_path / "splits"), "none"), ("batch_size", 4, 8), ("gamma", 0.1, 0.5),
+                             ("milestones", (5, 10), (100,)), ("clip", 0.5, 1.0), ("seed", 1, 550)):
+        option = f"--{name.replace('_', '-')}"
+        with pytest.raises(BmfnError, match=re.escape(f"a resumed run keeps its own {option} ({own}), not {value}; ")):
+            train_module._resume_config(TrainConfig(resume=str(run), **{name: value}))
+    resumed, _ = train_module._resume_config(TrainConfig(resume=str(run), checkpoint_every=0, cuda_graphs=False))
+    assert (resumed.checkpoint_every, resumed.cuda_graphs) == (0, False)  # the run's own: 60 s, True
+    # paths as the files they name: the run's folders given relative to the current folder are its own
+    monkeypatch.chdir(tmp_path)
+    train_module._resume_config(TrainConfig(resume=str(run), out="run", ave_dir="ave"))  # not refused
+    with pytest.raises(BmfnError, match=re.escape(f"keeps its own --ave-dir ({folder}), not run; ")):
+        train_module._resume_config(TrainConfig(resume="run", ave_dir="run"))
     with pytest.raises(BmfnError, match=r"keeps its own esa_layers \(2\), not 1; "):  # an API-only model field
         train_module._resume_config(TrainConfig(resume=str(run), model={**SMALL_MODEL, "esa_layers": 1}))
     resumed, _ = train_module._resume_config(TrainConfig(resume=str(run), select_on_test=True))
@@ -554,6 +573,25 @@ def test_seeds_report_mean_and_std(tmp_path):
         resolve_checkpoint(tmp_path)  # holds a run, but is none: not a checkpoint found somewhere below it
 
 
+def test_several_seeds_report_the_mean_and_the_best_seed_on_the_selection_split(tmp_path):
+    """The seeds' accuracies are summarised by their mean (not their median: 50, 100 and 60 % have 70 and 60) and
+    sample standard deviation; the best checkpoint is the seed highest on the split that selected its epochs."""
+    val, test = (50.0, 100.0, 60.0), (90.0, 30.0, 45.0)
+
+    def seeds(selected_on):
+        return train_module.TrainResult(tmp_path, [
+            train_module.RunResult(tmp_path / f"seed-{seed}", seed, 1, selected_on, v, t, 1, [])
+            for seed, v, t in zip((1, 2, 3), val, test)], "data")
+
+    result = seeds("val")
+    assert result.val_mean_std == pytest.approx((70.0, np.std(val, ddof=1)))
+    assert result.test_mean_std == pytest.approx((55.0, np.std(test, ddof=1)))
+    assert f"3 seeds: val 70.00 ± {np.std(val, ddof=1):.2f} %, test 55.00 ± " in result.summary()
+    assert result.best_checkpoint == tmp_path / "seed-2" / "best.pt"  # val 100 %
+    assert result.to_dict()["best_checkpoint"] == "seed-2/best.pt"
+    assert seeds("test").best_checkpoint == tmp_path / "seed-1" / "best.pt"  # test 90 %
+
+
 def test_a_rank_other_than_0_writes_nothing_into_the_run_folder(tmp_path, monkeypatch):
     """Under torchrun rank 0 writes the run folder; another rank writing too (summary.json of several seeds) raced
     it for the same temporary file. Here one process plays rank 1 of 2, with the folder rank 0 would have made."""
@@ -624,6 +662,9 @@ def test_empty_test_split_reports_no_test_accuracy(tmp_path):
     assert [line["test_acc"] for line in lines] == [None, None] and lines[0]["val_acc"] >= 0
     summary = strict((tmp_path / "run" / "summary.json").read_text())
     assert summary["test_mean"] is None and summary["runs"][0]["test_acc"] is None
+    # evaluating the empty split is refused in a line, not an accuracy of NaN over no segment
+    with pytest.raises(BmfnError, match=r"ave: the test split is empty \(splits from .*ave\)$"):
+        evaluate(tmp_path / "run", plot=False)
     assert (tmp_path / "run" / "seed-890" / "curves.png").is_file()
     resumed = train(TrainConfig(resume=str(tmp_path / "run"), epochs=3, progress=False), log=quiet)
     assert resumed.runs[1].history[-1]["test_acc"] is None
@@ -657,19 +698,26 @@ def test_features_the_network_does_not_take_fail_before_a_run_folder_is_made(tmp
 
 def test_evaluate_reproduces_a_runs_record_by_default(tmp_path, monkeypatch):
     """A bfloat16 run is evaluated in bfloat16 unless asked otherwise (float32 gave other accuracies than the
-    recorded ones); the run's own data named explicitly keeps the run's annotations (the folder's own were taken
-    instead); confusion plots of two folders of one name are two files (the second replaced the first)."""
+    recorded ones); the run's own data, named explicitly or not, keeps the run's annotations (the folder's own were
+    taken instead) and its split order files (not the folder's); confusion plots of two folders of one name are two
+    files (the second replaced the first)."""
     directory = make_ave_dir(tmp_path / "ave", n_clips=30)
     rows = (directory / "Annotations.txt").read_text().splitlines()
     shifted = [f"{ave.CATEGORIES[(ave.CATEGORIES.index(r.split('&')[0]) + 1) % 28]}&{r.split('&', 1)[1]}" for r in rows]
     (tmp_path / "alt.txt").write_text("\n".join(shifted) + "\n")
+    own = ave.load_splits(directory)  # 20 train, 5 val, 5 test clips; the run's test split takes 3 train clips more
+    (tmp_path / "splits").mkdir()
+    for name, order in (("train", own["train"][3:]), ("val", own["val"]),
+                        ("test", np.concatenate([own["test"], own["train"][:3]]))):
+        with h5py.File(tmp_path / "splits" / f"{name}_order.h5", "w") as f:
+            f["order"] = order
     run = train(TrainConfig(ave_dir=str(directory), annotations=str(tmp_path / "alt.txt"), out=str(tmp_path / "run"),
-                            epochs=2, precision="bfloat16", **FAST), log=quiet).runs[0]
+                            splits=str(tmp_path / "splits"), epochs=2, precision="bfloat16", **FAST), log=quiet).runs[0]
     precisions = []
     original = evaluate.__globals__["predict_rows"]  # bmfn_pipeline.evaluate's
     monkeypatch.setitem(evaluate.__globals__, "predict_rows", lambda *args: precisions.append(args[5]) or original(*args))
-    assert evaluate(tmp_path / "run", plot=False).accuracy == run.test_acc
-    assert evaluate(tmp_path / "run", ave_dir=directory, plot=False).accuracy == run.test_acc
+    for report in (evaluate(tmp_path / "run", plot=False), evaluate(tmp_path / "run", ave_dir=directory, plot=False)):
+        assert (report.clips, report.accuracy) == (8, run.test_acc)
     assert precisions == ["bfloat16", "bfloat16"]
     for name in ("one", "two"):
         shutil.copytree(directory, tmp_path / name / "ave")
