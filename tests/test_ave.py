@@ -102,6 +102,21 @@ def test_split_list_line_not_in_annotations(tmp_path):
         load_splits(tmp_path)
 
 
+def test_identical_lines_in_a_split_list_take_their_rows_in_order(tmp_path):
+    """Two identical annotation lines are two rows: a split list naming the line twice takes the first row for its
+    first mention and the second for its next, and a third mention finds no unused row."""
+    (tmp_path / "Annotations.txt").write_text("Bark&a&good&0&10\nCat&b&good&1&3\nBark&a&good&0&10\n")
+    (tmp_path / "trainSet.txt").write_text("Bark&a&good&0&10\nBark&a&good&0&10\n")
+    (tmp_path / "valSet.txt").write_text("Cat&b&good&1&3\n")
+    (tmp_path / "testSet.txt").write_text("")
+    assert {name: rows.tolist() for name, rows in load_splits(tmp_path).items()} == {
+        "train": [0, 2], "val": [1], "test": []}
+    (tmp_path / "trainSet.txt").write_text("Bark&a&good&0&10\n" * 3)
+    with pytest.raises(BmfnError, match=r"trainSet\.txt: line 3: no \(unused\) row of the annotations reads "
+                                        r"'Bark&a&good&0&10'"):
+        load_splits(tmp_path)
+
+
 def test_overlapping_or_incomplete_splits_refused(tmp_path):
     for name, order in {"train": [0, 1], "val": [1], "test": [2]}.items():
         with h5py.File(tmp_path / f"{name}_order.h5", "w") as f:
@@ -145,6 +160,10 @@ def test_header_variant_reads_the_same_rows(ave_dir, rows, tmp_path):
         ("Barking&abc&good&0&10", r"line 3: unknown category 'Barking'"),
         ("Bark&abc&good&zero&10", r"line 3: start and end must be integer seconds"),
         ("Bark&abc&good&6&4", r"line 3: need 0 <= start <= end <= 10"),
+        ("Bark&abc&good&3&11", r"line 3: need 0 <= start <= end <= 10, got start 3 and end 11"),  # past the clip
+        ("Bark&abc&good&-1&4", r"line 3: need 0 <= start <= end <= 10, got start -1 and end 4"),
+        ("Bark& &good&0&10", r"line 3: empty video id"),
+        (HEADER, r"line 3: unknown category 'Category'"),  # the header only as the first line
         ("", r"line 3: empty line"),
     ],
 )

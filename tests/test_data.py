@@ -13,7 +13,7 @@ import pytest
 
 from bmfn_pipeline import ave
 from bmfn_pipeline.data import (ClipArrays, batches, compact_visual, find_default_data, hash_split, load_ave_dir,
-                                load_store, num_batches, video_labels_from_segments)
+                                load_data, load_store, num_batches, video_labels_from_segments)
 from bmfn_pipeline.errors import BmfnError
 
 SMALL_VISUAL = (2, 2, 16)  # cells and channels of the tiny synthetic maps (the real ones are 7x7x512)
@@ -102,6 +102,11 @@ def test_malformed_release_files_are_named(tmp_path):
         with pytest.raises(BmfnError, match=rf"mil_labels\.h5: shape \[{rows}, {columns}\], expected \[6, 29\]"):
             load_ave_dir(directory)
     (directory / "mil_labels.h5").unlink()
+    with h5py.File(directory / "visual_feature_noisy.h5", "w") as f:  # another per-clip map than the main file's
+        f["avadataset"] = np.zeros((3, ave.SEGMENTS, 2, 2, 8))
+    with pytest.raises(BmfnError, match=r"visual_feature_noisy\.h5: \[10, 2, 2, 8\] per clip, but the main features "
+                                        r"have \[10, 2, 2, 16\]"):
+        load_ave_dir(directory)
     with h5py.File(directory / "visual_feature_noisy.h5", "w") as f:
         f["avadataset"] = np.zeros((2, ave.SEGMENTS, *SMALL_VISUAL))
     with pytest.raises(BmfnError, match=r"visual_feature_noisy\.h5: 2 rows but audio_feature_noisy\.h5 has 3"):
@@ -109,6 +114,22 @@ def test_malformed_release_files_are_named(tmp_path):
     assert load_ave_dir(directory, include_noisy=False).noisy is None
     (directory / "visual_feature_noisy.h5").unlink()  # the authors' data/ folder: the audio half only, not refused
     assert load_ave_dir(directory).noisy is None
+    visual = (directory / "visual_feature.h5").read_bytes()
+    _rewrite(directory / "visual_feature.h5", lambda v: v[:5])  # row i of the visual file must be row i of the audio
+    with pytest.raises(BmfnError, match=r"visual_feature\.h5: 5 rows but audio_feature\.h5 has 6$"):
+        load_ave_dir(directory, include_noisy=False)
+    (directory / "visual_feature.h5").write_bytes(visual)
+    annotations = (directory / "Annotations.txt").read_text()
+    (directory / "Annotations.txt").write_text("".join(annotations.splitlines(keepends=True)[:5]))
+    with pytest.raises(BmfnError, match=r"Annotations\.txt: 5 rows but the features have 6; row i must be line i$"):
+        load_ave_dir(directory, include_noisy=False)
+    (directory / "Annotations.txt").unlink()
+    for shape in ((6, ave.SEGMENTS, ave.NUM_CLASSES - 1), (5, ave.SEGMENTS, ave.NUM_CLASSES)):
+        with h5py.File(directory / "labels.h5", "w") as f:
+            f["avadataset"] = np.eye(shape[-1], dtype=np.float32)[np.zeros(shape[:2], int)]
+        with pytest.raises(BmfnError, match=re.escape(f"labels.h5: shape {shape}, expected (6, 10, 29)")):
+            load_ave_dir(directory, include_noisy=False)
+    (directory / "Annotations.txt").write_text(annotations)
     for name in ("labels.h5", "visual_feature.h5"):
         (directory / name).write_bytes(b"not an hdf5 file")
         with pytest.raises(BmfnError, match=rf"{directory / name}: cannot read as HDF5: .*signature"):
@@ -177,6 +198,31 @@ def test_float16_overflow_is_refused(tmp_path):
         f["avadataset"] = np.full((2, 10, 2, 2, 4), 1e6)
     with pytest.raises(BmfnError, match="float16"):
         compact_visual(path)
+
+
+def test_nan_in_a_later_conversion_slice_names_its_own_row(tmp_path):
+    """The visual file is converted in slices of CONVERT_ROWS rows: a NaN past the first slice is named by its row in
+    the file, not by its row in the slice."""
+    from bmfn_pipeline.data import CONVERT_ROWS
+
+    path = tmp_path / "visual_feature.h5"
+    values = np.zeros((CONVERT_ROWS + 8, ave.SEGMENTS, 1, 1, 2))
+    values[CONVERT_ROWS + 3, 5] = np.nan
+    with h5py.File(path, "w") as f:
+        f["avadataset"] = values
+    with pytest.raises(BmfnError, match=rf"NaN or infinity in 1 row \(the first: row {CONVERT_ROWS + 3}\)$"):
+        compact_visual(path, progress=False)
+
+
+def test_load_data_takes_exactly_one_source(tmp_path):
+    """An AVE folder and a feature store given together: one line saying to choose, not one of them used silently."""
+    directory = make_ave_dir(tmp_path / "ave", n_clips=6)
+    store = make_store(tmp_path / "feats.h5", n_clips=2)
+    for sources in ({"ave_dir": directory, "features": store}, {}):
+        with pytest.raises(BmfnError, match=r"^give exactly one data source: --ave-dir DIR .* or --features "
+                                            r"feats\.h5$"):
+            load_data(**sources)
+    assert load_data(ave_dir=directory, progress=False).source["kind"] == "ave-dir"
 
 
 def test_hash_split_is_deterministic_and_keeps_ids_together():
@@ -502,6 +548,9 @@ def test_values_the_losses_would_take_wrongly_are_refused(tmp_path):
         ("labels.h5", labels * 2, "60 seconds without a class or with values outside 0 to 1 (the first: row 0, "),
         ("mil_labels.h5", np.eye(ave.NUM_CLASSES, dtype=np.float32)[[0, 1, 2, 3, 4, ave.BACKGROUND]],
          "1 video class with values outside 0 to 1 or on background (the first: row 5)"),
+        ("mil_labels.h5", np.where((np.arange(6)[:, None] == 2) & (np.arange(ave.NUM_CLASSES) == 7), -1,
+                                   np.eye(ave.NUM_CLASSES, dtype=np.float32)[:6]),  # row 2 with -1 for class 7
+         "1 video class with values outside 0 to 1 or on background (the first: row 2)"),
     ]:
         with h5py.File(directory / "labels.h5", "w") as f:
             f["avadataset"] = labels

@@ -5,11 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_data import SMALL_AUDIO, SMALL_MODEL, SMALL_VISUAL
 
 from bmfn_pipeline.ave import BACKGROUND, NUM_CLASSES
+from bmfn_pipeline.data import ClipArrays
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.evaluate import (EvalResult, compute_precision, confusion_matrix, per_class_accuracy,
-                                    plot_confusion, segment_accuracy)
+                                    plot_confusion, predict_rows, segment_accuracy)
+from bmfn_pipeline.model import BMFN, BMFNConfig
 
 
 def test_accuracy_pools_all_segments_background_included():
@@ -41,6 +44,16 @@ def test_shape_mismatch_is_an_error():
 def test_accuracy_over_no_segment_is_nan_not_zero():
     """No segment has no accuracy: NaN, not 0 % (which would read as a model that got every segment wrong)."""
     assert np.isnan(segment_accuracy(np.zeros((0, 10)), np.zeros((0, 10))))
+
+
+def test_predict_rows_of_no_rows_are_empty_label_arrays():
+    """A split without clips (a store whose clips are all in train, say) scores as no segments, not a failed cat."""
+    labels = np.zeros((2, 10, NUM_CLASSES), np.float32)
+    labels[..., BACKGROUND] = 1
+    clips = ClipArrays(np.zeros((2, 10, *SMALL_VISUAL), np.float16), np.zeros((2, 10, SMALL_AUDIO), np.float32),
+                       labels, labels.max(axis=1))
+    pred, target = predict_rows(BMFN(BMFNConfig(**SMALL_MODEL)), clips, np.array([], np.int64), torch.device("cpu"))
+    assert pred.shape == target.shape == (0, 10) and pred.dtype == target.dtype == np.int64
 
 
 def test_confusion_and_per_class():

@@ -5,6 +5,7 @@ grouped blocks that compute what separate modules (nn.MultiheadAttention, LayerN
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 import types
@@ -468,6 +469,45 @@ def test_mfb_gradient_is_finite_at_zero() -> None:
     assert torch.equal(out, torch.zeros(3, 49, 512))
     out.sum().backward()
     assert torch.isfinite(visual.grad).all()
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"mfb_dim": 2048}, "mfb_dim 2048 must equal mfb_k * mfb_o = 2560"),  # eq. 2's sum pooling needs k * o channels
+    ({"heads": True}, "heads=True, expected a whole number of at least 1"),  # a bool is no size, though an int
+    ({"d_model": 32.5}, "d_model=32.5, expected a whole number of at least 1"),
+    ({"esa_layers": -1}, "esa_layers=-1, expected a whole number of at least 0"),
+    ({"dropout": -0.1}, "dropout=-0.1, expected a rate from 0 to below 1"),
+    ({"dropout": 1.0}, "dropout=1.0, expected a rate from 0 to below 1"),  # F.dropout would zero every value
+    ({"visual_dropout": False}, "visual_dropout=False, expected a rate from 0 to below 1"),
+])
+def test_config_values_outside_their_range_are_refused(given: dict, message: str) -> None:
+    with pytest.raises(BmfnError, match=f"^BMFN config: {re.escape(message)}$"):
+        BMFNConfig(**given)
+
+
+def test_config_keeps_whole_float_sizes_as_int_and_rates_as_float() -> None:
+    """A JSON config or a numpy value may give 256.0 or np.int64(4): kept as plain ints (checkpoints hold plain
+    numbers, and layer sizes must be ints); a rate of 0 as a float."""
+    import numpy as np
+
+    config = BMFNConfig(d_model=256.0, heads=np.int64(4), esa_layers=0, dropout=0)
+    kept = (config.d_model, config.heads, config.esa_layers, config.dropout)
+    assert kept == (256, 4, 0, 0.0) and [type(v) for v in kept] == [int, int, int, float]
+
+
+def test_check_inputs_refuses_shapes_the_network_does_not_take() -> None:
+    """One line naming the shapes, not a reshape error deep inside the network; the cells may lie in any grid."""
+    config = BMFNConfig()
+    config.check_inputs("features", (1, SEGMENTS, 49, 1, 512), (1, SEGMENTS, 128))  # 49 cells in another grid
+    for visual, audio in [
+        ((1, SEGMENTS, 7, 6, 512), (1, SEGMENTS, 128)),  # 42 cells, not the config's 49
+        ((1, SEGMENTS, 7, 7, 512), (1, SEGMENTS - 1, 128)),  # audio of other time steps than the visual maps
+        ((2, SEGMENTS, 7, 7, 512), (1, SEGMENTS, 128)),  # another batch
+        ((1, SEGMENTS, 7, 7, 256), (1, SEGMENTS, 128)),
+    ]:
+        with pytest.raises(BmfnError, match=re.escape(f"features: expected visual [B,T,7,7,512] and audio "
+                                                      f"[B,T,128], got {list(visual)} and {list(audio)}")):
+            config.check_inputs("features", visual, audio)
 
 
 def test_bad_config_and_inputs_raise_bmfn_error(model: BMFN) -> None:

@@ -64,8 +64,9 @@ def test_summary_of_background_only_and_label_names():
     assert result.summary() == "background only"
     assert result.seconds[0].name == "background"
     assert SecondLabel(0, 1, BARK, 0.9, 0.8).name == "Bark"
-    with pytest.raises(ValueError):
-        SecondLabel(0, 1, 29, 0.9, 0.8).name
+    for label in (29, -1):  # -1 would index the last category (Mandolin)
+        with pytest.raises(ValueError, match=f"label {label} is outside 0..28"):
+            SecondLabel(0, 1, label, 0.9, 0.8).name
 
 
 @pytest.mark.parametrize("seconds, srt, vtt", [
@@ -76,6 +77,11 @@ def test_summary_of_background_only_and_label_names():
 def test_format_timestamp(seconds, srt, vtt):
     assert format_timestamp(seconds, ",") == srt
     assert format_timestamp(seconds, ".") == vtt
+
+
+def test_format_timestamp_refuses_a_negative_time():
+    with pytest.raises(ValueError, match="negative timestamp -1"):  # else '-1:59:59,000'
+        format_timestamp(-1, ",")
 
 
 def test_json_parses_back_to_the_same_result(tmp_path):
@@ -96,6 +102,7 @@ def test_csv_has_header_and_one_row_per_second(tmp_path):
         rows = list(csv.DictReader(file))
     assert tuple(rows[0].keys()) == CSV_FIELDS
     assert len(rows) == len(result.seconds)
+    assert (rows[3]["start_s"], rows[3]["end_s"]) == ("3.000", "4.000")  # milliseconds, as the subtitles give times
     for row, second in zip(rows, result.seconds):
         assert float(row["start_s"]) == second.start_s and float(row["end_s"]) == second.end_s
         assert int(row["label"]) == second.label and row["name"] == second.name
