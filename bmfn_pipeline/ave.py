@@ -177,7 +177,7 @@ def check_labels(where: str, segments: np.ndarray | None, videos: np.ndarray | N
     with np.errstate(invalid="ignore"):
         off = ~((videos >= 0) & (videos <= 1)).all(axis=-1) | (videos[..., BACKGROUND] != 0)
     if off.any():
-        raise BmfnError(f"{where}: {counted(int(off.sum()), 'video class')} with values outside 0 to 1 or on "
+        raise BmfnError(f"{where}: {counted(int(off.sum()), 'video class', 'video classes')} with values outside 0 to 1 or on "
                         f"background (the first: {named(np.flatnonzero(off)[0])}); a video's classes are its events")
 
 
@@ -204,11 +204,9 @@ def _read_order(path: Path) -> np.ndarray:
     return order.astype(np.int64)
 
 
-def _rows_of_list(path: Path, annotations: list[AnnotationRow]) -> np.ndarray:
-    """Map each line of a split list to the annotation row it repeats (whole-line match, duplicated ids included)."""
-    free: dict[AnnotationRow, deque[int]] = defaultdict(deque)
-    for i, row in enumerate(annotations):
-        free[row].append(i)
+def _rows_of_list(path: Path, free: dict[AnnotationRow, deque[int]]) -> np.ndarray:
+    """Map each line of a split list to the annotation row it repeats (whole-line match, duplicated ids included),
+    taking that row out of `free` (each annotation line -> its rows not yet taken by a split list)."""
     indices = []
     for lineno, row in _read_numbered(path):
         if not free.get(row):
@@ -246,7 +244,12 @@ def load_splits(
         if not isinstance(annotations, list):
             annotations = read_annotations(annotations)
         n_rows = len(annotations) if n_rows is None else n_rows
-        splits = {name: _rows_of_list(path, annotations) for name, path in list_files.items()}
+        # Two identical annotation lines are two rows, and two lists naming that line take one each (in the order
+        # train, val, test), not both the first.
+        free: dict[AnnotationRow, deque[int]] = defaultdict(deque)
+        for i, row in enumerate(annotations):
+            free[row].append(i)
+        splits = {name: _rows_of_list(path, free) for name, path in list_files.items()}
     else:
         names = [p.name for p in order_files.values()] + [p.name for p in list_files.values()]
         raise BmfnError(f"{directory}: no split files (expected {', '.join(names)})")

@@ -102,15 +102,21 @@ def test_split_list_line_not_in_annotations(tmp_path):
         load_splits(tmp_path)
 
 
-def test_identical_lines_in_a_split_list_take_their_rows_in_order(tmp_path):
+def test_identical_lines_in_split_lists_take_their_rows_in_order(tmp_path):
     """Two identical annotation lines are two rows: a split list naming the line twice takes the first row for its
-    first mention and the second for its next, and a third mention finds no unused row."""
+    first mention and the second for its next, and a third mention finds no unused row; two lists naming it once
+    each take one row each (both took the first, then refused as a row in two splits)."""
     (tmp_path / "Annotations.txt").write_text("Bark&a&good&0&10\nCat&b&good&1&3\nBark&a&good&0&10\n")
     (tmp_path / "trainSet.txt").write_text("Bark&a&good&0&10\nBark&a&good&0&10\n")
     (tmp_path / "valSet.txt").write_text("Cat&b&good&1&3\n")
     (tmp_path / "testSet.txt").write_text("")
     assert {name: rows.tolist() for name, rows in load_splits(tmp_path).items()} == {
         "train": [0, 2], "val": [1], "test": []}
+    (tmp_path / "trainSet.txt").write_text("Bark&a&good&0&10\n")
+    (tmp_path / "testSet.txt").write_text("Bark&a&good&0&10\n")
+    assert {name: rows.tolist() for name, rows in load_splits(tmp_path).items()} == {
+        "train": [0], "val": [1], "test": [2]}
+    (tmp_path / "testSet.txt").write_text("")
     (tmp_path / "trainSet.txt").write_text("Bark&a&good&0&10\n" * 3)
     with pytest.raises(BmfnError, match=r"trainSet\.txt: line 3: no \(unused\) row of the annotations reads "
                                         r"'Bark&a&good&0&10'"):
