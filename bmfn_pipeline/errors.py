@@ -87,9 +87,9 @@ def check_counts(owner: str, minimum: int = 1, **values) -> None:
             raise BmfnError(f"{owner}: {name}={value!r}, expected a whole number of at least {minimum}")
 
 
-def counted(n, noun: str) -> str:
-    """'1 clip', '2 clips': a count and its noun, in the plural unless it is one."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+def counted(n, noun: str, plural: str | None = None) -> str:
+    """'1 clip', '2 clips': a count and its noun, in the plural (`plural`, else the noun and 's') unless it is one."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def percent(value: float | None, std: float | None = None) -> str:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from bmfn_pipeline import ave
-from bmfn_pipeline.data import (ClipArrays, batches, compact_visual, find_default_data, hash_split, load_ave_dir,
-                                load_data, load_store, num_batches, video_labels_from_segments)
+from bmfn_pipeline.data import (CONVERT_ROWS, ClipArrays, batches, compact_visual, find_default_data, hash_split,
+                                load_ave_dir, load_data, load_store, num_batches, video_labels_from_segments)
 from bmfn_pipeline.errors import BmfnError
 
 SMALL_VISUAL = (2, 2, 16)  # cells and channels of the tiny synthetic maps (the real ones are 7x7x512)
@@ -203,8 +203,6 @@ def test_float16_overflow_is_refused(tmp_path):
 def test_nan_in_a_later_conversion_slice_names_its_own_row(tmp_path):
     """The visual file is converted in slices of CONVERT_ROWS rows: a NaN past the first slice is named by its row in
     the file, not by its row in the slice."""
-    from bmfn_pipeline.data import CONVERT_ROWS
-
     path = tmp_path / "visual_feature.h5"
     values = np.zeros((CONVERT_ROWS + 8, ave.SEGMENTS, 1, 1, 2))
     values[CONVERT_ROWS + 3, 5] = np.nan
@@ -551,6 +549,8 @@ def test_values_the_losses_would_take_wrongly_are_refused(tmp_path):
         ("mil_labels.h5", np.where((np.arange(6)[:, None] == 2) & (np.arange(ave.NUM_CLASSES) == 7), -1,
                                    np.eye(ave.NUM_CLASSES, dtype=np.float32)[:6]),  # row 2 with -1 for class 7
          "1 video class with values outside 0 to 1 or on background (the first: row 2)"),
+        ("mil_labels.h5", np.eye(ave.NUM_CLASSES, dtype=np.float32)[[0, 1, ave.BACKGROUND, 3, 4, ave.BACKGROUND]],
+         "2 video classes with values outside 0 to 1 or on background (the first: row 2)"),
     ]:
         with h5py.File(directory / "labels.h5", "w") as f:
             f["avadataset"] = labels

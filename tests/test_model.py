@@ -10,6 +10,7 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -488,8 +489,6 @@ def test_config_values_outside_their_range_are_refused(given: dict, message: str
 def test_config_keeps_whole_float_sizes_as_int_and_rates_as_float() -> None:
     """A JSON config or a numpy value may give 256.0 or np.int64(4): kept as plain ints (checkpoints hold plain
     numbers, and layer sizes must be ints); a rate of 0 as a float."""
-    import numpy as np
-
     config = BMFNConfig(d_model=256.0, heads=np.int64(4), esa_layers=0, dropout=0)
     kept = (config.d_model, config.heads, config.esa_layers, config.dropout)
     assert kept == (256, 4, 0, 0.0) and [type(v) for v in kept] == [int, int, int, float]
