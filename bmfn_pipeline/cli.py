@@ -732,7 +732,7 @@ def localize(files, checkpoint, output_format, output_dir, plot, stride, frames_
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False),
               help="A new or empty folder for everything the demo writes. Default: ./bmfn-demo (-2, -3, ... if taken).")
-@click.option("--quick", is_flag=True, help="A much smaller run (about 1.5 minutes on 2 free cores), as the tests use.")
+@click.option("--quick", is_flag=True, help="A much smaller run (about 1 minute on 2 free cores), as the tests use.")
 @click.option("--clips", type=click.IntRange(6), help="Synthetic clips to make (default 96; 24 with --quick).")
 @click.option("--epochs", type=click.IntRange(1), help="Training epochs (default 20; 12 with --quick).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0),
@@ -741,7 +741,7 @@ def demo(out, quick, clips, epochs, seed) -> None:
     """Show the whole pipeline working with nothing downloaded: synthesise audio-visual event clips, extract
     features with RANDOM networks, train BMFN, localize held-out clips and compare with the truth.
 
-    Takes under 10 minutes on 2 CPU cores; everything goes into one folder.
+    Takes about 6 minutes on 2 free CPU cores; everything goes into one folder.
 
     \b
     Examples:

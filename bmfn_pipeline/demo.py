@@ -49,7 +49,7 @@ class DemoPlan:
     milestones: tuple[int, ...]
 
 
-# Sized so that the default run takes under 10 minutes on 2 CPU cores and `--quick` about 1.5 minutes; both above
+# Sized so that the default run takes under 10 minutes on 2 CPU cores (5.6 idle) and `--quick` about 1 (70 s); both above
 # the majority baseline. The full run's 20 epochs: with 12 (milestone 8), training seeds 1-3 on seed 0's features
 # reached 95-99 % but seed 0 stayed at 85 %, deciding by the sound alone (audio only 86 %); after 20 (milestone 14)
 # seeds 0 and 3 reached 98.6 % and 97.1 %, each modality alone 50 %. `--seed 1`: 97.9 % (audio only 75 %);
