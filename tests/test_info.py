@@ -9,15 +9,17 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from test_data import SMALL_MODEL, STORE_PROVENANCE, make_ave_dir, make_store
 
 from bmfn_pipeline import ave
+from bmfn_pipeline import info as info_module
 from bmfn_pipeline.cli import main
 from bmfn_pipeline.errors import BmfnError
-from bmfn_pipeline.info import CheckpointInfo, RunInfo, StoreInfo, info
+from bmfn_pipeline.info import CheckpointInfo, RunInfo, SeedInfo, StoreInfo, features_lines, info
 from bmfn_pipeline.store import FeatureStore
-from bmfn_pipeline.train import TrainConfig, train
+from bmfn_pipeline.train import CHECKPOINT_FORMAT, TrainConfig, train
 from extractors.weights import WEIGHTS
 
 
@@ -150,7 +152,7 @@ def test_a_run_folder_says_how_far_it_got_and_how_it_goes_on(tmp_path):
     assert not info(run).finished and info(run).to_dict()["finished"] is False
 
 
-def test_a_run_of_several_seeds_shows_each_and_their_mean(tmp_path):
+def test_a_run_of_several_seeds_shows_each_and_their_mean(tmp_path, monkeypatch):
     run = small_run(tmp_path, epochs=1, seeds=2)
     result = info(run)
     summary = json.loads((run / "summary.json").read_text())
@@ -164,6 +166,8 @@ def test_a_run_of_several_seeds_shows_each_and_their_mean(tmp_path):
     # summaries of earlier bmfn versions name the checkpoint by an absolute path
     (run / "summary.json").write_text(json.dumps({**summary, "best_checkpoint": str(run / summary["best_checkpoint"])}))
     assert info(run).lines() == lines
+    monkeypatch.chdir(tmp_path)  # the run named by a relative path: the same checkpoint is still the selected one
+    assert sum(line.endswith("<- selected") for line in info("run").lines()) == 1
     # resumed for more epochs and stopped: the summary is of the run before, so neither mean nor choice is shown
     record = json.loads((run / "run.json").read_text())
     record["config"]["epochs"] = 3
@@ -227,3 +231,69 @@ def test_a_file_of_the_ave_layout_says_what_reads_it(tmp_path):
     with pytest.raises(BmfnError, match=rf"^{path}: a file of the AVE release's layout \(key 'avadataset'\), "
                        rf"not a bmfn feature store; `bmfn train --ave-dir {tmp_path}` reads such a folder$"):
         info(path)
+
+
+def test_store_lines_say_sizes_labels_without_splits_and_at_most_three_clips_per_list():
+    """Sizes in B, kB, MB, GB (1000 bytes a kB); labels with no split stored say so; each list names three clips and
+    says how many more only where there are more."""
+    assert [info_module._size(n) for n in (999, 1000, 1_234_567, 2_500_000_000)] == \
+        ["999 B", "1.0 kB", "1.2 MB", "2.5 GB"]
+    failed = {f"bad{i}": {"path": f"bad{i}.mp4", "error": f"bad{i}.mp4: not a media file"} for i in range(3)}
+    notes = {f"note{i}": [f"note{i}.mp4: short"] for i in range(4)}
+    store = StoreInfo("feats.h5", [f"c{i}" for i in range(5)], "float16", 1000, STORE_PROVENANCE, {"": 2},
+                      ["c2", "c3", "c4"], failed, notes, [], False, 2)
+    lines = store.lines()
+    assert lines[0] == "feats.h5: feature store, 5 clips, float16, 1.0 kB"
+    assert "  labels    2 clips, no split stored (training splits them 80/10/10 by video id); 3 without an " \
+        "annotation row (c2, c3, c4)" in lines
+    failed_at = lines.index("  failed    3 clips")
+    assert lines[failed_at + 1:] == [f"    bad{i}: bad{i}.mp4: not a media file" for i in range(3)]
+    assert lines[lines.index("  notes     4 clips") + 4] == "    ... and 1 more (--json lists them all)"
+
+
+def test_features_lines_warn_of_either_network_random_and_of_no_provenance():
+    audio = {"weights": "vggish", "checksum": WEIGHTS["vggish"].checksum}
+    lines = features_lines({**STORE_PROVENANCE, "audio": audio})  # random VGG-19, released VGGish
+    assert lines[1] == "  warning   RANDOM network weights: these features are for tests and demos only"
+    assert features_lines({}) == ["  features  made by an unknown extractor (no provenance recorded)"]
+
+
+def test_checkpoint_lines_show_a_zero_train_accuracy_and_the_split_rule():
+    checkpoint = CheckpointInfo("best.pt", "fully", 3, 5, "val", {"val_acc": 70.0, "test_acc": 68.5, "train_acc": 0.0},
+                                {"epoch": 3}, {"kind": "ave-dir", "path": "ave", "split_rule": "splits from ave"}, {},
+                                "", "1.2")
+    assert checkpoint.lines() == ["best.pt: BMFN checkpoint, fully supervised, epoch 3 of 5 (selected on val)",
+                                  "  accuracy  val 70.00 %, test 68.50 % (train 0.00 % while training)",
+                                  "  data      ave-dir ave (splits from ave)",
+                                  "  features  made by an unknown extractor (no provenance recorded)",
+                                  "  bmfn      1.2"]
+
+
+def test_a_run_without_best_pt_says_how_resume_goes_on_and_an_old_summary_is_not_shown():
+    """A run whose epochs all ran but that has no best.pt still says where --resume starts; a summary of fewer
+    epochs than the run's (resumed, finished, killed before its summary was written) is no summary of it."""
+    lone = RunInfo("run", "fully", 2, [SeedInfo(1, "run", 2, None, None)], None, None, False)
+    assert lone.lines() == ["run: training run, fully supervised, 2 of 2 epochs, finished", "  best.pt   none",
+                            "            no last.pt: --resume starts from epoch 1"]
+    old = {"runs": [{"epochs": 2}, {"epochs": 2}], "val_mean": 70.0, "val_std": 1.0, "test_mean": 69.0, "test_std": 1.0}
+    seeds = [SeedInfo(n, f"run/seed-{n}", 3, None, None) for n in (1, 2)]
+    resumed = RunInfo("run", "fully", 3, seeds, old, None, False)
+    assert resumed.finished and resumed.to_dict()["summary_current"] is False
+    assert not any(line.startswith("  mean") for line in resumed.lines())
+
+
+def test_a_video_in_capitals_is_pointed_to_bmfn_probe(tmp_path):
+    video = tmp_path / "CLIP.MP4"
+    video.write_bytes(b"not a video")
+    with pytest.raises(BmfnError, match="; `bmfn probe` shows what a video holds$"):
+        info(video)
+
+
+def test_a_checkpoint_missing_its_settings_is_one_line(tmp_path):
+    """bmfn's checkpoint format, but no model settings (or none readable): one line, not a KeyError or TypeError."""
+    path = tmp_path / "edited.pt"
+    for model_config, reason in (("missing", "'model_config'"), (None, "'NoneType' object .*")):
+        torch.save({"format": CHECKPOINT_FORMAT, "epoch": 1,
+                    **({} if model_config == "missing" else {"model_config": model_config})}, path)
+        with pytest.raises(BmfnError, match=f"^{path}: cannot be read \\({reason}\\)$"):
+            info(path)

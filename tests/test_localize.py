@@ -14,6 +14,7 @@ import subprocess
 import sys
 import termios
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,8 @@ from bmfn_pipeline import localize as localize_module
 from bmfn_pipeline.decode import SAMPLE_RATE, BackgroundRead, decode_clip
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.extract import ExtractOptions, clip_features, features_provenance, load_extractors
-from bmfn_pipeline.localize import Localizer, localize, merge_windows, window_starts
+from bmfn_pipeline.localize import (Localizer, PlotFailed, check_result_names, label_seconds, localize, merge_windows,
+                                    timeline_path, window_starts)
 from bmfn_pipeline.train import TrainConfig, load_checkpoint, train
 from bmfn_pipeline.writers import CSV_FIELDS, LocalizationResult
 from extractors import vgg19 as vgg19_module
@@ -109,6 +111,10 @@ def test_window_starts_cover_every_second_with_whole_windows():
         window_starts(30, 11)
     with pytest.raises(BmfnError, match=r"stride 2\.5: expected a whole number of seconds"):
         window_starts(30, 2.5)  # the Python API's: it failed only at the first video longer than a window
+    with pytest.raises(BmfnError, match=r"^stride 0 s: expected 1 to 10 s"):
+        window_starts(30, 0)  # not range()'s ValueError
+    with pytest.raises(BmfnError, match=r"^stride True: expected a whole number of seconds"):
+        window_starts(30, True)
     assert window_starts(30, np.int64(5)) == window_starts(30, 5)
 
 
@@ -125,6 +131,53 @@ def test_merge_windows_averages_the_windows_covering_each_second():
     assert np.allclose(merged_classes[5:10], [0.45, 0.55])  # the overlap's argmax is window 1's class
     with pytest.raises(ValueError, match="uncovered"):
         merge_windows(25, starts, event, classes)
+    # a video shorter than a window: its one window's first seconds
+    short_event, short_classes = merge_windows(5, [0], np.arange(10.0)[None] / 10, np.array([[0.2, 0.8]]))
+    assert np.allclose(short_event, [0, 0.1, 0.2, 0.3, 0.4]) and np.allclose(short_classes, [[0.2, 0.8]] * 5)
+
+
+def test_label_seconds_are_events_above_one_half_and_the_last_ends_with_the_video():
+    """An event where the mean event probability exceeds 0.5 (0.5 itself is background), labelled with the top
+    class; class_prob is the top class's also in a background second; the last second ends at the video's end."""
+    classes = np.zeros((3, ave.NUM_CLASSES))
+    classes[:, 4], classes[:, 9], classes[:, ave.BACKGROUND] = 0.7, 0.2, 0.1
+    labels = label_seconds(np.array([0.9, 0.5, 0.2]), classes, 2.6)
+    assert [(s.start_s, s.end_s, s.label) for s in labels] == [(0, 1, 4), (1, 2, ave.BACKGROUND),
+                                                               (2, 2.6, ave.BACKGROUND)]
+    assert [s.event_prob for s in labels] == [0.9, 0.5, 0.2] and all(s.class_prob == 0.7 for s in labels)
+
+
+def test_result_names_that_two_videos_would_share_are_refused():
+    """Results and plots are named after the video's stem: clip.mp4 and clip.mkv would overwrite each other's."""
+    check_result_names(["a/clip.mp4", "b/other.mp4", "a/clip.mp4"])  # one file named twice: one set of results
+    with pytest.raises(BmfnError, match=r"^a/clip\.mp4 and b/clip\.mkv would write result files of the same name"):
+        check_result_names(["a/clip.mp4", "b/clip.mkv"])
+    assert timeline_path("plots", "a/clip.mp4") == Path("plots/clip.png")
+
+
+def test_plot_failed_is_one_line_that_keeps_the_labels():
+    result = LocalizationResult("v/clip.mp4", 2.0, [])
+    failed = PlotFailed(result, ValueError("bad size\nmore detail"))
+    assert failed.result is result
+    assert str(failed) == "v/clip.mp4: cannot draw the timeline plot (ValueError: bad size); its labels were made"
+    assert str(PlotFailed(result, BmfnError("plots/clip.png: disk full"))) == \
+        "plots/clip.png: disk full; its labels were made"  # a BmfnError names its file already
+
+
+def test_files_are_read_ahead_by_the_depth_asked():
+    """_ahead keeps `depth` further files submitted while the caller works on one, and yields them all in order."""
+    pulled = []
+
+    def items():
+        for item in range(5):
+            pulled.append(item)
+            yield item
+
+    with ThreadPoolExecutor(2) as pool:
+        ahead = localize_module._ahead(pool, lambda item: item * 10, items(), 2)
+        item, future = next(ahead)
+        assert (item, future.result()) == (0, 0) and pulled == [0, 1, 2]
+        assert [(item, future.result()) for item, future in ahead] == [(1, 10), (2, 20), (3, 30), (4, 40)]
 
 
 def _seconds(result_json: dict) -> list[dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -14,7 +15,8 @@ from bmfn_pipeline.errors import BmfnError
 from extractors import vggish
 from extractors.vgg19 import caffe_preprocess, vgg19_pool5_random
 from extractors.vggish import AudioExtractor, VGGish, load_audio_extractor, postprocessor_from_file, vggish_from_file
-from extractors.vggish_input import log_mel_spectrogram, mel_matrix, periodic_hann, segment_examples, waveform_to_examples
+from extractors.vggish_input import (log_mel_spectrogram, mel_matrix, periodic_hann, segment_examples,
+                                     waveform_to_examples, with_examples)
 
 SR = 16000
 TOL = 1e-4  # issue 3: match the reference values to 1e-4
@@ -171,6 +173,22 @@ def test_short_clip_is_padded_with_silence(noise_clip, alignment):
 def test_unknown_alignment_is_refused(noise_clip):
     with pytest.raises(BmfnError, match="alignment"):
         segment_examples(noise_clip, 10, "centre")
+
+
+def test_no_segments_or_a_waveform_of_channels_is_refused(noise_clip):
+    """One line each, not an IndexError from the empty window list or a stereo clip framed as if it were mono."""
+    with pytest.raises(BmfnError, match="^segments 0: expected at least 1$"):
+        segment_examples(noise_clip, 0)
+    with pytest.raises(BmfnError, match=r"^waveform of shape \(16000, 2\): expected mono \[samples\] at 16000 Hz$"):
+        segment_examples(np.stack([noise_clip[:SR]] * 2, axis=1), 10)
+
+
+def test_a_decoded_clip_gets_one_example_per_decoded_second(noise_clip):
+    """`bmfn extract --seconds 5`: five examples for five seconds of frames, as many as the visual maps."""
+    clip = SimpleNamespace(frames=np.zeros((5, 1, 2, 2, 3), np.uint8), audio=noise_clip[: 5 * SR])
+    same, examples = with_examples(clip, "exact")
+    assert same is clip
+    np.testing.assert_array_equal(examples, segment_examples(noise_clip[: 5 * SR], 5, "exact"))
 
 
 # ---------------------------------------------------------------- network layout (§2.4, §2.7)

@@ -9,6 +9,7 @@ import io
 import itertools
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,14 @@ def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     assert cache_dir() == tmp_path / "torch" / "bmfn"
     monkeypatch.setenv("BMFN_CACHE", str(tmp_path / "bmfn"))
     assert cache_dir() == tmp_path / "bmfn"
+    # where TORCH_HOME or BMFN_CACHE names the cache, the earlier bmfn's folder is not looked in
+    for variable in ("BMFN_CACHE", "TORCH_HOME"):
+        with monkeypatch.context() as patched:
+            patched.delenv(variable)
+            assert weights._cached(WEIGHTS["vggish"]) == cache_dir() / WEIGHTS["vggish"].filename
+            assert not weights.weight_available("vggish")
+    monkeypatch.setenv("BMFN_CACHE", "~/bmfn")  # a ~ is the user's home, not a folder named ~
+    assert cache_dir() == tmp_path / "home" / "bmfn"
 
 
 def test_file_checksum_known_digests(tmp_path: Path):
@@ -147,8 +156,16 @@ def test_local_file_is_verified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     local = _served(tmp_path)
     _fake_entry(monkeypatch, "vggish", "file:///nowhere", "sha256:" + hashlib.sha256(CONTENT).hexdigest()[:8])
     assert weight_path("vggish", local) == local
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert weight_path("vggish", "~/server/file.bin") == local  # a ~ is the user's home
+    assert weights.weight_available("vggish", local) and not weights.weight_available("vggish")
     assert [p.name for p in cache.iterdir()] == [weights.VERIFIED_FILE], \
         "a local file must be used in place, not copied or downloaded"
+
+    digest = hashlib.sha256(CONTENT).hexdigest()
+    _fake_entry(monkeypatch, "vggish", "file:///nowhere", f"sha256:{digest[:7]}{'1' if digest[7] == '0' else '0'}")
+    with pytest.raises(BmfnError, match="sha256"):  # every digit of a prefix counts, its last one too
+        weight_path("vggish", local)
 
     _fake_entry(monkeypatch, "vggish", "file:///nowhere", "md5:" + hashlib.md5(b"other").hexdigest())
     with pytest.raises(BmfnError, match=re.escape(str(local))) as err:
@@ -192,6 +209,17 @@ def test_a_verified_file_is_hashed_again_only_when_it_changed(tmp_path: Path, mo
     (cache / weights.VERIFIED_FILE).write_text("{damaged")  # an unreadable record means hashing, not an error
     weight_path("vggish", local)
     assert len(hashed) == 5
+    (cache / weights.VERIFIED_FILE).write_text("[]")  # JSON, but no record of files: hashing too
+    weight_path("vggish", local)
+    assert len(hashed) == 6
+
+    before = local.stat()
+    time.sleep(0.05)  # past the file system's timestamp granularity: the change time moves on
+    local.write_bytes(CONTENT.upper())
+    os.utime(local, ns=(before.st_atime_ns, before.st_mtime_ns))  # as `touch -d` sets it back: size and mtime as then
+    with pytest.raises(BmfnError, match="md5"):
+        weight_path("vggish", local)
+    assert len(hashed) == 7
 
 
 def test_missing_local_file_names_it_and_the_option(tmp_path: Path):
@@ -248,6 +276,34 @@ def test_offline_error_names_url_cache_and_option(tmp_path: Path, monkeypatch: p
         message = str(err.value)
         assert url in message and str(cache / entry.filename) in message and "--vgg19-weights" in message
         assert "\n" not in message
+
+
+def test_downloads_off_means_no_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path):
+    """download=False with the file reachable: refused all the same, and nothing reaches the cache."""
+    source = _served(tmp_path)
+    _fake_entry(monkeypatch, "vggish", source.as_uri(), "sha256:" + hashlib.sha256(CONTENT).hexdigest())
+    with pytest.raises(BmfnError, match=rf"^vggish weights not cached at {re.escape(str(cache))}.* and downloads are "
+                                        "off; download it to "):
+        weight_path("vggish", download=False)
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_a_download_without_a_length_is_kept_and_a_stalled_one_times_out(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch, cache: Path):
+    """A server that sends no Content-Length (chunked transfer) gives the whole file, not "interrupted after N of 0
+    bytes"; the connection is opened with DOWNLOAD_TIMEOUT_S, so a stalled one counts as offline, not a hang."""
+    entry = _fake_entry(monkeypatch, "vggish", "https://example.invalid/vggish-10086976.pth",
+                        "sha256:" + hashlib.sha256(CONTENT).hexdigest())
+
+    class Response(io.BytesIO):
+        headers: dict = {}
+
+    opened = []
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setattr(weights.urllib.request, "urlopen",
+                        lambda url, **kw: opened.append((url, kw)) or Response(CONTENT))
+    assert weight_path("vggish").read_bytes() == CONTENT
+    assert opened == [(entry.url, {"timeout": weights.DOWNLOAD_TIMEOUT_S})]
 
 
 def test_a_cut_or_garbled_download_is_one_line_naming_the_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
