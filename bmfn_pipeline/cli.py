@@ -7,6 +7,7 @@ import ctypes
 import errno
 import functools
 import gc
+import io
 import json
 import os
 import shlex
@@ -125,25 +126,47 @@ def _interrupt_says(what_is_kept: Callable[[], str] | None = None) -> Iterator[N
 def usable_standard_streams() -> None:
     """Standard streams that cannot fail a command for what they are: a closed one (`2>&-`, which Python leaves as
     None) writes to nowhere, and characters its encoding lacks (PYTHONIOENCODING=ascii and a file named in
-    Japanese) are escaped instead of raising."""
+    Japanese) are escaped instead of raising. An unbuffered standard output (PYTHONUNBUFFERED, as in bmfn's Docker
+    image) remembers a write that failed, which a buffered one's flush tells: an error can then name it."""
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if stream is None:
             setattr(sys, name, open(os.devnull, "w"))
+        elif name == "stdout" and type(getattr(stream, "buffer", None)) is io.FileIO:
+            sys.stdout = io.TextIOWrapper(_NotingFileIO(stream.fileno(), "w", closefd=False), encoding=stream.encoding,
+                                          errors="backslashreplace", write_through=True)
         elif hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
 
 
+class _NotingFileIO(io.FileIO):
+    """An unbuffered standard output's file, noting the error of a write that failed (_stdout_failed reads it)."""
+
+    failed: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return super().write(data)
+        except OSError as exc:
+            self.failed = exc
+            raise
+
+
 def _stdout_failed() -> OSError | None:
     """Flush standard output; where it takes no more (its reader has gone, a full disk), send the rest nowhere, so
-    that nothing fails on it again, and return why."""
+    that nothing fails on it again, and return why (once)."""
     try:
         sys.stdout.flush()
-        return None
     except OSError as exc:
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return exc
+        failed = exc
+    else:
+        noting = getattr(sys.stdout, "buffer", None)
+        if not isinstance(noting, _NotingFileIO) or noting.failed is None:
+            return None
+        failed, noting.failed = noting.failed, None
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return failed
 
 
 def keep_freed_memory() -> bool:

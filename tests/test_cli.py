@@ -173,13 +173,16 @@ def test_an_os_error_no_stage_named_is_one_line_with_its_file(monkeypatch):
 REPO = Path(cli.__file__).parents[1]
 
 
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "unbuffered"])
 @pytest.mark.parametrize("arguments", [["probe", "--json"], ["--version"]], ids=["command", "outside-a-command"])
-def test_standard_output_that_takes_nothing_more_is_one_line(video_dir, arguments):
+def test_standard_output_that_takes_nothing_more_is_one_line(video_dir, arguments, unbuffered):
     """A full disk behind standard output (or a reader that has gone): one line and exit code 1, not Python's
-    'Exception ignored' at exit (code 120) or click's traceback."""
+    'Exception ignored' at exit (code 120) or click's traceback. Unbuffered (PYTHONUNBUFFERED, as in the Docker
+    image), the failed write itself raises, and the line named no file: it names standard output too."""
     with open("/dev/full", "w") as full:
         done = subprocess.run([sys.executable, "-m", "bmfn_pipeline", *arguments, *([str(video_dir)] * (
-            arguments[0] == "probe"))], stdout=full, stderr=subprocess.PIPE, text=True, cwd=REPO, env=BUFFERED)
+            arguments[0] == "probe"))], stdout=full, stderr=subprocess.PIPE, text=True, cwd=REPO,
+            env={**BUFFERED, **({"PYTHONUNBUFFERED": "1"} if unbuffered else {})})
     assert (done.returncode, done.stderr) == (1, "bmfn: error: standard output: No space left on device\n")
 
 
