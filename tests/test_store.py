@@ -212,6 +212,9 @@ def test_provenance_mismatch_refused(tmp_path):
     assert str(out) in str(err.value)
     assert "frames_per_second" in str(err.value) and "visual.checksum" in str(err.value)
     assert "audio" not in str(err.value)
+    assert str(err.value).endswith("features were made differently: frames_per_second 2 (the store) vs 16 (this run); "
+                                   "visual.checksum 'random:0' (the store) vs 'sha256:abc' (this run); use another "
+                                   "output file")
     # The bmfn version describes the run, not the features.
     FeatureStore.open(out, {**PROVENANCE, "bmfn_version": "9.9"}).close()
     with pytest.raises(BmfnError, match="no such feature store"):
@@ -236,6 +239,33 @@ def test_verified_weights_under_another_file_name_make_the_same_features(tmp_pat
     assert merge_stores([a, b], tmp_path / "merged.h5").clips == 2  # shards of machines that named them apart
     with pytest.raises(BmfnError, match=r"visual\.checksum 'sha256:v' \(the store\) vs 'sha256:w'"):
         FeatureStore.open(a, made_with("vgg19_notop.h5", "pca.npz", checksum="sha256:w"))
+
+
+def test_a_weight_file_name_without_a_checksum_still_tells_the_features_apart(tmp_path):
+    """Only a file name with a checksum beside it is left out of the comparison: without one, the name is all
+    that says which weights made the features."""
+    out = tmp_path / "feats.h5"
+    FeatureStore.open(out, {**PROVENANCE, "visual": {"name": "vgg19-keras", "file": "a.h5"}}).close()
+    with pytest.raises(BmfnError, match=r"visual\.file 'a\.h5' \(the store\) vs 'b\.h5' \(this run\)"):
+        FeatureStore.open(out, {**PROVENANCE, "visual": {"name": "vgg19-keras", "file": "b.h5"}})
+
+
+def test_storage_dtype_is_float32_unless_float16_is_recorded(tmp_path):
+    without = {k: v for k, v in PROVENANCE.items() if k != "dtype"}
+    with FeatureStore.open(tmp_path / "feats.h5", without) as store:
+        assert store.dtype == np.float32
+    with pytest.raises(BmfnError, match=r"double\.h5: storage dtype 'float64' is not one of float32, float16$"):
+        FeatureStore.open(tmp_path / "double.h5", {**PROVENANCE, "dtype": "float64"})
+
+
+def test_a_clip_id_too_long_for_a_file_name_is_journaled_and_read_back(tmp_path):
+    """A journal part's name keeps 80 characters of the id (file names end at 255 bytes); the id is in the part."""
+    long_id = "é/" * 150
+    with FeatureStore.open(tmp_path / "feats.h5", PROVENANCE) as store:
+        store.add_clip(long_id, *clip(0), path="long.mp4")
+    with FeatureStore.open(tmp_path / "feats.h5", PROVENANCE) as store:
+        assert store.clip_ids() == [long_id]
+        assert_clip(store, long_id, 0)
 
 
 def test_a_store_made_in_two_precisions_says_so(tmp_path):
@@ -271,6 +301,10 @@ def test_a_store_made_in_two_precisions_says_so(tmp_path):
     merge_stores([out], tmp_path / "alone.h5")
     with FeatureStore.open(tmp_path / "alone.h5", create=False, readonly=True) as store:
         assert store.provenance["precision"] == "float32"
+    # in their sorted order, whatever order a set of them comes in (1 in 720 for six by chance)
+    precisions = {"int8", "bfloat16", "fp8", "float32", "tf32", "float16"}
+    assert store_module._with_precisions(PROVENANCE, precisions)["precision"] == \
+        "bfloat16+float16+float32+fp8+int8+tf32"
 
 
 def test_failures_recorded_and_cleared(tmp_path):
@@ -301,6 +335,7 @@ def test_labels_stored_per_clip(tmp_path):
     labels, repeated = labels_from_annotations(rows, {"train": np.array([0, 2]), "val": np.array([1]),
                                                       "test": np.array([3])})
     assert repeated == ["x"]
+    assert {v.split for v in labels_from_annotations(rows)[0].values()} == {""}  # no split lists: no split
     out = tmp_path / "feats.h5"
     with FeatureStore.open(out, PROVENANCE) as store:
         store.set_labels(labels)
