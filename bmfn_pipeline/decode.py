@@ -613,6 +613,15 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a container's --cpuset-cpus, a batch job's
+    allocation), not the machine's count os.cpu_count() gives, which would start a worker per core of the host."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity on this system (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 def decode_many(
     paths: list[Path], *, seconds: int = SEGMENTS, frames_per_second: int = FRAMES_PER_SEGMENT, workers: int = 1,
     prepare: Callable[[DecodedClip], Any] | None = None, video_decoder: str = "cpu",
@@ -629,7 +638,7 @@ def decode_many(
         for path in paths:
             yield path, decode_or_error(path, seconds, frames_per_second, prepare, video_decoder)
         return
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, usable_cores() // workers)
     clip_bytes = seconds * frames_per_second * FRAME_SIZE * FRAME_SIZE * 3
     share = _shared_memory_free() >= SHARED_MEMORY_MARGIN * IN_FLIGHT_PER_WORKER * workers * clip_bytes
     todo, suspects, deaths = deque(paths), 0, 0

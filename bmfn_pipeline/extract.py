@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from bmfn_pipeline import __version__
 from bmfn_pipeline.ave import load_splits, read_annotations
-from bmfn_pipeline.decode import DecodedClip, decode_many, find_videos, refuse_in_starting_worker, video_hwaccel
+from bmfn_pipeline.decode import (DecodedClip, decode_many, find_videos, refuse_in_starting_worker, usable_cores,
+                                  video_hwaccel)
 from bmfn_pipeline.distributed import (Shard, finish_together, rank_device, rank_env, resolve_device, resolve_shard,
                                        start_together)
 from bmfn_pipeline.errors import BmfnError, WriteError, check_counts, one_line, printable
@@ -124,9 +125,9 @@ def unique_clips(paths: Iterable[Path]) -> list[Path]:
 
 
 def decode_workers(requested: int | None, device: torch.device) -> int:
-    """The requested number of decoding processes, else: beside a GPU, one per CPU core but the main process's
-    (decoding every H.264 frame is what bounds GPU extraction), each torchrun rank of this machine taking its share
-    of the cores less one for itself; on a CPU, 1 (the networks need the cores)."""
+    """The requested number of decoding processes, else: beside a GPU, one per CPU core this process may use
+    (usable_cores) but the main process's (decoding every H.264 frame is what bounds GPU extraction), each torchrun
+    rank of this machine taking its share of the cores less one for itself; on a CPU, 1 (the networks need them)."""
     if requested is not None:
         return requested
     if device.type == "cpu":
@@ -136,7 +137,7 @@ def decode_workers(requested: int | None, device: torch.device) -> int:
     except ValueError:
         raise BmfnError(f"LOCAL_WORLD_SIZE={os.environ['LOCAL_WORLD_SIZE']!r} must be an integer, as torchrun "
                         "sets it") from None
-    return max(1, (os.cpu_count() or 2) // ranks_here - 1)
+    return max(1, usable_cores() // ranks_here - 1)
 
 
 def video_decoder_on(video_decoder: str, device: torch.device) -> str:

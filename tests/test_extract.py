@@ -30,7 +30,7 @@ from bmfn_pipeline import __version__
 from bmfn_pipeline.ave import BACKGROUND, CATEGORIES, NUM_CLASSES
 from bmfn_pipeline.cli import main
 from bmfn_pipeline.data import load_ave_dir, load_store
-from bmfn_pipeline.decode import SAMPLE_RATE, decode_clip
+from bmfn_pipeline.decode import SAMPLE_RATE, decode_clip, usable_cores
 from bmfn_pipeline.errors import BmfnError, WriteError
 from bmfn_pipeline.extract import (FEATURES_REVISION, ExtractOptions, clip_id, decode_workers, extract,
                                    features_provenance, find_videos, load_extractors, unique_clips, video_decoder_on)
@@ -747,7 +747,9 @@ def test_an_empty_folder_named_in_a_list_is_said(tmp_path):
 
 
 def test_decode_workers_default_to_the_spare_cores_beside_a_gpu(monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    """A worker per core this process may use but one: the cores of its CPU affinity, not the machine's."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the host's; this process may use 16 of them
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert (decode_workers(None, cpu), decode_workers(None, gpu), decode_workers(3, gpu)) == (1, 15, 3)
@@ -761,6 +763,8 @@ def test_decode_workers_default_to_the_spare_cores_beside_a_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "four")
     with pytest.raises(BmfnError, match="LOCAL_WORLD_SIZE='four' must be an integer"):
         decode_workers(None, gpu)
+    monkeypatch.delattr(os, "sched_getaffinity")  # a system without CPU affinity (macOS): the machine's cores
+    assert usable_cores() == 64
 
 
 def test_gpu_video_decoding_is_on_the_networks_gpu():
