@@ -177,8 +177,9 @@ def check_labels(where: str, segments: np.ndarray | None, videos: np.ndarray | N
     with np.errstate(invalid="ignore"):
         off = ~((videos >= 0) & (videos <= 1)).all(axis=-1) | (videos[..., BACKGROUND] != 0)
     if off.any():
-        raise BmfnError(f"{where}: {counted(int(off.sum()), 'video class', 'video classes')} with values outside 0 to 1 or on "
-                        f"background (the first: {named(np.flatnonzero(off)[0])}); a video's classes are its events")
+        raise BmfnError(f"{where}: {counted(int(off.sum()), 'video class', 'video classes')} with values outside 0 "
+                        f"to 1 or on background (the first: {named(np.flatnonzero(off)[0])}); a video's classes are "
+                        "its events")
 
 
 def video_id_rows(rows: list[AnnotationRow]) -> dict[str, list[int]]:

@@ -49,11 +49,11 @@ class DemoPlan:
     milestones: tuple[int, ...]
 
 
-# Sized so that the default run takes under 10 minutes on 2 CPU cores (5.6 idle) and `--quick` about 1 (70 s); both above
-# the majority baseline. The full run's 20 epochs: with 12 (milestone 8), training seeds 1-3 on seed 0's features
-# reached 95-99 % but seed 0 stayed at 85 %, deciding by the sound alone (audio only 86 %); after 20 (milestone 14)
-# seeds 0 and 3 reached 98.6 % and 97.1 %, each modality alone 50 %. `--seed 1`: 97.9 % (audio only 75 %);
-# `--seed 2`: 95.0 % (each modality alone 58.6 %, the majority baseline). About 6 minutes each.
+# Sized so that the default run takes under 10 minutes on 2 CPU cores (5.6 on idle ones) and `--quick` about 1 (70 s);
+# both above the majority baseline. The full run's 20 epochs: with 12 (milestone 8), training seeds 1-3 on seed 0's
+# features reached 95-99 % but seed 0 stayed at 85 %, deciding by the sound alone (audio only 86 %); after 20
+# (milestone 14) seeds 0 and 3 reached 98.6 % and 97.1 %, each modality alone 50 %. `--seed 1`: 97.9 % (audio only
+# 75 %); `--seed 2`: 95.0 % (each modality alone 58.6 %, the majority baseline). About 6 minutes each.
 FULL = DemoPlan(clips=96, epochs=20, batch_size=8, lr=1e-3, milestones=(14,))
 QUICK = DemoPlan(clips=24, epochs=12, batch_size=4, lr=1e-3, milestones=())
 MIN_CLIPS = 6  # at least one clip per split and a train split of more than one clip
