@@ -345,8 +345,8 @@ def probe(files, as_json, frames_per_second) -> None:
 @click.option("--workers", type=click.IntRange(0),
               help="Decoding processes running beside the networks (0: decode in the main process, each clip "
                    "stored before the next is decoded, without overlap). Default: "
-                   "1 on CPU; on a GPU one per core but one (under torchrun, per rank: its share of the cores less "
-                   "one).")
+                   "1 on CPU; on a GPU one per core this process may use (its CPU affinity) but one (under "
+                   "torchrun, per rank: its share of those cores less one).")
 @click.option("--video-decoder", type=click.Choice(["cpu", "cuda", "nvcodec"]), default="cpu", show_default=True,
               help="Where video is decoded: cpu (FFmpeg), cuda (the GPU's NVDEC, through PyAV; the same frames "
                    "for 8-bit 4:2:0 video) or nvcodec (NVDEC through NVIDIA's PyNvVideoCodec, pip install "
