@@ -14,6 +14,12 @@ from click.testing import CliRunner
 from conftest import BUFFERED
 
 from bmfn_pipeline import cli
+from bmfn_pipeline import evaluate as evaluate_module
+from bmfn_pipeline import extract as extract_module
+from bmfn_pipeline import train as train_module
+from bmfn_pipeline.distributed import Shard
+from bmfn_pipeline.errors import BmfnError
+from bmfn_pipeline.localize import Localizer
 
 
 @pytest.mark.parametrize("code", [0, 1])
@@ -202,3 +208,114 @@ def test_every_option_of_every_command_says_what_it_does():
     bare = [f"bmfn {name} {option.opts[0]}" for name, command in cli.main.commands.items()
             for option in command.params if isinstance(option, click.Option) and not option.help]
     assert bare == []
+
+
+def _captured_call(monkeypatch, module, name: str, arguments: list) -> tuple[tuple, dict]:
+    """Run `bmfn ARGUMENTS` with `module.name` (the API function the command calls) replaced by one that keeps its
+    arguments and stops the command: (args, kwargs) of that call."""
+    calls = []
+
+    def stop(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise BmfnError("stopped by the test")
+
+    monkeypatch.setattr(module, name, stop)
+    result = CliRunner().invoke(cli.main, [str(a) for a in arguments])
+    assert (result.exit_code, result.stderr) == (1, "bmfn: error: stopped by the test\n"), result.output
+    assert len(calls) == 1
+    return calls[0]
+
+
+@pytest.fixture
+def paths(tmp_path):
+    """Files and folders for the options that must name existing ones, each with a name of its own."""
+    for name in ("ave", "splits", "resume"):
+        (tmp_path / name).mkdir()
+    for name in ("feats.h5", "Annotations.txt", "best.pt", "vgg19.pth", "vggish.pth", "clip.mp4"):
+        (tmp_path / name).write_bytes(b"")
+    return tmp_path
+
+
+def test_train_gives_each_option_to_its_field_of_the_train_config(monkeypatch, paths):
+    """`bmfn train`: every option reaches TrainConfig in its own field (values that no default or other option has);
+    without options the fields are None, for train() to fill per mode or from a resumed run."""
+    (config,), _ = _captured_call(monkeypatch, train_module, "train", [
+        "train", "--mode", "weakly", "--ave-dir", paths / "ave", "--features", paths / "feats.h5",
+        "--annotations", paths / "Annotations.txt", "--splits", paths / "splits", "--out", paths / "run",
+        "--epochs", "7", "--batch-size", "5", "--eval-batch-size", "3", "--lr", "0.25", "--milestones", "2,4",
+        "--gamma", "0.75", "--clip", "0.125", "--seed", "11", "--seeds", "2", "--device", "cpu",
+        "--precision", "bfloat16", "--no-cuda-graphs", "--compile", "--checkpoint-every", "9", "--select-on-test",
+        "--esa-activation", "relu6", "--resume", paths / "resume", "--force", "--quiet"])
+    assert {name: getattr(config, name) for name in (
+        "mode", "ave_dir", "features", "annotations", "splits", "out", "epochs", "batch_size", "eval_batch_size",
+        "lr", "milestones", "gamma", "clip", "seed", "seeds", "device", "precision", "cuda_graphs", "compile",
+        "checkpoint_every", "select_on_test", "model", "resume", "force", "progress")} == {
+        "mode": "weakly", "ave_dir": str(paths / "ave"), "features": str(paths / "feats.h5"),
+        "annotations": str(paths / "Annotations.txt"), "splits": str(paths / "splits"), "out": str(paths / "run"),
+        "epochs": 7, "batch_size": 5, "eval_batch_size": 3, "lr": 0.25, "milestones": (2, 4), "gamma": 0.75,
+        "clip": 0.125, "seed": 11, "seeds": 2, "device": "cpu", "precision": "bfloat16", "cuda_graphs": False,
+        "compile": True, "checkpoint_every": 9.0, "select_on_test": True, "model": {"esa_activation": "relu6"},
+        "resume": str(paths / "resume"), "force": True, "progress": False}
+    (config,), _ = _captured_call(monkeypatch, train_module, "train", ["train", "--cuda-graphs", "--no-compile"])
+    assert (config.cuda_graphs, config.compile, config.select_on_test, config.model, config.progress) == (
+        True, False, None, {}, True)
+    assert all(getattr(config, name) is None for name in ("mode", "epochs", "eval_batch_size", "lr", "milestones",
+                                                          "gamma", "clip", "seed", "seeds", "checkpoint_every"))
+
+
+def test_evaluate_gives_each_option_to_its_argument(monkeypatch, paths):
+    """`bmfn evaluate`: the checkpoint and every option reach evaluate() as the arguments they name."""
+    args, kwargs = _captured_call(monkeypatch, evaluate_module, "evaluate", [
+        "evaluate", "--checkpoint", paths / "best.pt", "--split", "val", "--ave-dir", paths / "ave",
+        "--features", paths / "feats.h5", "--annotations", paths / "Annotations.txt", "--splits", paths / "splits",
+        "--batch-size", "3", "--device", "cpu", "--precision", "tf32", "--force"])
+    kwargs.pop("log")
+    assert args == (str(paths / "best.pt"),)
+    assert kwargs == {"split": "val", "ave_dir": str(paths / "ave"), "features": str(paths / "feats.h5"),
+                      "annotations": str(paths / "Annotations.txt"), "splits": str(paths / "splits"),
+                      "batch_size": 3, "device": "cpu", "precision": "tf32", "force": True}
+    args, kwargs = _captured_call(monkeypatch, evaluate_module, "evaluate", ["evaluate", paths / "best.pt"])
+    kwargs.pop("log")
+    assert args == (str(paths / "best.pt"),)
+    assert kwargs == {"split": "test", "ave_dir": None, "features": None, "annotations": None, "splits": None,
+                      "batch_size": None, "device": "auto", "precision": None, "force": False}
+
+
+def test_extract_gives_each_option_to_its_field_of_the_extract_options(monkeypatch, paths):
+    """`bmfn extract`: every option reaches ExtractOptions or extract() in its own field; --seed is the random
+    networks' seed with --weights random only."""
+    args, kwargs = _captured_call(monkeypatch, extract_module, "extract", [
+        "extract", paths / "clip.mp4", "--out", paths / "out.h5", "--annotations", paths / "Annotations.txt",
+        "--splits", paths / "splits", "--frames-per-second", "3", "--visual", "torchvision", "--weights", "random",
+        "--seed", "7", "--alignment", "exact", "--device", "cpu", "--precision", "int8", "--batch-size", "5",
+        "--compile", "--dtype", "float16", "--workers", "2", "--video-decoder", "cuda", "--shard", "1/4"])
+    inputs, out, options = args
+    assert (inputs, out) == ((str(paths / "clip.mp4"),), str(paths / "out.h5"))
+    assert kwargs == {"annotations": str(paths / "Annotations.txt"), "splits": str(paths / "splits"),
+                      "shard": Shard(1, 4)}
+    assert {name: getattr(options, name) for name in (
+        "frames_per_second", "visual_source", "vgg19_weights", "vggish_weights", "random_seed", "alignment",
+        "dtype", "device", "precision", "batch_size", "compile", "workers", "video_decoder")} == {
+        "frames_per_second": 3, "visual_source": "torchvision", "vgg19_weights": None, "vggish_weights": None,
+        "random_seed": 7, "alignment": "exact", "dtype": "float16", "device": "cpu", "precision": "int8",
+        "batch_size": 5, "compile": True, "workers": 2, "video_decoder": "cuda"}
+    (_, _, options), kwargs = _captured_call(monkeypatch, extract_module, "extract", [
+        "extract", paths / "clip.mp4", "--seed", "7", "--vgg19-weights", paths / "vgg19.pth",
+        "--vggish-weights", paths / "vggish.pth"])
+    assert (options.vgg19_weights, options.vggish_weights, options.random_seed) == (
+        str(paths / "vgg19.pth"), str(paths / "vggish.pth"), None)
+    assert kwargs == {"annotations": None, "splits": None, "shard": None}
+
+
+def test_localize_gives_each_option_to_its_argument_of_the_localizer(monkeypatch, paths):
+    """`bmfn localize`: the checkpoint and every option that decides the labels reach Localizer.from_checkpoint."""
+    args, kwargs = _captured_call(monkeypatch, Localizer, "from_checkpoint", [
+        "localize", paths / "clip.mp4", "--checkpoint", paths / "best.pt", "--stride", "3",
+        "--frames-per-second", "2", "--weights", "random", "--seed", "9", "--vgg19-weights", paths / "vgg19.pth",
+        "--vggish-weights", paths / "vggish.pth", "--device", "cpu", "--batch-size", "6", "--precision", "int8",
+        "--video-decoder", "cuda", "--force"])  # cuda: no first file read ahead in a process of its own
+    kwargs.pop("log")
+    assert args == (str(paths / "best.pt"),)
+    assert kwargs == {"device": "cpu", "stride": 3, "batch_size": 6, "frames_per_second": 2, "weights": "random",
+                      "vgg19_weights": str(paths / "vgg19.pth"), "vggish_weights": str(paths / "vggish.pth"),
+                      "seed": 9, "precision": "int8", "force": True, "video_decoder": "cuda"}

@@ -25,7 +25,9 @@ from bmfn_pipeline.model import (
     AudioVisualFusionAttention,
     BMFNConfig,
     BMFNOutput,
+    FeedForward,
     GroupedLinear,
+    ResidualAttention,
     _pointwise_conv,
     count_parameters,
     fully_supervised_loss,
@@ -517,3 +519,131 @@ def test_bad_config_and_inputs_raise_bmfn_error(model: BMFN) -> None:
     visual, audio = _inputs(1)
     with pytest.raises(BmfnError, match="audio"):
         model(visual, audio[:, :, :64])
+
+
+def test_mfb_drops_products_then_sum_pools_signed_roots_and_l2_normalises() -> None:
+    """Eq. (2) by hand on tiny tensors: z_j = sum_r dropout(v * a)[k*j + r], sign(z) sqrt|z|, unit length over the
+    output channels of each cell. In training the dropout acts on the k*o products, before the sum pooling."""
+    fusion = AudioVisualFusionAttention(BMFNConfig(mfb_k=2, mfb_o=3, mfb_dim=6, dropout=0.5))
+    generator = torch.Generator().manual_seed(0)
+    visual, audio = torch.randn(2, 4, 6, generator=generator), torch.randn(2, 6, generator=generator)
+
+    def by_hand(mask: torch.Tensor) -> torch.Tensor:
+        expected = torch.zeros(2, 4, 3)
+        for n in range(2):
+            for cell in range(4):
+                roots = []
+                for j in range(3):
+                    z = sum(visual[n, cell, 2 * j + r] * audio[n, 2 * j + r] * mask[n, cell, 2 * j + r] for r in (0, 1))
+                    roots.append(math.copysign(math.sqrt(abs(z)), z))
+                length = math.sqrt(sum(root * root for root in roots))
+                expected[n, cell] = torch.tensor([root / length for root in roots])
+        return expected
+
+    torch.testing.assert_close(fusion.eval().mfb(visual, audio), by_hand(torch.ones(2, 4, 6)))
+    torch.manual_seed(5)
+    mask = F.dropout(torch.ones(2, 4, 6), 0.5, training=True)  # the draws F.dropout makes for the products
+    assert (mask == 0).any() and (mask == 2).any()
+    torch.manual_seed(5)
+    torch.testing.assert_close(fusion.train().mfb(visual, audio), by_hand(mask))
+
+
+def test_feed_forward_and_residual_attention_drop_where_the_reference_does() -> None:
+    """Training mode, by hand: FFN LN(x + Dropout(W2 Dropout(ReLU(W1 x)))), attention LN(q + Dropout(Att(q, m)))
+    (post-LN, the dropped sub-layer output added to the residual), each group with its own weights."""
+    torch.manual_seed(0)
+    ffn = FeedForward(2, 4, 6, dropout=0.5).train()
+    x = torch.randn(2, 3, 4)
+    torch.manual_seed(7)
+    hidden_mask, out_mask = (F.dropout(torch.ones(shape), 0.5, training=True) for shape in ((2, 3, 6), (2, 3, 4)))
+    torch.manual_seed(7)
+    with torch.no_grad():
+        out = ffn(x)
+        for g in range(2):
+            hidden = torch.relu(x[g] @ ffn.linear1.weight[g].T + ffn.linear1.bias[g]) * hidden_mask[g]
+            sub_layer = (hidden @ ffn.linear2.weight[g].T + ffn.linear2.bias[g]) * out_mask[g]
+            torch.testing.assert_close(out[g], F.layer_norm(x[g] + sub_layer, (4,)))
+
+    residual = ResidualAttention(Attention(2, 8, 2, dropout=0.0), 8, dropout=0.5).train()
+    query, memory = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8)
+    with torch.no_grad():
+        attended = residual.attn(query, memory)  # no dropout inside: no random draws
+        torch.manual_seed(3)
+        mask = F.dropout(torch.ones(2, 3, 5, 8), 0.5, training=True)
+        torch.manual_seed(3)
+        torch.testing.assert_close(residual(query, memory), F.layer_norm(query + attended * mask, (8,)))
+
+
+def test_esa_drops_the_attention_map_before_its_refinement() -> None:
+    """Training mode (batch norms in eval, for fixed statistics), by hand: Att is dropped, then (Att + Att_hat(Att))
+    weights V, as the official code drops the map (§2.4)."""
+    torch.manual_seed(0)
+    esa = Attention(1, 8, 2, dropout=0.5, expansion=2)
+    for bn in (esa.bn7, esa.bn8):
+        torch.nn.init.normal_(bn.weight)
+        torch.nn.init.normal_(bn.bias)
+    esa.train()
+    esa.bn7.eval(), esa.bn8.eval()  # running statistics: mean 0, variance 1
+    x = torch.randn(1, 3, 5, 8)
+    torch.manual_seed(11)
+    mask = F.dropout(torch.ones(3, 2, 5, 5), 0.5, training=True)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        out = esa(x, x)
+        q, k, v = ((x[0] @ w.T + b).reshape(3, 5, 2, 4).transpose(1, 2)
+                   for w, b in zip(esa.in_proj_weight[0].chunk(3), esa.in_proj_bias[0].chunk(3)))
+        att = torch.softmax(q @ k.transpose(-1, -2) / 2, dim=-1) * mask
+
+        def bn(y: torch.Tensor, norm: torch.nn.BatchNorm2d) -> torch.Tensor:
+            return y / math.sqrt(1 + norm.eps) * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+
+        expanded = torch.sigmoid(bn(torch.einsum("oh,bhts->bots", esa.w7.weight[:, :, 0, 0], att), esa.bn7))
+        att_hat = bn(torch.einsum("ho,bots->bhts", esa.w8.weight[:, :, 0, 0], expanded), esa.bn8)
+        mixed = ((att + att_hat) @ v).transpose(1, 2).reshape(3, 5, 8)
+        torch.testing.assert_close(out[0], mixed @ esa.out_proj.weight[0].T + esa.out_proj.bias[0])
+
+
+def test_nsa_drops_attention_weights_in_training_only() -> None:
+    """The standard attentions (NSA, FA/BA, FBFM) drop attention weights while training, as nn.MultiheadAttention:
+    two training passes differ, and neither is the eval pass, which is the same every time."""
+    torch.manual_seed(0)
+    attention = Attention(1, 8, 2, dropout=0.5)
+    query, memory = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 7, 8)
+    with torch.no_grad():
+        evaluated = attention.eval()(query, memory)
+        assert torch.equal(evaluated, attention(query, memory))
+        first, second = attention.train()(query, memory), attention(query, memory)
+    assert not torch.allclose(first, second) and not torch.allclose(first, evaluated)
+
+
+def test_visual_dropout_drops_the_adapted_cells_both_attentions_read() -> None:
+    """§2 step 1: Dropout(ReLU(v_fc(x))) per cell, the same dropped cells read by the visual attention and by AVFA."""
+    torch.manual_seed(0)
+    config = BMFNConfig(d_model=16, heads=2, ffn_dim=16, mfb_k=2, mfb_o=8, mfb_dim=16, esa_layers=1, nsa_layers=0,
+                        dropout=0.0, visual_dropout=0.5)
+    model = BMFN(config).train()
+    visual, audio = _inputs(1)
+    read = []
+    hooks = [block.register_forward_pre_hook(lambda _, args: read.append(args[0]))
+             for block in (model.visual_attention, model.fusion_attention)]
+    torch.manual_seed(2)
+    mask = F.dropout(torch.ones(1, SEGMENTS, 7, 7, 512), 0.5, training=True)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        model(visual, audio)
+        expected = (F.relu(model.v_fc(visual)) * mask).reshape(SEGMENTS, 49, 512)
+    for hook in hooks:
+        hook.remove()
+    assert len(read) == 2
+    for cells in read:
+        torch.testing.assert_close(cells, expected)
+
+
+def test_default_dropout_rates_are_the_references() -> None:
+    """§2: 0.1 in the attentions, FFNs, residuals and MFB; 0.2 after v_fc; as the built model uses them."""
+    config = BMFNConfig()
+    assert (config.dropout, config.visual_dropout, config.mfb_k, config.mfb_o) == (0.1, 0.2, 5, 512)
+    model = BMFN()
+    assert model.visual_dropout.p == 0.2 and model.fusion_attention.dropout == 0.1
+    rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout) and m is not model.visual_dropout}
+    assert rates == {0.1} and {m.dropout for m in model.modules() if isinstance(m, Attention)} == {0.1}
